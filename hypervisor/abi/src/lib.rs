@@ -1,1 +1,65 @@
+//! `hv-abi`: the hypervisor's public interface, shared by the hypervisor, dom0 and guests.
+//!
+//! Everything here is plain data: the ABI version, status codes returned in RAX, and (as the
+//! VT-x core lands) hypercall numbers and `#[repr(C)]` argument layouts with compile-time size
+//! checks. No hardware code, no allocation.
+#![no_std]
 
+/// ABI version: major in the high 16 bits, minor in the low 16. A guest checks the major.
+pub const ABI_VERSION: u32 = 0x0001_0000;
+
+/// Signature returned in EBX, ECX, EDX by CPUID leaf 0x4000_0000.
+pub const CPUID_SIGNATURE: [u8; 12] = *b"RustHvRustHv";
+
+/// Status codes returned by every hypercall (in RAX). Zero is success; errors are small
+/// negative numbers so they never collide with a successful result that is a count.
+#[repr(i64)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    Ok = 0,
+    /// No such hypercall number.
+    UnknownCall = -1,
+    /// An argument is out of range or malformed.
+    InvalidArgument = -2,
+    /// A guest address does not belong to the caller.
+    BadAddress = -3,
+    /// The caller lacks the right for this call (dom0-only calls).
+    PermissionDenied = -4,
+    /// Out of memory or another resource.
+    NoResources = -5,
+}
+
+impl Status {
+    /// Decodes a raw RAX value; `None` for values no hypervisor version returns.
+    pub fn from_raw(raw: i64) -> Option<Status> {
+        Some(match raw {
+            0 => Status::Ok,
+            -1 => Status::UnknownCall,
+            -2 => Status::InvalidArgument,
+            -3 => Status::BadAddress,
+            -4 => Status::PermissionDenied,
+            -5 => Status::NoResources,
+            _ => return None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_round_trips() {
+        for s in [
+            Status::Ok,
+            Status::UnknownCall,
+            Status::InvalidArgument,
+            Status::BadAddress,
+            Status::PermissionDenied,
+            Status::NoResources,
+        ] {
+            assert_eq!(Status::from_raw(s as i64), Some(s));
+        }
+        assert_eq!(Status::from_raw(7), None);
+    }
+}
