@@ -161,6 +161,7 @@ boot_gdt:
 boot_gdt_ptr:
     .short boot_gdt_ptr - boot_gdt - 1
     .quad boot_gdt
+    .balign 8
     .global boot_magic, boot_info_addr, boot_entry_tsc, boot_efer_nxe
 boot_magic: .long 0
 boot_info_addr: .long 0
@@ -175,6 +176,8 @@ no_long_mode_msg:
 boot_pml4: .skip 4096
 boot_pdpt: .skip 4096
 boot_pd: .skip 4 * 4096
+    .global boot_stack_guard
+boot_stack_guard: .skip 4096
 boot_stack: .skip 64 * 1024
     .global boot_stack_top
 boot_stack_top:
@@ -257,6 +260,12 @@ unsafe extern "C" {
     static ap_trampoline_end: u8;
     static boot_entry_tsc: u64;
     static boot_efer_nxe: u32;
+    static boot_stack_guard: u8;
+}
+
+/// The page below the boot stack; the hypervisor maps it not-present to catch overflows.
+pub fn boot_stack_guard_page() -> u64 {
+    &raw const boot_stack_guard as u64
 }
 
 /// The AP trampoline's machine code, to be copied to [`AP_TRAMPOLINE_PHYS`].

@@ -191,7 +191,9 @@ pub unsafe fn parse_multiboot2(ptr: *const u8) -> Result<BootInfo, BootError> {
             return Err(BootError::Malformed("module ends before it starts"));
         }
         if info.modules.push(module).is_err() {
-            return Err(BootError::Malformed("more boot modules than the hypervisor accepts (16)"));
+            return Err(BootError::Malformed(
+                "more boot modules than the hypervisor accepts (16)",
+            ));
         }
     }
     // The RSDP is copied into the tag, right after the 8-byte tag header.
@@ -262,7 +264,11 @@ pub unsafe fn parse_multiboot1(addr: u64) -> Result<BootInfo, BootError> {
             MemoryType::Defect => MemoryKind::Defective,
             MemoryType::Reserved => MemoryKind::Reserved,
         };
-        let region = MemoryRegion { start: r.base_address(), len: r.length(), kind };
+        let region = MemoryRegion {
+            start: r.base_address(),
+            len: r.length(),
+            kind,
+        };
         if info.memory.push(region).is_err() {
             info.memory_truncated = true;
         }
@@ -272,8 +278,11 @@ pub unsafe fn parse_multiboot1(addr: u64) -> Result<BootInfo, BootError> {
             if m.end < m.start {
                 return Err(BootError::Malformed("module ends before it starts"));
             }
-            let module =
-                Module { start: m.start, end: m.end, cmdline: str_of(m.string.unwrap_or("")) };
+            let module = Module {
+                start: m.start,
+                end: m.end,
+                cmdline: str_of(m.string.unwrap_or("")),
+            };
             if info.modules.push(module).is_err() {
                 return Err(BootError::Malformed(
                     "more boot modules than the hypervisor accepts (16)",
@@ -302,13 +311,18 @@ mod tests {
                 MemoryArea::new(0x7ff0000, 0x10000, 3),
             ]))
             .add_module(ModuleTag::new(0x200000, 0x280000, "dom0 console=hvc"))
-            .rsdpv2(RsdpV2Tag::new(0, *b"BOCHS ", 2, 0x7fe1000, 36, 0x7fe1100, 0))
+            .rsdpv2(RsdpV2Tag::new(
+                0, *b"BOCHS ", 2, 0x7fe1000, 36, 0x7fe1100, 0,
+            ))
             .build();
         let ptr = mbi.as_bytes().as_ptr();
         // SAFETY: `mbi` is a complete multiboot2 structure alive for the whole call.
         let info = unsafe { parse_multiboot2(ptr) }.expect("parses");
         assert_eq!(info.protocol, BootProtocol::Multiboot2);
-        assert_eq!(info.command_line.as_str(), "loglevel=debug hv.test-fault=pf");
+        assert_eq!(
+            info.command_line.as_str(),
+            "loglevel=debug hv.test-fault=pf"
+        );
         assert_eq!(info.memory.len(), 4);
         assert_eq!(info.memory[1].kind, MemoryKind::Usable);
         assert_eq!(info.memory[1].end(), 0x7fe0000);
@@ -365,8 +379,10 @@ mod tests {
         let mem = unsafe { core::slice::from_raw_parts_mut(page.cast::<u8>(), 4096) };
         let base = mem.as_mut_ptr() as u64;
         assert!(base + 4096 <= u64::from(u32::MAX));
-        let put32 = |m: &mut [u8], off: usize, v: u32| m[off..off + 4].copy_from_slice(&v.to_le_bytes());
-        let put64 = |m: &mut [u8], off: usize, v: u64| m[off..off + 8].copy_from_slice(&v.to_le_bytes());
+        let put32 =
+            |m: &mut [u8], off: usize, v: u32| m[off..off + 4].copy_from_slice(&v.to_le_bytes());
+        let put64 =
+            |m: &mut [u8], off: usize, v: u64| m[off..off + 8].copy_from_slice(&v.to_le_bytes());
         // flags: mem (0), cmdline (2), mods (3), mmap (6)
         put32(mem, 0, (1 << 0) | (1 << 2) | (1 << 3) | (1 << 6));
         put32(mem, 4, 639);

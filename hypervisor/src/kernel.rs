@@ -1,0 +1,550 @@
+//! Bring-up order and the console task.
+//!
+//! `hypervisor_main` runs on the bootstrap processor: console, command line, frame allocator,
+//! heap, GDT/TSS/IDT, ACPI topology, W^X page tables, local APIC and its timer, the VT-x probe,
+//! the application processors, then the operator's shell on COM1. Each AP runs `ap_main`.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU32, Ordering};
+
+use bootloader::{BootError, BootInfo, MemoryKind};
+use log::{error, info, warn};
+use spin::Mutex;
+
+use crate::arch::{acpi, cpu, gdt, lapic, pic, pit, serial, smp, trap};
+use crate::cmdline::{CommandLine, TestFault, parse_level};
+use crate::mm::frames::{self, FrameAllocator};
+use crate::mm::paging::{Access, PageTables};
+use crate::mm::{FRAME_SIZE, heap};
+use crate::percpu::{self, CPUS, CpuState};
+use crate::shell::{self, Command, LineEditor, PROMPT};
+use crate::vmx::caps::VmxStatus;
+use crate::vmx::detect;
+use crate::{print, println};
+
+/// Bytes of heap taken at boot.
+const HEAP_SIZE: u64 = 8 << 20;
+/// Frames of each AP's stack (a guard page sits below it).
+const AP_STACK_FRAMES: u64 = 16;
+/// Timer interrupts per second on every CPU.
+const TICK_HZ: u32 = 100;
+
+/// The frame allocator, once built.
+pub static FRAMES: Mutex<Option<FrameAllocator<'static>>> = Mutex::new(None);
+/// Local APIC timer count for one tick, measured on the BSP.
+static TIMER_COUNT: AtomicU32 = AtomicU32::new(0);
+
+/// What boot learned and the shell reports.
+struct Machine {
+    info: BootInfo,
+    image: (u64, u64),
+    cpus_in_madt: usize,
+}
+
+static MACHINE: Mutex<Option<Machine>> = Mutex::new(None);
+
+unsafe extern "C" {
+    static __image_start: u8;
+    static __text_start: u8;
+    static __text_end: u8;
+    static __rodata_start: u8;
+    static __rodata_end: u8;
+    static __data_start: u8;
+    static __image_end: u8;
+}
+
+fn sym(s: *const u8) -> u64 {
+    s as u64
+}
+
+/// The hypervisor's entry point, called by the boot path on the BSP.
+#[unsafe(no_mangle)]
+pub fn hypervisor_main(boot: Result<BootInfo, BootError>) -> ! {
+    cpu::set_current_cpu(0);
+    serial::init();
+    trap::init_idt();
+    trap::load_idt();
+    pic::disable();
+    let info = match boot {
+        Ok(info) => info,
+        Err(e) => {
+            println!("hypervisor {}: cannot boot: {e}", crate::VERSION);
+            cpu::halt_forever();
+        }
+    };
+    let cmdline_text: heapless::String<512> = info.command_line.clone();
+    let cmdline = CommandLine::new(cmdline_text.as_str());
+    let level = match cmdline.get("loglevel").map(parse_level) {
+        None => log::LevelFilter::Info,
+        Some(Ok(l)) => l,
+        Some(Err(_)) => log::LevelFilter::Info,
+    };
+    crate::console::init_logger(level);
+    let loader = if info.loader_name.is_empty() {
+        "unknown loader"
+    } else {
+        info.loader_name.as_str()
+    };
+    println!(
+        "hypervisor {} booting ({:?} from {loader}); command line: '{}'",
+        crate::VERSION,
+        info.protocol,
+        info.command_line
+    );
+    if let Some(bad) = cmdline.get("loglevel").filter(|l| parse_level(l).is_err()) {
+        warn!("loglevel={bad}: not a level; using info");
+    }
+
+    let (image_start, image_end) = (sym(&raw const __image_start), sym(&raw const __image_end));
+    init_memory(&info, image_start, image_end);
+    gdt::init_this_cpu();
+
+    let topology = match acpi::cpu_topology(info.rsdp) {
+        Ok(t) => t,
+        Err(e) => {
+            warn!("ACPI: no usable MADT ({e:?}); running on the boot CPU only");
+            acpi::CpuTopology::default()
+        }
+    };
+    if topology.dropped > 0 {
+        warn!(
+            "{} CPUs beyond the supported {} are left parked",
+            topology.dropped,
+            percpu::MAX_CPUS
+        );
+    }
+
+    let bsp_apic = lapic::enable(trap::SPURIOUS_VECTOR);
+    let ap_ids: Vec<u32> = topology
+        .apic_ids
+        .iter()
+        .copied()
+        .filter(|&id| id != bsp_apic)
+        .collect();
+    let pt = build_page_tables(&info, image_start, &ap_ids);
+    let ap_stacks = pt.1;
+    let pt = pt.0;
+    // SAFETY: the trampoline page is in the first MiB, reserved from the allocator, and the
+    // boot page tables (still active) map it writable.
+    unsafe { smp::install_trampoline() };
+    // SAFETY: the new tables identity-map all RAM, the image (with its stack), the heap and the
+    // local APIC, which is everything this CPU touches from here on.
+    unsafe { pt.activate() };
+    info!("paging: W^X identity map active (root {:#x})", pt.root());
+
+    CPUS[0].apic_id.store(bsp_apic, Ordering::Relaxed);
+    CPUS[0].set_state(CpuState::Online);
+    let tsc_per_10ms = {
+        let t0 = cpu::rdtsc();
+        let ticks = lapic::measure_timer(|| pit::wait_ms(10));
+        let count = (ticks / (TICK_HZ / 100)).max(1000);
+        TIMER_COUNT.store(count, Ordering::Relaxed);
+        cpu::rdtsc() - t0
+    };
+    lapic::start_periodic_timer(trap::TIMER_VECTOR, TIMER_COUNT.load(Ordering::Relaxed));
+    x86_64::instructions::interrupts::enable();
+    info!(
+        "timer: local APIC at {} Hz ({} ticks per period); TSC about {} MHz",
+        TICK_HZ,
+        TIMER_COUNT.load(Ordering::Relaxed),
+        tsc_per_10ms / 10_000
+    );
+
+    let vmx = detect::probe_this_cpu();
+    *CPUS[0].vmx.lock() = vmx;
+    report_vmx_at_boot(&vmx);
+
+    let total = 1 + ap_ids.len();
+    percpu::set_cpu_count(total);
+    *MACHINE.lock() = Some(Machine {
+        info,
+        image: (image_start, image_end),
+        cpus_in_madt: topology.apic_ids.len(),
+    });
+    for (i, (&apic, &stack_top)) in ap_ids.iter().zip(ap_stacks.iter()).enumerate() {
+        let index = i + 1;
+        if !smp::start_ap(index, apic, pt.root(), stack_top, ap_main) {
+            error!("CPU {index} (APIC id {apic}) did not answer INIT-SIPI-SIPI; left offline");
+        }
+    }
+    // Give the last APs a moment to finish their own bring-up before reporting.
+    for _ in 0..200 {
+        if (1..total).all(|i| CPUS[i].state() != CpuState::Starting) {
+            break;
+        }
+        pit::wait_ms(1);
+    }
+    let online = (0..total)
+        .filter(|&i| CPUS[i].state() == CpuState::Online)
+        .count();
+    info!("CPUs: {online} of {total} online");
+
+    if let Some(fault) = cmdline.get("hv.test-fault") {
+        match TestFault::parse(fault) {
+            Some(f) => trigger_test_fault(f),
+            None => warn!("hv.test-fault={fault}: unknown kind (ud, pf, wx, de, stack); ignored"),
+        }
+    }
+    info!(
+        "boot: console ready at TSC {} (hypervisor entered at TSC {})",
+        cpu::rdtsc(),
+        with_info(|i| i.entry_tsc)
+    );
+    console_task()
+}
+
+fn with_info<R>(f: impl FnOnce(&BootInfo) -> R) -> R {
+    f(&MACHINE
+        .lock()
+        .as_ref()
+        .expect("machine recorded at boot")
+        .info)
+}
+
+/// Builds the frame allocator and the heap from the memory map.
+fn init_memory(info: &BootInfo, image_start: u64, image_end: u64) {
+    let mut usable = heapless::Vec::<(u64, u64), { bootloader::info::MAX_REGIONS }>::new();
+    for r in info.memory.iter().filter(|r| r.kind == MemoryKind::Usable) {
+        let _ = usable.push((r.start, r.end()));
+    }
+    let mut reserved = heapless::Vec::<(u64, u64), 24>::new();
+    let _ = reserved.push((0, 0x10_0000));
+    let _ = reserved.push((image_start, image_end));
+    let _ = reserved.push(info.info_range);
+    for m in &info.modules {
+        let _ = reserved.push((m.start, m.end));
+    }
+    let top = usable.iter().map(|r| r.1).max().unwrap_or(0);
+    let bitmap_len = frames::bitmap_bytes(top);
+    let Some(bitmap_at) = frames::place(&usable, &reserved, bitmap_len) else {
+        println!("memory: no room for the frame bitmap ({bitmap_len} bytes); cannot boot");
+        cpu::halt_forever();
+    };
+    // SAFETY: `place` found this range inside usable RAM, clear of the image, the modules and
+    // the loader's structures; it is identity-mapped and becomes the bitmap's for good.
+    let bits: &'static mut [u64] = unsafe {
+        core::slice::from_raw_parts_mut(bitmap_at as *mut u64, (bitmap_len / 8) as usize)
+    };
+    let mut fa = FrameAllocator::new(bits, top);
+    for &(s, e) in &usable {
+        fa.add_free(s, e);
+    }
+    for &(s, e) in &reserved {
+        fa.reserve(s, e);
+    }
+    fa.reserve(bitmap_at, bitmap_at + bitmap_len);
+    let heap = fa
+        .alloc_contiguous(HEAP_SIZE / FRAME_SIZE, 2 << 20, u64::MAX)
+        .or_else(|| fa.alloc_contiguous(HEAP_SIZE / FRAME_SIZE, FRAME_SIZE, u64::MAX))
+        .unwrap_or_else(|| {
+            println!(
+                "memory: no contiguous {} MiB for the heap; cannot boot",
+                HEAP_SIZE >> 20
+            );
+            cpu::halt_forever()
+        })
+        .leak();
+    // SAFETY: frames just taken from the allocator for good, identity-mapped RAM.
+    unsafe { heap::init(heap.0, HEAP_SIZE as usize) };
+    let usable_mib = fa.usable_frames() * FRAME_SIZE >> 20;
+    info!(
+        "memory: {} MiB usable, {} MiB free after the image, modules, bitmap and {} MiB heap",
+        usable_mib,
+        fa.free_frames() * FRAME_SIZE >> 20,
+        HEAP_SIZE >> 20
+    );
+    if info.memory_truncated {
+        warn!(
+            "memory map longer than {} entries; the rest is unused",
+            bootloader::info::MAX_REGIONS
+        );
+    }
+    *FRAMES.lock() = Some(fa);
+}
+
+/// Builds the W^X identity map and the AP stacks (with their guard pages). Returns the tables
+/// and each AP's stack top.
+fn build_page_tables(info: &BootInfo, image_start: u64, ap_ids: &[u32]) -> (PageTables, Vec<u64>) {
+    let mut guard = FRAMES.lock();
+    let fa = guard.as_mut().expect("frame allocator built");
+    let ram: Vec<(u64, u64)> = info
+        .memory
+        .iter()
+        .filter(|r| {
+            matches!(
+                r.kind,
+                MemoryKind::Usable | MemoryKind::AcpiReclaimable | MemoryKind::AcpiNvs
+            )
+        })
+        .map(|r| (r.start, r.end()))
+        .collect();
+    let top = ram.iter().map(|r| r.1).max().unwrap_or(0);
+    let nx = bootloader::entry::efer_extra_bits() != 0;
+    let mut pt = PageTables::identity(fa, top, nx, |s, e| {
+        ram.iter().any(|&(rs, re)| rs < e && s < re)
+    });
+    // Linker-script symbols: only their addresses are used.
+    let (text, rodata, data) = (
+        (sym(&raw const __text_start), sym(&raw const __text_end)),
+        (sym(&raw const __rodata_start), sym(&raw const __rodata_end)),
+        (sym(&raw const __data_start), sym(&raw const __image_end)),
+    );
+    debug_assert_eq!(text.0, image_start);
+    pt.protect(fa, 0, 0x1000, Access::NotPresent);
+    pt.protect(fa, 0x1000, 0x20_0000, Access::ReadWrite);
+    let tramp = bootloader::entry::AP_TRAMPOLINE_PHYS;
+    pt.protect(fa, tramp, tramp + 0x1000, Access::ReadExecute);
+    pt.protect(fa, text.0, text.1, Access::ReadExecute);
+    pt.protect(fa, rodata.0, rodata.1, Access::ReadOnly);
+    pt.protect(fa, data.0, data.1, Access::ReadWrite);
+    let g = bootloader::entry::boot_stack_guard_page();
+    pt.protect(fa, g, g + 0x1000, Access::NotPresent);
+    let mut stacks = Vec::new();
+    for &id in ap_ids {
+        let Some(run) = fa.alloc_contiguous(AP_STACK_FRAMES + 1, FRAME_SIZE, u64::MAX) else {
+            warn!("no memory for the stack of the CPU with APIC id {id}");
+            break;
+        };
+        let base = run.leak().0;
+        pt.protect(fa, base, base + FRAME_SIZE, Access::NotPresent);
+        stacks.push(base + (AP_STACK_FRAMES + 1) * FRAME_SIZE);
+    }
+    (pt, stacks)
+}
+
+/// Where every application processor starts in Rust.
+extern "C" fn ap_main(index: u64) -> ! {
+    let index = index as usize;
+    cpu::set_current_cpu(index);
+    smp::AP_ALIVE.fetch_add(1, Ordering::AcqRel);
+    trap::load_idt();
+    gdt::init_this_cpu();
+    let id = lapic::enable(trap::SPURIOUS_VECTOR);
+    CPUS[index].apic_id.store(id, Ordering::Relaxed);
+    lapic::start_periodic_timer(trap::TIMER_VECTOR, TIMER_COUNT.load(Ordering::Relaxed));
+    let vmx = detect::probe_this_cpu();
+    *CPUS[index].vmx.lock() = vmx;
+    CPUS[index].set_state(CpuState::Online);
+    info!("CPU {index} online (APIC id {id}); VT-x {}", vmx.summary());
+    loop {
+        cpu::wait_for_interrupt();
+    }
+}
+
+fn report_vmx_at_boot(status: &VmxStatus) {
+    match status {
+        VmxStatus::Available {
+            caps,
+            enabled_by_us,
+        } => {
+            info!(
+                "VT-x: available on CPU 0 (IA32_FEATURE_CONTROL {})",
+                if *enabled_by_us {
+                    "enabled and locked by the hypervisor"
+                } else {
+                    "locked on by firmware"
+                }
+            );
+            println!("{}", caps.report());
+        }
+        other => warn!("VT-x: {}", other.summary()),
+    }
+}
+
+#[inline(never)]
+#[allow(unconditional_recursion)] // the point: it ends in the stack guard page
+fn overflow_stack(depth: u64) -> u64 {
+    let pad = core::hint::black_box([depth; 64]);
+    overflow_stack(pad[7] + 1) + pad[3]
+}
+
+fn trigger_test_fault(kind: TestFault) {
+    warn!("hv.test-fault: raising {kind:?} on purpose");
+    match kind {
+        // SAFETY (all arms): deliberate faults, requested only by a test command line; the
+        // exception handler reports them and halts this CPU.
+        TestFault::InvalidOpcode => unsafe { core::arch::asm!("ud2") },
+        TestFault::PageFault => {
+            let p = core::hint::black_box(0xdead_beef_0000u64) as *const u64;
+            // SAFETY: see above: this address is outside the identity map.
+            let _ = unsafe { p.read_volatile() };
+        }
+        TestFault::WriteText => {
+            let p = core::hint::black_box(trigger_test_fault as *const () as usize) as *mut u8;
+            // SAFETY: see above: the hypervisor's text is mapped read-only.
+            unsafe { p.write_volatile(0xcc) };
+        }
+        TestFault::DivideError => {
+            let zero = core::hint::black_box(0u64);
+            // SAFETY: see above: DIV by zero raises #DE.
+            unsafe {
+                core::arch::asm!("xor edx, edx", "div {0}", in(reg) zero, inout("rax") 1u64 => _, out("rdx") _)
+            };
+        }
+        TestFault::StackOverflow => {
+            core::hint::black_box(overflow_stack(0));
+        }
+    }
+}
+
+/// The operator's shell on COM1. Polls the UART; sleeps until the next timer tick when idle.
+fn console_task() -> ! {
+    let mut editor = LineEditor::new();
+    let mut echo = Vec::new();
+    print!("{PROMPT}");
+    loop {
+        while let Some(byte) = serial::try_read() {
+            let line = editor.feed(byte, &mut echo);
+            if !echo.is_empty() {
+                serial::write_verbatim(&echo);
+                echo.clear();
+            }
+            if let Some(line) = line {
+                run_command(&line);
+                print!("{PROMPT}");
+            }
+        }
+        cpu::wait_for_interrupt();
+    }
+}
+
+fn run_command(line: &str) {
+    match shell::parse(line) {
+        Err(e) => println!("{e}"),
+        Ok(Command::Empty) => {}
+        Ok(Command::Help) => {
+            println!("commands:");
+            for (name, help) in shell::COMMANDS {
+                println!("  {name:<8} {help}");
+            }
+        }
+        Ok(Command::Cpus) => cmd_cpus(),
+        Ok(Command::Mem) => cmd_mem(),
+        Ok(Command::Vmx) => cmd_vmx(),
+        Ok(Command::Log(None)) => println!("log level: {}", log::max_level()),
+        Ok(Command::Log(Some(level))) => {
+            log::set_max_level(level);
+            println!("log level set to {level}");
+        }
+        Ok(Command::Reboot) => {
+            println!("rebooting");
+            cpu::reboot();
+        }
+    }
+}
+
+fn vmx_short(s: &VmxStatus) -> &'static str {
+    match s {
+        VmxStatus::Available { .. } => "available",
+        VmxStatus::NoCpuSupport => "no (CPUID)",
+        VmxStatus::DisabledByFirmware => "disabled by firmware",
+        VmxStatus::Unknown => "-",
+    }
+}
+
+fn cmd_cpus() {
+    let n = percpu::cpu_count();
+    let madt = MACHINE.lock().as_ref().map_or(n, |m| m.cpus_in_madt);
+    let online = (0..n)
+        .filter(|&i| CPUS[i].state() == CpuState::Online)
+        .count();
+    println!("{online} of {n} CPUs online ({madt} in the ACPI MADT)");
+    println!("CPU  APIC  STATE        TICKS  VT-X");
+    for (i, c) in CPUS.iter().enumerate().take(n) {
+        println!(
+            "{i:<4} {:<5} {:<12} {:<6} {}",
+            c.apic_id.load(Ordering::Relaxed),
+            c.state().name(),
+            c.ticks.load(Ordering::Relaxed),
+            vmx_short(&c.vmx.lock())
+        );
+    }
+}
+
+fn kind_name(k: MemoryKind) -> &'static str {
+    match k {
+        MemoryKind::Usable => "usable",
+        MemoryKind::Reserved => "reserved",
+        MemoryKind::AcpiReclaimable => "ACPI",
+        MemoryKind::AcpiNvs => "ACPI NVS",
+        MemoryKind::Defective => "defective",
+    }
+}
+
+fn size_text(bytes: u64) -> String {
+    if bytes >= 10 << 20 {
+        alloc::format!("{} MiB", bytes >> 20)
+    } else {
+        alloc::format!("{} KiB", bytes >> 10)
+    }
+}
+
+fn cmd_mem() {
+    let m = MACHINE.lock();
+    let Some(m) = m.as_ref() else { return };
+    println!("physical memory map ({:?}):", m.info.protocol);
+    for r in &m.info.memory {
+        println!(
+            "  {:#014x}-{:#014x}  {:<9} {}",
+            r.start,
+            r.end(),
+            kind_name(r.kind),
+            size_text(r.len)
+        );
+    }
+    println!(
+        "hypervisor image: {:#x}-{:#x} ({})",
+        m.image.0,
+        m.image.1,
+        size_text(m.image.1 - m.image.0)
+    );
+    for (i, md) in m.info.modules.iter().enumerate() {
+        println!("module {i}: {:#x}-{:#x} '{}'", md.start, md.end, md.cmdline);
+    }
+    if let Some(fa) = FRAMES.lock().as_ref() {
+        println!(
+            "frames: {} usable ({}), {} free ({})",
+            fa.usable_frames(),
+            size_text(fa.usable_frames() * FRAME_SIZE),
+            fa.free_frames(),
+            size_text(fa.free_frames() * FRAME_SIZE)
+        );
+    }
+    let (used, size) = heap::usage();
+    println!(
+        "heap: {} used of {}",
+        size_text(used as u64),
+        size_text(size as u64)
+    );
+}
+
+fn cmd_vmx() {
+    let n = percpu::cpu_count();
+    let statuses: Vec<VmxStatus> = (0..n).map(|i| *CPUS[i].vmx.lock()).collect();
+    let first = statuses[0];
+    let same = statuses
+        .iter()
+        .all(|s| *s == first || matches!(s, VmxStatus::Unknown));
+    let available = statuses
+        .iter()
+        .filter(|s| matches!(s, VmxStatus::Available { .. }))
+        .count();
+    println!("VT-x: {available} of {n} CPUs ready for VMX");
+    for (i, s) in statuses.iter().enumerate() {
+        if i == 0 || !same {
+            println!("CPU {i}: {}", s.summary());
+            if let VmxStatus::Available { caps, .. } = s {
+                println!("{}", caps.report());
+            }
+        }
+    }
+    if same && n > 1 {
+        println!("CPUs 1..{}: same as CPU 0", n - 1);
+    }
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    trap::report_panic(info)
+}

@@ -1,0 +1,29 @@
+//! Memory: host-physical address types and the frame allocator (pure, host-tested), and on bare
+//! metal the hypervisor's own page tables and heap.
+
+pub mod frames;
+
+#[cfg(target_os = "none")]
+pub mod heap;
+#[cfg(target_os = "none")]
+pub mod paging;
+
+/// Size of one frame (a 4 KiB page of host-physical memory).
+pub const FRAME_SIZE: u64 = 4096;
+
+/// A host-physical address. Guest addresses have their own types; this one is never built from
+/// a guest value without a check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HostPhysAddr(pub u64);
+
+impl HostPhysAddr {
+    pub fn is_frame_aligned(self) -> bool {
+        self.0 % FRAME_SIZE == 0
+    }
+}
+
+impl core::fmt::Display for HostPhysAddr {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{:#x}", self.0)
+    }
+}

@@ -1,0 +1,150 @@
+//! The operator's console shell on COM1: a line editor and the command table.
+//!
+//! Both are pure: the editor turns input bytes into echo bytes and finished lines, the parser
+//! turns a line into a [`Command`] or an error that says what was wrong. The kernel's console
+//! task (`crate::kernel::console_task`) feeds bytes from the UART and runs the commands.
+
+mod editor;
+
+pub use editor::LineEditor;
+
+use crate::cmdline::{LevelError, parse_level};
+use log::LevelFilter;
+
+/// The prompt the shell prints when it is ready for a command.
+pub const PROMPT: &str = "hv> ";
+
+/// Every command with its one-line help, in the order `help` lists them.
+pub const COMMANDS: &[(&str, &str)] = &[
+    ("help", "list the commands"),
+    ("cpus", "every CPU: APIC id, state, timer ticks, VT-x"),
+    (
+        "mem",
+        "physical memory: the map, usable and free frames, heap",
+    ),
+    ("vmx", "VT-x capabilities of this machine, decoded"),
+    (
+        "log",
+        "log <off|error|warn|info|debug|trace>: show or set the console log level",
+    ),
+    ("reboot", "reset the machine"),
+];
+
+/// A parsed console command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// An empty line: just print the prompt again.
+    Empty,
+    Help,
+    Cpus,
+    Mem,
+    Vmx,
+    /// `log` alone shows the level; `log LEVEL` sets it.
+    Log(Option<LevelFilter>),
+    Reboot,
+}
+
+/// Why a line is not a command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParseError<'a> {
+    Unknown(&'a str),
+    /// The command takes no arguments but got some.
+    UnexpectedArgument {
+        command: &'static str,
+        argument: &'a str,
+    },
+    BadLevel(&'a str),
+}
+
+impl core::fmt::Display for ParseError<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            ParseError::Unknown(name) => {
+                write!(
+                    f,
+                    "error: unknown command '{name}'; type 'help' for the list"
+                )
+            }
+            ParseError::UnexpectedArgument { command, argument } => {
+                write!(
+                    f,
+                    "error: '{command}' takes no arguments (got '{argument}')"
+                )
+            }
+            ParseError::BadLevel(level) => {
+                write!(f, "error: log: unknown level '{level}': {LevelError}")
+            }
+        }
+    }
+}
+
+/// Parses one line typed at the prompt.
+pub fn parse(line: &str) -> Result<Command, ParseError<'_>> {
+    let mut words = line.split_ascii_whitespace();
+    let Some(name) = words.next() else {
+        return Ok(Command::Empty);
+    };
+    let arg = words.next();
+    let no_args = |command: &'static str, c: Command| match arg {
+        None => Ok(c),
+        Some(argument) => Err(ParseError::UnexpectedArgument { command, argument }),
+    };
+    match name {
+        "help" | "?" => no_args("help", Command::Help),
+        "cpus" => no_args("cpus", Command::Cpus),
+        "mem" => no_args("mem", Command::Mem),
+        "vmx" => no_args("vmx", Command::Vmx),
+        "reboot" => no_args("reboot", Command::Reboot),
+        "log" => match arg {
+            None => Ok(Command::Log(None)),
+            Some(level) => match (parse_level(level), words.next()) {
+                (Ok(l), None) => Ok(Command::Log(Some(l))),
+                (Ok(_), Some(extra)) => Err(ParseError::UnexpectedArgument {
+                    command: "log",
+                    argument: extra,
+                }),
+                (Err(_), _) => Err(ParseError::BadLevel(level)),
+            },
+        },
+        other => Err(ParseError::Unknown(other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_listed_command_parses() {
+        for (name, _) in COMMANDS {
+            assert!(parse(name).is_ok(), "{name}");
+        }
+    }
+
+    #[test]
+    fn commands() {
+        assert_eq!(parse("  cpus "), Ok(Command::Cpus));
+        assert_eq!(parse(""), Ok(Command::Empty));
+        assert_eq!(parse("   "), Ok(Command::Empty));
+        assert_eq!(parse("log"), Ok(Command::Log(None)));
+        assert_eq!(
+            parse("log debug"),
+            Ok(Command::Log(Some(LevelFilter::Debug)))
+        );
+    }
+
+    #[test]
+    fn errors_say_what_was_wrong() {
+        let e = parse("frobnicate now").unwrap_err();
+        assert_eq!(e, ParseError::Unknown("frobnicate"));
+        assert_eq!(
+            format!("{e}"),
+            "error: unknown command 'frobnicate'; type 'help' for the list"
+        );
+        let e = parse("log loud").unwrap_err();
+        assert!(format!("{e}").contains("unknown level 'loud'"));
+        let e = parse("cpus 3").unwrap_err();
+        assert_eq!(format!("{e}"), "error: 'cpus' takes no arguments (got '3')");
+        assert!(parse("log info extra").is_err());
+    }
+}
