@@ -366,7 +366,7 @@ fn trigger_test_fault(kind: TestFault) {
         // exception handler reports them and halts this CPU.
         TestFault::InvalidOpcode => unsafe { core::arch::asm!("ud2") },
         TestFault::PageFault => {
-            let p = core::hint::black_box(0xdead_beef_0000u64) as *const u64;
+            let p = core::hint::black_box(0x3ead_beef_0000u64) as *const u64;
             // SAFETY: see above: this address is outside the identity map.
             let _ = unsafe { p.read_volatile() };
         }

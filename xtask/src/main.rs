@@ -1,1 +1,71 @@
-fn main() {}
+//! `cargo xtask`: builds every image, makes the GRUB ISO, runs QEMU or Bochs with the serial
+//! console on the terminal, runs every test (host unit tests, lint, emulator scenarios) and the
+//! benchmarks. Host-only; it is the only place that knows how the pieces are put together.
+
+mod build;
+mod deps;
+mod emu;
+mod scenario;
+mod test;
+mod bench;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+usage: cargo xtask <command> [options]
+
+commands:
+  build                  build the hypervisor for x86_64-unknown-none (release)
+  image [--append TEXT] [--module FILE[:ARGS]]...
+                         build, then make target/hypervisor.iso (GRUB, BIOS and UEFI where
+                         grub-efi-amd64-bin is installed)
+  run [--bochs] [--smp N] [--mem MIB] [--append TEXT] [--module FILE[:ARGS]]...
+                         boot the ISO in QEMU (default) or Bochs (tigerlake, VT-x); the serial
+                         console is this terminal (Ctrl-] quits); with stdin not a terminal,
+                         each input line is sent at the prompt and the run ends after the last
+  test [--quick] [--filter TEXT]
+                         host unit tests, clippy and rustfmt checks, then every scenario in
+                         tests/scenarios; ends with 'N passed, N failed'
+  bench boot             instructions to the console prompt in Bochs, wall time in QEMU
+  deps                   check (and as root install) the Debian packages the commands need
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(cmd) = args.first() else {
+        eprint!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let rest = &args[1..];
+    let result = match cmd.as_str() {
+        "build" => build::build_kernel().map(|p| println!("{}", p.display())),
+        "image" => build::ImageOptions::parse(rest).and_then(|o| build::image(&o)).map(|p| println!("{}", p.display())),
+        "run" => emu::run_command(rest),
+        "test" => test::run(rest),
+        "bench" => bench::run(rest),
+        "deps" => deps::ensure(&deps::ALL),
+        "help" | "--help" | "-h" => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        other => Err(format!("unknown command '{other}'\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is inside the workspace").to_path_buf()
+}
+
+/// Runs a command, failing with its name if it cannot start or exits non-zero.
+pub fn run_checked(cmd: &mut std::process::Command) -> Result<(), String> {
+    let status = cmd.status().map_err(|e| format!("cannot start {:?}: {e}", cmd.get_program()))?;
+    if status.success() { Ok(()) } else { Err(format!("{:?} failed: {status}", cmd)) }
+}

@@ -1,0 +1,105 @@
+//! `cargo xtask bench`: figures, never pass/fail. `boot` measures instructions from reset to the
+//! console prompt in Bochs (deterministic time: one TSC tick per instruction) and wall time to
+//! the prompt in QEMU.
+
+use std::io::Read;
+use std::time::Duration;
+
+use regex::Regex;
+
+use crate::build::{self, ImageOptions};
+use crate::emu::{self, Boot, Emulator, Machine, PROMPT};
+use crate::root;
+
+const BENCHES: &str = "boot";
+
+pub fn run(args: &[String]) -> Result<(), String> {
+    let which = args.first().map(String::as_str).unwrap_or("all");
+    match which {
+        "boot" | "all" => boot(),
+        other => Err(format!("bench: unknown benchmark '{other}' (have: {BENCHES})")),
+    }
+}
+
+/// Boots `m` until the first prompt; returns the serial text and the wall time.
+fn to_prompt(m: &Machine, limit: Duration) -> Result<(String, Duration), String> {
+    let mut r = emu::start(m)?;
+    let t0 = r.started;
+    r.serial.set_read_timeout(Some(Duration::from_millis(20))).map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match r.serial.read(&mut buf) {
+            Ok(0) => return Err("serial closed before the prompt".into()),
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+        if String::from_utf8_lossy(&raw).contains(PROMPT) {
+            let wall = t0.elapsed();
+            r.stop();
+            return Ok((String::from_utf8_lossy(&raw).into_owned(), wall));
+        }
+        if t0.elapsed() > limit {
+            return Err(format!("no prompt within {} s", limit.as_secs()));
+        }
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn boot() -> Result<(), String> {
+    let elf = build::build_kernel()?;
+    let iso = build::image_named(&ImageOptions { append: "loglevel=info".into(), modules: vec![] }, "bench-boot")?;
+    let tsc = Regex::new(r"console ready at TSC (\d+) \(hypervisor entered at TSC (\d+)\)").expect("valid");
+    println!("boot benchmark (figures, not a test)");
+    for cpus in [1u32, 2] {
+        let m = Machine {
+            emulator: Emulator::Bochs,
+            cpus,
+            mem_mib: 256,
+            boot: Boot::Iso(iso.clone()),
+            work_dir: root().join("target/bench/bochs"),
+            deterministic: true,
+        };
+        let (text, wall) = to_prompt(&m, Duration::from_secs(120))?;
+        let c = tsc.captures(&text).ok_or("no 'console ready at TSC' line in the boot log")?;
+        let ready: u64 = c[1].parse().map_err(|_| "bad TSC")?;
+        let entry: u64 = c[2].parse().map_err(|_| "bad TSC")?;
+        println!(
+            "  bochs tigerlake, {cpus} CPU(s), sync=none: reset -> prompt {:>12} instructions \
+             (firmware + GRUB {:>12}, hypervisor {:>10}); wall {:.2} s",
+            ready,
+            entry,
+            ready - entry,
+            wall.as_secs_f64()
+        );
+    }
+    for (label, boot) in [
+        ("-kernel (multiboot1)", Boot::Kernel { elf: elf.clone(), append: "loglevel=info".into() }),
+        ("GRUB ISO (multiboot2)", Boot::Iso(iso.clone())),
+    ] {
+        for cpus in [1u32, 4] {
+            let mut walls = Vec::new();
+            for _ in 0..3 {
+                let m = Machine {
+                    emulator: Emulator::Qemu,
+                    cpus,
+                    mem_mib: 256,
+                    boot: boot.clone(),
+                    work_dir: root().join("target/bench/qemu"),
+                    deterministic: false,
+                };
+                walls.push(to_prompt(&m, Duration::from_secs(60))?.1.as_secs_f64());
+            }
+            println!(
+                "  qemu tcg {label:<22} {cpus} CPU(s): start -> prompt median {:.3} s (of 3: {})",
+                median(walls.clone()),
+                walls.iter().map(|w| format!("{w:.3}")).collect::<Vec<_>>().join(", ")
+            );
+        }
+    }
+    Ok(())
+}

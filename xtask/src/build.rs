@@ -1,0 +1,101 @@
+//! Building the hypervisor image and the GRUB ISO.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::{deps, root, run_checked};
+
+pub const TARGET: &str = "x86_64-unknown-none";
+
+/// Builds the hypervisor (release) and returns the ELF's path.
+pub fn build_kernel() -> Result<PathBuf, String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run_checked(
+        Command::new(cargo)
+            .current_dir(root())
+            .args(["build", "--quiet", "--release", "-p", "hypervisor", "--target", TARGET]),
+    )?;
+    Ok(root().join("target").join(TARGET).join("release").join("hypervisor"))
+}
+
+/// What goes into an ISO beside the hypervisor.
+#[derive(Clone, Debug, Default)]
+pub struct ImageOptions {
+    /// The hypervisor's command line.
+    pub append: String,
+    /// Boot modules: a file and the module's command line.
+    pub modules: Vec<(PathBuf, String)>,
+}
+
+impl ImageOptions {
+    /// Parses `--append TEXT` and `--module FILE[:ARGS]`; other arguments are errors.
+    pub fn parse(args: &[String]) -> Result<Self, String> {
+        let mut o = ImageOptions::default();
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            match a.as_str() {
+                "--append" => o.append = it.next().ok_or("--append needs a value")?.clone(),
+                "--module" => o.modules.push(parse_module(it.next().ok_or("--module needs FILE[:ARGS]")?)?),
+                other => return Err(format!("image: unknown option '{other}'")),
+            }
+        }
+        Ok(o)
+    }
+}
+
+pub fn parse_module(spec: &str) -> Result<(PathBuf, String), String> {
+    let (file, args) = spec.split_once(':').unwrap_or((spec, ""));
+    let path = PathBuf::from(file);
+    if !path.is_file() {
+        return Err(format!("module '{file}' is not a readable file"));
+    }
+    Ok((path, args.to_string()))
+}
+
+/// The GRUB menu: the hypervisor with its command line, and one `module2` line per module.
+pub fn grub_cfg(append: &str, modules: &[String]) -> String {
+    let mut cfg = String::from(
+        "set timeout=0\nset default=0\nmenuentry \"hypervisor\" {\n",
+    );
+    cfg.push_str(&format!("    multiboot2 /boot/hypervisor.elf {append}\n"));
+    for (i, args) in modules.iter().enumerate() {
+        cfg.push_str(&format!("    module2 /boot/module{i} {args}\n"));
+    }
+    cfg.push_str("    boot\n}\n");
+    cfg
+}
+
+/// Builds the hypervisor and a GRUB ISO holding it; returns the ISO's path.
+pub fn image(o: &ImageOptions) -> Result<PathBuf, String> {
+    image_named(o, "hypervisor")
+}
+
+/// As [`image`], with a name for the ISO and its staging folder (scenarios run in parallel).
+pub fn image_named(o: &ImageOptions, name: &str) -> Result<PathBuf, String> {
+    deps::ensure(&[deps::ISO])?;
+    let elf = build_kernel()?;
+    let dir = root().join("target").join("iso").join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("boot/grub")).map_err(|e| e.to_string())?;
+    copy(&elf, &dir.join("boot/hypervisor.elf"))?;
+    for (i, (file, _)) in o.modules.iter().enumerate() {
+        copy(file, &dir.join(format!("boot/module{i}")))?;
+    }
+    let args: Vec<String> = o.modules.iter().map(|m| m.1.clone()).collect();
+    std::fs::write(dir.join("boot/grub/grub.cfg"), grub_cfg(&o.append, &args)).map_err(|e| e.to_string())?;
+    let iso = root().join("target").join(format!("{name}.iso"));
+    let out = Command::new("grub-mkrescue")
+        .arg("-o")
+        .arg(&iso)
+        .arg(&dir)
+        .output()
+        .map_err(|e| format!("cannot start grub-mkrescue: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("grub-mkrescue failed:\n{}", String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(iso)
+}
+
+fn copy(from: &Path, to: &Path) -> Result<(), String> {
+    std::fs::copy(from, to).map(|_| ()).map_err(|e| format!("copy {} -> {}: {e}", from.display(), to.display()))
+}

@@ -1,0 +1,327 @@
+//! Emulators: QEMU (TCG, no VT-x here) and Bochs (`tigerlake`, VT-x with EPT, emulated).
+//!
+//! Either one gets its COM1 on a TCP socket on 127.0.0.1 that xtask connects to, so the same
+//! code drives the console for `run` (bridged to the terminal) and for scenarios (judged).
+//! Every emulator is a child process killed by its pid when its [`Running`] is dropped.
+
+use std::io::{IsTerminal, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::build::{self, ImageOptions};
+use crate::{deps, root};
+
+/// The shell's prompt, which marks "ready for the next line".
+pub const PROMPT: &str = "hv> ";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Emulator {
+    Qemu,
+    Bochs,
+}
+
+impl Emulator {
+    pub fn name(self) -> &'static str {
+        match self {
+            Emulator::Qemu => "qemu",
+            Emulator::Bochs => "bochs",
+        }
+    }
+}
+
+/// How the hypervisor is loaded.
+#[derive(Clone, Debug)]
+pub enum Boot {
+    /// A GRUB ISO (the real path: multiboot2).
+    Iso(PathBuf),
+    /// QEMU `-kernel` (multiboot1) with a command line: the fast path for QEMU scenarios.
+    Kernel { elf: PathBuf, append: String },
+}
+
+/// One machine to start.
+#[derive(Clone, Debug)]
+pub struct Machine {
+    pub emulator: Emulator,
+    pub cpus: u32,
+    pub mem_mib: u32,
+    pub boot: Boot,
+    /// Where the emulator's own log and config go.
+    pub work_dir: PathBuf,
+    /// Bochs: `clock: sync=none` (instruction-driven time, repeatable) instead of `realtime`.
+    pub deterministic: bool,
+}
+
+/// A started emulator and its serial connection.
+pub struct Running {
+    child: Child,
+    pub serial: TcpStream,
+    pub started: Instant,
+}
+
+impl Running {
+    /// Ends the emulator (by its pid) and reaps it.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Whether the emulator process has exited.
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn free_port() -> Result<u16, String> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("no free TCP port: {e}"))?;
+    l.local_addr().map(|a| a.port()).map_err(|e| e.to_string())
+}
+
+fn bochsrc(m: &Machine, iso: &std::path::Path, port: u16) -> String {
+    format!(
+        "megs: {mem}\n\
+         cpu: model=tigerlake, count={cpus}, quantum=32, reset_on_triple_fault=1\n\
+         romimage: file=/usr/share/bochs/BIOS-bochs-latest\n\
+         vgaromimage: file=/usr/share/vgabios/vgabios.bin\n\
+         ata0-master: type=cdrom, path={iso}, status=inserted\n\
+         boot: cdrom\n\
+         clock: sync={sync}, time0=1\n\
+         display_library: sdl2\n\
+         com1: enabled=1, mode=socket-server, dev=127.0.0.1:{port}\n\
+         port_e9_hack: enabled=1\n\
+         log: {log}\n\
+         debug: action=ignore\n\
+         info: action=ignore\n\
+         error: action=ignore\n\
+         panic: action=fatal\n",
+        mem = m.mem_mib,
+        cpus = m.cpus,
+        iso = iso.display(),
+        sync = if m.deterministic { "none" } else { "realtime" },
+        port = port,
+        log = m.work_dir.join("bochs.log").display(),
+    )
+}
+
+/// Starts the machine and connects to its serial port.
+pub fn start(m: &Machine) -> Result<Running, String> {
+    std::fs::create_dir_all(&m.work_dir).map_err(|e| e.to_string())?;
+    let port = free_port()?;
+    let stdout = std::fs::File::create(m.work_dir.join("emulator.out")).map_err(|e| e.to_string())?;
+    let stderr = stdout.try_clone().map_err(|e| e.to_string())?;
+    let mut cmd = match m.emulator {
+        Emulator::Qemu => {
+            deps::ensure(&[deps::QEMU])?;
+            let mut c = Command::new("qemu-system-x86_64");
+            c.args(["-m", &m.mem_mib.to_string(), "-smp", &m.cpus.to_string()])
+                .args(["-display", "none", "-nic", "none", "-monitor", "none"])
+                .args(["-serial", &format!("tcp:127.0.0.1:{port},server=on,wait=on")]);
+            match &m.boot {
+                Boot::Iso(iso) => {
+                    c.arg("-cdrom").arg(iso).args(["-boot", "d"]);
+                }
+                Boot::Kernel { elf, append } => {
+                    c.arg("-kernel").arg(elf).arg("-append").arg(append);
+                }
+            }
+            c
+        }
+        Emulator::Bochs => {
+            deps::ensure(&[deps::BOCHS])?;
+            let Boot::Iso(iso) = &m.boot else {
+                return Err("Bochs boots only ISOs".into());
+            };
+            let rc = m.work_dir.join("bochsrc");
+            std::fs::write(&rc, bochsrc(m, iso, port)).map_err(|e| e.to_string())?;
+            let cont = m.work_dir.join("debugger.rc");
+            std::fs::write(&cont, "c\n").map_err(|e| e.to_string())?;
+            let mut c = Command::new("bochs-bin");
+            c.arg("-q").arg("-f").arg(&rc).arg("-rc").arg(&cont).env("SDL_VIDEODRIVER", "dummy");
+            c
+        }
+    };
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", m.emulator.name()))?;
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(30);
+    loop {
+        if let Ok(s) = TcpStream::connect(("127.0.0.1", port)) {
+            s.set_nodelay(true).ok();
+            return Ok(Running { child, serial: s, started });
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let log = std::fs::read_to_string(m.work_dir.join("emulator.out")).unwrap_or_default();
+            return Err(format!("{} exited before its serial port opened ({status}):\n{log}", m.emulator.name()));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("{}: serial port never opened", m.emulator.name()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `cargo xtask run ...`.
+pub fn run_command(args: &[String]) -> Result<(), String> {
+    let mut emulator = Emulator::Qemu;
+    let mut cpus = 2;
+    let mut mem = 256;
+    let mut image_args = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| it.next().cloned().ok_or(format!("{name} needs a value"));
+        match a.as_str() {
+            "--bochs" => emulator = Emulator::Bochs,
+            "--qemu" => emulator = Emulator::Qemu,
+            "--smp" => cpus = value("--smp")?.parse().map_err(|_| "--smp takes a CPU count (1..64)")?,
+            "--mem" => mem = value("--mem")?.parse().map_err(|_| "--mem takes MiB, e.g. 256")?,
+            "--append" | "--module" => {
+                image_args.push(a.clone());
+                image_args.push(value(a)?);
+            }
+            other => return Err(format!("run: unknown option '{other}' (see cargo xtask help)")),
+        }
+    }
+    if !(1..=64).contains(&cpus) {
+        return Err(format!("--smp {cpus}: must be 1..64"));
+    }
+    if !(64..=65536).contains(&mem) {
+        return Err(format!("--mem {mem}: must be 64..65536 MiB"));
+    }
+    let mut options = ImageOptions::parse(&image_args)?;
+    if options.append.is_empty() {
+        options.append = "loglevel=info".into();
+    }
+    let iso = build::image(&options)?;
+    let m = Machine {
+        emulator,
+        cpus,
+        mem_mib: mem,
+        boot: Boot::Iso(iso),
+        work_dir: root().join("target").join("run"),
+        deterministic: false,
+    };
+    eprintln!(
+        "xtask: booting {} with {cpus} CPU(s) and {mem} MiB{}",
+        emulator.name(),
+        if std::io::stdin().is_terminal() { "; Ctrl-] quits" } else { "" }
+    );
+    let mut running = start(&m)?;
+    if std::io::stdin().is_terminal() { interactive(&mut running) } else { scripted(&mut running) }
+}
+
+/// Terminal in raw mode, bytes both ways, until Ctrl-] or the emulator exits.
+fn interactive(r: &mut Running) -> Result<(), String> {
+    let saved = Command::new("stty").arg("-g").stdin(Stdio::inherit()).output().map(|o| o.stdout).unwrap_or_default();
+    let _ = Command::new("stty").args(["raw", "-echo"]).stdin(Stdio::inherit()).status();
+    let mut to_vm = r.serial.try_clone().map_err(|e| e.to_string())?;
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin();
+        let mut b = [0u8; 64];
+        while let Ok(n) = stdin.read(&mut b) {
+            if n == 0 || b[..n].contains(&0x1d) {
+                let _ = to_vm.shutdown(std::net::Shutdown::Both);
+                break;
+            }
+            if to_vm.write_all(&b[..n]).is_err() {
+                break;
+            }
+        }
+    });
+    let mut out = std::io::stdout();
+    let mut buf = [0u8; 4096];
+    loop {
+        match r.serial.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let _ = out.write_all(&buf[..n]);
+                let _ = out.flush();
+            }
+        }
+    }
+    let restore = String::from_utf8_lossy(&saved).trim().to_string();
+    let _ = Command::new("stty").arg(if restore.is_empty() { "sane" } else { &restore }).stdin(Stdio::inherit()).status();
+    r.stop();
+    eprintln!("\r\nxtask: emulator stopped");
+    Ok(())
+}
+
+/// stdin is a pipe or file: each line is sent when the prompt appears; after the last line's
+/// answer (the next prompt) the run ends.
+fn scripted(r: &mut Running) -> Result<(), String> {
+    let (tx, rx) = mpsc::channel::<Option<String>>();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::stdin().read_to_string(&mut text);
+        for line in text.lines() {
+            let _ = tx.send(Some(line.to_string()));
+        }
+        let _ = tx.send(None);
+    });
+    r.serial.set_read_timeout(Some(Duration::from_millis(100))).map_err(|e| e.to_string())?;
+    let mut out = std::io::stdout();
+    let mut seen = String::new();
+    let mut prompts = 0usize;
+    let mut sent = 0usize;
+    let mut pending: std::collections::VecDeque<String> = Default::default();
+    let mut eof = false;
+    let mut last_output = Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        while let Ok(msg) = rx.try_recv() {
+            match msg {
+                Some(l) => pending.push_back(l),
+                None => eof = true,
+            }
+        }
+        match r.serial.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                let _ = out.write_all(&buf[..n]);
+                let _ = out.flush();
+                seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+                last_output = Instant::now();
+                // Count prompts without rescanning: keep only a tail that may hold a partial one.
+                prompts += seen.matches(PROMPT).count();
+                if let Some(i) = seen.rfind(PROMPT) {
+                    seen.drain(..i + PROMPT.len());
+                }
+                let keep = seen.len().saturating_sub(PROMPT.len());
+                seen.drain(..keep);
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => return Err(format!("serial connection: {e}")),
+        }
+        if prompts > sent {
+            if let Some(line) = pending.pop_front() {
+                r.serial.write_all(format!("{line}\r").as_bytes()).map_err(|e| e.to_string())?;
+                sent += 1;
+            } else if eof {
+                break;
+            }
+        }
+        if r.exited() {
+            break;
+        }
+        if last_output.elapsed() > Duration::from_secs(300) {
+            r.stop();
+            return Err("no console output for 300 s; stopped the emulator".into());
+        }
+    }
+    r.stop();
+    println!();
+    Ok(())
+}

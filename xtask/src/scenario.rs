@@ -1,0 +1,245 @@
+//! Declarative system tests: each `tests/scenarios/*.toml` names the emulator, how to boot,
+//! CPUs, memory, the hypervisor's command line, the console input, the patterns that must
+//! appear (in order), patterns that must not, and a timeout. The runner boots it, types the
+//! input at each prompt, and judges the serial output.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use regex::Regex;
+use serde::Deserialize;
+
+use crate::build::{self, ImageOptions};
+use crate::emu::{self, Boot, Emulator, Machine, PROMPT};
+use crate::root;
+
+/// A fault report or panic from the hypervisor: fails every scenario that does not expect one.
+const DEFAULT_REJECT: &str = r"\*\*\* CPU \d+: (EXCEPTION|PANIC)";
+/// The boot banner: seeing it twice means the machine reset.
+const DEFAULT_ONCE: &str = r"hypervisor \S+ booting";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    #[serde(skip)]
+    pub name: String,
+    pub description: String,
+    pub emulator: String,
+    /// `kernel` (QEMU `-kernel`, multiboot1) or `iso` (GRUB, multiboot2).
+    #[serde(default = "default_boot")]
+    pub boot: String,
+    #[serde(default = "default_cpus")]
+    pub cpus: u32,
+    #[serde(default = "default_mem")]
+    pub memory_mib: u32,
+    #[serde(default)]
+    pub append: String,
+    pub timeout_s: u64,
+    /// Lines typed at successive prompts; `@wait MS` pauses instead (no prompt consumed).
+    #[serde(default)]
+    pub input: Vec<String>,
+    /// Regexes that must all appear, in this order.
+    pub expect: Vec<String>,
+    /// Regexes that fail the scenario if they appear (default: any fault report).
+    #[serde(default = "default_reject")]
+    pub reject: Vec<String>,
+    /// Regexes that may appear at most once (default: the boot banner, so a reset fails).
+    #[serde(default = "default_once")]
+    pub once: Vec<String>,
+    /// Keep watching this long after success, for late rejects (e.g. a reset after a fault).
+    #[serde(default)]
+    pub settle_ms: u64,
+}
+
+fn default_boot() -> String {
+    "kernel".into()
+}
+fn default_cpus() -> u32 {
+    1
+}
+fn default_mem() -> u32 {
+    128
+}
+fn default_reject() -> Vec<String> {
+    vec![DEFAULT_REJECT.into()]
+}
+fn default_once() -> Vec<String> {
+    vec![DEFAULT_ONCE.into()]
+}
+
+/// Loads every scenario, sorted by name.
+pub fn load_all() -> Result<Vec<Scenario>, String> {
+    let dir = root().join("tests").join("scenarios");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    files.sort();
+    files.iter().map(|f| load(f)).collect()
+}
+
+pub fn load(path: &Path) -> Result<Scenario, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut s: Scenario = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    s.name = path.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+    s.emulator()?;
+    if !matches!(s.boot.as_str(), "kernel" | "iso") {
+        return Err(format!("{}: boot must be 'kernel' or 'iso'", s.name));
+    }
+    if s.boot == "kernel" && s.emulator()? == Emulator::Bochs {
+        return Err(format!("{}: Bochs boots only 'iso'", s.name));
+    }
+    for r in s.expect.iter().chain(&s.reject).chain(&s.once) {
+        Regex::new(r).map_err(|e| format!("{}: bad pattern '{r}': {e}", s.name))?;
+    }
+    Ok(s)
+}
+
+impl Scenario {
+    pub fn emulator(&self) -> Result<Emulator, String> {
+        match self.emulator.as_str() {
+            "qemu" => Ok(Emulator::Qemu),
+            "bochs" => Ok(Emulator::Bochs),
+            other => Err(format!("{}: unknown emulator '{other}' (qemu or bochs)", self.name)),
+        }
+    }
+}
+
+/// How a scenario ended.
+pub struct Outcome {
+    pub passed: bool,
+    pub detail: String,
+    pub seconds: f64,
+    pub log: PathBuf,
+}
+
+/// Boots and judges one scenario.
+pub fn run(s: &Scenario) -> Outcome {
+    let work = root().join("target").join("scenarios").join(&s.name);
+    let log = work.join("serial.log");
+    let t0 = Instant::now();
+    let result = run_inner(s, &work, &log);
+    let seconds = t0.elapsed().as_secs_f64();
+    match result {
+        Ok(detail) => Outcome { passed: true, detail, seconds, log },
+        Err(detail) => Outcome { passed: false, detail, seconds, log },
+    }
+}
+
+fn compile(patterns: &[String]) -> Vec<Regex> {
+    patterns.iter().map(|p| Regex::new(p).expect("checked at load")).collect()
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn run_inner(s: &Scenario, work: &Path, log: &Path) -> Result<String, String> {
+    let _ = std::fs::remove_dir_all(work);
+    std::fs::create_dir_all(work).map_err(|e| e.to_string())?;
+    let emulator = s.emulator()?;
+    let boot = if s.boot == "iso" {
+        let o = ImageOptions { append: s.append.clone(), modules: Vec::new() };
+        Boot::Iso(build::image_named(&o, &format!("scenario-{}", s.name))?)
+    } else {
+        Boot::Kernel { elf: build::build_kernel()?, append: s.append.clone() }
+    };
+    let m = Machine {
+        emulator,
+        cpus: s.cpus,
+        mem_mib: s.memory_mib,
+        boot,
+        work_dir: work.to_path_buf(),
+        deterministic: true,
+    };
+    let mut running = emu::start(&m)?;
+    running.serial.set_read_timeout(Some(Duration::from_millis(50))).map_err(|e| e.to_string())?;
+    let expect = compile(&s.expect);
+    let reject = compile(&s.reject);
+    let once = compile(&s.once);
+    let deadline = Instant::now() + Duration::from_secs(s.timeout_s);
+    let mut raw = Vec::new();
+    let mut next_expect = 0usize;
+    let mut pos = 0usize;
+    let mut sent = 0usize;
+    let mut typed = 0usize;
+    let mut paused_until: Option<Instant> = None;
+    let mut done_at: Option<Instant> = None;
+    let mut buf = [0u8; 8192];
+    let verdict = loop {
+        match running.serial.read(&mut buf) {
+            Ok(0) => {
+                if done_at.is_none() {
+                    break Err("the emulator closed the serial port".to_string());
+                }
+                break Ok(());
+            }
+            Ok(n) => {
+                raw.extend_from_slice(&buf[..n]);
+                let _ = std::fs::write(log, &raw);
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => break Err(format!("serial: {e}")),
+        }
+        let text = String::from_utf8_lossy(&raw);
+        if let Some(r) = reject.iter().find(|r| r.is_match(&text)) {
+            break Err(format!("rejected pattern /{r}/ appeared"));
+        }
+        if let Some(r) = once.iter().find(|r| r.find_iter(&text).count() > 1) {
+            break Err(format!("/{r}/ appeared more than once (did the machine reset?)"));
+        }
+        while next_expect < expect.len() {
+            match expect[next_expect].find(&text[pos..]) {
+                Some(m) => {
+                    pos += m.end();
+                    next_expect += 1;
+                }
+                None => break,
+            }
+        }
+        let prompts = text.matches(PROMPT).count();
+        let paused = paused_until.is_some_and(|t| Instant::now() < t);
+        if sent < s.input.len() && prompts > typed && !paused {
+            let line = &s.input[sent];
+            if let Some(ms) = line.strip_prefix("@wait ") {
+                let ms: u64 = ms.trim().parse().map_err(|_| format!("bad input line '{line}'"))?;
+                paused_until = Some(Instant::now() + Duration::from_millis(ms));
+            } else {
+                use std::io::Write;
+                running
+                    .serial
+                    .write_all(format!("{line}\r").as_bytes())
+                    .map_err(|e| format!("serial write: {e}"))?;
+                typed += 1;
+            }
+            sent += 1;
+        }
+        if next_expect == expect.len() && sent == s.input.len() && done_at.is_none() {
+            done_at = Some(Instant::now());
+        }
+        if let Some(t) = done_at {
+            if t.elapsed() >= Duration::from_millis(s.settle_ms) {
+                break Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            break Err(match expect.get(next_expect) {
+                Some(r) => format!("timed out after {} s waiting for /{r}/ (input sent: {sent} of {})", s.timeout_s, s.input.len()),
+                None => format!("timed out after {} s sending input ({sent} of {} sent)", s.timeout_s, s.input.len()),
+            });
+        }
+        if running.exited() && done_at.is_none() {
+            break Err("the emulator exited".to_string());
+        }
+    };
+    running.stop();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let _ = std::fs::write(log, &raw);
+    match verdict {
+        Ok(()) => Ok(format!("{} patterns matched, {} lines typed", expect.len(), sent)),
+        Err(why) => Err(format!("{why}\n--- last serial output ---\n{}\n---", tail(&text, 25))),
+    }
+}

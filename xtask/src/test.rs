@@ -1,0 +1,156 @@
+//! `cargo xtask test`: every test there is, with one closing line `N passed, N failed`.
+//!
+//! 1. host unit tests of the whole workspace (`cargo test`), counted per test;
+//! 2. checks: rustfmt, clippy (host and `x86_64-unknown-none`, `-D warnings`), and the
+//!    bare-metal build of every `no_std` crate;
+//! 3. every scenario in `tests/scenarios`, booted in QEMU or Bochs.
+
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use crate::{build, deps, root, scenario};
+
+#[derive(Default)]
+struct Tally {
+    passed: usize,
+    failed: usize,
+    failures: Vec<String>,
+}
+
+impl Tally {
+    fn record(&mut self, name: &str, ok: bool, detail: &str) {
+        if ok {
+            self.passed += 1;
+        } else {
+            self.failed += 1;
+            self.failures.push(format!("{name}: {detail}"));
+        }
+    }
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+/// The `no_std` crates that must also build (and lint) for bare metal.
+const BARE_METAL: &[&str] = &["hypervisor", "bootloader", "hv-abi"];
+
+pub fn run(args: &[String]) -> Result<(), String> {
+    let mut quick = false;
+    let mut filter: Option<String> = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => quick = true,
+            "--filter" => filter = Some(it.next().ok_or("--filter needs a value")?.clone()),
+            other => return Err(format!("test: unknown option '{other}'")),
+        }
+    }
+    let t0 = Instant::now();
+    deps::ensure(&deps::ALL)?;
+    let mut tally = Tally::default();
+
+    if filter.is_none() {
+        eprintln!("==> host unit tests");
+        unit_tests(&mut tally)?;
+        if !quick {
+            eprintln!("==> checks");
+            check(&mut tally, "rustfmt", cargo().args(["fmt", "--all", "--", "--check"]));
+            check(
+                &mut tally,
+                "clippy (host)",
+                cargo().args(["clippy", "--quiet", "--workspace", "--all-targets", "--", "-D", "warnings"]),
+            );
+            let mut c = cargo();
+            c.args(["clippy", "--quiet", "--target", build::TARGET]);
+            for p in BARE_METAL {
+                c.args(["-p", p]);
+            }
+            c.args(["--", "-D", "warnings"]);
+            check(&mut tally, "clippy (x86_64-unknown-none)", &mut c);
+        }
+    }
+
+    eprintln!("==> scenarios");
+    build::build_kernel()?;
+    for s in scenario::load_all()? {
+        if filter.as_ref().is_some_and(|f| !s.name.contains(f.as_str())) {
+            continue;
+        }
+        let o = scenario::run(&s);
+        println!(
+            "scenario {:<28} {} in {:>5.1} s  ({})",
+            s.name,
+            if o.passed { "ok    " } else { "FAILED" },
+            o.seconds,
+            s.description
+        );
+        if !o.passed {
+            println!("  {}\n  serial log: {}", o.detail.replace('\n', "\n  "), o.log.display());
+        }
+        tally.record(&format!("scenario {}", s.name), o.passed, o.detail.lines().next().unwrap_or(""));
+    }
+
+    println!();
+    if !tally.failures.is_empty() {
+        println!("failures:");
+        for f in &tally.failures {
+            println!("  {f}");
+        }
+    }
+    println!("total time {:.0} s", t0.elapsed().as_secs_f64());
+    println!("{} passed, {} failed", tally.passed, tally.failed);
+    if tally.failed == 0 { Ok(()) } else { Err(format!("{} failed", tally.failed)) }
+}
+
+fn check(tally: &mut Tally, name: &str, cmd: &mut Command) {
+    let t = Instant::now();
+    let out = cmd.stdin(Stdio::null()).output();
+    let (ok, detail) = match out {
+        Ok(o) => (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned() + &String::from_utf8_lossy(&o.stdout)),
+        Err(e) => (false, e.to_string()),
+    };
+    println!("check    {name:<28} {} in {:>5.1} s", if ok { "ok    " } else { "FAILED" }, t.elapsed().as_secs_f64());
+    if !ok {
+        println!("  {}", detail.trim_end().replace('\n', "\n  "));
+    }
+    tally.record(&format!("check {name}"), ok, detail.lines().next().unwrap_or(""));
+}
+
+/// Runs `cargo test --workspace` and counts each test by the harness's result lines.
+fn unit_tests(tally: &mut Tally) -> Result<(), String> {
+    let out = cargo()
+        .args(["test", "--workspace", "--no-fail-fast"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run cargo test: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    print!("{text}");
+    let (mut passed, mut failed) = (0usize, 0usize);
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(|c| c == ';' || c == '.') {
+                let part = part.trim();
+                if let Some(n) = part.strip_suffix(" passed") {
+                    passed += n.trim().parse::<usize>().unwrap_or(0);
+                } else if let Some(n) = part.strip_suffix(" failed") {
+                    failed += n.trim().parse::<usize>().unwrap_or(0);
+                }
+            }
+        }
+    }
+    if !out.status.success() && failed == 0 {
+        // A build error: no test ran, which is a failure of its own.
+        tally.record("unit tests", false, "cargo test failed before running tests (build error?)");
+    }
+    tally.passed += passed;
+    tally.failed += failed;
+    for line in text.lines().filter(|l| l.starts_with("test ") && l.ends_with("FAILED")) {
+        tally.failures.push(line.to_string());
+    }
+    println!("unit     {passed} passed, {failed} failed");
+    Ok(())
+}
