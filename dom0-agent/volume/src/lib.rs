@@ -1,1 +1,60 @@
-pub fn placeholder() {}
+//! `volmgr`: the volume manager core of the dom0 agent.
+//!
+//! This crate owns everything between a set of raw disks and the volumes that guests and the
+//! admin see: pools of disks, RAID layouts (concatenated, striped, mirrored, striped-mirror),
+//! thin pools and thin volumes, full and space-optimised snapshots, online grow/shrink and
+//! relayout, dirty-region logging and smart resynchronisation, tiers, and multipath. It is
+//! `no_std + alloc` so that dom0 can link it on bare metal; the same code is tested on the host
+//! and used offline by `hvctl` on disk-image files.
+//!
+//! # Invariants
+//!
+//! * All I/O goes through [`dev::BlockDevice`]: `read`, `write`, `flush`, in whole 4 KiB blocks.
+//!   A device may keep acknowledged writes in a volatile cache until `flush` completes.
+//! * **Durability**: once [`pool::Pool::flush`] returns `Ok`, every write acknowledged before it
+//!   survives a power cut at any later moment, and the pool metadata on disk describes it.
+//! * **Metadata** is written in two checksummed, sequence-numbered copies per disk, on every
+//!   disk of the pool, and the newest valid copy wins ([`format`] documents the bytes).
+//! * Blocks or extents referenced by the *last committed* metadata are never overwritten with
+//!   other data before the next commit: freed space becomes reusable only after a commit, and
+//!   shared thin chunks are redirected on write.
+//! * Before a mirrored (or change-tracked) region is written, its bit is durable in the
+//!   dirty-region log, so after a crash only logged regions are resynchronised.
+//! * Bad on-disk data never panics: every length is bounded, every record is checksummed, and
+//!   decoded metadata is validated before use.
+#![cfg_attr(not(test), no_std)]
+
+extern crate alloc;
+
+pub mod bitmap;
+pub mod dev;
+pub mod error;
+pub mod format;
+pub mod layout;
+pub mod multipath;
+pub mod pool;
+pub mod testdev;
+
+pub use dev::{BLOCK_SIZE, BlockDevice, DevError, MemDisk};
+pub use error::Error;
+pub use pool::{LayoutSpec, OpenOptions, Pool, PoolConfig, SnapshotKind, VolumeInfo};
+
+/// Converts a block count or byte offset that is known to fit memory into `usize`.
+///
+/// The crate only runs on 64-bit targets (x86_64 dom0 and hosts), where this is lossless.
+#[allow(clippy::cast_possible_truncation)] // usize is 64 bits on every supported target.
+#[must_use]
+pub(crate) fn us(x: u64) -> usize {
+    x as usize
+}
+
+/// Converts a `usize` to `u64` (lossless on every supported target).
+#[must_use]
+pub(crate) fn u(x: usize) -> u64 {
+    x as u64
+}
+
+const _: () = assert!(
+    core::mem::size_of::<usize>() == 8,
+    "volmgr needs a 64-bit target"
+);

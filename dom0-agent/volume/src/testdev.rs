@@ -1,0 +1,260 @@
+//! Test devices: a disk with a volatile write cache that can crash at any write boundary, and a
+//! fault-injecting wrapper (failing reads or writes, vanishing). Used by this crate's tests and
+//! by tools that want to exercise failure paths; nothing here is used on the production path.
+
+use alloc::boxed::Box;
+use alloc::collections::BTreeSet;
+use alloc::rc::Rc;
+use alloc::vec::Vec;
+use core::cell::RefCell;
+
+use crate::dev::{BLOCK_SIZE, BlockDevice, DevError, check_range};
+use crate::{u, us};
+
+/// A shared counter of write boundaries (writes and flushes) across every disk of a test, so a
+/// crash happens at one instant for the whole machine.
+#[derive(Debug, Default)]
+pub struct CrashClock {
+    /// Write boundaries passed so far.
+    pub ops: u64,
+    /// Crash instead of performing boundary number `crash_at` (0-based).
+    pub crash_at: Option<u64>,
+    /// Set once the crash has happened: every later request fails with [`DevError::Gone`].
+    pub crashed: bool,
+}
+
+/// Shared handle to a [`CrashClock`].
+pub type Clock = Rc<RefCell<CrashClock>>;
+
+/// The contents of a crashable disk: what is durable, and the volatile cache on top.
+#[derive(Debug, Default)]
+pub struct CrashState {
+    /// Bytes that survive a power cut.
+    pub durable: Vec<u8>,
+    /// Acknowledged but unflushed writes, one entry per block, in issue order.
+    pub cache: Vec<(u64, Vec<u8>)>,
+}
+
+impl CrashState {
+    /// The image after a power cut in which cached block `i` reached the medium iff `keep(i)`.
+    pub fn image_after_crash(&self, mut keep: impl FnMut(usize) -> bool) -> Vec<u8> {
+        let mut img = self.durable.clone();
+        for (i, (lba, data)) in self.cache.iter().enumerate() {
+            if keep(i) {
+                let off = us(*lba) * BLOCK_SIZE;
+                img[off..off + BLOCK_SIZE].copy_from_slice(data);
+            }
+        }
+        img
+    }
+}
+
+/// A disk with a volatile write cache, crashing when the shared clock says so.
+pub struct CrashDisk {
+    state: Rc<RefCell<CrashState>>,
+    clock: Clock,
+}
+
+impl CrashDisk {
+    /// A crashable disk over `image`; returns the disk and a handle to its state.
+    pub fn new(image: Vec<u8>, clock: Clock) -> (Self, Rc<RefCell<CrashState>>) {
+        let state = Rc::new(RefCell::new(CrashState {
+            durable: image,
+            cache: Vec::new(),
+        }));
+        (
+            Self {
+                state: state.clone(),
+                clock,
+            },
+            state,
+        )
+    }
+
+    fn boundary(&self) -> Result<(), DevError> {
+        let mut c = self.clock.borrow_mut();
+        if c.crashed {
+            return Err(DevError::Gone);
+        }
+        if c.crash_at == Some(c.ops) {
+            c.crashed = true;
+            return Err(DevError::Gone);
+        }
+        c.ops += 1;
+        Ok(())
+    }
+}
+
+impl BlockDevice for CrashDisk {
+    fn num_blocks(&self) -> u64 {
+        u(self.state.borrow().durable.len() / BLOCK_SIZE)
+    }
+
+    fn read(&mut self, lba: u64, buf: &mut [u8]) -> Result<(), DevError> {
+        if self.clock.borrow().crashed {
+            return Err(DevError::Gone);
+        }
+        check_range(self.num_blocks(), lba, buf.len())?;
+        let st = self.state.borrow();
+        let off = us(lba) * BLOCK_SIZE;
+        buf.copy_from_slice(&st.durable[off..off + buf.len()]);
+        let end = lba + u(buf.len() / BLOCK_SIZE);
+        for (clba, data) in &st.cache {
+            if *clba >= lba && *clba < end {
+                let o = us(*clba - lba) * BLOCK_SIZE;
+                buf[o..o + BLOCK_SIZE].copy_from_slice(data);
+            }
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, lba: u64, buf: &[u8]) -> Result<(), DevError> {
+        check_range(self.num_blocks(), lba, buf.len())?;
+        self.boundary()?;
+        let mut st = self.state.borrow_mut();
+        for (i, chunk) in buf.chunks(BLOCK_SIZE).enumerate() {
+            st.cache.push((lba + u(i), chunk.to_vec()));
+        }
+        // Keep the cache bounded like a real disk: old entries trickle to the medium.
+        if st.cache.len() > 4096 {
+            let old: Vec<_> = st.cache.drain(..2048).collect();
+            for (l, d) in old {
+                let off = us(l) * BLOCK_SIZE;
+                st.durable[off..off + BLOCK_SIZE].copy_from_slice(&d);
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), DevError> {
+        self.boundary()?;
+        let mut st = self.state.borrow_mut();
+        let cache = core::mem::take(&mut st.cache);
+        for (l, d) in cache {
+            let off = us(l) * BLOCK_SIZE;
+            st.durable[off..off + BLOCK_SIZE].copy_from_slice(&d);
+        }
+        Ok(())
+    }
+}
+
+/// Which requests a [`FaultyDisk`] fails.
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// Reads touching these blocks fail with [`DevError::Io`].
+    pub bad_read_blocks: BTreeSet<u64>,
+    /// Writes touching these blocks fail with [`DevError::Io`].
+    pub bad_write_blocks: BTreeSet<u64>,
+    /// Every write fails with [`DevError::Io`].
+    pub fail_all_writes: bool,
+    /// The device has vanished: everything fails with [`DevError::Gone`].
+    pub gone: bool,
+    /// Requests failed so far.
+    pub failures: u64,
+    /// Requests served so far.
+    pub requests: u64,
+}
+
+/// Shared handle to [`Faults`].
+pub type FaultHandle = Rc<RefCell<Faults>>;
+
+/// Wraps a device and fails the requests its [`Faults`] name.
+pub struct FaultyDisk {
+    inner: Box<dyn BlockDevice>,
+    faults: FaultHandle,
+}
+
+impl FaultyDisk {
+    /// Wraps `inner`; returns the device and the handle that controls its faults.
+    pub fn new(inner: Box<dyn BlockDevice>) -> (Self, FaultHandle) {
+        let faults = Rc::new(RefCell::new(Faults::default()));
+        (
+            Self {
+                inner,
+                faults: faults.clone(),
+            },
+            faults,
+        )
+    }
+
+    fn hits(set: &BTreeSet<u64>, lba: u64, len: usize) -> bool {
+        set.range(lba..lba + u(len / BLOCK_SIZE)).next().is_some()
+    }
+}
+
+impl BlockDevice for FaultyDisk {
+    fn num_blocks(&self) -> u64 {
+        self.inner.num_blocks()
+    }
+
+    fn read(&mut self, lba: u64, buf: &mut [u8]) -> Result<(), DevError> {
+        let mut f = self.faults.borrow_mut();
+        f.requests += 1;
+        if f.gone {
+            f.failures += 1;
+            return Err(DevError::Gone);
+        }
+        if Self::hits(&f.bad_read_blocks, lba, buf.len()) {
+            f.failures += 1;
+            return Err(DevError::Io);
+        }
+        drop(f);
+        self.inner.read(lba, buf)
+    }
+
+    fn write(&mut self, lba: u64, buf: &[u8]) -> Result<(), DevError> {
+        let mut f = self.faults.borrow_mut();
+        f.requests += 1;
+        if f.gone {
+            f.failures += 1;
+            return Err(DevError::Gone);
+        }
+        if f.fail_all_writes || Self::hits(&f.bad_write_blocks, lba, buf.len()) {
+            f.failures += 1;
+            return Err(DevError::Io);
+        }
+        drop(f);
+        self.inner.write(lba, buf)
+    }
+
+    fn flush(&mut self) -> Result<(), DevError> {
+        if self.faults.borrow().gone {
+            return Err(DevError::Gone);
+        }
+        self.inner.flush()
+    }
+}
+
+/// A [`MemDisk`](crate::MemDisk) whose bytes are shared with the test, so the test can take an
+/// image at any time (e.g. to present a stale copy of the disk later).
+#[derive(Clone)]
+pub struct SharedDisk(pub Rc<RefCell<crate::MemDisk>>);
+
+impl SharedDisk {
+    /// A zeroed shared disk of `blocks` blocks.
+    #[must_use]
+    pub fn new(blocks: u64) -> Self {
+        Self(Rc::new(RefCell::new(crate::MemDisk::new(blocks))))
+    }
+
+    /// A copy of the current bytes.
+    #[must_use]
+    pub fn snapshot(&self) -> Vec<u8> {
+        self.0.borrow().image().to_vec()
+    }
+}
+
+impl BlockDevice for SharedDisk {
+    fn num_blocks(&self) -> u64 {
+        self.0.borrow().num_blocks()
+    }
+    fn read(&mut self, lba: u64, buf: &mut [u8]) -> Result<(), DevError> {
+        self.0.borrow_mut().read(lba, buf)
+    }
+    fn write(&mut self, lba: u64, buf: &[u8]) -> Result<(), DevError> {
+        self.0.borrow_mut().write(lba, buf)
+    }
+    fn flush(&mut self) -> Result<(), DevError> {
+        Ok(())
+    }
+}

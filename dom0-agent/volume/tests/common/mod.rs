@@ -1,0 +1,79 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use volmgr::dev::BLOCK_SIZE;
+use volmgr::pool::{DiskSpec, OpenOptions, Pool, PoolConfig};
+use volmgr::testdev::SharedDisk;
+use volmgr::{BlockDevice, MemDisk};
+
+pub const POOL_ID: u128 = 0x5eed_0000_0000_0000_0000_0000_0000_0001;
+
+/// `n` shared in-memory disks of `blocks` blocks, tiers "fast" for even and "slow" for odd.
+pub fn disks(n: usize, blocks: u64) -> Vec<SharedDisk> {
+    (0..n).map(|_| SharedDisk::new(blocks)).collect()
+}
+
+pub fn create(disks: &[SharedDisk]) -> Pool {
+    let devs = disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let tier = if i % 2 == 0 { "fast" } else { "slow" };
+            (
+                Box::new(d.clone()) as Box<dyn BlockDevice>,
+                DiskSpec::new(&format!("d{i}"), tier),
+            )
+        })
+        .collect();
+    Pool::create(devs, PoolConfig::small(POOL_ID)).expect("create pool")
+}
+
+pub fn reopen(disks: &[SharedDisk]) -> Pool {
+    let devs = disks
+        .iter()
+        .map(|d| Box::new(d.clone()) as Box<dyn BlockDevice>)
+        .collect();
+    Pool::open(devs, OpenOptions::default())
+        .expect("open pool")
+        .0
+}
+
+pub fn open_images(
+    images: Vec<Vec<u8>>,
+) -> Result<(Pool, volmgr::pool::OpenReport), volmgr::Error> {
+    let devs = images
+        .into_iter()
+        .map(|i| Box::new(MemDisk::from_image(i)) as Box<dyn BlockDevice>)
+        .collect();
+    Pool::open(devs, OpenOptions::default())
+}
+
+/// A block filled with a recognisable pattern for `tag`.
+pub fn pattern(tag: u64) -> Vec<u8> {
+    let mut b = vec![0u8; BLOCK_SIZE];
+    for (i, c) in b.chunks_mut(8).enumerate() {
+        c.copy_from_slice(&(tag.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ i as u64).to_le_bytes());
+    }
+    b
+}
+
+pub fn read_block(p: &mut Pool, vol: u32, b: u64) -> Vec<u8> {
+    let mut buf = vec![0u8; BLOCK_SIZE];
+    p.read(vol, b, &mut buf).expect("read");
+    buf
+}
+
+/// Small deterministic PRNG.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
