@@ -11,6 +11,9 @@
 //! and a linker script that provides `__image_start`, `__load_end` and `__image_end` and keeps
 //! the `.multiboot_header` section first.
 #![cfg_attr(not(test), no_std)]
+// x86_64 only: `usize` is 64 bits, so `u64 as usize` cannot truncate; the few narrowing casts
+// to register widths (u8/u16/u32) are deliberate, each next to the register it fills.
+#![allow(clippy::cast_possible_truncation)]
 
 #[cfg(target_os = "none")]
 pub mod entry;

@@ -247,11 +247,11 @@ fn init_memory(info: &BootInfo, image_start: u64, image_end: u64) {
         .leak();
     // SAFETY: frames just taken from the allocator for good, identity-mapped RAM.
     unsafe { heap::init(heap.0, HEAP_SIZE as usize) };
-    let usable_mib = fa.usable_frames() * FRAME_SIZE >> 20;
+    let usable_mib = (fa.usable_frames() * FRAME_SIZE) >> 20;
     info!(
         "memory: {} MiB usable, {} MiB free after the image, modules, bitmap and {} MiB heap",
         usable_mib,
-        fa.free_frames() * FRAME_SIZE >> 20,
+        (fa.free_frames() * FRAME_SIZE) >> 20,
         HEAP_SIZE >> 20
     );
     if info.memory_truncated {
@@ -361,23 +361,24 @@ fn overflow_stack(depth: u64) -> u64 {
 
 fn trigger_test_fault(kind: TestFault) {
     warn!("hv.test-fault: raising {kind:?} on purpose");
+    // Every arm faults on purpose, requested only by a test command line; the exception handler
+    // reports it and halts this CPU.
     match kind {
-        // SAFETY (all arms): deliberate faults, requested only by a test command line; the
-        // exception handler reports them and halts this CPU.
+        // SAFETY: UD2 raises #UD, which is the point (see above).
         TestFault::InvalidOpcode => unsafe { core::arch::asm!("ud2") },
         TestFault::PageFault => {
             let p = core::hint::black_box(0x3ead_beef_0000u64) as *const u64;
-            // SAFETY: see above: this address is outside the identity map.
+            // SAFETY: a read outside the identity map raises #PF, the point (see above).
             let _ = unsafe { p.read_volatile() };
         }
         TestFault::WriteText => {
             let p = core::hint::black_box(trigger_test_fault as *const () as usize) as *mut u8;
-            // SAFETY: see above: the hypervisor's text is mapped read-only.
+            // SAFETY: the text is mapped read-only, so this raises #PF before any write.
             unsafe { p.write_volatile(0xcc) };
         }
         TestFault::DivideError => {
             let zero = core::hint::black_box(0u64);
-            // SAFETY: see above: DIV by zero raises #DE.
+            // SAFETY: DIV by zero raises #DE before changing anything (see above).
             unsafe {
                 core::arch::asm!("xor edx, edx", "div {0}", in(reg) zero, inout("rax") 1u64 => _, out("rdx") _)
             };

@@ -18,6 +18,9 @@
 //!   local APICs or the page tables;
 //! - each CPU's `IA32_GS_BASE` holds its index into `percpu::CPUS` once it is started.
 #![cfg_attr(not(test), no_std)]
+// x86_64 only: `usize` is 64 bits, so `u64 as usize` cannot truncate; the few narrowing casts
+// to register widths (u8/u16/u32) are deliberate, each next to the register it fills.
+#![allow(clippy::cast_possible_truncation)]
 
 extern crate alloc;
 

@@ -17,7 +17,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let which = args.first().map(String::as_str).unwrap_or("all");
     match which {
         "boot" | "all" => boot(),
-        other => Err(format!("bench: unknown benchmark '{other}' (have: {BENCHES})")),
+        other => Err(format!(
+            "bench: unknown benchmark '{other}' (have: {BENCHES})"
+        )),
     }
 }
 
@@ -25,7 +27,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
 fn to_prompt(m: &Machine, limit: Duration) -> Result<(String, Duration), String> {
     let mut r = emu::start(m)?;
     let t0 = r.started;
-    r.serial.set_read_timeout(Some(Duration::from_millis(20))).map_err(|e| e.to_string())?;
+    r.serial
+        .set_read_timeout(Some(Duration::from_millis(20)))
+        .map_err(|e| e.to_string())?;
     let mut raw = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
@@ -52,8 +56,15 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn boot() -> Result<(), String> {
     let elf = build::build_kernel()?;
-    let iso = build::image_named(&ImageOptions { append: "loglevel=info".into(), modules: vec![] }, "bench-boot")?;
-    let tsc = Regex::new(r"console ready at TSC (\d+) \(hypervisor entered at TSC (\d+)\)").expect("valid");
+    let iso = build::image_named(
+        &ImageOptions {
+            append: "loglevel=info".into(),
+            modules: vec![],
+        },
+        "bench-boot",
+    )?;
+    let tsc = Regex::new(r"console ready at TSC (\d+) \(hypervisor entered at TSC (\d+)\)")
+        .expect("valid");
     println!("boot benchmark (figures, not a test)");
     for cpus in [1u32, 2] {
         let m = Machine {
@@ -65,7 +76,9 @@ fn boot() -> Result<(), String> {
             deterministic: true,
         };
         let (text, wall) = to_prompt(&m, Duration::from_secs(120))?;
-        let c = tsc.captures(&text).ok_or("no 'console ready at TSC' line in the boot log")?;
+        let c = tsc
+            .captures(&text)
+            .ok_or("no 'console ready at TSC' line in the boot log")?;
         let ready: u64 = c[1].parse().map_err(|_| "bad TSC")?;
         let entry: u64 = c[2].parse().map_err(|_| "bad TSC")?;
         println!(
@@ -78,7 +91,13 @@ fn boot() -> Result<(), String> {
         );
     }
     for (label, boot) in [
-        ("-kernel (multiboot1)", Boot::Kernel { elf: elf.clone(), append: "loglevel=info".into() }),
+        (
+            "-kernel (multiboot1)",
+            Boot::Kernel {
+                elf: elf.clone(),
+                append: "loglevel=info".into(),
+            },
+        ),
         ("GRUB ISO (multiboot2)", Boot::Iso(iso.clone())),
     ] {
         for cpus in [1u32, 4] {
@@ -97,7 +116,11 @@ fn boot() -> Result<(), String> {
             println!(
                 "  qemu tcg {label:<22} {cpus} CPU(s): start -> prompt median {:.3} s (of 3: {})",
                 median(walls.clone()),
-                walls.iter().map(|w| format!("{w:.3}")).collect::<Vec<_>>().join(", ")
+                walls
+                    .iter()
+                    .map(|w| format!("{w:.3}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
         }
     }

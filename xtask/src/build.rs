@@ -10,12 +10,20 @@ pub const TARGET: &str = "x86_64-unknown-none";
 /// Builds the hypervisor (release) and returns the ELF's path.
 pub fn build_kernel() -> Result<PathBuf, String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run_checked(
-        Command::new(cargo)
-            .current_dir(root())
-            .args(["build", "--quiet", "--release", "-p", "hypervisor", "--target", TARGET]),
-    )?;
-    Ok(root().join("target").join(TARGET).join("release").join("hypervisor"))
+    run_checked(Command::new(cargo).current_dir(root()).args([
+        "build",
+        "--quiet",
+        "--release",
+        "-p",
+        "hypervisor",
+        "--target",
+        TARGET,
+    ]))?;
+    Ok(root()
+        .join("target")
+        .join(TARGET)
+        .join("release")
+        .join("hypervisor"))
 }
 
 /// What goes into an ISO beside the hypervisor.
@@ -35,7 +43,9 @@ impl ImageOptions {
         while let Some(a) = it.next() {
             match a.as_str() {
                 "--append" => o.append = it.next().ok_or("--append needs a value")?.clone(),
-                "--module" => o.modules.push(parse_module(it.next().ok_or("--module needs FILE[:ARGS]")?)?),
+                "--module" => o.modules.push(parse_module(
+                    it.next().ok_or("--module needs FILE[:ARGS]")?,
+                )?),
                 other => return Err(format!("image: unknown option '{other}'")),
             }
         }
@@ -54,9 +64,7 @@ pub fn parse_module(spec: &str) -> Result<(PathBuf, String), String> {
 
 /// The GRUB menu: the hypervisor with its command line, and one `module2` line per module.
 pub fn grub_cfg(append: &str, modules: &[String]) -> String {
-    let mut cfg = String::from(
-        "set timeout=0\nset default=0\nmenuentry \"hypervisor\" {\n",
-    );
+    let mut cfg = String::from("set timeout=0\nset default=0\nmenuentry \"hypervisor\" {\n");
     cfg.push_str(&format!("    multiboot2 /boot/hypervisor.elf {append}\n"));
     for (i, args) in modules.iter().enumerate() {
         cfg.push_str(&format!("    module2 /boot/module{i} {args}\n"));
@@ -82,7 +90,8 @@ pub fn image_named(o: &ImageOptions, name: &str) -> Result<PathBuf, String> {
         copy(file, &dir.join(format!("boot/module{i}")))?;
     }
     let args: Vec<String> = o.modules.iter().map(|m| m.1.clone()).collect();
-    std::fs::write(dir.join("boot/grub/grub.cfg"), grub_cfg(&o.append, &args)).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("boot/grub/grub.cfg"), grub_cfg(&o.append, &args))
+        .map_err(|e| e.to_string())?;
     let iso = root().join("target").join(format!("{name}.iso"));
     let out = Command::new("grub-mkrescue")
         .arg("-o")
@@ -91,11 +100,16 @@ pub fn image_named(o: &ImageOptions, name: &str) -> Result<PathBuf, String> {
         .output()
         .map_err(|e| format!("cannot start grub-mkrescue: {e}"))?;
     if !out.status.success() {
-        return Err(format!("grub-mkrescue failed:\n{}", String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "grub-mkrescue failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     Ok(iso)
 }
 
 fn copy(from: &Path, to: &Path) -> Result<(), String> {
-    std::fs::copy(from, to).map(|_| ()).map_err(|e| format!("copy {} -> {}: {e}", from.display(), to.display()))
+    std::fs::copy(from, to)
+        .map(|_| ())
+        .map_err(|e| format!("copy {} -> {}: {e}", from.display(), to.display()))
 }

@@ -11,20 +11,50 @@ pub struct Need {
 }
 
 pub const QEMU: &[Need] = &[
-    Need { path: "/usr/bin/qemu-system-x86_64", package: "qemu-system-x86" },
-    Need { path: "/usr/share/seabios/bios-256k.bin", package: "seabios" },
+    Need {
+        path: "/usr/bin/qemu-system-x86_64",
+        package: "qemu-system-x86",
+    },
+    Need {
+        path: "/usr/share/seabios/bios-256k.bin",
+        package: "seabios",
+    },
 ];
 pub const BOCHS: &[Need] = &[
-    Need { path: "/usr/bin/bochs", package: "bochs" },
-    Need { path: "/usr/share/bochs/BIOS-bochs-latest", package: "bochsbios" },
-    Need { path: "/usr/share/vgabios/vgabios.bin", package: "vgabios" },
-    Need { path: "/usr/lib/x86_64-linux-gnu/bochs/plugins/libbx_sdl2_gui.so", package: "bochs-sdl" },
+    Need {
+        path: "/usr/bin/bochs",
+        package: "bochs",
+    },
+    Need {
+        path: "/usr/share/bochs/BIOS-bochs-latest",
+        package: "bochsbios",
+    },
+    Need {
+        path: "/usr/share/vgabios/vgabios.bin",
+        package: "vgabios",
+    },
+    Need {
+        path: "/usr/lib/x86_64-linux-gnu/bochs/plugins/libbx_sdl2_gui.so",
+        package: "bochs-sdl",
+    },
 ];
 pub const ISO: &[Need] = &[
-    Need { path: "/usr/bin/grub-mkrescue", package: "grub-common" },
-    Need { path: "/usr/lib/grub/i386-pc/multiboot2.mod", package: "grub-pc-bin" },
-    Need { path: "/usr/bin/xorriso", package: "xorriso" },
-    Need { path: "/usr/bin/mformat", package: "mtools" },
+    Need {
+        path: "/usr/bin/grub-mkrescue",
+        package: "grub-common",
+    },
+    Need {
+        path: "/usr/lib/grub/i386-pc/multiboot2.mod",
+        package: "grub-pc-bin",
+    },
+    Need {
+        path: "/usr/bin/xorriso",
+        package: "xorriso",
+    },
+    Need {
+        path: "/usr/bin/mformat",
+        package: "mtools",
+    },
 ];
 pub const ALL: [&[Need]; 3] = [QEMU, BOCHS, ISO];
 
@@ -41,7 +71,11 @@ pub fn ensure(groups: &[&[Need]]) -> Result<(), String> {
         return Ok(());
     }
     let list = missing.join(" ");
-    let is_root = Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false);
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false);
     if !is_root {
         return Err(format!(
             "missing Debian packages: {list}\ninstall them with:\n  sudo apt-get update && sudo apt-get install -y {list}"
@@ -55,7 +89,18 @@ pub fn ensure(groups: &[&[Need]]) -> Result<(), String> {
             .args(["install", "-y", "-qq", "--no-install-recommends"])
             .args(&missing),
     )?;
-    let still: Vec<&str> =
-        groups.iter().flat_map(|g| g.iter()).filter(|n| !Path::new(n.path).exists()).map(|n| n.path).collect();
-    if still.is_empty() { Ok(()) } else { Err(format!("installed {list}, but still missing: {}", still.join(", "))) }
+    let still: Vec<&str> = groups
+        .iter()
+        .flat_map(|g| g.iter())
+        .filter(|n| !Path::new(n.path).exists())
+        .map(|n| n.path)
+        .collect();
+    if still.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "installed {list}, but still missing: {}",
+            still.join(", ")
+        ))
+    }
 }

@@ -115,7 +115,8 @@ fn bochsrc(m: &Machine, iso: &std::path::Path, port: u16) -> String {
 pub fn start(m: &Machine) -> Result<Running, String> {
     std::fs::create_dir_all(&m.work_dir).map_err(|e| e.to_string())?;
     let port = free_port()?;
-    let stdout = std::fs::File::create(m.work_dir.join("emulator.out")).map_err(|e| e.to_string())?;
+    let stdout =
+        std::fs::File::create(m.work_dir.join("emulator.out")).map_err(|e| e.to_string())?;
     let stderr = stdout.try_clone().map_err(|e| e.to_string())?;
     let mut cmd = match m.emulator {
         Emulator::Qemu => {
@@ -123,7 +124,10 @@ pub fn start(m: &Machine) -> Result<Running, String> {
             let mut c = Command::new("qemu-system-x86_64");
             c.args(["-m", &m.mem_mib.to_string(), "-smp", &m.cpus.to_string()])
                 .args(["-display", "none", "-nic", "none", "-monitor", "none"])
-                .args(["-serial", &format!("tcp:127.0.0.1:{port},server=on,wait=on")]);
+                .args([
+                    "-serial",
+                    &format!("tcp:127.0.0.1:{port},server=on,wait=on"),
+                ]);
             match &m.boot {
                 Boot::Iso(iso) => {
                     c.arg("-cdrom").arg(iso).args(["-boot", "d"]);
@@ -144,7 +148,12 @@ pub fn start(m: &Machine) -> Result<Running, String> {
             let cont = m.work_dir.join("debugger.rc");
             std::fs::write(&cont, "c\n").map_err(|e| e.to_string())?;
             let mut c = Command::new("bochs-bin");
-            c.arg("-q").arg("-f").arg(&rc).arg("-rc").arg(&cont).env("SDL_VIDEODRIVER", "dummy");
+            c.arg("-q")
+                .arg("-f")
+                .arg(&rc)
+                .arg("-rc")
+                .arg(&cont)
+                .env("SDL_VIDEODRIVER", "dummy");
             c
         }
     };
@@ -159,11 +168,18 @@ pub fn start(m: &Machine) -> Result<Running, String> {
     loop {
         if let Ok(s) = TcpStream::connect(("127.0.0.1", port)) {
             s.set_nodelay(true).ok();
-            return Ok(Running { child, serial: s, started });
+            return Ok(Running {
+                child,
+                serial: s,
+                started,
+            });
         }
         if let Ok(Some(status)) = child.try_wait() {
             let log = std::fs::read_to_string(m.work_dir.join("emulator.out")).unwrap_or_default();
-            return Err(format!("{} exited before its serial port opened ({status}):\n{log}", m.emulator.name()));
+            return Err(format!(
+                "{} exited before its serial port opened ({status}):\n{log}",
+                m.emulator.name()
+            ));
         }
         if Instant::now() > deadline {
             let _ = child.kill();
@@ -186,13 +202,25 @@ pub fn run_command(args: &[String]) -> Result<(), String> {
         match a.as_str() {
             "--bochs" => emulator = Emulator::Bochs,
             "--qemu" => emulator = Emulator::Qemu,
-            "--smp" => cpus = value("--smp")?.parse().map_err(|_| "--smp takes a CPU count (1..64)")?,
-            "--mem" => mem = value("--mem")?.parse().map_err(|_| "--mem takes MiB, e.g. 256")?,
+            "--smp" => {
+                cpus = value("--smp")?
+                    .parse()
+                    .map_err(|_| "--smp takes a CPU count (1..64)")?
+            }
+            "--mem" => {
+                mem = value("--mem")?
+                    .parse()
+                    .map_err(|_| "--mem takes MiB, e.g. 256")?
+            }
             "--append" | "--module" => {
                 image_args.push(a.clone());
                 image_args.push(value(a)?);
             }
-            other => return Err(format!("run: unknown option '{other}' (see cargo xtask help)")),
+            other => {
+                return Err(format!(
+                    "run: unknown option '{other}' (see cargo xtask help)"
+                ));
+            }
         }
     }
     if !(1..=64).contains(&cpus) {
@@ -217,16 +245,32 @@ pub fn run_command(args: &[String]) -> Result<(), String> {
     eprintln!(
         "xtask: booting {} with {cpus} CPU(s) and {mem} MiB{}",
         emulator.name(),
-        if std::io::stdin().is_terminal() { "; Ctrl-] quits" } else { "" }
+        if std::io::stdin().is_terminal() {
+            "; Ctrl-] quits"
+        } else {
+            ""
+        }
     );
     let mut running = start(&m)?;
-    if std::io::stdin().is_terminal() { interactive(&mut running) } else { scripted(&mut running) }
+    if std::io::stdin().is_terminal() {
+        interactive(&mut running)
+    } else {
+        scripted(&mut running)
+    }
 }
 
 /// Terminal in raw mode, bytes both ways, until Ctrl-] or the emulator exits.
 fn interactive(r: &mut Running) -> Result<(), String> {
-    let saved = Command::new("stty").arg("-g").stdin(Stdio::inherit()).output().map(|o| o.stdout).unwrap_or_default();
-    let _ = Command::new("stty").args(["raw", "-echo"]).stdin(Stdio::inherit()).status();
+    let saved = Command::new("stty")
+        .arg("-g")
+        .stdin(Stdio::inherit())
+        .output()
+        .map(|o| o.stdout)
+        .unwrap_or_default();
+    let _ = Command::new("stty")
+        .args(["raw", "-echo"])
+        .stdin(Stdio::inherit())
+        .status();
     let mut to_vm = r.serial.try_clone().map_err(|e| e.to_string())?;
     std::thread::spawn(move || {
         let mut stdin = std::io::stdin();
@@ -253,7 +297,10 @@ fn interactive(r: &mut Running) -> Result<(), String> {
         }
     }
     let restore = String::from_utf8_lossy(&saved).trim().to_string();
-    let _ = Command::new("stty").arg(if restore.is_empty() { "sane" } else { &restore }).stdin(Stdio::inherit()).status();
+    let _ = Command::new("stty")
+        .arg(if restore.is_empty() { "sane" } else { &restore })
+        .stdin(Stdio::inherit())
+        .status();
     r.stop();
     eprintln!("\r\nxtask: emulator stopped");
     Ok(())
@@ -271,7 +318,9 @@ fn scripted(r: &mut Running) -> Result<(), String> {
         }
         let _ = tx.send(None);
     });
-    r.serial.set_read_timeout(Some(Duration::from_millis(100))).map_err(|e| e.to_string())?;
+    r.serial
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .map_err(|e| e.to_string())?;
     let mut out = std::io::stdout();
     let mut seen = String::new();
     let mut prompts = 0usize;
@@ -302,12 +351,18 @@ fn scripted(r: &mut Running) -> Result<(), String> {
                 let keep = seen.len().saturating_sub(PROMPT.len());
                 seen.drain(..keep);
             }
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(e) => return Err(format!("serial connection: {e}")),
         }
         if prompts > sent {
             if let Some(line) = pending.pop_front() {
-                r.serial.write_all(format!("{line}\r").as_bytes()).map_err(|e| e.to_string())?;
+                r.serial
+                    .write_all(format!("{line}\r").as_bytes())
+                    .map_err(|e| e.to_string())?;
                 sent += 1;
             } else if eof {
                 break;

@@ -2,12 +2,12 @@
 //! console on the terminal, runs every test (host unit tests, lint, emulator scenarios) and the
 //! benchmarks. Host-only; it is the only place that knows how the pieces are put together.
 
+mod bench;
 mod build;
 mod deps;
 mod emu;
 mod scenario;
 mod test;
-mod bench;
 
 use std::process::ExitCode;
 
@@ -39,7 +39,9 @@ fn main() -> ExitCode {
     let rest = &args[1..];
     let result = match cmd.as_str() {
         "build" => build::build_kernel().map(|p| println!("{}", p.display())),
-        "image" => build::ImageOptions::parse(rest).and_then(|o| build::image(&o)).map(|p| println!("{}", p.display())),
+        "image" => build::ImageOptions::parse(rest)
+            .and_then(|o| build::image(&o))
+            .map(|p| println!("{}", p.display())),
         "run" => emu::run_command(rest),
         "test" => test::run(rest),
         "bench" => bench::run(rest),
@@ -61,11 +63,20 @@ fn main() -> ExitCode {
 
 /// The workspace root (xtask lives one level below it).
 pub fn root() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is inside the workspace").to_path_buf()
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is inside the workspace")
+        .to_path_buf()
 }
 
 /// Runs a command, failing with its name if it cannot start or exits non-zero.
 pub fn run_checked(cmd: &mut std::process::Command) -> Result<(), String> {
-    let status = cmd.status().map_err(|e| format!("cannot start {:?}: {e}", cmd.get_program()))?;
-    if status.success() { Ok(()) } else { Err(format!("{:?} failed: {status}", cmd)) }
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot start {:?}: {e}", cmd.get_program()))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{:?} failed: {status}", cmd))
+    }
 }

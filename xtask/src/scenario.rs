@@ -83,7 +83,11 @@ pub fn load_all() -> Result<Vec<Scenario>, String> {
 pub fn load(path: &Path) -> Result<Scenario, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut s: Scenario = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-    s.name = path.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+    s.name = path
+        .file_stem()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
     s.emulator()?;
     if !matches!(s.boot.as_str(), "kernel" | "iso") {
         return Err(format!("{}: boot must be 'kernel' or 'iso'", s.name));
@@ -102,7 +106,10 @@ impl Scenario {
         match self.emulator.as_str() {
             "qemu" => Ok(Emulator::Qemu),
             "bochs" => Ok(Emulator::Bochs),
-            other => Err(format!("{}: unknown emulator '{other}' (qemu or bochs)", self.name)),
+            other => Err(format!(
+                "{}: unknown emulator '{other}' (qemu or bochs)",
+                self.name
+            )),
         }
     }
 }
@@ -123,13 +130,26 @@ pub fn run(s: &Scenario) -> Outcome {
     let result = run_inner(s, &work, &log);
     let seconds = t0.elapsed().as_secs_f64();
     match result {
-        Ok(detail) => Outcome { passed: true, detail, seconds, log },
-        Err(detail) => Outcome { passed: false, detail, seconds, log },
+        Ok(detail) => Outcome {
+            passed: true,
+            detail,
+            seconds,
+            log,
+        },
+        Err(detail) => Outcome {
+            passed: false,
+            detail,
+            seconds,
+            log,
+        },
     }
 }
 
 fn compile(patterns: &[String]) -> Vec<Regex> {
-    patterns.iter().map(|p| Regex::new(p).expect("checked at load")).collect()
+    patterns
+        .iter()
+        .map(|p| Regex::new(p).expect("checked at load"))
+        .collect()
 }
 
 fn tail(text: &str, lines: usize) -> String {
@@ -142,10 +162,16 @@ fn run_inner(s: &Scenario, work: &Path, log: &Path) -> Result<String, String> {
     std::fs::create_dir_all(work).map_err(|e| e.to_string())?;
     let emulator = s.emulator()?;
     let boot = if s.boot == "iso" {
-        let o = ImageOptions { append: s.append.clone(), modules: Vec::new() };
+        let o = ImageOptions {
+            append: s.append.clone(),
+            modules: Vec::new(),
+        };
         Boot::Iso(build::image_named(&o, &format!("scenario-{}", s.name))?)
     } else {
-        Boot::Kernel { elf: build::build_kernel()?, append: s.append.clone() }
+        Boot::Kernel {
+            elf: build::build_kernel()?,
+            append: s.append.clone(),
+        }
     };
     let m = Machine {
         emulator,
@@ -156,7 +182,10 @@ fn run_inner(s: &Scenario, work: &Path, log: &Path) -> Result<String, String> {
         deterministic: true,
     };
     let mut running = emu::start(&m)?;
-    running.serial.set_read_timeout(Some(Duration::from_millis(50))).map_err(|e| e.to_string())?;
+    running
+        .serial
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .map_err(|e| e.to_string())?;
     let expect = compile(&s.expect);
     let reject = compile(&s.reject);
     let once = compile(&s.once);
@@ -181,7 +210,11 @@ fn run_inner(s: &Scenario, work: &Path, log: &Path) -> Result<String, String> {
                 raw.extend_from_slice(&buf[..n]);
                 let _ = std::fs::write(log, &raw);
             }
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(e) => break Err(format!("serial: {e}")),
         }
         let text = String::from_utf8_lossy(&raw);
@@ -189,7 +222,9 @@ fn run_inner(s: &Scenario, work: &Path, log: &Path) -> Result<String, String> {
             break Err(format!("rejected pattern /{r}/ appeared"));
         }
         if let Some(r) = once.iter().find(|r| r.find_iter(&text).count() > 1) {
-            break Err(format!("/{r}/ appeared more than once (did the machine reset?)"));
+            break Err(format!(
+                "/{r}/ appeared more than once (did the machine reset?)"
+            ));
         }
         while next_expect < expect.len() {
             match expect[next_expect].find(&text[pos..]) {
@@ -205,7 +240,10 @@ fn run_inner(s: &Scenario, work: &Path, log: &Path) -> Result<String, String> {
         if sent < s.input.len() && prompts > typed && !paused {
             let line = &s.input[sent];
             if let Some(ms) = line.strip_prefix("@wait ") {
-                let ms: u64 = ms.trim().parse().map_err(|_| format!("bad input line '{line}'"))?;
+                let ms: u64 = ms
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("bad input line '{line}'"))?;
                 paused_until = Some(Instant::now() + Duration::from_millis(ms));
             } else {
                 use std::io::Write;
@@ -220,15 +258,21 @@ fn run_inner(s: &Scenario, work: &Path, log: &Path) -> Result<String, String> {
         if next_expect == expect.len() && sent == s.input.len() && done_at.is_none() {
             done_at = Some(Instant::now());
         }
-        if let Some(t) = done_at {
-            if t.elapsed() >= Duration::from_millis(s.settle_ms) {
-                break Ok(());
-            }
+        if done_at.is_some_and(|t| t.elapsed() >= Duration::from_millis(s.settle_ms)) {
+            break Ok(());
         }
         if Instant::now() > deadline {
             break Err(match expect.get(next_expect) {
-                Some(r) => format!("timed out after {} s waiting for /{r}/ (input sent: {sent} of {})", s.timeout_s, s.input.len()),
-                None => format!("timed out after {} s sending input ({sent} of {} sent)", s.timeout_s, s.input.len()),
+                Some(r) => format!(
+                    "timed out after {} s waiting for /{r}/ (input sent: {sent} of {})",
+                    s.timeout_s,
+                    s.input.len()
+                ),
+                None => format!(
+                    "timed out after {} s sending input ({sent} of {} sent)",
+                    s.timeout_s,
+                    s.input.len()
+                ),
             });
         }
         if running.exited() && done_at.is_none() {
@@ -239,7 +283,14 @@ fn run_inner(s: &Scenario, work: &Path, log: &Path) -> Result<String, String> {
     let text = String::from_utf8_lossy(&raw).into_owned();
     let _ = std::fs::write(log, &raw);
     match verdict {
-        Ok(()) => Ok(format!("{} patterns matched, {} lines typed", expect.len(), sent)),
-        Err(why) => Err(format!("{why}\n--- last serial output ---\n{}\n---", tail(&text, 25))),
+        Ok(()) => Ok(format!(
+            "{} patterns matched, {} lines typed",
+            expect.len(),
+            sent
+        )),
+        Err(why) => Err(format!(
+            "{why}\n--- last serial output ---\n{}\n---",
+            tail(&text, 25)
+        )),
     }
 }

@@ -57,11 +57,23 @@ pub fn run(args: &[String]) -> Result<(), String> {
         unit_tests(&mut tally)?;
         if !quick {
             eprintln!("==> checks");
-            check(&mut tally, "rustfmt", cargo().args(["fmt", "--all", "--", "--check"]));
+            check(
+                &mut tally,
+                "rustfmt",
+                cargo().args(["fmt", "--all", "--", "--check"]),
+            );
             check(
                 &mut tally,
                 "clippy (host)",
-                cargo().args(["clippy", "--quiet", "--workspace", "--all-targets", "--", "-D", "warnings"]),
+                cargo().args([
+                    "clippy",
+                    "--quiet",
+                    "--workspace",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ]),
             );
             let mut c = cargo();
             c.args(["clippy", "--quiet", "--target", build::TARGET]);
@@ -76,7 +88,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
     eprintln!("==> scenarios");
     build::build_kernel()?;
     for s in scenario::load_all()? {
-        if filter.as_ref().is_some_and(|f| !s.name.contains(f.as_str())) {
+        if filter
+            .as_ref()
+            .is_some_and(|f| !s.name.contains(f.as_str()))
+        {
             continue;
         }
         let o = scenario::run(&s);
@@ -88,9 +103,17 @@ pub fn run(args: &[String]) -> Result<(), String> {
             s.description
         );
         if !o.passed {
-            println!("  {}\n  serial log: {}", o.detail.replace('\n', "\n  "), o.log.display());
+            println!(
+                "  {}\n  serial log: {}",
+                o.detail.replace('\n', "\n  "),
+                o.log.display()
+            );
         }
-        tally.record(&format!("scenario {}", s.name), o.passed, o.detail.lines().next().unwrap_or(""));
+        tally.record(
+            &format!("scenario {}", s.name),
+            o.passed,
+            o.detail.lines().next().unwrap_or(""),
+        );
     }
 
     println!();
@@ -102,21 +125,36 @@ pub fn run(args: &[String]) -> Result<(), String> {
     }
     println!("total time {:.0} s", t0.elapsed().as_secs_f64());
     println!("{} passed, {} failed", tally.passed, tally.failed);
-    if tally.failed == 0 { Ok(()) } else { Err(format!("{} failed", tally.failed)) }
+    if tally.failed == 0 {
+        Ok(())
+    } else {
+        Err(format!("{} failed", tally.failed))
+    }
 }
 
 fn check(tally: &mut Tally, name: &str, cmd: &mut Command) {
     let t = Instant::now();
     let out = cmd.stdin(Stdio::null()).output();
     let (ok, detail) = match out {
-        Ok(o) => (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned() + &String::from_utf8_lossy(&o.stdout)),
+        Ok(o) => (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).into_owned() + &String::from_utf8_lossy(&o.stdout),
+        ),
         Err(e) => (false, e.to_string()),
     };
-    println!("check    {name:<28} {} in {:>5.1} s", if ok { "ok    " } else { "FAILED" }, t.elapsed().as_secs_f64());
+    println!(
+        "check    {name:<28} {} in {:>5.1} s",
+        if ok { "ok    " } else { "FAILED" },
+        t.elapsed().as_secs_f64()
+    );
     if !ok {
         println!("  {}", detail.trim_end().replace('\n', "\n  "));
     }
-    tally.record(&format!("check {name}"), ok, detail.lines().next().unwrap_or(""));
+    tally.record(
+        &format!("check {name}"),
+        ok,
+        detail.lines().next().unwrap_or(""),
+    );
 }
 
 /// Runs `cargo test --workspace` and counts each test by the harness's result lines.
@@ -132,7 +170,7 @@ fn unit_tests(tally: &mut Tally) -> Result<(), String> {
     let (mut passed, mut failed) = (0usize, 0usize);
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix("test result: ") {
-            for part in rest.split(|c| c == ';' || c == '.') {
+            for part in rest.split([';', '.']) {
                 let part = part.trim();
                 if let Some(n) = part.strip_suffix(" passed") {
                     passed += n.trim().parse::<usize>().unwrap_or(0);
@@ -144,11 +182,18 @@ fn unit_tests(tally: &mut Tally) -> Result<(), String> {
     }
     if !out.status.success() && failed == 0 {
         // A build error: no test ran, which is a failure of its own.
-        tally.record("unit tests", false, "cargo test failed before running tests (build error?)");
+        tally.record(
+            "unit tests",
+            false,
+            "cargo test failed before running tests (build error?)",
+        );
     }
     tally.passed += passed;
     tally.failed += failed;
-    for line in text.lines().filter(|l| l.starts_with("test ") && l.ends_with("FAILED")) {
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("test ") && l.ends_with("FAILED"))
+    {
         tally.failures.push(line.to_string());
     }
     println!("unit     {passed} passed, {failed} failed");

@@ -184,10 +184,8 @@ fn gate(handler: u64, ist: u8) -> [u64; 2] {
 /// Fills the IDT (once, on the BSP, before any other CPU runs).
 pub fn init_idt() {
     // SAFETY: the table is emitted above with 34 entries and never written.
-    let stubs = unsafe { &*(&raw const trap_stub_table) };
-    // SAFETY: runs once on the BSP before interrupts are enabled and before any AP starts, so
-    // nothing else reads or writes the IDT concurrently.
-    let idt = unsafe { &mut *(&raw mut IDT) };
+    let stubs = unsafe { &trap_stub_table };
+    let mut idt = Idt([[0; 2]; 256]);
     for (vector, &stub) in stubs[..32].iter().enumerate() {
         let ist = match vector {
             2 => IST_NMI,
@@ -199,6 +197,9 @@ pub fn init_idt() {
     }
     idt.0[usize::from(TIMER_VECTOR)] = gate(stubs[32], 0);
     idt.0[usize::from(SPURIOUS_VECTOR)] = gate(stubs[33], 0);
+    // SAFETY: runs once on the BSP before interrupts are enabled and before any AP starts, so
+    // nothing else reads or writes the IDT concurrently.
+    unsafe { (&raw mut IDT).write(idt) };
 }
 
 /// Loads the IDT on this CPU.
@@ -288,9 +289,9 @@ fn report_exception(f: &TrapFrame) -> ! {
     );
     if v == 14 {
         let e = f.error_code;
-        let _ = write!(
+        let _ = writeln!(
             w,
-            "    page fault: {} {} access, {} mode{}\n",
+            "    page fault: {} {} access, {} mode{}",
             if e & 1 != 0 {
                 "protection violation on"
             } else {
@@ -341,7 +342,7 @@ fn report_exception(f: &TrapFrame) -> ! {
         f.r14,
         f.r15
     );
-    let _ = write!(w, "*** CPU {cpu} halted; the other CPUs keep running\n");
+    let _ = writeln!(w, "*** CPU {cpu} halted; the other CPUs keep running");
     percpu::this_cpu().set_state(CpuState::Halted);
     cpu::halt_forever()
 }

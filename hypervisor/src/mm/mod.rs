@@ -18,7 +18,7 @@ pub struct HostPhysAddr(pub u64);
 
 impl HostPhysAddr {
     pub fn is_frame_aligned(self) -> bool {
-        self.0 % FRAME_SIZE == 0
+        self.0.is_multiple_of(FRAME_SIZE)
     }
 }
 

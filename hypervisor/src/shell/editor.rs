@@ -100,11 +100,7 @@ impl LineEditor {
                 }
                 return Some(line);
             }
-            0x08 | 0x7f => {
-                if self.line.pop().is_some() {
-                    echo.extend_from_slice(b"\x08 \x08");
-                }
-            }
+            0x08 | 0x7f if self.line.pop().is_some() => echo.extend_from_slice(b"\x08 \x08"),
             0x15 => self.replace_line(String::new(), echo),
             0x03 => {
                 echo.extend_from_slice(b"^C\r\n");
