@@ -540,8 +540,10 @@ fn cmd_vmx() {
             }
         }
     }
-    if same && n > 1 {
-        println!("CPUs 1..{}: same as CPU 0", n - 1);
+    match (same, n) {
+        (true, 2) => println!("CPU 1: same as CPU 0"),
+        (true, n) if n > 2 => println!("CPUs 1..{}: same as CPU 0", n - 1),
+        _ => {}
     }
 }
 
