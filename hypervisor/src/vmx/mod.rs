@@ -2,6 +2,9 @@
 //! probe that reads CPUID and the VMX MSRs and enables VMX in IA32_FEATURE_CONTROL.
 
 pub mod caps;
+pub mod ept;
+pub mod exit;
+pub mod policy;
 
 #[cfg(target_os = "none")]
 pub mod detect;

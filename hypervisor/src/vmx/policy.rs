@@ -1,0 +1,166 @@
+//! What a guest sees of the CPU: the CPUID policy and the MSR allow-list.
+//!
+//! Both are pure: the exit handler passes the native CPUID result or the MSR number and gets
+//! back what to return, or that the guest gets #GP. Features a domain must not use are hidden:
+//! VMX itself, MONITOR/MWAIT, x2APIC and the TSC deadline timer (no virtual APIC yet),
+//! performance monitoring, and FSRM where ERMS is off (see docs/PLATFORM.md).
+
+use core::arch::x86_64::CpuidResult;
+
+/// First hypervisor CPUID leaf (SDM Vol. 2A: leaves 0x4000_0000.. are reserved for hypervisors).
+pub const HV_LEAF_BASE: u32 = 0x4000_0000;
+
+/// The guest's view of CPUID `leaf`/`subleaf`, given the native answer.
+pub fn cpuid(leaf: u32, _subleaf: u32, native: CpuidResult) -> CpuidResult {
+    let mut r = native;
+    match leaf {
+        1 => {
+            // ECX: clear VMX(5), SMX(6), EST(7), TM2(8), PDCM(15), x2APIC(21), TSC-deadline(24),
+            // MONITOR(3); set "hypervisor present"(31).
+            r.ecx &= !((1 << 3) | (1 << 5) | (1 << 6) | (1 << 7) | (1 << 8) | (1 << 15) | (1 << 21) | (1 << 24));
+            r.ecx |= 1 << 31;
+            // EDX: clear ACPI thermal(22), TM(29), PBE(31).
+            r.edx &= !((1 << 22) | (1 << 29) | (1 << 31));
+            // EBX[31:24] initial APIC id: every vCPU of these domains is APIC id 0 for now.
+            r.ebx &= 0x00ff_ffff;
+        }
+        5 | 6 | 0xa => r = CpuidResult { eax: 0, ebx: 0, ecx: 0, edx: 0 },
+        7 => {
+            // EDX[4] FSRM only where EBX[9] ERMS is usable: a guest told ERMS is off but FSRM on
+            // corrupts memory in Linux 6.1's memmove.
+            if r.ebx & (1 << 9) == 0 {
+                r.edx &= !(1 << 4);
+            }
+            // ECX: WAITPKG(5) would let a guest park the CPU in a way we cannot see.
+            r.ecx &= !(1 << 5);
+        }
+        HV_LEAF_BASE => {
+            let sig = hv_abi::CPUID_SIGNATURE;
+            let word = |i: usize| u32::from_le_bytes([sig[i], sig[i + 1], sig[i + 2], sig[i + 3]]);
+            r = CpuidResult { eax: HV_LEAF_BASE + 1, ebx: word(0), ecx: word(4), edx: word(8) };
+        }
+        0x4000_0001 => r = CpuidResult { eax: hv_abi::ABI_VERSION, ebx: 0, ecx: 0, edx: 0 },
+        l if (0x4000_0002..0x5000_0000).contains(&l) => r = CpuidResult { eax: 0, ebx: 0, ecx: 0, edx: 0 },
+        _ => {}
+    }
+    r
+}
+
+/// Model-specific registers a guest may touch, and how.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MsrRule {
+    /// Reads return this value; writes are ignored.
+    Fixed(u64),
+    /// Kept per vCPU: reads return what the guest last wrote.
+    Stored,
+    /// Backed by a VMCS guest-state field (EFER, PAT, FS/GS base, SYSENTER).
+    VmcsField,
+    /// The time-stamp counter.
+    Tsc,
+}
+
+/// The allow-list. Anything not listed raises #GP in the guest.
+pub fn msr_rule(msr: u32) -> Option<MsrRule> {
+    Some(match msr {
+        0x10 => MsrRule::Tsc,
+        // IA32_APIC_BASE: xAPIC at the architectural address, enabled, BSP.
+        0x1b => MsrRule::Fixed(0xfee0_0900),
+        // IA32_MISC_ENABLE: fast strings on (Linux probes it; Bochs lacks it natively).
+        0x1a0 => MsrRule::Fixed(1),
+        // IA32_FEATURE_CONTROL: locked, VMX off: the guest cannot use VT-x.
+        0x3a => MsrRule::Fixed(1),
+        // IA32_BIOS_SIGN_ID, IA32_PLATFORM_ID, MTRRcap: harmless probes.
+        0x8b | 0x17 => MsrRule::Fixed(0),
+        0xfe => MsrRule::Fixed(0),
+        // SYSENTER_CS/ESP/EIP, PAT, EFER, FS/GS base.
+        0x174..=0x176 | 0x277 | 0xc000_0080 | 0xc000_0100 | 0xc000_0101 => MsrRule::VmcsField,
+        // STAR, LSTAR, CSTAR, SFMASK, KERNEL_GS_BASE, TSC_AUX.
+        0xc000_0081..=0xc000_0084 | 0xc000_0102 | 0xc000_0103 => MsrRule::Stored,
+        _ => return None,
+    })
+}
+
+/// Per-vCPU storage for [`MsrRule::Stored`] registers.
+#[derive(Clone, Debug, Default)]
+pub struct StoredMsrs {
+    values: [(u32, u64); 6],
+    used: usize,
+}
+
+impl StoredMsrs {
+    pub fn get(&self, msr: u32) -> u64 {
+        self.values[..self.used].iter().find(|(m, _)| *m == msr).map_or(0, |(_, v)| *v)
+    }
+
+    pub fn set(&mut self, msr: u32, value: u64) {
+        if let Some(slot) = self.values[..self.used].iter_mut().find(|(m, _)| *m == msr) {
+            slot.1 = value;
+        } else if self.used < self.values.len() {
+            self.values[self.used] = (msr, value);
+            self.used += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn native() -> CpuidResult {
+        CpuidResult { eax: 0x906ea, ebx: 0x0102_0800, ecx: 0xffff_ffff, edx: 0xffff_ffff }
+    }
+
+    #[test]
+    fn leaf1_hides_vmx_and_says_hypervisor() {
+        let r = cpuid(1, 0, CpuidResult { ecx: 0x7ffa_3223 | (1 << 5), ..native() });
+        assert_eq!(r.ecx & (1 << 5), 0, "VMX hidden");
+        assert_ne!(r.ecx & (1 << 31), 0, "hypervisor bit set");
+        assert_eq!(r.ecx & (1 << 21), 0, "x2APIC hidden");
+        assert_eq!(r.ebx >> 24, 0);
+        assert_eq!(r.eax, 0x906ea, "family/model untouched");
+    }
+
+    #[test]
+    fn hypervisor_leaves() {
+        let r = cpuid(0x4000_0000, 0, native());
+        let mut sig = [0u8; 12];
+        sig[..4].copy_from_slice(&r.ebx.to_le_bytes());
+        sig[4..8].copy_from_slice(&r.ecx.to_le_bytes());
+        sig[8..].copy_from_slice(&r.edx.to_le_bytes());
+        assert_eq!(&sig, b"RustHvRustHv");
+        assert_eq!(r.eax, 0x4000_0001);
+        assert_eq!(cpuid(0x4000_0001, 0, native()).eax, hv_abi::ABI_VERSION);
+        assert_eq!(cpuid(0x4000_0005, 0, native()).eax, 0);
+    }
+
+    #[test]
+    fn fsrm_hidden_without_erms() {
+        let r = cpuid(7, 0, CpuidResult { ebx: 0, edx: 1 << 4, ..native() });
+        assert_eq!(r.edx & (1 << 4), 0);
+        let r = cpuid(7, 0, CpuidResult { ebx: 1 << 9, edx: 1 << 4, ..native() });
+        assert_ne!(r.edx & (1 << 4), 0);
+        assert_eq!(cpuid(0xa, 0, native()).eax, 0, "no perfmon");
+    }
+
+    #[test]
+    fn msr_allow_list() {
+        assert_eq!(msr_rule(0x10), Some(MsrRule::Tsc));
+        assert_eq!(msr_rule(0xc000_0080), Some(MsrRule::VmcsField));
+        assert_eq!(msr_rule(0xc000_0082), Some(MsrRule::Stored));
+        assert_eq!(msr_rule(0x3a), Some(MsrRule::Fixed(1)));
+        for reserved in [0x0u32, 0x480, 0x48c, 0xc001_0000, 0x1234_5678, 0x9b] {
+            assert_eq!(msr_rule(reserved), None, "{reserved:#x}");
+        }
+    }
+
+    #[test]
+    fn stored_msrs() {
+        let mut s = StoredMsrs::default();
+        assert_eq!(s.get(0xc000_0082), 0);
+        s.set(0xc000_0082, 0xffff_8000_1234_0000);
+        s.set(0xc000_0081, 7);
+        s.set(0xc000_0082, 9);
+        assert_eq!(s.get(0xc000_0082), 9);
+        assert_eq!(s.get(0xc000_0081), 7);
+    }
+}
