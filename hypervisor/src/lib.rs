@@ -25,6 +25,7 @@
 extern crate alloc;
 
 pub mod cmdline;
+pub mod domain;
 pub mod mm;
 pub mod shell;
 pub mod vmx;
