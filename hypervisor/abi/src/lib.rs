@@ -44,6 +44,32 @@ impl Status {
     }
 }
 
+/// Hypercall numbers. A guest executes VMCALL with the number in RAX and arguments in RDI,
+/// RSI, RDX; the status (or a non-negative result) comes back in RAX.
+pub mod hypercall {
+    /// Returns [`crate::ABI_VERSION`].
+    pub const VERSION: u64 = 0;
+    /// `(gpa, len)`: writes `len` bytes (at most [`CONSOLE_WRITE_MAX`]) from guest-physical
+    /// `gpa` to the domain's console. Returns the count written.
+    pub const CONSOLE_WRITE: u64 = 1;
+    /// `(code)`: the domain stops with this exit code; never returns.
+    pub const EXIT: u64 = 2;
+    /// Gives up the rest of the time slice.
+    pub const YIELD: u64 = 3;
+    /// Does nothing: the round-trip cost of a hypercall.
+    pub const NOP: u64 = 4;
+    /// Largest CONSOLE_WRITE.
+    pub const CONSOLE_WRITE_MAX: u64 = 4096;
+}
+
+/// I/O ports every domain has.
+pub mod ports {
+    /// A 16550-compatible UART; output appears on the host console as `[domN] ...`.
+    pub const UART: u16 = 0x3f8;
+    /// The test exit port: a 1-byte OUT of `v` stops the domain with exit code `v`.
+    pub const TEST_EXIT: u16 = 0xf4;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
