@@ -36,6 +36,12 @@ impl Bitmap {
         self.len
     }
 
+    /// Whether the bitmap has no bits at all (zero length).
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     /// The raw words (for encoding).
     #[must_use]
     pub fn words(&self) -> &[u64] {

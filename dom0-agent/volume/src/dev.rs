@@ -49,7 +49,7 @@ pub trait BlockDevice {
 
 /// Checks that a request of `len` bytes at `lba` fits a device of `nblocks` blocks.
 pub fn check_range(nblocks: u64, lba: u64, len: usize) -> Result<(), DevError> {
-    if len % BLOCK_SIZE != 0 {
+    if !len.is_multiple_of(BLOCK_SIZE) {
         return Err(DevError::Misaligned);
     }
     let n = u(len / BLOCK_SIZE);

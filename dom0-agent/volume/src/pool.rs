@@ -293,7 +293,7 @@ fn dev_err(meta: &PoolMeta, disk: u32, err: DevError) -> Error {
 }
 
 fn nblocks(buf: &[u8]) -> Result<u64, Error> {
-    if buf.len() % BLOCK_SIZE != 0 {
+    if !buf.len().is_multiple_of(BLOCK_SIZE) {
         return Err(Error::Misaligned);
     }
     Ok(u(buf.len() / BLOCK_SIZE))
@@ -648,7 +648,7 @@ pub fn validate_meta(m: &PoolMeta) -> Result<(), String> {
                 return Err(format!("volume {}: impossible layout shape", v.name));
             }
             let clen = l.column_len();
-            if nc > 1 && clen % u64::from(l.stripe_unit) != 0 {
+            if nc > 1 && !clen.is_multiple_of(u64::from(l.stripe_unit)) {
                 return Err(format!(
                     "volume {}: column length not a whole number of stripe units",
                     v.name
@@ -2176,7 +2176,7 @@ impl Pool {
                 v.kind = VolKind::Thin { pool, map };
                 v.size = size;
                 v.region_blocks = v.region_blocks.max(1);
-                if size % cb != 0 && size < old {
+                if !size.is_multiple_of(cb) && size < old {
                     let tail = cb - size % cb;
                     let zero = vec![0u8; us(tail) * BLOCK_SIZE];
                     v.size = size + tail;
@@ -2270,12 +2270,22 @@ impl Pool {
             }
         }
         let v = &mut self.meta.volumes[vi];
+        let old_size = v.size;
         v.size = size;
         let n = v.nregions();
-        for g in &mut newl.legs {
+        let rg = Regions::of(v);
+        for (gi, g) in newl.legs.iter_mut().enumerate() {
             for c in &mut g.columns {
                 if let SyncState::Stale(b) = &mut c.state {
                     b.resize(n, true);
+                }
+                // Grown space holds whatever the extents held: legs past the first copy it
+                // from the first by resync, so that the mirror reads the same from every leg.
+                if gi > 0 && size > old_size {
+                    if let SyncState::Stale(b) = &mut c.state {
+                        b.resize(n, false);
+                    }
+                    mark_stale(c, rg, old_size, size - old_size);
                 }
             }
         }
@@ -2807,36 +2817,50 @@ impl Pool {
         p
     }
 
-    /// Compares every in-sync mirror leg block by block; returns mismatching places.
+    /// Compares every in-sync mirror leg over the volume's blocks; returns mismatching places.
     pub fn verify_mirrors(&mut self) -> Result<Vec<String>, Error> {
         let mut bad = Vec::new();
+        let disks_meta = PoolMeta {
+            volumes: Vec::new(),
+            ..self.meta.clone()
+        };
         let Pool { meta, devs, .. } = self;
         for v in &meta.volumes {
-            for l in layouts(v) {
-                let clen = l.column_len();
-                for c in 0..l.ncols() {
+            let ls = layouts(v);
+            for (li, l) in ls.iter().enumerate() {
+                // A relayout target holds data only below its checkpoint.
+                let end = match (&v.kind, li) {
+                    (
+                        VolKind::Thick {
+                            relayout: Some(r), ..
+                        },
+                        1,
+                    ) => r.done,
+                    _ => v.size,
+                };
+                let mut b = 0;
+                while b < end {
+                    let (c, cblock, run) = l.map(b, (end - b).min(64));
                     let legs: Vec<usize> = (0..l.legs.len())
                         .filter(|&g| l.legs[g].columns[c].state == SyncState::InSync)
                         .collect();
-                    if legs.len() < 2 {
-                        continue;
-                    }
-                    let mut b = 0;
-                    while b < clen {
-                        let n = 64.min(clen - b);
-                        let mut first = vec![0u8; us(n) * BLOCK_SIZE];
-                        col_read(devs, &l.legs[legs[0]].columns[c].segs, b, &mut first)
-                            .map_err(|(d, e)| dev_err(meta, d, e))?;
+                    if legs.len() >= 2 {
+                        let mut first = vec![0u8; us(run) * BLOCK_SIZE];
+                        col_read(devs, &l.legs[legs[0]].columns[c].segs, cblock, &mut first)
+                            .map_err(|(d, e)| dev_err(&disks_meta, d, e))?;
                         for &g in &legs[1..] {
-                            let mut other = vec![0u8; us(n) * BLOCK_SIZE];
-                            col_read(devs, &l.legs[g].columns[c].segs, b, &mut other)
-                                .map_err(|(d, e)| dev_err(meta, d, e))?;
+                            let mut other = vec![0u8; us(run) * BLOCK_SIZE];
+                            col_read(devs, &l.legs[g].columns[c].segs, cblock, &mut other)
+                                .map_err(|(d, e)| dev_err(&disks_meta, d, e))?;
                             if other != first {
-                                bad.push(format!("volume {} column {c}: legs {} and {g} differ near column block {b}", v.name, legs[0]));
+                                bad.push(format!(
+                                    "volume {}: legs {} and {g} differ at block {b}",
+                                    v.name, legs[0]
+                                ));
                             }
                         }
-                        b += n;
                     }
+                    b += run;
                 }
             }
         }
@@ -3141,7 +3165,7 @@ impl Pool {
     /// Reads `buf.len()` bytes at byte `offset` (any alignment).
     pub fn read_bytes(&mut self, id: u32, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
         let bs = u(BLOCK_SIZE);
-        if offset % bs == 0 && buf.len() % BLOCK_SIZE == 0 {
+        if offset.is_multiple_of(bs) && buf.len().is_multiple_of(BLOCK_SIZE) {
             return self.read(id, offset / bs, buf);
         }
         let first = offset / bs;
@@ -3156,7 +3180,7 @@ impl Pool {
     /// Writes `buf` at byte `offset` (any alignment; partial blocks are read, merged, written).
     pub fn write_bytes(&mut self, id: u32, offset: u64, buf: &[u8]) -> Result<(), Error> {
         let bs = u(BLOCK_SIZE);
-        if offset % bs == 0 && buf.len() % BLOCK_SIZE == 0 {
+        if offset.is_multiple_of(bs) && buf.len().is_multiple_of(BLOCK_SIZE) {
             return self.write(id, offset / bs, buf);
         }
         let first = offset / bs;

@@ -3,6 +3,7 @@
 //! with all, none, or random subsets of the unflushed writes. Every image must open, pass the
 //! metadata check, have identical mirror legs, and return every write acknowledged before the
 //! last completed flush (or a later write to the same block).
+#![allow(clippy::cast_possible_truncation)] // Test sizes and tags are small; truncation cannot happen.
 
 mod common;
 
@@ -31,7 +32,13 @@ struct Model {
 
 impl Model {
     fn write(&mut self, vol: &str, b: u64, tag: u64) {
-        self.vols.entry(vol.into()).or_default().entry(b).or_default().pending.push(tag);
+        self.vols
+            .entry(vol.into())
+            .or_default()
+            .entry(b)
+            .or_default()
+            .pending
+            .push(tag);
     }
     fn flushed(&mut self) {
         for v in self.vols.values_mut() {
@@ -53,9 +60,11 @@ impl Model {
 fn base_images() -> Vec<Vec<u8>> {
     let d = disks(3, DISK_BLOCKS);
     let mut p = create(&d);
-    p.create_volume("m", 64, LayoutSpec::Mirror { legs: 2 }, None).unwrap();
+    p.create_volume("m", 64, LayoutSpec::Mirror { legs: 2 }, None)
+        .unwrap();
     p.create_volume("c", 48, LayoutSpec::Concat, None).unwrap();
-    p.create_thin_pool("tp", 96, LayoutSpec::Concat, None, 4).unwrap();
+    p.create_thin_pool("tp", 96, LayoutSpec::Concat, None, 4)
+        .unwrap();
     p.create_thin("t", "tp", 128).unwrap();
     p.flush().unwrap();
     d.iter().map(|s| s.snapshot()).collect()
@@ -69,7 +78,11 @@ struct Run {
 
 /// The workload. Stops at the first error (the crash); the model holds what was acknowledged.
 fn workload(images: &[Vec<u8>], crash_at: Option<u64>) -> Run {
-    let clock: Clock = Rc::new(RefCell::new(CrashClock { ops: 0, crash_at, crashed: false }));
+    let clock: Clock = Rc::new(RefCell::new(CrashClock {
+        ops: 0,
+        crash_at,
+        crashed: false,
+    }));
     let mut states = Vec::new();
     let devs: Vec<Box<dyn BlockDevice>> = images
         .iter()
@@ -82,8 +95,10 @@ fn workload(images: &[Vec<u8>], crash_at: Option<u64>) -> Run {
     let mut model = Model::default();
     let _ = (|| -> Result<(), Error> {
         let (mut p, _) = Pool::open(devs, volmgr::OpenOptions::default())?;
-        let ids: BTreeMap<&str, u32> =
-            ["m", "c", "t"].into_iter().map(|n| (n, p.volume_id(n).unwrap())).collect();
+        let ids: BTreeMap<&str, u32> = ["m", "c", "t"]
+            .into_iter()
+            .map(|n| (n, p.volume_id(n).unwrap()))
+            .collect();
         let mut tag = 1u64;
         let mut rng = Rng(0x1234_5678);
         let mut w = |p: &mut Pool, model: &mut Model, vol: &str, b: u64| -> Result<(), Error> {
@@ -111,7 +126,13 @@ fn workload(images: &[Vec<u8>], crash_at: Option<u64>) -> Run {
         }
         // Phase 2: thin snapshot, then writes to origin and snapshot.
         flush(&mut p, &mut model, &clock)?;
-        p.snapshot("t", "ts", SnapshotKind::SpaceOptimized, LayoutSpec::Concat, None)?;
+        p.snapshot(
+            "t",
+            "ts",
+            SnapshotKind::SpaceOptimized,
+            LayoutSpec::Concat,
+            None,
+        )?;
         model.snapshot("t", "ts");
         for _ in 0..6 {
             w(&mut p, &mut model, "t", rng.below(128))?;
@@ -131,7 +152,14 @@ fn workload(images: &[Vec<u8>], crash_at: Option<u64>) -> Run {
         while p.fill_step(8)? > 0 {}
         p.resize("c", 64)?;
         w(&mut p, &mut model, "c", 60)?;
-        p.start_relayout("c", LayoutSpec::Stripe { columns: 2, unit: 4 }, None)?;
+        p.start_relayout(
+            "c",
+            LayoutSpec::Stripe {
+                columns: 2,
+                unit: 4,
+            },
+            None,
+        )?;
         while p.relayout_step(16)? > 0 {
             w(&mut p, &mut model, "c", rng.below(64))?;
             w(&mut p, &mut model, "m", rng.below(64))?;
@@ -153,29 +181,64 @@ fn workload(images: &[Vec<u8>], crash_at: Option<u64>) -> Run {
         let _ = ids;
         Ok(())
     })();
-    Run { model, states, clock }
+    Run {
+        model,
+        states,
+        clock,
+    }
+}
+
+thread_local! {
+    static WORK: RefCell<std::time::Duration> = const { RefCell::new(std::time::Duration::ZERO) };
+    static VER: RefCell<std::time::Duration> = const { RefCell::new(std::time::Duration::ZERO) };
+    static PATTERNS: Vec<Vec<u8>> = (0..4096).map(|t| if t == 0 { vec![0u8; 4096] } else { pattern(t) }).collect();
+}
+
+fn is_tag(got: &[u8], t: u64) -> bool {
+    PATTERNS.with(|p| {
+        p.get(t as usize)
+            .map_or_else(|| got == pattern(t), |x| got == x.as_slice())
+    })
 }
 
 fn verify(images: Vec<Vec<u8>>, model: &Model, what: &str) {
-    let (mut p, _rep) = open_images(images).unwrap_or_else(|e| panic!("{what}: reopen failed: {e}"));
+    let (mut p, _rep) =
+        open_images(images).unwrap_or_else(|e| panic!("{what}: reopen failed: {e}"));
     assert!(p.check().is_empty(), "{what}: {:?}", p.check());
-    assert!(p.verify_mirrors().unwrap().is_empty(), "{what}: mirror legs differ after recovery");
+    assert!(
+        p.verify_mirrors().unwrap().is_empty(),
+        "{what}: mirror legs differ after recovery"
+    );
     let check_data = |p: &mut Pool, stage: &str| {
         for (vol, blocks) in &model.vols {
-            let id = p.volume_id(vol).unwrap_or_else(|e| panic!("{what}: {stage}: {e}"));
+            let id = p
+                .volume_id(vol)
+                .unwrap_or_else(|e| panic!("{what}: {stage}: {e}"));
             for (b, e) in blocks {
                 let got = read_block(p, id, *b);
-                let ok = std::iter::once(e.durable).chain(e.pending.iter().copied()).any(|t| {
-                    if t == 0 { got.iter().all(|x| *x == 0) } else { got == pattern(t) }
-                });
-                let found = (0..5000u64).find(|t| if *t == 0 { got.iter().all(|x| *x == 0) } else { got == pattern(*t) });
-                assert!(ok, "{what}: {stage}: volume {vol} block {b}: expected tag {} or {:?}, found {found:?}", e.durable, e.pending);
+                let ok = std::iter::once(e.durable)
+                    .chain(e.pending.iter().copied())
+                    .any(|t| is_tag(&got, t));
+                let found = if ok {
+                    None
+                } else {
+                    (0..4096u64).find(|t| is_tag(&got, *t))
+                };
+                assert!(
+                    ok,
+                    "{what}: {stage}: volume {vol} block {b}: expected tag {} or {:?}, found {found:?}",
+                    e.durable, e.pending
+                );
             }
         }
     };
     check_data(&mut p, "after reopen");
-    p.settle(|_, _| {}).unwrap_or_else(|e| panic!("{what}: settle: {e}"));
-    assert!(p.verify_mirrors().unwrap().is_empty(), "{what}: mirror legs differ after resync");
+    p.settle(|_, _| {})
+        .unwrap_or_else(|e| panic!("{what}: settle: {e}"));
+    assert!(
+        p.verify_mirrors().unwrap().is_empty(),
+        "{what}: mirror legs differ after resync"
+    );
     check_data(&mut p, "after resync");
 }
 
@@ -188,11 +251,18 @@ fn crash_at_every_write_boundary() {
     let mut points = 0;
     let mut images_checked = 0;
     for k in 0..total {
+        let t0 = std::time::Instant::now();
         let run = workload(&base, Some(k));
+        WORK.with(|w| *w.borrow_mut() += t0.elapsed());
         assert!(run.clock.borrow().crashed);
         points += 1;
         let mut rng = Rng(k * 7919 + 1);
-        let variants: Vec<(&str, u64)> = vec![("all kept", 0), ("all dropped", 1), ("random subset", 2), ("random subset", 3)];
+        let variants: Vec<(&str, u64)> = vec![
+            ("all kept", 0),
+            ("all dropped", 1),
+            ("random subset", 2),
+            ("random subset", 3),
+        ];
         for (name, v) in variants {
             let images: Vec<Vec<u8>> = run
                 .states
@@ -205,18 +275,29 @@ fn crash_at_every_write_boundary() {
                     })
                 })
                 .collect();
+            let t0 = std::time::Instant::now();
             verify(images, &run.model, &format!("crash point {k} ({name})"));
+            VER.with(|w| *w.borrow_mut() += t0.elapsed());
             images_checked += 1;
         }
     }
-    println!("crash consistency: {points} crash points tried out of {total} write boundaries, {images_checked} crashed images verified");
+    println!(
+        "time in workload {:?}, in verify {:?}",
+        WORK.with(|w| *w.borrow()),
+        VER.with(|w| *w.borrow())
+    );
+    println!(
+        "crash consistency: {points} crash points tried out of {total} write boundaries, {images_checked} crashed images verified"
+    );
 }
 
 #[test]
 fn drl_resyncs_only_regions_written_near_the_crash() {
     let d = disks(2, 4096);
     let mut p = create(&d);
-    let v = p.create_volume("m", 3000, LayoutSpec::Mirror { legs: 2 }, None).unwrap();
+    let v = p
+        .create_volume("m", 3000, LayoutSpec::Mirror { legs: 2 }, None)
+        .unwrap();
     for b in (0..3000).step_by(8) {
         p.write(v, b, &pattern(b)).unwrap();
     }
@@ -228,7 +309,10 @@ fn drl_resyncs_only_regions_written_near_the_crash() {
     let images: Vec<Vec<u8>> = d.iter().map(|s| s.snapshot()).collect();
     let (mut q, rep) = open_images(images).unwrap();
     assert_eq!(rep.drl_regions_recovered, 2, "of {nreg} regions");
-    println!("dirty-region log: {} of {nreg} regions resynchronised after crash", rep.drl_regions_recovered);
+    println!(
+        "dirty-region log: {} of {nreg} regions resynchronised after crash",
+        rep.drl_regions_recovered
+    );
     assert!(q.verify_mirrors().unwrap().is_empty());
     // A clean shutdown leaves nothing to resynchronise.
     drop(q);

@@ -1,4 +1,5 @@
 //! Functional tests: layouts, thin volumes, snapshots, resize, relayout, failures, pools.
+#![allow(clippy::cast_possible_truncation)] // Test sizes and tags are small; truncation cannot happen.
 
 mod common;
 
@@ -211,7 +212,7 @@ fn full_snapshot_fills_in_background_and_freezes_point_in_time() {
             .any(|i| i.name == "snap" && i.state.contains("filling"))
     );
     p.write(s, 10, &pattern(7010)).unwrap();
-    assert_eq!(p.fill_step(2).unwrap() > 0, true);
+    assert!(p.fill_step(2).unwrap() > 0);
     drop(p);
     let mut p = reopen(&d);
     while p.fill_step(4).unwrap() > 0 {}
@@ -454,7 +455,7 @@ fn vanished_disk_then_return_resyncs_only_changes() {
     let stale = p.stale_regions();
     let total = p.meta().volumes[0].nregions();
     assert!(
-        stale >= 2 && stale <= 4,
+        (2..=4).contains(&stale),
         "only changed regions: {stale} of {total}"
     );
     while p.resync_step(8).unwrap() > 0 {}
