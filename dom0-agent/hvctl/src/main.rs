@@ -111,10 +111,9 @@ enum ImageFormat {
 
 #[derive(Subcommand)]
 enum VolOp {
-    /// Create a pool on the given disks (PATH or PATH:TIER); files are created with --disk-size.
+    /// Create a pool on the disks given with -d (PATH or PATH:TIER); files are created with
+    /// --disk-size.
     CreatePool {
-        #[arg(long = "disk", required = true)]
-        members: Vec<String>,
         /// Create or extend each file to this size (e.g. 1G).
         #[arg(long)]
         disk_size: Option<String>,
@@ -424,11 +423,20 @@ fn run(cli: Cli) -> Result<(), CliError> {
     let Top::Volume(cmd) = cli.cmd;
     match &cmd.op {
         VolOp::CreatePool {
-            members,
             disk_size,
             extent,
             force,
         } => {
+            if cmd.disks.is_empty() {
+                return Err(CliError::Usage(
+                    "give the new pool's disks with -d/--disk FILE[:TIER]".into(),
+                ));
+            }
+            let members: Vec<String> = cmd
+                .disks
+                .iter()
+                .map(|p| p.to_string_lossy().into_owned())
+                .collect();
             let size = disk_size.as_deref().map(parse_size).transpose()?;
             let extent_blocks = u32::try_from(size_blocks(extent)?)
                 .map_err(|_| CliError::Usage("extent too large".into()))?;
@@ -803,6 +811,37 @@ fn export(cmd: &VolumeCmd, name: &str, file: &Path, format: ImageFormat) -> Resu
     }
     f.sync_all()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn sizes_parse_or_explain() {
+        assert_eq!(parse_size("64K").unwrap(), 65536);
+        assert_eq!(parse_size("2G").unwrap(), 2 << 30);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(
+            parse_size("12Q")
+                .unwrap_err()
+                .to_string()
+                .contains("unknown unit")
+        );
+        assert!(parse_size("0").is_err());
+        assert!(
+            size_blocks("1000")
+                .unwrap_err()
+                .to_string()
+                .contains("multiple of 4K")
+        );
+    }
 }
 
 fn main() -> ExitCode {
