@@ -151,9 +151,12 @@ pub fn hypervisor_main(boot: Result<BootInfo, BootError>) -> ! {
         tsc_per_10ms / 10_000
     );
 
+    enable_sse();
+    crate::guest::SLICE_TSC.store(tsc_per_10ms.max(1000), Ordering::Relaxed);
     let vmx = detect::probe_this_cpu();
     *CPUS[0].vmx.lock() = vmx;
     report_vmx_at_boot(&vmx);
+    let run_loop = enter_vmx(0, &vmx);
 
     let total = 1 + ap_ids.len();
     percpu::set_cpu_count(total);
@@ -191,7 +194,75 @@ pub fn hypervisor_main(boot: Result<BootInfo, BootError>) -> ! {
         cpu::rdtsc(),
         with_info(|i| i.entry_tsc)
     );
-    console_task()
+    start_boot_domains(&vmx);
+    console_task(run_loop)
+}
+
+/// Lets the hypervisor's (and the guests') x87/SSE state be saved with FXSAVE: CR4.OSFXSR and
+/// OSXMMEXCPT. The hypervisor itself is built without SIMD.
+fn enable_sse() {
+    let cr4 = x86_64::registers::control::Cr4::read_raw();
+    // SAFETY: setting OSFXSR/OSXMMEXCPT only declares that FXSAVE/FXRSTOR manage SSE state,
+    // which is what the run loop does; no code of the hypervisor uses SSE.
+    unsafe { x86_64::registers::control::Cr4::write_raw(cr4 | (1 << 9) | (1 << 10)) };
+}
+
+/// VMXON on this CPU if VT-x is usable for the core; the run loop that will own its vCPUs.
+fn enter_vmx(index: usize, status: &VmxStatus) -> Option<crate::guest::RunLoop> {
+    let VmxStatus::Available { caps, .. } = status else {
+        return None;
+    };
+    if let Some(missing) = caps.missing_required() {
+        warn!("CPU {index}: VT-x lacks {missing}; no guests will run here");
+        return None;
+    }
+    let mut guard = FRAMES.lock();
+    let frames = guard.as_mut()?;
+    match crate::vmx::hw::VmxCpu::enable(*caps, frames) {
+        Ok(v) => Some(crate::guest::RunLoop::new(v, index)),
+        Err(e) => {
+            error!("CPU {index}: cannot enter VMX operation: {e}");
+            None
+        }
+    }
+}
+
+/// Creates a domain for every boot module (`module2 FILE name=NAME mem=MIB cpu=N -- ARGS`).
+fn start_boot_domains(vmx: &VmxStatus) {
+    let modules = with_info(|i| i.modules.clone());
+    if modules.is_empty() {
+        return;
+    }
+    let VmxStatus::Available { caps, .. } = vmx else {
+        warn!(
+            "{} boot module(s) not started: VT-x is not available here",
+            modules.len()
+        );
+        return;
+    };
+    for (i, m) in modules.iter().enumerate() {
+        let cfg = match crate::guest::DomainConfig::parse(m.cmdline.as_str()) {
+            Ok(c) => c,
+            Err(e) => {
+                error!("module {i} ('{}'): {e}; not started", m.cmdline);
+                continue;
+            }
+        };
+        // SAFETY: the loader placed the module at [start, end), which is identity-mapped and
+        // reserved from the frame allocator for the whole run; it is only read.
+        let image = unsafe {
+            core::slice::from_raw_parts(m.start as *const u8, (m.end - m.start) as usize)
+        };
+        let mut guard = FRAMES.lock();
+        let Some(frames) = guard.as_mut() else { return };
+        match crate::guest::create(image, &cfg, caps, frames) {
+            Ok(d) => info!(
+                "domain {} ({}) created: {} MiB on CPU {}",
+                d.id, d.name, d.mem_mib, d.cpu
+            ),
+            Err(e) => error!("module {i} ('{}'): {e}; not started", cfg.name),
+        }
+    }
 }
 
 fn with_info<R>(f: impl FnOnce(&BootInfo) -> R) -> R {
@@ -323,12 +394,17 @@ extern "C" fn ap_main(index: u64) -> ! {
     let id = lapic::enable(trap::SPURIOUS_VECTOR);
     CPUS[index].apic_id.store(id, Ordering::Relaxed);
     lapic::start_periodic_timer(trap::TIMER_VECTOR, TIMER_COUNT.load(Ordering::Relaxed));
+    enable_sse();
     let vmx = detect::probe_this_cpu();
     *CPUS[index].vmx.lock() = vmx;
+    let mut run_loop = enter_vmx(index, &vmx);
     CPUS[index].set_state(CpuState::Online);
     info!("CPU {index} online (APIC id {id}); VT-x {}", vmx.summary());
     loop {
-        cpu::wait_for_interrupt();
+        let ran = run_loop.as_mut().is_some_and(|r| r.run_once());
+        if !ran {
+            cpu::wait_for_interrupt();
+        }
     }
 }
 
@@ -389,8 +465,9 @@ fn trigger_test_fault(kind: TestFault) {
     }
 }
 
-/// The operator's shell on COM1. Polls the UART; sleeps until the next timer tick when idle.
-fn console_task() -> ! {
+/// The operator's shell on COM1, between slices of the vCPUs this CPU runs. Polls the UART;
+/// sleeps until the next timer tick when idle.
+fn console_task(mut run_loop: Option<crate::guest::RunLoop>) -> ! {
     let mut editor = LineEditor::new();
     let mut echo = Vec::new();
     print!("{PROMPT}");
@@ -406,7 +483,10 @@ fn console_task() -> ! {
                 print!("{PROMPT}");
             }
         }
-        cpu::wait_for_interrupt();
+        let ran = run_loop.as_mut().is_some_and(|r| r.run_once());
+        if !ran {
+            cpu::wait_for_interrupt();
+        }
     }
 }
 
@@ -428,6 +508,11 @@ fn run_command(line: &str) {
             log::set_max_level(level);
             println!("log level set to {level}");
         }
+        Ok(Command::Domains) => cmd_domains(),
+        Ok(Command::Destroy(id)) => match crate::guest::destroy(id) {
+            Ok(()) => println!("domain {id}: stopping"),
+            Err(e) => println!("error: destroy: {e}"),
+        },
         Ok(Command::Reboot) => {
             println!("rebooting");
             cpu::reboot();
@@ -544,6 +629,46 @@ fn cmd_vmx() {
         (true, 2) => println!("CPU 1: same as CPU 0"),
         (true, n) if n > 2 => println!("CPUs 1..{}: same as CPU 0", n - 1),
         _ => {}
+    }
+}
+
+fn cmd_domains() {
+    use crate::vmx::exit::{ExitReason, REASON_SLOTS};
+    let all = crate::guest::domains();
+    if all.is_empty() {
+        println!(
+            "no domains (boot modules become domains: module2 FILE name=NAME mem=MIB -- ARGS)"
+        );
+        return;
+    }
+    println!("ID  NAME          STATE       MEM   CPU  EXITS");
+    for d in &all {
+        let state = match d.state() {
+            crate::guest::DomainState::Running => "running",
+            crate::guest::DomainState::Destroying => "destroying",
+            crate::guest::DomainState::Stopped => "stopped",
+        };
+        let mut by_reason = String::new();
+        for i in 0..REASON_SLOTS {
+            let n = d.exits[i].load(Ordering::Relaxed);
+            if n > 0 {
+                by_reason.push_str(&alloc::format!(" {}={n}", ExitReason::slot_name(i)));
+            }
+        }
+        println!(
+            "{:<3} {:<13} {:<11} {:>3}M  {:<4} {}{}",
+            d.id,
+            d.name,
+            state,
+            d.mem_mib,
+            d.cpu,
+            d.total_exits(),
+            by_reason
+        );
+        let why = d.stop_reason.lock();
+        if !why.is_empty() {
+            println!("    stopped: {why}");
+        }
     }
 }
 

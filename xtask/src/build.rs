@@ -26,6 +26,52 @@ pub fn build_kernel() -> Result<PathBuf, String> {
         .join("hypervisor"))
 }
 
+/// The test guests in `tests/guests` (built for bare metal).
+pub const TEST_GUESTS: &[&str] = &["hello", "memcheck", "hypercall_bench", "hostile", "spinner"];
+
+/// Builds the test guests (release) and returns the folder holding their ELF files.
+pub fn build_guests() -> Result<PathBuf, String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run_checked(Command::new(cargo).current_dir(root()).args([
+        "build",
+        "--quiet",
+        "--release",
+        "-p",
+        "test-guests",
+        "--target",
+        TARGET,
+    ]))?;
+    Ok(root().join("target").join(TARGET).join("release"))
+}
+
+/// A boot module given as `NAME_OR_FILE[:ARGS]`: a test guest's name (built on demand) or a
+/// path to any ELF64 guest kernel. ARGS is the module line (`name=.. mem=.. -- guest args`);
+/// without it the guest is named after the file.
+pub fn guest_module(spec: &str) -> Result<(PathBuf, String), String> {
+    let (what, args) = spec.split_once(':').unwrap_or((spec, ""));
+    let builtin = what.replace('-', "_");
+    let path = if TEST_GUESTS.contains(&builtin.as_str()) {
+        build_guests()?.join(&builtin)
+    } else {
+        PathBuf::from(what)
+    };
+    if !path.is_file() {
+        return Err(format!(
+            "guest '{what}' is neither a test guest ({}) nor a readable file",
+            TEST_GUESTS.join(", ")
+        ));
+    }
+    let args = if args.is_empty() {
+        format!(
+            "name={}",
+            path.file_stem().unwrap_or_default().to_string_lossy()
+        )
+    } else {
+        args.to_string()
+    };
+    Ok((path, args))
+}
+
 /// What goes into an ISO beside the hypervisor.
 #[derive(Clone, Debug, Default)]
 pub struct ImageOptions {
@@ -45,6 +91,9 @@ impl ImageOptions {
                 "--append" => o.append = it.next().ok_or("--append needs a value")?.clone(),
                 "--module" => o.modules.push(parse_module(
                     it.next().ok_or("--module needs FILE[:ARGS]")?,
+                )?),
+                "--guest" => o.modules.push(guest_module(
+                    it.next().ok_or("--guest needs NAME_OR_FILE[:ARGS]")?,
                 )?),
                 other => return Err(format!("image: unknown option '{other}'")),
             }

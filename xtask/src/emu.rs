@@ -212,7 +212,7 @@ pub fn run_command(args: &[String]) -> Result<(), String> {
                     .parse()
                     .map_err(|_| "--mem takes MiB, e.g. 256")?
             }
-            "--append" | "--module" => {
+            "--append" | "--module" | "--guest" => {
                 image_args.push(a.clone());
                 image_args.push(value(a)?);
             }

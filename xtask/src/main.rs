@@ -16,13 +16,15 @@ usage: cargo xtask <command> [options]
 
 commands:
   build                  build the hypervisor for x86_64-unknown-none (release)
-  image [--append TEXT] [--module FILE[:ARGS]]...
+  image [--append TEXT] [--module FILE[:ARGS]] [--guest NAME_OR_FILE[:ARGS]]...
                          build, then make target/hypervisor.iso (GRUB, BIOS and UEFI where
                          grub-efi-amd64-bin is installed)
-  run [--bochs] [--smp N] [--mem MIB] [--append TEXT] [--module FILE[:ARGS]]...
+  run [--bochs] [--smp N] [--mem MIB] [--append TEXT] [--guest NAME_OR_FILE[:ARGS]]...
                          boot the ISO in QEMU (default) or Bochs (tigerlake, VT-x); the serial
                          console is this terminal (Ctrl-] quits); with stdin not a terminal,
-                         each input line is sent at the prompt and the run ends after the last
+                         each input line is sent at the prompt and the run ends after the last;
+                         --guest boots a test guest (hello, memcheck, hypercall_bench, hostile,
+                         spinner) or any ELF64 guest as a domain, e.g. --guest hello:name=hi -- x
   test [--quick] [--filter TEXT]
                          host unit tests, clippy and rustfmt checks, then every scenario in
                          tests/scenarios; ends with 'N passed, N failed'

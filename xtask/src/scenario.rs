@@ -35,6 +35,9 @@ pub struct Scenario {
     pub memory_mib: u32,
     #[serde(default)]
     pub append: String,
+    /// Boot modules (ISO only): `GUEST[:MODULE LINE]`, a test guest's name or an ELF path.
+    #[serde(default)]
+    pub modules: Vec<String>,
     pub timeout_s: u64,
     /// Lines typed at successive prompts; `@wait MS` pauses instead (no prompt consumed).
     #[serde(default)]
@@ -91,6 +94,9 @@ pub fn load(path: &Path) -> Result<Scenario, String> {
     s.emulator()?;
     if !matches!(s.boot.as_str(), "kernel" | "iso") {
         return Err(format!("{}: boot must be 'kernel' or 'iso'", s.name));
+    }
+    if s.boot == "kernel" && !s.modules.is_empty() {
+        return Err(format!("{}: modules need boot = 'iso'", s.name));
     }
     if s.boot == "kernel" && s.emulator()? == Emulator::Bochs {
         return Err(format!("{}: Bochs boots only 'iso'", s.name));
@@ -162,9 +168,14 @@ fn run_inner(s: &Scenario, work: &Path, log: &Path) -> Result<String, String> {
     std::fs::create_dir_all(work).map_err(|e| e.to_string())?;
     let emulator = s.emulator()?;
     let boot = if s.boot == "iso" {
+        let modules = s
+            .modules
+            .iter()
+            .map(|m| build::guest_module(m))
+            .collect::<Result<Vec<_>, _>>()?;
         let o = ImageOptions {
             append: s.append.clone(),
-            modules: Vec::new(),
+            modules,
         };
         Boot::Iso(build::image_named(&o, &format!("scenario-{}", s.name))?)
     } else {

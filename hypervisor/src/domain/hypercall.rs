@@ -53,8 +53,14 @@ mod tests {
     fn calls() {
         let mut m = VecMemory(vec![0; 8192]);
         m.0[100..105].copy_from_slice(b"hello");
-        assert_eq!(dispatch(nr::VERSION, [0; 3], &m), Outcome::Return(i64::from(ABI_VERSION)));
-        assert_eq!(dispatch(nr::CONSOLE_WRITE, [100, 5, 0], &m), Outcome::Console(b"hello".to_vec()));
+        assert_eq!(
+            dispatch(nr::VERSION, [0; 3], &m),
+            Outcome::Return(i64::from(ABI_VERSION))
+        );
+        assert_eq!(
+            dispatch(nr::CONSOLE_WRITE, [100, 5, 0], &m),
+            Outcome::Console(b"hello".to_vec())
+        );
         assert_eq!(dispatch(nr::EXIT, [3, 0, 0], &m), Outcome::Exit(3));
         assert_eq!(dispatch(nr::NOP, [0; 3], &m), Outcome::Return(0));
         assert_eq!(dispatch(nr::YIELD, [0; 3], &m), Outcome::Yield);
@@ -63,10 +69,25 @@ mod tests {
     #[test]
     fn hostile_arguments() {
         let m = VecMemory(vec![0; 8192]);
-        assert_eq!(dispatch(0xdead, [0; 3], &m), Outcome::Return(Status::UnknownCall as i64));
-        assert_eq!(dispatch(u64::MAX, [u64::MAX; 3], &m), Outcome::Return(Status::UnknownCall as i64));
-        assert_eq!(dispatch(nr::CONSOLE_WRITE, [8190, 5, 0], &m), Outcome::Return(Status::BadAddress as i64));
-        assert_eq!(dispatch(nr::CONSOLE_WRITE, [u64::MAX - 1, 4, 0], &m), Outcome::Return(Status::BadAddress as i64));
-        assert_eq!(dispatch(nr::CONSOLE_WRITE, [0, 1 << 40, 0], &m), Outcome::Return(Status::InvalidArgument as i64));
+        assert_eq!(
+            dispatch(0xdead, [0; 3], &m),
+            Outcome::Return(Status::UnknownCall as i64)
+        );
+        assert_eq!(
+            dispatch(u64::MAX, [u64::MAX; 3], &m),
+            Outcome::Return(Status::UnknownCall as i64)
+        );
+        assert_eq!(
+            dispatch(nr::CONSOLE_WRITE, [8190, 5, 0], &m),
+            Outcome::Return(Status::BadAddress as i64)
+        );
+        assert_eq!(
+            dispatch(nr::CONSOLE_WRITE, [u64::MAX - 1, 4, 0], &m),
+            Outcome::Return(Status::BadAddress as i64)
+        );
+        assert_eq!(
+            dispatch(nr::CONSOLE_WRITE, [0, 1 << 40, 0], &m),
+            Outcome::Return(Status::InvalidArgument as i64)
+        );
     }
 }

@@ -34,7 +34,10 @@ pub enum LoadError {
     /// Not an x86_64 executable.
     WrongKind,
     /// A segment lies outside `[1 MiB, RAM)` or its sizes are inconsistent.
-    BadSegment { vaddr: u64, why: &'static str },
+    BadSegment {
+        vaddr: u64,
+        why: &'static str,
+    },
     NoSegments,
     /// The entry point is not inside a loaded segment.
     BadEntry(u64),
@@ -49,8 +52,12 @@ impl core::fmt::Display for LoadError {
             LoadError::WrongKind => f.write_str("not an x86_64 executable (ET_EXEC, EM_X86_64)"),
             LoadError::BadSegment { vaddr, why } => write!(f, "segment at {vaddr:#x}: {why}"),
             LoadError::NoSegments => f.write_str("no loadable segments"),
-            LoadError::BadEntry(e) => write!(f, "entry point {e:#x} is outside the loaded segments"),
-            LoadError::CommandLineTooLong => write!(f, "command line longer than {CMDLINE_MAX} bytes"),
+            LoadError::BadEntry(e) => {
+                write!(f, "entry point {e:#x} is outside the loaded segments")
+            }
+            LoadError::CommandLineTooLong => {
+                write!(f, "command line longer than {CMDLINE_MAX} bytes")
+            }
             LoadError::Memory(b) => write!(f, "guest address {:#x} outside RAM", b.0),
         }
     }
@@ -81,7 +88,8 @@ pub struct Plan {
 
 /// Reads and checks the headers of `image` for a guest with `ram` bytes.
 pub fn plan(image: &[u8], ram: u64) -> Result<Plan, LoadError> {
-    let file = ElfBytes::<LittleEndian>::minimal_parse(image).map_err(|_| LoadError::NotElf("bad header"))?;
+    let file = ElfBytes::<LittleEndian>::minimal_parse(image)
+        .map_err(|_| LoadError::NotElf("bad header"))?;
     if file.ehdr.class != elf::file::Class::ELF64 {
         return Err(LoadError::NotElf("not 64-bit"));
     }
@@ -90,17 +98,28 @@ pub fn plan(image: &[u8], ram: u64) -> Result<Plan, LoadError> {
     }
     let phdrs = file.segments().ok_or(LoadError::NoSegments)?;
     let mut segments = Vec::new();
-    for ph in phdrs.iter().filter(|p| p.p_type == PT_LOAD && p.p_memsz > 0) {
-        let bad = |why| LoadError::BadSegment { vaddr: ph.p_vaddr, why };
+    for ph in phdrs
+        .iter()
+        .filter(|p| p.p_type == PT_LOAD && p.p_memsz > 0)
+    {
+        let bad = |why| LoadError::BadSegment {
+            vaddr: ph.p_vaddr,
+            why,
+        };
         if ph.p_filesz > ph.p_memsz {
             return Err(bad("file size larger than memory size"));
         }
-        let file_end = ph.p_offset.checked_add(ph.p_filesz).ok_or(bad("file range overflows"))?;
+        let file_end = ph
+            .p_offset
+            .checked_add(ph.p_filesz)
+            .ok_or(bad("file range overflows"))?;
         if file_end > image.len() as u64 {
             return Err(bad("file range beyond the end of the image"));
         }
         let gpa = ph.p_paddr;
-        let end = gpa.checked_add(ph.p_memsz).ok_or(bad("memory range overflows"))?;
+        let end = gpa
+            .checked_add(ph.p_memsz)
+            .ok_or(bad("memory range overflows"))?;
         if gpa < KERNEL_MIN {
             return Err(bad("below 1 MiB (reserved for the loader)"));
         }
@@ -108,7 +127,9 @@ pub fn plan(image: &[u8], ram: u64) -> Result<Plan, LoadError> {
             return Err(bad("beyond the domain's RAM"));
         }
         if ph.p_vaddr != ph.p_paddr {
-            return Err(bad("virtual and physical addresses differ (identity-mapped kernels only)"));
+            return Err(bad(
+                "virtual and physical addresses differ (identity-mapped kernels only)",
+            ));
         }
         segments.push(Segment {
             file_offset: ph.p_offset,
@@ -124,12 +145,18 @@ pub fn plan(image: &[u8], ram: u64) -> Result<Plan, LoadError> {
     for (i, a) in segments.iter().enumerate() {
         for b in &segments[i + 1..] {
             if a.gpa < b.gpa + b.mem_size && b.gpa < a.gpa + a.mem_size {
-                return Err(LoadError::BadSegment { vaddr: b.gpa, why: "overlaps another segment" });
+                return Err(LoadError::BadSegment {
+                    vaddr: b.gpa,
+                    why: "overlaps another segment",
+                });
             }
         }
     }
     let entry = file.ehdr.e_entry;
-    if !segments.iter().any(|s| s.executable && entry >= s.gpa && entry < s.gpa + s.mem_size) {
+    if !segments
+        .iter()
+        .any(|s| s.executable && entry >= s.gpa && entry < s.gpa + s.mem_size)
+    {
         return Err(LoadError::BadEntry(entry));
     }
     Ok(Plan { entry, segments })
@@ -149,7 +176,11 @@ pub struct BootState {
 }
 
 /// Copies the image into `mem` and builds the loader structures.
-pub fn load(image: &[u8], mem: &mut impl GuestMemory, cmdline: &str) -> Result<BootState, LoadError> {
+pub fn load(
+    image: &[u8],
+    mem: &mut impl GuestMemory,
+    cmdline: &str,
+) -> Result<BootState, LoadError> {
     let plan = plan(image, mem.size())?;
     if cmdline.len() > CMDLINE_MAX {
         return Err(LoadError::CommandLineTooLong);
@@ -166,15 +197,18 @@ pub fn load(image: &[u8], mem: &mut impl GuestMemory, cmdline: &str) -> Result<B
     mem.write(GuestPhysAddr(GDT_GPA), &gdt)?;
     mem.zero(GuestPhysAddr(CMDLINE_GPA), 4096)?;
     mem.write(GuestPhysAddr(CMDLINE_GPA), cmdline.as_bytes())?;
-    // PML4[0] -> PDPT, PDPT[0] -> PD, PD: 2 MiB identity pages over min(RAM, 1 GiB).
+    // PML4[0] -> PDPT, PDPT[0] -> PD, PD: 2 MiB identity pages over the first GiB, RAM or
+    // not: the guest's page tables do not protect anything, the EPT does (an access past RAM
+    // reaches the hypervisor as an EPT violation, not the guest as a page fault).
     let (pdpt, pd) = (PML4_GPA + 0x1000, PML4_GPA + 0x2000);
     mem.zero(GuestPhysAddr(PML4_GPA), 3 * 4096)?;
     mem.write(GuestPhysAddr(PML4_GPA), &(pdpt | 3).to_le_bytes())?;
     mem.write(GuestPhysAddr(pdpt), &(pd | 3).to_le_bytes())?;
-    let pages = mem.size().min(1 << 30).div_ceil(2 << 20);
-    for i in 0..pages {
-        mem.write(GuestPhysAddr(pd + i * 8), &((i << 21) | 0x83).to_le_bytes())?;
+    let mut entries = [0u8; 4096];
+    for (i, e) in entries.chunks_exact_mut(8).enumerate() {
+        e.copy_from_slice(&(((i as u64) << 21) | 0x83).to_le_bytes());
     }
+    mem.write(GuestPhysAddr(pd), &entries)?;
     Ok(BootState {
         rip: plan.entry,
         rsp: STACK_TOP - 8,
@@ -228,12 +262,23 @@ mod tests {
         let st = load(&image, &mut mem, "hello world").unwrap();
         assert_eq!(st.rip, 0x10_0000);
         assert_eq!(&mem.0[0x10_0000..0x10_0003], &code);
-        assert!(mem.0[0x10_0003..0x10_2000].iter().all(|&b| b == 0), "bss zeroed");
+        assert!(
+            mem.0[0x10_0003..0x10_2000].iter().all(|&b| b == 0),
+            "bss zeroed"
+        );
         assert_eq!(&mem.0[0x2000..0x200b], b"hello world");
         assert_eq!((st.rdi, st.rsi, st.rdx), (CMDLINE_GPA, 11, 4 << 20));
         let pd = 0x5000;
-        assert_eq!(u64::from_le_bytes(mem.0[pd + 8..pd + 16].try_into().unwrap()), (1 << 21) | 0x83);
-        assert_eq!(u64::from_le_bytes(mem.0[pd + 16..pd + 24].try_into().unwrap()), 0, "only RAM is mapped");
+        assert_eq!(
+            u64::from_le_bytes(mem.0[pd + 8..pd + 16].try_into().unwrap()),
+            (1 << 21) | 0x83
+        );
+        let last = pd + 511 * 8;
+        assert_eq!(
+            u64::from_le_bytes(mem.0[last..last + 8].try_into().unwrap()),
+            (511 << 21) | 0x83,
+            "the whole first GiB"
+        );
         assert_eq!(st.cr3, PML4_GPA);
         assert_eq!(st.rsp % 16, 8, "as after a call");
     }
@@ -241,26 +286,50 @@ mod tests {
     #[test]
     fn hostile_images_are_refused() {
         let ram = 4 << 20;
-        assert!(matches!(plan(b"not an elf", ram), Err(LoadError::NotElf(_))));
+        assert!(matches!(
+            plan(b"not an elf", ram),
+            Err(LoadError::NotElf(_))
+        ));
         // Below 1 MiB.
         let low = tiny_elf(0x8000, &[0xf4], 0x10, 0x8000);
-        assert!(matches!(plan(&low, ram), Err(LoadError::BadSegment { why: "below 1 MiB (reserved for the loader)", .. })));
+        assert!(matches!(
+            plan(&low, ram),
+            Err(LoadError::BadSegment {
+                why: "below 1 MiB (reserved for the loader)",
+                ..
+            })
+        ));
         // Past RAM.
         let big = tiny_elf(0x10_0000, &[0xf4], 8 << 20, 0x10_0000);
-        assert!(matches!(plan(&big, ram), Err(LoadError::BadSegment { why: "beyond the domain's RAM", .. })));
+        assert!(matches!(
+            plan(&big, ram),
+            Err(LoadError::BadSegment {
+                why: "beyond the domain's RAM",
+                ..
+            })
+        ));
         // Entry outside.
         let e = tiny_elf(0x10_0000, &[0xf4], 0x10, 0x20_0000);
         assert_eq!(plan(&e, ram), Err(LoadError::BadEntry(0x20_0000)));
         // File size claims more bytes than the file has.
         let mut trunc = tiny_elf(0x10_0000, &[0xf4; 16], 0x10, 0x10_0000);
         trunc.truncate(0x78 + 4);
-        assert!(matches!(plan(&trunc, ram), Err(LoadError::BadSegment { .. })));
+        assert!(matches!(
+            plan(&trunc, ram),
+            Err(LoadError::BadSegment { .. })
+        ));
         // Overflowing addresses.
         let wrap = tiny_elf(u64::MAX - 4, &[0xf4], 0x10, u64::MAX - 4);
-        assert!(matches!(plan(&wrap, ram), Err(LoadError::BadSegment { .. })));
+        assert!(matches!(
+            plan(&wrap, ram),
+            Err(LoadError::BadSegment { .. })
+        ));
         let long = "x".repeat(CMDLINE_MAX + 1);
         let ok = tiny_elf(0x10_0000, &[0xf4], 0x10, 0x10_0000);
         let mut mem = VecMemory(vec![0; ram as usize]);
-        assert_eq!(load(&ok, &mut mem, &long), Err(LoadError::CommandLineTooLong));
+        assert_eq!(
+            load(&ok, &mut mem, &long),
+            Err(LoadError::CommandLineTooLong)
+        );
     }
 }

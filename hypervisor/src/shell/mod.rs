@@ -27,6 +27,11 @@ pub const COMMANDS: &[(&str, &str)] = &[
         "log",
         "log <off|error|warn|info|debug|trace>: show or set the console log level",
     ),
+    (
+        "domains",
+        "every domain: state, memory, CPU, exits by reason",
+    ),
+    ("destroy", "destroy <id>: stop a domain and free its memory"),
     ("reboot", "reset the machine"),
 ];
 
@@ -41,6 +46,8 @@ pub enum Command {
     Vmx,
     /// `log` alone shows the level; `log LEVEL` sets it.
     Log(Option<LevelFilter>),
+    Domains,
+    Destroy(u32),
     Reboot,
 }
 
@@ -54,6 +61,8 @@ pub enum ParseError<'a> {
         argument: &'a str,
     },
     BadLevel(&'a str),
+    /// `destroy` without a valid domain id.
+    BadDomain(Option<&'a str>),
 }
 
 impl core::fmt::Display for ParseError<'_> {
@@ -73,6 +82,15 @@ impl core::fmt::Display for ParseError<'_> {
             }
             ParseError::BadLevel(level) => {
                 write!(f, "error: log: unknown level '{level}': {LevelError}")
+            }
+            ParseError::BadDomain(None) => {
+                f.write_str("error: destroy: which domain? (destroy <id>)")
+            }
+            ParseError::BadDomain(Some(id)) => {
+                write!(
+                    f,
+                    "error: destroy: '{id}' is not a domain id (a number from 'domains')"
+                )
             }
         }
     }
@@ -95,6 +113,18 @@ pub fn parse(line: &str) -> Result<Command, ParseError<'_>> {
         "mem" => no_args("mem", Command::Mem),
         "vmx" => no_args("vmx", Command::Vmx),
         "reboot" => no_args("reboot", Command::Reboot),
+        "domains" => no_args("domains", Command::Domains),
+        "destroy" => match (arg, words.next()) {
+            (Some(id), None) => id
+                .parse()
+                .map(Command::Destroy)
+                .map_err(|_| ParseError::BadDomain(Some(id))),
+            (Some(_), Some(extra)) => Err(ParseError::UnexpectedArgument {
+                command: "destroy",
+                argument: extra,
+            }),
+            (None, _) => Err(ParseError::BadDomain(None)),
+        },
         "log" => match arg {
             None => Ok(Command::Log(None)),
             Some(level) => match (parse_level(level), words.next()) {
@@ -146,5 +176,11 @@ mod tests {
         let e = parse("cpus 3").unwrap_err();
         assert_eq!(format!("{e}"), "error: 'cpus' takes no arguments (got '3')");
         assert!(parse("log info extra").is_err());
+        assert_eq!(parse("destroy 3"), Ok(Command::Destroy(3)));
+        assert_eq!(parse("destroy"), Err(ParseError::BadDomain(None)));
+        assert_eq!(
+            format!("{}", parse("destroy x").unwrap_err()),
+            "error: destroy: 'x' is not a domain id (a number from 'domains')"
+        );
     }
 }

@@ -30,16 +30,32 @@ pub struct Perm {
 }
 
 impl Perm {
-    pub const RWX: Perm = Perm { read: true, write: true, execute: true };
-    pub const RW: Perm = Perm { read: true, write: true, execute: false };
-    pub const RX: Perm = Perm { read: true, write: false, execute: true };
+    pub const RWX: Perm = Perm {
+        read: true,
+        write: true,
+        execute: true,
+    };
+    pub const RW: Perm = Perm {
+        read: true,
+        write: true,
+        execute: false,
+    };
+    pub const RX: Perm = Perm {
+        read: true,
+        write: false,
+        execute: true,
+    };
 
     fn bits(self) -> u64 {
         u64::from(self.read) | u64::from(self.write) << 1 | u64::from(self.execute) << 2
     }
 
     fn from_bits(b: u64) -> Perm {
-        Perm { read: b & 1 != 0, write: b & 2 != 0, execute: b & 4 != 0 }
+        Perm {
+            read: b & 1 != 0,
+            write: b & 2 != 0,
+            execute: b & 4 != 0,
+        }
     }
 }
 
@@ -86,7 +102,11 @@ fn index(gpa: u64, level: u32) -> usize {
 impl Ept {
     pub fn new(frames: &mut impl TableFrames, sizes: PageSizes) -> Result<Ept, EptError> {
         let root = frames.alloc_table().ok_or(EptError::OutOfMemory)?;
-        Ok(Ept { root, sizes, tables: 1 })
+        Ok(Ept {
+            root,
+            sizes,
+            tables: 1,
+        })
     }
 
     /// Host-physical address of the PML4 table.
@@ -118,7 +138,10 @@ impl Ept {
         if (gpa | hpa | len) % KIB4 != 0 {
             return Err(EptError::Unaligned);
         }
-        let end = gpa.checked_add(len).filter(|&e| e <= GPA_LIMIT).ok_or(EptError::OutOfRange)?;
+        let end = gpa
+            .checked_add(len)
+            .filter(|&e| e <= GPA_LIMIT)
+            .ok_or(EptError::OutOfRange)?;
         // Refuse overlaps before changing anything, so a refused map leaves the tables as they were.
         let mut probe = gpa;
         while probe < end {
@@ -150,13 +173,21 @@ impl Ept {
     }
 
     /// The table at `level` (0 = page table) covering `gpa`, creating tables on the way.
-    fn walk_create(&mut self, frames: &mut impl TableFrames, gpa: u64, level: u32) -> Result<u64, EptError> {
+    fn walk_create(
+        &mut self,
+        frames: &mut impl TableFrames,
+        gpa: u64,
+        level: u32,
+    ) -> Result<u64, EptError> {
         let mut table = self.root;
         for l in (level + 1..=3).rev() {
             let i = index(gpa, l);
             let e = frames.entries(table)[i];
             table = if e & 7 != 0 {
-                debug_assert!(e & LARGE == 0, "walk through a large page (overlap check missed)");
+                debug_assert!(
+                    e & LARGE == 0,
+                    "walk through a large page (overlap check missed)"
+                );
                 e & ADDR
             } else {
                 let t = frames.alloc_table().ok_or(EptError::OutOfMemory)?;
@@ -205,7 +236,8 @@ impl Ept {
         if gpa >= GPA_LIMIT {
             return None;
         }
-        self.lookup(frames, gpa).map(|(hpa, e)| (hpa, Perm::from_bits(e & 7)))
+        self.lookup(frames, gpa)
+            .map(|(hpa, e)| (hpa, Perm::from_bits(e & 7)))
     }
 
     /// Every table frame, for freeing the EPT (the root last).
@@ -251,7 +283,10 @@ pub(crate) mod tests {
         }
     }
 
-    const ALL: PageSizes = PageSizes { two_mib: true, one_gib: true };
+    const ALL: PageSizes = PageSizes {
+        two_mib: true,
+        one_gib: true,
+    };
 
     #[test]
     fn large_pages_where_alignment_allows() {
@@ -259,12 +294,16 @@ pub(crate) mod tests {
         let mut ept = Ept::new(&mut f, ALL).unwrap();
         // 2 GiB + 2 MiB + 8 KiB: two 1 GiB pages, one 2 MiB page, two 4 KiB pages.
         let len = 2 * GIB1 + MIB2 + 2 * KIB4;
-        ept.map(&mut f, 0, 0x1_0000_0000, len, Perm::RWX, MemType::WriteBack).unwrap();
+        ept.map(&mut f, 0, 0x1_0000_0000, len, Perm::RWX, MemType::WriteBack)
+            .unwrap();
         // root + PDPT + PD (for the 2 MiB and the PT) + PT
         assert_eq!(ept.table_count(), 4);
         assert_eq!(ept.translate(&mut f, 0x1234).unwrap().0, 0x1_0000_1234);
         assert_eq!(ept.translate(&mut f, GIB1 + 5).unwrap().0, 0x1_4000_0005);
-        assert_eq!(ept.translate(&mut f, 2 * GIB1 + MIB2 + 4096 + 8).unwrap().0, 0x1_8020_1008);
+        assert_eq!(
+            ept.translate(&mut f, 2 * GIB1 + MIB2 + 4096 + 8).unwrap().0,
+            0x1_8020_1008
+        );
         assert_eq!(ept.translate(&mut f, len), None);
         let (_, perm) = ept.translate(&mut f, 0).unwrap();
         assert_eq!(perm, Perm::RWX);
@@ -279,16 +318,29 @@ pub(crate) mod tests {
     fn misaligned_host_address_falls_back_to_small_pages() {
         let mut f = HeapTables::default();
         let mut ept = Ept::new(&mut f, ALL).unwrap();
-        ept.map(&mut f, 0, 0x20_1000, MIB2, Perm::RW, MemType::WriteBack).unwrap();
-        assert_eq!(ept.table_count(), 4, "root, PDPT, PD and one PT of 4 KiB pages");
+        ept.map(&mut f, 0, 0x20_1000, MIB2, Perm::RW, MemType::WriteBack)
+            .unwrap();
+        assert_eq!(
+            ept.table_count(),
+            4,
+            "root, PDPT, PD and one PT of 4 KiB pages"
+        );
         assert_eq!(ept.translate(&mut f, 0x1f_f000).unwrap().0, 0x40_0000);
     }
 
     #[test]
     fn without_large_page_support_only_4k() {
         let mut f = HeapTables::default();
-        let mut ept = Ept::new(&mut f, PageSizes { two_mib: false, one_gib: false }).unwrap();
-        ept.map(&mut f, 0, 0, 4 * MIB2, Perm::RWX, MemType::WriteBack).unwrap();
+        let mut ept = Ept::new(
+            &mut f,
+            PageSizes {
+                two_mib: false,
+                one_gib: false,
+            },
+        )
+        .unwrap();
+        ept.map(&mut f, 0, 0, 4 * MIB2, Perm::RWX, MemType::WriteBack)
+            .unwrap();
         assert_eq!(ept.table_count(), 3 + 4);
     }
 
@@ -296,17 +348,39 @@ pub(crate) mod tests {
     fn overlap_and_bad_ranges_are_refused_without_change() {
         let mut f = HeapTables::default();
         let mut ept = Ept::new(&mut f, ALL).unwrap();
-        ept.map(&mut f, MIB2, 0, MIB2, Perm::RWX, MemType::WriteBack).unwrap();
+        ept.map(&mut f, MIB2, 0, MIB2, Perm::RWX, MemType::WriteBack)
+            .unwrap();
         let before = ept.table_count();
         assert_eq!(
-            ept.map(&mut f, 0, 0x4000_0000, 3 * MIB2, Perm::RWX, MemType::WriteBack),
+            ept.map(
+                &mut f,
+                0,
+                0x4000_0000,
+                3 * MIB2,
+                Perm::RWX,
+                MemType::WriteBack
+            ),
             Err(EptError::AlreadyMapped(MIB2))
         );
         assert_eq!(ept.table_count(), before);
-        assert_eq!(ept.translate(&mut f, 0), None, "nothing of the refused map was written");
-        assert_eq!(ept.map(&mut f, 1, 0, 4096, Perm::RWX, MemType::WriteBack), Err(EptError::Unaligned));
         assert_eq!(
-            ept.map(&mut f, (1 << 48) - 4096, 0, 8192, Perm::RWX, MemType::WriteBack),
+            ept.translate(&mut f, 0),
+            None,
+            "nothing of the refused map was written"
+        );
+        assert_eq!(
+            ept.map(&mut f, 1, 0, 4096, Perm::RWX, MemType::WriteBack),
+            Err(EptError::Unaligned)
+        );
+        assert_eq!(
+            ept.map(
+                &mut f,
+                (1 << 48) - 4096,
+                0,
+                8192,
+                Perm::RWX,
+                MemType::WriteBack
+            ),
             Err(EptError::OutOfRange)
         );
         assert_eq!(ept.translate(&mut f, u64::MAX & !0xfff), None);
@@ -316,7 +390,8 @@ pub(crate) mod tests {
     fn eptp_and_table_list() {
         let mut f = HeapTables::default();
         let mut ept = Ept::new(&mut f, ALL).unwrap();
-        ept.map(&mut f, 0, 0, 4096, Perm::RWX, MemType::Uncached).unwrap();
+        ept.map(&mut f, 0, 0, 4096, Perm::RWX, MemType::Uncached)
+            .unwrap();
         assert_eq!(ept.eptp(true), ept.root() | 0x5e);
         assert_eq!(ept.eptp(false), ept.root() | 0x1e);
         let tables = ept.tables(&mut f);

@@ -127,10 +127,30 @@ impl ExitReason {
     /// The name of counter slot `i` (inverse of [`ExitReason::slot`]).
     pub fn slot_name(i: usize) -> &'static str {
         const NAMES: [&str; REASON_SLOTS] = [
-            "exception", "interrupt", "triple-fault", "init", "intr-window", "cpuid", "hlt",
-            "invlpg", "rdtsc", "vmcall", "vmx-insn", "cr-access", "io", "rdmsr", "wrmsr",
-            "bad-state", "msr-load", "mce", "ept-violation", "ept-misconfig", "preempt", "xsetbv",
-            "other", "-",
+            "exception",
+            "interrupt",
+            "triple-fault",
+            "init",
+            "intr-window",
+            "cpuid",
+            "hlt",
+            "invlpg",
+            "rdtsc",
+            "vmcall",
+            "vmx-insn",
+            "cr-access",
+            "io",
+            "rdmsr",
+            "wrmsr",
+            "bad-state",
+            "msr-load",
+            "mce",
+            "ept-violation",
+            "ept-misconfig",
+            "preempt",
+            "xsetbv",
+            "other",
+            "-",
         ];
         NAMES.get(i).copied().unwrap_or("-")
     }
@@ -205,7 +225,10 @@ mod tests {
         assert_eq!(ExitReason::from_raw(18), ExitReason::Vmcall);
         assert_eq!(ExitReason::from_raw(48), ExitReason::EptViolation);
         assert_eq!(ExitReason::from_raw(52), ExitReason::PreemptionTimer);
-        assert_eq!(ExitReason::from_raw(0x8000_0021), ExitReason::InvalidGuestState);
+        assert_eq!(
+            ExitReason::from_raw(0x8000_0021),
+            ExitReason::InvalidGuestState
+        );
         assert!(ExitReason::entry_failed(0x8000_0021));
         assert!(!ExitReason::entry_failed(12));
         assert_eq!(ExitReason::from_raw(24), ExitReason::VmxInstruction(24));
@@ -214,7 +237,10 @@ mod tests {
 
     #[test]
     fn slots_are_distinct_and_named() {
-        let all = [0u32, 1, 2, 3, 7, 10, 12, 14, 16, 18, 19, 28, 30, 31, 32, 33, 34, 41, 48, 49, 52, 55, 99];
+        let all = [
+            0u32, 1, 2, 3, 7, 10, 12, 14, 16, 18, 19, 28, 30, 31, 32, 33, 34, 41, 48, 49, 52, 55,
+            99,
+        ];
         let mut seen = std::collections::HashSet::new();
         for r in all {
             let e = ExitReason::from_raw(r);
@@ -228,7 +254,16 @@ mod tests {
     fn io_qualification() {
         // OUT DX, AL to 0x3f8
         let q = IoExit::decode(0x03f8_0000);
-        assert_eq!(q, IoExit { port: 0x3f8, size: 1, input: false, string: false, rep: false });
+        assert_eq!(
+            q,
+            IoExit {
+                port: 0x3f8,
+                size: 1,
+                input: false,
+                string: false,
+                rep: false
+            }
+        );
         // IN EAX, DX from 0xcfc
         let q = IoExit::decode(0x0cfc_0000 | 3 | 8);
         assert_eq!((q.port, q.size, q.input), (0xcfc, 4, true));

@@ -4,7 +4,11 @@
 pub mod caps;
 pub mod ept;
 pub mod exit;
+#[cfg(target_os = "none")]
+pub mod hw;
 pub mod policy;
+#[cfg(target_os = "none")]
+pub mod setup;
 
 #[cfg(target_os = "none")]
 pub mod detect;

@@ -17,14 +17,28 @@ pub fn cpuid(leaf: u32, _subleaf: u32, native: CpuidResult) -> CpuidResult {
         1 => {
             // ECX: clear VMX(5), SMX(6), EST(7), TM2(8), PDCM(15), x2APIC(21), TSC-deadline(24),
             // MONITOR(3); set "hypervisor present"(31).
-            r.ecx &= !((1 << 3) | (1 << 5) | (1 << 6) | (1 << 7) | (1 << 8) | (1 << 15) | (1 << 21) | (1 << 24));
+            r.ecx &= !((1 << 3)
+                | (1 << 5)
+                | (1 << 6)
+                | (1 << 7)
+                | (1 << 8)
+                | (1 << 15)
+                | (1 << 21)
+                | (1 << 24));
             r.ecx |= 1 << 31;
             // EDX: clear ACPI thermal(22), TM(29), PBE(31).
             r.edx &= !((1 << 22) | (1 << 29) | (1 << 31));
             // EBX[31:24] initial APIC id: every vCPU of these domains is APIC id 0 for now.
             r.ebx &= 0x00ff_ffff;
         }
-        5 | 6 | 0xa => r = CpuidResult { eax: 0, ebx: 0, ecx: 0, edx: 0 },
+        5 | 6 | 0xa => {
+            r = CpuidResult {
+                eax: 0,
+                ebx: 0,
+                ecx: 0,
+                edx: 0,
+            }
+        }
         7 => {
             // EDX[4] FSRM only where EBX[9] ERMS is usable: a guest told ERMS is off but FSRM on
             // corrupts memory in Linux 6.1's memmove.
@@ -37,10 +51,29 @@ pub fn cpuid(leaf: u32, _subleaf: u32, native: CpuidResult) -> CpuidResult {
         HV_LEAF_BASE => {
             let sig = hv_abi::CPUID_SIGNATURE;
             let word = |i: usize| u32::from_le_bytes([sig[i], sig[i + 1], sig[i + 2], sig[i + 3]]);
-            r = CpuidResult { eax: HV_LEAF_BASE + 1, ebx: word(0), ecx: word(4), edx: word(8) };
+            r = CpuidResult {
+                eax: HV_LEAF_BASE + 1,
+                ebx: word(0),
+                ecx: word(4),
+                edx: word(8),
+            };
         }
-        0x4000_0001 => r = CpuidResult { eax: hv_abi::ABI_VERSION, ebx: 0, ecx: 0, edx: 0 },
-        l if (0x4000_0002..0x5000_0000).contains(&l) => r = CpuidResult { eax: 0, ebx: 0, ecx: 0, edx: 0 },
+        0x4000_0001 => {
+            r = CpuidResult {
+                eax: hv_abi::ABI_VERSION,
+                ebx: 0,
+                ecx: 0,
+                edx: 0,
+            }
+        }
+        l if (0x4000_0002..0x5000_0000).contains(&l) => {
+            r = CpuidResult {
+                eax: 0,
+                ebx: 0,
+                ecx: 0,
+                edx: 0,
+            }
+        }
         _ => {}
     }
     r
@@ -89,7 +122,10 @@ pub struct StoredMsrs {
 
 impl StoredMsrs {
     pub fn get(&self, msr: u32) -> u64 {
-        self.values[..self.used].iter().find(|(m, _)| *m == msr).map_or(0, |(_, v)| *v)
+        self.values[..self.used]
+            .iter()
+            .find(|(m, _)| *m == msr)
+            .map_or(0, |(_, v)| *v)
     }
 
     pub fn set(&mut self, msr: u32, value: u64) {
@@ -107,12 +143,24 @@ mod tests {
     use super::*;
 
     fn native() -> CpuidResult {
-        CpuidResult { eax: 0x906ea, ebx: 0x0102_0800, ecx: 0xffff_ffff, edx: 0xffff_ffff }
+        CpuidResult {
+            eax: 0x906ea,
+            ebx: 0x0102_0800,
+            ecx: 0xffff_ffff,
+            edx: 0xffff_ffff,
+        }
     }
 
     #[test]
     fn leaf1_hides_vmx_and_says_hypervisor() {
-        let r = cpuid(1, 0, CpuidResult { ecx: 0x7ffa_3223 | (1 << 5), ..native() });
+        let r = cpuid(
+            1,
+            0,
+            CpuidResult {
+                ecx: 0x7ffa_3223 | (1 << 5),
+                ..native()
+            },
+        );
         assert_eq!(r.ecx & (1 << 5), 0, "VMX hidden");
         assert_ne!(r.ecx & (1 << 31), 0, "hypervisor bit set");
         assert_eq!(r.ecx & (1 << 21), 0, "x2APIC hidden");
@@ -135,9 +183,25 @@ mod tests {
 
     #[test]
     fn fsrm_hidden_without_erms() {
-        let r = cpuid(7, 0, CpuidResult { ebx: 0, edx: 1 << 4, ..native() });
+        let r = cpuid(
+            7,
+            0,
+            CpuidResult {
+                ebx: 0,
+                edx: 1 << 4,
+                ..native()
+            },
+        );
         assert_eq!(r.edx & (1 << 4), 0);
-        let r = cpuid(7, 0, CpuidResult { ebx: 1 << 9, edx: 1 << 4, ..native() });
+        let r = cpuid(
+            7,
+            0,
+            CpuidResult {
+                ebx: 1 << 9,
+                edx: 1 << 4,
+                ..native()
+            },
+        );
         assert_ne!(r.edx & (1 << 4), 0);
         assert_eq!(cpuid(0xa, 0, native()).eax, 0, "no perfmon");
     }

@@ -1,0 +1,765 @@
+//! Running domains on bare metal: the domain table, creation from boot modules, each CPU's
+//! round-robin run loop over its vCPUs, and VM-exit handling.
+//!
+//! Each domain has one vCPU, pinned to one CPU, which owns it (its `Vcpu` lives in that CPU's
+//! run queue). Other CPUs only flip the domain's state (`destroy`) and read its counters; the
+//! owning CPU notices at its next exit (the preemption timer bounds the wait) and tears it down.
+//! A domain that misbehaves (triple fault, access outside its memory, unhandled exit) is stopped
+//! with a report; the host and the other domains keep running.
+
+use alloc::boxed::Box;
+use alloc::collections::VecDeque;
+use alloc::string::String;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, AtomicU64, Ordering};
+
+use log::{info, warn};
+use spin::Mutex;
+
+use crate::arch::cpu;
+use crate::cmdline::CommandLine;
+use crate::domain::console::DomainConsole;
+use crate::domain::hypercall::{self, Outcome};
+use crate::domain::loader::{self, BootState};
+use crate::domain::memory::{BadGpa, CHUNK, GuestMemory, GuestPhysAddr, pieces};
+use crate::domain::ports::{self, PortAction};
+use crate::mm::frames::FrameAllocator;
+use crate::percpu::{self, CPUS, MAX_CPUS};
+use crate::println;
+use crate::vmx::caps::VmxCaps;
+use crate::vmx::ept::{Ept, MemType, PageSizes, Perm, TableFrames};
+use crate::vmx::exit::{EptViolationExit, ExitReason, IoExit, REASON_SLOTS};
+use crate::vmx::hw::{ActiveVmcs, GuestRegs, Vmcs, VmxCpu, fields as f};
+use crate::vmx::policy::{self, MsrRule, StoredMsrs};
+use crate::vmx::setup::{GuestSetup, setup_vmcs};
+
+/// Default RAM of a domain, MiB.
+const DEFAULT_MEM_MIB: u64 = 16;
+/// Largest RAM a boot module may ask for, MiB.
+const MAX_MEM_MIB: u64 = 4096;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum DomainState {
+    Running = 0,
+    /// The operator asked for it to stop; its CPU will tear it down.
+    Destroying = 1,
+    Stopped = 2,
+}
+
+/// What the console shows of a domain; shared between CPUs.
+pub struct Domain {
+    pub id: u32,
+    pub name: String,
+    pub mem_mib: u64,
+    pub cpu: usize,
+    state: AtomicU8,
+    pub exits: [AtomicU64; REASON_SLOTS],
+    /// Why it stopped (empty while running).
+    pub stop_reason: Mutex<String>,
+    pub exit_code: AtomicU64,
+}
+
+impl Domain {
+    pub fn state(&self) -> DomainState {
+        match self.state.load(Ordering::Acquire) {
+            0 => DomainState::Running,
+            1 => DomainState::Destroying,
+            _ => DomainState::Stopped,
+        }
+    }
+
+    pub fn total_exits(&self) -> u64 {
+        self.exits.iter().map(|e| e.load(Ordering::Relaxed)).sum()
+    }
+}
+
+static DOMAINS: Mutex<Vec<Arc<Domain>>> = Mutex::new(Vec::new());
+static NEXT_ID: AtomicU32 = AtomicU32::new(1);
+static NEXT_VPID: AtomicU16 = AtomicU16::new(1);
+/// TSC ticks per VM time slice (10 ms), set at boot.
+pub static SLICE_TSC: AtomicU64 = AtomicU64::new(10_000_000);
+
+#[allow(clippy::declare_interior_mutable_const)] // only initialises the array below
+const EMPTY_QUEUE: Mutex<VecDeque<Box<Vcpu>>> = Mutex::new(VecDeque::new());
+/// Each CPU's vCPUs, in round-robin order.
+static RUN_QUEUES: [Mutex<VecDeque<Box<Vcpu>>>; MAX_CPUS] = [EMPTY_QUEUE; MAX_CPUS];
+
+/// A snapshot of every domain, for the console.
+pub fn domains() -> Vec<Arc<Domain>> {
+    DOMAINS.lock().clone()
+}
+
+/// Asks domain `id` to stop. Errors say why nothing happened.
+pub fn destroy(id: u32) -> Result<(), String> {
+    let d = DOMAINS.lock().iter().find(|d| d.id == id).cloned();
+    let Some(d) = d else {
+        return Err(alloc::format!("no domain {id}; 'domains' lists them"));
+    };
+    match d.state.compare_exchange(
+        0,
+        DomainState::Destroying as u8,
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    ) {
+        Ok(_) => Ok(()),
+        Err(_) => Err(alloc::format!("domain {id} is not running")),
+    }
+}
+
+/// RAM of a domain: 2 MiB host chunks at guest-physical 0, in order.
+pub struct DomainRam {
+    chunks: Vec<u64>,
+}
+
+impl GuestMemory for DomainRam {
+    fn size(&self) -> u64 {
+        self.chunks.len() as u64 * CHUNK
+    }
+
+    fn read(&self, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), BadGpa> {
+        self.check(gpa, buf.len() as u64)?;
+        for (chunk, off, at, n) in pieces(gpa.0, buf.len()) {
+            let src = (self.chunks[chunk] + off) as *const u8;
+            // SAFETY: `check` proved the range is inside this domain's chunks, which it owns
+            // and which are identity-mapped; the copy reads bytes only (the guest may change
+            // them concurrently, which can only give it garbage back).
+            unsafe { core::ptr::copy_nonoverlapping(src, buf[at..at + n].as_mut_ptr(), n) };
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, gpa: GuestPhysAddr, data: &[u8]) -> Result<(), BadGpa> {
+        self.check(gpa, data.len() as u64)?;
+        for (chunk, off, at, n) in pieces(gpa.0, data.len()) {
+            let dst = (self.chunks[chunk] + off) as *mut u8;
+            // SAFETY: as in `read`; the destination is this domain's own RAM.
+            unsafe { core::ptr::copy_nonoverlapping(data[at..at + n].as_ptr(), dst, n) };
+        }
+        Ok(())
+    }
+}
+
+/// EPT tables come from the frame allocator and are reached through the identity map.
+struct Frames<'a>(&'a mut FrameAllocator<'static>);
+
+impl TableFrames for Frames<'_> {
+    fn alloc_table(&mut self) -> Option<u64> {
+        let f = self.0.alloc_contiguous(1, 4096, u64::MAX)?.leak().0;
+        // SAFETY: a fresh frame owned by the EPT, identity-mapped.
+        unsafe { core::ptr::write_bytes(f as *mut u8, 0, 4096) };
+        Some(f)
+    }
+
+    fn entries(&mut self, addr: u64) -> &mut [u64; 512] {
+        // SAFETY: `addr` is a table frame this EPT allocated (the trait's contract), owned by
+        // it, identity-mapped and 4 KiB aligned; the `&mut self` borrow keeps the reference
+        // unique for its lifetime.
+        unsafe { &mut *(addr as *mut [u64; 512]) }
+    }
+}
+
+/// A virtual CPU, owned by the run queue of the CPU it is pinned to.
+pub struct Vcpu {
+    domain: Arc<Domain>,
+    regs: GuestRegs,
+    vmcs: Option<Vmcs>,
+    setup: GuestSetup,
+    ram: DomainRam,
+    ept: Ept,
+    console: DomainConsole,
+    msrs: StoredMsrs,
+    /// Whether the VMCS has been filled.
+    ready: bool,
+    /// Halted until this CPU's tick count passes this value.
+    halted_at_tick: Option<u64>,
+    /// FXSAVE area of the guest's x87/SSE state, swapped when this CPU changes vCPU.
+    fpu: Box<FxArea>,
+    /// VMREAD/VMWRITE totals and the exits they served (for the vmcall benchmark).
+    pub vmreads: u64,
+    pub vmwrites: u64,
+}
+
+#[repr(C, align(16))]
+struct FxArea([u8; 512]);
+
+impl FxArea {
+    /// The x87/SSE state after reset: FCW 0x37F, MXCSR 0x1F80 (SDM Vol. 1 Table 10-2).
+    fn initial() -> FxArea {
+        let mut a = FxArea([0; 512]);
+        a.0[0..2].copy_from_slice(&0x037fu16.to_le_bytes());
+        a.0[24..28].copy_from_slice(&0x1f80u32.to_le_bytes());
+        a
+    }
+}
+
+/// Settings of a domain, from its boot module's command line:
+/// `name=NAME mem=MIB cpu=N -- GUEST COMMAND LINE`.
+pub struct DomainConfig<'a> {
+    pub name: &'a str,
+    pub mem_mib: u64,
+    pub cpu: Option<usize>,
+    pub guest_cmdline: &'a str,
+}
+
+impl<'a> DomainConfig<'a> {
+    pub fn parse(text: &'a str) -> Result<DomainConfig<'a>, String> {
+        let (ours, guest) = match text.split_once(" -- ") {
+            Some((a, b)) => (a, b),
+            None => (text.strip_suffix(" --").unwrap_or(text), ""),
+        };
+        let c = CommandLine::new(ours);
+        let mem_mib = match c.get("mem") {
+            None => DEFAULT_MEM_MIB,
+            Some(m) => m
+                .parse()
+                .map_err(|_| alloc::format!("mem={m}: not a number of MiB"))?,
+        };
+        if !(2..=MAX_MEM_MIB).contains(&mem_mib) || mem_mib % 2 != 0 {
+            return Err(alloc::format!(
+                "mem={mem_mib}: must be an even number of MiB, 2..{MAX_MEM_MIB}"
+            ));
+        }
+        let cpu = match c.get("cpu") {
+            None => None,
+            Some(n) => Some(
+                n.parse()
+                    .map_err(|_| alloc::format!("cpu={n}: not a CPU number"))?,
+            ),
+        };
+        Ok(DomainConfig {
+            name: c.get("name").unwrap_or("guest"),
+            mem_mib,
+            cpu,
+            guest_cmdline: guest,
+        })
+    }
+}
+
+/// Builds a domain from an ELF image and queues its vCPU on a CPU.
+pub fn create(
+    image: &[u8],
+    cfg: &DomainConfig,
+    caps: &VmxCaps,
+    frames: &mut FrameAllocator<'static>,
+) -> Result<Arc<Domain>, String> {
+    let online: Vec<usize> = (0..percpu::cpu_count())
+        .filter(|&i| CPUS[i].state() == percpu::CpuState::Online)
+        .collect();
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    let cpu = match cfg.cpu {
+        Some(c) if online.contains(&c) => c,
+        Some(c) => return Err(alloc::format!("cpu={c}: no such CPU online")),
+        None => online[(id as usize - 1) % online.len().max(1)],
+    };
+    let mut chunks = Vec::new();
+    let release = |frames: &mut FrameAllocator<'static>, chunks: &[u64]| {
+        for &c in chunks {
+            for i in 0..CHUNK / 4096 {
+                let _ = frames.free_addr(crate::mm::HostPhysAddr(c + i * 4096));
+            }
+        }
+    };
+    for _ in 0..cfg.mem_mib / 2 {
+        match frames.alloc_contiguous(CHUNK / 4096, CHUNK, u64::MAX) {
+            Some(f) => chunks.push(f.leak().0),
+            None => {
+                release(frames, &chunks);
+                return Err(alloc::format!(
+                    "not enough free memory for {} MiB",
+                    cfg.mem_mib
+                ));
+            }
+        }
+    }
+    let mut ram = DomainRam { chunks };
+    ram.zero(GuestPhysAddr(0), ram.size())
+        .map_err(|_| String::from("internal: RAM size"))?;
+    let boot: BootState = match loader::load(image, &mut ram, cfg.guest_cmdline) {
+        Ok(b) => b,
+        Err(e) => {
+            release(frames, &ram.chunks);
+            return Err(alloc::format!("cannot load the image: {e}"));
+        }
+    };
+    let sizes = PageSizes {
+        two_mib: caps.ept_2m(),
+        one_gib: caps.ept_1g(),
+    };
+    let mut tf = Frames(frames);
+    let mut ept = Ept::new(&mut tf, sizes).map_err(|e| alloc::format!("EPT: {e:?}"))?;
+    for (i, &c) in ram.chunks.iter().enumerate() {
+        ept.map(
+            &mut tf,
+            i as u64 * CHUNK,
+            c,
+            CHUNK,
+            Perm::RWX,
+            MemType::WriteBack,
+        )
+        .map_err(|e| alloc::format!("EPT: {e:?}"))?;
+    }
+    let vmcs = Vmcs::new(caps, frames).map_err(|e| alloc::format!("VMCS: {e}"))?;
+    let domain = Arc::new(Domain {
+        id,
+        name: String::from(cfg.name),
+        mem_mib: cfg.mem_mib,
+        cpu,
+        state: AtomicU8::new(DomainState::Running as u8),
+        exits: Default::default(),
+        stop_reason: Mutex::new(String::new()),
+        exit_code: AtomicU64::new(0),
+    });
+    let vpid = match NEXT_VPID.fetch_add(1, Ordering::Relaxed) {
+        0 => NEXT_VPID.fetch_add(1, Ordering::Relaxed),
+        v => v,
+    };
+    let eptp = ept.eptp(caps.ept_ad());
+    let vcpu = Box::new(Vcpu {
+        domain: domain.clone(),
+        regs: GuestRegs {
+            rdi: boot.rdi,
+            rsi: boot.rsi,
+            rdx: boot.rdx,
+            ..Default::default()
+        },
+        vmcs: Some(vmcs),
+        setup: GuestSetup { boot, eptp, vpid },
+        ram,
+        ept,
+        console: DomainConsole::default(),
+        msrs: StoredMsrs::default(),
+        ready: false,
+        halted_at_tick: None,
+        fpu: Box::new(FxArea::initial()),
+        vmreads: 0,
+        vmwrites: 0,
+    });
+    DOMAINS.lock().push(domain.clone());
+    RUN_QUEUES[cpu].lock().push_back(vcpu);
+    Ok(domain)
+}
+
+/// How a slice of guest execution ended.
+enum SliceEnd {
+    /// Put the vCPU back in the queue.
+    Requeue,
+    /// Stop the domain: why, and whether to dump its registers.
+    Stop { why: String, dump: bool },
+}
+
+/// The per-CPU state of the run loop.
+pub struct RunLoop {
+    vmx: VmxCpu,
+    cpu: usize,
+    /// The domain whose FPU state is in this CPU's registers.
+    fpu_owner: u32,
+}
+
+impl RunLoop {
+    pub fn new(vmx: VmxCpu, cpu: usize) -> RunLoop {
+        RunLoop {
+            vmx,
+            cpu,
+            fpu_owner: 0,
+        }
+    }
+
+    /// Runs one vCPU for one slice if any is runnable. Returns whether one ran (when not,
+    /// every vCPU here is halted or there is none: the caller may sleep until the next tick).
+    pub fn run_once(&mut self) -> bool {
+        let queued = RUN_QUEUES[self.cpu].lock().len();
+        for _ in 0..queued {
+            let Some(v) = RUN_QUEUES[self.cpu].lock().pop_front() else {
+                return false;
+            };
+            if v.domain.state() == DomainState::Destroying {
+                self.teardown(v, String::from("destroyed by the operator"));
+                return true;
+            }
+            if let Some(t) = v.halted_at_tick {
+                if CPUS[self.cpu].ticks.load(Ordering::Relaxed) <= t {
+                    RUN_QUEUES[self.cpu].lock().push_back(v);
+                    continue;
+                }
+            }
+            self.run(v);
+            return true;
+        }
+        false
+    }
+
+    fn run(&mut self, mut v: Box<Vcpu>) {
+        v.halted_at_tick = None;
+        match self.run_slice(&mut v) {
+            SliceEnd::Requeue => RUN_QUEUES[self.cpu].lock().push_back(v),
+            SliceEnd::Stop { why, dump } => {
+                if dump {
+                    self.dump(&mut v, &why);
+                }
+                self.teardown(v, why);
+            }
+        }
+    }
+
+    fn swap_fpu(fpu_owner: &mut u32, v: &mut Vcpu) {
+        if *fpu_owner == v.domain.id {
+            return;
+        }
+        // The previous owner's state is saved by `save_fpu` when its slice ended.
+        // SAFETY: FXRSTOR from a 16-byte aligned 512-byte area this vCPU owns; a zeroed area
+        // is a valid initial image except MXCSR, which FXRSTOR takes as 0 (all exceptions
+        // unmasked is still a legal value). The hypervisor itself uses no x87/SSE state.
+        unsafe { core::arch::asm!("fxrstor64 [{0}]", in(reg) v.fpu.0.as_ptr(), options(nostack)) };
+        *fpu_owner = v.domain.id;
+    }
+
+    fn save_fpu(v: &mut Vcpu) {
+        // SAFETY: FXSAVE into a 16-byte aligned 512-byte area this vCPU owns.
+        unsafe {
+            core::arch::asm!("fxsave64 [{0}]", in(reg) v.fpu.0.as_mut_ptr(), options(nostack))
+        };
+    }
+
+    fn run_slice(&mut self, v: &mut Vcpu) -> SliceEnd {
+        let caps = *self.vmx.caps();
+        let mut vmcs = v.vmcs.take().expect("a queued vCPU has its VMCS");
+        let end = {
+            let RunLoop {
+                vmx,
+                cpu,
+                fpu_owner,
+            } = self;
+            let mut active = match vmx.load(&mut vmcs) {
+                Ok(a) => a,
+                Err(e) => {
+                    v.vmcs = Some(vmcs);
+                    return SliceEnd::Stop {
+                        why: alloc::format!("VMPTRLD failed: {e}"),
+                        dump: false,
+                    };
+                }
+            };
+            Self::slice_inner(*cpu, fpu_owner, &mut active, &caps, v)
+        };
+        v.vmcs = Some(vmcs);
+        end
+    }
+
+    fn slice_inner(
+        cpu: usize,
+        fpu_owner: &mut u32,
+        a: &mut ActiveVmcs,
+        caps: &VmxCaps,
+        v: &mut Vcpu,
+    ) -> SliceEnd {
+        if !v.ready {
+            // First entry: fill the VMCS on the CPU it will run on (vCPUs never move).
+            if let Err(e) = setup_vmcs(a, caps, &v.setup) {
+                return SliceEnd::Stop {
+                    why: alloc::format!("cannot set up the VMCS: {e}"),
+                    dump: false,
+                };
+            }
+            v.ready = true;
+        }
+        Self::swap_fpu(fpu_owner, v);
+        let slice = SLICE_TSC.load(Ordering::Relaxed);
+        let start = cpu::rdtsc();
+        let timer = (slice >> caps.preemption_timer_rate()).min(u64::from(u32::MAX));
+        let _ = a.set(f::PREEMPTION_TIMER, timer);
+        let end = loop {
+            x86_64::instructions::interrupts::disable();
+            let entered = a.run(&mut v.regs);
+            // Let the host take the interrupt that caused an exit, if any.
+            x86_64::instructions::interrupts::enable();
+            if let Err(e) = entered {
+                break SliceEnd::Stop {
+                    why: alloc::format!("VM entry failed: {e}"),
+                    dump: true,
+                };
+            }
+            let raw = a.info(f::EXIT_REASON) as u32;
+            let reason = ExitReason::from_raw(raw);
+            v.domain.exits[reason.slot()].fetch_add(1, Ordering::Relaxed);
+            if ExitReason::entry_failed(raw) {
+                let q = a.info(f::EXIT_QUALIFICATION);
+                break SliceEnd::Stop {
+                    why: alloc::format!(
+                        "VM entry failed: {} (exit reason {raw:#x}, qualification {q})",
+                        reason.name()
+                    ),
+                    dump: true,
+                };
+            }
+            match Self::handle_exit(cpu, a, v, reason) {
+                Ok(Some(end)) => break end,
+                Ok(None) => {}
+                Err(why) => break SliceEnd::Stop { why, dump: true },
+            }
+            if v.domain.state() == DomainState::Destroying {
+                break SliceEnd::Stop {
+                    why: String::from("destroyed by the operator"),
+                    dump: false,
+                };
+            }
+            if cpu::rdtsc().wrapping_sub(start) > slice {
+                break SliceEnd::Requeue;
+            }
+        };
+        Self::save_fpu(v);
+        v.vmreads += u64::from(core::mem::take(&mut a.reads));
+        v.vmwrites += u64::from(core::mem::take(&mut a.writes));
+        end
+    }
+
+    fn skip(a: &mut ActiveVmcs) -> Result<(), String> {
+        let len = a.info(f::EXIT_INSTRUCTION_LEN);
+        let rip = a.get(f::GUEST_RIP);
+        a.set(f::GUEST_RIP, rip.wrapping_add(len))
+            .map_err(|e| alloc::format!("{e}"))
+    }
+
+    fn inject_gp(a: &mut ActiveVmcs) -> Result<(), String> {
+        // Hardware exception 13 with an error code of 0 (SDM Vol. 3C §24.8.3).
+        let info = 13 | (3 << 8) | (1 << 11) | (1 << 31);
+        a.set(f::ENTRY_INTERRUPTION, info)
+            .map_err(|e| alloc::format!("{e}"))?;
+        a.set(f::ENTRY_ERROR_CODE, 0)
+            .map_err(|e| alloc::format!("{e}"))
+    }
+
+    fn print_console(cpu: usize, v: &mut Vcpu, bytes: &[u8]) {
+        let window = CPUS[cpu].ticks.load(Ordering::Relaxed) / 100;
+        for line in v.console.feed(bytes, window) {
+            println!("[dom{}] {line}", v.domain.id);
+        }
+    }
+
+    /// `Ok(None)`: resume the guest; `Ok(Some(end))`: end the slice; `Err`: stop the domain.
+    fn handle_exit(
+        cpu: usize,
+        a: &mut ActiveVmcs,
+        v: &mut Vcpu,
+        reason: ExitReason,
+    ) -> Result<Option<SliceEnd>, String> {
+        match reason {
+            ExitReason::ExternalInterrupt => Ok(None),
+            ExitReason::PreemptionTimer => Ok(Some(SliceEnd::Requeue)),
+            ExitReason::Cpuid => {
+                let native = cpu::cpuid(v.regs.rax as u32, v.regs.rcx as u32);
+                let r = policy::cpuid(v.regs.rax as u32, v.regs.rcx as u32, native);
+                v.regs.rax = u64::from(r.eax);
+                v.regs.rbx = u64::from(r.ebx);
+                v.regs.rcx = u64::from(r.ecx);
+                v.regs.rdx = u64::from(r.edx);
+                Self::skip(a).map(|_| None)
+            }
+            ExitReason::Hlt => {
+                Self::skip(a)?;
+                v.halted_at_tick = Some(CPUS[cpu].ticks.load(Ordering::Relaxed));
+                Ok(Some(SliceEnd::Requeue))
+            }
+            ExitReason::Rdmsr | ExitReason::Wrmsr => {
+                let msr = v.regs.rcx as u32;
+                let write = reason == ExitReason::Wrmsr;
+                let value = (v.regs.rdx << 32) | (v.regs.rax & 0xffff_ffff);
+                let field = match msr {
+                    0x174 => Some(f::GUEST_SYSENTER_CS),
+                    0x175 => Some(f::GUEST_SYSENTER_ESP),
+                    0x176 => Some(f::GUEST_SYSENTER_EIP),
+                    0x277 => Some(f::GUEST_PAT),
+                    0xc000_0080 => Some(f::GUEST_EFER),
+                    0xc000_0100 => Some(f::GUEST_FS_BASE),
+                    0xc000_0101 => Some(f::GUEST_GS_BASE),
+                    _ => None,
+                };
+                let result = match (policy::msr_rule(msr), write) {
+                    (None, _) => None,
+                    (Some(MsrRule::Fixed(x)), false) => Some(x),
+                    (Some(MsrRule::Fixed(_)), true) => Some(0),
+                    (Some(MsrRule::Stored), false) => Some(v.msrs.get(msr)),
+                    (Some(MsrRule::Stored), true) => {
+                        v.msrs.set(msr, value);
+                        Some(0)
+                    }
+                    (Some(MsrRule::Tsc), false) => Some(cpu::rdtsc()),
+                    (Some(MsrRule::Tsc), true) => Some(0),
+                    (Some(MsrRule::VmcsField), false) => field.map(|fl| a.get(fl)),
+                    // EFER: LMA is the processor's to set; the guest may change NXE and SCE only.
+                    (Some(MsrRule::VmcsField), true) if msr == 0xc000_0080 => {
+                        let keep = a.get(f::GUEST_EFER) & !((1 << 11) | 1);
+                        a.set(f::GUEST_EFER, keep | (value & ((1 << 11) | 1)))
+                            .map_err(|e| alloc::format!("{e}"))?;
+                        Some(0)
+                    }
+                    (Some(MsrRule::VmcsField), true) => {
+                        let fl = field.ok_or_else(|| String::from("internal: MSR field"))?;
+                        a.set(fl, value).map_err(|e| alloc::format!("{e}"))?;
+                        Some(0)
+                    }
+                };
+                match result {
+                    Some(x) => {
+                        if !write {
+                            v.regs.rax = x & 0xffff_ffff;
+                            v.regs.rdx = x >> 32;
+                        }
+                        Self::skip(a).map(|_| None)
+                    }
+                    None => Self::inject_gp(a).map(|_| None),
+                }
+            }
+            ExitReason::IoInstruction => {
+                let io = IoExit::decode(a.info(f::EXIT_QUALIFICATION));
+                if io.string {
+                    return Err(alloc::format!(
+                        "string I/O (INS/OUTS) to port {:#x} is not supported",
+                        io.port
+                    ));
+                }
+                match ports::access(io.port, io.size, io.input, v.regs.rax as u32) {
+                    PortAction::Read(x) => {
+                        let mask = match io.size {
+                            1 => 0xff,
+                            2 => 0xffff,
+                            _ => 0xffff_ffff,
+                        };
+                        v.regs.rax = (v.regs.rax & !mask) | (u64::from(x) & mask);
+                    }
+                    PortAction::ConsoleByte(b) => Self::print_console(cpu, v, &[b]),
+                    PortAction::Exit(code) => {
+                        v.domain.exit_code.store(u64::from(code), Ordering::Relaxed);
+                        return Ok(Some(SliceEnd::Stop {
+                            why: alloc::format!("exited with code {code}"),
+                            dump: false,
+                        }));
+                    }
+                    PortAction::Ignore => {}
+                }
+                Self::skip(a).map(|_| None)
+            }
+            ExitReason::Vmcall => {
+                let args = [v.regs.rdi, v.regs.rsi, v.regs.rdx];
+                match hypercall::dispatch(v.regs.rax, args, &v.ram) {
+                    Outcome::Return(x) => v.regs.rax = x as u64,
+                    Outcome::Console(bytes) => {
+                        Self::print_console(cpu, v, &bytes);
+                        v.regs.rax = bytes.len() as u64;
+                    }
+                    Outcome::Exit(code) => {
+                        v.domain.exit_code.store(code, Ordering::Relaxed);
+                        return Ok(Some(SliceEnd::Stop {
+                            why: alloc::format!("exited with code {code}"),
+                            dump: false,
+                        }));
+                    }
+                    Outcome::Yield => {
+                        v.regs.rax = 0;
+                        Self::skip(a)?;
+                        return Ok(Some(SliceEnd::Requeue));
+                    }
+                }
+                Self::skip(a).map(|_| None)
+            }
+            ExitReason::EptViolation => {
+                let gpa = a.info(f::GUEST_PHYSICAL_ADDRESS);
+                let q = EptViolationExit::decode(a.info(f::EXIT_QUALIFICATION));
+                // The MMIO dispatch point: no device models are registered yet, so every access
+                // outside RAM stops the domain.
+                Err(alloc::format!(
+                    "EPT violation: {} of guest-physical {gpa:#x}, which is not its memory",
+                    q.access()
+                ))
+            }
+            ExitReason::TripleFault => Err(String::from("triple fault")),
+            ExitReason::Xsetbv
+            | ExitReason::VmxInstruction(_)
+            | ExitReason::Invlpg
+            | ExitReason::Rdtsc => {
+                // VMX instructions and XSETBV are not available to guests: #UD would be exact,
+                // #GP is what the allow-list gives for everything it does not offer.
+                Self::inject_gp(a).map(|_| None)
+            }
+            other => Err(alloc::format!(
+                "unhandled VM exit: {} ({:?})",
+                other.name(),
+                other
+            )),
+        }
+    }
+
+    fn dump(&mut self, v: &mut Vcpu, why: &str) {
+        let Some(mut vmcs) = v.vmcs.take() else {
+            return;
+        };
+        if let Ok(mut a) = self.vmx.load(&mut vmcs) {
+            let r = &v.regs;
+            println!(
+                "[dom{}] {why}: RIP={:#x} RSP={:#x} RFLAGS={:#x} CR0={:#x} CR3={:#x} CR4={:#x}",
+                v.domain.id,
+                a.get(f::GUEST_RIP),
+                a.get(f::GUEST_RSP),
+                a.get(f::GUEST_RFLAGS),
+                a.get(f::GUEST_CR0),
+                a.get(f::GUEST_CR3),
+                a.get(f::GUEST_CR4)
+            );
+            println!(
+                "[dom{}]   RAX={:#x} RBX={:#x} RCX={:#x} RDX={:#x} RSI={:#x} RDI={:#x} RBP={:#x}",
+                v.domain.id, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp
+            );
+            println!(
+                "[dom{}]   R8={:#x} R9={:#x} R10={:#x} R11={:#x} R12={:#x} R13={:#x} R14={:#x} R15={:#x}",
+                v.domain.id, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15
+            );
+        }
+        v.vmcs = Some(vmcs);
+    }
+
+    fn teardown(&mut self, mut v: Box<Vcpu>, why: String) {
+        if let Some(rest) = v.console.take_partial() {
+            println!("[dom{}] {rest}", v.domain.id);
+        }
+        if v.console.dropped > 0 {
+            println!(
+                "[dom{}] ({} console lines dropped by the rate limit)",
+                v.domain.id, v.console.dropped
+            );
+        }
+        println!("[dom{}] stopped: {why}", v.domain.id);
+        info!(
+            "domain {} ({}) stopped after {} exits: {why}",
+            v.domain.id,
+            v.domain.name,
+            v.domain.total_exits()
+        );
+        *v.domain.stop_reason.lock() = why;
+        v.domain
+            .state
+            .store(DomainState::Stopped as u8, Ordering::Release);
+        if self.fpu_owner == v.domain.id {
+            self.fpu_owner = 0;
+        }
+        // Give the memory back: VMCS, EPT tables, RAM.
+        let mut guard = crate::kernel::FRAMES.lock();
+        let Some(frames) = guard.as_mut() else { return };
+        if let Some(vmcs) = v.vmcs.take() {
+            let _ = frames.free_addr(crate::mm::HostPhysAddr(vmcs.release()));
+        }
+        crate::vmx::hw::invept_all();
+        let tables = v.ept.tables(&mut Frames(frames));
+        for t in tables {
+            let _ = frames.free_addr(crate::mm::HostPhysAddr(t));
+        }
+        for &c in &v.ram.chunks {
+            for i in 0..CHUNK / 4096 {
+                let _ = frames.free_addr(crate::mm::HostPhysAddr(c + i * 4096));
+            }
+        }
+        if frames.free_frames() == 0 {
+            warn!("no free frames after tearing down domain {}", v.domain.id);
+        }
+    }
+}

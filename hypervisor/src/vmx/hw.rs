@@ -1,0 +1,533 @@
+//! VMX operation on one CPU: VMXON, VMCS regions and the VM entry/exit path.
+//!
+//! Ownership carries the rules the SDM sets (Vol. 3C ch. 24, 26, 27), so safe code cannot
+//! break them:
+//! - a [`VmxCpu`] exists only on a CPU that executed VMXON; it is neither `Send` nor `Clone`;
+//! - a [`Vmcs`] is a region this module allocated and initialised (revision id, VMCLEAR); safe
+//!   code cannot load a VMCS from a bare address;
+//! - an [`ActiveVmcs`] borrows both, so at most one VMCS is current per CPU, and it is the only
+//!   way to VMREAD/VMWRITE. Guest-state and control fields are [`Field`]s, exit information is
+//!   [`ExitInfo`] (read-only); host-state fields are written only by
+//!   [`ActiveVmcs::set_host_state`] from a [`HostState`] captured on this CPU, and the host RIP
+//!   is always the exit path below.
+
+use core::arch::naked_asm;
+use core::marker::PhantomData;
+
+use x86::vmx::vmcs::{host, ro};
+
+use super::caps::VmxCaps;
+use crate::arch::cpu;
+use crate::mm::frames::FrameAllocator;
+
+/// Why VMX could not be used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmxError {
+    OutOfMemory,
+    /// VMXON failed (another VMM, or FEATURE_CONTROL changed under us).
+    VmxonFailed,
+    /// A VMX instruction failed: VMfailInvalid (no current VMCS) or VMfailValid with the
+    /// VM-instruction error number (SDM Vol. 3C §30.4).
+    Instruction(u64),
+}
+
+impl core::fmt::Display for VmxError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            VmxError::OutOfMemory => f.write_str("out of memory for a VMX region"),
+            VmxError::VmxonFailed => f.write_str("VMXON failed"),
+            VmxError::Instruction(0) => f.write_str("VMX instruction failed (VMfailInvalid)"),
+            VmxError::Instruction(n) => {
+                write!(f, "VMX instruction failed, VM-instruction error {n}")
+            }
+        }
+    }
+}
+
+const CR0_FIXED0: u32 = 0x486;
+const CR0_FIXED1: u32 = 0x487;
+const CR4_FIXED0: u32 = 0x488;
+const CR4_FIXED1: u32 = 0x489;
+const CR4_VMXE: u64 = 1 << 13;
+
+fn alloc_region(frames: &mut FrameAllocator, revision: u32) -> Result<u64, VmxError> {
+    let f = frames
+        .alloc_contiguous(1, 4096, u64::MAX)
+        .ok_or(VmxError::OutOfMemory)?
+        .leak()
+        .0;
+    // SAFETY: a fresh frame owned by the caller, identity-mapped (crate-level assumptions).
+    unsafe {
+        core::ptr::write_bytes(f as *mut u8, 0, 4096);
+        (f as *mut u32).write_volatile(revision);
+    }
+    Ok(f)
+}
+
+/// The fixed-bit MSRs for CR0 and CR4 in VMX operation.
+#[derive(Clone, Copy, Debug)]
+pub struct FixedBits {
+    pub cr0_fixed0: u64,
+    pub cr0_fixed1: u64,
+    pub cr4_fixed0: u64,
+    pub cr4_fixed1: u64,
+}
+
+impl FixedBits {
+    pub fn read() -> FixedBits {
+        // SAFETY: these MSRs exist on every CPU with VMX (SDM Vol. 3D §A.7, §A.8); callers
+        // only reach here after the probe found VMX.
+        unsafe {
+            FixedBits {
+                cr0_fixed0: cpu::rdmsr(CR0_FIXED0),
+                cr0_fixed1: cpu::rdmsr(CR0_FIXED1),
+                cr4_fixed0: cpu::rdmsr(CR4_FIXED0),
+                cr4_fixed1: cpu::rdmsr(CR4_FIXED1),
+            }
+        }
+    }
+}
+
+/// This CPU in VMX root operation.
+pub struct VmxCpu {
+    caps: VmxCaps,
+    _vmxon_region: u64,
+    /// Not `Send`: VMX state belongs to the CPU that entered it.
+    _here: PhantomData<*const ()>,
+}
+
+impl VmxCpu {
+    /// Executes VMXON on this CPU (the probe must have found VMX available).
+    pub fn enable(caps: VmxCaps, frames: &mut FrameAllocator) -> Result<VmxCpu, VmxError> {
+        let region = alloc_region(frames, caps.vmcs_revision())?;
+        let fixed = FixedBits::read();
+        // SAFETY: CR0/CR4 are adjusted only by the bits VMX operation requires (SDM Vol. 3C
+        // §23.8): the fixed-0 bits set, the fixed-1 bits kept; on this hypervisor those are
+        // PE, PG, NE and VMXE, which leave its own execution unchanged. VMXON then takes the
+        // region initialised above.
+        unsafe {
+            let cr4 = x86_64::registers::control::Cr4::read_raw();
+            x86_64::registers::control::Cr4::write_raw(
+                (cr4 | CR4_VMXE | fixed.cr4_fixed0) & fixed.cr4_fixed1,
+            );
+            let cr0 = x86_64::registers::control::Cr0::read_raw();
+            x86_64::registers::control::Cr0::write_raw((cr0 | fixed.cr0_fixed0) & fixed.cr0_fixed1);
+            x86::bits64::vmx::vmxon(region).map_err(|_| VmxError::VmxonFailed)?;
+        }
+        Ok(VmxCpu {
+            caps,
+            _vmxon_region: region,
+            _here: PhantomData,
+        })
+    }
+
+    pub fn caps(&self) -> &VmxCaps {
+        &self.caps
+    }
+
+    /// Makes `vmcs` current on this CPU (VMPTRLD).
+    pub fn load<'a>(&'a mut self, vmcs: &'a mut Vmcs) -> Result<ActiveVmcs<'a>, VmxError> {
+        // SAFETY: `vmcs.region` was allocated and initialised by `Vmcs::new` with this CPU's
+        // revision id, and VMCS regions are never shared between CPUs at the same time (a
+        // `Vmcs` is owned by one vCPU, which runs on one CPU).
+        unsafe { x86::bits64::vmx::vmptrld(vmcs.region) }.map_err(|_| VmxError::Instruction(0))?;
+        Ok(ActiveVmcs {
+            vmcs,
+            _cpu: PhantomData,
+            reads: 0,
+            writes: 0,
+        })
+    }
+}
+
+/// A VMCS region owned by one vCPU.
+pub struct Vmcs {
+    region: u64,
+    launched: bool,
+}
+
+impl Vmcs {
+    pub fn new(caps: &VmxCaps, frames: &mut FrameAllocator) -> Result<Vmcs, VmxError> {
+        let region = alloc_region(frames, caps.vmcs_revision())?;
+        // SAFETY: VMCLEAR of a region just initialised with the revision id puts it in the
+        // "clear" launch state, as the SDM requires before first use (Vol. 3C §24.11.3).
+        unsafe { x86::bits64::vmx::vmclear(region) }.map_err(|_| VmxError::Instruction(0))?;
+        Ok(Vmcs {
+            region,
+            launched: false,
+        })
+    }
+
+    /// Flushes the VMCS to memory and returns its frame (the vCPU is going away).
+    pub fn release(self) -> u64 {
+        // SAFETY: the region is a valid VMCS; VMCLEAR makes it inactive on this CPU, after which
+        // the frame is no longer used by the processor.
+        let _ = unsafe { x86::bits64::vmx::vmclear(self.region) };
+        self.region
+    }
+}
+
+/// A guest-state or control field: readable and writable while the VMCS is current.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Field(u32);
+
+/// An exit-information field: read-only (SDM Vol. 3C §24.9).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExitInfo(u32);
+
+/// The fields this hypervisor uses.
+pub mod fields {
+    use super::{ExitInfo, Field};
+    use x86::vmx::vmcs::{control as c, guest as g, ro};
+
+    pub const VPID: Field = Field(c::VPID);
+    pub const PINBASED: Field = Field(c::PINBASED_EXEC_CONTROLS);
+    pub const PROCBASED: Field = Field(c::PRIMARY_PROCBASED_EXEC_CONTROLS);
+    pub const PROCBASED2: Field = Field(c::SECONDARY_PROCBASED_EXEC_CONTROLS);
+    pub const EXIT_CONTROLS: Field = Field(c::VMEXIT_CONTROLS);
+    pub const ENTRY_CONTROLS: Field = Field(c::VMENTRY_CONTROLS);
+    pub const EXCEPTION_BITMAP: Field = Field(c::EXCEPTION_BITMAP);
+    pub const EPTP: Field = Field(c::EPTP_FULL);
+    pub const CR0_MASK: Field = Field(c::CR0_GUEST_HOST_MASK);
+    pub const CR4_MASK: Field = Field(c::CR4_GUEST_HOST_MASK);
+    pub const CR0_SHADOW: Field = Field(c::CR0_READ_SHADOW);
+    pub const CR4_SHADOW: Field = Field(c::CR4_READ_SHADOW);
+    pub const ENTRY_INTERRUPTION: Field = Field(c::VMENTRY_INTERRUPTION_INFO_FIELD);
+    pub const ENTRY_ERROR_CODE: Field = Field(c::VMENTRY_EXCEPTION_ERR_CODE);
+    pub const ENTRY_INSTRUCTION_LEN: Field = Field(c::VMENTRY_INSTRUCTION_LEN);
+    pub const LINK_POINTER: Field = Field(g::LINK_PTR_FULL);
+    pub const GUEST_PAT: Field = Field(g::IA32_PAT_FULL);
+    pub const GUEST_EFER: Field = Field(g::IA32_EFER_FULL);
+    pub const GUEST_CR0: Field = Field(g::CR0);
+    pub const GUEST_CR3: Field = Field(g::CR3);
+    pub const GUEST_CR4: Field = Field(g::CR4);
+    pub const GUEST_DR7: Field = Field(g::DR7);
+    pub const GUEST_RSP: Field = Field(g::RSP);
+    pub const GUEST_RIP: Field = Field(g::RIP);
+    pub const GUEST_RFLAGS: Field = Field(g::RFLAGS);
+    pub const GUEST_FS_BASE: Field = Field(g::FS_BASE);
+    pub const GUEST_GS_BASE: Field = Field(g::GS_BASE);
+    pub const GUEST_SYSENTER_CS: Field = Field(g::IA32_SYSENTER_CS);
+    pub const GUEST_SYSENTER_ESP: Field = Field(g::IA32_SYSENTER_ESP);
+    pub const GUEST_SYSENTER_EIP: Field = Field(g::IA32_SYSENTER_EIP);
+    pub const GUEST_INTERRUPTIBILITY: Field = Field(g::INTERRUPTIBILITY_STATE);
+    pub const GUEST_ACTIVITY: Field = Field(g::ACTIVITY_STATE);
+    pub const PREEMPTION_TIMER: Field = Field(g::VMX_PREEMPTION_TIMER_VALUE);
+    pub const PENDING_DEBUG: Field = Field(g::PENDING_DBG_EXCEPTIONS);
+    pub const CR3_TARGET_COUNT: Field = Field(c::CR3_TARGET_COUNT);
+    pub const EXIT_MSR_STORE_COUNT: Field = Field(c::VMEXIT_MSR_STORE_COUNT);
+    pub const EXIT_MSR_LOAD_COUNT: Field = Field(c::VMEXIT_MSR_LOAD_COUNT);
+    pub const ENTRY_MSR_LOAD_COUNT: Field = Field(c::VMENTRY_MSR_LOAD_COUNT);
+    pub const PF_ERROR_MASK: Field = Field(c::PAGE_FAULT_ERR_CODE_MASK);
+    pub const PF_ERROR_MATCH: Field = Field(c::PAGE_FAULT_ERR_CODE_MATCH);
+    pub const TSC_OFFSET: Field = Field(c::TSC_OFFSET_FULL);
+    pub const GUEST_GDTR_BASE: Field = Field(g::GDTR_BASE);
+    pub const GUEST_GDTR_LIMIT: Field = Field(g::GDTR_LIMIT);
+    pub const GUEST_IDTR_BASE: Field = Field(g::IDTR_BASE);
+    pub const GUEST_IDTR_LIMIT: Field = Field(g::IDTR_LIMIT);
+
+    /// One guest segment register's four fields.
+    pub struct Segment {
+        pub selector: Field,
+        pub base: Field,
+        pub limit: Field,
+        pub access: Field,
+    }
+
+    macro_rules! seg {
+        ($name:ident, $sel:ident, $base:ident, $lim:ident, $ar:ident) => {
+            pub const $name: Segment = Segment {
+                selector: Field(g::$sel),
+                base: Field(g::$base),
+                limit: Field(g::$lim),
+                access: Field(g::$ar),
+            };
+        };
+    }
+    seg!(CS, CS_SELECTOR, CS_BASE, CS_LIMIT, CS_ACCESS_RIGHTS);
+    seg!(SS, SS_SELECTOR, SS_BASE, SS_LIMIT, SS_ACCESS_RIGHTS);
+    seg!(DS, DS_SELECTOR, DS_BASE, DS_LIMIT, DS_ACCESS_RIGHTS);
+    seg!(ES, ES_SELECTOR, ES_BASE, ES_LIMIT, ES_ACCESS_RIGHTS);
+    seg!(FS, FS_SELECTOR, FS_BASE, FS_LIMIT, FS_ACCESS_RIGHTS);
+    seg!(GS, GS_SELECTOR, GS_BASE, GS_LIMIT, GS_ACCESS_RIGHTS);
+    seg!(TR, TR_SELECTOR, TR_BASE, TR_LIMIT, TR_ACCESS_RIGHTS);
+    seg!(
+        LDTR,
+        LDTR_SELECTOR,
+        LDTR_BASE,
+        LDTR_LIMIT,
+        LDTR_ACCESS_RIGHTS
+    );
+
+    pub const EXIT_REASON: ExitInfo = ExitInfo(ro::EXIT_REASON);
+    pub const EXIT_QUALIFICATION: ExitInfo = ExitInfo(ro::EXIT_QUALIFICATION);
+    pub const EXIT_INSTRUCTION_LEN: ExitInfo = ExitInfo(ro::VMEXIT_INSTRUCTION_LEN);
+    pub const GUEST_PHYSICAL_ADDRESS: ExitInfo = ExitInfo(ro::GUEST_PHYSICAL_ADDR_FULL);
+    pub const INSTRUCTION_ERROR: ExitInfo = ExitInfo(ro::VM_INSTRUCTION_ERROR);
+}
+
+/// The guest's general registers, saved and restored around every VM entry (RSP and RIP live
+/// in the VMCS). CR2 is switched here too: the VMCS does not hold it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GuestRegs {
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub rbp: u64,
+    pub r8: u64,
+    pub r9: u64,
+    pub r10: u64,
+    pub r11: u64,
+    pub r12: u64,
+    pub r13: u64,
+    pub r14: u64,
+    pub r15: u64,
+    pub cr2: u64,
+}
+
+/// Host state, captured on the CPU that will run the VMCS.
+#[derive(Clone, Copy, Debug)]
+pub struct HostState {
+    cr0: u64,
+    cr3: u64,
+    cr4: u64,
+    tr: u16,
+    gs_base: u64,
+    tr_base: u64,
+    gdtr_base: u64,
+    idtr_base: u64,
+    efer: u64,
+    pat: u64,
+}
+
+impl HostState {
+    /// What this CPU looks like now (after `gdt::init_this_cpu`).
+    pub fn capture() -> HostState {
+        let gdt = x86_64::instructions::tables::sgdt();
+        let idt = x86_64::instructions::tables::sidt();
+        let tr: u16;
+        // SAFETY: STR only reads the task register.
+        unsafe {
+            core::arch::asm!("str {0:x}", out(reg) tr, options(nomem, nostack, preserves_flags))
+        };
+        // The TSS descriptor (16 bytes in long mode) holds the base in bits 16..40, 56..64 of
+        // the low quadword and 0..32 of the high one.
+        // SAFETY: TR indexes the GDT this CPU loaded, which is leaked (lives forever).
+        let (lo, hi) = unsafe {
+            let d = (gdt.base.as_u64() + u64::from(tr & !7)) as *const u64;
+            (d.read(), d.add(1).read())
+        };
+        let tr_base = ((lo >> 16) & 0xff_ffff) | ((lo >> 56) << 24) | ((hi & 0xffff_ffff) << 32);
+        // SAFETY: EFER, PAT and GS_BASE exist on every x86_64 CPU.
+        let (efer, pat, gs_base) = unsafe {
+            (
+                cpu::rdmsr(0xc000_0080),
+                cpu::rdmsr(0x277),
+                cpu::rdmsr(cpu::IA32_GS_BASE),
+            )
+        };
+        HostState {
+            cr0: x86_64::registers::control::Cr0::read_raw(),
+            cr3: x86_64::registers::control::Cr3::read_raw()
+                .0
+                .start_address()
+                .as_u64(),
+            cr4: x86_64::registers::control::Cr4::read_raw(),
+            tr,
+            gs_base,
+            tr_base,
+            gdtr_base: gdt.base.as_u64(),
+            idtr_base: idt.base.as_u64(),
+            efer,
+            pat,
+        }
+    }
+}
+
+/// The current VMCS of this CPU.
+pub struct ActiveVmcs<'a> {
+    vmcs: &'a mut Vmcs,
+    _cpu: PhantomData<&'a mut VmxCpu>,
+    /// VMREADs and VMWRITEs since the counters were last taken (for `bench vmcall`).
+    pub reads: u32,
+    pub writes: u32,
+}
+
+impl ActiveVmcs<'_> {
+    fn vmread(&mut self, enc: u32) -> u64 {
+        self.reads += 1;
+        // SAFETY: this VMCS is current on this CPU (the borrow proves it) and `enc` is one of
+        // the field encodings above, all of which exist on CPUs with the features we enable;
+        // a failing VMREAD has no side effect and reads as 0.
+        unsafe { x86::bits64::vmx::vmread(enc) }.unwrap_or(0)
+    }
+
+    fn vmwrite(&mut self, enc: u32, value: u64) -> Result<(), VmxError> {
+        self.writes += 1;
+        // SAFETY: as for `vmread`; the fields written through the public API are guest-state
+        // and control fields, which only affect the guest (invalid values make VM entry fail,
+        // which is reported, not undefined behaviour).
+        unsafe { x86::bits64::vmx::vmwrite(enc, value) }
+            .map_err(|_| VmxError::Instruction(self.read_error()))
+    }
+
+    fn read_error(&mut self) -> u64 {
+        self.vmread(ro::VM_INSTRUCTION_ERROR)
+    }
+
+    pub fn get(&mut self, f: Field) -> u64 {
+        self.vmread(f.0)
+    }
+
+    pub fn set(&mut self, f: Field, value: u64) -> Result<(), VmxError> {
+        self.vmwrite(f.0, value)
+    }
+
+    pub fn info(&mut self, f: ExitInfo) -> u64 {
+        self.vmread(f.0)
+    }
+
+    /// Writes the host-state area from `h`; the host RIP is always the exit path.
+    pub fn set_host_state(&mut self, h: &HostState) -> Result<(), VmxError> {
+        let w = |s: &mut Self, enc: u32, v: u64| s.vmwrite(enc, v);
+        w(self, host::CR0, h.cr0)?;
+        w(self, host::CR3, h.cr3)?;
+        w(self, host::CR4, h.cr4)?;
+        w(self, host::CS_SELECTOR, 0x08)?;
+        for sel in [host::SS_SELECTOR, host::DS_SELECTOR, host::ES_SELECTOR] {
+            w(self, sel, 0x10)?;
+        }
+        w(self, host::FS_SELECTOR, 0)?;
+        w(self, host::GS_SELECTOR, 0)?;
+        w(self, host::TR_SELECTOR, u64::from(h.tr))?;
+        w(self, host::FS_BASE, 0)?;
+        w(self, host::GS_BASE, h.gs_base)?;
+        w(self, host::TR_BASE, h.tr_base)?;
+        w(self, host::GDTR_BASE, h.gdtr_base)?;
+        w(self, host::IDTR_BASE, h.idtr_base)?;
+        w(self, host::IA32_SYSENTER_CS, 0)?;
+        w(self, host::IA32_SYSENTER_ESP, 0)?;
+        w(self, host::IA32_SYSENTER_EIP, 0)?;
+        w(self, host::IA32_EFER_FULL, h.efer)?;
+        w(self, host::IA32_PAT_FULL, h.pat)?;
+        w(self, host::RIP, vmx_exit_point as *const () as u64)?;
+        Ok(())
+    }
+
+    /// Enters the guest until its next VM exit. Interrupts must be disabled by the caller.
+    pub fn run(&mut self, regs: &mut GuestRegs) -> Result<(), VmxError> {
+        // SAFETY: this VMCS is current and complete (host state set by `set_host_state`, whose
+        // RIP is `vmx_exit_point`); `vmx_enter` writes HOST_RSP itself, saves every guest GPR
+        // into `regs` on exit and restores the callee-saved host registers.
+        let failed = unsafe { vmx_enter(regs, u64::from(self.vmcs.launched)) };
+        if failed != 0 {
+            return Err(VmxError::Instruction(self.read_error()));
+        }
+        self.vmcs.launched = true;
+        Ok(())
+    }
+}
+
+unsafe extern "C" {
+    /// The host RIP of every VMCS: the second half of `vmx_enter`.
+    fn vmx_exit_point();
+}
+
+/// Loads the guest's registers and executes VMLAUNCH (first entry) or VMRESUME. Returns 0
+/// after a VM exit (guest registers saved into `regs`), 1 if the entry instruction failed.
+///
+/// # Safety
+/// The current VMCS must be complete with `vmx_exit_point` as its host RIP, and interrupts
+/// must be disabled.
+#[unsafe(naked)]
+unsafe extern "C" fn vmx_enter(regs: *mut GuestRegs, launched: u64) -> u64 {
+    naked_asm!(
+        "push rbp",
+        "push rbx",
+        "push r12",
+        "push r13",
+        "push r14",
+        "push r15",
+        "push rdi",
+        "mov rax, 0x6c14",
+        "vmwrite rax, rsp",
+        "mov rax, [rdi + 120]",
+        "mov cr2, rax",
+        "cmp rsi, 0",
+        "mov rax, [rdi + 0]",
+        "mov rbx, [rdi + 8]",
+        "mov rcx, [rdi + 16]",
+        "mov rdx, [rdi + 24]",
+        "mov rsi, [rdi + 32]",
+        "mov rbp, [rdi + 48]",
+        "mov r8, [rdi + 56]",
+        "mov r9, [rdi + 64]",
+        "mov r10, [rdi + 72]",
+        "mov r11, [rdi + 80]",
+        "mov r12, [rdi + 88]",
+        "mov r13, [rdi + 96]",
+        "mov r14, [rdi + 104]",
+        "mov r15, [rdi + 112]",
+        "mov rdi, [rdi + 40]",
+        "je 2f",
+        "vmresume",
+        "jmp 3f",
+        "2:",
+        "vmlaunch",
+        "3:",
+        "pop rdi",
+        "pop r15",
+        "pop r14",
+        "pop r13",
+        "pop r12",
+        "pop rbx",
+        "pop rbp",
+        "mov eax, 1",
+        "ret",
+        ".global vmx_exit_point",
+        "vmx_exit_point:",
+        "push rdi",
+        "mov rdi, [rsp + 8]",
+        "mov [rdi + 0], rax",
+        "mov [rdi + 8], rbx",
+        "mov [rdi + 16], rcx",
+        "mov [rdi + 24], rdx",
+        "mov [rdi + 32], rsi",
+        "mov [rdi + 48], rbp",
+        "mov [rdi + 56], r8",
+        "mov [rdi + 64], r9",
+        "mov [rdi + 72], r10",
+        "mov [rdi + 80], r11",
+        "mov [rdi + 88], r12",
+        "mov [rdi + 96], r13",
+        "mov [rdi + 104], r14",
+        "mov [rdi + 112], r15",
+        "pop rax",
+        "mov [rdi + 40], rax",
+        "mov rax, cr2",
+        "mov [rdi + 120], rax",
+        "pop rdi",
+        "pop r15",
+        "pop r14",
+        "pop r13",
+        "pop r12",
+        "pop rbx",
+        "pop rbp",
+        "xor eax, eax",
+        "ret",
+    )
+}
+
+/// INVEPT all-context: drops every cached EPT translation on this CPU (after an EPT change).
+pub fn invept_all() {
+    let descriptor = [0u64; 2];
+    // SAFETY: type 2 (all-context) needs no valid EPTP in the descriptor; INVEPT only drops
+    // cached translations. Callers reach here only with VMX on and INVEPT supported.
+    unsafe {
+        core::arch::asm!("invept {0}, [{1}]", in(reg) 2u64, in(reg) &descriptor, options(nostack));
+    }
+}

@@ -1,0 +1,9 @@
+//! Links the guests at 1 MiB guest-physical (the loader's rule) when built for bare metal.
+fn main() {
+    println!("cargo:rerun-if-changed=guest.ld");
+    if std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("none") {
+        let dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+        println!("cargo:rustc-link-arg-bins=-T{dir}/guest.ld");
+        println!("cargo:rustc-link-arg-bins=--no-pie");
+    }
+}
