@@ -730,10 +730,12 @@ impl RunLoop {
         }
         println!("[dom{}] stopped: {why}", v.domain.id);
         info!(
-            "domain {} ({}) stopped after {} exits: {why}",
+            "domain {} ({}) stopped after {} exits ({} VMREADs, {} VMWRITEs): {why}",
             v.domain.id,
             v.domain.name,
-            v.domain.total_exits()
+            v.domain.total_exits(),
+            v.vmreads,
+            v.vmwrites
         );
         *v.domain.stop_reason.lock() = why;
         v.domain

@@ -42,8 +42,11 @@ pub struct Scenario {
     /// Lines typed at successive prompts; `@wait MS` pauses instead (no prompt consumed).
     #[serde(default)]
     pub input: Vec<String>,
-    /// Regexes that must all appear, in this order.
+    /// Regexes that must all appear, in this order (any order with `unordered = true`, for
+    /// output of several domains that interleaves).
     pub expect: Vec<String>,
+    #[serde(default)]
+    pub unordered: bool,
     /// Regexes that fail the scenario if they appear (default: any fault report).
     #[serde(default = "default_reject")]
     pub reject: Vec<String>,
@@ -237,13 +240,20 @@ fn run_inner(s: &Scenario, work: &Path, log: &Path) -> Result<String, String> {
                 "/{r}/ appeared more than once (did the machine reset?)"
             ));
         }
-        while next_expect < expect.len() {
-            match expect[next_expect].find(&text[pos..]) {
-                Some(m) => {
-                    pos += m.end();
-                    next_expect += 1;
+        if s.unordered {
+            next_expect = expect
+                .iter()
+                .position(|r| !r.is_match(&text))
+                .unwrap_or(expect.len());
+        } else {
+            while next_expect < expect.len() {
+                match expect[next_expect].find(&text[pos..]) {
+                    Some(m) => {
+                        pos += m.end();
+                        next_expect += 1;
+                    }
+                    None => break,
                 }
-                None => break,
             }
         }
         let prompts = text.matches(PROMPT).count();
