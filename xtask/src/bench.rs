@@ -11,12 +11,14 @@ use crate::build::{self, ImageOptions};
 use crate::emu::{self, Boot, Emulator, Machine, PROMPT};
 use crate::root;
 
-const BENCHES: &str = "boot";
+const BENCHES: &str = "boot, vmcall";
 
 pub fn run(args: &[String]) -> Result<(), String> {
     let which = args.first().map(String::as_str).unwrap_or("all");
     match which {
-        "boot" | "all" => boot(),
+        "boot" => boot(),
+        "vmcall" => vmcall(),
+        "all" => boot().and_then(|()| vmcall()),
         other => Err(format!(
             "bench: unknown benchmark '{other}' (have: {BENCHES})"
         )),
@@ -47,6 +49,77 @@ fn to_prompt(m: &Machine, limit: Duration) -> Result<(String, Duration), String>
             return Err(format!("no prompt within {} s", limit.as_secs()));
         }
     }
+}
+
+/// Boots `m` and reads serial output until `done` matches (or the limit passes).
+fn until(m: &Machine, done: &Regex, limit: Duration) -> Result<String, String> {
+    let mut r = emu::start(m)?;
+    r.serial
+        .set_read_timeout(Some(Duration::from_millis(20)))
+        .map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match r.serial.read(&mut buf) {
+            Ok(0) => return Err("serial closed".into()),
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+        let text = String::from_utf8_lossy(&raw);
+        if done.is_match(&text) {
+            r.stop();
+            return Ok(text.into_owned());
+        }
+        if r.started.elapsed() > limit {
+            return Err(format!(
+                "no /{done}/ within {} s; last output:\n{text}",
+                limit.as_secs()
+            ));
+        }
+    }
+}
+
+/// The cost of a VMCALL round trip in Bochs with deterministic time: TSC ticks (instructions)
+/// per round trip measured by the guest, and VMREADs/VMWRITEs per exit counted by the host.
+fn vmcall() -> Result<(), String> {
+    let n = 20_000;
+    let module = build::guest_module(&format!("hypercall_bench:name=bench mem=8 -- {n}"))?;
+    let iso = build::image_named(
+        &ImageOptions {
+            append: "loglevel=info".into(),
+            modules: vec![module],
+        },
+        "bench-vmcall",
+    )?;
+    let m = Machine {
+        emulator: Emulator::Bochs,
+        cpus: 1,
+        mem_mib: 128,
+        boot: Boot::Iso(iso),
+        work_dir: root().join("target/bench/vmcall"),
+        deterministic: true,
+    };
+    let stopped =
+        Regex::new(r"stopped after (\d+) exits \((\d+) VMREADs, (\d+) VMWRITEs\)").expect("valid");
+    let text = until(&m, &stopped, Duration::from_secs(300))?;
+    let per =
+        Regex::new(r"hypercall-bench: (\d+) round trips, (\d+) TSC ticks each").expect("valid");
+    let c = per.captures(&text).ok_or("no hypercall-bench line")?;
+    let ticks: u64 = c[2].parse().map_err(|_| "bad number")?;
+    let s = stopped.captures(&text).ok_or("no stop line")?;
+    let exits: f64 = s[1].parse().map_err(|_| "bad number")?;
+    let reads: f64 = s[2].parse().map_err(|_| "bad number")?;
+    let writes: f64 = s[3].parse().map_err(|_| "bad number")?;
+    println!("vmcall benchmark (figures, not a test)");
+    println!(
+        "  bochs tigerlake, sync=none: {n} VMCALL round trips, {ticks} instructions (TSC ticks) each"
+    );
+    println!(
+        "  per exit over the whole run ({exits} exits): {:.2} VMREADs, {:.2} VMWRITEs",
+        reads / exits,
+        writes / exits
+    );
+    Ok(())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
