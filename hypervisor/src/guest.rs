@@ -378,11 +378,11 @@ impl RunLoop {
                 self.teardown(v, String::from("destroyed by the operator"));
                 return true;
             }
-            if let Some(t) = v.halted_at_tick {
-                if CPUS[self.cpu].ticks.load(Ordering::Relaxed) <= t {
-                    RUN_QUEUES[self.cpu].lock().push_back(v);
-                    continue;
-                }
+            if v.halted_at_tick
+                .is_some_and(|t| CPUS[self.cpu].ticks.load(Ordering::Relaxed) <= t)
+            {
+                RUN_QUEUES[self.cpu].lock().push_back(v);
+                continue;
             }
             self.run(v);
             return true;

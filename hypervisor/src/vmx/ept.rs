@@ -135,7 +135,7 @@ impl Ept {
         perm: Perm,
         mem: MemType,
     ) -> Result<(), EptError> {
-        if (gpa | hpa | len) % KIB4 != 0 {
+        if !(gpa | hpa | len).is_multiple_of(KIB4) {
             return Err(EptError::Unaligned);
         }
         let end = gpa
@@ -383,7 +383,7 @@ pub(crate) mod tests {
             ),
             Err(EptError::OutOfRange)
         );
-        assert_eq!(ept.translate(&mut f, u64::MAX & !0xfff), None);
+        assert_eq!(ept.translate(&mut f, !0xfff), None);
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //! A guest is a `no_std` binary whose `main` is named with [`guest_main!`]; the loader enters
 //! `_start` in 64-bit mode with RDI = command line address, RSI = its length, RDX = RAM size.
 #![cfg_attr(not(test), no_std)]
+// Register-width casts (u64 to u32 halves for RDMSR/WRMSR) are deliberate here.
+#![allow(clippy::cast_possible_truncation)]
 
 use core::fmt::Write;
 

@@ -2,7 +2,9 @@
 //! which its own IDT catches), unmapped ports; then either a deliberate triple fault (default)
 //! or, with `mmio`, a read of unmapped MMIO. The hypervisor must refuse each and stop only it.
 #![cfg_attr(target_os = "none", no_std, no_main)]
+#![allow(clippy::cast_possible_truncation)] // EDX:EAX halves of MSR values
 
+#[cfg(target_os = "none")]
 use test_guests::{hv_abi, hypercall, inb, outb, println};
 
 test_guests::guest_main!(run);
