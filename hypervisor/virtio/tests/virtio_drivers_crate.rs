@@ -2,6 +2,9 @@
 //! and console drivers, over our MMIO register state machine, with a shared arena as both
 //! the drivers' DMA memory and the devices' guest RAM.
 
+// Test patterns are built from small integers; truncation to a byte is intended.
+#![allow(clippy::cast_possible_truncation)]
+
 mod common;
 
 use std::cell::RefCell;
