@@ -641,7 +641,7 @@ fn cmd_domains() {
         );
         return;
     }
-    println!("ID  NAME          STATE       MEM   CPU  EXITS");
+    println!("ID  NAME          STATE       MEM   VCPUS CPU  EXITS");
     for d in &all {
         let state = match d.state() {
             crate::guest::DomainState::Running => "running",
@@ -656,11 +656,12 @@ fn cmd_domains() {
             }
         }
         println!(
-            "{:<3} {:<13} {:<11} {:>3}M  {:<4} {}{}",
+            "{:<3} {:<13} {:<11} {:>3}M  {:<5} {:<4} {}{}",
             d.id,
             d.name,
             state,
             d.mem_mib,
+            1,
             d.cpu,
             d.total_exits(),
             by_reason

@@ -148,7 +148,11 @@ mod tests {
     fn every_listed_command_parses() {
         for (name, _) in COMMANDS {
             // Commands that need an argument are tried with one.
-            let line = if *name == "destroy" { "destroy 1".to_string() } else { name.to_string() };
+            let line = if *name == "destroy" {
+                "destroy 1".to_string()
+            } else {
+                name.to_string()
+            };
             assert!(parse(&line).is_ok(), "{line}");
         }
     }
