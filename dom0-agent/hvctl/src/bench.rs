@@ -2,6 +2,11 @@
 //! striped, mirrored and thin volumes, and first writes after a snapshot, against the raw
 //! file and `qemu-img bench` (raw file, and a qcow2 overlay for first writes), all in a
 //! RAM-backed directory. Prints MiB/s and ratios.
+//!
+//! Every volume is measured alternately with the raw file (five rounds, best of each), so
+//! that noise from other work on the machine hits both sides of a ratio alike. Image files
+//! are written through once before timing so that first-touch page allocation of the
+//! RAM-backed filesystem does not count against whichever target runs first.
 
 use std::path::Path;
 use std::process::Command;
@@ -31,18 +36,21 @@ trait Target {
     fn flush(&mut self);
 }
 
-impl Target for FileDisk {
+/// The first `blocks` blocks of a raw image file, at the same data offset a pool uses.
+struct Raw(FileDisk, u64, u64);
+
+impl Target for Raw {
     fn blocks(&self) -> u64 {
-        self.num_blocks()
+        self.1
     }
     fn write(&mut self, b: u64, buf: &[u8]) {
-        BlockDevice::write(self, b, buf).expect("raw write");
+        BlockDevice::write(&mut self.0, self.2 + b, buf).expect("raw write");
     }
     fn read(&mut self, b: u64, buf: &mut [u8]) {
-        BlockDevice::read(self, b, buf).expect("raw read");
+        BlockDevice::read(&mut self.0, self.2 + b, buf).expect("raw read");
     }
     fn flush(&mut self) {
-        BlockDevice::flush(self).expect("raw flush");
+        BlockDevice::flush(&mut self.0).expect("raw flush");
     }
 }
 
@@ -63,69 +71,101 @@ impl Target for Vol<'_> {
     }
 }
 
-#[derive(Clone, Copy, Default)]
-struct Res {
-    rand_w: f64,
-    rand_r: f64,
-    seq_w: f64,
-    seq_r: f64,
-}
+const PHASES: [&str; 4] = ["4K rand W", "4K rand R", "1M seq W", "1M seq R"];
 
 fn mibs(bytes: u64, secs: f64) -> f64 {
-    bytes as f64 / f64::from(1 << 20) / secs.max(1e-9)
+    bytes as f64 / (1 << 20) as f64 / secs.max(1e-9)
 }
 
-fn workloads(t: &mut dyn Target, ops: u64) -> Res {
+/// One timed phase over a target, in MiB/s.
+/// I/O buffers, allocated once and shared by both sides of a comparison so that allocator
+/// behaviour (fresh pages, heap trimming) cannot favour one side.
+struct Bufs {
+    small: Vec<u8>,
+    big: Vec<u8>,
+}
+
+fn phase(t: &mut dyn Target, which: usize, ops: u64, rng: &mut Rng, bufs: &mut Bufs) -> f64 {
     let blocks = t.blocks();
-    let mut buf4 = vec![0x5au8; 4096];
-    let mut buf1m = vec![0xa5u8; 1 << 20];
-    let mut rng = Rng(0x1234_5678_9abc_def1);
-    let mut r = Res::default();
-    // Sequential 1 MiB writes over the whole target (also allocates thin chunks), then reads.
-    let n1m = blocks / 256;
     let t0 = Instant::now();
-    for i in 0..n1m {
-        t.write(i * 256, &buf1m);
-    }
-    t.flush();
-    r.seq_w = mibs(n1m << 20, t0.elapsed().as_secs_f64());
-    let t0 = Instant::now();
-    for i in 0..n1m {
-        t.read(i * 256, &mut buf1m);
-    }
-    r.seq_r = mibs(n1m << 20, t0.elapsed().as_secs_f64());
-    let t0 = Instant::now();
-    for _ in 0..ops {
-        let b = rng.next() % blocks;
-        buf4[0] = b as u8;
-        t.write(b, &buf4);
-    }
-    t.flush();
-    r.rand_w = mibs(ops * 4096, t0.elapsed().as_secs_f64());
-    let t0 = Instant::now();
-    for _ in 0..ops {
-        let b = rng.next() % blocks;
-        t.read(b, &mut buf4);
-    }
-    r.rand_r = mibs(ops * 4096, t0.elapsed().as_secs_f64());
-    r
+    let bytes = match which {
+        0 => {
+            let buf = &mut bufs.small;
+            for _ in 0..ops {
+                let b = rng.next() % blocks;
+                buf[0] = b as u8;
+                t.write(b, &buf);
+            }
+            t.flush();
+            ops * 4096
+        }
+        1 => {
+            for _ in 0..ops {
+                t.read(rng.next() % blocks, &mut bufs.small);
+            }
+            ops * 4096
+        }
+        2 => {
+            bufs.big.fill(0xa5);
+            for i in 0..blocks / 256 {
+                t.write(i * 256, &bufs.big);
+            }
+            t.flush();
+            (blocks / 256) << 20
+        }
+        _ => {
+            for i in 0..blocks / 256 {
+                t.read(i * 256, &mut bufs.big);
+            }
+            (blocks / 256) << 20
+        }
+    };
+    mibs(bytes, t0.elapsed().as_secs_f64())
 }
 
-fn disk(dir: &Path, name: &str, bytes: u64) -> Result<Box<dyn BlockDevice>, CliError> {
-    let p = dir.join(name);
-    let _ = std::fs::remove_file(&p);
-    Ok(Box::new(
-        FileDisk::open(&p, Some(bytes)).map_err(|err| CliError::File { path: p, err })?,
-    ))
+/// Runs every phase on `raw` and `t` alternately, five rounds, keeping the best of each.
+fn paired(raw: &mut dyn Target, t: &mut dyn Target, ops: u64) -> ([f64; 4], [f64; 4]) {
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    let mut bufs = Bufs {
+        small: vec![0x5a; 4096],
+        big: vec![0xa5; 1 << 20],
+    };
+    let mut rr = [0.0f64; 4];
+    let mut tr = [0.0f64; 4];
+    // The sequential write comes first so that a thin volume is allocated before the rest.
+    for which in [2, 3, 0, 1] {
+        for _ in 0..5 {
+            rr[which] = rr[which].max(phase(raw, which, ops, &mut rng, &mut bufs));
+            tr[which] = tr[which].max(phase(t, which, ops, &mut rng, &mut bufs));
+        }
+    }
+    (rr, tr)
+}
+
+/// A fresh image file, written through once so that the RAM-backed filesystem has its pages.
+fn prefilled(path: &Path, bytes: u64) -> Result<FileDisk, CliError> {
+    let _ = std::fs::remove_file(path);
+    let mut d = FileDisk::open(path, Some(bytes)).map_err(|err| CliError::File {
+        path: path.to_path_buf(),
+        err,
+    })?;
+    let zero = vec![0u8; 1 << 20];
+    let blocks = d.num_blocks();
+    let mut b = 0;
+    while b < blocks {
+        let n = 256.min(blocks - b);
+        BlockDevice::write(&mut d, b, &zero[..(n * 4096) as usize])
+            .map_err(|e| CliError::Usage(e.to_string()))?;
+        b += n;
+    }
+    Ok(d)
 }
 
 fn pool_on(dir: &Path, prefix: &str, n: usize, bytes: u64) -> Result<Pool, CliError> {
-    let mut devs = Vec::new();
+    let mut devs: Vec<(Box<dyn BlockDevice>, DiskSpec)> = Vec::new();
     for i in 0..n {
-        devs.push((
-            disk(dir, &format!("{prefix}{i}.img"), bytes)?,
-            DiskSpec::new(&format!("d{i}"), "ram"),
-        ));
+        let d = prefilled(&dir.join(format!("{prefix}{i}.img")), bytes)?;
+        devs.push((Box::new(d), DiskSpec::new(&format!("d{i}"), "ram")));
     }
     Ok(Pool::create(
         devs,
@@ -133,18 +173,31 @@ fn pool_on(dir: &Path, prefix: &str, n: usize, bytes: u64) -> Result<Pool, CliEr
     )?)
 }
 
-/// First 4 KiB writes at a 64 KiB stride after a snapshot: `count` writes, MiB/s.
-fn first_write_after_snapshot(dir: &Path, size: u64, count: u64) -> Result<f64, CliError> {
-    let mut p = pool_on(dir, "snap", 1, size + (64 << 20))?;
+/// A thin volume filled with data, ready for snapshots.
+fn snapshot_pool(dir: &Path, size: u64) -> Result<(Pool, u32), CliError> {
+    let mut p = pool_on(dir, "snap", 1, 2 * size + (64 << 20))?;
     p.create_thin_pool("tp", size / 4096 * 2, LayoutSpec::Concat, None, 16)?;
     let id = p.create_thin("t", "tp", size / 4096)?;
     let buf = vec![0x11u8; 1 << 20];
     for i in 0..size >> 20 {
         p.write(id, i * 256, &buf)?;
     }
+    p.flush()?;
+    Ok((p, id))
+}
+
+/// Takes a fresh snapshot, then times `count` first 4 KiB writes 64 KiB apart (MiB/s).
+fn first_write_after_snapshot(
+    p: &mut Pool,
+    id: u32,
+    size: u64,
+    count: u64,
+    round: u32,
+) -> Result<f64, CliError> {
+    let snap = format!("s{round}");
     p.snapshot(
         "t",
-        "s",
+        &snap,
         SnapshotKind::SpaceOptimized,
         LayoutSpec::Concat,
         None,
@@ -155,10 +208,12 @@ fn first_write_after_snapshot(dir: &Path, size: u64, count: u64) -> Result<f64, 
         p.write(id, (i * 16) % (size / 4096), &b4)?;
     }
     p.flush()?;
-    Ok(mibs(count * 4096, t0.elapsed().as_secs_f64()))
+    let r = mibs(count * 4096, t0.elapsed().as_secs_f64());
+    p.remove(&snap)?;
+    Ok(r)
 }
 
-/// Runs `qemu-img bench` and returns MiB/s, or None when qemu-img is missing.
+/// Runs `qemu-img bench` and returns MiB/s, or None when qemu-img is missing or fails.
 fn qemu_bench(args: &[&str], count: u64, bs: u64) -> Option<f64> {
     let out = Command::new("qemu-img")
         .arg("bench")
@@ -183,11 +238,10 @@ fn qemu_bench(args: &[&str], count: u64, bs: u64) -> Option<f64> {
     Some(mibs(count * bs, secs))
 }
 
-fn ratio(a: f64, b: f64) -> String {
-    if b > 0.0 {
-        format!("{:.2}", a / b)
-    } else {
-        "-".into()
+fn best_of(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.max(y)),
+        (x, y) => x.or(y),
     }
 }
 
@@ -202,22 +256,28 @@ pub fn run(dir: &Path, size: u64, scale: u64) -> Result<(), CliError> {
         path: dir.clone(),
         err,
     })?;
-    let ops = 20_000 * scale;
+    let result = run_in(&dir, size, scale);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn run_in(dir: &Path, size: u64, scale: u64) -> Result<(), CliError> {
+    let ops = 50_000 * scale;
     let blocks = size / 4096;
     println!(
-        "volume bench: {} MiB per target, {ops} random 4 KiB ops, files in {}",
+        "volume bench: {} MiB per target, {ops} random 4 KiB ops per round, files in {}",
         size >> 20,
         dir.display()
     );
-    let mut rows: Vec<(String, Res)> = Vec::new();
-    {
-        let mut raw =
-            FileDisk::open(&dir.join("raw.img"), Some(size)).map_err(|err| CliError::File {
-                path: dir.join("raw.img"),
-                err,
-            })?;
-        rows.push(("raw file".into(), workloads(&mut raw, ops)));
-    }
+    println!(
+        "{:<18} {:>15} {:>15} {:>15} {:>15}",
+        "MiB/s (ratio)", PHASES[0], PHASES[1], PHASES[2], PHASES[3]
+    );
+    // The raw side of each comparison is the data area of the pool's first disk file, opened
+    // a second time: the very same pages in memory, so a ratio measures only the volume
+    // manager (two different tmpfs files can differ by 40% in copy speed on their own).
+    let data_start = volmgr::format::Label::data_start_for(512, 32, 256);
+    let _ = prefilled(&dir.join("raw.img"), size)?;
     let configs: [(&str, usize, Option<LayoutSpec>); 4] = [
         ("linear", 1, Some(LayoutSpec::Concat)),
         (
@@ -229,15 +289,11 @@ pub fn run(dir: &Path, size: u64, scale: u64) -> Result<(), CliError> {
             }),
         ),
         ("mirrored 2", 2, Some(LayoutSpec::Mirror { legs: 2 })),
-        ("thin (64K chunks)", 1, None),
+        ("thin 64K chunks", 1, None),
     ];
+    let mut linear = None;
     for (name, n, spec) in configs {
-        let mut p = pool_on(
-            &dir,
-            &name.replace([' ', '(', ')'], "_"),
-            n,
-            size + (64 << 20),
-        )?;
+        let mut p = pool_on(dir, &name.replace(' ', "_"), n, size + (64 << 20))?;
         let id = match spec {
             Some(s) => p.create_volume("v", blocks, s, None)?,
             None => {
@@ -245,36 +301,39 @@ pub fn run(dir: &Path, size: u64, scale: u64) -> Result<(), CliError> {
                 p.create_thin("v", "tp", blocks)?
             }
         };
-        let r = workloads(&mut Vol(&mut p, id, blocks), ops);
-        rows.push((name.into(), r));
-    }
-    let raw = rows[0].1;
-    println!(
-        "{:<20} {:>12} {:>12} {:>12} {:>12}   ratios to raw (rw rr sw sr)",
-        "target", "4K rand W", "4K rand R", "1M seq W", "1M seq R"
-    );
-    for (name, r) in &rows {
+        let path = dir.join(format!("{}0.img", name.replace(' ', "_")));
+        let file = FileDisk::open(&path, None).map_err(|err| CliError::File { path, err })?;
+        let mut raw = Raw(file, blocks, data_start);
+        let (r, t) = paired(&mut raw, &mut Vol(&mut p, id, blocks), ops);
+        let cell = |i: usize| format!("{:.0} ({:.2})", t[i], t[i] / r[i]);
         println!(
-            "{:<20} {:>8.1} MiB/s {:>6.1} MiB/s {:>6.1} MiB/s {:>6.1} MiB/s   {} {} {} {}",
-            name,
-            r.rand_w,
-            r.rand_r,
-            r.seq_w,
-            r.seq_r,
-            ratio(r.rand_w, raw.rand_w),
-            ratio(r.rand_r, raw.rand_r),
-            ratio(r.seq_w, raw.seq_w),
-            ratio(r.seq_r, raw.seq_r)
+            "{:<18} {:>15} {:>15} {:>15} {:>15}",
+            "  raw file",
+            format!("{:.0}", r[0]),
+            format!("{:.0}", r[1]),
+            format!("{:.0}", r[2]),
+            format!("{:.0}", r[3])
         );
+        println!(
+            "{:<18} {:>15} {:>15} {:>15} {:>15}",
+            name,
+            cell(0),
+            cell(1),
+            cell(2),
+            cell(3)
+        );
+        if linear.is_none() {
+            linear = Some((r, t));
+        }
     }
-    // qemu-img bench as a peer on the raw file (sequential, as qemu-img bench does).
-    let raw_path = dir.join("raw.img");
-    let rp = raw_path.to_string_lossy().to_string();
+    // qemu-img bench as a peer on the raw file (qemu-img bench is sequential with a step).
+    let rp = dir.join("raw.img").to_string_lossy().into_owned();
     let c4 = ops.to_string();
     let n1m = (size >> 20).to_string();
+    let step = (size / ops.max(1) / 4096 * 4096).max(4096).to_string();
     let q = [
         (
-            "qemu-img 4K W",
+            "4K W (strided)",
             qemu_bench(
                 &[
                     "-f",
@@ -286,7 +345,8 @@ pub fn run(dir: &Path, size: u64, scale: u64) -> Result<(), CliError> {
                     &c4,
                     "-s",
                     "4096",
-                    "-q",
+                    "-S",
+                    &step,
                     &rp,
                 ],
                 ops,
@@ -294,15 +354,27 @@ pub fn run(dir: &Path, size: u64, scale: u64) -> Result<(), CliError> {
             ),
         ),
         (
-            "qemu-img 4K R",
+            "4K R (strided)",
             qemu_bench(
-                &["-f", "raw", "-t", "writeback", "-c", &c4, "-s", "4096", &rp],
+                &[
+                    "-f",
+                    "raw",
+                    "-t",
+                    "writeback",
+                    "-c",
+                    &c4,
+                    "-s",
+                    "4096",
+                    "-S",
+                    &step,
+                    &rp,
+                ],
                 ops,
                 4096,
             ),
         ),
         (
-            "qemu-img 1M W",
+            "1M seq W",
             qemu_bench(
                 &[
                     "-f",
@@ -321,7 +393,7 @@ pub fn run(dir: &Path, size: u64, scale: u64) -> Result<(), CliError> {
             ),
         ),
         (
-            "qemu-img 1M R",
+            "1M seq R",
             qemu_bench(
                 &["-f", "raw", "-t", "writeback", "-c", &n1m, "-s", "1M", &rp],
                 size >> 20,
@@ -331,69 +403,73 @@ pub fn run(dir: &Path, size: u64, scale: u64) -> Result<(), CliError> {
     ];
     for (name, v) in q {
         match v {
-            Some(v) => println!("{name:<20} {v:>8.1} MiB/s (raw file through qemu's block layer)"),
-            None => println!("{name:<20} unavailable (qemu-img missing)"),
+            Some(v) => println!(
+                "qemu-img bench raw {name:<16} {v:>8.0} MiB/s (peer: qemu's block layer on the raw file)"
+            ),
+            None => println!("qemu-img bench raw {name:<16} unavailable (qemu-img missing)"),
         }
     }
-    // First write after a snapshot vs qcow2's first write into an overlay.
+    // First write after a snapshot vs qcow2's first write into an overlay, alternately.
     let count = (blocks / 16).min(ops);
-    let ours = first_write_after_snapshot(&dir, size, count)?;
     let base = dir.join("base.raw");
     let overlay = dir.join("overlay.qcow2");
     {
-        let mut b = FileDisk::open(&base, Some(size)).map_err(|err| CliError::File {
-            path: base.clone(),
-            err,
-        })?;
+        let mut b = prefilled(&base, size)?;
         let buf = vec![0x11u8; 1 << 20];
         for i in 0..size >> 20 {
             BlockDevice::write(&mut b, i * 256, &buf)
                 .map_err(|e| CliError::Usage(e.to_string()))?;
         }
     }
-    let _ = std::fs::remove_file(&overlay);
-    let made = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-        .arg(&base)
-        .arg(&overlay)
-        .status()
-        .is_ok_and(|s| s.success());
-    let qcow = if made {
-        let ov = overlay.to_string_lossy().to_string();
-        qemu_bench(
-            &[
-                "-f",
-                "qcow2",
-                "-w",
-                "-t",
-                "writeback",
-                "-c",
-                &count.to_string(),
-                "-s",
-                "4096",
-                "-S",
-                "65536",
-                &ov,
-            ],
-            count,
-            4096,
-        )
-    } else {
-        None
-    };
+    let (mut sp, sid) = snapshot_pool(dir, size)?;
+    let mut ours = 0.0f64;
+    let mut qcow = None;
+    for round in 0..3 {
+        ours = ours.max(first_write_after_snapshot(
+            &mut sp, sid, size, count, round,
+        )?);
+        let _ = std::fs::remove_file(&overlay);
+        let made = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&base)
+            .arg(&overlay)
+            .status()
+            .is_ok_and(|s| s.success());
+        if made {
+            let ov = overlay.to_string_lossy().into_owned();
+            let q = qemu_bench(
+                &[
+                    "-f",
+                    "qcow2",
+                    "-w",
+                    "-t",
+                    "writeback",
+                    "-c",
+                    &count.to_string(),
+                    "-s",
+                    "4096",
+                    "-S",
+                    "65536",
+                    &ov,
+                ],
+                count,
+                4096,
+            );
+            qcow = best_of(qcow, q);
+        }
+    }
     println!(
-        "first 4K write after snapshot ({count} writes, 64K apart): thin snapshot {ours:.1} MiB/s; qcow2 overlay {}; ratio {}",
+        "first 4K write after snapshot ({count} writes 64K apart, each into a shared 64K chunk): thin snapshot {ours:.1} MiB/s; qcow2 overlay (qemu-img bench) {}; ratio {}",
         qcow.map_or_else(|| "unavailable".into(), |q| format!("{q:.1} MiB/s")),
-        qcow.map_or_else(|| "-".into(), |q| ratio(ours, q))
+        qcow.map_or_else(|| "-".into(), |q| format!("{:.2}", ours / q))
     );
-    println!(
-        "targets: linear within 5% of raw: rand W {} rand R {} seq W {} seq R {}; first write after snapshot faster than qcow2: {}",
-        ratio(rows[1].1.rand_w, raw.rand_w),
-        ratio(rows[1].1.rand_r, raw.rand_r),
-        ratio(rows[1].1.seq_w, raw.seq_w),
-        ratio(rows[1].1.seq_r, raw.seq_r),
-        qcow.map_or_else(|| "unknown".into(), |q| (ours > q).to_string())
-    );
-    let _ = std::fs::remove_dir_all(&dir);
+    if let Some((r, t)) = linear {
+        let worst = (0..4).map(|i| t[i] / r[i]).fold(f64::INFINITY, f64::min);
+        println!(
+            "targets: linear/raw worst ratio {worst:.2} (target >= 0.95: {}); first write after snapshot faster than qcow2: {}",
+            worst >= 0.95,
+            qcow.map_or_else(|| "unknown".into(), |q| (ours > q).to_string())
+        );
+    }
     Ok(())
 }

@@ -1043,6 +1043,31 @@ impl Pool {
                 _ => {}
             }
         }
+        // A column with no in-sync copy left takes the best it has: a present leg's data.
+        for v in &mut pool.meta.volumes {
+            let vname = v.name.clone();
+            for l in layouts_mut(v) {
+                for c in 0..l.ncols() {
+                    if l.legs
+                        .iter()
+                        .any(|g| g.columns[c].state == SyncState::InSync)
+                    {
+                        continue;
+                    }
+                    if let Some(g) = l
+                        .legs
+                        .iter_mut()
+                        .find(|g| col_present(&pool.devs, &g.columns[c].segs))
+                    {
+                        g.columns[c].state = SyncState::InSync;
+                        report.notes.push(format!(
+                            "volume {vname}: column {c} had no in-sync copy; serving the returned disk's data"
+                        ));
+                        repair = true;
+                    }
+                }
+            }
+        }
         // The dirty-region log.
         let mut best: Option<(u64, Vec<u8>)> = None;
         for (i, d) in pool.devs.iter_mut().enumerate() {
@@ -1075,6 +1100,7 @@ impl Pool {
             }
         }
         let mut dirty: Vec<(u32, Bitmap)> = Vec::new();
+        let best_missing = best.is_none();
         match best.as_ref().map(|(s, p)| (s, DrlRecord::decode(p))) {
             Some((seq, Ok(rec))) => {
                 pool.drl_seq = *seq;
@@ -1091,6 +1117,7 @@ impl Pool {
             }
         }
         if !opts.read_only {
+            let had_bits = dirty.iter().any(|(_, b)| !b.is_clear());
             for (vid, bm) in dirty {
                 let n = pool.recover_regions(vid, &bm)?;
                 report.drl_regions_recovered += n;
@@ -1098,8 +1125,9 @@ impl Pool {
             if repair || pool.dirty {
                 pool.commit()?;
             }
-            pool.flush()?;
-            if pool.drl.is_empty() {
+            if had_bits || best_missing {
+                // Resynchronised data first, then the cleared log.
+                pool.flush_disks()?;
                 pool.drl_write(false)?;
             }
         } else {
@@ -1381,7 +1409,10 @@ impl Pool {
         self.dirty = true;
     }
 
+    /// Records what an I/O found out; a lost disk or detached leg is committed at once so that
+    /// the metadata on the remaining disks says so before anything else happens.
     fn after_io(&mut self, out: IoOutcome) -> Result<(), Error> {
+        let lost = !out.gone.is_empty();
         for d in out.gone {
             self.mark_disk_missing(d);
         }
@@ -1391,6 +1422,8 @@ impl Pool {
         if out.detached {
             self.events
                 .push("a mirror leg returned errors and was detached".into());
+        }
+        if out.detached || lost {
             self.flush()?;
         }
         Ok(())
@@ -2911,12 +2944,24 @@ impl Pool {
     }
 
     fn thick_raw_read(&mut self, vi: usize, block: u64, buf: &mut [u8]) -> Result<(), Error> {
+        // Fast path: one leg, one column, nothing moving (an error retries the general path).
+        if let VolKind::Thick {
+            layout,
+            relayout: None,
+            ..
+        } = &self.meta.volumes[vi].kind
+            && layout.legs.len() == 1
+            && layout.legs[0].columns.len() == 1
+            && layout.legs[0].columns[0].state == SyncState::InSync
+            && col_read(&mut self.devs, &layout.legs[0].columns[0].segs, block, buf).is_ok()
+        {
+            return Ok(());
+        }
         let n = u(buf.len() / BLOCK_SIZE);
         let mut out = IoOutcome::default();
         let Pool { meta, devs, .. } = self;
         let v = &mut meta.volumes[vi];
         let rg = Regions::of(v);
-        let name = v.name.clone();
         let VolKind::Thick {
             layout, relayout, ..
         } = &mut v.kind
@@ -2951,13 +2996,30 @@ impl Pool {
                 &mut out,
             );
         }
-        self.after_io(out)?;
-        res.map_err(|b| Error::NoCopy(name, b))
+        if out.changed || !out.gone.is_empty() {
+            self.after_io(out)?;
+        }
+        res.map_err(|b| Error::NoCopy(self.meta.volumes[vi].name.clone(), b))
     }
 
     fn thick_raw_write(&mut self, id: u32, block: u64, buf: &[u8]) -> Result<(), Error> {
         let n = u(buf.len() / BLOCK_SIZE);
         let vi = self.vidx(id)?;
+        // Fast path: one leg, one column, no tracking, nothing moving.
+        let v = &self.meta.volumes[vi];
+        if let VolKind::Thick {
+            layout,
+            relayout: None,
+            ..
+        } = &v.kind
+            && v.tracking.is_none()
+            && layout.legs.len() == 1
+            && layout.legs[0].columns.len() == 1
+            && layout.legs[0].columns[0].state == SyncState::InSync
+            && col_write(&mut self.devs, &layout.legs[0].columns[0].segs, block, buf).is_ok()
+        {
+            return Ok(());
+        }
         let v = &self.meta.volumes[vi];
         let rg = Regions::of(v);
         if needs_drl(v) {
@@ -2971,7 +3033,6 @@ impl Pool {
             let (r0, r1) = rg.span(block, n);
             out.changed |= t.changed.set_range(r0, r1);
         }
-        let name = v.name.clone();
         let VolKind::Thick {
             layout, relayout, ..
         } = &mut v.kind
@@ -2992,8 +3053,11 @@ impl Pool {
         if res.is_ok() && split < n {
             res = layout_write(layout, devs, block + split, sl(buf, split, n), rg, &mut out);
         }
-        self.after_io(out)?;
-        res.map_err(|b| Error::NoCopy(name, b))
+        if out.changed || !out.gone.is_empty() {
+            self.after_io(out)?;
+        }
+        let vi = self.vidx(id)?;
+        res.map_err(|b| Error::NoCopy(self.meta.volumes[vi].name.clone(), b))
     }
 
     /// Writes whole blocks of volume `id` at `block`. Durable after the next [`Pool::flush`].

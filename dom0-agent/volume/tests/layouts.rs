@@ -646,3 +646,35 @@ fn bad_arguments_change_nothing() {
     ));
     assert_eq!(p.meta(), &before);
 }
+
+#[test]
+fn single_copy_volume_is_readable_again_when_its_disk_returns() {
+    let (d, h, mut p) = faulty_pool(2, 1024);
+    let v = p.create_volume("c", 100, LayoutSpec::Concat, None).unwrap();
+    for b in 0..100 {
+        p.write(v, b, &pattern(b)).unwrap();
+    }
+    p.flush().unwrap();
+    let disk = match &p.meta().volumes[0].kind {
+        volmgr::format::VolKind::Thick { layout, .. } => {
+            layout.legs[0].columns[0].segs[0].disk as usize
+        }
+        _ => unreachable!(),
+    };
+    h[disk].borrow_mut().gone = true;
+    assert!(
+        p.write(v, 0, &pattern(999)).is_err(),
+        "no copy left: the write fails"
+    );
+    assert!(p.read(v, 0, &mut vec![0u8; BLOCK_SIZE]).is_err());
+    drop(p);
+    let (mut p, rep) = common::open_images(d.iter().map(SharedDisk::snapshot).collect()).unwrap();
+    assert!(
+        rep.notes.iter().any(|n| n.contains("no in-sync copy")),
+        "{:?}",
+        rep.notes
+    );
+    for b in 1..100 {
+        assert_eq!(read_block(&mut p, v, b), pattern(b));
+    }
+}
