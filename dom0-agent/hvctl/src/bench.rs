@@ -74,7 +74,7 @@ impl Target for Vol<'_> {
 const PHASES: [&str; 4] = ["4K rand W", "4K rand R", "1M seq W", "1M seq R"];
 
 fn mibs(bytes: u64, secs: f64) -> f64 {
-    bytes as f64 / (1 << 20) as f64 / secs.max(1e-9)
+    bytes as f64 / f64::from(1u32 << 20) / secs.max(1e-9)
 }
 
 /// One timed phase over a target, in MiB/s.
@@ -94,7 +94,7 @@ fn phase(t: &mut dyn Target, which: usize, ops: u64, rng: &mut Rng, bufs: &mut B
             for _ in 0..ops {
                 let b = rng.next() % blocks;
                 buf[0] = b as u8;
-                t.write(b, &buf);
+                t.write(b, buf);
             }
             t.flush();
             ops * 4096

@@ -813,6 +813,17 @@ fn export(cmd: &VolumeCmd, name: &str, file: &Path, format: ImageFormat) -> Resu
     Ok(())
 }
 
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hvctl: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -841,16 +852,5 @@ mod tests {
                 .to_string()
                 .contains("multiple of 4K")
         );
-    }
-}
-
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("hvctl: error: {e}");
-            ExitCode::FAILURE
-        }
     }
 }
