@@ -991,6 +991,10 @@ impl Pool {
         }
         let mut devs: Vec<Option<Box<dyn BlockDevice>>> =
             (0..meta.disks.len()).map(|_| None).collect();
+        let mut stale_images = Vec::new();
+        let commit_complete = found
+            .values()
+            .any(|f| f.copies_at_best >= 2 && f.best.as_ref().is_some_and(|b| b.0 == wseq));
         let mut repair = false;
         for (i, f) in found {
             let Some(slot) = devs.get_mut(us(u64::from(i))) else {
@@ -1005,6 +1009,15 @@ impl Pool {
                 )));
             }
             let seq = f.best.as_ref().map(|b| b.0);
+            // A disk that missed a commit it should have seen, without being declared missing,
+            // is an old image of itself and its data is stale too. A crash can leave a disk one
+            // commit behind only while the newest commit is in its first phase (slot A), that
+            // is while no disk holds it in both slots.
+            if seq.is_none_or(|s| s + 1 < wseq || (commit_complete && s < wseq))
+                && meta.disks[us(u64::from(i))].state == DiskState::Active
+            {
+                stale_images.push(i);
+            }
             if seq != Some(wseq) || f.copies_at_best < 2 {
                 repair = true;
                 if seq != Some(wseq) {
@@ -1042,6 +1055,26 @@ impl Pool {
                 }
                 _ => {}
             }
+        }
+        for i in stale_images {
+            report.notes.push(format!(
+                "disk '{}' carries an old image of itself (metadata behind by more than one commit); \
+                 its mirror legs are resynchronised in full",
+                pool.meta.disks[us(u64::from(i))].name
+            ));
+            for v in &mut pool.meta.volumes {
+                let n = v.nregions();
+                for l in layouts_mut(v) {
+                    for g in &mut l.legs {
+                        for c in &mut g.columns {
+                            if c.segs.iter().any(|s| s.disk == i) {
+                                c.state = SyncState::Stale(Bitmap::full(n));
+                            }
+                        }
+                    }
+                }
+            }
+            repair = true;
         }
         // A column with no in-sync copy left takes the best it has: a present leg's data.
         for v in &mut pool.meta.volumes {

@@ -678,3 +678,41 @@ fn single_copy_volume_is_readable_again_when_its_disk_returns() {
         assert_eq!(read_block(&mut p, v, b), pattern(b));
     }
 }
+
+#[test]
+fn disk_restored_from_an_old_image_is_resynchronised_not_trusted() {
+    let d = disks(2, 2048);
+    let mut p = create(&d);
+    let v = p
+        .create_volume("m", 300, LayoutSpec::Mirror { legs: 2 }, None)
+        .unwrap();
+    for b in 0..300 {
+        p.write(v, b, &pattern(b)).unwrap();
+    }
+    p.flush().unwrap();
+    drop(p);
+    let old1 = d[1].snapshot();
+    let mut p = reopen(&d);
+    for b in 0..300 {
+        p.write(v, b, &pattern(1000 + b)).unwrap();
+    }
+    p.create_volume("x", 10, LayoutSpec::Concat, None).unwrap();
+    p.flush().unwrap();
+    drop(p);
+    // Disk 1 comes back as its old image: old data, old metadata.
+    let (mut p, rep) = common::open_images(vec![d[0].snapshot(), old1]).unwrap();
+    assert!(
+        rep.notes.iter().any(|n| n.contains("old image")),
+        "{:?}",
+        rep.notes
+    );
+    for b in 0..300 {
+        assert_eq!(
+            read_block(&mut p, v, b),
+            pattern(1000 + b),
+            "stale leg must not serve block {b}"
+        );
+    }
+    while p.resync_step(16).unwrap() > 0 {}
+    assert!(p.verify_mirrors().unwrap().is_empty());
+}
