@@ -1,0 +1,223 @@
+//! Hypercall wrappers over `hv-abi`: typed calls for dom0 and Rust guests.
+//!
+//! [`Hypercalls`] turns the raw convention (number in RAX, arguments in RDI, RSI, RDX,
+//! status or result back in RAX; see `hv_abi::hypercall`) into typed results. The raw call
+//! is behind the [`Hypervisor`] seam: [`Vmcall`] executes VMCALL and can only be built by
+//! code that knows it runs under our hypervisor; host tests answer calls with a fake.
+
+use hv_abi::{Status, VirtioDeviceInfo, hypercall};
+
+/// Why a hypercall failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HypercallError {
+    /// The hypervisor refused the call with this status.
+    Status(Status),
+    /// A negative value no hypervisor version returns.
+    Unknown(i64),
+}
+
+/// The raw hypercall instruction.
+pub trait Hypervisor {
+    /// Performs call `nr` with three arguments; returns RAX.
+    fn call(&mut self, nr: u64, a0: u64, a1: u64, a2: u64) -> i64;
+}
+
+/// VMCALL on this CPU.
+pub struct Vmcall {
+    _private: (),
+}
+
+impl Vmcall {
+    /// The real instruction.
+    ///
+    /// # Safety
+    ///
+    /// The caller must run as a guest of this hypervisor (CPUID leaf 0x4000_0000 returns
+    /// `hv_abi::CPUID_SIGNATURE`); elsewhere VMCALL faults or means something else.
+    pub unsafe fn new() -> Vmcall {
+        Vmcall { _private: () }
+    }
+}
+
+impl Hypervisor for Vmcall {
+    #[cfg(target_arch = "x86_64")]
+    fn call(&mut self, nr: u64, a0: u64, a1: u64, a2: u64) -> i64 {
+        let ret: u64;
+        // SAFETY: `Vmcall::new`'s contract says we are a guest of our hypervisor, whose
+        // VMCALL handler reads RAX, RDI, RSI, RDX, writes RAX and preserves everything else.
+        unsafe {
+            core::arch::asm!(
+                "vmcall",
+                inout("rax") nr => ret,
+                in("rdi") a0,
+                in("rsi") a1,
+                in("rdx") a2,
+                options(nostack),
+            );
+        }
+        i64::from_ne_bytes(ret.to_ne_bytes())
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn call(&mut self, _nr: u64, _a0: u64, _a1: u64, _a2: u64) -> i64 {
+        Status::UnknownCall as i64
+    }
+}
+
+/// Typed hypercalls over a [`Hypervisor`].
+pub struct Hypercalls<H> {
+    hv: H,
+}
+
+fn check(raw: i64) -> Result<u64, HypercallError> {
+    if raw >= 0 {
+        return Ok(raw.unsigned_abs());
+    }
+    Err(match Status::from_raw(raw) {
+        Some(s) => HypercallError::Status(s),
+        None => HypercallError::Unknown(raw),
+    })
+}
+
+impl<H: Hypervisor> Hypercalls<H> {
+    /// Wraps a hypercall instruction.
+    pub fn new(hv: H) -> Self {
+        Hypercalls { hv }
+    }
+
+    /// The ABI version (major in the high 16 bits).
+    pub fn version(&mut self) -> Result<u32, HypercallError> {
+        let v = check(self.hv.call(hypercall::VERSION, 0, 0, 0))?;
+        u32::try_from(v).map_err(|_| HypercallError::Unknown(-1))
+    }
+
+    /// Whether the hypervisor speaks the same major ABI version as this crate.
+    pub fn compatible(&mut self) -> bool {
+        self.version()
+            .is_ok_and(|v| v >> 16 == hv_abi::ABI_VERSION >> 16)
+    }
+
+    /// Writes `len` bytes at guest-physical `gpa` to the domain console; returns the count.
+    pub fn console_write_phys(&mut self, gpa: u64, len: u64) -> Result<u64, HypercallError> {
+        if len > hypercall::CONSOLE_WRITE_MAX {
+            return Err(HypercallError::Status(Status::InvalidArgument));
+        }
+        check(self.hv.call(hypercall::CONSOLE_WRITE, gpa, len, 0))
+    }
+
+    /// Gives up the rest of the time slice.
+    pub fn yield_now(&mut self) -> Result<(), HypercallError> {
+        check(self.hv.call(hypercall::YIELD, 0, 0, 0)).map(|_| ())
+    }
+
+    /// The cheapest round trip.
+    pub fn nop(&mut self) -> Result<(), HypercallError> {
+        check(self.hv.call(hypercall::NOP, 0, 0, 0)).map(|_| ())
+    }
+
+    /// Stops the domain with `code` (returns only if the hypervisor refused).
+    pub fn exit(&mut self, code: u64) -> HypercallError {
+        match check(self.hv.call(hypercall::EXIT, code, 0, 0)) {
+            Ok(_) => HypercallError::Unknown(0),
+            Err(e) => e,
+        }
+    }
+
+    /// Asks where virtio device `index` is; the hypervisor writes the answer at `out_gpa`,
+    /// which `read_back` then reads (the caller's view of that guest-physical address).
+    /// Returns the number of devices and the description.
+    pub fn virtio_device_info(
+        &mut self,
+        index: u32,
+        out_gpa: u64,
+        read_back: impl FnOnce() -> VirtioDeviceInfo,
+    ) -> Result<(u32, VirtioDeviceInfo), HypercallError> {
+        let n = check(
+            self.hv
+                .call(hypercall::VIRTIO_DEVICE_INFO, u64::from(index), out_gpa, 0),
+        )?;
+        let n = u32::try_from(n).map_err(|_| HypercallError::Unknown(-1))?;
+        Ok((n, read_back()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fake hypervisor: answers like the real one for the calls under test.
+    struct Fake {
+        console: Vec<(u64, u64)>,
+        devices: Vec<VirtioDeviceInfo>,
+        written: Option<(u64, VirtioDeviceInfo)>,
+    }
+
+    impl Hypervisor for Fake {
+        fn call(&mut self, nr: u64, a0: u64, a1: u64, _a2: u64) -> i64 {
+            match nr {
+                hypercall::VERSION => i64::from(hv_abi::ABI_VERSION),
+                hypercall::CONSOLE_WRITE => {
+                    self.console.push((a0, a1));
+                    i64::try_from(a1).unwrap()
+                }
+                hypercall::NOP | hypercall::YIELD => 0,
+                hypercall::VIRTIO_DEVICE_INFO => {
+                    match self.devices.get(usize::try_from(a0).unwrap()) {
+                        Some(d) => {
+                            self.written = Some((a1, *d));
+                            self.devices.len() as i64
+                        }
+                        None => Status::InvalidArgument as i64,
+                    }
+                }
+                _ => Status::UnknownCall as i64,
+            }
+        }
+    }
+
+    fn fake() -> Hypercalls<Fake> {
+        Hypercalls::new(Fake {
+            console: Vec::new(),
+            devices: vec![VirtioDeviceInfo {
+                mmio_base: 0xfeb0_0000,
+                mmio_size: 0x200,
+                irq: 40,
+                device_id: 2,
+                reserved: 0,
+            }],
+            written: None,
+        })
+    }
+
+    #[test]
+    fn typed_results() {
+        let mut h = fake();
+        assert!(h.compatible());
+        assert_eq!(h.console_write_phys(0x1000, 5), Ok(5));
+        assert_eq!(
+            h.console_write_phys(0x1000, 5000),
+            Err(HypercallError::Status(Status::InvalidArgument))
+        );
+        assert_eq!(h.nop(), Ok(()));
+        assert_eq!(h.exit(3), HypercallError::Status(Status::UnknownCall));
+        let (n, info) = h
+            .virtio_device_info(0, 0x2000, || VirtioDeviceInfo {
+                device_id: 2,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!((n, info.device_id), (1, 2));
+        assert_eq!(h.hv.written.unwrap().0, 0x2000);
+        assert_eq!(
+            h.virtio_device_info(1, 0x2000, VirtioDeviceInfo::default),
+            Err(HypercallError::Status(Status::InvalidArgument))
+        );
+        assert_eq!(h.hv.console, vec![(0x1000, 5)]);
+    }
+
+    #[test]
+    fn unknown_negative_values_are_not_statuses() {
+        assert_eq!(check(-99), Err(HypercallError::Unknown(-99)));
+        assert_eq!(check(7), Ok(7));
+    }
+}
