@@ -557,3 +557,197 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::block::{BlockDevice, MemDisk};
+    use crate::mem::VecGuestMemory;
+
+    fn blk() -> (MmioTransport<BlockDevice<MemDisk>>, VecGuestMemory) {
+        (
+            MmioTransport::new(
+                BlockDevice::new(MemDisk::new(8, false)),
+                TransportOptions::default(),
+            ),
+            VecGuestMemory::new(0, 0x10000),
+        )
+    }
+
+    fn negotiate(
+        t: &mut MmioTransport<BlockDevice<MemDisk>>,
+        m: &VecGuestMemory,
+        hi: u32,
+        lo: u32,
+    ) {
+        t.write(m, reg::STATUS, 4, 0);
+        t.write(
+            m,
+            reg::STATUS,
+            4,
+            u64::from(status::ACKNOWLEDGE | status::DRIVER),
+        );
+        t.write(m, reg::DRIVER_FEATURES_SEL, 4, 0);
+        t.write(m, reg::DRIVER_FEATURES, 4, u64::from(lo));
+        t.write(m, reg::DRIVER_FEATURES_SEL, 4, 1);
+        t.write(m, reg::DRIVER_FEATURES, 4, u64::from(hi));
+        t.write(
+            m,
+            reg::STATUS,
+            4,
+            u64::from(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK),
+        );
+    }
+
+    #[test]
+    fn identity_registers() {
+        let (mut t, _) = blk();
+        assert_eq!(t.read(reg::MAGIC_VALUE, 4), u64::from(MMIO_MAGIC));
+        assert_eq!(t.read(reg::VERSION, 4), 2);
+        assert_eq!(t.read(reg::DEVICE_ID, 4), 2);
+        // Control registers: 32-bit aligned only (virtio 1.2 §4.2.2.2).
+        assert_eq!(t.read(reg::MAGIC_VALUE, 2), 0);
+        assert_eq!(t.read(reg::MAGIC_VALUE + 1, 4), 0);
+        assert_eq!(t.stats().bad_accesses, 2);
+        // Config space at any natural width: capacity = 8 sectors.
+        assert_eq!(t.read(reg::CONFIG, 8), 8);
+        assert_eq!(t.read(reg::CONFIG, 1), 8);
+        assert_eq!(t.read(reg::CONFIG + 0x1000, 4), 0);
+    }
+
+    #[test]
+    fn feature_negotiation() {
+        let (mut t, m) = blk();
+        t.write(&m, reg::DEVICE_FEATURES_SEL, 4, 1);
+        assert_eq!(t.read(reg::DEVICE_FEATURES, 4), 1); // VERSION_1
+        t.write(&m, reg::DEVICE_FEATURES_SEL, 4, 7);
+        assert_eq!(t.read(reg::DEVICE_FEATURES, 4), 0);
+        // A feature not offered: FEATURES_OK does not stick (virtio 1.2 §2.2.2).
+        negotiate(&mut t, &m, 1, 1 << 30);
+        assert_eq!(t.status() & status::FEATURES_OK, 0);
+        // Without VERSION_1: refused too.
+        negotiate(&mut t, &m, 0, 0);
+        assert_eq!(t.status() & status::FEATURES_OK, 0);
+        negotiate(&mut t, &m, 1, 1 << 29);
+        assert_ne!(t.status() & status::FEATURES_OK, 0);
+        // Feature writes after FEATURES_OK are ignored.
+        t.write(&m, reg::DRIVER_FEATURES_SEL, 4, 0);
+        t.write(&m, reg::DRIVER_FEATURES, 4, 0);
+        assert_eq!(t.driver_features(), (1 << 32) | (1 << 29));
+    }
+
+    #[test]
+    fn status_bits_cannot_be_cleared_and_driver_ok_needs_features_ok() {
+        let (mut t, m) = blk();
+        t.write(
+            &m,
+            reg::STATUS,
+            4,
+            u64::from(status::ACKNOWLEDGE | status::DRIVER),
+        );
+        t.write(&m, reg::STATUS, 4, u64::from(status::ACKNOWLEDGE));
+        assert_eq!(t.status(), status::ACKNOWLEDGE | status::DRIVER);
+        t.write(
+            &m,
+            reg::STATUS,
+            4,
+            u64::from(status::ACKNOWLEDGE | status::DRIVER | status::DRIVER_OK),
+        );
+        assert_eq!(t.status() & status::DRIVER_OK, 0);
+    }
+
+    #[test]
+    fn queue_setup_rules() {
+        let (mut t, m) = blk();
+        negotiate(&mut t, &m, 1, 0);
+        t.write(&m, reg::QUEUE_SEL, 4, 5);
+        assert_eq!(t.read(reg::QUEUE_NUM_MAX, 4), 0);
+        t.write(&m, reg::QUEUE_SEL, 4, 0);
+        assert_eq!(t.read(reg::QUEUE_NUM_MAX, 4), 256);
+        t.write(&m, reg::QUEUE_NUM, 4, 16);
+        t.write(&m, reg::QUEUE_DESC_LOW, 4, 0x1000);
+        t.write(&m, reg::QUEUE_DRIVER_LOW, 4, 0x2000);
+        t.write(&m, reg::QUEUE_DEVICE_LOW, 4, 0x3000);
+        // Notify before DRIVER_OK: ignored (virtio 1.2 §2.1.2).
+        t.write(&m, reg::QUEUE_NOTIFY, 4, 0);
+        assert_eq!(t.stats().notifies, 0);
+        t.write(&m, reg::QUEUE_READY, 4, 1);
+        assert_eq!(t.read(reg::QUEUE_READY, 4), 1);
+        // Layout writes while ready are ignored (virtio 1.2 §4.2.2.2).
+        t.write(&m, reg::QUEUE_NUM, 4, 8);
+        assert_eq!(t.read(reg::QUEUE_NUM, 4), 16);
+        t.write(
+            &m,
+            reg::STATUS,
+            4,
+            u64::from(
+                status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+            ),
+        );
+        t.write(&m, reg::QUEUE_NOTIFY, 4, 0);
+        assert_eq!(t.stats().notifies, 1);
+        assert!(!t.needs_reset());
+        // Reset clears everything (virtio 1.2 §4.2.2.1).
+        t.write(&m, reg::STATUS, 4, 0);
+        assert_eq!(t.read(reg::QUEUE_READY, 4), 0);
+        assert_eq!(t.status(), 0);
+    }
+
+    #[test]
+    fn bad_queue_layout_breaks_device_and_reset_recovers() {
+        let (mut t, m) = blk();
+        negotiate(&mut t, &m, 1, 0);
+        t.write(&m, reg::QUEUE_SEL, 4, 0);
+        t.write(&m, reg::QUEUE_NUM, 4, 12); // not a power of two
+        t.write(&m, reg::QUEUE_READY, 4, 1);
+        assert!(t.needs_reset());
+        assert_eq!(t.read(reg::QUEUE_READY, 4), 0);
+        // Writing status bits does not clear DEVICE_NEEDS_RESET; only reset does.
+        t.write(
+            &m,
+            reg::STATUS,
+            4,
+            u64::from(t.status() & !status::DEVICE_NEEDS_RESET),
+        );
+        assert!(t.needs_reset());
+        t.write(&m, reg::STATUS, 4, 0);
+        assert!(!t.needs_reset());
+        // Beyond QueueNumMax or outside RAM: broken as well.
+        negotiate(&mut t, &m, 1, 0);
+        t.write(&m, reg::QUEUE_NUM, 4, 512);
+        t.write(&m, reg::QUEUE_READY, 4, 1);
+        assert!(t.needs_reset());
+        t.write(&m, reg::STATUS, 4, 0);
+        negotiate(&mut t, &m, 1, 0);
+        t.write(&m, reg::QUEUE_NUM, 4, 16);
+        t.write(&m, reg::QUEUE_DESC_HIGH, 4, 1);
+        t.write(&m, reg::QUEUE_READY, 4, 1);
+        assert!(matches!(
+            t.last_error(),
+            Some(DeviceError::Queue(crate::queue::QueueError::Memory(_)))
+        ));
+    }
+
+    #[test]
+    fn interrupt_ack_and_config_change() {
+        let (mut t, m) = blk();
+        negotiate(&mut t, &m, 1, 0);
+        t.write(
+            &m,
+            reg::STATUS,
+            4,
+            u64::from(
+                status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+            ),
+        );
+        let g = t.read(reg::CONFIG_GENERATION, 4);
+        t.config_changed();
+        assert_eq!(t.read(reg::CONFIG_GENERATION, 4), g + 1);
+        assert_eq!(
+            t.read(reg::INTERRUPT_STATUS, 4),
+            u64::from(INT_CONFIG_CHANGE)
+        );
+        t.write(&m, reg::INTERRUPT_ACK, 4, u64::from(INT_CONFIG_CHANGE));
+        assert_eq!(t.interrupt_status(), 0);
+    }
+}
