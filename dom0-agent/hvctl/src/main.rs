@@ -181,8 +181,12 @@ enum VolOp {
     Snapshot {
         origin: String,
         name: String,
-        #[arg(long)]
+        /// An independent full copy (filled in the background).
+        #[arg(long, conflicts_with = "thin_pool")]
         full: bool,
+        /// For a thick origin: the thin pool that receives copied-on-write chunks.
+        #[arg(long)]
+        thin_pool: Option<String>,
         #[command(flatten)]
         layout: LayoutArgs,
         #[arg(long)]
@@ -593,6 +597,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             origin,
             name,
             full,
+            thin_pool,
             layout,
             no_wait,
         } => {
@@ -603,7 +608,10 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 SnapshotKind::SpaceOptimized
             };
             let mut pool = open_pool(&cmd, false)?;
-            pool.snapshot(origin, name, kind, spec, layout.tier.as_deref())?;
+            match thin_pool {
+                Some(tp) => pool.snapshot_in_pool(origin, name, tp)?,
+                None => pool.snapshot(origin, name, kind, spec, layout.tier.as_deref())?,
+            };
             if *full && !no_wait {
                 settle(&mut pool)?;
             }

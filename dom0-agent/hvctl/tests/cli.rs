@@ -106,12 +106,20 @@ fn create_list_resize_snapshot_rollback_remove() {
     ok(&p.args(&["create", "t", "1G", "--thin-pool", "tp"]));
     ok(&p.args(&["snapshot", "t", "t-snap"]));
     ok(&p.args(&["snapshot", "s", "s-full", "--full"]));
+    ok(&p.args(&["snapshot", "m", "m-so", "--thin-pool", "tp"]));
     ok(&p.args(&["resize", "m", "12M"]));
     ok(&p.args(&["relayout", "s", "--layout", "concat", "--tier", "slow"]));
     ok(&p.args(&["rollback", "s", "s-full"]));
     ok(&p.args(&["remove", "t-snap"]));
     let list = ok(&p.args(&["list"]));
-    for want in ["mirror 2", "12M", "thin in tp", "s-full", "concat"] {
+    for want in [
+        "mirror 2",
+        "12M",
+        "thin in tp",
+        "s-full",
+        "concat",
+        "thin snapshot of m",
+    ] {
         assert!(list.contains(want), "list lacks {want}:\n{list}");
     }
     assert!(!list.contains("t-snap"));
@@ -149,7 +157,11 @@ fn bad_arguments_are_explained_and_change_nothing() {
         ),
         (vec!["create", "w", "4M", "--tier", "gold"], "tier 'gold'"),
         (vec!["resize", "nope", "4M"], "no volume named 'nope'"),
-        (vec!["snapshot", "v", "vs"], "not thin"),
+        (vec!["snapshot", "v", "vs"], "needs a thin pool"),
+        (
+            vec!["snapshot", "v", "vs", "--thin-pool", "nope"],
+            "no volume named 'nope'",
+        ),
         (vec!["rollback", "v", "v"], "itself"),
         (vec!["mirror-remove", "v", "0"], "legs"),
     ];

@@ -316,8 +316,13 @@ pub enum VolKind {
     },
     /// A thin pool: chunks of the internal thick volume `data`.
     ThinPool { data: u32, chunk_blocks: u32 },
-    /// A thin volume: virtual chunk → pool chunk.
-    Thin { pool: u32, map: BTreeMap<u64, u32> },
+    /// A thin volume: virtual chunk → pool chunk. With an `origin` (a space-optimised
+    /// snapshot of a thick volume), unmapped chunks read from the origin instead of zeroes.
+    Thin {
+        pool: u32,
+        map: BTreeMap<u64, u32>,
+        origin: Option<u32>,
+    },
 }
 
 /// One volume.
@@ -595,13 +600,20 @@ impl PoolMeta {
                     e.u32(*data);
                     e.u32(*chunk_blocks);
                 }
-                VolKind::Thin { pool, map } => {
+                VolKind::Thin { pool, map, origin } => {
                     e.u8(2);
                     e.u32(*pool);
                     e.len(map.len());
                     for (k, p) in map {
                         e.u64(*k);
                         e.u32(*p);
+                    }
+                    match origin {
+                        None => e.u8(0),
+                        Some(o) => {
+                            e.u8(1);
+                            e.u32(*o);
+                        }
                     }
                 }
             }
@@ -696,7 +708,12 @@ impl PoolMeta {
                         let k = d.u64()?;
                         map.insert(k, d.u32()?);
                     }
-                    VolKind::Thin { pool, map }
+                    let origin = match d.u8()? {
+                        0 => None,
+                        1 => Some(d.u32()?),
+                        _ => return Err(DecodeError("origin flag")),
+                    };
+                    VolKind::Thin { pool, map, origin }
                 }
                 _ => return Err(DecodeError("unknown volume kind")),
             };

@@ -728,7 +728,14 @@ pub fn validate_meta(m: &PoolMeta) -> Result<(), String> {
                     ));
                 }
             }
-            VolKind::Thin { pool, map } => {
+            VolKind::Thin { pool, map, origin } => {
+                if let Some(o) = origin
+                    && !find(*o).is_some_and(|o| {
+                        matches!(o.kind, VolKind::Thick { .. }) && o.size >= v.size
+                    })
+                {
+                    return Err(format!("snapshot {}: origin missing or smaller", v.name));
+                }
                 let Some(p) = find(*pool) else {
                     return Err(format!("thin volume {}: no pool", v.name));
                 };
@@ -1229,7 +1236,7 @@ impl Pool {
             };
             for (m, refs) in [(&self.meta, &mut rt.refs), (&self.committed, &mut rt.crefs)] {
                 for v in &m.volumes {
-                    if let VolKind::Thin { pool, map } = &v.kind
+                    if let VolKind::Thin { pool, map, .. } = &v.kind
                         && *pool == p.id
                     {
                         for c in map.values() {
@@ -1550,7 +1557,7 @@ impl Pool {
                         Vec::new(),
                     )
                 }
-                VolKind::Thin { pool, map } => {
+                VolKind::Thin { pool, map, origin } => {
                     let (pname, cb) = self
                         .meta
                         .volumes
@@ -1563,7 +1570,12 @@ impl Pool {
                             _ => (p.name.clone(), 1),
                         })
                         .unwrap_or_default();
-                    (format!("thin in {pname}"), u(map.len()) * cb, Vec::new())
+                    let what =
+                        match origin.and_then(|o| self.meta.volumes.iter().find(|v| v.id == o)) {
+                            Some(o) => format!("thin snapshot of {} in {pname}", o.name),
+                            None => format!("thin in {pname}"),
+                        };
+                    (what, u(map.len()) * cb, Vec::new())
                 }
             };
             if let Some(t) = &v.tracking {
@@ -1922,6 +1934,7 @@ impl Pool {
             VolKind::Thin {
                 pool: pid,
                 map: BTreeMap::new(),
+                origin: None,
             },
         );
         self.flush()?;
@@ -1946,16 +1959,23 @@ impl Pool {
         let oi = self.vidx(oid)?;
         let o = &self.meta.volumes[oi];
         match (kind, &o.kind) {
-            (SnapshotKind::SpaceOptimized, VolKind::Thin { pool, map }) => {
-                let (pool, map, size) = (*pool, map.clone(), o.size);
+            (SnapshotKind::SpaceOptimized, VolKind::Thin { pool, map, origin }) => {
+                let (pool, map, size, origin) = (*pool, map.clone(), o.size, *origin);
                 if let Some(rt) = self.thin.get_mut(&pool) {
                     for c in map.values() {
                         rt.refs[us(u64::from(*c))] += 1;
                     }
                 }
-                let id = self.new_volume(name, size, None, false, VolKind::Thin { pool, map });
+                let id =
+                    self.new_volume(name, size, None, false, VolKind::Thin { pool, map, origin });
                 self.flush()?;
                 Ok(id)
+            }
+            (SnapshotKind::SpaceOptimized, VolKind::Thick { .. }) => {
+                Err(Error::InvalidArgument(format!(
+                    "'{origin}' is thick: a space-optimised snapshot needs a thin pool to hold the chunks it \
+                 copies (hvctl: --thin-pool POOL), or take a full snapshot"
+                )))
             }
             (SnapshotKind::SpaceOptimized, _) => Err(Error::InvalidArgument(format!(
                 "'{origin}' is not thin: space-optimised snapshots share chunks of a thin pool; take a full snapshot"
@@ -2091,9 +2111,20 @@ impl Pool {
             ));
         }
         let size = self.meta.volumes[vi].size;
-        if let (VolKind::Thin { pool: p1, .. }, VolKind::Thin { pool: p2, map }) =
-            (&self.meta.volumes[vi].kind, &self.meta.volumes[si].kind)
+        if let (
+            VolKind::Thin {
+                pool: p1,
+                origin: o1,
+                ..
+            },
+            VolKind::Thin {
+                pool: p2,
+                map,
+                origin: o2,
+            },
+        ) = (&self.meta.volumes[vi].kind, &self.meta.volumes[si].kind)
             && p1 == p2
+            && o1 == o2
         {
             let (pool, newmap, ssize) = (*p2, map.clone(), self.meta.volumes[si].size);
             let rt = self
@@ -2114,6 +2145,30 @@ impl Pool {
             self.flush()?;
             progress(size, size);
             return Ok(());
+        }
+        // A space-optimised snapshot of this very volume differs from it only in its mapped
+        // chunks: copy those back and nothing else.
+        if let VolKind::Thin {
+            pool,
+            map,
+            origin: Some(o),
+        } = &self.meta.volumes[si].kind
+            && *o == vid
+        {
+            let (chunks, pool): (Vec<u64>, u32) = (map.keys().copied().collect(), *pool);
+            let (_, cb, _) = self.thin_params(pool)?;
+            let ssize = self.meta.volumes[si].size;
+            let mut buf = vec![0u8; us(cb) * BLOCK_SIZE];
+            for (k, vc) in chunks.iter().enumerate() {
+                let start = vc * cb;
+                let n = cb.min(ssize.saturating_sub(start));
+                if n > 0 {
+                    self.read(sid, start, sl_mut(&mut buf, 0, n))?;
+                    self.write(vid, start, sl(&buf, 0, n))?;
+                }
+                progress(u(k) + 1, u(chunks.len()));
+            }
+            return self.flush();
         }
         if self.meta.volumes[si].size != size {
             return Err(Error::InvalidArgument(format!(
@@ -2152,7 +2207,7 @@ impl Pool {
         let vi = self.vidx(id)?;
         if let Some(v) = self.meta.volumes.iter().find(|v| match &v.kind {
             VolKind::Thick { fill: Some(f), .. } => f.origin == id,
-            VolKind::Thin { pool, .. } => *pool == id,
+            VolKind::Thin { pool, origin, .. } => *pool == id || *origin == Some(id),
             _ => false,
         }) {
             return Err(Error::Busy(format!(
@@ -2162,7 +2217,7 @@ impl Pool {
         }
         let v = self.meta.volumes.remove(vi);
         match v.kind {
-            VolKind::Thin { pool, map } => {
+            VolKind::Thin { pool, map, .. } => {
                 if let Some(rt) = self.thin.get_mut(&pool) {
                     for c in map.values() {
                         rt.refs[us(u64::from(*c))] -= 1;
@@ -2214,6 +2269,24 @@ impl Pool {
                 "a full snapshot of '{name}' is still filling"
             )));
         }
+        let snap_of_thick = matches!(
+            v.kind,
+            VolKind::Thin {
+                origin: Some(_),
+                ..
+            }
+        );
+        let has_so_snaps = self
+            .meta
+            .volumes
+            .iter()
+            .any(|s| matches!(&s.kind, VolKind::Thin { origin: Some(o), .. } if *o == id));
+        if snap_of_thick || (has_so_snaps && size < old) {
+            return Err(Error::Busy(format!(
+                "'{name}' is, or has, a space-optimised snapshot of a thick volume; \
+                 such a pair cannot shrink (and the snapshot cannot be resized)"
+            )));
+        }
         match v.kind.clone() {
             VolKind::ThinPool { data, chunk_blocks } => {
                 if size < old {
@@ -2225,7 +2298,11 @@ impl Pool {
                 self.meta.volumes[vi].size = size;
                 self.rebuild_thin();
             }
-            VolKind::Thin { pool, mut map } => {
+            VolKind::Thin {
+                pool,
+                mut map,
+                origin,
+            } => {
                 let cb = match self.meta.volumes[self.vidx(pool)?].kind {
                     VolKind::ThinPool { chunk_blocks, .. } => u64::from(chunk_blocks),
                     _ => 1,
@@ -2239,7 +2316,7 @@ impl Pool {
                 }
                 // A partly kept last chunk: zero the tail so a later grow reads zeroes.
                 let v = &mut self.meta.volumes[vi];
-                v.kind = VolKind::Thin { pool, map };
+                v.kind = VolKind::Thin { pool, map, origin };
                 v.size = size;
                 v.region_blocks = v.region_blocks.max(1);
                 if !size.is_multiple_of(cb) && size < old {
@@ -2864,7 +2941,7 @@ impl Pool {
         for (pid, rt) in &self.thin {
             let mut refs = vec![0u32; rt.refs.len()];
             for v in &self.meta.volumes {
-                if let VolKind::Thin { pool, map } = &v.kind
+                if let VolKind::Thin { pool, map, .. } = &v.kind
                     && pool == pid
                 {
                     for c in map.values() {
@@ -3116,6 +3193,16 @@ impl Pool {
         for s in fills {
             self.fill_regions(s, block, n, true)?;
         }
+        let so: Vec<u32> = self
+            .meta
+            .volumes
+            .iter()
+            .filter(|s| matches!(&s.kind, VolKind::Thin { origin: Some(o), .. } if *o == id))
+            .map(|s| s.id)
+            .collect();
+        if !so.is_empty() {
+            self.copy_to_space_optimized(id, block, n, &so)?;
+        }
         let vi = self.vidx(id)?;
         match &self.meta.volumes[vi].kind {
             VolKind::Thick { .. } => self.thick_raw_write(id, block, buf),
@@ -3127,6 +3214,174 @@ impl Pool {
                 self.thin_write(vi, pool, block, buf)
             }
         }
+    }
+
+    fn thin_origin(&self, vi: usize) -> Option<u32> {
+        match &self.meta.volumes[vi].kind {
+            VolKind::Thin { origin, .. } => *origin,
+            _ => None,
+        }
+    }
+
+    /// Reads chunk `vc` of thick origin `o` (zeroes past its end) into `buf` (one chunk).
+    fn read_origin_chunk(&mut self, o: u32, vc: u64, cb: u64, buf: &mut [u8]) -> Result<(), Error> {
+        let osize = self.volume_size(o)?;
+        let start = vc * cb;
+        let n = cb.min(osize.saturating_sub(start));
+        buf.fill(0);
+        if n > 0 {
+            self.read(o, start, sl_mut(buf, 0, n))?;
+        }
+        Ok(())
+    }
+
+    /// Before thick volume `origin` overwrites `[block, block+n)`, copies every chunk of it
+    /// that a space-optimised snapshot in `snaps` still shares into the snapshot's thin pool
+    /// (one copy per pool, shared by its snapshots), and commits. Refuses with
+    /// [`Error::ThinPoolFull`] before anything changes when a pool lacks space.
+    fn copy_to_space_optimized(
+        &mut self,
+        origin: u32,
+        block: u64,
+        n: u64,
+        snaps: &[u32],
+    ) -> Result<(), Error> {
+        // (pool, virtual chunk) -> snapshots needing it.
+        let mut todo: BTreeMap<(u32, u64), Vec<usize>> = BTreeMap::new();
+        for &sid in snaps {
+            let si = self.vidx(sid)?;
+            let v = &self.meta.volumes[si];
+            let VolKind::Thin { pool, map, .. } = &v.kind else {
+                continue;
+            };
+            let (_, cb, _) = self.thin_params(*pool)?;
+            let last = (block + n - 1).min(v.size.saturating_sub(1));
+            if block >= v.size {
+                continue;
+            }
+            for vc in block / cb..=last / cb {
+                if !map.contains_key(&vc) {
+                    todo.entry((*pool, vc)).or_default().push(si);
+                }
+            }
+        }
+        if todo.is_empty() {
+            return Ok(());
+        }
+        let mut per_pool: BTreeMap<u32, u64> = BTreeMap::new();
+        for (pool, _) in todo.keys() {
+            *per_pool.entry(*pool).or_default() += 1;
+        }
+        for (pool, need) in &per_pool {
+            let rt = self
+                .thin
+                .get(pool)
+                .ok_or_else(|| Error::Corrupt("thin pool runtime".into()))?;
+            if *need > rt.free {
+                let (_, _, pname) = self.thin_params(*pool)?;
+                return Err(Error::ThinPoolFull {
+                    pool: pname,
+                    chunks: u(rt.refs.len()),
+                });
+            }
+        }
+        let _ = origin;
+        for ((pool, vc), users) in todo {
+            let (data, cb, pname) = self.thin_params(pool)?;
+            let mut chunk = vec![0u8; us(cb) * BLOCK_SIZE];
+            self.read_origin_chunk(origin, vc, cb, &mut chunk)?;
+            let fresh = self.alloc_chunk(pool, &pname)?;
+            self.write(data, u(fresh) * cb, &chunk)?;
+            let fresh32 = u32::try_from(fresh).map_err(|_| Error::Corrupt("chunk index".into()))?;
+            let rt = self
+                .thin
+                .get_mut(&pool)
+                .ok_or_else(|| Error::Corrupt("thin pool runtime".into()))?;
+            rt.refs[fresh] += u32::try_from(users.len()).unwrap_or(u32::MAX) - 1;
+            for si in users {
+                if let VolKind::Thin { map, .. } = &mut self.meta.volumes[si].kind {
+                    map.insert(vc, fresh32);
+                }
+            }
+        }
+        self.dirty = true;
+        // The copies and their mappings are durable before the origin is overwritten.
+        self.flush()
+    }
+
+    /// Takes a free chunk of thin pool `pool` (reference count 1 on return).
+    fn alloc_chunk(&mut self, pool: u32, pname: &str) -> Result<usize, Error> {
+        let rt = self
+            .thin
+            .get_mut(&pool)
+            .ok_or_else(|| Error::Corrupt("thin pool runtime".into()))?;
+        let len = rt.refs.len();
+        let fresh = (0..len)
+            .map(|k| (rt.hint + k) % len)
+            .find(|&i| rt.refs[i] == 0 && rt.crefs[i] == 0)
+            .ok_or_else(|| Error::ThinPoolFull {
+                pool: pname.to_string(),
+                chunks: u(len),
+            })?;
+        rt.hint = fresh + 1;
+        rt.refs[fresh] = 1;
+        rt.free -= 1;
+        Ok(fresh)
+    }
+
+    /// Takes a space-optimised snapshot of thick volume `origin`: chunks are copied into thin
+    /// pool `thin_pool` only when the origin (or the snapshot) is first written there.
+    pub fn snapshot_in_pool(
+        &mut self,
+        origin: &str,
+        name: &str,
+        thin_pool: &str,
+    ) -> Result<u32, Error> {
+        self.writable()?;
+        self.check_new_name(name)?;
+        let oid = self.volume_id(origin)?;
+        let pid = self.volume_id(thin_pool)?;
+        let (o, p) = (
+            &self.meta.volumes[self.vidx(oid)?],
+            &self.meta.volumes[self.vidx(pid)?],
+        );
+        if !matches!(p.kind, VolKind::ThinPool { .. }) {
+            return Err(Error::InvalidArgument(format!(
+                "'{thin_pool}' is not a thin pool"
+            )));
+        }
+        match &o.kind {
+            VolKind::Thick {
+                relayout: None,
+                fill: None,
+                ..
+            } if !o.internal => {}
+            VolKind::Thin { .. } => {
+                return Err(Error::InvalidArgument(format!(
+                    "'{origin}' is thin: its snapshots share its own pool; omit the pool"
+                )));
+            }
+            _ => {
+                return Err(Error::Busy(format!(
+                    "'{origin}' is not a thick volume at rest"
+                )));
+            }
+        }
+        let size = o.size;
+        self.flush()?;
+        let id = self.new_volume(
+            name,
+            size,
+            None,
+            false,
+            VolKind::Thin {
+                pool: pid,
+                map: BTreeMap::new(),
+                origin: Some(oid),
+            },
+        );
+        self.flush()?;
+        Ok(id)
     }
 
     fn thin_params(&self, pool: u32) -> Result<(u32, u64, String), Error> {
@@ -3148,14 +3403,15 @@ impl Pool {
         while done < n {
             let b = block + done;
             let run = (cb - b % cb).min(n - done);
-            let mapped = match &self.meta.volumes[vi].kind {
-                VolKind::Thin { map, .. } => map.get(&(b / cb)).copied(),
-                _ => None,
+            let (mapped, origin) = match &self.meta.volumes[vi].kind {
+                VolKind::Thin { map, origin, .. } => (map.get(&(b / cb)).copied(), *origin),
+                _ => (None, None),
             };
             let piece = sl_mut(buf, done, done + run);
-            match mapped {
-                Some(p) => self.read(data, u64::from(p) * cb + b % cb, piece)?,
-                None => piece.fill(0),
+            match (mapped, origin) {
+                (Some(p), _) => self.read(data, u64::from(p) * cb + b % cb, piece)?,
+                (None, Some(o)) => self.read(o, b, piece)?,
+                (None, None) => piece.fill(0),
             }
             done += run;
         }
@@ -3233,10 +3489,12 @@ impl Pool {
                 })?;
             rt.hint = fresh + 1;
             let mut chunk = vec![0u8; us(cb) * BLOCK_SIZE];
-            if run < cb
-                && let Some(old) = cur
-            {
-                self.read(data, u64::from(old) * cb, &mut chunk)?;
+            if run < cb {
+                match (cur, self.thin_origin(vi)) {
+                    (Some(old), _) => self.read(data, u64::from(old) * cb, &mut chunk)?,
+                    (None, Some(o)) => self.read_origin_chunk(o, vc, cb, &mut chunk)?,
+                    (None, None) => {}
+                }
             }
             let off = us(b % cb) * BLOCK_SIZE;
             chunk[off..off + piece.len()].copy_from_slice(piece);

@@ -63,7 +63,7 @@ fn base_images() -> Vec<Vec<u8>> {
     p.create_volume("m", 64, LayoutSpec::Mirror { legs: 2 }, None)
         .unwrap();
     p.create_volume("c", 48, LayoutSpec::Concat, None).unwrap();
-    p.create_thin_pool("tp", 96, LayoutSpec::Concat, None, 4)
+    p.create_thin_pool("tp", 160, LayoutSpec::Concat, None, 4)
         .unwrap();
     p.create_thin("t", "tp", 128).unwrap();
     p.flush().unwrap();
@@ -74,6 +74,7 @@ struct Run {
     model: Model,
     states: Vec<Rc<RefCell<CrashState>>>,
     clock: Clock,
+    completed: bool,
 }
 
 /// The workload. Stops at the first error (the crash); the model holds what was acknowledged.
@@ -93,7 +94,7 @@ fn workload(images: &[Vec<u8>], crash_at: Option<u64>) -> Run {
         })
         .collect();
     let mut model = Model::default();
-    let _ = (|| -> Result<(), Error> {
+    let result = (|| -> Result<(), Error> {
         let (mut p, _) = Pool::open(devs, volmgr::OpenOptions::default())?;
         let ids: BTreeMap<&str, u32> = ["m", "c", "t"]
             .into_iter()
@@ -147,6 +148,14 @@ fn workload(images: &[Vec<u8>], crash_at: Option<u64>) -> Run {
         }
         p.fill_step(1)?;
         flush(&mut p, &mut model, &clock)?;
+        // Phase 3b: a space-optimised snapshot of thick c in the thin pool (copy on write).
+        p.snapshot_in_pool("c", "cso", "tp")?;
+        model.snapshot("c", "cso");
+        for _ in 0..4 {
+            w(&mut p, &mut model, "c", rng.below(48))?;
+            w(&mut p, &mut model, "cso", rng.below(48))?;
+        }
+        flush(&mut p, &mut model, &clock)?;
         // Phase 4: grow c, relayout it to a stripe while writing.
         p.resize("cs", 48)?;
         while p.fill_step(8)? > 0 {}
@@ -185,6 +194,7 @@ fn workload(images: &[Vec<u8>], crash_at: Option<u64>) -> Run {
         model,
         states,
         clock,
+        completed: result.is_ok(),
     }
 }
 
@@ -246,6 +256,10 @@ fn verify(images: Vec<Vec<u8>>, model: &Model, what: &str) {
 fn crash_at_every_write_boundary() {
     let base = base_images();
     let full = workload(&base, None);
+    assert!(
+        full.completed,
+        "the workload must run to the end without a crash"
+    );
     let total = full.clock.borrow().ops;
     assert!(total > 200, "workload too small: {total}");
     let mut points = 0;

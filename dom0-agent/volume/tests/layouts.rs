@@ -716,3 +716,88 @@ fn disk_restored_from_an_old_image_is_resynchronised_not_trusted() {
     while p.resync_step(16).unwrap() > 0 {}
     assert!(p.verify_mirrors().unwrap().is_empty());
 }
+
+#[test]
+fn space_optimized_snapshots_of_a_thick_volume_copy_on_write() {
+    let d = disks(2, 4096);
+    let mut p = create(&d);
+    let v = p
+        .create_volume("v", 256, LayoutSpec::Mirror { legs: 2 }, None)
+        .unwrap();
+    p.create_thin_pool("cache", 64, LayoutSpec::Concat, None, 4)
+        .unwrap();
+    for b in 0..256 {
+        p.write(v, b, &pattern(b)).unwrap();
+    }
+    let e = p
+        .snapshot(
+            "v",
+            "x",
+            SnapshotKind::SpaceOptimized,
+            LayoutSpec::Concat,
+            None,
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("thin pool"), "{e}");
+    let s1 = p.snapshot_in_pool("v", "s1", "cache").unwrap();
+    let s2 = p.snapshot_in_pool("v", "s2", "cache").unwrap();
+    let used = |p: &Pool| {
+        p.list()
+            .iter()
+            .find(|i| i.name == "cache")
+            .unwrap()
+            .used_blocks
+    };
+    assert_eq!(used(&p), 0, "nothing copied before the first write");
+    // Origin writes copy the old chunk once, shared by both snapshots.
+    p.write(v, 10, &pattern(5010)).unwrap();
+    p.write(v, 11, &pattern(5011)).unwrap();
+    assert_eq!(used(&p), 4);
+    // A snapshot write redirects its own copy.
+    p.write(s2, 100, &pattern(7100)).unwrap();
+    p.flush().unwrap();
+    let mut p = reopen(&d);
+    for b in 0..256 {
+        let vo = match b {
+            10 => pattern(5010),
+            11 => pattern(5011),
+            _ => pattern(b),
+        };
+        assert_eq!(read_block(&mut p, v, b), vo, "origin {b}");
+        assert_eq!(read_block(&mut p, s1, b), pattern(b), "s1 {b}");
+        let s2e = if b == 100 { pattern(7100) } else { pattern(b) };
+        assert_eq!(read_block(&mut p, s2, b), s2e, "s2 {b}");
+    }
+    assert!(
+        p.list()
+            .iter()
+            .any(|i| i.layout.contains("thin snapshot of v"))
+    );
+    assert!(matches!(p.remove("v"), Err(Error::Busy(_))));
+    assert!(matches!(p.resize("v", 100), Err(Error::Busy(_))));
+    // The cache fills up: the origin write is refused, nothing changes.
+    let e = loop {
+        let b = 20 + 4 * (used(&p) / 4);
+        if b >= 256 {
+            panic!("cache never filled");
+        }
+        if let Err(e) = p.write(v, b, &pattern(9000 + b)) {
+            break (e, b);
+        }
+    };
+    assert!(matches!(e.0, Error::ThinPoolFull { .. }), "{}", e.0);
+    assert_eq!(
+        read_block(&mut p, v, e.1),
+        pattern(e.1),
+        "refused write changed nothing"
+    );
+    assert_eq!(read_block(&mut p, s1, e.1), pattern(e.1));
+    // Roll the origin back to s1.
+    p.rollback("v", "s1", |_, _| {})
+        .unwrap_or_else(|e| panic!("{e}"));
+    for b in 0..256 {
+        assert_eq!(read_block(&mut p, v, b), pattern(b));
+    }
+    assert!(p.check().is_empty(), "{:?}", p.check());
+    assert!(p.verify_mirrors().unwrap().is_empty());
+}

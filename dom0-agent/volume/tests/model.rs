@@ -124,16 +124,19 @@ fn run(seed: u64, steps: usize) {
                 } else {
                     SnapshotKind::Full
                 };
-                match w
-                    .pool
-                    .snapshot(&name, &snap, kind, LayoutSpec::Concat, None)
-                {
+                let made = if kind == SnapshotKind::Full && rng.below(2) == 0 {
+                    w.pool.snapshot_in_pool(&name, &snap, "tp")
+                } else {
+                    w.pool
+                        .snapshot(&name, &snap, kind, LayoutSpec::Concat, None)
+                };
+                match made {
                     Ok(_) => {
                         let copy = w.model[&name].clone();
                         w.model.insert(snap, copy);
                         w.snaps += 1;
                     }
-                    Err(Error::NoSpace(_)) => {}
+                    Err(Error::NoSpace(_) | Error::Busy(_)) => {}
                     Err(e) => panic!("seed {seed} step {step}: snapshot {name}: {e}"),
                 }
             }
