@@ -120,6 +120,10 @@ enum VolOp {
         /// Allocation extent, e.g. 1M.
         #[arg(long, default_value = "1M")]
         extent: String,
+        /// Size of each of the two metadata copies per disk (bounds how many thin mappings
+        /// and volumes the pool can describe), e.g. 8M.
+        #[arg(long, default_value = "8M")]
+        metadata_size: String,
         /// Overwrite disks that already carry a pool label.
         #[arg(long)]
         force: bool,
@@ -429,6 +433,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         VolOp::CreatePool {
             disk_size,
             extent,
+            metadata_size,
             force,
         } => {
             if cmd.disks.is_empty() {
@@ -466,8 +471,13 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 );
                 devs.push((Box::new(d), DiskSpec { name, tier }));
             }
+            let md_blocks = u32::try_from(size_blocks(metadata_size)?)
+                .ok()
+                .filter(|b| (2..=(1 << 18)).contains(b))
+                .ok_or_else(|| CliError::Usage("metadata size must be 8K to 1G".into()))?;
             let cfg = PoolConfig {
                 extent_blocks,
+                md_blocks,
                 ..PoolConfig::new(pool_id())
             };
             let pool = Pool::create(devs, cfg)?;

@@ -2454,7 +2454,15 @@ impl Pool {
         tier: Option<&str>,
     ) -> Result<(), Error> {
         self.writable()?;
-        let id = self.volume_id(name)?;
+        let mut id = self.volume_id(name)?;
+        // A thin pool (with every thin volume and snapshot in it) moves by its data volume.
+        let pool_vi = self.vidx(id)?;
+        if let VolKind::ThinPool { data, .. } = self.meta.volumes[pool_vi].kind {
+            id = data;
+            if let Some(t) = tier {
+                self.meta.volumes[pool_vi].tier = Some(t.to_string());
+            }
+        }
         let vi = self.vidx(id)?;
         let v = &self.meta.volumes[vi];
         let VolKind::Thick { relayout, fill, .. } = &v.kind else {

@@ -801,3 +801,71 @@ fn space_optimized_snapshots_of_a_thick_volume_copy_on_write() {
     assert!(p.check().is_empty(), "{:?}", p.check());
     assert!(p.verify_mirrors().unwrap().is_empty());
 }
+
+#[test]
+fn thin_pool_moves_between_tiers_online() {
+    let d = disks(4, 2048);
+    let mut p = create(&d);
+    p.create_thin_pool("tp", 512, LayoutSpec::Concat, Some("fast"), 4)
+        .unwrap();
+    let t = p.create_thin("t", "tp", 512).unwrap();
+    for b in (0..200).step_by(3) {
+        p.write(t, b, &pattern(b)).unwrap();
+    }
+    let s = p
+        .snapshot(
+            "t",
+            "snap",
+            SnapshotKind::SpaceOptimized,
+            LayoutSpec::Concat,
+            None,
+        )
+        .unwrap();
+    p.start_relayout("tp", LayoutSpec::Mirror { legs: 2 }, Some("slow"))
+        .unwrap();
+    let mut i = 0;
+    while p.relayout_step(40).unwrap() > 0 {
+        i += 1;
+        p.write(t, i, &pattern(10_000 + i)).unwrap();
+    }
+    let data_disks: Vec<u32> = p
+        .meta()
+        .volumes
+        .iter()
+        .filter(|v| v.internal)
+        .flat_map(|v| match &v.kind {
+            volmgr::format::VolKind::Thick { layout, .. } => {
+                layout.segments().map(|s| s.disk).collect::<Vec<_>>()
+            }
+            _ => Vec::new(),
+        })
+        .collect();
+    assert!(
+        data_disks.iter().all(|d| d % 2 == 1),
+        "all on slow disks: {data_disks:?}"
+    );
+    assert_eq!(
+        p.list()
+            .iter()
+            .find(|v| v.name == "tp")
+            .unwrap()
+            .tier
+            .as_deref(),
+        Some("slow")
+    );
+    for b in 0..512u64 {
+        let orig = if b % 3 == 0 && b < 200 {
+            pattern(b)
+        } else {
+            vec![0u8; BLOCK_SIZE]
+        };
+        assert_eq!(read_block(&mut p, s, b), orig, "snapshot block {b}");
+        let cur = if b >= 1 && b <= i {
+            pattern(10_000 + b)
+        } else {
+            orig.clone()
+        };
+        assert_eq!(read_block(&mut p, t, b), cur, "volume block {b}");
+    }
+    assert!(p.verify_mirrors().unwrap().is_empty());
+}
