@@ -748,7 +748,7 @@ fn import(
                 let data = r.read_cluster(i, &mut buf, &mut cache)?;
                 let off = i * cl;
                 let len = cl.min(vsize * 4096 - off) as usize;
-                if data || !thin {
+                if data || !thin || !reads_zero(&mut pool, id, off, len)? {
                     pool.write_bytes(id, off, &buf[..len])?;
                 }
                 if i % 64 == 63 || i + 1 == n {
@@ -774,7 +774,8 @@ fn import(
                         path: file.to_path_buf(),
                         err,
                     })?;
-                if !(thin && buf[..padded].iter().all(|b| *b == 0)) {
+                let zero = buf[..padded].iter().all(|b| *b == 0);
+                if !(thin && zero && reads_zero(&mut pool, id, off, padded)?) {
                     pool.write_bytes(id, off, &buf[..padded])?;
                 }
                 off += n as u64;
@@ -784,6 +785,14 @@ fn import(
     }
     pool.flush()?;
     Ok(())
+}
+
+/// Whether `len` bytes of volume `id` at `off` already read as zeroes (a thin volume's
+/// unallocated space costs no I/O to check), so an import may skip writing them.
+fn reads_zero(pool: &mut Pool, id: u32, off: u64, len: usize) -> Result<bool, CliError> {
+    let mut cur = vec![0u8; len];
+    pool.read_bytes(id, off, &mut cur)?;
+    Ok(cur.iter().all(|b| *b == 0))
 }
 
 fn export(cmd: &VolumeCmd, name: &str, file: &Path, format: ImageFormat) -> Result<(), CliError> {

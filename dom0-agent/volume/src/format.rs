@@ -29,7 +29,28 @@
 //!
 //! The metadata payload ([`PoolMeta`]) and the log payload ([`DrlRecord`]) are encoded
 //! field by field, little endian, strings and vectors prefixed by a u32 length that is bounded
-//! by the bytes remaining; decoding never trusts a length.
+//! by the bytes remaining; decoding never trusts a length. Optional fields are a u8 flag (0/1)
+//! followed by the value; enums are a u8 tag. Bitmaps are a u64 bit count then the u64 words.
+//!
+//! ```text
+//! PoolMeta  := pool_id u128, seq u64, extent_blocks u32, md_blocks u32, drl_blocks u32,
+//!              next_vol u32, disks [DiskMeta], volumes [VolMeta]
+//! DiskMeta  := name str, tier str, blocks u64, data_start u64,
+//!              state (0 = active | 1 = missing, since u64)
+//! VolMeta   := id u32, name str, size u64, tier ?str, region_blocks u32, internal u8,
+//!              tracking ?(peer u32, changed Bitmap), kind VolKind
+//! VolKind   := 0 thick: layout Layout, relayout ?(target Layout, done u64),
+//!                       fill ?(origin u32, copied Bitmap)
+//!            | 1 thin pool: data u32, chunk_blocks u32
+//!            | 2 thin: pool u32, map [(virtual chunk u64, pool chunk u32)], origin ?u32
+//! Layout    := stripe_unit u32, legs [[Column]]
+//! Column    := segments [(disk u32, start u64, len u64)], state (0 in sync | 1 stale Bitmap)
+//! DrlRecord := [(volume u32, dirty regions Bitmap)]
+//! ```
+//!
+//! Decoded metadata is then validated as a whole (`pool::validate_meta`): segments inside
+//! their disks and not overlapping, layouts rectangular, bitmaps of the right length,
+//! references between volumes resolving, thin mappings inside their pools.
 
 use alloc::collections::BTreeMap;
 use alloc::string::{String, ToString};
