@@ -154,6 +154,9 @@ trait Peer {
     fn kick(&mut self, q: usize) -> u64;
     /// The switch delivers `frames` frames of FRAME bytes; returns interrupts raised.
     fn deliver(&mut self, frames: usize, frame: &[u8]) -> u64;
+    /// Requests the device side completed with data moved (a check that the figures are
+    /// honest: every request really went through the backend).
+    fn served(&self) -> u64;
 }
 
 // ---------------------------------------------------------------- ours
@@ -224,6 +227,10 @@ impl<B: BlockBackend> Peer for Ours<BlockDevice<B>> {
     fn deliver(&mut self, _: usize, _: &[u8]) -> u64 {
         unreachable!()
     }
+    fn served(&self) -> u64 {
+        let s = self.t.device().stats();
+        s.reads + s.writes
+    }
 }
 
 impl Peer for Ours<NetDevice<FrameSink>> {
@@ -248,6 +255,10 @@ impl Peer for Ours<NetDevice<FrameSink>> {
         self.t.write(&self.mem, reg::INTERRUPT_ACK, 4, 1);
         self.t.stats().interrupts - before
     }
+    fn served(&self) -> u64 {
+        let s = self.t.device().stats();
+        s.tx_frames + s.rx_frames
+    }
 }
 
 // ---------------------------------------------------------------- rust-vmm peer
@@ -258,6 +269,7 @@ struct Vmm<'m> {
     disk: MemDisk,
     bounce: Vec<u8>,
     sink: FrameSink,
+    served: u64,
 }
 
 impl<'m> Vmm<'m> {
@@ -282,6 +294,7 @@ impl<'m> Vmm<'m> {
             disk: MemDisk::new(DISK_SECTORS, false),
             bounce: Vec::new(),
             sink: FrameSink::default(),
+            served: 0,
         }
     }
 
@@ -311,6 +324,7 @@ impl<'m> Vmm<'m> {
                 };
                 mem.write_obj(0u8, status.addr()).unwrap();
                 q.add_used(mem, head, len).unwrap();
+                self.served += 1;
             }
             if !q.enable_notification(mem).unwrap() {
                 break;
@@ -334,6 +348,7 @@ impl<'m> Vmm<'m> {
                 use hv_virtio::devices::net::NetBackend;
                 self.sink.transmit(&self.bounce[NET_HDR..]);
                 q.add_used(mem, head, 0).unwrap();
+                self.served += 1;
             }
             if !q.enable_notification(mem).unwrap() {
                 break;
@@ -366,8 +381,12 @@ impl Peer for Vmm<'_> {
                 .unwrap();
             q.add_used(mem, head, (NET_HDR + frame.len()) as u32)
                 .unwrap();
+            self.served += 1;
         }
         u64::from(q.needs_notification(mem).unwrap())
+    }
+    fn served(&self) -> u64 {
+        self.served
     }
 }
 
@@ -419,6 +438,11 @@ fn block_run(peer: &mut dyn Peer, drv: &mut Driver, depth: u16, total: u64) -> F
     }
     let secs = start.elapsed().as_secs_f64();
     black_box(&free);
+    assert_eq!(
+        peer.served(),
+        total,
+        "every request went through the backend"
+    );
     Figures {
         rps: total as f64 / secs,
         notif_per_req: (drv.kicks + interrupts) as f64 / total as f64,
@@ -465,6 +489,7 @@ fn tx_run(peer: &mut dyn Peer, drv: &mut Driver, depth: u16, total: u64) -> Figu
         completed += u64::from(drv.reap(|head, _| free.push(head / 2)));
     }
     let secs = start.elapsed().as_secs_f64();
+    assert_eq!(peer.served(), total, "every frame went through the backend");
     Figures {
         rps: total as f64 / secs,
         notif_per_req: (drv.kicks + interrupts) as f64 / total as f64,
@@ -507,6 +532,7 @@ fn rx_run(peer: &mut dyn Peer, drv: &mut Driver, burst: u16, total: u64) -> Figu
         }
     }
     let secs = start.elapsed().as_secs_f64();
+    assert_eq!(peer.served(), total, "every frame was delivered");
     Figures {
         rps: total as f64 / secs,
         notif_per_req: (drv.kicks + interrupts) as f64 / total as f64,

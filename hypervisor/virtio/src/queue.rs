@@ -284,6 +284,8 @@ pub struct SplitQueue {
     next_used: u16,
     /// Used index at the last notification decision; `None` before the first.
     signalled_used: Option<u16>,
+    /// Whether used elements were added since the last notification decision.
+    used_dirty: bool,
 }
 
 impl SplitQueue {
@@ -326,6 +328,7 @@ impl SplitQueue {
             avail_idx_seen: 0,
             next_used: 0,
             signalled_used: None,
+            used_dirty: false,
         })
     }
 
@@ -539,6 +542,7 @@ impl SplitQueue {
         // virtio 1.2 §2.7.8.2 / §2.7.14: the used element is visible before the new idx.
         mem.fence_release();
         self.next_used = self.next_used.wrapping_add(1);
+        self.used_dirty = true;
         mem.write_u16(GuestAddr(self.used.0 + 2), self.next_used)?;
         Ok(())
     }
@@ -549,21 +553,22 @@ impl SplitQueue {
         &mut self,
         mem: &M,
     ) -> Result<bool, QueueError> {
+        if !self.used_dirty {
+            return Ok(false);
+        }
+        self.used_dirty = false;
         let new = self.next_used;
-        let old = match self.signalled_used {
-            Some(old) if old == new => return Ok(false),
-            other => other,
-        };
+        let old = self.signalled_used.replace(new);
         // The used idx store must be visible before we read the driver's suppression state.
         mem.fence_full();
-        self.signalled_used = Some(new);
         if self.features.event_idx {
             // virtio 1.2 §2.7.7.2: with EVENT_IDX the device ignores the flags and notifies
-            // when the used idx passes `used_event`.
+            // when the used idx passes `used_event`. Before the first decision, or after
+            // exactly 2^16 completions (the index came full circle), notify unconditionally.
             let used_event = mem.read_u16(self.used_event_addr())?;
             Ok(match old {
-                None => true,
-                Some(old) => need_event(used_event, new, old),
+                Some(old) if old != new => need_event(used_event, new, old),
+                _ => true,
             })
         } else {
             // virtio 1.2 §2.7.7.2: without EVENT_IDX, flags == 1 means "do not notify".
