@@ -1490,6 +1490,26 @@ impl Pool {
             .ok_or_else(|| Error::NoSuchVolume(name.to_string()))
     }
 
+    /// Id of a volume an operator may address (internal volumes are reached via their owner).
+    fn user_volume(&self, name: &str) -> Result<u32, Error> {
+        let id = self.volume_id(name)?;
+        if self.meta.volumes[self.vidx(id)?].internal {
+            return Err(Error::InvalidArgument(format!(
+                "'{name}' is internal to a thin pool; address the thin pool instead"
+            )));
+        }
+        Ok(id)
+    }
+
+    /// The thick volume behind `name`: itself, or a thin pool's data volume.
+    fn thick_behind(&self, name: &str) -> Result<String, Error> {
+        let id = self.user_volume(name)?;
+        match self.meta.volumes[self.vidx(id)?].kind {
+            VolKind::ThinPool { data, .. } => Ok(self.meta.volumes[self.vidx(data)?].name.clone()),
+            _ => Ok(name.to_string()),
+        }
+    }
+
     /// Size of a volume in blocks.
     pub fn volume_size(&self, id: u32) -> Result<u64, Error> {
         Ok(self.meta.volumes[self.vidx(id)?].size)
@@ -1954,7 +1974,7 @@ impl Pool {
     ) -> Result<u32, Error> {
         self.writable()?;
         self.check_new_name(name)?;
-        let oid = self.volume_id(origin)?;
+        let oid = self.user_volume(origin)?;
         self.flush()?;
         let oi = self.vidx(oid)?;
         let o = &self.meta.volumes[oi];
@@ -2102,8 +2122,8 @@ impl Pool {
         mut progress: impl FnMut(u64, u64),
     ) -> Result<(), Error> {
         self.writable()?;
-        let vid = self.volume_id(vol)?;
-        let sid = self.volume_id(snap)?;
+        let vid = self.user_volume(vol)?;
+        let sid = self.user_volume(snap)?;
         let (vi, si) = (self.vidx(vid)?, self.vidx(sid)?);
         if vid == sid {
             return Err(Error::InvalidArgument(
@@ -2203,7 +2223,7 @@ impl Pool {
     /// Removes a volume (a thin pool only when empty).
     pub fn remove(&mut self, name: &str) -> Result<(), Error> {
         self.writable()?;
-        let id = self.volume_id(name)?;
+        let id = self.user_volume(name)?;
         let vi = self.vidx(id)?;
         if let Some(v) = self.meta.volumes.iter().find(|v| match &v.kind {
             VolKind::Thick { fill: Some(f), .. } => f.origin == id,
@@ -2244,7 +2264,7 @@ impl Pool {
     /// Grows or shrinks a volume to `size` blocks. Shrinking discards the data past the end.
     pub fn resize(&mut self, name: &str, size: u64) -> Result<(), Error> {
         self.writable()?;
-        let id = self.volume_id(name)?;
+        let id = self.user_volume(name)?;
         if size == 0 {
             return Err(Error::InvalidArgument(
                 "volume size must be positive".into(),
@@ -2567,6 +2587,7 @@ impl Pool {
     /// Adds a mirror leg to `name`; it is filled by [`Pool::resync_step`].
     pub fn add_mirror_leg(&mut self, name: &str) -> Result<(), Error> {
         self.writable()?;
+        let name = &self.thick_behind(name)?;
         let id = self.volume_id(name)?;
         let vi = self.vidx(id)?;
         let v = &self.meta.volumes[vi];
@@ -2622,6 +2643,7 @@ impl Pool {
     /// Removes mirror leg `leg` from `name` (another in-sync copy of each column must remain).
     pub fn remove_mirror_leg(&mut self, name: &str, leg: usize) -> Result<(), Error> {
         self.writable()?;
+        let name = &self.thick_behind(name)?;
         let _ = self.take_leg(name, leg)?;
         self.dirty = true;
         self.flush()
@@ -2666,7 +2688,7 @@ impl Pool {
     pub fn split_leg(&mut self, name: &str, leg: usize, new_name: &str) -> Result<u32, Error> {
         self.writable()?;
         self.check_new_name(new_name)?;
-        let id = self.volume_id(name)?;
+        let id = self.user_volume(name)?;
         self.flush()?;
         {
             let VolKind::Thick { layout, .. } = &self.meta.volumes[self.vidx(id)?].kind else {
@@ -2726,7 +2748,7 @@ impl Pool {
     /// the split are resynchronised (by [`Pool::resync_step`]).
     pub fn reattach(&mut self, name: &str, split: &str) -> Result<(), Error> {
         self.writable()?;
-        let id = self.volume_id(name)?;
+        let id = self.user_volume(name)?;
         let sid = self.volume_id(split)?;
         let (vi, si) = (self.vidx(id)?, self.vidx(sid)?);
         let (v, s) = (&self.meta.volumes[vi], &self.meta.volumes[si]);
@@ -3299,7 +3321,7 @@ impl Pool {
             let mut chunk = vec![0u8; us(cb) * BLOCK_SIZE];
             self.read_origin_chunk(origin, vc, cb, &mut chunk)?;
             let fresh = self.alloc_chunk(pool, &pname)?;
-            self.write(data, u(fresh) * cb, &chunk)?;
+            self.thick_raw_write(data, u(fresh) * cb, &chunk)?;
             let fresh32 = u32::try_from(fresh).map_err(|_| Error::Corrupt("chunk index".into()))?;
             let rt = self
                 .thin
@@ -3347,7 +3369,7 @@ impl Pool {
     ) -> Result<u32, Error> {
         self.writable()?;
         self.check_new_name(name)?;
-        let oid = self.volume_id(origin)?;
+        let oid = self.user_volume(origin)?;
         let pid = self.volume_id(thin_pool)?;
         let (o, p) = (
             &self.meta.volumes[self.vidx(oid)?],
@@ -3417,7 +3439,10 @@ impl Pool {
             };
             let piece = sl_mut(buf, done, done + run);
             match (mapped, origin) {
-                (Some(p), _) => self.read(data, u64::from(p) * cb + b % cb, piece)?,
+                (Some(p), _) => {
+                    let dvi = self.vidx(data)?;
+                    self.thick_raw_read(dvi, u64::from(p) * cb + b % cb, piece)?;
+                }
                 (None, Some(o)) => self.read(o, b, piece)?,
                 (None, None) => piece.fill(0),
             }
@@ -3430,6 +3455,22 @@ impl Pool {
         let (data, cb, pname) = self.thin_params(pool)?;
         let id = self.meta.volumes[vi].id;
         let n = u(buf.len() / BLOCK_SIZE);
+        // Fast path: an overwrite inside one chunk this volume owns alone.
+        if block % cb + n <= cb
+            && let VolKind::Thin { map, .. } = &self.meta.volumes[vi].kind
+            && let Some(&m) = map.get(&(block / cb))
+            && let Some(rt) = self.thin.get(&pool)
+        {
+            let i = us(u64::from(m));
+            let committed_same = || {
+                self.committed.volumes.iter().find(|v| v.id == id).is_some_and(|v| {
+                    matches!(&v.kind, VolKind::Thin { map, .. } if map.get(&(block / cb)) == Some(&m))
+                })
+            };
+            if rt.refs[i] == 1 && (rt.crefs[i] == 0 || (rt.crefs[i] == 1 && committed_same())) {
+                return self.thick_raw_write(data, u64::from(m) * cb + block % cb, buf);
+            }
+        }
         // Plan: which chunks can be written in place, which need a fresh chunk.
         let mut plan = Vec::new();
         let mut need = 0u64;
@@ -3480,7 +3521,7 @@ impl Pool {
             let piece = sl(buf, done, done + run);
             if in_place {
                 let m = u64::from(cur.unwrap_or(0));
-                self.write(data, m * cb + b % cb, piece)?;
+                self.thick_raw_write(data, m * cb + b % cb, piece)?;
                 continue;
             }
             let rt = self
@@ -3507,7 +3548,7 @@ impl Pool {
             let off = us(b % cb) * BLOCK_SIZE;
             chunk[off..off + piece.len()].copy_from_slice(piece);
             let fresh32 = u32::try_from(fresh).map_err(|_| Error::Corrupt("chunk index".into()))?;
-            self.write(data, u(fresh) * cb, &chunk)?;
+            self.thick_raw_write(data, u(fresh) * cb, &chunk)?;
             let rt = self
                 .thin
                 .get_mut(&pool)
