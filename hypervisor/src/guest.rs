@@ -1,11 +1,13 @@
 //! Running domains on bare metal: the domain table, creation from boot modules, each CPU's
 //! round-robin run loop over its vCPUs, and VM-exit handling.
 //!
-//! Each domain has one vCPU, pinned to one CPU, which owns it (its `Vcpu` lives in that CPU's
-//! run queue). Other CPUs only flip the domain's state (`destroy`) and read its counters; the
-//! owning CPU notices at its next exit (the preemption timer bounds the wait) and tears it down.
-//! A domain that misbehaves (triple fault, access outside its memory, unhandled exit) is stopped
-//! with a report; the host and the other domains keep running.
+//! A domain has one or more vCPUs, each pinned to one CPU, which owns it (its `Vcpu` lives in
+//! that CPU's run queue); the vCPUs share the domain's RAM and EPT (`DomainMem`), freed when the
+//! last vCPU is gone. vCPU 0 starts at the kernel's entry; the others wait until a VCPU_START
+//! hypercall. Other CPUs only flip the domain's state (`destroy`) and read its counters; each
+//! owning CPU notices at its next exit (the preemption timer bounds the wait) and tears its vCPU
+//! down. A domain that misbehaves (triple fault, access outside its memory, unhandled exit) is
+//! stopped with a report; the host and the other domains keep running.
 
 use alloc::boxed::Box;
 use alloc::collections::VecDeque;
@@ -38,6 +40,8 @@ use crate::vmx::setup::{GuestSetup, setup_vmcs};
 const DEFAULT_MEM_MIB: u64 = 16;
 /// Largest RAM a boot module may ask for, MiB.
 const MAX_MEM_MIB: u64 = 4096;
+/// Most vCPUs of one domain.
+const MAX_VCPUS: u32 = 16;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -53,7 +57,17 @@ pub struct Domain {
     pub id: u32,
     pub name: String,
     pub mem_mib: u64,
+    /// The CPU of vCPU 0.
     pub cpu: usize,
+    pub vcpus: u32,
+    /// Bit i set once vCPU i has been started (vCPU 0 from the beginning).
+    started: AtomicU64,
+    /// Start requests for vCPUs 1..: `(rip, rsp)`.
+    starts: Vec<Mutex<Option<(u64, u64)>>>,
+    /// vCPUs not yet torn down.
+    alive: AtomicU32,
+    vmreads: AtomicU64,
+    vmwrites: AtomicU64,
     state: AtomicU8,
     pub exits: [AtomicU64; REASON_SLOTS],
     /// Why it stopped (empty while running).
@@ -72,6 +86,26 @@ impl Domain {
 
     pub fn total_exits(&self) -> u64 {
         self.exits.iter().map(|e| e.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Ends the domain with `why` unless it already ended; says so on the console once.
+    fn finish(&self, why: String) {
+        let prev = self
+            .state
+            .swap(DomainState::Stopped as u8, Ordering::AcqRel);
+        if prev == DomainState::Stopped as u8 {
+            return;
+        }
+        println!("[dom{}] stopped: {why}", self.id);
+        info!(
+            "domain {} ({}) stopped after {} exits ({} VMREADs, {} VMWRITEs): {why}",
+            self.id,
+            self.name,
+            self.total_exits(),
+            self.vmreads.load(Ordering::Relaxed),
+            self.vmwrites.load(Ordering::Relaxed)
+        );
+        *self.stop_reason.lock() = why;
     }
 }
 
@@ -141,6 +175,29 @@ impl GuestMemory for DomainRam {
     }
 }
 
+/// What a domain's vCPUs share: its RAM and its EPT. Dropped with the last vCPU, which gives
+/// the frames back.
+struct DomainMem {
+    ram: DomainRam,
+    ept: Ept,
+}
+
+impl Drop for DomainMem {
+    fn drop(&mut self) {
+        let mut guard = crate::kernel::FRAMES.lock();
+        let Some(frames) = guard.as_mut() else { return };
+        let tables = self.ept.tables(&mut Frames(frames));
+        for t in tables {
+            let _ = frames.free_addr(crate::mm::HostPhysAddr(t));
+        }
+        for &c in &self.ram.chunks {
+            for i in 0..CHUNK / 4096 {
+                let _ = frames.free_addr(crate::mm::HostPhysAddr(c + i * 4096));
+            }
+        }
+    }
+}
+
 /// EPT tables come from the frame allocator and are reached through the identity map.
 struct Frames<'a>(&'a mut FrameAllocator<'static>);
 
@@ -163,11 +220,13 @@ impl TableFrames for Frames<'_> {
 /// A virtual CPU, owned by the run queue of the CPU it is pinned to.
 pub struct Vcpu {
     domain: Arc<Domain>,
+    index: u32,
+    /// vCPU 0 from the start; the others once VCPU_START named them.
+    started: bool,
     regs: GuestRegs,
     vmcs: Option<Vmcs>,
     setup: GuestSetup,
-    ram: DomainRam,
-    ept: Ept,
+    mem: Arc<DomainMem>,
     console: DomainConsole,
     msrs: StoredMsrs,
     /// Whether the VMCS has been filled.
@@ -176,9 +235,13 @@ pub struct Vcpu {
     halted_at_tick: Option<u64>,
     /// FXSAVE area of the guest's x87/SSE state, swapped when this CPU changes vCPU.
     fpu: Box<FxArea>,
-    /// VMREAD/VMWRITE totals and the exits they served (for the vmcall benchmark).
-    pub vmreads: u64,
-    pub vmwrites: u64,
+}
+
+impl Vcpu {
+    /// A key unique to this vCPU among all domains.
+    fn key(&self) -> u64 {
+        (u64::from(self.domain.id) << 32) | u64::from(self.index)
+    }
 }
 
 #[repr(C, align(16))]
@@ -199,6 +262,7 @@ impl FxArea {
 pub struct DomainConfig<'a> {
     pub name: &'a str,
     pub mem_mib: u64,
+    pub vcpus: u32,
     pub cpu: Option<usize>,
     pub guest_cmdline: &'a str,
 }
@@ -228,58 +292,84 @@ impl<'a> DomainConfig<'a> {
                     .map_err(|_| alloc::format!("cpu={n}: not a CPU number"))?,
             ),
         };
+        let vcpus = match c.get("vcpus") {
+            None => 1,
+            Some(n) => n
+                .parse()
+                .map_err(|_| alloc::format!("vcpus={n}: not a number"))?,
+        };
+        if !(1..=MAX_VCPUS).contains(&vcpus) {
+            return Err(alloc::format!("vcpus={vcpus}: must be 1..{MAX_VCPUS}"));
+        }
         Ok(DomainConfig {
             name: c.get("name").unwrap_or("guest"),
             mem_mib,
+            vcpus,
             cpu,
             guest_cmdline: guest,
         })
     }
 }
 
-/// Builds a domain from an ELF image and queues its vCPU on a CPU.
-pub fn create(
-    image: &[u8],
-    cfg: &DomainConfig,
-    caps: &VmxCaps,
-    frames: &mut FrameAllocator<'static>,
-) -> Result<Arc<Domain>, String> {
+/// Gives RAM chunks back (on a failed creation, before a `DomainMem` owns them).
+fn release_chunks(frames: &mut FrameAllocator<'static>, chunks: &[u64]) {
+    for &c in chunks {
+        for i in 0..CHUNK / 4096 {
+            let _ = frames.free_addr(crate::mm::HostPhysAddr(c + i * 4096));
+        }
+    }
+}
+
+/// Builds a domain from an ELF image and queues its vCPUs on CPUs. Takes the frame allocator's
+/// lock itself (never call it with the lock held).
+pub fn create(image: &[u8], cfg: &DomainConfig, caps: &VmxCaps) -> Result<Arc<Domain>, String> {
     let online: Vec<usize> = (0..percpu::cpu_count())
         .filter(|&i| CPUS[i].state() == percpu::CpuState::Online)
         .collect();
+    if online.is_empty() {
+        return Err(String::from("no CPU online"));
+    }
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-    let cpu = match cfg.cpu {
-        Some(c) if online.contains(&c) => c,
-        Some(c) => return Err(alloc::format!("cpu={c}: no such CPU online")),
-        None => online[(id as usize - 1) % online.len().max(1)],
+    let first = match cfg.cpu {
+        Some(c) => online
+            .iter()
+            .position(|&o| o == c)
+            .ok_or_else(|| alloc::format!("cpu={c}: no such CPU online"))?,
+        None => (id as usize - 1) % online.len(),
     };
+    let placement: Vec<usize> = (0..cfg.vcpus as usize)
+        .map(|i| online[(first + i) % online.len()])
+        .collect();
+
+    // RAM, then the image into it (no lock needed for the copy).
     let mut chunks = Vec::new();
-    let release = |frames: &mut FrameAllocator<'static>, chunks: &[u64]| {
-        for &c in chunks {
-            for i in 0..CHUNK / 4096 {
-                let _ = frames.free_addr(crate::mm::HostPhysAddr(c + i * 4096));
-            }
-        }
-    };
-    for _ in 0..cfg.mem_mib / 2 {
-        match frames.alloc_contiguous(CHUNK / 4096, CHUNK, u64::MAX) {
-            Some(f) => chunks.push(f.leak().0),
-            None => {
-                release(frames, &chunks);
-                return Err(alloc::format!(
-                    "not enough free memory for {} MiB",
-                    cfg.mem_mib
-                ));
+    {
+        let mut guard = crate::kernel::FRAMES.lock();
+        let frames = guard.as_mut().ok_or("no frame allocator")?;
+        for _ in 0..cfg.mem_mib / 2 {
+            match frames.alloc_contiguous(CHUNK / 4096, CHUNK, u64::MAX) {
+                Some(f) => chunks.push(f.leak().0),
+                None => {
+                    release_chunks(frames, &chunks);
+                    return Err(alloc::format!(
+                        "not enough free memory for {} MiB",
+                        cfg.mem_mib
+                    ));
+                }
             }
         }
     }
     let mut ram = DomainRam { chunks };
-    ram.zero(GuestPhysAddr(0), ram.size())
-        .map_err(|_| String::from("internal: RAM size"))?;
-    let boot: BootState = match loader::load(image, &mut ram, cfg.guest_cmdline) {
+    let loaded = ram
+        .zero(GuestPhysAddr(0), ram.size())
+        .map_err(|_| loader::LoadError::Memory(BadGpa(0)))
+        .and_then(|()| loader::load(image, &mut ram, cfg.guest_cmdline));
+    let mut guard = crate::kernel::FRAMES.lock();
+    let frames = guard.as_mut().ok_or("no frame allocator")?;
+    let boot: BootState = match loaded {
         Ok(b) => b,
         Err(e) => {
-            release(frames, &ram.chunks);
+            release_chunks(frames, &ram.chunks);
             return Err(alloc::format!("cannot load the image: {e}"));
         }
     };
@@ -287,57 +377,107 @@ pub fn create(
         two_mib: caps.ept_2m(),
         one_gib: caps.ept_1g(),
     };
-    let mut tf = Frames(frames);
-    let mut ept = Ept::new(&mut tf, sizes).map_err(|e| alloc::format!("EPT: {e:?}"))?;
+    let mut ept = match Ept::new(&mut Frames(frames), sizes) {
+        Ok(e) => e,
+        Err(e) => {
+            release_chunks(frames, &ram.chunks);
+            return Err(alloc::format!("EPT: {e:?}"));
+        }
+    };
+    let mut mapped = Ok(());
     for (i, &c) in ram.chunks.iter().enumerate() {
-        ept.map(
-            &mut tf,
-            i as u64 * CHUNK,
-            c,
-            CHUNK,
-            Perm::RWX,
-            MemType::WriteBack,
-        )
-        .map_err(|e| alloc::format!("EPT: {e:?}"))?;
+        mapped = mapped.and_then(|()| {
+            ept.map(
+                &mut Frames(frames),
+                i as u64 * CHUNK,
+                c,
+                CHUNK,
+                Perm::RWX,
+                MemType::WriteBack,
+            )
+        });
     }
-    let vmcs = Vmcs::new(caps, frames).map_err(|e| alloc::format!("VMCS: {e}"))?;
+    let mut vmcss = Vec::new();
+    let mut vmcs_error = None;
+    if mapped.is_ok() {
+        for _ in 0..cfg.vcpus {
+            match Vmcs::new(caps, frames) {
+                Ok(v) => vmcss.push(v),
+                Err(e) => {
+                    vmcs_error = Some(e);
+                    break;
+                }
+            }
+        }
+    }
+    let mem = DomainMem { ram, ept };
+    if mapped.is_err() || vmcs_error.is_some() {
+        for v in vmcss {
+            let _ = frames.free_addr(crate::mm::HostPhysAddr(v.release()));
+        }
+        // `mem` frees the RAM and the tables in its Drop, which takes the lock: release it first.
+        drop(guard);
+        drop(mem);
+        return Err(match vmcs_error {
+            Some(e) => alloc::format!("VMCS: {e}"),
+            None => alloc::format!("EPT: {:?}", mapped.err()),
+        });
+    }
+    drop(guard);
+
     let domain = Arc::new(Domain {
         id,
         name: String::from(cfg.name),
         mem_mib: cfg.mem_mib,
-        cpu,
+        cpu: placement[0],
+        vcpus: cfg.vcpus,
+        started: AtomicU64::new(1),
+        starts: (0..cfg.vcpus).map(|_| Mutex::new(None)).collect(),
+        alive: AtomicU32::new(cfg.vcpus),
+        vmreads: AtomicU64::new(0),
+        vmwrites: AtomicU64::new(0),
         state: AtomicU8::new(DomainState::Running as u8),
         exits: Default::default(),
         stop_reason: Mutex::new(String::new()),
         exit_code: AtomicU64::new(0),
     });
-    let vpid = match NEXT_VPID.fetch_add(1, Ordering::Relaxed) {
-        0 => NEXT_VPID.fetch_add(1, Ordering::Relaxed),
-        v => v,
-    };
-    let eptp = ept.eptp(caps.ept_ad());
-    let vcpu = Box::new(Vcpu {
-        domain: domain.clone(),
-        regs: GuestRegs {
-            rdi: boot.rdi,
-            rsi: boot.rsi,
-            rdx: boot.rdx,
-            ..Default::default()
-        },
-        vmcs: Some(vmcs),
-        setup: GuestSetup { boot, eptp, vpid },
-        ram,
-        ept,
-        console: DomainConsole::default(),
-        msrs: StoredMsrs::default(),
-        ready: false,
-        halted_at_tick: None,
-        fpu: Box::new(FxArea::initial()),
-        vmreads: 0,
-        vmwrites: 0,
-    });
+    let eptp = mem.ept.eptp(caps.ept_ad());
+    let mem = Arc::new(mem);
     DOMAINS.lock().push(domain.clone());
-    RUN_QUEUES[cpu].lock().push_back(vcpu);
+    for (index, vmcs) in vmcss.into_iter().enumerate() {
+        let vpid = match NEXT_VPID.fetch_add(1, Ordering::Relaxed) {
+            0 => NEXT_VPID.fetch_add(1, Ordering::Relaxed),
+            v => v,
+        };
+        let regs = if index == 0 {
+            GuestRegs {
+                rdi: boot.rdi,
+                rsi: boot.rsi,
+                rdx: boot.rdx,
+                ..Default::default()
+            }
+        } else {
+            GuestRegs {
+                rdi: index as u64,
+                ..Default::default()
+            }
+        };
+        let vcpu = Box::new(Vcpu {
+            domain: domain.clone(),
+            index: index as u32,
+            started: index == 0,
+            regs,
+            vmcs: Some(vmcs),
+            setup: GuestSetup { boot, eptp, vpid },
+            mem: mem.clone(),
+            console: DomainConsole::default(),
+            msrs: StoredMsrs::default(),
+            ready: false,
+            halted_at_tick: None,
+            fpu: Box::new(FxArea::initial()),
+        });
+        RUN_QUEUES[placement[index]].lock().push_back(vcpu);
+    }
     Ok(domain)
 }
 
@@ -345,6 +485,8 @@ pub fn create(
 enum SliceEnd {
     /// Put the vCPU back in the queue.
     Requeue,
+    /// Retire this vCPU only (VCPU_OFF, or its domain already ended).
+    Retire,
     /// Stop the domain: why, and whether to dump its registers.
     Stop { why: String, dump: bool },
 }
@@ -353,8 +495,8 @@ enum SliceEnd {
 pub struct RunLoop {
     vmx: VmxCpu,
     cpu: usize,
-    /// The domain whose FPU state is in this CPU's registers.
-    fpu_owner: u32,
+    /// The vCPU (`Vcpu::key`) whose FPU state is in this CPU's registers.
+    fpu_owner: u64,
 }
 
 impl RunLoop {
@@ -371,12 +513,34 @@ impl RunLoop {
     pub fn run_once(&mut self) -> bool {
         let queued = RUN_QUEUES[self.cpu].lock().len();
         for _ in 0..queued {
-            let Some(v) = RUN_QUEUES[self.cpu].lock().pop_front() else {
+            let Some(mut v) = RUN_QUEUES[self.cpu].lock().pop_front() else {
                 return false;
             };
-            if v.domain.state() == DomainState::Destroying {
-                self.teardown(v, String::from("destroyed by the operator"));
-                return true;
+            match v.domain.state() {
+                DomainState::Destroying => {
+                    v.domain.finish(String::from("destroyed by the operator"));
+                    self.teardown(v);
+                    return true;
+                }
+                DomainState::Stopped => {
+                    self.teardown(v);
+                    return true;
+                }
+                DomainState::Running => {}
+            }
+            if !v.started {
+                let request = v.domain.starts[v.index as usize].lock().take();
+                match request {
+                    Some((rip, rsp)) => {
+                        v.setup.boot.rip = rip;
+                        v.setup.boot.rsp = rsp;
+                        v.started = true;
+                    }
+                    None => {
+                        RUN_QUEUES[self.cpu].lock().push_back(v);
+                        continue;
+                    }
+                }
             }
             if v.halted_at_tick
                 .is_some_and(|t| CPUS[self.cpu].ticks.load(Ordering::Relaxed) <= t)
@@ -394,17 +558,19 @@ impl RunLoop {
         v.halted_at_tick = None;
         match self.run_slice(&mut v) {
             SliceEnd::Requeue => RUN_QUEUES[self.cpu].lock().push_back(v),
+            SliceEnd::Retire => self.teardown(v),
             SliceEnd::Stop { why, dump } => {
                 if dump {
                     self.dump(&mut v, &why);
                 }
-                self.teardown(v, why);
+                v.domain.finish(why);
+                self.teardown(v);
             }
         }
     }
 
-    fn swap_fpu(fpu_owner: &mut u32, v: &mut Vcpu) {
-        if *fpu_owner == v.domain.id {
+    fn swap_fpu(fpu_owner: &mut u64, v: &mut Vcpu) {
+        if *fpu_owner == v.key() {
             return;
         }
         // The previous owner's state is saved by `save_fpu` when its slice ended.
@@ -412,7 +578,7 @@ impl RunLoop {
         // is a valid initial image except MXCSR, which FXRSTOR takes as 0 (all exceptions
         // unmasked is still a legal value). The hypervisor itself uses no x87/SSE state.
         unsafe { core::arch::asm!("fxrstor64 [{0}]", in(reg) v.fpu.0.as_ptr(), options(nostack)) };
-        *fpu_owner = v.domain.id;
+        *fpu_owner = v.key();
     }
 
     fn save_fpu(v: &mut Vcpu) {
@@ -449,7 +615,7 @@ impl RunLoop {
 
     fn slice_inner(
         cpu: usize,
-        fpu_owner: &mut u32,
+        fpu_owner: &mut u64,
         a: &mut ActiveVmcs,
         caps: &VmxCaps,
         v: &mut Vcpu,
@@ -498,19 +664,31 @@ impl RunLoop {
                 Ok(None) => {}
                 Err(why) => break SliceEnd::Stop { why, dump: true },
             }
-            if v.domain.state() == DomainState::Destroying {
-                break SliceEnd::Stop {
-                    why: String::from("destroyed by the operator"),
-                    dump: false,
-                };
+            match v.domain.state() {
+                DomainState::Running => {}
+                DomainState::Destroying => {
+                    break SliceEnd::Stop {
+                        why: String::from("destroyed by the operator"),
+                        dump: false,
+                    };
+                }
+                DomainState::Stopped => break SliceEnd::Retire,
             }
             if cpu::rdtsc().wrapping_sub(start) > slice {
                 break SliceEnd::Requeue;
             }
         };
         Self::save_fpu(v);
-        v.vmreads += u64::from(core::mem::take(&mut a.reads));
-        v.vmwrites += u64::from(core::mem::take(&mut a.writes));
+        let (reads, writes) = (
+            core::mem::take(&mut a.reads),
+            core::mem::take(&mut a.writes),
+        );
+        v.domain
+            .vmreads
+            .fetch_add(u64::from(reads), Ordering::Relaxed);
+        v.domain
+            .vmwrites
+            .fetch_add(u64::from(writes), Ordering::Relaxed);
         end
     }
 
@@ -549,7 +727,11 @@ impl RunLoop {
             ExitReason::PreemptionTimer => Ok(Some(SliceEnd::Requeue)),
             ExitReason::Cpuid => {
                 let native = cpu::cpuid(v.regs.rax as u32, v.regs.rcx as u32);
-                let r = policy::cpuid(v.regs.rax as u32, v.regs.rcx as u32, native);
+                let p = policy::CpuidPolicy {
+                    vcpus: v.domain.vcpus,
+                    index: v.index,
+                };
+                let r = policy::cpuid(v.regs.rax as u32, v.regs.rcx as u32, native, p);
                 v.regs.rax = u64::from(r.eax);
                 v.regs.rbx = u64::from(r.ebx);
                 v.regs.rcx = u64::from(r.ecx);
@@ -642,7 +824,11 @@ impl RunLoop {
             }
             ExitReason::Vmcall => {
                 let args = [v.regs.rdi, v.regs.rsi, v.regs.rdx];
-                match hypercall::dispatch(v.regs.rax, args, &v.ram) {
+                let caller = hypercall::Caller {
+                    vcpus: v.domain.vcpus,
+                    started: v.domain.started.load(Ordering::Acquire),
+                };
+                match hypercall::dispatch(v.regs.rax, args, &v.mem.ram, caller) {
                     Outcome::Return(x) => v.regs.rax = x as u64,
                     Outcome::Console(bytes) => {
                         Self::print_console(cpu, v, &bytes);
@@ -660,6 +846,16 @@ impl RunLoop {
                         Self::skip(a)?;
                         return Ok(Some(SliceEnd::Requeue));
                     }
+                    Outcome::StartVcpu { index, rip, rsp } => {
+                        let bit = 1u64 << index;
+                        if v.domain.started.fetch_or(bit, Ordering::AcqRel) & bit != 0 {
+                            v.regs.rax = hv_abi::Status::InvalidArgument as i64 as u64;
+                        } else {
+                            *v.domain.starts[index as usize].lock() = Some((rip, rsp));
+                            v.regs.rax = 0;
+                        }
+                    }
+                    Outcome::VcpuOff => return Ok(Some(SliceEnd::Retire)),
                 }
                 Self::skip(a).map(|_| None)
             }
@@ -718,7 +914,9 @@ impl RunLoop {
         v.vmcs = Some(vmcs);
     }
 
-    fn teardown(&mut self, mut v: Box<Vcpu>, why: String) {
+    /// Retires a vCPU: flushes its console, gives its VMCS back; the domain's memory goes with
+    /// the last vCPU (its `Arc<DomainMem>`). If it was the last one alive, the domain ends.
+    fn teardown(&mut self, mut v: Box<Vcpu>) {
         if let Some(rest) = v.console.take_partial() {
             println!("[dom{}] {rest}", v.domain.id);
         }
@@ -728,40 +926,31 @@ impl RunLoop {
                 v.domain.id, v.console.dropped
             );
         }
-        println!("[dom{}] stopped: {why}", v.domain.id);
-        info!(
-            "domain {} ({}) stopped after {} exits ({} VMREADs, {} VMWRITEs): {why}",
-            v.domain.id,
-            v.domain.name,
-            v.domain.total_exits(),
-            v.vmreads,
-            v.vmwrites
-        );
-        *v.domain.stop_reason.lock() = why;
-        v.domain
-            .state
-            .store(DomainState::Stopped as u8, Ordering::Release);
-        if self.fpu_owner == v.domain.id {
+        if self.fpu_owner == v.key() {
             self.fpu_owner = 0;
         }
-        // Give the memory back: VMCS, EPT tables, RAM.
-        let mut guard = crate::kernel::FRAMES.lock();
-        let Some(frames) = guard.as_mut() else { return };
-        if let Some(vmcs) = v.vmcs.take() {
-            let _ = frames.free_addr(crate::mm::HostPhysAddr(vmcs.release()));
-        }
-        crate::vmx::hw::invept_all();
-        let tables = v.ept.tables(&mut Frames(frames));
-        for t in tables {
-            let _ = frames.free_addr(crate::mm::HostPhysAddr(t));
-        }
-        for &c in &v.ram.chunks {
-            for i in 0..CHUNK / 4096 {
-                let _ = frames.free_addr(crate::mm::HostPhysAddr(c + i * 4096));
+        {
+            let mut guard = crate::kernel::FRAMES.lock();
+            if let (Some(frames), Some(vmcs)) = (guard.as_mut(), v.vmcs.take()) {
+                let _ = frames.free_addr(crate::mm::HostPhysAddr(vmcs.release()));
             }
         }
-        if frames.free_frames() == 0 {
-            warn!("no free frames after tearing down domain {}", v.domain.id);
+        // Drop this CPU's cached translations of the domain's EPT before its tables can be
+        // reused; every CPU that ran one of its vCPUs does the same in its own teardown.
+        crate::vmx::hw::invept_all();
+        if v.domain.alive.fetch_sub(1, Ordering::AcqRel) == 1 {
+            v.domain.finish(String::from("all vCPUs are off"));
+        }
+        let domain = v.domain.clone();
+        drop(v);
+        if domain.alive.load(Ordering::Acquire) == 0 {
+            let free = crate::kernel::FRAMES
+                .lock()
+                .as_ref()
+                .map_or(0, |f| f.free_frames());
+            if free == 0 {
+                warn!("no free frames after tearing down domain {}", domain.id);
+            }
         }
     }
 }

@@ -253,9 +253,7 @@ fn start_boot_domains(vmx: &VmxStatus) {
         let image = unsafe {
             core::slice::from_raw_parts(m.start as *const u8, (m.end - m.start) as usize)
         };
-        let mut guard = FRAMES.lock();
-        let Some(frames) = guard.as_mut() else { return };
-        match crate::guest::create(image, &cfg, caps, frames) {
+        match crate::guest::create(image, &cfg, caps) {
             Ok(d) => info!(
                 "domain {} ({}) created: {} MiB on CPU {}",
                 d.id, d.name, d.mem_mib, d.cpu
@@ -661,7 +659,7 @@ fn cmd_domains() {
             d.name,
             state,
             d.mem_mib,
-            1,
+            d.vcpus,
             d.cpu,
             d.total_exits(),
             by_reason

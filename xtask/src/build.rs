@@ -27,7 +27,14 @@ pub fn build_kernel() -> Result<PathBuf, String> {
 }
 
 /// The test guests in `tests/guests` (built for bare metal).
-pub const TEST_GUESTS: &[&str] = &["hello", "memcheck", "hypercall_bench", "hostile", "spinner"];
+pub const TEST_GUESTS: &[&str] = &[
+    "hello",
+    "memcheck",
+    "hypercall_bench",
+    "hostile",
+    "spinner",
+    "smp",
+];
 
 /// Builds the test guests (release) and returns the folder holding their ELF files.
 pub fn build_guests() -> Result<PathBuf, String> {

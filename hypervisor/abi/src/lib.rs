@@ -58,6 +58,11 @@ pub mod hypercall {
     pub const YIELD: u64 = 3;
     /// Does nothing: the round-trip cost of a hypercall.
     pub const NOP: u64 = 4;
+    /// `(index, rip, rsp)`: starts the domain's vCPU `index` (1..vCPUs) at `rip` with `rsp`
+    /// and RDI = `index`. Each vCPU can be started once.
+    pub const VCPU_START: u64 = 5;
+    /// Stops the calling vCPU (the domain ends when its last vCPU does); never returns.
+    pub const VCPU_OFF: u64 = 6;
     /// Largest CONSOLE_WRITE.
     pub const CONSOLE_WRITE_MAX: u64 = 4096;
     /// `(index, gpa)`: writes the [`crate::VirtioDeviceInfo`] of the domain's virtio-mmio

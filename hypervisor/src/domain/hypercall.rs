@@ -20,10 +20,23 @@ pub enum Outcome {
     Exit(u64),
     /// Resume with RAX = 0 after letting others run.
     Yield,
+    /// Start vCPU `index` at `rip` with `rsp` (already checked against the domain's vCPUs and
+    /// that it has not started), then resume with RAX = 0.
+    StartVcpu { index: u32, rip: u64, rsp: u64 },
+    /// Stop the calling vCPU only.
+    VcpuOff,
+}
+
+/// Who is calling: the domain's vCPU count and which vCPUs have started.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    pub vcpus: u32,
+    /// Bit i set when vCPU i has been started (vCPU 0 always has).
+    pub started: u64,
 }
 
 /// Dispatches hypercall `number` with arguments `args` (RDI, RSI, RDX).
-pub fn dispatch(number: u64, args: [u64; 3], mem: &impl GuestMemory) -> Outcome {
+pub fn dispatch(number: u64, args: [u64; 3], mem: &impl GuestMemory, caller: Caller) -> Outcome {
     match number {
         nr::VERSION => Outcome::Return(i64::from(ABI_VERSION)),
         nr::CONSOLE_WRITE => {
@@ -40,6 +53,21 @@ pub fn dispatch(number: u64, args: [u64; 3], mem: &impl GuestMemory) -> Outcome 
         nr::EXIT => Outcome::Exit(args[0]),
         nr::YIELD => Outcome::Yield,
         nr::NOP => Outcome::Return(Status::Ok as i64),
+        nr::VCPU_START => {
+            let index = args[0];
+            if index == 0 || index >= u64::from(caller.vcpus) || index >= 64 {
+                return Outcome::Return(Status::InvalidArgument as i64);
+            }
+            if caller.started & (1 << index) != 0 {
+                return Outcome::Return(Status::InvalidArgument as i64);
+            }
+            Outcome::StartVcpu {
+                index: index as u32,
+                rip: args[1],
+                rsp: args[2],
+            }
+        }
+        nr::VCPU_OFF => Outcome::VcpuOff,
         _ => Outcome::Return(Status::UnknownCall as i64),
     }
 }
@@ -49,44 +77,74 @@ mod tests {
     use super::*;
     use crate::domain::memory::VecMemory;
 
+    const ONE: Caller = Caller {
+        vcpus: 1,
+        started: 1,
+    };
+
     #[test]
     fn calls() {
         let mut m = VecMemory(vec![0; 8192]);
         m.0[100..105].copy_from_slice(b"hello");
         assert_eq!(
-            dispatch(nr::VERSION, [0; 3], &m),
+            dispatch(nr::VERSION, [0; 3], &m, ONE),
             Outcome::Return(i64::from(ABI_VERSION))
         );
         assert_eq!(
-            dispatch(nr::CONSOLE_WRITE, [100, 5, 0], &m),
+            dispatch(nr::CONSOLE_WRITE, [100, 5, 0], &m, ONE),
             Outcome::Console(b"hello".to_vec())
         );
-        assert_eq!(dispatch(nr::EXIT, [3, 0, 0], &m), Outcome::Exit(3));
-        assert_eq!(dispatch(nr::NOP, [0; 3], &m), Outcome::Return(0));
-        assert_eq!(dispatch(nr::YIELD, [0; 3], &m), Outcome::Yield);
+        assert_eq!(dispatch(nr::EXIT, [3, 0, 0], &m, ONE), Outcome::Exit(3));
+        assert_eq!(dispatch(nr::NOP, [0; 3], &m, ONE), Outcome::Return(0));
+        assert_eq!(dispatch(nr::YIELD, [0; 3], &m, ONE), Outcome::Yield);
+    }
+
+    #[test]
+    fn vcpu_start_is_checked() {
+        let m = VecMemory(vec![0; 4096]);
+        let c = Caller {
+            vcpus: 4,
+            started: 0b0011,
+        };
+        assert_eq!(
+            dispatch(nr::VCPU_START, [2, 0x10_0000, 0x7_0000], &m, c),
+            Outcome::StartVcpu {
+                index: 2,
+                rip: 0x10_0000,
+                rsp: 0x7_0000
+            }
+        );
+        for bad in [0u64, 1, 4, 64, u64::MAX] {
+            assert_eq!(
+                dispatch(nr::VCPU_START, [bad, 0, 0], &m, c),
+                Outcome::Return(Status::InvalidArgument as i64),
+                "index {bad}"
+            );
+        }
+        assert_eq!(dispatch(nr::VCPU_OFF, [0; 3], &m, c), Outcome::VcpuOff);
     }
 
     #[test]
     fn hostile_arguments() {
         let m = VecMemory(vec![0; 8192]);
         assert_eq!(
-            dispatch(0xdead, [0; 3], &m),
+            dispatch(0xdead, [0; 3], &m, ONE),
             Outcome::Return(Status::UnknownCall as i64)
         );
         assert_eq!(
-            dispatch(u64::MAX, [u64::MAX; 3], &m),
+            dispatch(u64::MAX, [u64::MAX; 3], &m, ONE),
             Outcome::Return(Status::UnknownCall as i64)
         );
         assert_eq!(
-            dispatch(nr::CONSOLE_WRITE, [8190, 5, 0], &m),
+            dispatch(nr::CONSOLE_WRITE, [8190, 5, 0], &m, ONE),
             Outcome::Return(Status::BadAddress as i64)
         );
         assert_eq!(
-            dispatch(nr::CONSOLE_WRITE, [u64::MAX - 1, 4, 0], &m),
+            dispatch(nr::CONSOLE_WRITE, [u64::MAX - 1, 4, 0], &m, ONE),
             Outcome::Return(Status::BadAddress as i64)
         );
         assert_eq!(
-            dispatch(nr::CONSOLE_WRITE, [0, 1 << 40, 0], &m),
+            dispatch(nr::CONSOLE_WRITE, [0, 1 << 40, 0], &m, ONE),
             Outcome::Return(Status::InvalidArgument as i64)
         );
     }

@@ -10,8 +10,15 @@ use core::arch::x86_64::CpuidResult;
 /// First hypervisor CPUID leaf (SDM Vol. 2A: leaves 0x4000_0000.. are reserved for hypervisors).
 pub const HV_LEAF_BASE: u32 = 0x4000_0000;
 
+/// Per-domain CPUID settings: the domain's vCPU count and which vCPU asks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuidPolicy {
+    pub vcpus: u32,
+    pub index: u32,
+}
+
 /// The guest's view of CPUID `leaf`/`subleaf`, given the native answer.
-pub fn cpuid(leaf: u32, _subleaf: u32, native: CpuidResult) -> CpuidResult {
+pub fn cpuid(leaf: u32, _subleaf: u32, native: CpuidResult, p: CpuidPolicy) -> CpuidResult {
     let mut r = native;
     match leaf {
         1 => {
@@ -28,8 +35,9 @@ pub fn cpuid(leaf: u32, _subleaf: u32, native: CpuidResult) -> CpuidResult {
             r.ecx |= 1 << 31;
             // EDX: clear ACPI thermal(22), TM(29), PBE(31).
             r.edx &= !((1 << 22) | (1 << 29) | (1 << 31));
-            // EBX[31:24] initial APIC id: every vCPU of these domains is APIC id 0 for now.
-            r.ebx &= 0x00ff_ffff;
+            // EBX[31:24] initial APIC id = vCPU index; EBX[23:16] logical processors.
+            r.ebx =
+                (r.ebx & 0x0000_ffff) | (p.index & 0xff) << 24 | (p.vcpus.min(255) & 0xff) << 16;
         }
         5 | 6 | 0xa => {
             r = CpuidResult {
@@ -58,11 +66,12 @@ pub fn cpuid(leaf: u32, _subleaf: u32, native: CpuidResult) -> CpuidResult {
                 edx: word(8),
             };
         }
+        // ABI version, vCPU count, this vCPU's index.
         0x4000_0001 => {
             r = CpuidResult {
                 eax: hv_abi::ABI_VERSION,
-                ebx: 0,
-                ecx: 0,
+                ebx: p.vcpus,
+                ecx: p.index,
                 edx: 0,
             }
         }
@@ -142,6 +151,8 @@ impl StoredMsrs {
 mod tests {
     use super::*;
 
+    const P: CpuidPolicy = CpuidPolicy { vcpus: 4, index: 2 };
+
     fn native() -> CpuidResult {
         CpuidResult {
             eax: 0x906ea,
@@ -160,25 +171,28 @@ mod tests {
                 ecx: 0x7ffa_3223 | (1 << 5),
                 ..native()
             },
+            P,
         );
         assert_eq!(r.ecx & (1 << 5), 0, "VMX hidden");
         assert_ne!(r.ecx & (1 << 31), 0, "hypervisor bit set");
         assert_eq!(r.ecx & (1 << 21), 0, "x2APIC hidden");
-        assert_eq!(r.ebx >> 24, 0);
+        assert_eq!(r.ebx >> 24, 2, "APIC id = vCPU index");
+        assert_eq!((r.ebx >> 16) & 0xff, 4, "logical processors = vCPUs");
         assert_eq!(r.eax, 0x906ea, "family/model untouched");
     }
 
     #[test]
     fn hypervisor_leaves() {
-        let r = cpuid(0x4000_0000, 0, native());
+        let r = cpuid(0x4000_0000, 0, native(), P);
         let mut sig = [0u8; 12];
         sig[..4].copy_from_slice(&r.ebx.to_le_bytes());
         sig[4..8].copy_from_slice(&r.ecx.to_le_bytes());
         sig[8..].copy_from_slice(&r.edx.to_le_bytes());
         assert_eq!(&sig, b"RustHvRustHv");
         assert_eq!(r.eax, 0x4000_0001);
-        assert_eq!(cpuid(0x4000_0001, 0, native()).eax, hv_abi::ABI_VERSION);
-        assert_eq!(cpuid(0x4000_0005, 0, native()).eax, 0);
+        let l = cpuid(0x4000_0001, 0, native(), P);
+        assert_eq!((l.eax, l.ebx, l.ecx), (hv_abi::ABI_VERSION, 4, 2));
+        assert_eq!(cpuid(0x4000_0005, 0, native(), P).eax, 0);
     }
 
     #[test]
@@ -191,6 +205,7 @@ mod tests {
                 edx: 1 << 4,
                 ..native()
             },
+            P,
         );
         assert_eq!(r.edx & (1 << 4), 0);
         let r = cpuid(
@@ -201,9 +216,10 @@ mod tests {
                 edx: 1 << 4,
                 ..native()
             },
+            P,
         );
         assert_ne!(r.edx & (1 << 4), 0);
-        assert_eq!(cpuid(0xa, 0, native()).eax, 0, "no perfmon");
+        assert_eq!(cpuid(0xa, 0, native(), P).eax, 0, "no perfmon");
     }
 
     #[test]

@@ -70,7 +70,7 @@ fn wrmsr(msr: u32, v: u64) {
 fn run(args: &str, _ram: u64) {
     use hv_abi::{Status, hypercall as nr};
     let mut unknown = 0;
-    for n in [5u64, 99, 0xdead_beef, u64::MAX, 1 << 40] {
+    for n in [77u64, 99, 0xdead_beef, u64::MAX, 1 << 40] {
         if hypercall(n, u64::MAX, u64::MAX, u64::MAX) == Status::UnknownCall as i64 {
             unknown += 1;
         }
