@@ -11,6 +11,13 @@
 //! memory is reached only by checked byte copies (no Rust references into it), chain walks
 //! are bounded by the queue size, and a malformed queue makes the device report
 //! DEVICE_NEEDS_RESET instead of panicking. The virtio 1.2 clause is cited beside each check.
+//!
+//! How it is exercised: unit tests beside the code; `tests/virtio_drivers_crate.rs` drives the
+//! devices with the independent `virtio-drivers` crate over the MMIO state machine;
+//! `tests/properties.rs` (proptest) and `tests/devices.rs` probe the queue and the models;
+//! `tests/fuzz_replay.rs` runs [`fuzz::run`] (the cargo-fuzz target in `fuzz/`) over the seed
+//! corpus and pseudo-random inputs; `examples/virtqueue_bench.rs` measures throughput and
+//! notifications against rust-vmm's `virtio-queue`.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_op_in_unsafe_fn)]
 
