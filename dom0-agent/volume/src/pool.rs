@@ -1010,9 +1010,22 @@ impl Pool {
                 ));
                 continue;
             };
-            if meta.disks[us(u64::from(i))].data_start != f.label.data_start {
+            let dm = &meta.disks[us(u64::from(i))];
+            if dm.data_start != f.label.data_start
+                || meta.md_blocks != f.label.md_blocks
+                || meta.drl_blocks != f.label.drl_blocks
+                || meta.extent_blocks != f.label.extent_blocks
+            {
                 return Err(Error::Corrupt(format!(
-                    "disk #{i}: label and metadata disagree on the data area"
+                    "disk #{i}: label and metadata disagree on the on-disk areas"
+                )));
+            }
+            if f.dev.num_blocks() < dm.blocks {
+                return Err(Error::Corrupt(format!(
+                    "disk '{}' has {} blocks but the pool recorded {}; was the image truncated?",
+                    dm.name,
+                    f.dev.num_blocks(),
+                    dm.blocks
                 )));
             }
             let seq = f.best.as_ref().map(|b| b.0);

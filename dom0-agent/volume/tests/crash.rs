@@ -183,6 +183,21 @@ fn workload(images: &[Vec<u8>], crash_at: Option<u64>) -> Run {
             w(&mut p, &mut model, "m", rng.below(64))?;
         }
         flush(&mut p, &mut model, &clock)?;
+        // Phase 6: split a leg off for backup, write both sides, reattach (changed regions
+        // only) and resync while writing.
+        p.split_leg("m", 2, "mb")?;
+        model.snapshot("m", "mb");
+        for _ in 0..4 {
+            w(&mut p, &mut model, "m", rng.below(64))?;
+            w(&mut p, &mut model, "mb", rng.below(64))?;
+        }
+        flush(&mut p, &mut model, &clock)?;
+        model.vols.remove("mb");
+        p.reattach("m", "mb")?;
+        while p.resync_step(1)? > 0 {
+            w(&mut p, &mut model, "m", rng.below(64))?;
+        }
+        flush(&mut p, &mut model, &clock)?;
         for _ in 0..4 {
             w(&mut p, &mut model, "m", rng.below(64))?;
             w(&mut p, &mut model, "t", rng.below(128))?;
