@@ -347,8 +347,16 @@ fn nbd_serves_reads_writes_and_flushes() {
 #[test]
 fn nbd_system_script_with_qemu_io() {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nbd_system.sh");
-    let out = Command::new("bash").arg(&script).arg(env!("CARGO_BIN_EXE_hvctl")).output().expect("run bash");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(env!("CARGO_BIN_EXE_hvctl"))
+        .output()
+        .expect("run bash");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     println!("{text}");
     assert!(out.status.success(), "nbd_system.sh failed:\n{text}");
     assert!(text.contains("PASS") || text.contains("SKIP"), "{text}");
@@ -359,7 +367,13 @@ fn one_image_given_twice_is_one_disk_with_two_paths() {
     let p = Pool::new("mp");
     ok(&p.args(&["create", "v", "4M", "--layout", "mirror"]));
     let mut args = p.args(&[]);
-    args.extend(["-d", p.disks[0].as_str(), "--path-policy", "failover", "list"]);
+    args.extend([
+        "-d",
+        p.disks[0].as_str(),
+        "--path-policy",
+        "failover",
+        "list",
+    ]);
     let o = hvctl(&args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let err = String::from_utf8_lossy(&o.stderr);

@@ -279,6 +279,8 @@ pub struct Pool {
     drl: BTreeMap<u32, Bitmap>,
     drl_bits: bool,
     thin: BTreeMap<u32, ThinRt>,
+    /// Volumes whose writes may first have to copy into a snapshot (superset).
+    dependents: BTreeSet<u32>,
     read_only: bool,
     /// Events worth telling the operator (detached legs, missing disks, repairs).
     pub events: Vec<String>,
@@ -873,11 +875,31 @@ impl Pool {
             drl: BTreeMap::new(),
             drl_bits: false,
             thin: BTreeMap::new(),
+            dependents: BTreeSet::new(),
             read_only,
             events: Vec::new(),
         };
         p.rebuild_thin();
+        p.recompute_dependents();
         p
+    }
+
+    fn recompute_dependents(&mut self) {
+        self.dependents.clear();
+        for v in &self.meta.volumes {
+            match &v.kind {
+                VolKind::Thick { fill: Some(f), .. } => {
+                    self.dependents.insert(f.origin);
+                    self.dependents.insert(v.id);
+                }
+                VolKind::Thin {
+                    origin: Some(o), ..
+                } => {
+                    self.dependents.insert(*o);
+                }
+                _ => {}
+            }
+        }
     }
 
     /// Opens a pool from its devices (any order; several paths to one disk are grouped),
@@ -1323,6 +1345,7 @@ impl Pool {
             }
             self.committed = self.meta.clone();
             self.dirty = false;
+            self.recompute_dependents();
             for rt in self.thin.values_mut() {
                 rt.crefs.clone_from(&rt.refs);
                 rt.free = u(rt.refs.iter().filter(|r| **r == 0).count());
@@ -1848,6 +1871,7 @@ impl Pool {
             tracking: None,
             kind,
         });
+        self.recompute_dependents();
         id
     }
 
@@ -2039,6 +2063,7 @@ impl Pool {
                         copied: Bitmap::new(n),
                     });
                 }
+                self.recompute_dependents();
                 self.flush()?;
                 Ok(id)
             }
@@ -3156,8 +3181,13 @@ impl Pool {
     }
 
     fn thick_raw_write(&mut self, id: u32, block: u64, buf: &[u8]) -> Result<(), Error> {
-        let n = u(buf.len() / BLOCK_SIZE);
         let vi = self.vidx(id)?;
+        self.thick_raw_write_at(vi, block, buf)
+    }
+
+    fn thick_raw_write_at(&mut self, vi: usize, block: u64, buf: &[u8]) -> Result<(), Error> {
+        let n = u(buf.len() / BLOCK_SIZE);
+        let id = self.meta.volumes[vi].id;
         // Fast path: one leg, one column, no tracking, nothing moving.
         let v = &self.meta.volumes[vi];
         if let VolKind::Thick {
@@ -3221,6 +3251,20 @@ impl Pool {
         let v = &self.meta.volumes[vi];
         if block.checked_add(n).is_none_or(|e| e > v.size) {
             return Err(Error::OutOfRange(v.name.clone()));
+        }
+        // Volumes that must copy before this one is overwritten: a superset is kept in
+        // `dependents` (recomputed at every commit), so the common case skips the scans.
+        if !self.dependents.contains(&id) {
+            return match &v.kind {
+                VolKind::Thick { .. } => self.thick_raw_write_at(vi, block, buf),
+                VolKind::ThinPool { .. } => Err(Error::InvalidArgument(
+                    "a thin pool is not written directly".into(),
+                )),
+                VolKind::Thin { pool, .. } => {
+                    let pool = *pool;
+                    self.thin_write(vi, pool, block, buf)
+                }
+            };
         }
         // Full snapshots of this volume, and this volume if it is one, copy before overwrite.
         let mut fills: Vec<u32> = self
