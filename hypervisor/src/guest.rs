@@ -26,6 +26,7 @@ use crate::domain::hypercall::{self, Outcome};
 use crate::domain::loader::{self, BootState};
 use crate::domain::memory::{BadGpa, CHUNK, GuestMemory, GuestPhysAddr, pieces};
 use crate::domain::ports::{self, PortAction};
+use crate::domain::vtimer::{self, VirtTimer};
 use crate::mm::frames::FrameAllocator;
 use crate::percpu::{self, CPUS, MAX_CPUS};
 use crate::println;
@@ -233,11 +234,25 @@ pub struct Vcpu {
     ready: bool,
     /// Halted until this CPU's tick count passes this value.
     halted_at_tick: Option<u64>,
+    /// The paravirtual timer (SET_TIMER).
+    timer: VirtTimer,
+    /// Whether interrupt-window exiting is on (a timer interrupt waits for RFLAGS.IF).
+    window_exiting: bool,
     /// FXSAVE area of the guest's x87/SSE state, swapped when this CPU changes vCPU.
     fpu: Box<FxArea>,
 }
 
 impl Vcpu {
+    /// Whether the vCPU still waits in HLT: until its timer's deadline when armed, else until
+    /// the next tick of its CPU.
+    fn still_halted(&self, cpu: usize) -> bool {
+        match (self.halted_at_tick, self.timer.deadline()) {
+            (None, _) => false,
+            (Some(_), Some(deadline)) => cpu::rdtsc() < deadline,
+            (Some(t), None) => CPUS[cpu].ticks.load(Ordering::Relaxed) <= t,
+        }
+    }
+
     /// A key unique to this vCPU among all domains.
     fn key(&self) -> u64 {
         (u64::from(self.domain.id) << 32) | u64::from(self.index)
@@ -474,6 +489,8 @@ pub fn create(image: &[u8], cfg: &DomainConfig, caps: &VmxCaps) -> Result<Arc<Do
             msrs: StoredMsrs::default(),
             ready: false,
             halted_at_tick: None,
+            timer: VirtTimer::default(),
+            window_exiting: false,
             fpu: Box::new(FxArea::initial()),
         });
         RUN_QUEUES[placement[index]].lock().push_back(vcpu);
@@ -542,9 +559,7 @@ impl RunLoop {
                     }
                 }
             }
-            if v.halted_at_tick
-                .is_some_and(|t| CPUS[self.cpu].ticks.load(Ordering::Relaxed) <= t)
-            {
+            if v.still_halted(self.cpu) {
                 RUN_QUEUES[self.cpu].lock().push_back(v);
                 continue;
             }
@@ -633,9 +648,20 @@ impl RunLoop {
         Self::swap_fpu(fpu_owner, v);
         let slice = SLICE_TSC.load(Ordering::Relaxed);
         let start = cpu::rdtsc();
-        let timer = (slice >> caps.preemption_timer_rate()).min(u64::from(u32::MAX));
+        // Bring the guest's timer up to date first, so its next deadline is in the future.
+        v.timer.poll(start);
+        let budget = v
+            .timer
+            .until_due(start)
+            .map_or(slice, |due| due.clamp(1, slice));
+        let timer = (budget >> caps.preemption_timer_rate()).min(u64::from(u32::MAX));
         let _ = a.set(f::PREEMPTION_TIMER, timer);
         let end = loop {
+            if v.timer.poll(cpu::rdtsc())
+                && let Err(e) = Self::deliver_timer(a, v)
+            {
+                break SliceEnd::Stop { why: e, dump: true };
+            }
             x86_64::instructions::interrupts::disable();
             let entered = a.run(&mut v.regs);
             // Let the host take the interrupt that caused an exit, if any.
@@ -661,6 +687,17 @@ impl RunLoop {
             }
             match Self::handle_exit(cpu, a, v, reason) {
                 Ok(Some(end)) => break end,
+                Ok(None) if reason == ExitReason::PreemptionTimer => {
+                    // Woken for the guest's timer: run on until the slice ends or it is due again.
+                    let now = cpu::rdtsc();
+                    let left = slice.saturating_sub(now.wrapping_sub(start)).max(1);
+                    let budget = v
+                        .timer
+                        .until_due(now)
+                        .map_or(left, |due| due.clamp(1, left));
+                    let value = (budget >> caps.preemption_timer_rate()).min(u64::from(u32::MAX));
+                    let _ = a.set(f::PREEMPTION_TIMER, value);
+                }
                 Ok(None) => {}
                 Err(why) => break SliceEnd::Stop { why, dump: true },
             }
@@ -699,6 +736,32 @@ impl RunLoop {
             .map_err(|e| alloc::format!("{e}"))
     }
 
+    /// Injects the pending timer interrupt if the guest can take it now, else asks for an exit
+    /// as soon as it can (interrupt-window exiting, SDM Vol. 3C §25.2).
+    fn deliver_timer(a: &mut ActiveVmcs, v: &mut Vcpu) -> Result<(), String> {
+        let err = |e| alloc::format!("{e}");
+        if a.get(f::ENTRY_INTERRUPTION) & (1 << 31) != 0 {
+            return Ok(()); // another event (an exception) goes first
+        }
+        let ready = vtimer::can_inject(a.get(f::GUEST_RFLAGS), a.get(f::GUEST_INTERRUPTIBILITY));
+        if ready && let Some(vector) = v.timer.take() {
+            // External interrupt, vector as asked (SDM Vol. 3C §24.8.3).
+            a.set(f::ENTRY_INTERRUPTION, u64::from(vector) | (1 << 31))
+                .map_err(err)?;
+        }
+        if ready == v.window_exiting {
+            let procbased = a.get(f::PROCBASED);
+            let want = if ready {
+                procbased & !(1 << 2)
+            } else {
+                procbased | (1 << 2)
+            };
+            a.set(f::PROCBASED, want).map_err(err)?;
+            v.window_exiting = !ready;
+        }
+        Ok(())
+    }
+
     fn inject_gp(a: &mut ActiveVmcs) -> Result<(), String> {
         // Hardware exception 13 with an error code of 0 (SDM Vol. 3C §24.8.3).
         let info = 13 | (3 << 8) | (1 << 11) | (1 << 31);
@@ -724,7 +787,16 @@ impl RunLoop {
     ) -> Result<Option<SliceEnd>, String> {
         match reason {
             ExitReason::ExternalInterrupt => Ok(None),
-            ExitReason::PreemptionTimer => Ok(Some(SliceEnd::Requeue)),
+            ExitReason::PreemptionTimer => {
+                // The guest's timer fell due: deliver it in this slice; else the slice is over.
+                let due = v.timer.until_due(cpu::rdtsc()) == Some(0);
+                if due && v.timer.poll(cpu::rdtsc()) {
+                    Ok(None)
+                } else {
+                    Ok(Some(SliceEnd::Requeue))
+                }
+            }
+            ExitReason::InterruptWindow => Ok(None),
             ExitReason::Cpuid => {
                 let native = cpu::cpuid(v.regs.rax as u32, v.regs.rcx as u32);
                 let p = policy::CpuidPolicy {
@@ -740,6 +812,14 @@ impl RunLoop {
             }
             ExitReason::Hlt => {
                 Self::skip(a)?;
+                // HLT right after STI (the usual way to wait) ran in the STI shadow; since we
+                // completed it, the shadow must end here, or the wake-up interrupt could not be
+                // injected before the next instruction (SDM Vol. 3C §25.4, "Blocking by STI").
+                let intr = a.get(f::GUEST_INTERRUPTIBILITY);
+                if intr & 1 != 0 {
+                    a.set(f::GUEST_INTERRUPTIBILITY, intr & !1)
+                        .map_err(|e| alloc::format!("{e}"))?;
+                }
                 v.halted_at_tick = Some(CPUS[cpu].ticks.load(Ordering::Relaxed));
                 Ok(Some(SliceEnd::Requeue))
             }
@@ -856,6 +936,15 @@ impl RunLoop {
                         }
                     }
                     Outcome::VcpuOff => return Ok(Some(SliceEnd::Retire)),
+                    Outcome::SetTimer { vector, period_us } => {
+                        if period_us == 0 {
+                            v.timer.off();
+                        } else {
+                            let per_us = (SLICE_TSC.load(Ordering::Relaxed) / 10_000).max(1);
+                            v.timer.set(vector, period_us * per_us, cpu::rdtsc());
+                        }
+                        v.regs.rax = 0;
+                    }
                 }
                 Self::skip(a).map(|_| None)
             }

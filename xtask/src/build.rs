@@ -34,6 +34,7 @@ pub const TEST_GUESTS: &[&str] = &[
     "hostile",
     "spinner",
     "smp",
+    "ticker",
 ];
 
 /// Builds the test guests (release) and returns the folder holding their ELF files.

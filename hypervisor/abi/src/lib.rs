@@ -63,6 +63,10 @@ pub mod hypercall {
     pub const VCPU_START: u64 = 5;
     /// Stops the calling vCPU (the domain ends when its last vCPU does); never returns.
     pub const VCPU_OFF: u64 = 6;
+    /// `(vector, period_us)`: a periodic interrupt on `vector` (32..=255) every `period_us`
+    /// microseconds (100..=10_000_000), injected when the vCPU has interrupts enabled; a
+    /// period of 0 switches it off. HLT then waits for it.
+    pub const SET_TIMER: u64 = 7;
     /// Largest CONSOLE_WRITE.
     pub const CONSOLE_WRITE_MAX: u64 = 4096;
     /// `(index, gpa)`: writes the [`crate::VirtioDeviceInfo`] of the domain's virtio-mmio

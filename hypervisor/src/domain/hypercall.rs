@@ -25,6 +25,8 @@ pub enum Outcome {
     StartVcpu { index: u32, rip: u64, rsp: u64 },
     /// Stop the calling vCPU only.
     VcpuOff,
+    /// Arm (or, with a period of 0, stop) the calling vCPU's timer; values already checked.
+    SetTimer { vector: u8, period_us: u64 },
 }
 
 /// Who is calling: the domain's vCPU count and which vCPUs have started.
@@ -68,6 +70,19 @@ pub fn dispatch(number: u64, args: [u64; 3], mem: &impl GuestMemory, caller: Cal
             }
         }
         nr::VCPU_OFF => Outcome::VcpuOff,
+        nr::SET_TIMER => {
+            let (vector, period_us) = (args[0], args[1]);
+            let period_ok = period_us == 0
+                || (super::vtimer::MIN_PERIOD_US..=super::vtimer::MAX_PERIOD_US)
+                    .contains(&period_us);
+            if !(32..=255).contains(&vector) || !period_ok {
+                return Outcome::Return(Status::InvalidArgument as i64);
+            }
+            Outcome::SetTimer {
+                vector: vector as u8,
+                period_us,
+            }
+        }
         _ => Outcome::Return(Status::UnknownCall as i64),
     }
 }
@@ -122,6 +137,38 @@ mod tests {
             );
         }
         assert_eq!(dispatch(nr::VCPU_OFF, [0; 3], &m, c), Outcome::VcpuOff);
+    }
+
+    #[test]
+    fn set_timer_is_checked() {
+        let m = VecMemory(vec![0; 4096]);
+        assert_eq!(
+            dispatch(nr::SET_TIMER, [0x30, 1000, 0], &m, ONE),
+            Outcome::SetTimer {
+                vector: 0x30,
+                period_us: 1000
+            }
+        );
+        assert_eq!(
+            dispatch(nr::SET_TIMER, [0x30, 0, 0], &m, ONE),
+            Outcome::SetTimer {
+                vector: 0x30,
+                period_us: 0
+            }
+        );
+        for (v, p) in [
+            (14u64, 1000u64),
+            (256, 1000),
+            (0x30, 1),
+            (0x30, u64::MAX),
+            (u64::MAX, 1000),
+        ] {
+            assert_eq!(
+                dispatch(nr::SET_TIMER, [v, p, 0], &m, ONE),
+                Outcome::Return(Status::InvalidArgument as i64),
+                "vector {v} period {p}"
+            );
+        }
     }
 
     #[test]

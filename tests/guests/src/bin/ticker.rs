@@ -1,0 +1,82 @@
+//! `ticker`: arms the paravirtual timer (SET_TIMER, vector 0x30, 10 ms), sleeps in HLT until
+//! 20 interrupts arrived, and checks that an interrupt falling due while interrupts are
+//! disabled is held and delivered right after STI.
+#![cfg_attr(target_os = "none", no_std, no_main)]
+
+#[cfg(target_os = "none")]
+use test_guests::{hv_abi, hypercall, println, rdtsc};
+
+test_guests::guest_main!(run);
+
+#[cfg(target_os = "none")]
+static mut TICKS: u64 = 0;
+
+#[cfg(target_os = "none")]
+#[unsafe(naked)]
+extern "C" fn tick_handler() {
+    core::arch::naked_asm!("inc qword ptr [rip + {t}]", "iretq", t = sym TICKS);
+}
+
+#[cfg(target_os = "none")]
+fn ticks() -> u64 {
+    // SAFETY: a static only the interrupt handler writes; read as one aligned word.
+    unsafe { (&raw const TICKS).read_volatile() }
+}
+
+#[cfg(target_os = "none")]
+fn install_idt() {
+    static mut IDT: [[u64; 2]; 64] = [[0; 2]; 64];
+    #[repr(C, packed)]
+    struct Dtr {
+        limit: u16,
+        base: u64,
+    }
+    let h = tick_handler as *const () as u64;
+    let low = (h & 0xffff) | (0x08 << 16) | (0x8e << 40) | (((h >> 16) & 0xffff) << 48);
+    // SAFETY: single-threaded guest; the IDT is a static only this function writes.
+    unsafe {
+        let idt = &raw mut IDT;
+        (*idt)[0x30] = [low, h >> 32];
+        let dtr = Dtr {
+            limit: 64 * 16 - 1,
+            base: idt as u64,
+        };
+        core::arch::asm!("lidt [{0}]", in(reg) &dtr);
+    }
+}
+
+#[cfg(target_os = "none")]
+fn run(_args: &str, _ram: u64) {
+    use hv_abi::hypercall as nr;
+    install_idt();
+    let bad = hypercall(nr::SET_TIMER, 3, 10_000, 0);
+    println!("ticker: a timer on vector 3 is refused: {bad}");
+    let r = hypercall(nr::SET_TIMER, 0x30, 10_000, 0);
+    println!("ticker: timer armed: {r}");
+    let t0 = rdtsc();
+    while ticks() < 20 {
+        // SAFETY: STI; HLT waits for the next (timer) interrupt.
+        unsafe { core::arch::asm!("sti", "hlt", "cli") };
+    }
+    let dt = rdtsc() - t0;
+    println!(
+        "ticker: 20 timer interrupts in HLT, {} TSC ticks apart on average",
+        dt / 20
+    );
+    // With interrupts off, an interrupt that falls due is held...
+    let before = ticks();
+    let t1 = rdtsc();
+    while rdtsc() - t1 < 3 * dt / 20 {
+        hypercall(nr::NOP, 0, 0, 0);
+    }
+    let held = ticks() == before;
+    // ...and arrives as soon as they are on again.
+    // SAFETY: enables interrupts for one instruction window, then disables them.
+    unsafe { core::arch::asm!("sti", "nop", "nop", "cli") };
+    let delivered = ticks() > before;
+    println!("ticker: held while IF=0: {held}; delivered right after STI: {delivered}");
+    hypercall(nr::SET_TIMER, 0x30, 0, 0);
+}
+
+#[cfg(not(target_os = "none"))]
+fn run(_args: &str, _ram: u64) {}
