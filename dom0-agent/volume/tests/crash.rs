@@ -350,3 +350,59 @@ fn drl_resyncs_only_regions_written_near_the_crash() {
     let (_, rep) = open_images(d.iter().map(|s| s.snapshot()).collect()).unwrap();
     assert_eq!(rep.drl_regions_recovered, 0);
 }
+
+/// Opens `images` on crashable disks, cutting the power at boundary `crash_at` of the open
+/// itself (log replay, repairs, commits); returns the boundaries the open used (when it ran
+/// to the end) and the surviving images.
+fn open_crashing(images: &[Vec<u8>], crash_at: Option<u64>, keep: &mut Rng) -> (u64, Vec<Vec<u8>>) {
+    let clock: Clock = Rc::new(RefCell::new(CrashClock {
+        ops: 0,
+        crash_at,
+        crashed: false,
+    }));
+    let mut states = Vec::new();
+    let devs: Vec<Box<dyn BlockDevice>> = images
+        .iter()
+        .map(|img| {
+            let (d, st) = CrashDisk::new(img.clone(), clock.clone());
+            states.push(st);
+            Box::new(d) as Box<dyn BlockDevice>
+        })
+        .collect();
+    let _ = Pool::open(devs, volmgr::OpenOptions::default());
+    let ops = clock.borrow().ops;
+    let imgs = states
+        .iter()
+        .map(|st| st.borrow().image_after_crash(|_| keep.below(2) == 0))
+        .collect();
+    (ops, imgs)
+}
+
+#[test]
+fn crash_during_recovery_is_recovered_again() {
+    let base = base_images();
+    let total = workload(&base, None).clock.borrow().ops;
+    let mut points = 0;
+    let mut rng = Rng(77);
+    // Every 9th crash point of the workload, then every boundary of the recovery after it.
+    for k in (0..total).step_by(9) {
+        let run = workload(&base, Some(k));
+        let crashed: Vec<Vec<u8>> = run
+            .states
+            .iter()
+            .map(|st| st.borrow().image_after_crash(|_| true))
+            .collect();
+        let (open_ops, _) = open_crashing(&crashed, None, &mut rng);
+        for j in 0..open_ops {
+            let (_, imgs) = open_crashing(&crashed, Some(j), &mut rng);
+            verify(
+                imgs,
+                &run.model,
+                &format!("crash point {k}, then crash {j} during recovery"),
+            );
+            points += 1;
+        }
+    }
+    println!("crash during recovery: {points} nested crash points verified");
+    assert!(points > 50, "too few nested crash points: {points}");
+}
