@@ -11,14 +11,15 @@ use crate::build::{self, ImageOptions};
 use crate::emu::{self, Boot, Emulator, Machine, PROMPT};
 use crate::root;
 
-const BENCHES: &str = "boot, vmcall";
+const BENCHES: &str = "boot, vmcall, virtqueue";
 
 pub fn run(args: &[String]) -> Result<(), String> {
     let which = args.first().map(String::as_str).unwrap_or("all");
     match which {
         "boot" => boot(),
         "vmcall" => vmcall(),
-        "all" => boot().and_then(|()| vmcall()),
+        "virtqueue" => virtqueue(&args[1..]),
+        "all" => boot().and_then(|()| vmcall()).and_then(|()| virtqueue(&[])),
         other => Err(format!(
             "bench: unknown benchmark '{other}' (have: {BENCHES})"
         )),
@@ -120,6 +121,28 @@ fn vmcall() -> Result<(), String> {
         writes / exits
     );
     Ok(())
+}
+
+/// Requests per second through a virtqueue pair (block 4 KiB at depth 1 and 64, net 1500 B),
+/// notifications per request with event index on and off, against rust-vmm `virtio-queue` as
+/// the peer in the same run (`hypervisor/virtio/examples/virtqueue_bench.rs`).
+fn virtqueue(extra: &[String]) -> Result<(), String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    crate::run_checked(
+        std::process::Command::new(cargo)
+            .current_dir(root())
+            .args([
+                "run",
+                "--quiet",
+                "--release",
+                "-p",
+                "hv-virtio",
+                "--example",
+                "virtqueue_bench",
+                "--",
+            ])
+            .args(extra),
+    )
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -6,6 +6,7 @@ mod bench;
 mod build;
 mod deps;
 mod emu;
+mod fuzz;
 mod scenario;
 mod test;
 
@@ -29,6 +30,12 @@ commands:
                          host unit tests, clippy and rustfmt checks, then every scenario in
                          tests/scenarios; ends with 'N passed, N failed'
   bench boot             instructions to the console prompt in Bochs, wall time in QEMU
+  bench vmcall           instructions per VMCALL round trip in Bochs, VMREADs/VMWRITEs per exit
+  bench virtqueue [--quick]
+                         virtqueue requests/s and notifications/request, against rust-vmm's
+                         virtio-queue in the same run
+  fuzz [SECONDS]         coverage-guided fuzzing of the virtqueue and virtio-mmio parsing
+                         (cargo-fuzz, installed if missing; default 60 s)
   deps                   check (and as root install) the Debian packages the commands need
 ";
 
@@ -47,6 +54,7 @@ fn main() -> ExitCode {
         "run" => emu::run_command(rest),
         "test" => test::run(rest),
         "bench" => bench::run(rest),
+        "fuzz" => fuzz::run(rest),
         "deps" => deps::ensure(&deps::ALL),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
