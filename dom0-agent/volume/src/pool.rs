@@ -1129,10 +1129,16 @@ impl Pool {
                     {
                         continue;
                     }
+                    // The present copy with the fewest stale regions is the best one left.
+                    let stale = |g: &Leg| match &g.columns[c].state {
+                        SyncState::Stale(b) => b.count(),
+                        SyncState::InSync => 0,
+                    };
                     if let Some(g) = l
                         .legs
                         .iter_mut()
-                        .find(|g| col_present(&pool.devs, &g.columns[c].segs))
+                        .filter(|g| col_present(&pool.devs, &g.columns[c].segs))
+                        .min_by_key(|g| stale(g))
                     {
                         g.columns[c].state = SyncState::InSync;
                         report.notes.push(format!(
@@ -2895,10 +2901,12 @@ impl Pool {
             }
         }
         if let Some((d, e)) = err {
-            if e == DevError::Gone || e == DevError::Io {
-                // The copy target or source failed: take the disk out and report.
+            // A vanished disk leaves service; a medium error is reported and retried later.
+            // Regions copied before the failure keep their progress.
+            if e == DevError::Gone {
                 self.mark_disk_missing(d);
             }
+            self.flush_disks()?;
             self.dirty = true;
             self.flush()?;
             return Err(dev_err(&self.meta, d, e));

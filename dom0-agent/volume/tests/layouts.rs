@@ -926,3 +926,42 @@ fn damaged_metadata_never_panics() {
     }
     println!("damaged metadata: {opened} of 300 damaged records still described a valid pool");
 }
+
+#[test]
+fn resync_with_a_failing_source_reports_and_keeps_the_pool_consistent() {
+    let (d, h, mut p) = faulty_pool(3, 2048);
+    let v = p
+        .create_volume("m", 300, LayoutSpec::Mirror { legs: 2 }, None)
+        .unwrap();
+    for b in 0..300 {
+        p.write(v, b, &pattern(b)).unwrap();
+    }
+    p.add_mirror_leg("m").unwrap();
+    // The only in-sync legs' disks start failing reads during the copy.
+    let src: Vec<usize> = match &p.meta().volumes[0].kind {
+        volmgr::format::VolKind::Thick { layout, .. } => layout.legs[..2]
+            .iter()
+            .map(|g| g.columns[0].segs[0].disk as usize)
+            .collect(),
+        _ => unreachable!(),
+    };
+    for s in &src {
+        for blk in 0..2048 {
+            h[*s].borrow_mut().bad_read_blocks.insert(blk);
+        }
+    }
+    let e = p.resync_step(4).unwrap_err();
+    assert!(matches!(e, Error::Device { .. } | Error::NoCopy(..)), "{e}");
+    drop(p);
+    // Healthy again: the pool opens, the new leg is still stale, resync finishes.
+    for s in &src {
+        h[*s].borrow_mut().bad_read_blocks.clear();
+    }
+    let (mut p, _) = common::open_images(d.iter().map(SharedDisk::snapshot).collect()).unwrap();
+    assert!(p.check().is_empty(), "{:?}", p.check());
+    while p.resync_step(8).unwrap() > 0 {}
+    assert!(p.verify_mirrors().unwrap().is_empty());
+    for b in 0..300 {
+        assert_eq!(read_block(&mut p, v, b), pattern(b));
+    }
+}
