@@ -380,3 +380,33 @@ fn one_image_given_twice_is_one_disk_with_two_paths() {
     assert!(err.contains("2 paths"), "{err}");
     assert!(String::from_utf8_lossy(&o.stdout).contains("mirror 2"));
 }
+
+#[test]
+fn check_reports_a_damaged_metadata_copy_and_repair_rewrites_it() {
+    use std::os::unix::fs::FileExt;
+    let p = Pool::new("repair");
+    ok(&p.args(&["create", "v", "4M", "--layout", "mirror"]));
+    // Damage slot A of disk b (metadata slot A starts at block 2).
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p.disks[1])
+        .unwrap();
+    f.write_all_at(&[0xffu8; 512], 2 * 4096 + 100).unwrap();
+    drop(f);
+    let o = hvctl(&p.args(&["check"]));
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("damaged or old; needs rewriting"), "{err}");
+    let before = std::fs::read(&p.disks[1]).unwrap();
+    assert_eq!(
+        before,
+        std::fs::read(&p.disks[1]).unwrap(),
+        "check is read-only"
+    );
+    ok(&p.args(&["repair"]));
+    let o = hvctl(&p.args(&["check"]));
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("damaged"), "{err}");
+    assert!(String::from_utf8_lossy(&o.stdout).contains("consistent"));
+}

@@ -1062,11 +1062,21 @@ impl Pool {
             }
             if seq != Some(wseq) || f.copies_at_best < 2 {
                 repair = true;
+                let verb = if opts.read_only {
+                    "needs rewriting"
+                } else {
+                    "rewritten"
+                };
                 if seq != Some(wseq) {
                     report.notes.push(format!(
-                        "disk '{}': stale metadata (sequence {}) replaced by {wseq}",
+                        "disk '{}': stale metadata (sequence {}) {verb} with sequence {wseq}",
                         meta.disks[us(u64::from(i))].name,
                         seq.map_or_else(|| "none".to_string(), |s| s.to_string())
+                    ));
+                } else {
+                    report.notes.push(format!(
+                        "disk '{}': one of its two metadata copies is damaged or old; {verb}",
+                        meta.disks[us(u64::from(i))].name
                     ));
                 }
             }
