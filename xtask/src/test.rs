@@ -35,7 +35,15 @@ fn cargo() -> Command {
 }
 
 /// The `no_std` crates that must also build (and lint) for bare metal.
-const BARE_METAL: &[&str] = &["hypervisor", "bootloader", "hv-abi", "test-guests"];
+const BARE_METAL: &[&str] = &[
+    "hypervisor",
+    "bootloader",
+    "hv-abi",
+    "test-guests",
+    "hv-virtio",
+    "pv-drivers",
+    "volmgr",
+];
 
 pub fn run(args: &[String]) -> Result<(), String> {
     let mut quick = false;
