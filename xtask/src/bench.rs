@@ -28,32 +28,13 @@ pub fn run(args: &[String]) -> Result<(), String> {
 
 /// Boots `m` until the first prompt; returns the serial text and the wall time.
 fn to_prompt(m: &Machine, limit: Duration) -> Result<(String, Duration), String> {
-    let mut r = emu::start(m)?;
-    let t0 = r.started;
-    r.serial
-        .set_read_timeout(Some(Duration::from_millis(20)))
-        .map_err(|e| e.to_string())?;
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match r.serial.read(&mut buf) {
-            Ok(0) => return Err("serial closed before the prompt".into()),
-            Ok(n) => raw.extend_from_slice(&buf[..n]),
-            Err(_) => {}
-        }
-        if String::from_utf8_lossy(&raw).contains(PROMPT) {
-            let wall = t0.elapsed();
-            r.stop();
-            return Ok((String::from_utf8_lossy(&raw).into_owned(), wall));
-        }
-        if t0.elapsed() > limit {
-            return Err(format!("no prompt within {} s", limit.as_secs()));
-        }
-    }
+    let prompt = Regex::new(&regex::escape(PROMPT)).expect("valid");
+    until(m, &prompt, limit)
 }
 
-/// Boots `m` and reads serial output until `done` matches (or the limit passes).
-fn until(m: &Machine, done: &Regex, limit: Duration) -> Result<String, String> {
+/// Boots `m` and reads serial output until `done` matches (or the limit passes); returns the
+/// text and the wall time from the emulator's start.
+fn until(m: &Machine, done: &Regex, limit: Duration) -> Result<(String, Duration), String> {
     let mut r = emu::start(m)?;
     r.serial
         .set_read_timeout(Some(Duration::from_millis(20)))
@@ -68,8 +49,9 @@ fn until(m: &Machine, done: &Regex, limit: Duration) -> Result<String, String> {
         }
         let text = String::from_utf8_lossy(&raw);
         if done.is_match(&text) {
+            let wall = r.started.elapsed();
             r.stop();
-            return Ok(text.into_owned());
+            return Ok((text.into_owned(), wall));
         }
         if r.started.elapsed() > limit {
             return Err(format!(
@@ -102,7 +84,7 @@ fn vmcall() -> Result<(), String> {
     };
     let stopped =
         Regex::new(r"stopped after (\d+) exits \((\d+) VMREADs, (\d+) VMWRITEs\)").expect("valid");
-    let text = until(&m, &stopped, Duration::from_secs(300))?;
+    let (text, _) = until(&m, &stopped, Duration::from_secs(300))?;
     let per =
         Regex::new(r"hypercall-bench: (\d+) round trips, (\d+) TSC ticks each").expect("valid");
     let c = per.captures(&text).ok_or("no hypercall-bench line")?;
