@@ -29,6 +29,11 @@ pub enum VmxError {
     /// A VMX instruction failed: VMfailInvalid (no current VMCS) or VMfailValid with the
     /// VM-instruction error number (SDM Vol. 3C §30.4).
     Instruction(u64),
+    /// A value wider than the field it was meant for (a hypervisor bug, refused).
+    TooWide {
+        field: u32,
+        value: u64,
+    },
 }
 
 impl core::fmt::Display for VmxError {
@@ -39,6 +44,9 @@ impl core::fmt::Display for VmxError {
             VmxError::Instruction(0) => f.write_str("VMX instruction failed (VMfailInvalid)"),
             VmxError::Instruction(n) => {
                 write!(f, "VMX instruction failed, VM-instruction error {n}")
+            }
+            VmxError::TooWide { field, value } => {
+                write!(f, "value {value:#x} does not fit VMCS field {field:#x}")
             }
         }
     }
@@ -167,64 +175,92 @@ impl Vmcs {
     }
 }
 
-/// A guest-state or control field: readable and writable while the VMCS is current.
+/// A guest-state or control field: readable and writable while the VMCS is current. Built
+/// only by `Field::new`, which refuses (at compile time, for the constants below) encodings of
+/// read-only or host-state fields; writes are checked against the field's width.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Field(u32);
+
+impl Field {
+    /// Access type is bits 11:10 of the encoding: 0 control, 1 read-only data, 2 guest state,
+    /// 3 host state (SDM Vol. 3D Appendix B).
+    const fn new(encoding: u32) -> Field {
+        let kind = (encoding >> 10) & 3;
+        assert!(kind == 0 || kind == 2, "not a control or guest-state field");
+        Field(encoding)
+    }
+
+    /// Width in bits from bits 14:13 of the encoding: 16, 64, 32 or natural (64 here).
+    pub const fn width(self) -> u32 {
+        match (self.0 >> 13) & 3 {
+            0 => 16,
+            2 => 32,
+            _ => 64,
+        }
+    }
+}
 
 /// An exit-information field: read-only (SDM Vol. 3C §24.9).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ExitInfo(u32);
+
+impl ExitInfo {
+    const fn new(encoding: u32) -> ExitInfo {
+        assert!((encoding >> 10) & 3 == 1, "not a read-only data field");
+        ExitInfo(encoding)
+    }
+}
 
 /// The fields this hypervisor uses.
 pub mod fields {
     use super::{ExitInfo, Field};
     use x86::vmx::vmcs::{control as c, guest as g, ro};
 
-    pub const VPID: Field = Field(c::VPID);
-    pub const PINBASED: Field = Field(c::PINBASED_EXEC_CONTROLS);
-    pub const PROCBASED: Field = Field(c::PRIMARY_PROCBASED_EXEC_CONTROLS);
-    pub const PROCBASED2: Field = Field(c::SECONDARY_PROCBASED_EXEC_CONTROLS);
-    pub const EXIT_CONTROLS: Field = Field(c::VMEXIT_CONTROLS);
-    pub const ENTRY_CONTROLS: Field = Field(c::VMENTRY_CONTROLS);
-    pub const EXCEPTION_BITMAP: Field = Field(c::EXCEPTION_BITMAP);
-    pub const EPTP: Field = Field(c::EPTP_FULL);
-    pub const CR0_MASK: Field = Field(c::CR0_GUEST_HOST_MASK);
-    pub const CR4_MASK: Field = Field(c::CR4_GUEST_HOST_MASK);
-    pub const CR0_SHADOW: Field = Field(c::CR0_READ_SHADOW);
-    pub const CR4_SHADOW: Field = Field(c::CR4_READ_SHADOW);
-    pub const ENTRY_INTERRUPTION: Field = Field(c::VMENTRY_INTERRUPTION_INFO_FIELD);
-    pub const ENTRY_ERROR_CODE: Field = Field(c::VMENTRY_EXCEPTION_ERR_CODE);
-    pub const ENTRY_INSTRUCTION_LEN: Field = Field(c::VMENTRY_INSTRUCTION_LEN);
-    pub const LINK_POINTER: Field = Field(g::LINK_PTR_FULL);
-    pub const GUEST_PAT: Field = Field(g::IA32_PAT_FULL);
-    pub const GUEST_EFER: Field = Field(g::IA32_EFER_FULL);
-    pub const GUEST_CR0: Field = Field(g::CR0);
-    pub const GUEST_CR3: Field = Field(g::CR3);
-    pub const GUEST_CR4: Field = Field(g::CR4);
-    pub const GUEST_DR7: Field = Field(g::DR7);
-    pub const GUEST_RSP: Field = Field(g::RSP);
-    pub const GUEST_RIP: Field = Field(g::RIP);
-    pub const GUEST_RFLAGS: Field = Field(g::RFLAGS);
-    pub const GUEST_FS_BASE: Field = Field(g::FS_BASE);
-    pub const GUEST_GS_BASE: Field = Field(g::GS_BASE);
-    pub const GUEST_SYSENTER_CS: Field = Field(g::IA32_SYSENTER_CS);
-    pub const GUEST_SYSENTER_ESP: Field = Field(g::IA32_SYSENTER_ESP);
-    pub const GUEST_SYSENTER_EIP: Field = Field(g::IA32_SYSENTER_EIP);
-    pub const GUEST_INTERRUPTIBILITY: Field = Field(g::INTERRUPTIBILITY_STATE);
-    pub const GUEST_ACTIVITY: Field = Field(g::ACTIVITY_STATE);
-    pub const PREEMPTION_TIMER: Field = Field(g::VMX_PREEMPTION_TIMER_VALUE);
-    pub const PENDING_DEBUG: Field = Field(g::PENDING_DBG_EXCEPTIONS);
-    pub const CR3_TARGET_COUNT: Field = Field(c::CR3_TARGET_COUNT);
-    pub const EXIT_MSR_STORE_COUNT: Field = Field(c::VMEXIT_MSR_STORE_COUNT);
-    pub const EXIT_MSR_LOAD_COUNT: Field = Field(c::VMEXIT_MSR_LOAD_COUNT);
-    pub const ENTRY_MSR_LOAD_COUNT: Field = Field(c::VMENTRY_MSR_LOAD_COUNT);
-    pub const PF_ERROR_MASK: Field = Field(c::PAGE_FAULT_ERR_CODE_MASK);
-    pub const PF_ERROR_MATCH: Field = Field(c::PAGE_FAULT_ERR_CODE_MATCH);
-    pub const TSC_OFFSET: Field = Field(c::TSC_OFFSET_FULL);
-    pub const GUEST_GDTR_BASE: Field = Field(g::GDTR_BASE);
-    pub const GUEST_GDTR_LIMIT: Field = Field(g::GDTR_LIMIT);
-    pub const GUEST_IDTR_BASE: Field = Field(g::IDTR_BASE);
-    pub const GUEST_IDTR_LIMIT: Field = Field(g::IDTR_LIMIT);
+    pub const VPID: Field = Field::new(c::VPID);
+    pub const PINBASED: Field = Field::new(c::PINBASED_EXEC_CONTROLS);
+    pub const PROCBASED: Field = Field::new(c::PRIMARY_PROCBASED_EXEC_CONTROLS);
+    pub const PROCBASED2: Field = Field::new(c::SECONDARY_PROCBASED_EXEC_CONTROLS);
+    pub const EXIT_CONTROLS: Field = Field::new(c::VMEXIT_CONTROLS);
+    pub const ENTRY_CONTROLS: Field = Field::new(c::VMENTRY_CONTROLS);
+    pub const EXCEPTION_BITMAP: Field = Field::new(c::EXCEPTION_BITMAP);
+    pub const EPTP: Field = Field::new(c::EPTP_FULL);
+    pub const CR0_MASK: Field = Field::new(c::CR0_GUEST_HOST_MASK);
+    pub const CR4_MASK: Field = Field::new(c::CR4_GUEST_HOST_MASK);
+    pub const CR0_SHADOW: Field = Field::new(c::CR0_READ_SHADOW);
+    pub const CR4_SHADOW: Field = Field::new(c::CR4_READ_SHADOW);
+    pub const ENTRY_INTERRUPTION: Field = Field::new(c::VMENTRY_INTERRUPTION_INFO_FIELD);
+    pub const ENTRY_ERROR_CODE: Field = Field::new(c::VMENTRY_EXCEPTION_ERR_CODE);
+    pub const ENTRY_INSTRUCTION_LEN: Field = Field::new(c::VMENTRY_INSTRUCTION_LEN);
+    pub const LINK_POINTER: Field = Field::new(g::LINK_PTR_FULL);
+    pub const GUEST_PAT: Field = Field::new(g::IA32_PAT_FULL);
+    pub const GUEST_EFER: Field = Field::new(g::IA32_EFER_FULL);
+    pub const GUEST_CR0: Field = Field::new(g::CR0);
+    pub const GUEST_CR3: Field = Field::new(g::CR3);
+    pub const GUEST_CR4: Field = Field::new(g::CR4);
+    pub const GUEST_DR7: Field = Field::new(g::DR7);
+    pub const GUEST_RSP: Field = Field::new(g::RSP);
+    pub const GUEST_RIP: Field = Field::new(g::RIP);
+    pub const GUEST_RFLAGS: Field = Field::new(g::RFLAGS);
+    pub const GUEST_FS_BASE: Field = Field::new(g::FS_BASE);
+    pub const GUEST_GS_BASE: Field = Field::new(g::GS_BASE);
+    pub const GUEST_SYSENTER_CS: Field = Field::new(g::IA32_SYSENTER_CS);
+    pub const GUEST_SYSENTER_ESP: Field = Field::new(g::IA32_SYSENTER_ESP);
+    pub const GUEST_SYSENTER_EIP: Field = Field::new(g::IA32_SYSENTER_EIP);
+    pub const GUEST_INTERRUPTIBILITY: Field = Field::new(g::INTERRUPTIBILITY_STATE);
+    pub const GUEST_ACTIVITY: Field = Field::new(g::ACTIVITY_STATE);
+    pub const PREEMPTION_TIMER: Field = Field::new(g::VMX_PREEMPTION_TIMER_VALUE);
+    pub const PENDING_DEBUG: Field = Field::new(g::PENDING_DBG_EXCEPTIONS);
+    pub const CR3_TARGET_COUNT: Field = Field::new(c::CR3_TARGET_COUNT);
+    pub const EXIT_MSR_STORE_COUNT: Field = Field::new(c::VMEXIT_MSR_STORE_COUNT);
+    pub const EXIT_MSR_LOAD_COUNT: Field = Field::new(c::VMEXIT_MSR_LOAD_COUNT);
+    pub const ENTRY_MSR_LOAD_COUNT: Field = Field::new(c::VMENTRY_MSR_LOAD_COUNT);
+    pub const PF_ERROR_MASK: Field = Field::new(c::PAGE_FAULT_ERR_CODE_MASK);
+    pub const PF_ERROR_MATCH: Field = Field::new(c::PAGE_FAULT_ERR_CODE_MATCH);
+    pub const TSC_OFFSET: Field = Field::new(c::TSC_OFFSET_FULL);
+    pub const GUEST_GDTR_BASE: Field = Field::new(g::GDTR_BASE);
+    pub const GUEST_GDTR_LIMIT: Field = Field::new(g::GDTR_LIMIT);
+    pub const GUEST_IDTR_BASE: Field = Field::new(g::IDTR_BASE);
+    pub const GUEST_IDTR_LIMIT: Field = Field::new(g::IDTR_LIMIT);
 
     /// One guest segment register's four fields.
     pub struct Segment {
@@ -237,10 +273,10 @@ pub mod fields {
     macro_rules! seg {
         ($name:ident, $sel:ident, $base:ident, $lim:ident, $ar:ident) => {
             pub const $name: Segment = Segment {
-                selector: Field(g::$sel),
-                base: Field(g::$base),
-                limit: Field(g::$lim),
-                access: Field(g::$ar),
+                selector: Field::new(g::$sel),
+                base: Field::new(g::$base),
+                limit: Field::new(g::$lim),
+                access: Field::new(g::$ar),
             };
         };
     }
@@ -259,11 +295,11 @@ pub mod fields {
         LDTR_ACCESS_RIGHTS
     );
 
-    pub const EXIT_REASON: ExitInfo = ExitInfo(ro::EXIT_REASON);
-    pub const EXIT_QUALIFICATION: ExitInfo = ExitInfo(ro::EXIT_QUALIFICATION);
-    pub const EXIT_INSTRUCTION_LEN: ExitInfo = ExitInfo(ro::VMEXIT_INSTRUCTION_LEN);
-    pub const GUEST_PHYSICAL_ADDRESS: ExitInfo = ExitInfo(ro::GUEST_PHYSICAL_ADDR_FULL);
-    pub const INSTRUCTION_ERROR: ExitInfo = ExitInfo(ro::VM_INSTRUCTION_ERROR);
+    pub const EXIT_REASON: ExitInfo = ExitInfo::new(ro::EXIT_REASON);
+    pub const EXIT_QUALIFICATION: ExitInfo = ExitInfo::new(ro::EXIT_QUALIFICATION);
+    pub const EXIT_INSTRUCTION_LEN: ExitInfo = ExitInfo::new(ro::VMEXIT_INSTRUCTION_LEN);
+    pub const GUEST_PHYSICAL_ADDRESS: ExitInfo = ExitInfo::new(ro::GUEST_PHYSICAL_ADDR_FULL);
+    pub const INSTRUCTION_ERROR: ExitInfo = ExitInfo::new(ro::VM_INSTRUCTION_ERROR);
 }
 
 /// The guest's general registers, saved and restored around every VM entry (RSP and RIP live
@@ -384,6 +420,9 @@ impl ActiveVmcs<'_> {
     }
 
     pub fn set(&mut self, f: Field, value: u64) -> Result<(), VmxError> {
+        if f.width() < 64 && value >> f.width() != 0 {
+            return Err(VmxError::TooWide { field: f.0, value });
+        }
         self.vmwrite(f.0, value)
     }
 
