@@ -299,7 +299,8 @@ fn run_in(dir: &Path, size: u64, scale: u64) -> Result<(), CliError> {
     ];
     let mut linear = None;
     for (name, n, spec) in configs {
-        let mut p = pool_on(dir, &name.replace(' ', "_"), n, size + (64 << 20))?;
+        let p0 = pool_on(dir, &name.replace(' ', "_"), n, size + (64 << 20));
+        let mut p = p0?;
         let id = match spec {
             Some(s) => p.create_volume("v", blocks, s, None)?,
             None => {
@@ -307,6 +308,14 @@ fn run_in(dir: &Path, size: u64, scale: u64) -> Result<(), CliError> {
                 p.create_thin("v", "tp", blocks)?
             }
         };
+        // Reopen the pool on fresh descriptors, as a real start would.
+        drop(p);
+        let mut devs: Vec<Box<dyn BlockDevice>> = Vec::new();
+        for i in 0..n {
+            let path = dir.join(format!("{}{i}.img", name.replace(' ', "_")));
+            devs.push(Box::new(FileDisk::open(&path, None).map_err(|err| CliError::File { path, err })?));
+        }
+        let (mut p, _) = Pool::open(devs, volmgr::OpenOptions::default())?;
         let path = dir.join(format!("{}0.img", name.replace(' ', "_")));
         let file = FileDisk::open(&path, None).map_err(|err| CliError::File { path, err })?;
         let mut raw = Raw(file, blocks, data_start);

@@ -233,6 +233,14 @@ pub struct DiskInfo {
 
 type Devs = [Option<Box<dyn BlockDevice>>];
 
+/// A volume that is one run of blocks on one disk: `[start, start + size)` of disk `disk`.
+#[derive(Clone, Copy)]
+struct FastMap {
+    disk: usize,
+    start: u64,
+    size: u64,
+}
+
 struct ThinRt {
     refs: Vec<u32>,
     crefs: Vec<u32>,
@@ -281,6 +289,9 @@ pub struct Pool {
     thin: BTreeMap<u32, ThinRt>,
     /// Volumes whose writes may first have to copy into a snapshot (superset).
     dependents: BTreeSet<u32>,
+    /// Direct mappings, by volume id, of volumes that are one contiguous run on one disk with
+    /// nothing else to do on I/O (no mirror, relayout, fill, tracking or dependents).
+    fast: Vec<Option<FastMap>>,
     read_only: bool,
     /// Events worth telling the operator (detached legs, missing disks, repairs).
     pub events: Vec<String>,
@@ -876,6 +887,7 @@ impl Pool {
             drl_bits: false,
             thin: BTreeMap::new(),
             dependents: BTreeSet::new(),
+            fast: Vec::new(),
             read_only,
             events: Vec::new(),
         };
@@ -885,6 +897,7 @@ impl Pool {
     }
 
     fn recompute_dependents(&mut self) {
+        self.recompute_fast();
         self.dependents.clear();
         for v in &self.meta.volumes {
             match &v.kind {
@@ -899,6 +912,54 @@ impl Pool {
                 }
                 _ => {}
             }
+        }
+    }
+
+    /// Rebuilds the direct mappings; called whenever layouts, states or dependents may change.
+    fn recompute_fast(&mut self) {
+        self.fast.clear();
+        let mut deps = BTreeSet::new();
+        for v in &self.meta.volumes {
+            match &v.kind {
+                VolKind::Thick { fill: Some(f), .. } => {
+                    deps.insert(f.origin);
+                }
+                VolKind::Thin {
+                    origin: Some(o), ..
+                } => {
+                    deps.insert(*o);
+                }
+                _ => {}
+            }
+        }
+        for v in &self.meta.volumes {
+            let VolKind::Thick {
+                layout,
+                relayout: None,
+                fill: None,
+            } = &v.kind
+            else {
+                continue;
+            };
+            if v.tracking.is_some() || deps.contains(&v.id) || layout.legs.len() != 1 {
+                continue;
+            }
+            let [col] = layout.legs[0].columns.as_slice() else {
+                continue;
+            };
+            let [seg] = col.segs.as_slice() else { continue };
+            if col.state != SyncState::InSync || seg.len < v.size {
+                continue;
+            }
+            let id = us(u64::from(v.id));
+            if self.fast.len() <= id {
+                self.fast.resize(id + 1, None);
+            }
+            self.fast[id] = Some(FastMap {
+                disk: us(u64::from(seg.disk)),
+                start: seg.start,
+                size: v.size,
+            });
         }
     }
 
@@ -1441,6 +1502,7 @@ impl Pool {
             self.drl.clear();
             self.drl_write(false)?;
         }
+        self.recompute_fast();
         Ok(())
     }
 
@@ -1470,6 +1532,7 @@ impl Pool {
             return;
         }
         self.devs[i] = None;
+        self.fast.clear();
         if self.meta.disks[i].state == DiskState::Active {
             self.meta.disks[i].state = DiskState::Missing {
                 since: self.meta.seq + 1,
@@ -1899,6 +1962,14 @@ impl Pool {
         Ok(())
     }
 
+    /// Start of an admin operation: direct mappings are dropped until the next commit or
+    /// flush rebuilds them, so no I/O can take a shortcut through a layout being changed.
+    fn begin_admin(&mut self) -> Result<(), Error> {
+        self.writable()?;
+        self.fast.clear();
+        Ok(())
+    }
+
     fn writable(&self) -> Result<(), Error> {
         if self.read_only {
             Err(Error::InvalidArgument("pool is open read-only".into()))
@@ -1915,7 +1986,7 @@ impl Pool {
         spec: LayoutSpec,
         tier: Option<&str>,
     ) -> Result<u32, Error> {
-        self.writable()?;
+        self.begin_admin()?;
         self.check_new_name(name)?;
         if size == 0 {
             return Err(Error::InvalidArgument(
@@ -1947,7 +2018,7 @@ impl Pool {
         tier: Option<&str>,
         chunk_blocks: u32,
     ) -> Result<u32, Error> {
-        self.writable()?;
+        self.begin_admin()?;
         self.check_new_name(name)?;
         let dname = format!("{name}.tdata");
         self.check_new_name(&dname)?;
@@ -1983,7 +2054,7 @@ impl Pool {
 
     /// Creates a thin volume of virtual `size` blocks in thin pool `pool`.
     pub fn create_thin(&mut self, name: &str, pool: &str, size: u64) -> Result<u32, Error> {
-        self.writable()?;
+        self.begin_admin()?;
         self.check_new_name(name)?;
         let pid = self.volume_id(pool)?;
         if !matches!(
@@ -2025,7 +2096,7 @@ impl Pool {
         spec: LayoutSpec,
         tier: Option<&str>,
     ) -> Result<u32, Error> {
-        self.writable()?;
+        self.begin_admin()?;
         self.check_new_name(name)?;
         let oid = self.user_volume(origin)?;
         self.flush()?;
@@ -2175,7 +2246,7 @@ impl Pool {
         snap: &str,
         mut progress: impl FnMut(u64, u64),
     ) -> Result<(), Error> {
-        self.writable()?;
+        self.begin_admin()?;
         let vid = self.user_volume(vol)?;
         let sid = self.user_volume(snap)?;
         let (vi, si) = (self.vidx(vid)?, self.vidx(sid)?);
@@ -2276,7 +2347,7 @@ impl Pool {
 
     /// Removes a volume (a thin pool only when empty).
     pub fn remove(&mut self, name: &str) -> Result<(), Error> {
-        self.writable()?;
+        self.begin_admin()?;
         let id = self.user_volume(name)?;
         let vi = self.vidx(id)?;
         if let Some(v) = self.meta.volumes.iter().find(|v| match &v.kind {
@@ -2317,7 +2388,7 @@ impl Pool {
 
     /// Grows or shrinks a volume to `size` blocks. Shrinking discards the data past the end.
     pub fn resize(&mut self, name: &str, size: u64) -> Result<(), Error> {
-        self.writable()?;
+        self.begin_admin()?;
         let id = self.user_volume(name)?;
         if size == 0 {
             return Err(Error::InvalidArgument(
@@ -2527,7 +2598,7 @@ impl Pool {
         spec: LayoutSpec,
         tier: Option<&str>,
     ) -> Result<(), Error> {
-        self.writable()?;
+        self.begin_admin()?;
         let mut id = self.volume_id(name)?;
         // A thin pool (with every thin volume and snapshot in it) moves by its data volume.
         let pool_vi = self.vidx(id)?;
@@ -2640,7 +2711,7 @@ impl Pool {
 
     /// Adds a mirror leg to `name`; it is filled by [`Pool::resync_step`].
     pub fn add_mirror_leg(&mut self, name: &str) -> Result<(), Error> {
-        self.writable()?;
+        self.begin_admin()?;
         let name = &self.thick_behind(name)?;
         let id = self.volume_id(name)?;
         let vi = self.vidx(id)?;
@@ -2696,7 +2767,7 @@ impl Pool {
 
     /// Removes mirror leg `leg` from `name` (another in-sync copy of each column must remain).
     pub fn remove_mirror_leg(&mut self, name: &str, leg: usize) -> Result<(), Error> {
-        self.writable()?;
+        self.begin_admin()?;
         let name = &self.thick_behind(name)?;
         let _ = self.take_leg(name, leg)?;
         self.dirty = true;
@@ -2740,7 +2811,7 @@ impl Pool {
     /// Splits mirror leg `leg` off `name` as a new volume `new_name` (e.g. for backup). Both
     /// then track changed regions so that [`Pool::reattach`] copies only those.
     pub fn split_leg(&mut self, name: &str, leg: usize, new_name: &str) -> Result<u32, Error> {
-        self.writable()?;
+        self.begin_admin()?;
         self.check_new_name(new_name)?;
         let id = self.user_volume(name)?;
         self.flush()?;
@@ -2801,7 +2872,7 @@ impl Pool {
     /// Merges split leg `split` back into `name`; only regions changed on either side since
     /// the split are resynchronised (by [`Pool::resync_step`]).
     pub fn reattach(&mut self, name: &str, split: &str) -> Result<(), Error> {
-        self.writable()?;
+        self.begin_admin()?;
         let id = self.user_volume(name)?;
         let sid = self.volume_id(split)?;
         let (vi, si) = (self.vidx(id)?, self.vidx(sid)?);
@@ -2861,7 +2932,7 @@ impl Pool {
     /// Copies up to `max_regions` stale regions into legs whose disks are present; returns the
     /// stale regions left (including those on absent disks).
     pub fn resync_step(&mut self, max_regions: u64) -> Result<u64, Error> {
-        self.writable()?;
+        self.begin_admin()?;
         let mut budget = max_regions;
         let mut copied = false;
         let Pool { meta, devs, .. } = self;
@@ -2970,7 +3041,7 @@ impl Pool {
 
     /// Adds a disk to the pool.
     pub fn add_disk(&mut self, mut dev: Box<dyn BlockDevice>, spec: DiskSpec) -> Result<(), Error> {
-        self.writable()?;
+        self.begin_admin()?;
         check_name(&spec.name)?;
         check_name(&spec.tier)?;
         if self.meta.disks.iter().any(|d| d.name == spec.name) {
@@ -3101,6 +3172,16 @@ impl Pool {
 
     /// Reads whole blocks of volume `id` at `block`.
     pub fn read(&mut self, id: u32, block: u64, buf: &mut [u8]) -> Result<(), Error> {
+        if let Some(Some(f)) = self.fast.get(us(u64::from(id)))
+            && buf.len().is_multiple_of(BLOCK_SIZE)
+            && block
+                .checked_add(u(buf.len() / BLOCK_SIZE))
+                .is_some_and(|e| e <= f.size)
+            && let Some(Some(dev)) = self.devs.get_mut(f.disk)
+            && dev.read(f.start + block, buf).is_ok()
+        {
+            return Ok(());
+        }
         let n = nblocks(buf)?;
         let vi = self.vidx(id)?;
         let v = &self.meta.volumes[vi];
@@ -3263,6 +3344,17 @@ impl Pool {
 
     /// Writes whole blocks of volume `id` at `block`. Durable after the next [`Pool::flush`].
     pub fn write(&mut self, id: u32, block: u64, buf: &[u8]) -> Result<(), Error> {
+        if !self.read_only
+            && let Some(Some(f)) = self.fast.get(us(u64::from(id)))
+            && buf.len().is_multiple_of(BLOCK_SIZE)
+            && block
+                .checked_add(u(buf.len() / BLOCK_SIZE))
+                .is_some_and(|e| e <= f.size)
+            && let Some(Some(dev)) = self.devs.get_mut(f.disk)
+            && dev.write(f.start + block, buf).is_ok()
+        {
+            return Ok(());
+        }
         self.writable()?;
         let n = nblocks(buf)?;
         let vi = self.vidx(id)?;
@@ -3442,7 +3534,7 @@ impl Pool {
         name: &str,
         thin_pool: &str,
     ) -> Result<u32, Error> {
-        self.writable()?;
+        self.begin_admin()?;
         self.check_new_name(name)?;
         let oid = self.user_volume(origin)?;
         let pid = self.volume_id(thin_pool)?;
