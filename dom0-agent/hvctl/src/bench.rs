@@ -313,7 +313,9 @@ fn run_in(dir: &Path, size: u64, scale: u64) -> Result<(), CliError> {
         let mut devs: Vec<Box<dyn BlockDevice>> = Vec::new();
         for i in 0..n {
             let path = dir.join(format!("{}{i}.img", name.replace(' ', "_")));
-            devs.push(Box::new(FileDisk::open(&path, None).map_err(|err| CliError::File { path, err })?));
+            devs.push(Box::new(
+                FileDisk::open(&path, None).map_err(|err| CliError::File { path, err })?,
+            ));
         }
         let (mut p, _) = Pool::open(devs, volmgr::OpenOptions::default())?;
         let path = dir.join(format!("{}0.img", name.replace(' ', "_")));

@@ -3039,6 +3039,17 @@ impl Pool {
         Ok(())
     }
 
+    /// One bounded slice of background work for a running dom0: resync of stale regions,
+    /// full-snapshot fill and relayout, each limited by `budget` (regions, or blocks for the
+    /// relayout). Returns true while work remains that can make progress.
+    pub fn background_step(&mut self, budget: u64) -> Result<bool, Error> {
+        let before = self.stale_regions();
+        let stale = self.resync_step(budget)?;
+        let fill = self.fill_step(budget)?;
+        let relayout = self.relayout_step(budget.saturating_mul(64))?;
+        Ok((stale > 0 && stale < before) || fill > 0 || relayout > 0)
+    }
+
     /// Adds a disk to the pool.
     pub fn add_disk(&mut self, mut dev: Box<dyn BlockDevice>, spec: DiskSpec) -> Result<(), Error> {
         self.begin_admin()?;
@@ -3187,6 +3198,9 @@ impl Pool {
         let v = &self.meta.volumes[vi];
         if block.checked_add(n).is_none_or(|e| e > v.size) {
             return Err(Error::OutOfRange(v.name.clone()));
+        }
+        if n == 0 {
+            return Ok(());
         }
         match &v.kind {
             VolKind::Thick { fill: Some(f), .. } => {
@@ -3361,6 +3375,9 @@ impl Pool {
         let v = &self.meta.volumes[vi];
         if block.checked_add(n).is_none_or(|e| e > v.size) {
             return Err(Error::OutOfRange(v.name.clone()));
+        }
+        if n == 0 {
+            return Ok(());
         }
         // Volumes that must copy before this one is overwritten: a superset is kept in
         // `dependents` (recomputed at every commit), so the common case skips the scans.

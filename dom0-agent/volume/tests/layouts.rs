@@ -965,3 +965,36 @@ fn resync_with_a_failing_source_reports_and_keeps_the_pool_consistent() {
         assert_eq!(read_block(&mut p, v, b), pattern(b));
     }
 }
+
+#[test]
+fn empty_requests_and_background_work() {
+    let d = disks(3, 2048);
+    let mut p = create(&d);
+    let v = p
+        .create_volume("m", 200, LayoutSpec::Mirror { legs: 2 }, None)
+        .unwrap();
+    p.write(v, 0, &[]).unwrap();
+    p.read(v, 200, &mut []).unwrap();
+    assert!(matches!(p.write(v, 201, &[]), Err(Error::OutOfRange(_))));
+    assert!(matches!(p.write(v, 0, &[0u8; 100]), Err(Error::Misaligned)));
+    for b in 0..200 {
+        p.write(v, b, &pattern(b)).unwrap();
+    }
+    p.add_mirror_leg("m").unwrap();
+    p.snapshot("m", "full", SnapshotKind::Full, LayoutSpec::Concat, None)
+        .unwrap();
+    p.start_relayout("m", LayoutSpec::Mirror { legs: 3 }, None)
+        .unwrap();
+    let mut rounds = 0;
+    while p.background_step(2).unwrap() {
+        rounds += 1;
+        assert!(rounds < 1000);
+    }
+    assert_eq!(p.stale_regions(), 0);
+    assert!(p.list().iter().all(|i| i.state == "ok"), "{:?}", p.list());
+    for b in 0..200 {
+        assert_eq!(read_block(&mut p, v, b), pattern(b));
+    }
+    let s = p.volume_id("full").unwrap();
+    assert_eq!(read_block(&mut p, s, 199), pattern(199));
+}
