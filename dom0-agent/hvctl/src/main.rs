@@ -572,6 +572,8 @@ fn run(cli: Cli) -> Result<(), CliError> {
             let blocks = size_blocks(size)?;
             let mut pool = open_pool(&cmd, false)?;
             pool.resize(name, blocks)?;
+            // Grown mirror space is copied from the first leg.
+            settle(&mut pool)?;
         }
         VolOp::Relayout {
             name,

@@ -2443,34 +2443,34 @@ impl Pool {
                 self.meta.volumes[vi].size = size;
                 self.rebuild_thin();
             }
-            VolKind::Thin {
-                pool,
-                mut map,
-                origin,
-            } => {
+            VolKind::Thin { pool, map, .. } => {
                 let cb = match self.meta.volumes[self.vidx(pool)?].kind {
                     VolKind::ThinPool { chunk_blocks, .. } => u64::from(chunk_blocks),
                     _ => 1,
                 };
-                let keep = size.div_ceil(cb);
-                let dropped = map.split_off(&keep);
-                if let Some(rt) = self.thin.get_mut(&pool) {
-                    for c in dropped.values() {
-                        rt.refs[us(u64::from(*c))] -= 1;
+                // A partly kept last chunk: zero it past the new end first, so a later grow
+                // reads zeroes. This may need a fresh chunk; if the pool is full the resize is
+                // refused before anything changed.
+                let end = old.min((size / cb + 1) * cb);
+                if size < old
+                    && !size.is_multiple_of(cb)
+                    && map.contains_key(&(size / cb))
+                    && end > size
+                {
+                    let zero = vec![0u8; us(end - size) * BLOCK_SIZE];
+                    self.write(id, size, &zero)?;
+                }
+                let vi = self.vidx(id)?;
+                if let VolKind::Thin { map, .. } = &mut self.meta.volumes[vi].kind {
+                    let dropped = map.split_off(&size.div_ceil(cb));
+                    if let Some(rt) = self.thin.get_mut(&pool) {
+                        for c in dropped.values() {
+                            rt.refs[us(u64::from(*c))] -= 1;
+                        }
                     }
                 }
-                // A partly kept last chunk: zero the tail so a later grow reads zeroes.
-                let v = &mut self.meta.volumes[vi];
-                v.kind = VolKind::Thin { pool, map, origin };
-                v.size = size;
-                v.region_blocks = v.region_blocks.max(1);
-                if !size.is_multiple_of(cb) && size < old {
-                    let tail = cb - size % cb;
-                    let zero = vec![0u8; us(tail) * BLOCK_SIZE];
-                    v.size = size + tail;
-                    self.write(id, size, &zero)?;
-                    self.meta.volumes[vi].size = size;
-                }
+                self.meta.volumes[vi].size = size;
+                self.meta.volumes[vi].region_blocks = Self::region_blocks_for(size);
             }
             VolKind::Thick { .. } => self.resize_thick(name, size)?,
         }
@@ -2495,6 +2495,11 @@ impl Pool {
         if relayout.is_some() || fill.is_some() {
             return Err(Error::Busy(format!(
                 "'{name}' is being relaid out or filled; finish that first"
+            )));
+        }
+        if layout.degraded() {
+            return Err(Error::Busy(format!(
+                "'{name}' has stale mirror regions; resynchronise before resizing"
             )));
         }
         let cols = layout.ncols();
@@ -2560,6 +2565,9 @@ impl Pool {
         let v = &mut self.meta.volumes[vi];
         let old_size = v.size;
         v.size = size;
+        // No region bitmap is live here (not degraded, tracked or filled, log flushed), so the
+        // region size follows the new size and bitmaps stay small.
+        v.region_blocks = Self::region_blocks_for(size);
         let n = v.nregions();
         let rg = Regions::of(v);
         for (gi, g) in newl.legs.iter_mut().enumerate() {

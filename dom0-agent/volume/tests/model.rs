@@ -202,7 +202,14 @@ fn run(seed: u64, steps: usize) {
 
 #[test]
 fn random_operation_sequences_match_the_model() {
-    for seed in 1..=40u64 {
-        run(seed * 0x9e37_79b9, 200);
+    // VOLMGR_MODEL_SEEDS raises the number of sequences for a longer soak.
+    let seeds: u64 = std::env::var("VOLMGR_MODEL_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40);
+    let steps = 200;
+    for seed in 1..=seeds {
+        run(seed * 0x9e37_79b9, steps);
     }
+    println!("model test: {seeds} random sequences of {steps} operations matched the model");
 }
