@@ -33,6 +33,7 @@ use crate::println;
 use crate::vmx::caps::VmxCaps;
 use crate::vmx::ept::{Ept, MemType, PageSizes, Perm, TableFrames};
 use crate::vmx::exit::{EptViolationExit, ExitReason, IoExit, REASON_SLOTS};
+use crate::vmx::fpu::{self, FpuArea};
 use crate::vmx::hw::{ActiveVmcs, GuestRegs, Vmcs, VmxCpu, fields as f};
 use crate::vmx::policy::{self, MsrRule, StoredMsrs};
 use crate::vmx::setup::{GuestSetup, setup_vmcs};
@@ -239,7 +240,9 @@ pub struct Vcpu {
     /// Whether interrupt-window exiting is on (a timer interrupt waits for RFLAGS.IF).
     window_exiting: bool,
     /// FXSAVE area of the guest's x87/SSE state, swapped when this CPU changes vCPU.
-    fpu: Box<FxArea>,
+    fpu: Box<FpuArea>,
+    /// The guest's XCR0 (loaded while it runs, when XSAVE is in use).
+    xcr0: u64,
 }
 
 impl Vcpu {
@@ -256,19 +259,6 @@ impl Vcpu {
     /// A key unique to this vCPU among all domains.
     fn key(&self) -> u64 {
         (u64::from(self.domain.id) << 32) | u64::from(self.index)
-    }
-}
-
-#[repr(C, align(16))]
-struct FxArea([u8; 512]);
-
-impl FxArea {
-    /// The x87/SSE state after reset: FCW 0x37F, MXCSR 0x1F80 (SDM Vol. 1 Table 10-2).
-    fn initial() -> FxArea {
-        let mut a = FxArea([0; 512]);
-        a.0[0..2].copy_from_slice(&0x037fu16.to_le_bytes());
-        a.0[24..28].copy_from_slice(&0x1f80u32.to_le_bytes());
-        a
     }
 }
 
@@ -491,7 +481,8 @@ pub fn create(image: &[u8], cfg: &DomainConfig, caps: &VmxCaps) -> Result<Arc<Do
             halted_at_tick: None,
             timer: VirtTimer::default(),
             window_exiting: false,
-            fpu: Box::new(FxArea::initial()),
+            fpu: FpuArea::initial(),
+            xcr0: fpu::XCR0_RESET,
         });
         RUN_QUEUES[placement[index]].lock().push_back(vcpu);
     }
@@ -584,23 +575,14 @@ impl RunLoop {
         }
     }
 
-    fn swap_fpu(fpu_owner: &mut u64, v: &mut Vcpu) {
+    /// Loads `v`'s x87/SSE/AVX state unless it is already in this CPU's registers (the
+    /// previous owner's was saved when its slice ended).
+    fn swap_fpu(cpu: usize, fpu_owner: &mut u64, v: &mut Vcpu) {
         if *fpu_owner == v.key() {
             return;
         }
-        // The previous owner's state is saved by `save_fpu` when its slice ended.
-        // SAFETY: FXRSTOR from a 16-byte aligned 512-byte area this vCPU owns; a zeroed area
-        // is a valid initial image except MXCSR, which FXRSTOR takes as 0 (all exceptions
-        // unmasked is still a legal value). The hypervisor itself uses no x87/SSE state.
-        unsafe { core::arch::asm!("fxrstor64 [{0}]", in(reg) v.fpu.0.as_ptr(), options(nostack)) };
+        fpu::restore(&v.fpu, v.xcr0, cpu);
         *fpu_owner = v.key();
-    }
-
-    fn save_fpu(v: &mut Vcpu) {
-        // SAFETY: FXSAVE into a 16-byte aligned 512-byte area this vCPU owns.
-        unsafe {
-            core::arch::asm!("fxsave64 [{0}]", in(reg) v.fpu.0.as_mut_ptr(), options(nostack))
-        };
     }
 
     fn run_slice(&mut self, v: &mut Vcpu) -> SliceEnd {
@@ -645,7 +627,7 @@ impl RunLoop {
             }
             v.ready = true;
         }
-        Self::swap_fpu(fpu_owner, v);
+        Self::swap_fpu(cpu, fpu_owner, v);
         let slice = SLICE_TSC.load(Ordering::Relaxed);
         let start = cpu::rdtsc();
         // Bring the guest's timer up to date first, so its next deadline is in the future.
@@ -715,7 +697,7 @@ impl RunLoop {
                 break SliceEnd::Requeue;
             }
         };
-        Self::save_fpu(v);
+        fpu::save(&mut v.fpu);
         let (reads, writes) = (
             core::mem::take(&mut a.reads),
             core::mem::take(&mut a.writes),
@@ -802,6 +784,8 @@ impl RunLoop {
                 let p = policy::CpuidPolicy {
                     vcpus: v.domain.vcpus,
                     index: v.index,
+                    xcr0_allowed: fpu::allowed(),
+                    guest_osxsave: a.get(f::GUEST_CR4) & (1 << 18) != 0,
                 };
                 let r = policy::cpuid(v.regs.rax as u32, v.regs.rcx as u32, native, p);
                 v.regs.rax = u64::from(r.eax);
@@ -959,11 +943,20 @@ impl RunLoop {
                 ))
             }
             ExitReason::TripleFault => Err(String::from("triple fault")),
-            ExitReason::Xsetbv
-            | ExitReason::VmxInstruction(_)
-            | ExitReason::Invlpg
-            | ExitReason::Rdtsc => {
-                // VMX instructions and XSETBV are not available to guests: #UD would be exact,
+            ExitReason::Xsetbv => {
+                // XSETBV exits before its own checks only where CR4.OSXSAVE is set and CPL is 0
+                // (else the CPU raised #UD/#GP itself); the value is ours to check.
+                let value = (v.regs.rdx << 32) | (v.regs.rax & 0xffff_ffff);
+                if v.regs.rcx as u32 == 0 && policy::xcr0_allowed(value, fpu::allowed()) {
+                    v.xcr0 = value;
+                    fpu::set_xcr0(cpu, value);
+                    Self::skip(a).map(|_| None)
+                } else {
+                    Self::inject_gp(a).map(|_| None)
+                }
+            }
+            ExitReason::VmxInstruction(_) | ExitReason::Invlpg | ExitReason::Rdtsc => {
+                // VMX instructions are not available to guests: #UD would be exact,
                 // #GP is what the allow-list gives for everything it does not offer.
                 Self::inject_gp(a).map(|_| None)
             }

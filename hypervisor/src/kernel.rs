@@ -198,13 +198,10 @@ pub fn hypervisor_main(boot: Result<BootInfo, BootError>) -> ! {
     console_task(run_loop)
 }
 
-/// Lets the hypervisor's (and the guests') x87/SSE state be saved with FXSAVE: CR4.OSFXSR and
-/// OSXMMEXCPT. The hypervisor itself is built without SIMD.
+/// Lets the guests' x87/SSE/AVX state be switched (FXSAVE, or XSAVE where the CPU has it).
+/// The hypervisor itself is built without SIMD.
 fn enable_sse() {
-    let cr4 = x86_64::registers::control::Cr4::read_raw();
-    // SAFETY: setting OSFXSR/OSXMMEXCPT only declares that FXSAVE/FXRSTOR manage SSE state,
-    // which is what the run loop does; no code of the hypervisor uses SSE.
-    unsafe { x86_64::registers::control::Cr4::write_raw(cr4 | (1 << 9) | (1 << 10)) };
+    crate::vmx::fpu::init_this_cpu();
 }
 
 /// VMXON on this CPU if VT-x is usable for the core; the run loop that will own its vCPUs.

@@ -35,6 +35,7 @@ pub const TEST_GUESTS: &[&str] = &[
     "spinner",
     "smp",
     "ticker",
+    "fpu",
 ];
 
 /// Builds the test guests (release) and returns the folder holding their ELF files.

@@ -5,6 +5,8 @@ pub mod caps;
 pub mod ept;
 pub mod exit;
 #[cfg(target_os = "none")]
+pub mod fpu;
+#[cfg(target_os = "none")]
 pub mod hw;
 pub mod policy;
 #[cfg(target_os = "none")]

@@ -15,10 +15,20 @@ pub const HV_LEAF_BASE: u32 = 0x4000_0000;
 pub struct CpuidPolicy {
     pub vcpus: u32,
     pub index: u32,
+    /// XCR0 bits the guest may enable (0 when XSAVE is not offered).
+    pub xcr0_allowed: u64,
+    /// The guest's own CR4.OSXSAVE (CPUID.1:ECX.OSXSAVE reflects it).
+    pub guest_osxsave: bool,
+}
+
+/// Whether a guest may load `value` into XCR0: x87 always on, AVX only with SSE, nothing outside
+/// `allowed` (SDM Vol. 1 §13.3; XSETBV otherwise faults with #GP).
+pub fn xcr0_allowed(value: u64, allowed: u64) -> bool {
+    value & 1 != 0 && (value & 0b100 == 0 || value & 0b010 != 0) && value & !allowed == 0
 }
 
 /// The guest's view of CPUID `leaf`/`subleaf`, given the native answer.
-pub fn cpuid(leaf: u32, _subleaf: u32, native: CpuidResult, p: CpuidPolicy) -> CpuidResult {
+pub fn cpuid(leaf: u32, subleaf: u32, native: CpuidResult, p: CpuidPolicy) -> CpuidResult {
     let mut r = native;
     match leaf {
         1 => {
@@ -35,9 +45,40 @@ pub fn cpuid(leaf: u32, _subleaf: u32, native: CpuidResult, p: CpuidPolicy) -> C
             r.ecx |= 1 << 31;
             // EDX: clear ACPI thermal(22), TM(29), PBE(31).
             r.edx &= !((1 << 22) | (1 << 29) | (1 << 31));
+            // XSAVE (26), OSXSAVE (27) and AVX (28) as this domain may use them.
+            if p.xcr0_allowed == 0 {
+                r.ecx &= !((1 << 26) | (1 << 28));
+            } else if p.xcr0_allowed & 0b100 == 0 {
+                r.ecx &= !(1 << 28);
+            }
+            r.ecx &= !(1 << 27);
+            if p.guest_osxsave && p.xcr0_allowed != 0 {
+                r.ecx |= 1 << 27;
+            }
             // EBX[31:24] initial APIC id = vCPU index; EBX[23:16] logical processors.
             r.ebx =
                 (r.ebx & 0x0000_ffff) | (p.index & 0xff) << 24 | (p.vcpus.min(255) & 0xff) << 16;
+        }
+        // XSAVE features: only the components guests may enable.
+        0xd if p.xcr0_allowed == 0 => {
+            r = CpuidResult {
+                eax: 0,
+                ebx: 0,
+                ecx: 0,
+                edx: 0,
+            }
+        }
+        0xd if subleaf == 0 => {
+            r.eax &= p.xcr0_allowed as u32;
+            r.edx = 0;
+        }
+        0xd if (2..64).contains(&subleaf) && p.xcr0_allowed & (1 << subleaf) == 0 => {
+            r = CpuidResult {
+                eax: 0,
+                ebx: 0,
+                ecx: 0,
+                edx: 0,
+            }
         }
         5 | 6 | 0xa => {
             r = CpuidResult {
@@ -53,8 +94,24 @@ pub fn cpuid(leaf: u32, _subleaf: u32, native: CpuidResult, p: CpuidPolicy) -> C
             if r.ebx & (1 << 9) == 0 {
                 r.edx &= !(1 << 4);
             }
-            // ECX: WAITPKG(5) would let a guest park the CPU in a way we cannot see.
-            r.ecx &= !(1 << 5);
+            // ECX: WAITPKG(5) would let a guest park the CPU in a way we cannot see; PKU(3)
+            // and the AVX-512 family need XSAVE components guests are not given.
+            r.ecx &=
+                !((1 << 5) | (1 << 3) | (1 << 1) | (1 << 6) | (1 << 11) | (1 << 12) | (1 << 14));
+            // EBX: AVX-512 F, DQ, IFMA, PF, ER, CD, BW, VL; AVX2 only with AVX.
+            r.ebx &= !((1 << 16)
+                | (1 << 17)
+                | (1 << 21)
+                | (1 << 26)
+                | (1 << 27)
+                | (1 << 28)
+                | (1 << 30)
+                | (1 << 31));
+            if p.xcr0_allowed & 0b100 == 0 {
+                r.ebx &= !(1 << 5);
+            }
+            // EDX: AVX-512 4VNNIW/4FMAPS, VP2INTERSECT, AMX-BF16/TILE/INT8.
+            r.edx &= !((1 << 2) | (1 << 3) | (1 << 8) | (1 << 22) | (1 << 24) | (1 << 25));
         }
         HV_LEAF_BASE => {
             let sig = hv_abi::CPUID_SIGNATURE;
@@ -151,7 +208,90 @@ impl StoredMsrs {
 mod tests {
     use super::*;
 
-    const P: CpuidPolicy = CpuidPolicy { vcpus: 4, index: 2 };
+    const P: CpuidPolicy = CpuidPolicy {
+        vcpus: 4,
+        index: 2,
+        xcr0_allowed: 0b111,
+        guest_osxsave: false,
+    };
+
+    #[test]
+    fn xcr0_rules() {
+        assert!(xcr0_allowed(1, 0b111));
+        assert!(xcr0_allowed(0b011, 0b111));
+        assert!(xcr0_allowed(0b111, 0b111));
+        assert!(!xcr0_allowed(0, 0b111), "x87 must stay on");
+        assert!(!xcr0_allowed(0b101, 0b111), "AVX without SSE");
+        assert!(!xcr0_allowed(0b111, 0b011), "AVX not offered");
+        assert!(
+            !xcr0_allowed(0b1000_0011, 0b111),
+            "AVX-512 opmask never offered"
+        );
+        assert!(!xcr0_allowed(1 << 63 | 1, 0b111));
+    }
+
+    #[test]
+    fn xsave_visibility_follows_the_policy_and_guest_cr4() {
+        let n = CpuidResult {
+            ecx: (1 << 26) | (1 << 27) | (1 << 28),
+            ..native()
+        };
+        let r = cpuid(1, 0, n, P);
+        assert_eq!(
+            r.ecx & (7 << 26),
+            (1 << 26) | (1 << 28),
+            "OSXSAVE clear until the guest sets CR4"
+        );
+        let r = cpuid(
+            1,
+            0,
+            n,
+            CpuidPolicy {
+                guest_osxsave: true,
+                ..P
+            },
+        );
+        assert_eq!(r.ecx & (7 << 26), 7 << 26);
+        let r = cpuid(
+            1,
+            0,
+            n,
+            CpuidPolicy {
+                xcr0_allowed: 0,
+                ..P
+            },
+        );
+        assert_eq!(r.ecx & (7 << 26), 0, "no XSAVE offered");
+        let d = cpuid(
+            0xd,
+            0,
+            CpuidResult {
+                eax: 0x2ff,
+                edx: 0x7,
+                ..native()
+            },
+            P,
+        );
+        assert_eq!((d.eax, d.edx), (0b111, 0));
+        assert_eq!(
+            cpuid(0xd, 5, native(), P).eax,
+            0,
+            "AVX-512 state component hidden"
+        );
+        let l7 = cpuid(
+            7,
+            0,
+            CpuidResult {
+                ebx: u32::MAX,
+                ecx: u32::MAX,
+                edx: u32::MAX,
+                ..native()
+            },
+            P,
+        );
+        assert_eq!(l7.ebx & (1 << 16), 0, "AVX-512F hidden");
+        assert_ne!(l7.ebx & (1 << 5), 0, "AVX2 kept with AVX");
+    }
 
     fn native() -> CpuidResult {
         CpuidResult {
