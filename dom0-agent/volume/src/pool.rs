@@ -2212,6 +2212,15 @@ impl Pool {
         let (r0, r1) = rg.span(vblock, n.min(size - vblock));
         let todo: Vec<u64> = (r0..r1.min(rg.n)).filter(|&r| !f.copied.get(r)).collect();
         if todo.is_empty() {
+            // Copied, but maybe not committed yet (a flush that failed): commit before the
+            // origin may be overwritten.
+            let committed = self.committed.volumes.iter().find(|c| c.id == sid).is_some_and(|c| {
+                matches!(&c.kind, VolKind::Thick { fill: Some(cf), .. } if cf.copied.all_set(r0, r1.min(rg.n)))
+                    || matches!(&c.kind, VolKind::Thick { fill: None, .. })
+            });
+            if commit && !committed {
+                self.flush()?;
+            }
             return Ok(());
         }
         for r in todo {
@@ -3470,6 +3479,10 @@ impl Pool {
     ) -> Result<(), Error> {
         // (pool, virtual chunk) -> snapshots needing it.
         let mut todo: BTreeMap<(u32, u64), Vec<usize>> = BTreeMap::new();
+        // A chunk the snapshot maps only since the last commit (its own recent write) must be
+        // committed too: after a crash the snapshot would otherwise read the overwritten
+        // origin there.
+        let mut uncommitted = false;
         for &sid in snaps {
             let si = self.vidx(sid)?;
             let v = &self.meta.volumes[si];
@@ -3481,13 +3494,27 @@ impl Pool {
             if block >= v.size {
                 continue;
             }
+            let cmap = self
+                .committed
+                .volumes
+                .iter()
+                .find(|c| c.id == sid)
+                .and_then(|c| match &c.kind {
+                    VolKind::Thin { map, .. } => Some(map),
+                    _ => None,
+                });
             for vc in block / cb..=last / cb {
                 if !map.contains_key(&vc) {
                     todo.entry((*pool, vc)).or_default().push(si);
+                } else if cmap.is_none_or(|c| !c.contains_key(&vc)) {
+                    uncommitted = true;
                 }
             }
         }
         if todo.is_empty() {
+            if uncommitted {
+                self.flush()?;
+            }
             return Ok(());
         }
         let mut per_pool: BTreeMap<u32, u64> = BTreeMap::new();

@@ -79,6 +79,11 @@ struct Run {
 
 /// The workload. Stops at the first error (the crash); the model holds what was acknowledged.
 fn workload(images: &[Vec<u8>], crash_at: Option<u64>) -> Run {
+    workload_seeded(images, crash_at, 0x1234_5678)
+}
+
+/// The workload with its random choices drawn from `seed`.
+fn workload_seeded(images: &[Vec<u8>], crash_at: Option<u64>, seed: u64) -> Run {
     let clock: Clock = Rc::new(RefCell::new(CrashClock {
         ops: 0,
         crash_at,
@@ -101,7 +106,7 @@ fn workload(images: &[Vec<u8>], crash_at: Option<u64>) -> Run {
             .map(|n| (n, p.volume_id(n).unwrap()))
             .collect();
         let mut tag = 1u64;
-        let mut rng = Rng(0x1234_5678);
+        let mut rng = Rng(seed);
         let mut w = |p: &mut Pool, model: &mut Model, vol: &str, b: u64| -> Result<(), Error> {
             tag += 1;
             // Recorded before it is issued: a write in flight at the crash may or may not land.
@@ -405,4 +410,36 @@ fn crash_during_recovery_is_recovered_again() {
     }
     println!("crash during recovery: {points} nested crash points verified");
     assert!(points > 50, "too few nested crash points: {points}");
+}
+
+/// A longer soak over other random workloads: `VOLMGR_CRASH_SEEDS=N` runs N more seeds, each
+/// crashed at every write boundary with two random survivor sets (none by default).
+#[test]
+fn crash_soak_over_more_seeds() {
+    let seeds: u64 = std::env::var("VOLMGR_CRASH_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let base = base_images();
+    let mut points = 0;
+    for seed in 1..=seeds {
+        let seed = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let full = workload_seeded(&base, None, seed);
+        assert!(full.completed, "seed {seed}: workload did not complete");
+        let total = full.clock.borrow().ops;
+        for k in 0..total {
+            let run = workload_seeded(&base, Some(k), seed);
+            let mut rng = Rng(k + seed);
+            for _ in 0..2 {
+                let images = run
+                    .states
+                    .iter()
+                    .map(|st| st.borrow().image_after_crash(|_| rng.below(2) == 0))
+                    .collect();
+                verify(images, &run.model, &format!("seed {seed} crash point {k}"));
+            }
+            points += 1;
+        }
+    }
+    println!("crash soak: {seeds} extra seeds, {points} crash points");
 }
