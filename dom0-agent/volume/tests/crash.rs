@@ -413,13 +413,13 @@ fn crash_during_recovery_is_recovered_again() {
 }
 
 /// A longer soak over other random workloads: `VOLMGR_CRASH_SEEDS=N` runs N more seeds, each
-/// crashed at every write boundary with two random survivor sets (none by default).
+/// crashed at every write boundary with two random survivor sets (2 seeds by default).
 #[test]
 fn crash_soak_over_more_seeds() {
     let seeds: u64 = std::env::var("VOLMGR_CRASH_SEEDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+        .unwrap_or(2);
     let base = base_images();
     let mut points = 0;
     for seed in 1..=seeds {
