@@ -7,6 +7,20 @@
 //! `no_std + alloc` so that dom0 can link it on bare metal; the same code is tested on the host
 //! and used offline by `hvctl` on disk-image files.
 //!
+//! # Map
+//!
+//! * [`dev`]: the block-device trait and an in-memory disk.
+//! * [`format`]: the versioned on-disk format (labels, checksummed records, metadata model).
+//! * [`layout`]: address mapping of concatenated / striped / mirrored layouts.
+//! * [`pool`]: the pool: open/create, commits, the dirty-region log, volume I/O, thin
+//!   allocation, snapshots, resize, relayout, resync, split/reattach, checks.
+//! * [`multipath`]: one disk over several paths with an I/O policy.
+//! * [`bitmap`]: region bitmaps.
+//! * [`testdev`]: crashable and fault-injecting devices for tests and tools.
+//!
+//! A running dom0 calls [`pool::Pool::background_step`] from its idle loop to progress resync,
+//! snapshot fill and relayout; `hvctl` does the same offline until nothing is left.
+//!
 //! # Invariants
 //!
 //! * All I/O goes through [`dev::BlockDevice`]: `read`, `write`, `flush`, in whole 4 KiB blocks.

@@ -75,6 +75,7 @@ struct Run {
     states: Vec<Rc<RefCell<CrashState>>>,
     clock: Clock,
     completed: bool,
+    error: Option<Error>,
 }
 
 /// The workload. Stops at the first error (the crash); the model holds what was acknowledged.
@@ -162,8 +163,8 @@ fn workload_seeded(images: &[Vec<u8>], crash_at: Option<u64>, seed: u64) -> Run 
         }
         flush(&mut p, &mut model, &clock)?;
         // Phase 4: grow c, relayout it to a stripe while writing.
-        p.resize("cs", 48)?;
         while p.fill_step(8)? > 0 {}
+        p.resize("cs", 56)?;
         p.resize("c", 64)?;
         w(&mut p, &mut model, "c", 60)?;
         p.start_relayout(
@@ -215,6 +216,7 @@ fn workload_seeded(images: &[Vec<u8>], crash_at: Option<u64>, seed: u64) -> Run 
         states,
         clock,
         completed: result.is_ok(),
+        error: result.err(),
     }
 }
 
@@ -425,7 +427,11 @@ fn crash_soak_over_more_seeds() {
     for seed in 1..=seeds {
         let seed = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
         let full = workload_seeded(&base, None, seed);
-        assert!(full.completed, "seed {seed}: workload did not complete");
+        assert!(
+            full.completed,
+            "seed {seed}: workload did not complete: {:?}",
+            full.error
+        );
         let total = full.clock.borrow().ops;
         for k in 0..total {
             let run = workload_seeded(&base, Some(k), seed);
@@ -442,4 +448,15 @@ fn crash_soak_over_more_seeds() {
         }
     }
     println!("crash soak: {seeds} extra seeds, {points} crash points");
+}
+
+/// Every soak seed's workload runs to the end when nothing crashes.
+#[test]
+fn workload_completes_for_every_soak_seed() {
+    let base = base_images();
+    for seed in 1..=200u64 {
+        let seed = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let full = workload_seeded(&base, None, seed);
+        assert!(full.completed, "seed {seed}: {:?}", full.error);
+    }
 }
