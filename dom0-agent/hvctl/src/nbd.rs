@@ -3,10 +3,12 @@
 //!
 //! Protocol reference: the NBD protocol document (`doc/proto.md` of the nbd project). Every
 //! request field is checked before use: offsets and lengths against the volume size, lengths
-//! bounded to 32 MiB, unknown commands answered with `EINVAL`.
+//! bounded to 32 MiB, unknown commands answered with `EINVAL`. While the client is idle the
+//! pool's background work (resync, snapshot fill, relayout) progresses, in small steps.
 
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
 
 use volmgr::{Error, Pool};
 
@@ -178,9 +180,40 @@ fn session(pool: &mut Pool, id: u32, name: &str, s: &mut TcpStream) -> io::Resul
             _ => opt_reply(s, opt, REP_ERR_UNSUP, &[])?,
         }
     }
-    // Transmission.
+    // Transmission. While the client is idle, background work (resync, snapshot fill,
+    // relayout) makes progress, so those run online with the volume in use.
     let mut buf = Vec::new();
+    let mut background = true;
     loop {
+        if background {
+            s.set_read_timeout(Some(Duration::from_millis(20)))?;
+            let mut probe = [0u8; 1];
+            match s.peek(&mut probe) {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    background = match pool.background_step(16) {
+                        Ok(more) => more,
+                        Err(e) => {
+                            // Background work failing must not cost the client its session.
+                            eprintln!("nbd: background work stopped: {e}");
+                            false
+                        }
+                    };
+                    if !background {
+                        s.set_read_timeout(None)?;
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            s.set_read_timeout(None)?;
+        }
         if rd_u32(s)? != REQUEST_MAGIC {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,

@@ -410,3 +410,46 @@ fn check_reports_a_damaged_metadata_copy_and_repair_rewrites_it() {
     assert!(!err.contains("damaged"), "{err}");
     assert!(String::from_utf8_lossy(&o.stdout).contains("consistent"));
 }
+
+#[test]
+fn relayout_progresses_online_while_serving_nbd() {
+    let p = Pool::new("online");
+    ok(&p.args(&["create", "v", "8M"]));
+    let raw = p.dir.join("in.raw");
+    let data: Vec<u8> = (0..8u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    std::fs::write(&raw, &data).unwrap();
+    ok(&p.args(&["import", "v", raw.to_str().unwrap()]));
+    ok(&p.args(&["relayout", "v", "--layout", "mirror", "--no-wait"]));
+    assert!(ok(&p.args(&["list"])).contains("relayout"));
+    let port = 40000 + (std::process::id() % 20000) as u16;
+    let port_s = port.to_string();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hvctl"))
+        .args(p.args(&["serve", "v", "--port", &port_s, "--clients", "1"]))
+        .spawn()
+        .unwrap();
+    nbd_session(port, "v", |s, _| {
+        // Reads during the relayout see the data; idle time lets the relayout finish.
+        let (e, back) = nbd_request(s, 0, 1, 1 << 20, 65536, &[]);
+        assert_eq!(e, 0);
+        assert_eq!(back, data[1 << 20..(1 << 20) + 65536]);
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let payload = vec![0x5au8; 8192];
+        assert_eq!(nbd_request(s, 1, 2, 4096, 8192, &payload).0, 0);
+        assert_eq!(nbd_request(s, 3, 3, 0, 0, &[]).0, 0);
+    });
+    assert!(child.wait().unwrap().success());
+    let list = ok(&p.args(&["list"]));
+    assert!(
+        list.contains("mirror 2") && !list.contains("relayout"),
+        "{list}"
+    );
+    ok(&p.args(&["check", "--deep"]));
+    let out = p.dir.join("out.raw");
+    ok(&p.args(&["export", "v", out.to_str().unwrap()]));
+    let got = std::fs::read(&out).unwrap();
+    assert_eq!(&got[4096..4096 + 8192], &[0x5au8; 8192][..]);
+    assert_eq!(&got[..4096], &data[..4096]);
+    assert_eq!(&got[12288..], &data[12288..]);
+}
