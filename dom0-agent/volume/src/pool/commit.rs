@@ -1,0 +1,227 @@
+//! Durability: metadata commits (two copies per disk), the dirty-region log, flush, and
+//! taking failed disks out of service.
+
+use super::*;
+
+impl Pool {
+    // ---------------------------------------------------------------------------------------
+    // Commit, log, flush.
+
+    pub(super) fn present_active(&self) -> Vec<usize> {
+        (0..self.devs.len())
+            .filter(|&i| self.devs[i].is_some() && self.meta.disks[i].state == DiskState::Active)
+            .collect()
+    }
+
+    pub(super) fn commit(&mut self) -> Result<(), Error> {
+        if self.read_only {
+            return Err(Error::InvalidArgument("pool is open read-only".into()));
+        }
+        for _ in 0..=self.devs.len() {
+            let targets = self.present_active();
+            if targets.is_empty() {
+                return Err(Error::NoValidMetadata);
+            }
+            self.meta.seq += 1;
+            let payload = self.meta.encode();
+            let cap = slot_capacity(self.meta.md_blocks);
+            if payload.len() > cap {
+                self.meta.seq -= 1;
+                return Err(Error::MetadataFull {
+                    needed: payload.len(),
+                    capacity: cap,
+                });
+            }
+            let rec = encode_record(MD_MAGIC, self.meta.pool_id, self.meta.seq, &payload);
+            let mut failed = None;
+            'phases: for slot in 0..2u64 {
+                for &i in &targets {
+                    let start = LABEL_BLOCKS + slot * u64::from(self.meta.md_blocks);
+                    let dev = self.devs[i].as_mut().ok_or(Error::NoValidMetadata)?;
+                    if dev.write(start, &rec).is_err() {
+                        failed = Some(i);
+                        break 'phases;
+                    }
+                }
+                for &i in &targets {
+                    let dev = self.devs[i].as_mut().ok_or(Error::NoValidMetadata)?;
+                    if dev.flush().is_err() {
+                        failed = Some(i);
+                        break 'phases;
+                    }
+                }
+            }
+            if let Some(i) = failed {
+                self.mark_disk_missing(u32::try_from(i).unwrap_or(u32::MAX));
+                continue;
+            }
+            self.committed = self.meta.clone();
+            self.dirty = false;
+            self.recompute_dependents();
+            for rt in self.thin.values_mut() {
+                rt.crefs.clone_from(&rt.refs);
+                rt.free = u(rt.refs.iter().filter(|r| **r == 0).count());
+            }
+            return Ok(());
+        }
+        Err(Error::NoValidMetadata)
+    }
+
+    pub(super) fn drl_write(&mut self, flush: bool) -> Result<(), Error> {
+        if self.read_only {
+            return Ok(());
+        }
+        for _ in 0..=self.devs.len() {
+            let targets = self.present_active();
+            if targets.is_empty() {
+                return Err(Error::NoValidMetadata);
+            }
+            self.drl_seq += 1;
+            let rec = DrlRecord {
+                entries: self.drl.iter().map(|(k, b)| (*k, b.clone())).collect(),
+            };
+            let payload = rec.encode();
+            let cap = slot_capacity(self.meta.drl_blocks);
+            if payload.len() > cap {
+                return Err(Error::MetadataFull {
+                    needed: payload.len(),
+                    capacity: cap,
+                });
+            }
+            let bytes = encode_record(DRL_MAGIC, self.meta.pool_id, self.drl_seq, &payload);
+            let start = LABEL_BLOCKS
+                + 2 * u64::from(self.meta.md_blocks)
+                + (self.drl_seq % 2) * u64::from(self.meta.drl_blocks);
+            let mut failed = None;
+            for &i in &targets {
+                let dev = self.devs[i].as_mut().ok_or(Error::NoValidMetadata)?;
+                if dev.write(start, &bytes).is_err() || (flush && dev.flush().is_err()) {
+                    failed = Some(i);
+                    break;
+                }
+            }
+            match failed {
+                Some(i) => self.mark_disk_missing(u32::try_from(i).unwrap_or(u32::MAX)),
+                None => {
+                    self.drl_bits = !self.drl.is_empty();
+                    return Ok(());
+                }
+            }
+        }
+        Err(Error::NoValidMetadata)
+    }
+
+    /// Logs regions `[r0, r1)` of `vid` as dirty (durably) unless they already are.
+    pub(super) fn drl_mark(
+        &mut self,
+        vid: u32,
+        nregions: u64,
+        r0: u64,
+        r1: u64,
+    ) -> Result<(), Error> {
+        let bm = self.drl.entry(vid).or_insert_with(|| Bitmap::new(nregions));
+        if bm.len() < nregions {
+            bm.resize(nregions, false);
+        }
+        if bm.all_set(r0, r1) {
+            return Ok(());
+        }
+        bm.set_range(r0, r1);
+        self.drl_write(true)
+    }
+
+    /// Makes every acknowledged write durable and commits changed metadata.
+    pub fn flush(&mut self) -> Result<(), Error> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.flush_disks()?;
+        if self.dirty {
+            self.commit()?;
+        }
+        if self.drl_bits || !self.drl.is_empty() {
+            self.drl.clear();
+            self.drl_write(false)?;
+        }
+        self.recompute_fast();
+        Ok(())
+    }
+
+    pub(super) fn flush_disks(&mut self) -> Result<(), Error> {
+        let mut any = false;
+        for i in 0..self.devs.len() {
+            let Some(d) = self.devs[i].as_mut() else {
+                continue;
+            };
+            match d.flush() {
+                Ok(()) => any = true,
+                Err(_) => self.mark_disk_missing(u32::try_from(i).unwrap_or(u32::MAX)),
+            }
+        }
+        if any {
+            Ok(())
+        } else {
+            Err(Error::NoValidMetadata)
+        }
+    }
+
+    /// Takes a disk out of service: every column on it becomes stale (covering everything
+    /// written since the last flush), and the disk is marked missing from the next commit on.
+    pub(super) fn mark_disk_missing(&mut self, disk: u32) {
+        let i = us(u64::from(disk));
+        if i >= self.devs.len() {
+            return;
+        }
+        self.devs[i] = None;
+        self.fast.clear();
+        if self.meta.disks[i].state == DiskState::Active {
+            self.meta.disks[i].state = DiskState::Missing {
+                since: self.meta.seq + 1,
+            };
+            self.events.push(format!(
+                "disk '{}' failed or vanished; taken out of service",
+                self.meta.disks[i].name
+            ));
+        }
+        let drl = self.drl.clone();
+        for v in &mut self.meta.volumes {
+            let rg = Regions::of(v);
+            let logged = drl.get(&v.id);
+            for l in layouts_mut(v) {
+                for g in &mut l.legs {
+                    for c in &mut g.columns {
+                        if c.segs.iter().any(|s| s.disk == disk) {
+                            if c.state == SyncState::InSync {
+                                c.state = SyncState::Stale(Bitmap::new(rg.n));
+                            }
+                            if let (SyncState::Stale(b), Some(lg)) = (&mut c.state, logged) {
+                                b.union_with(lg);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.dirty = true;
+    }
+
+    /// Records what an I/O found out; a lost disk or detached leg is committed at once so that
+    /// the metadata on the remaining disks says so before anything else happens.
+    pub(super) fn after_io(&mut self, out: IoOutcome) -> Result<(), Error> {
+        let lost = !out.gone.is_empty();
+        for d in out.gone {
+            self.mark_disk_missing(d);
+        }
+        if out.changed {
+            self.dirty = true;
+        }
+        if out.detached {
+            self.events
+                .push("a mirror leg returned errors and was detached".into());
+        }
+        if out.detached || lost {
+            self.flush()?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,588 @@
+//! Creating a pool and opening one: labels, newest valid metadata, split brain, missing,
+//! returning and stale disks, dirty-region-log replay.
+
+use super::*;
+
+struct DiskFound {
+    label: Label,
+    dev: Box<dyn BlockDevice>,
+    best: Option<(u64, u32, Vec<u8>)>,
+    copies_at_best: usize,
+}
+
+impl Pool {
+    // ---------------------------------------------------------------------------------------
+    // Creation and opening.
+
+    /// Writes labels and a first metadata record on `disks`, making a new pool.
+    pub fn create(
+        disks: Vec<(Box<dyn BlockDevice>, DiskSpec)>,
+        cfg: PoolConfig,
+    ) -> Result<Pool, Error> {
+        if disks.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a pool needs at least one disk".into(),
+            ));
+        }
+        if cfg.extent_blocks == 0 || cfg.md_blocks < 2 || cfg.drl_blocks == 0 {
+            return Err(Error::InvalidArgument(
+                "extent, metadata and log sizes must be positive".into(),
+            ));
+        }
+        let data_start = Label::data_start_for(cfg.md_blocks, cfg.drl_blocks, cfg.extent_blocks);
+        let mut names = BTreeSet::new();
+        for (d, spec) in &disks {
+            check_name(&spec.name)?;
+            check_name(&spec.tier)?;
+            if !names.insert(spec.name.clone()) {
+                return Err(Error::InvalidArgument(format!(
+                    "disk name '{}' given twice",
+                    spec.name
+                )));
+            }
+            if d.num_blocks() < data_start + u64::from(cfg.extent_blocks) {
+                return Err(Error::InvalidArgument(format!(
+                    "disk '{}' has {} blocks; at least {} are needed",
+                    spec.name,
+                    d.num_blocks(),
+                    data_start + u64::from(cfg.extent_blocks)
+                )));
+            }
+        }
+        let mut meta = PoolMeta {
+            pool_id: cfg.pool_id,
+            seq: 0,
+            extent_blocks: cfg.extent_blocks,
+            md_blocks: cfg.md_blocks,
+            drl_blocks: cfg.drl_blocks,
+            next_vol: 1,
+            disks: Vec::new(),
+            volumes: Vec::new(),
+        };
+        let mut devs = Vec::new();
+        for (i, (mut d, spec)) in disks.into_iter().enumerate() {
+            let label = Label {
+                pool_id: cfg.pool_id,
+                disk_index: u32::try_from(i).unwrap_or(u32::MAX),
+                md_blocks: cfg.md_blocks,
+                drl_blocks: cfg.drl_blocks,
+                data_start,
+                extent_blocks: cfg.extent_blocks,
+            };
+            label.write(&mut *d).map_err(|err| Error::Device {
+                disk: spec.name.clone(),
+                err,
+            })?;
+            meta.disks.push(DiskMeta {
+                name: spec.name,
+                tier: spec.tier,
+                blocks: d.num_blocks(),
+                data_start,
+                state: DiskState::Active,
+            });
+            devs.push(Some(d));
+        }
+        let mut pool = Pool::assemble(meta.clone(), meta, devs, false);
+        pool.commit()?;
+        pool.drl_write(true)?;
+        Ok(pool)
+    }
+
+    pub(super) fn assemble(
+        meta: PoolMeta,
+        committed: PoolMeta,
+        devs: Vec<Option<Box<dyn BlockDevice>>>,
+        read_only: bool,
+    ) -> Pool {
+        let mut p = Pool {
+            meta,
+            committed,
+            devs,
+            dirty: false,
+            drl_seq: 0,
+            drl: BTreeMap::new(),
+            drl_bits: false,
+            thin: BTreeMap::new(),
+            dependents: BTreeSet::new(),
+            fast: Vec::new(),
+            read_only,
+            events: Vec::new(),
+        };
+        p.rebuild_thin();
+        p.recompute_dependents();
+        p
+    }
+
+    pub(super) fn recompute_dependents(&mut self) {
+        self.recompute_fast();
+        self.dependents.clear();
+        for v in &self.meta.volumes {
+            match &v.kind {
+                VolKind::Thick { fill: Some(f), .. } => {
+                    self.dependents.insert(f.origin);
+                    self.dependents.insert(v.id);
+                }
+                VolKind::Thin {
+                    origin: Some(o), ..
+                } => {
+                    self.dependents.insert(*o);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Rebuilds the direct mappings; called whenever layouts, states or dependents may change.
+    pub(super) fn recompute_fast(&mut self) {
+        self.fast.clear();
+        let mut deps = BTreeSet::new();
+        for v in &self.meta.volumes {
+            match &v.kind {
+                VolKind::Thick { fill: Some(f), .. } => {
+                    deps.insert(f.origin);
+                }
+                VolKind::Thin {
+                    origin: Some(o), ..
+                } => {
+                    deps.insert(*o);
+                }
+                _ => {}
+            }
+        }
+        for v in &self.meta.volumes {
+            let VolKind::Thick {
+                layout,
+                relayout: None,
+                fill: None,
+            } = &v.kind
+            else {
+                continue;
+            };
+            if v.tracking.is_some() || deps.contains(&v.id) || layout.legs.len() != 1 {
+                continue;
+            }
+            let [col] = layout.legs[0].columns.as_slice() else {
+                continue;
+            };
+            let [seg] = col.segs.as_slice() else { continue };
+            if col.state != SyncState::InSync || seg.len < v.size {
+                continue;
+            }
+            let id = us(u64::from(v.id));
+            if self.fast.len() <= id {
+                self.fast.resize(id + 1, None);
+            }
+            self.fast[id] = Some(FastMap {
+                disk: us(u64::from(seg.disk)),
+                start: seg.start,
+                size: v.size,
+            });
+        }
+    }
+
+    /// Opens a pool from its devices (any order; several paths to one disk are grouped),
+    /// picks the newest valid metadata, refuses split brain, marks missing disks, takes back
+    /// returning ones, replays the dirty-region log and repairs stale metadata copies.
+    pub fn open(
+        devs: Vec<Box<dyn BlockDevice>>,
+        opts: OpenOptions,
+    ) -> Result<(Pool, OpenReport), Error> {
+        let mut report = OpenReport::default();
+        let mut by_index: BTreeMap<u32, (Label, Vec<Box<dyn BlockDevice>>)> = BTreeMap::new();
+        let mut pool_id = None;
+        for (i, mut d) in devs.into_iter().enumerate() {
+            let label = Label::read(&mut *d)
+                .map_err(|err| Error::Device {
+                    disk: format!("device #{i}"),
+                    err,
+                })?
+                .ok_or(Error::NotAPoolDisk(i))?;
+            match pool_id {
+                None => pool_id = Some(label.pool_id),
+                Some(p) if p != label.pool_id => return Err(Error::MixedPools(p, label.pool_id)),
+                Some(_) => {}
+            }
+            let e = by_index
+                .entry(label.disk_index)
+                .or_insert_with(|| (label, Vec::new()));
+            if e.0 != label {
+                return Err(Error::Corrupt(format!(
+                    "two devices claim disk #{} with different labels",
+                    label.disk_index
+                )));
+            }
+            e.1.push(d);
+        }
+        let Some(pool_id) = pool_id else {
+            return Err(Error::InvalidArgument("no devices given".into()));
+        };
+        let mut found: BTreeMap<u32, DiskFound> = BTreeMap::new();
+        for (idx, (label, mut paths)) in by_index {
+            let dev: Box<dyn BlockDevice> = if paths.len() == 1 {
+                paths.pop().ok_or(Error::NoValidMetadata)?
+            } else {
+                report.notes.push(format!(
+                    "disk #{idx}: {} paths, policy {:?}",
+                    paths.len(),
+                    opts.path_policy
+                ));
+                Box::new(MultipathDisk::new(
+                    paths.into_iter().map(|p| (p, 1)).collect(),
+                    opts.path_policy,
+                ))
+            };
+            let mut f = DiskFound {
+                label,
+                dev,
+                best: None,
+                copies_at_best: 0,
+            };
+            for slot in 0..2 {
+                let rec = read_record(
+                    &mut *f.dev,
+                    label.md_slot(slot),
+                    label.md_blocks,
+                    MD_MAGIC,
+                    pool_id,
+                )
+                .map_err(|err| Error::Device {
+                    disk: format!("#{idx}"),
+                    err,
+                })?;
+                let Some((seq, payload)) = rec else { continue };
+                let Ok(m) = PoolMeta::decode(&payload) else {
+                    continue;
+                };
+                if m.seq != seq || validate_meta(&m).is_err() {
+                    continue;
+                }
+                let crc = crc32fast::hash(&payload);
+                match &f.best {
+                    Some((s, _, _)) if *s > seq => {}
+                    Some((s, _, _)) if *s == seq => f.copies_at_best += 1,
+                    _ => {
+                        f.best = Some((seq, crc, payload));
+                        f.copies_at_best = 1;
+                    }
+                }
+            }
+            found.insert(idx, f);
+        }
+        let (widx, (wseq, wcrc, wpayload)) = found
+            .iter()
+            .filter_map(|(i, f)| f.best.as_ref().map(|b| (*i, b.clone())))
+            .max_by_key(|(_, b)| b.0)
+            .ok_or(Error::NoValidMetadata)?;
+        let mut meta = PoolMeta::decode(&wpayload)?;
+        for (i, f) in &found {
+            let Some((seq, crc, _)) = &f.best else {
+                continue;
+            };
+            if *seq == wseq && *crc != wcrc {
+                return Err(Error::SplitBrain(format!(
+                    "disks #{widx} and #{i} both carry metadata sequence {wseq} with different contents; \
+                     the pool was changed in two halves. Open each half alone and keep one."
+                )));
+            }
+            if let Some(DiskState::Missing { since }) =
+                meta.disks.get(us(u64::from(*i))).map(|d| d.state)
+                && *seq >= since
+            {
+                return Err(Error::SplitBrain(format!(
+                    "disk '{}' was declared missing at metadata sequence {since}, but carries sequence {seq} \
+                     written while apart from disk #{widx}; the pool was changed in two halves. \
+                     Open each half alone and keep one.",
+                    meta.disks[us(u64::from(*i))].name
+                )));
+            }
+        }
+        let mut devs: Vec<Option<Box<dyn BlockDevice>>> =
+            (0..meta.disks.len()).map(|_| None).collect();
+        let mut stale_images = Vec::new();
+        let commit_complete = found
+            .values()
+            .any(|f| f.copies_at_best >= 2 && f.best.as_ref().is_some_and(|b| b.0 == wseq));
+        let mut repair = false;
+        for (i, f) in found {
+            let Some(slot) = devs.get_mut(us(u64::from(i))) else {
+                report.notes.push(format!(
+                    "ignored disk #{i}: labelled for this pool but not in its metadata"
+                ));
+                continue;
+            };
+            let dm = &meta.disks[us(u64::from(i))];
+            if dm.data_start != f.label.data_start
+                || meta.md_blocks != f.label.md_blocks
+                || meta.drl_blocks != f.label.drl_blocks
+                || meta.extent_blocks != f.label.extent_blocks
+            {
+                return Err(Error::Corrupt(format!(
+                    "disk #{i}: label and metadata disagree on the on-disk areas"
+                )));
+            }
+            if f.dev.num_blocks() < dm.blocks {
+                return Err(Error::Corrupt(format!(
+                    "disk '{}' has {} blocks but the pool recorded {}; was the image truncated?",
+                    dm.name,
+                    f.dev.num_blocks(),
+                    dm.blocks
+                )));
+            }
+            let seq = f.best.as_ref().map(|b| b.0);
+            // A disk that missed a commit it should have seen, without being declared missing,
+            // is an old image of itself and its data is stale too. A crash can leave a disk one
+            // commit behind only while the newest commit is in its first phase (slot A), that
+            // is while no disk holds it in both slots.
+            if seq.is_none_or(|s| s + 1 < wseq || (commit_complete && s < wseq))
+                && meta.disks[us(u64::from(i))].state == DiskState::Active
+            {
+                stale_images.push(i);
+            }
+            if seq != Some(wseq) || f.copies_at_best < 2 {
+                repair = true;
+                let verb = if opts.read_only {
+                    "needs rewriting"
+                } else {
+                    "rewritten"
+                };
+                if seq != Some(wseq) {
+                    report.notes.push(format!(
+                        "disk '{}': stale metadata (sequence {}) {verb} with sequence {wseq}",
+                        meta.disks[us(u64::from(i))].name,
+                        seq.map_or_else(|| "none".to_string(), |s| s.to_string())
+                    ));
+                } else {
+                    report.notes.push(format!(
+                        "disk '{}': one of its two metadata copies is damaged or old; {verb}",
+                        meta.disks[us(u64::from(i))].name
+                    ));
+                }
+            }
+            *slot = Some(f.dev);
+        }
+        meta.seq = wseq;
+        let committed = meta.clone();
+        let mut pool = Pool::assemble(meta, committed, devs, opts.read_only);
+        // Disks that went or came back.
+        for i in 0..pool.meta.disks.len() {
+            let present = pool.devs[i].is_some();
+            match (present, pool.meta.disks[i].state) {
+                (true, DiskState::Missing { .. }) => {
+                    pool.meta.disks[i].state = DiskState::Active;
+                    report.notes.push(format!(
+                        "disk '{}' returned; only regions changed while it was away will be resynchronised",
+                        pool.meta.disks[i].name
+                    ));
+                    repair = true;
+                }
+                (false, DiskState::Active) => {
+                    report.notes.push(format!(
+                        "disk '{}' is missing; its mirror legs are detached",
+                        pool.meta.disks[i].name
+                    ));
+                    pool.mark_disk_missing(u32::try_from(i).unwrap_or(u32::MAX));
+                    repair = true;
+                }
+                _ => {}
+            }
+        }
+        for i in stale_images {
+            report.notes.push(format!(
+                "disk '{}' carries an old image of itself (metadata behind by more than one commit); \
+                 its mirror legs are resynchronised in full",
+                pool.meta.disks[us(u64::from(i))].name
+            ));
+            for v in &mut pool.meta.volumes {
+                let n = v.nregions();
+                for l in layouts_mut(v) {
+                    for g in &mut l.legs {
+                        for c in &mut g.columns {
+                            if c.segs.iter().any(|s| s.disk == i) {
+                                c.state = SyncState::Stale(Bitmap::full(n));
+                            }
+                        }
+                    }
+                }
+            }
+            repair = true;
+        }
+        // A column with no in-sync copy left takes the best it has: a present leg's data.
+        for v in &mut pool.meta.volumes {
+            let vname = v.name.clone();
+            for l in layouts_mut(v) {
+                for c in 0..l.ncols() {
+                    if l.legs
+                        .iter()
+                        .any(|g| g.columns[c].state == SyncState::InSync)
+                    {
+                        continue;
+                    }
+                    // The present copy with the fewest stale regions is the best one left.
+                    let stale = |g: &Leg| match &g.columns[c].state {
+                        SyncState::Stale(b) => b.count(),
+                        SyncState::InSync => 0,
+                    };
+                    if let Some(g) = l
+                        .legs
+                        .iter_mut()
+                        .filter(|g| col_present(&pool.devs, &g.columns[c].segs))
+                        .min_by_key(|g| stale(g))
+                    {
+                        g.columns[c].state = SyncState::InSync;
+                        report.notes.push(format!(
+                            "volume {vname}: column {c} had no in-sync copy; serving the returned disk's data"
+                        ));
+                        repair = true;
+                    }
+                }
+            }
+        }
+        // The dirty-region log.
+        let mut best: Option<(u64, Vec<u8>)> = None;
+        for (i, d) in pool.devs.iter_mut().enumerate() {
+            let Some(dev) = d else { continue };
+            let start = Label::data_start_for(
+                pool.meta.md_blocks,
+                pool.meta.drl_blocks,
+                pool.meta.extent_blocks,
+            );
+            let _ = start;
+            let label = Label {
+                pool_id,
+                disk_index: u32::try_from(i).unwrap_or(0),
+                md_blocks: pool.meta.md_blocks,
+                drl_blocks: pool.meta.drl_blocks,
+                data_start: 0,
+                extent_blocks: pool.meta.extent_blocks,
+            };
+            for slot in 0..2 {
+                if let Ok(Some((seq, payload))) = read_record(
+                    &mut **dev,
+                    label.drl_slot(slot),
+                    pool.meta.drl_blocks,
+                    DRL_MAGIC,
+                    pool_id,
+                ) && best.as_ref().is_none_or(|b| b.0 < seq)
+                {
+                    best = Some((seq, payload));
+                }
+            }
+        }
+        let mut dirty: Vec<(u32, Bitmap)> = Vec::new();
+        let best_missing = best.is_none();
+        match best.as_ref().map(|(s, p)| (s, DrlRecord::decode(p))) {
+            Some((seq, Ok(rec))) => {
+                pool.drl_seq = *seq;
+                dirty = rec.entries;
+            }
+            _ => {
+                report.notes.push(
+                    "no valid dirty-region log: every mirror is resynchronised in full".into(),
+                );
+                pool.drl_seq = best.map_or(0, |b| b.0);
+                for v in pool.meta.volumes.iter().filter(|v| needs_drl(v)) {
+                    dirty.push((v.id, Bitmap::full(v.nregions())));
+                }
+            }
+        }
+        if !opts.read_only {
+            let had_bits = dirty.iter().any(|(_, b)| !b.is_clear());
+            for (vid, bm) in dirty {
+                let n = pool.recover_regions(vid, &bm)?;
+                report.drl_regions_recovered += n;
+            }
+            if repair || pool.dirty {
+                pool.commit()?;
+            }
+            if had_bits || best_missing {
+                // Resynchronised data first, then the cleared log.
+                pool.flush_disks()?;
+                pool.drl_write(false)?;
+            }
+        } else {
+            report.drl_regions_recovered = dirty.iter().map(|(_, b)| b.count()).sum();
+        }
+        report.seq = pool.meta.seq;
+        Ok((pool, report))
+    }
+
+    /// Resynchronises logged regions of volume `vid` after a crash.
+    pub(super) fn recover_regions(&mut self, vid: u32, bm: &Bitmap) -> Result<u64, Error> {
+        let Some(vi) = self.meta.volumes.iter().position(|v| v.id == vid) else {
+            return Ok(0);
+        };
+        let disks_meta = PoolMeta {
+            volumes: Vec::new(),
+            ..self.meta.clone()
+        };
+        let Pool { meta, devs, .. } = self;
+        let v = &mut meta.volumes[vi];
+        let rg = Regions::of(v);
+        let size = v.size;
+        let mut n = 0;
+        for r in bm.ones().filter(|&r| r < rg.n) {
+            n += 1;
+            let (s, e) = (r * rg.rb, ((r + 1) * rg.rb).min(size));
+            if let Some(t) = &mut v.tracking {
+                t.changed.set(r);
+            }
+            for l in layouts_mut(v) {
+                for g in &mut l.legs {
+                    for c in &mut g.columns {
+                        if let SyncState::Stale(b) = &mut c.state {
+                            b.set(r);
+                        }
+                    }
+                }
+                layout_sync_range(l, devs, s, e)
+                    .map_err(|(d, err)| dev_err(&disks_meta, d, err))?;
+            }
+        }
+        if n > 0 {
+            self.dirty = true;
+        }
+        Ok(n)
+    }
+
+    pub(super) fn rebuild_thin(&mut self) {
+        self.thin.clear();
+        for p in &self.meta.volumes {
+            let VolKind::ThinPool { data, chunk_blocks } = p.kind else {
+                continue;
+            };
+            let size = self
+                .meta
+                .volumes
+                .iter()
+                .find(|v| v.id == data)
+                .map_or(0, |v| v.size);
+            let n = us(size / u64::from(chunk_blocks));
+            let mut rt = ThinRt {
+                refs: vec![0; n],
+                crefs: vec![0; n],
+                free: 0,
+                hint: 0,
+            };
+            for (m, refs) in [(&self.meta, &mut rt.refs), (&self.committed, &mut rt.crefs)] {
+                for v in &m.volumes {
+                    if let VolKind::Thin { pool, map, .. } = &v.kind
+                        && *pool == p.id
+                    {
+                        for c in map.values() {
+                            if let Some(r) = refs.get_mut(us(u64::from(*c))) {
+                                *r += 1;
+                            }
+                        }
+                    }
+                }
+            }
+            rt.free = u(rt
+                .refs
+                .iter()
+                .zip(&rt.crefs)
+                .filter(|(a, b)| **a == 0 && **b == 0)
+                .count());
+            self.thin.insert(p.id, rt);
+        }
+    }
+}
