@@ -13,6 +13,13 @@
 //!   it; otherwise the write is redirected to a fresh chunk.
 //! * A mirrored or tracked region is logged (and flushed) before it is written; a full
 //!   snapshot's region is copied and committed before its origin overwrites it.
+//! * A space-optimised snapshot's chunk is copied (or its own mapping committed) before its
+//!   thick origin overwrites that chunk.
+//!
+//! Files: `open` (create, open, recovery), `commit` (metadata commits, dirty-region log,
+//! flush, failed disks), `space` (extent allocation), `admin` (operations that change the
+//! configuration), `io` (volume reads and writes), `layout_io` (legs, columns, segments),
+//! `validate` (checks of decoded metadata).
 
 use alloc::boxed::Box;
 use alloc::collections::{BTreeMap, BTreeSet};
