@@ -275,6 +275,26 @@ fn nbd_request(
     (err, out)
 }
 
+/// Starts `hvctl volume serve` on an ephemeral port; returns the child and the port it printed.
+fn serve(p: &Pool, vol: &str, clients: &str) -> (std::process::Child, u16) {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hvctl"))
+        .args(p.args(&["serve", vol, "--port", "0", "--clients", clients]))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let port = loop {
+        let line = lines.next().expect("serve printed its address").unwrap();
+        if let Some(rest) = line.split("nbd://127.0.0.1:").nth(1) {
+            break rest.split('/').next().unwrap().parse().unwrap();
+        }
+    };
+    // Keep draining the server's messages so it never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, port)
+}
+
 fn nbd_session(port: u16, name: &str, f: impl FnOnce(&mut TcpStream, u64)) {
     let mut s = None;
     for _ in 0..200 {
@@ -307,12 +327,7 @@ fn nbd_serves_reads_writes_and_flushes() {
     let p = Pool::new("nbd");
     ok(&p.args(&["create-thin-pool", "tp", "8M"]));
     ok(&p.args(&["create", "t", "32M", "--thin-pool", "tp"]));
-    let port = 30000 + (std::process::id() % 20000) as u16;
-    let port_s = port.to_string();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hvctl"))
-        .args(p.args(&["serve", "t", "--port", &port_s, "--clients", "2"]))
-        .spawn()
-        .unwrap();
+    let (mut child, port) = serve(&p, "t", "2");
     let payload: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
     nbd_session(port, "t", |s, size| {
         assert_eq!(size, 32 << 20);
@@ -423,12 +438,7 @@ fn relayout_progresses_online_while_serving_nbd() {
     ok(&p.args(&["import", "v", raw.to_str().unwrap()]));
     ok(&p.args(&["relayout", "v", "--layout", "mirror", "--no-wait"]));
     assert!(ok(&p.args(&["list"])).contains("relayout"));
-    let port = 40000 + (std::process::id() % 20000) as u16;
-    let port_s = port.to_string();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hvctl"))
-        .args(p.args(&["serve", "v", "--port", &port_s, "--clients", "1"]))
-        .spawn()
-        .unwrap();
+    let (mut child, port) = serve(&p, "v", "1");
     nbd_session(port, "v", |s, _| {
         // Reads during the relayout see the data; idle time lets the relayout finish.
         let (e, back) = nbd_request(s, 0, 1, 1 << 20, 65536, &[]);

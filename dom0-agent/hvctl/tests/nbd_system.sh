@@ -31,15 +31,19 @@ D=(-d "$dir/a.img" -d "$dir/b.img" -d "$dir/c.img")
 "$HVCTL" volume "${D[@]}" create-thin-pool tp 64M >/dev/null
 "$HVCTL" volume "${D[@]}" create t 512M --thin-pool tp >/dev/null
 
-port=$((20000 + RANDOM % 20000))
+port=""
 
+# Starts the server on an ephemeral port (the first time) or the same port again.
 start_server() {
     local vol=$1
-    "$HVCTL" volume "${D[@]}" serve "$vol" --port "$port" 2>>"$dir/server.log" &
+    : >"$dir/server.log"
+    "$HVCTL" volume "${D[@]}" serve "$vol" --port "${port:-0}" 2>"$dir/server.log" &
     server=$!
-    for _ in $(seq 1 100); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
-        sleep 0.05
+    for _ in $(seq 1 200); do
+        local p
+        p=$(sed -n 's|.*nbd://127.0.0.1:\([0-9]*\)/.*|\1|p' "$dir/server.log" | head -n1)
+        if [ -n "$p" ]; then port=$p; return 0; fi
+        sleep 0.025
     done
     echo "nbd_system: FAIL: server for $vol did not start"; cat "$dir/server.log"; exit 1
 }
@@ -53,6 +57,7 @@ qio() {
 
 fail=0
 for vol in m t; do
+    port=""
     start_server "$vol"
     # Flushed writes: must survive the kill.
     qio "$vol" -c "write -P 0xa5 0 1M" -c "write -P 0x5a 4M 64k" -c "write -P 0x3c 10M 4k" \
