@@ -24,13 +24,16 @@ use crate::cmdline::CommandLine;
 use crate::domain::console::DomainConsole;
 use crate::domain::hypercall::{self, Outcome};
 use crate::domain::loader::{self, BootState};
-use crate::domain::memory::{BadGpa, CHUNK, GuestMemory, GuestPhysAddr, pieces};
+use crate::domain::memory::{
+    BadGpa, CHUNK, GuestMemory, GuestPhysAddr, UNASSIGNED_MMIO, pieces, translate,
+};
 use crate::domain::ports::{self, PortAction};
 use crate::domain::vtimer::{self, VirtTimer};
 use crate::mm::frames::FrameAllocator;
 use crate::percpu::{self, CPUS, MAX_CPUS};
 use crate::println;
 use crate::vmx::caps::VmxCaps;
+use crate::vmx::decode;
 use crate::vmx::ept::{Ept, MemType, PageSizes, Perm, TableFrames};
 use crate::vmx::exit::{EptViolationExit, ExitReason, IoExit, REASON_SLOTS};
 use crate::vmx::fpu::{self, FpuArea};
@@ -744,6 +747,92 @@ impl RunLoop {
         Ok(())
     }
 
+    /// Completes a guest load or store to unassigned MMIO: a load gets all ones, a store is
+    /// dropped; the instruction is read through the guest's page tables and decoded (only
+    /// plain moves; anything else stops the domain).
+    fn emulate_unassigned_mmio(a: &mut ActiveVmcs, v: &mut Vcpu, gpa: u64) -> Result<(), String> {
+        let rip = a.get(f::GUEST_RIP);
+        let cr3 = a.get(f::GUEST_CR3);
+        let mut bytes = [0u8; decode::MAX_LEN];
+        let mut n = 0;
+        while n < bytes.len() {
+            let Some(pa) = translate(&v.mem.ram, cr3, rip.wrapping_add(n as u64)) else {
+                break;
+            };
+            if v.mem
+                .ram
+                .read(GuestPhysAddr(pa), &mut bytes[n..n + 1])
+                .is_err()
+            {
+                break;
+            }
+            n += 1;
+        }
+        let d = decode::decode(&bytes[..n]).map_err(|e| {
+            alloc::format!(
+                "MMIO access to guest-physical {gpa:#x} by an instruction not emulated ({e:?}; bytes {:02x?})",
+                &bytes[..n.min(8)]
+            )
+        })?;
+        if let decode::Access::Load { reg, .. } = d.access {
+            let old = Self::gpr(a, v, reg);
+            Self::set_gpr(a, v, reg, decode::apply_load(old, d.access, u64::MAX))?;
+        }
+        a.set(f::GUEST_RIP, rip.wrapping_add(d.len as u64))
+            .map_err(|e| alloc::format!("{e}"))
+    }
+
+    /// General register `n` (0 = RAX .. 15 = R15; RSP lives in the VMCS).
+    fn gpr(a: &mut ActiveVmcs, v: &Vcpu, n: u8) -> u64 {
+        let r = &v.regs;
+        match n {
+            0 => r.rax,
+            1 => r.rcx,
+            2 => r.rdx,
+            3 => r.rbx,
+            4 => a.get(f::GUEST_RSP),
+            5 => r.rbp,
+            6 => r.rsi,
+            7 => r.rdi,
+            8 => r.r8,
+            9 => r.r9,
+            10 => r.r10,
+            11 => r.r11,
+            12 => r.r12,
+            13 => r.r13,
+            14 => r.r14,
+            _ => r.r15,
+        }
+    }
+
+    fn set_gpr(a: &mut ActiveVmcs, v: &mut Vcpu, n: u8, value: u64) -> Result<(), String> {
+        let r = &mut v.regs;
+        let slot = match n {
+            0 => &mut r.rax,
+            1 => &mut r.rcx,
+            2 => &mut r.rdx,
+            3 => &mut r.rbx,
+            4 => {
+                return a
+                    .set(f::GUEST_RSP, value)
+                    .map_err(|e| alloc::format!("{e}"));
+            }
+            5 => &mut r.rbp,
+            6 => &mut r.rsi,
+            7 => &mut r.rdi,
+            8 => &mut r.r8,
+            9 => &mut r.r9,
+            10 => &mut r.r10,
+            11 => &mut r.r11,
+            12 => &mut r.r12,
+            13 => &mut r.r13,
+            14 => &mut r.r14,
+            _ => &mut r.r15,
+        };
+        *slot = value;
+        Ok(())
+    }
+
     fn inject_gp(a: &mut ActiveVmcs) -> Result<(), String> {
         // Hardware exception 13 with an error code of 0 (SDM Vol. 3C §24.8.3).
         let info = 13 | (3 << 8) | (1 << 11) | (1 << 31);
@@ -935,8 +1024,11 @@ impl RunLoop {
             ExitReason::EptViolation => {
                 let gpa = a.info(f::GUEST_PHYSICAL_ADDRESS);
                 let q = EptViolationExit::decode(a.info(f::EXIT_QUALIFICATION));
-                // The MMIO dispatch point: no device models are registered yet, so every access
-                // outside RAM stops the domain.
+                // The MMIO dispatch point. No device models are registered yet: the unassigned
+                // MMIO hole answers like an empty bus; anything else outside RAM stops the domain.
+                if UNASSIGNED_MMIO.contains(&gpa) && !q.fetch {
+                    return Self::emulate_unassigned_mmio(a, v, gpa).map(|()| None);
+                }
                 Err(alloc::format!(
                     "EPT violation: {} of guest-physical {gpa:#x}, which is not its memory",
                     q.access()

@@ -5,7 +5,7 @@
 //!
 //! Guest-physical layout (below 1 MiB, reserved for the loader):
 //! `0x1000` GDT, `0x2000` command line (at most 4 KiB), `0x3000` PML4, `0x4000` PDPT,
-//! `0x5000` PD, stack below `0x80000`. The kernel's segments must lie at or above 1 MiB.
+//! `0x5000`..`0x9000` four PDs (the first 4 GiB), stack below `0x80000`. The kernel's segments must lie at or above 1 MiB.
 //! The ELF file is an allegation too: every offset and size is checked before use.
 
 use alloc::vec::Vec;
@@ -197,18 +197,24 @@ pub fn load(
     mem.write(GuestPhysAddr(GDT_GPA), &gdt)?;
     mem.zero(GuestPhysAddr(CMDLINE_GPA), 4096)?;
     mem.write(GuestPhysAddr(CMDLINE_GPA), cmdline.as_bytes())?;
-    // PML4[0] -> PDPT, PDPT[0] -> PD, PD: 2 MiB identity pages over the first GiB, RAM or
-    // not: the guest's page tables do not protect anything, the EPT does (an access past RAM
-    // reaches the hypervisor as an EPT violation, not the guest as a page fault).
+    // PML4[0] -> PDPT, PDPT[0..4] -> four PDs: 2 MiB identity pages over the first 4 GiB,
+    // RAM or not: the guest's page tables do not protect anything, the EPT does (an access past
+    // RAM reaches the hypervisor as an EPT violation, not the guest as a page fault).
     let (pdpt, pd) = (PML4_GPA + 0x1000, PML4_GPA + 0x2000);
-    mem.zero(GuestPhysAddr(PML4_GPA), 3 * 4096)?;
+    mem.zero(GuestPhysAddr(PML4_GPA), 6 * 4096)?;
     mem.write(GuestPhysAddr(PML4_GPA), &(pdpt | 3).to_le_bytes())?;
-    mem.write(GuestPhysAddr(pdpt), &(pd | 3).to_le_bytes())?;
-    let mut entries = [0u8; 4096];
-    for (i, e) in entries.chunks_exact_mut(8).enumerate() {
-        e.copy_from_slice(&(((i as u64) << 21) | 0x83).to_le_bytes());
+    for g in 0..4u64 {
+        mem.write(
+            GuestPhysAddr(pdpt + g * 8),
+            &((pd + g * 0x1000) | 3).to_le_bytes(),
+        )?;
+        let mut entries = [0u8; 4096];
+        for (i, e) in entries.chunks_exact_mut(8).enumerate() {
+            let page = (g << 30) | ((i as u64) << 21);
+            e.copy_from_slice(&(page | 0x83).to_le_bytes());
+        }
+        mem.write(GuestPhysAddr(pd + g * 0x1000), &entries)?;
     }
-    mem.write(GuestPhysAddr(pd), &entries)?;
     Ok(BootState {
         rip: plan.entry,
         rsp: STACK_TOP - 8,
@@ -273,12 +279,15 @@ mod tests {
             u64::from_le_bytes(mem.0[pd + 8..pd + 16].try_into().unwrap()),
             (1 << 21) | 0x83
         );
-        let last = pd + 511 * 8;
+        let last = pd + 3 * 4096 + 511 * 8;
         assert_eq!(
             u64::from_le_bytes(mem.0[last..last + 8].try_into().unwrap()),
-            (511 << 21) | 0x83,
-            "the whole first GiB"
+            (3 << 30) | (511 << 21) | 0x83,
+            "the whole first 4 GiB"
         );
+        // The guest's page walk agrees.
+        let gpa = crate::domain::memory::translate(&mem, st.cr3, 0xfec0_0010);
+        assert_eq!(gpa, Some(0xfec0_0010));
         assert_eq!(st.cr3, PML4_GPA);
         assert_eq!(st.rsp % 16, 8, "as after a call");
     }

@@ -1,6 +1,7 @@
-//! `hostile [mmio]`: garbage hypercall numbers and pointers, reserved MSRs (refused with #GP,
-//! which its own IDT catches), unmapped ports; then either a deliberate triple fault (default)
-//! or, with `mmio`, a read of unmapped MMIO. The hypervisor must refuse each and stop only it.
+//! `hostile [outside]`: garbage hypercall numbers and pointers, reserved MSRs (refused with #GP,
+//! which its own IDT catches), unmapped ports, unmapped MMIO (reads all ones, writes dropped);
+//! then a deliberate triple fault, or with `outside` a read outside its memory and the MMIO
+//! hole. The hypervisor must refuse each and stop only it.
 #![cfg_attr(target_os = "none", no_std, no_main)]
 #![allow(clippy::cast_possible_truncation)] // EDX:EAX halves of MSR values
 
@@ -93,11 +94,21 @@ fn run(args: &str, _ram: u64) {
     outb(0x80, 0x55);
     outb(0x64, 0xfe); // the keyboard-controller reset: must not reset the host
     println!("hostile: unmapped port read {v:#x}; port writes ignored");
-    if args.split_whitespace().any(|a| a == "mmio") {
-        println!("hostile: reading unmapped MMIO at 0x30000000");
+    let mmio = 0xfec0_0000 as *mut u32;
+    // SAFETY: unassigned MMIO in this domain: the hypervisor completes these accesses.
+    let (r1, r2, r3) = unsafe {
+        let r1 = mmio.read_volatile();
+        mmio.write_volatile(0x1234_5678);
+        let r2 = mmio.read_volatile();
+        let r3 = (mmio as *const u8).add(3).read_volatile();
+        (r1, r2, r3)
+    };
+    println!("hostile: unmapped MMIO reads {r1:#x}, {r2:#x} after a write, byte {r3:#x}");
+    if args.split_whitespace().any(|a| a == "outside") {
+        println!("hostile: reading outside my memory at 0x30000000");
         // SAFETY: deliberately outside this domain's memory.
         let x = unsafe { (0x3000_0000 as *const u32).read_volatile() };
-        println!("hostile: FAILED: MMIO read returned {x:#x}");
+        println!("hostile: FAILED: read {x:#x} from outside my memory");
     } else {
         println!("hostile: now a deliberate triple fault");
         // SAFETY: an empty IDT makes the breakpoint unhandleable: a triple fault, on purpose.
