@@ -38,12 +38,14 @@ const INFO_EXPORT: u16 = 0;
 const TF_HAS_FLAGS: u16 = 1;
 const TF_SEND_FLUSH: u16 = 4;
 const TF_SEND_FUA: u16 = 8;
+const TF_SEND_TRIM: u16 = 32;
 const TF_SEND_WRITE_ZEROES: u16 = 64;
 
 const CMD_READ: u16 = 0;
 const CMD_WRITE: u16 = 1;
 const CMD_DISC: u16 = 2;
 const CMD_FLUSH: u16 = 3;
+const CMD_TRIM: u16 = 4;
 const CMD_WRITE_ZEROES: u16 = 6;
 const CMD_FLAG_FUA: u16 = 1;
 
@@ -113,7 +115,7 @@ fn session(pool: &mut Pool, id: u32, name: &str, s: &mut TcpStream) -> io::Resul
     hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
     s.write_all(&hello)?;
     let client_flags = rd_u32(s)?;
-    let tflags = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_WRITE_ZEROES;
+    let tflags = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES;
     // Option haggling.
     loop {
         if rd_u64(s)? != IHAVEOPT {
@@ -257,22 +259,32 @@ fn session(pool: &mut Pool, id: u32, name: &str, s: &mut TcpStream) -> io::Resul
                     }
                 }
             }
-            CMD_WRITE | CMD_WRITE_ZEROES => {
+            CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM => {
                 if cmd == CMD_WRITE {
                     if len > MAX_REQUEST {
                         return Err(io::Error::new(io::ErrorKind::InvalidData, "write too long"));
                     }
                     buf.resize(len as usize, 0);
                     s.read_exact(&mut buf)?;
-                } else {
-                    buf.clear();
-                    buf.resize(len.min(MAX_REQUEST) as usize, 0);
                 }
+                // Zeroing and trimming carry no payload, so their length is not bounded by
+                // the request buffer, only by the volume.
+                let in_range = if cmd == CMD_WRITE {
+                    in_range
+                } else {
+                    offset
+                        .checked_add(u64::from(len))
+                        .is_some_and(|e| e <= size)
+                };
                 if !in_range {
                     reply(s, EINVAL, &[])?;
                     continue;
                 }
-                let mut r = pool.write_bytes(id, offset, &buf);
+                let mut r = match cmd {
+                    CMD_WRITE => pool.write_bytes(id, offset, &buf),
+                    CMD_TRIM => pool.discard(id, offset, u64::from(len)).map(|_| ()),
+                    _ => pool.write_zeroes(id, offset, u64::from(len)),
+                };
                 if r.is_ok() && flags & CMD_FLAG_FUA != 0 {
                     r = pool.flush();
                 }

@@ -351,8 +351,22 @@ fn nbd_serves_reads_writes_and_flushes() {
         let (e, back) = nbd_request(s, 0, 7, 12_345, payload.len() as u32, &[]);
         assert_eq!(e, 0);
         assert_eq!(back, payload);
+        // Write zeroes over the first 4 MiB (releases whole chunks), trim the rest.
+        assert_eq!(nbd_request(s, 6, 8, 0, 4 << 20, &[]).0, 0);
+        assert_eq!(nbd_request(s, 4, 9, 4 << 20, 28 << 20, &[]).0, 0);
+        assert_eq!(nbd_request(s, 3, 10, 0, 0, &[]).0, 0);
+        let (e, back) = nbd_request(s, 0, 11, 12_345, payload.len() as u32, &[]);
+        assert_eq!(e, 0);
+        assert!(back.iter().all(|b| *b == 0));
     });
     assert!(child.wait().unwrap().success());
+    let list = ok(&p.args(&["list"]));
+    let used = list
+        .lines()
+        .find(|l| l.starts_with("t "))
+        .unwrap()
+        .to_string();
+    assert!(used.contains(" 0K "), "all chunks released: {used}");
     ok(&p.args(&["check", "--deep"]));
     let _ = Path::new(&p.dir);
 }

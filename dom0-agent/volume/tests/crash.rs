@@ -141,6 +141,12 @@ fn workload_seeded(images: &[Vec<u8>], crash_at: Option<u64>, seed: u64) -> Run 
             None,
         )?;
         model.snapshot("t", "ts");
+        // Zero a range of t: whole shared chunks are released, the edges rewritten.
+        let z0 = rng.below(96);
+        for b in z0..z0 + 14 {
+            model.write("t", b, 0);
+        }
+        p.write_zeroes(p.volume_id("t")?, z0 * 4096, 14 * 4096)?;
         for _ in 0..6 {
             w(&mut p, &mut model, "t", rng.below(128))?;
             w(&mut p, &mut model, "ts", rng.below(128))?;

@@ -1001,3 +1001,53 @@ fn empty_requests_and_background_work() {
     let s = p.volume_id("full").unwrap();
     assert_eq!(read_block(&mut p, s, 199), pattern(199));
 }
+
+#[test]
+fn discard_and_write_zeroes_release_thin_chunks_without_touching_snapshots() {
+    let d = disks(1, 2048);
+    let mut p = create(&d);
+    p.create_thin_pool("tp", 256, LayoutSpec::Concat, None, 4)
+        .unwrap();
+    let t = p.create_thin("t", "tp", 256).unwrap();
+    for b in 0..64 {
+        p.write(t, b, &pattern(b)).unwrap();
+    }
+    let used = |p: &Pool| {
+        p.list()
+            .iter()
+            .find(|i| i.name == "tp")
+            .unwrap()
+            .used_blocks
+    };
+    assert_eq!(used(&p), 64);
+    let s = p
+        .snapshot(
+            "t",
+            "s",
+            SnapshotKind::SpaceOptimized,
+            LayoutSpec::Concat,
+            None,
+        )
+        .unwrap();
+    // Zero blocks 2..=29 (bytes): chunks 1..=6 are released, the edges written with zeroes.
+    let bs = BLOCK_SIZE as u64;
+    p.write_zeroes(t, 2 * bs, 28 * bs).unwrap();
+    // Discard of a partial chunk releases nothing.
+    assert_eq!(p.discard(t, 40 * bs + 7, 3 * bs).unwrap(), 0);
+    assert_eq!(p.discard(t, 48 * bs, 8 * bs).unwrap(), 2);
+    p.flush().unwrap();
+    let mut p = reopen(&d);
+    for b in 0..64 {
+        let e = if (2..30).contains(&b) || (48..56).contains(&b) {
+            vec![0u8; BLOCK_SIZE]
+        } else {
+            pattern(b)
+        };
+        assert_eq!(read_block(&mut p, t, b), e, "t block {b}");
+        assert_eq!(read_block(&mut p, s, b), pattern(b), "snapshot block {b}");
+    }
+    p.remove("s").unwrap();
+    // t keeps chunks 0 and 7 (rewritten edges), 8..=11 and 14..=15: 8 chunks of 4 blocks.
+    assert_eq!(used(&p), 8 * 4);
+    assert!(p.check().is_empty());
+}

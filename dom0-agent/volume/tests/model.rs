@@ -95,7 +95,26 @@ fn run(seed: u64, steps: usize) {
                     Err(e) => panic!("seed {seed} step {step}: write {name}: {e}"),
                 }
             }
-            50..=64 => {
+            50..=53 => {
+                // Write zeroes over a random range (releases whole thin chunks).
+                let off = rng.below(size);
+                let len = (1 + rng.below(40 * BLOCK_SIZE as u64)).min(size - off);
+                match w.pool.write_zeroes(id, off, len) {
+                    Ok(()) => {
+                        w.model.get_mut(&name).unwrap()[off as usize..(off + len) as usize].fill(0)
+                    }
+                    Err(Error::ThinPoolFull { .. }) => {
+                        // A failed write leaves its own range unspecified (and only that range:
+                        // the next full check compares everything else).
+                        let mut now = vec![0u8; len as usize];
+                        w.pool.read_bytes(id, off, &mut now).unwrap();
+                        w.model.get_mut(&name).unwrap()[off as usize..(off + len) as usize]
+                            .copy_from_slice(&now);
+                    }
+                    Err(e) => panic!("seed {seed} step {step}: write_zeroes {name}: {e}"),
+                }
+            }
+            54..=64 => {
                 let off = rng.below(size);
                 let len = (1 + rng.below(5 * BLOCK_SIZE as u64)).min(size - off);
                 let mut got = vec![0u8; len as usize];

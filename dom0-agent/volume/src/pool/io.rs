@@ -657,4 +657,80 @@ impl Pool {
     pub fn into_devices(self) -> Vec<Option<Box<dyn BlockDevice>>> {
         self.devs
     }
+
+    /// Releases the whole thin chunks inside `[offset, offset + len)` bytes of volume `id`
+    /// (they read as zeroes afterwards, or as the origin for a snapshot of a thick volume);
+    /// thick volumes ignore it. Returns the chunks released. Durable after the next flush;
+    /// released space is reusable only after the commit, as for any freed space.
+    pub fn discard(&mut self, id: u32, offset: u64, len: u64) -> Result<u64, Error> {
+        self.writable()?;
+        let vi = self.vidx(id)?;
+        let v = &self.meta.volumes[vi];
+        if offset
+            .checked_add(len)
+            .is_none_or(|e| e > v.size * u(BLOCK_SIZE))
+        {
+            return Err(Error::OutOfRange(v.name.clone()));
+        }
+        let VolKind::Thin { pool, .. } = v.kind else {
+            return Ok(0);
+        };
+        let (_, cb, _) = self.thin_params(pool)?;
+        let cbytes = cb * u(BLOCK_SIZE);
+        let (first, last) = (offset.div_ceil(cbytes), (offset + len) / cbytes);
+        let mut released = 0;
+        if first < last
+            && let VolKind::Thin { map, .. } = &mut self.meta.volumes[vi].kind
+        {
+            let gone: Vec<u64> = map.range(first..last).map(|(k, _)| *k).collect();
+            for vc in gone {
+                if let Some(c) = map.remove(&vc)
+                    && let Some(rt) = self.thin.get_mut(&pool)
+                {
+                    rt.refs[us(u64::from(c))] -= 1;
+                    released += 1;
+                }
+            }
+        }
+        if released > 0 {
+            self.dirty = true;
+        }
+        Ok(released)
+    }
+
+    /// Makes `[offset, offset + len)` bytes of volume `id` read as zeroes: whole chunks of a
+    /// thin volume without an origin are released, everything else is written with zeroes.
+    pub fn write_zeroes(&mut self, id: u32, offset: u64, len: u64) -> Result<(), Error> {
+        self.writable()?;
+        let vi = self.vidx(id)?;
+        let v = &self.meta.volumes[vi];
+        if offset
+            .checked_add(len)
+            .is_none_or(|e| e > v.size * u(BLOCK_SIZE))
+        {
+            return Err(Error::OutOfRange(v.name.clone()));
+        }
+        let mut ranges = vec![(offset, offset + len)];
+        if let VolKind::Thin {
+            pool, origin: None, ..
+        } = v.kind
+        {
+            let (_, cb, _) = self.thin_params(pool)?;
+            let cbytes = cb * u(BLOCK_SIZE);
+            let (first, last) = (offset.div_ceil(cbytes), (offset + len) / cbytes);
+            if first < last {
+                self.discard(id, first * cbytes, (last - first) * cbytes)?;
+                ranges = vec![(offset, first * cbytes), (last * cbytes, offset + len)];
+            }
+        }
+        let zero = vec![0u8; 1 << 20];
+        for (mut a, b) in ranges {
+            while a < b {
+                let n = (b - a).min(1 << 20);
+                self.write_bytes(id, a, &zero[..us(n)])?;
+                a += n;
+            }
+        }
+        Ok(())
+    }
 }
