@@ -57,7 +57,8 @@ enum Top {
 #[derive(Args)]
 struct VolumeCmd {
     /// A disk (image file) of the pool; give every disk, in any order. A file given twice is
-    /// opened as two paths to one disk (multipath).
+    /// opened as two paths to one disk (multipath); FILE@N gives that path priority N for
+    /// `--path-policy priority`.
     #[arg(short = 'd', long = "disk", global = true)]
     disks: Vec<PathBuf>,
     /// I/O policy for disks reached through several paths.
@@ -317,6 +318,18 @@ fn split_member(m: &str) -> (PathBuf, String) {
     }
 }
 
+/// `FILE@N` → (FILE, N); anything else → (path, 1).
+fn split_priority(p: &Path) -> (PathBuf, u32) {
+    let s = p.to_string_lossy();
+    match s.rsplit_once('@') {
+        Some((f, n)) if !f.is_empty() => match n.parse() {
+            Ok(n) => (PathBuf::from(f), n),
+            Err(_) => (p.to_path_buf(), 1),
+        },
+        _ => (p.to_path_buf(), 1),
+    }
+}
+
 fn open_file(path: &Path, create: Option<u64>) -> Result<FileDisk, CliError> {
     FileDisk::open(path, create).map_err(|err| CliError::File {
         path: path.to_path_buf(),
@@ -330,9 +343,10 @@ fn open_pool(cmd: &VolumeCmd, read_only: bool) -> Result<Pool, CliError> {
             "give the pool's disks with -d/--disk FILE".into(),
         ));
     }
-    let mut devs: Vec<Box<dyn BlockDevice>> = Vec::new();
+    let mut devs: Vec<(Box<dyn BlockDevice>, u32)> = Vec::new();
     for p in &cmd.disks {
-        devs.push(Box::new(open_file(p, None)?));
+        let (path, prio) = split_priority(p);
+        devs.push((Box::new(open_file(&path, None)?), prio));
     }
     let path_policy = match cmd.path_policy {
         Policy::RoundRobin => PathPolicy::RoundRobin,
@@ -340,7 +354,7 @@ fn open_pool(cmd: &VolumeCmd, read_only: bool) -> Result<Pool, CliError> {
         Policy::Priority => PathPolicy::Priority,
         Policy::Failover => PathPolicy::FailoverOnly,
     };
-    let (pool, report) = Pool::open(
+    let (pool, report) = Pool::open_paths(
         devs,
         OpenOptions {
             path_policy,

@@ -395,14 +395,9 @@ fn nbd_system_script_with_qemu_io() {
 fn one_image_given_twice_is_one_disk_with_two_paths() {
     let p = Pool::new("mp");
     ok(&p.args(&["create", "v", "4M", "--layout", "mirror"]));
+    let prio = format!("{}@5", p.disks[0]);
     let mut args = p.args(&[]);
-    args.extend([
-        "-d",
-        p.disks[0].as_str(),
-        "--path-policy",
-        "failover",
-        "list",
-    ]);
+    args.extend(["-d", prio.as_str(), "--path-policy", "priority", "list"]);
     let o = hvctl(&args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let err = String::from_utf8_lossy(&o.stderr);

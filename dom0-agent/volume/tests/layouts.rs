@@ -1051,3 +1051,34 @@ fn discard_and_write_zeroes_release_thin_chunks_without_touching_snapshots() {
     assert_eq!(used(&p), 8 * 4);
     assert!(p.check().is_empty());
 }
+
+#[test]
+fn path_priorities_steer_io_to_the_preferred_path() {
+    let d = disks(1, 1024);
+    let mut p = create(&d);
+    let v = p.create_volume("v", 64, LayoutSpec::Concat, None).unwrap();
+    drop(p);
+    let (slow, hs) = FaultyDisk::new(Box::new(d[0].clone()));
+    let (fast, hf) = FaultyDisk::new(Box::new(d[0].clone()));
+    let opts = OpenOptions {
+        path_policy: volmgr::multipath::PathPolicy::Priority,
+        read_only: false,
+    };
+    let (mut p, _) =
+        Pool::open_paths(vec![(Box::new(slow), 1), (Box::new(fast), 9)], opts).unwrap();
+    let before = hs.borrow().requests;
+    for b in 0..64 {
+        p.write(v, b, &pattern(b)).unwrap();
+    }
+    assert_eq!(
+        hs.borrow().requests,
+        before,
+        "the low-priority path is not used"
+    );
+    // The preferred path fails: I/O moves to the other one.
+    hf.borrow_mut().gone = true;
+    for b in 0..64 {
+        assert_eq!(read_block(&mut p, v, b), pattern(b));
+    }
+    assert!(hs.borrow().requests > before);
+}

@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// One device with its path priority.
+type PrioritizedPath = (Box<dyn BlockDevice>, u32);
+
 struct DiskFound {
     label: Label,
     dev: Box<dyn BlockDevice>,
@@ -187,10 +190,19 @@ impl Pool {
         devs: Vec<Box<dyn BlockDevice>>,
         opts: OpenOptions,
     ) -> Result<(Pool, OpenReport), Error> {
+        Self::open_paths(devs.into_iter().map(|d| (d, 1)).collect(), opts)
+    }
+
+    /// [`Pool::open`] with a priority per device, used by the priority path policy when
+    /// several devices are paths to one disk (higher is preferred).
+    pub fn open_paths(
+        devs: Vec<(Box<dyn BlockDevice>, u32)>,
+        opts: OpenOptions,
+    ) -> Result<(Pool, OpenReport), Error> {
         let mut report = OpenReport::default();
-        let mut by_index: BTreeMap<u32, (Label, Vec<Box<dyn BlockDevice>>)> = BTreeMap::new();
+        let mut by_index: BTreeMap<u32, (Label, Vec<PrioritizedPath>)> = BTreeMap::new();
         let mut pool_id = None;
-        for (i, mut d) in devs.into_iter().enumerate() {
+        for (i, (mut d, prio)) in devs.into_iter().enumerate() {
             let label = Label::read(&mut *d)
                 .map_err(|err| Error::Device {
                     disk: format!("device #{i}"),
@@ -211,7 +223,7 @@ impl Pool {
                     label.disk_index
                 )));
             }
-            e.1.push(d);
+            e.1.push((d, prio));
         }
         let Some(pool_id) = pool_id else {
             return Err(Error::InvalidArgument("no devices given".into()));
@@ -219,17 +231,14 @@ impl Pool {
         let mut found: BTreeMap<u32, DiskFound> = BTreeMap::new();
         for (idx, (label, mut paths)) in by_index {
             let dev: Box<dyn BlockDevice> = if paths.len() == 1 {
-                paths.pop().ok_or(Error::NoValidMetadata)?
+                paths.pop().ok_or(Error::NoValidMetadata)?.0
             } else {
                 report.notes.push(format!(
                     "disk #{idx}: {} paths, policy {:?}",
                     paths.len(),
                     opts.path_policy
                 ));
-                Box::new(MultipathDisk::new(
-                    paths.into_iter().map(|p| (p, 1)).collect(),
-                    opts.path_policy,
-                ))
+                Box::new(MultipathDisk::new(paths, opts.path_policy))
             };
             let mut f = DiskFound {
                 label,
