@@ -56,7 +56,19 @@ pub const ISO: &[Need] = &[
         package: "mtools",
     },
 ];
-pub const ALL: [&[Need]; 3] = [QEMU, BOCHS, ISO];
+/// qemu-io and qemu-img: the outside client of the volume manager's NBD test and the peer of
+/// its benchmark.
+pub const QEMU_UTILS: &[Need] = &[
+    Need {
+        path: "/usr/bin/qemu-io",
+        package: "qemu-utils",
+    },
+    Need {
+        path: "/usr/bin/qemu-img",
+        package: "qemu-utils",
+    },
+];
+pub const ALL: [&[Need]; 4] = [QEMU, BOCHS, ISO, QEMU_UTILS];
 
 /// Makes sure every need in `groups` is met.
 pub fn ensure(groups: &[&[Need]]) -> Result<(), String> {

@@ -34,6 +34,8 @@ commands:
   bench virtqueue [--quick]
                          virtqueue requests/s and notifications/request, against rust-vmm's
                          virtio-queue in the same run
+  bench volume           volume manager I/O on /dev/shm files against raw files and qemu-img
+                         bench (raw and qcow2 overlay) in the same run
   fuzz [SECONDS]         coverage-guided fuzzing of the virtqueue and virtio-mmio parsing
                          (cargo-fuzz, installed if missing; default 60 s)
   deps                   check (and as root install) the Debian packages the commands need

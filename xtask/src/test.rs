@@ -169,6 +169,8 @@ fn check(tally: &mut Tally, name: &str, cmd: &mut Command) {
 fn unit_tests(tally: &mut Tally) -> Result<(), String> {
     let out = cargo()
         .args(["test", "--workspace", "--no-fail-fast"])
+        // qemu-io is installed by `deps`: the volume manager's NBD system test must run.
+        .env("HV_REQUIRE_QEMU_IO", "1")
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
         .output()
