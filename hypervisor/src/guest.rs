@@ -20,7 +20,7 @@ use log::{info, warn};
 use spin::Mutex;
 
 use crate::arch::cpu;
-use crate::cmdline::CommandLine;
+use crate::domain::config::DomainConfig;
 use crate::domain::console::DomainConsole;
 use crate::domain::hypercall::{self, Outcome};
 use crate::domain::loader::{self, BootState};
@@ -40,13 +40,6 @@ use crate::vmx::fpu::{self, FpuArea};
 use crate::vmx::hw::{ActiveVmcs, GuestRegs, Vmcs, VmxCpu, fields as f};
 use crate::vmx::policy::{self, MsrRule, StoredMsrs};
 use crate::vmx::setup::{GuestSetup, setup_vmcs};
-
-/// Default RAM of a domain, MiB.
-const DEFAULT_MEM_MIB: u64 = 16;
-/// Largest RAM a boot module may ask for, MiB.
-const MAX_MEM_MIB: u64 = 4096;
-/// Most vCPUs of one domain.
-const MAX_VCPUS: u32 = 16;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -262,60 +255,6 @@ impl Vcpu {
     /// A key unique to this vCPU among all domains.
     fn key(&self) -> u64 {
         (u64::from(self.domain.id) << 32) | u64::from(self.index)
-    }
-}
-
-/// Settings of a domain, from its boot module's command line:
-/// `name=NAME mem=MIB cpu=N -- GUEST COMMAND LINE`.
-pub struct DomainConfig<'a> {
-    pub name: &'a str,
-    pub mem_mib: u64,
-    pub vcpus: u32,
-    pub cpu: Option<usize>,
-    pub guest_cmdline: &'a str,
-}
-
-impl<'a> DomainConfig<'a> {
-    pub fn parse(text: &'a str) -> Result<DomainConfig<'a>, String> {
-        let (ours, guest) = match text.split_once(" -- ") {
-            Some((a, b)) => (a, b),
-            None => (text.strip_suffix(" --").unwrap_or(text), ""),
-        };
-        let c = CommandLine::new(ours);
-        let mem_mib = match c.get("mem") {
-            None => DEFAULT_MEM_MIB,
-            Some(m) => m
-                .parse()
-                .map_err(|_| alloc::format!("mem={m}: not a number of MiB"))?,
-        };
-        if !(2..=MAX_MEM_MIB).contains(&mem_mib) || mem_mib % 2 != 0 {
-            return Err(alloc::format!(
-                "mem={mem_mib}: must be an even number of MiB, 2..{MAX_MEM_MIB}"
-            ));
-        }
-        let cpu = match c.get("cpu") {
-            None => None,
-            Some(n) => Some(
-                n.parse()
-                    .map_err(|_| alloc::format!("cpu={n}: not a CPU number"))?,
-            ),
-        };
-        let vcpus = match c.get("vcpus") {
-            None => 1,
-            Some(n) => n
-                .parse()
-                .map_err(|_| alloc::format!("vcpus={n}: not a number"))?,
-        };
-        if !(1..=MAX_VCPUS).contains(&vcpus) {
-            return Err(alloc::format!("vcpus={vcpus}: must be 1..{MAX_VCPUS}"));
-        }
-        Ok(DomainConfig {
-            name: c.get("name").unwrap_or("guest"),
-            mem_mib,
-            vcpus,
-            cpu,
-            guest_cmdline: guest,
-        })
     }
 }
 

@@ -238,7 +238,7 @@ fn start_boot_domains(vmx: &VmxStatus) {
         return;
     };
     for (i, m) in modules.iter().enumerate() {
-        let cfg = match crate::guest::DomainConfig::parse(m.cmdline.as_str()) {
+        let cfg = match crate::domain::config::DomainConfig::parse(m.cmdline.as_str()) {
             Ok(c) => c,
             Err(e) => {
                 error!("module {i} ('{}'): {e}; not started", m.cmdline);

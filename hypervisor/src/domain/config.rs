@@ -1,0 +1,108 @@
+//! A domain's settings, from its boot module's command line:
+//! `name=NAME mem=MIB cpu=N vcpus=N -- GUEST COMMAND LINE` (everything after ` -- ` is the
+//! guest's own command line). Values are checked here; a bad line names what is wrong.
+
+use alloc::string::String;
+
+use crate::cmdline::CommandLine;
+
+/// Default RAM of a domain, MiB.
+pub const DEFAULT_MEM_MIB: u64 = 16;
+/// Largest RAM a boot module may ask for, MiB.
+pub const MAX_MEM_MIB: u64 = 4096;
+/// Most vCPUs of one domain.
+pub const MAX_VCPUS: u32 = 16;
+
+/// Settings of a domain, from its boot module's command line:
+/// `name=NAME mem=MIB cpu=N -- GUEST COMMAND LINE`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DomainConfig<'a> {
+    pub name: &'a str,
+    pub mem_mib: u64,
+    pub vcpus: u32,
+    pub cpu: Option<usize>,
+    pub guest_cmdline: &'a str,
+}
+
+impl<'a> DomainConfig<'a> {
+    pub fn parse(text: &'a str) -> Result<DomainConfig<'a>, String> {
+        // The first word that is exactly `--` ends our options, wherever it stands.
+        let split = text
+            .split_ascii_whitespace()
+            .find(|w| *w == "--")
+            .map(|w| w.as_ptr() as usize - text.as_ptr() as usize);
+        let (ours, guest) = match split {
+            Some(at) => (&text[..at], text[at + 2..].trim_start()),
+            None => (text, ""),
+        };
+        let c = CommandLine::new(ours);
+        let mem_mib = match c.get("mem") {
+            None => DEFAULT_MEM_MIB,
+            Some(m) => m
+                .parse()
+                .map_err(|_| alloc::format!("mem={m}: not a number of MiB"))?,
+        };
+        if !(2..=MAX_MEM_MIB).contains(&mem_mib) || mem_mib % 2 != 0 {
+            return Err(alloc::format!(
+                "mem={mem_mib}: must be an even number of MiB, 2..{MAX_MEM_MIB}"
+            ));
+        }
+        let cpu = match c.get("cpu") {
+            None => None,
+            Some(n) => Some(
+                n.parse()
+                    .map_err(|_| alloc::format!("cpu={n}: not a CPU number"))?,
+            ),
+        };
+        let vcpus = match c.get("vcpus") {
+            None => 1,
+            Some(n) => n
+                .parse()
+                .map_err(|_| alloc::format!("vcpus={n}: not a number"))?,
+        };
+        if !(1..=MAX_VCPUS).contains(&vcpus) {
+            return Err(alloc::format!("vcpus={vcpus}: must be 1..{MAX_VCPUS}"));
+        }
+        Ok(DomainConfig {
+            name: c.get("name").unwrap_or("guest"),
+            mem_mib,
+            vcpus,
+            cpu,
+            guest_cmdline: guest,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_values() {
+        let c = DomainConfig::parse("").unwrap();
+        assert_eq!(
+            (c.name, c.mem_mib, c.vcpus, c.cpu, c.guest_cmdline),
+            ("guest", 16, 1, None, "")
+        );
+        let c =
+            DomainConfig::parse("name=web mem=64 cpu=1 vcpus=4 -- root=/dev/vda quiet").unwrap();
+        assert_eq!((c.name, c.mem_mib, c.vcpus, c.cpu), ("web", 64, 4, Some(1)));
+        assert_eq!(c.guest_cmdline, "root=/dev/vda quiet");
+        assert_eq!(DomainConfig::parse("name=x --").unwrap().guest_cmdline, "");
+        // Options after `--` belong to the guest.
+        assert_eq!(DomainConfig::parse("-- mem=9").unwrap().mem_mib, 16);
+    }
+
+    #[test]
+    fn bad_values_say_what_is_wrong() {
+        let e = |t| DomainConfig::parse(t).unwrap_err();
+        assert_eq!(e("mem=lots"), "mem=lots: not a number of MiB");
+        assert!(e("mem=3").contains("even number of MiB"));
+        assert!(e("mem=0").contains("even number of MiB"));
+        assert!(e("mem=8192").contains("2..4096"));
+        assert_eq!(e("cpu=two"), "cpu=two: not a CPU number");
+        assert!(e("vcpus=0").contains("1..16"));
+        assert!(e("vcpus=17").contains("1..16"));
+        assert_eq!(e("vcpus=x"), "vcpus=x: not a number");
+    }
+}
