@@ -122,9 +122,7 @@ pub fn hypervisor_main(boot: Result<BootInfo, BootError>) -> ! {
         .copied()
         .filter(|&id| id != bsp_apic)
         .collect();
-    let pt = build_page_tables(&info, image_start, &ap_ids);
-    let ap_stacks = pt.1;
-    let pt = pt.0;
+    let (pt, ap_stacks) = build_page_tables(&info, image_start, &ap_ids);
     // SAFETY: the trampoline page is in the first MiB, reserved from the allocator, and the
     // boot page tables (still active) map it writable.
     unsafe { smp::install_trampoline() };
