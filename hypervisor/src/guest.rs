@@ -33,11 +33,12 @@ use crate::mm::frames::FrameAllocator;
 use crate::percpu::{self, CPUS, MAX_CPUS};
 use crate::println;
 use crate::vmx::caps::VmxCaps;
+use crate::vmx::cr::{self, CrExit};
 use crate::vmx::decode;
 use crate::vmx::ept::{Ept, MemType, PageSizes, Perm, TableFrames};
 use crate::vmx::exit::{EptViolationExit, ExitReason, IoExit, REASON_SLOTS};
 use crate::vmx::fpu::{self, FpuArea};
-use crate::vmx::hw::{ActiveVmcs, GuestRegs, Vmcs, VmxCpu, fields as f};
+use crate::vmx::hw::{ActiveVmcs, FixedBits, GuestRegs, Vmcs, VmxCpu, fields as f};
 use crate::vmx::policy::{self, MsrRule, StoredMsrs};
 use crate::vmx::setup::{GuestSetup, setup_vmcs};
 
@@ -851,6 +852,7 @@ impl RunLoop {
                 };
                 let result = match (policy::msr_rule(msr), write) {
                     (None, _) => None,
+                    (Some(_), true) if !policy::msr_write_valid(msr, value) => None,
                     (Some(MsrRule::Fixed(x)), false) => Some(x),
                     (Some(MsrRule::Fixed(_)), true) => Some(0),
                     (Some(MsrRule::Stored), false) => Some(v.msrs.get(msr)),
@@ -974,6 +976,47 @@ impl RunLoop {
                 ))
             }
             ExitReason::TripleFault => Err(String::from("triple fault")),
+            ExitReason::CrAccess => {
+                let exit = CrExit::decode(a.info(f::EXIT_QUALIFICATION));
+                let fixed = FixedBits::read();
+                let long_mode = a.get(f::GUEST_EFER) & (1 << 10) != 0;
+                let cr0 =
+                    |value| cr::write_cr0(value, fixed.cr0_fixed0, fixed.cr0_fixed1, long_mode);
+                let result = match exit {
+                    CrExit::MovTo { cr: 0, gpr } => cr0(Self::gpr(a, v, gpr)).map(|c| (0, c)),
+                    CrExit::MovTo { cr: 4, gpr } => cr::write_cr4(
+                        Self::gpr(a, v, gpr),
+                        fixed.cr4_fixed0,
+                        fixed.cr4_fixed1,
+                        long_mode,
+                    )
+                    .map(|c| (4, c)),
+                    // CLTS clears CR0.TS; LMSW loads CR0[3:0] but cannot clear PE.
+                    CrExit::Clts => cr0(a.get(f::CR0_SHADOW) & !8).map(|c| (0, c)),
+                    CrExit::Lmsw(src) => {
+                        let old = a.get(f::CR0_SHADOW);
+                        cr0((old & !0xe) | (u64::from(src) & 0xf) | (old & 1)).map(|c| (0, c))
+                    }
+                    other => {
+                        return Err(alloc::format!(
+                            "unhandled control-register access {other:?}"
+                        ));
+                    }
+                };
+                match result {
+                    Ok((reg, c)) => {
+                        let (actual, shadow) = if reg == 0 {
+                            (f::GUEST_CR0, f::CR0_SHADOW)
+                        } else {
+                            (f::GUEST_CR4, f::CR4_SHADOW)
+                        };
+                        a.set(actual, c.actual).map_err(|e| alloc::format!("{e}"))?;
+                        a.set(shadow, c.shadow).map_err(|e| alloc::format!("{e}"))?;
+                        Self::skip(a).map(|_| None)
+                    }
+                    Err(cr::InjectGp) => Self::inject_gp(a).map(|_| None),
+                }
+            }
             ExitReason::Xsetbv => {
                 // XSETBV exits before its own checks only where CR4.OSXSAVE is set and CPL is 0
                 // (else the CPU raised #UD/#GP itself); the value is ours to check.

@@ -2,6 +2,7 @@
 //! probe that reads CPUID and the VMX MSRs and enables VMX in IA32_FEATURE_CONTROL.
 
 pub mod caps;
+pub mod cr;
 pub mod decode;
 pub mod ept;
 pub mod exit;

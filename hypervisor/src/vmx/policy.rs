@@ -179,6 +179,30 @@ pub fn msr_rule(msr: u32) -> Option<MsrRule> {
     })
 }
 
+/// Whether a WRMSR of `value` to an allowed `msr` is one the CPU would accept; else the guest
+/// gets #GP, as on hardware, instead of a VM entry that fails on the bad value. Addresses must
+/// be canonical (FS/GS/KERNEL_GS base, SYSENTER ESP/EIP, LSTAR, CSTAR); PAT entries must name
+/// a memory type (0, 1, 4, 5, 6, 7); EFER may only change SCE and NXE; TSC_AUX is 32 bits
+/// (SDM Vol. 4; Vol. 3A §11.12.2; Vol. 3C §26.3.1.1).
+pub fn msr_write_valid(msr: u32, value: u64) -> bool {
+    let canonical = |v: u64| {
+        let top = v >> 47;
+        top == 0 || top == 0x1_ffff
+    };
+    match msr {
+        0xc000_0100 | 0xc000_0101 | 0xc000_0102 | 0x175 | 0x176 | 0xc000_0082 | 0xc000_0083 => {
+            canonical(value)
+        }
+        0x277 => value
+            .to_le_bytes()
+            .iter()
+            .all(|t| matches!(t, 0 | 1 | 4 | 5 | 6 | 7)),
+        0xc000_0080 => value & !((1 << 0) | (1 << 8) | (1 << 10) | (1 << 11)) == 0,
+        0xc000_0103 => value >> 32 == 0,
+        _ => true,
+    }
+}
+
 /// Per-vCPU storage for [`MsrRule::Stored`] registers.
 #[derive(Clone, Debug, Default)]
 pub struct StoredMsrs {
@@ -371,6 +395,32 @@ mod tests {
         for reserved in [0x0u32, 0x480, 0x48c, 0xc001_0000, 0x1234_5678, 0x9b] {
             assert_eq!(msr_rule(reserved), None, "{reserved:#x}");
         }
+    }
+
+    #[test]
+    fn msr_writes_the_cpu_would_refuse() {
+        assert!(msr_write_valid(0xc000_0100, 0xffff_8000_0000_0000));
+        assert!(msr_write_valid(0xc000_0101, 0x0000_7fff_ffff_f000));
+        assert!(
+            !msr_write_valid(0xc000_0100, 0x0000_8000_0000_0000),
+            "non-canonical FS base"
+        );
+        assert!(
+            !msr_write_valid(0xc000_0082, 0xdead_beef_0000_0000),
+            "non-canonical LSTAR"
+        );
+        assert!(
+            msr_write_valid(0x277, 0x0007_0406_0007_0406),
+            "the reset PAT"
+        );
+        assert!(
+            !msr_write_valid(0x277, 0x0007_0406_0007_0402),
+            "type 2 is reserved"
+        );
+        assert!(msr_write_valid(0xc000_0080, 0xd01), "SCE, LME, LMA, NXE");
+        assert!(!msr_write_valid(0xc000_0080, 1 << 12), "SVME");
+        assert!(!msr_write_valid(0xc000_0103, 1 << 32));
+        assert!(msr_write_valid(0x10, u64::MAX));
     }
 
     #[test]

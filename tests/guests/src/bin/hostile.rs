@@ -13,17 +13,31 @@ test_guests::guest_main!(run);
 #[cfg(target_os = "none")]
 static mut GP_COUNT: u64 = 0;
 
-/// #GP handler: counts, skips the 2-byte RDMSR/WRMSR that faulted, returns.
+/// Length of the instruction expected to fault next (RDMSR/WRMSR 2, MOV CR4,RAX 3).
+#[cfg(target_os = "none")]
+static mut SKIP: u64 = 2;
+
+/// #GP handler: counts, skips the faulting instruction (SKIP bytes), returns.
 #[cfg(target_os = "none")]
 #[unsafe(naked)]
 extern "C" fn gp_handler() {
     core::arch::naked_asm!(
-        "add qword ptr [rsp + 8], 2",
+        "push rax",
+        "mov rax, [rip + {skip}]",
+        "add [rsp + 16], rax",
+        "pop rax",
         "add rsp, 8",
         "inc qword ptr [rip + {count}]",
         "iretq",
         count = sym GP_COUNT,
+        skip = sym SKIP,
     );
+}
+
+#[cfg(target_os = "none")]
+fn gp_count() -> u64 {
+    // SAFETY: reads a static the handler updates; single-threaded.
+    unsafe { (&raw const GP_COUNT).read_volatile() }
 }
 
 #[cfg(target_os = "none")]
@@ -94,6 +108,21 @@ fn run(args: &str, _ram: u64) {
     outb(0x80, 0x55);
     outb(0x64, 0xfe); // the keyboard-controller reset: must not reset the host
     println!("hostile: unmapped port read {v:#x}; port writes ignored");
+    let before = gp_count();
+    wrmsr(0xc000_0100, 0x0000_8000_0000_0000); // FS base, not canonical
+    // SAFETY: the guest's own CR4 with VMXE set: VMX is hidden, so the hypervisor must #GP.
+    unsafe {
+        (&raw mut SKIP).write_volatile(3);
+        let mut cr4: u64;
+        core::arch::asm!("mov {0}, cr4", out(reg) cr4);
+        cr4 |= 1 << 13;
+        core::arch::asm!("mov cr4, rax", in("rax") cr4);
+        (&raw mut SKIP).write_volatile(2);
+    }
+    println!(
+        "hostile: non-canonical FS base and CR4.VMXE refused with #GP: {} of 2",
+        gp_count() - before
+    );
     let mmio = 0xfec0_0000 as *mut u32;
     // SAFETY: unassigned MMIO in this domain: the hypervisor completes these accesses.
     let (r1, r2, r3) = unsafe {
