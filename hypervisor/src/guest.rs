@@ -16,7 +16,7 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, AtomicU64, Ordering};
 
-use log::{info, warn};
+use log::info;
 use spin::Mutex;
 
 use crate::arch::cpu;
@@ -71,7 +71,6 @@ pub struct Domain {
     pub exits: [AtomicU64; REASON_SLOTS],
     /// Why it stopped (empty while running).
     pub stop_reason: Mutex<String>,
-    pub exit_code: AtomicU64,
 }
 
 impl Domain {
@@ -189,11 +188,7 @@ impl Drop for DomainMem {
         for t in tables {
             let _ = frames.free_addr(crate::mm::HostPhysAddr(t));
         }
-        for &c in &self.ram.chunks {
-            for i in 0..CHUNK / 4096 {
-                let _ = frames.free_addr(crate::mm::HostPhysAddr(c + i * 4096));
-            }
-        }
+        release_chunks(frames, &self.ram.chunks);
     }
 }
 
@@ -387,7 +382,6 @@ pub fn create(image: &[u8], cfg: &DomainConfig, caps: &VmxCaps) -> Result<Arc<Do
         state: AtomicU8::new(DomainState::Running as u8),
         exits: Default::default(),
         stop_reason: Mutex::new(String::new()),
-        exit_code: AtomicU64::new(0),
     });
     let eptp = mem.ept.eptp(caps.ept_ad());
     let mem = Arc::new(mem);
@@ -906,7 +900,6 @@ impl RunLoop {
                     }
                     PortAction::ConsoleByte(b) => Self::print_console(cpu, v, &[b]),
                     PortAction::Exit(code) => {
-                        v.domain.exit_code.store(u64::from(code), Ordering::Relaxed);
                         return Ok(Some(SliceEnd::Stop {
                             why: alloc::format!("exited with code {code}"),
                             dump: false,
@@ -929,7 +922,6 @@ impl RunLoop {
                         v.regs.rax = bytes.len() as u64;
                     }
                     Outcome::Exit(code) => {
-                        v.domain.exit_code.store(code, Ordering::Relaxed);
                         return Ok(Some(SliceEnd::Stop {
                             why: alloc::format!("exited with code {code}"),
                             dump: false,
@@ -1096,17 +1088,6 @@ impl RunLoop {
         crate::vmx::hw::invept_all();
         if v.domain.alive.fetch_sub(1, Ordering::AcqRel) == 1 {
             v.domain.finish(String::from("all vCPUs are off"));
-        }
-        let domain = v.domain.clone();
-        drop(v);
-        if domain.alive.load(Ordering::Acquire) == 0 {
-            let free = crate::kernel::FRAMES
-                .lock()
-                .as_ref()
-                .map_or(0, |f| f.free_frames());
-            if free == 0 {
-                warn!("no free frames after tearing down domain {}", domain.id);
-            }
         }
     }
 }
