@@ -576,7 +576,8 @@ impl RunLoop {
         let timer = (budget >> caps.preemption_timer_rate()).min(u64::from(u32::MAX));
         let _ = a.set(f::PREEMPTION_TIMER, timer);
         let end = loop {
-            if v.timer.poll(cpu::rdtsc())
+            if !v.timer.idle()
+                && v.timer.poll(cpu::rdtsc())
                 && let Err(e) = Self::deliver_timer(a, v)
             {
                 break SliceEnd::Stop { why: e, dump: true };

@@ -11,22 +11,88 @@ use crate::build::{self, ImageOptions};
 use crate::emu::{self, Boot, Emulator, Machine, PROMPT};
 use crate::root;
 
-const BENCHES: &str = "boot, vmcall, virtqueue, volume";
+use crate::history::{self, Better, Figure};
+
+const BENCHES: &str = "boot, vmcall, virtqueue, volume, all";
+
+/// The most one benchmark may run in `bench all` (each emulator run has its own limit too).
+const LIMIT: Duration = Duration::from_secs(900);
 
 pub fn run(args: &[String]) -> Result<(), String> {
     let which = args.first().map(String::as_str).unwrap_or("all");
-    match which {
-        "boot" => boot(),
-        "vmcall" => vmcall(),
-        "virtqueue" => virtqueue(&args[1..]),
-        "volume" => volume(),
-        "all" => boot()
-            .and_then(|()| vmcall())
-            .and_then(|()| virtqueue(&[]))
-            .and_then(|()| volume()),
-        other => Err(format!(
-            "bench: unknown benchmark '{other}' (have: {BENCHES})"
-        )),
+    let one = |name: &str, extra: &[String]| -> Result<Vec<Figure>, String> {
+        let figs = match name {
+            "boot" => boot()?,
+            "vmcall" => vmcall()?,
+            "virtqueue" => virtqueue(extra)?,
+            "volume" => volume()?,
+            other => {
+                return Err(format!(
+                    "bench: unknown benchmark '{other}' (have: {BENCHES})"
+                ));
+            }
+        };
+        println!("{name}: figures (previous: the last run of this benchmark on this machine)");
+        history::record(&figs)?;
+        Ok(figs)
+    };
+    if which != "all" {
+        return one(which, &args[1..]).map(|_| ());
+    }
+    let mut all = Vec::new();
+    let mut failed = Vec::new();
+    for name in ["boot", "vmcall", "virtqueue", "volume"] {
+        match one(name, &[]) {
+            Ok(f) => all.extend(f),
+            Err(e) => {
+                eprintln!("xtask: bench {name}: {e}");
+                failed.push(name);
+            }
+        }
+    }
+    print!("{}", history::summary(&all));
+    println!("results appended to {}", history::results_file().display());
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("benchmarks that failed: {}", failed.join(", ")))
+    }
+}
+
+/// Runs a benchmark program, echoing its output, killed after [`LIMIT`]; returns its stdout.
+fn run_program(cmd: &mut std::process::Command) -> Result<String, String> {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {:?}: {e}", cmd.get_program()))?;
+    let out = child.stdout.take().ok_or("no stdout")?;
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            println!("{line}");
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text
+    });
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().map_err(|e| e.to_string())? {
+            break s;
+        }
+        if t0.elapsed() > LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("stopped after {} s", LIMIT.as_secs()));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let text = reader.join().unwrap_or_default();
+    if status.success() {
+        Ok(text)
+    } else {
+        Err(format!("{:?} failed: {status}", cmd.get_program()))
     }
 }
 
@@ -68,7 +134,7 @@ fn until(m: &Machine, done: &Regex, limit: Duration) -> Result<(String, Duration
 
 /// The cost of a VMCALL round trip in Bochs with deterministic time: TSC ticks (instructions)
 /// per round trip measured by the guest, and VMREADs/VMWRITEs per exit counted by the host.
-fn vmcall() -> Result<(), String> {
+fn vmcall() -> Result<Vec<Figure>, String> {
     let n = 20_000;
     let module = build::guest_module(&format!("hypercall_bench:name=bench mem=8 -- {n}"))?;
     let iso = build::image_named(
@@ -85,6 +151,7 @@ fn vmcall() -> Result<(), String> {
         boot: Boot::Iso(iso),
         work_dir: root().join("target/bench/vmcall"),
         deterministic: true,
+        uefi: false,
     };
     let stopped =
         Regex::new(r"stopped after (\d+) exits \((\d+) VMREADs, (\d+) VMWRITEs\)").expect("valid");
@@ -106,15 +173,42 @@ fn vmcall() -> Result<(), String> {
         reads / exits,
         writes / exits
     );
-    Ok(())
+    // The peer: Xen 4.17 in the same Bochs model with sync=none, measured by hand (docs/PLATFORM.md,
+    // docs/PERFORMANCE.md); not rerun here, which needs Xen's packages and a PVH dom0.
+    Ok(vec![
+        Figure::new(
+            "vmcall",
+            "VMCALL round trip",
+            ticks as f64,
+            "instructions",
+            Better::Lower,
+        )
+        .peer_recorded("Xen 4.17 spec-ctrl=no", 817.0),
+        Figure::new(
+            "vmcall",
+            "VMREADs per exit",
+            reads / exits,
+            "reads",
+            Better::Lower,
+        )
+        .peer_recorded("Xen 4.17", 11.0),
+        Figure::new(
+            "vmcall",
+            "VMWRITEs per exit",
+            writes / exits,
+            "writes",
+            Better::Lower,
+        )
+        .peer_recorded("Xen 4.17", 3.0),
+    ])
 }
 
 /// Requests per second through a virtqueue pair (block 4 KiB at depth 1 and 64, net 1500 B),
 /// notifications per request with event index on and off, against rust-vmm `virtio-queue` as
 /// the peer in the same run (`hypervisor/virtio/examples/virtqueue_bench.rs`).
-fn virtqueue(extra: &[String]) -> Result<(), String> {
+fn virtqueue(extra: &[String]) -> Result<Vec<Figure>, String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    crate::run_checked(
+    let text = run_program(
         std::process::Command::new(cargo)
             .current_dir(root())
             .args([
@@ -128,14 +222,44 @@ fn virtqueue(extra: &[String]) -> Result<(), String> {
                 "--",
             ])
             .args(extra),
+    )?;
+    Ok(virtqueue_figures(&text))
+}
+
+/// The figures in `virtqueue_bench`'s output: requests/s per case against virtio-queue, and
+/// notifications per request.
+pub fn virtqueue_figures(text: &str) -> Vec<Figure> {
+    let re = Regex::new(
+        r"(?m)^(.+?)\s+event_idx=(\w+)\s+hv-virtio\s+([\d.]+) req/s\s+virtio-queue\s+([\d.]+) req/s.*notif/req hv-virtio ([\d.]+) .*virtio-queue ([\d.]+)",
     )
+    .expect("valid");
+    let mut out = Vec::new();
+    for c in re.captures_iter(text) {
+        let case = format!("{} event_idx={}", c[1].trim(), &c[2]);
+        let num = |i: usize| c[i].parse::<f64>().unwrap_or(0.0);
+        out.push(
+            Figure::new("virtqueue", &case, num(3), "req/s", Better::Higher)
+                .peer("rust-vmm virtio-queue", num(4)),
+        );
+        out.push(
+            Figure::new(
+                "virtqueue",
+                &format!("{case} notifications"),
+                num(5),
+                "per request",
+                Better::Lower,
+            )
+            .peer("rust-vmm virtio-queue", num(6)),
+        );
+    }
+    out
 }
 
 /// The volume manager on RAM-backed files (/dev/shm): 4 KiB random and 1 MiB sequential reads
 /// and writes on linear, striped, mirrored and thin volumes and the first write after a
 /// snapshot, against the raw file and `qemu-img bench` (raw and a qcow2 overlay) in the same
 /// run; then the CPU cost per 4 KiB operation.
-fn volume() -> Result<(), String> {
+fn volume() -> Result<Vec<Figure>, String> {
     crate::deps::ensure(&[crate::deps::QEMU_UTILS])?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let dir = if std::path::Path::new("/dev/shm").is_dir() {
@@ -143,7 +267,7 @@ fn volume() -> Result<(), String> {
     } else {
         "/tmp"
     };
-    crate::run_checked(
+    let text = run_program(
         std::process::Command::new(&cargo)
             .current_dir(root())
             .args([
@@ -158,7 +282,7 @@ fn volume() -> Result<(), String> {
             ])
             .args(["--dir", dir, "--size", "256M"]),
     )?;
-    crate::run_checked(
+    run_program(
         std::process::Command::new(&cargo)
             .current_dir(root())
             .args([
@@ -170,7 +294,84 @@ fn volume() -> Result<(), String> {
                 "--example",
                 "io_overhead",
             ]),
+    )?;
+    Ok(volume_figures(&text))
+}
+
+/// The figures in `hvctl volume bench`'s table: MiB/s per layout and phase, the raw file (the
+/// same pages, opened directly) as the peer; and the first write after a snapshot against a
+/// qcow2 overlay.
+pub fn volume_figures(text: &str) -> Vec<Figure> {
+    let mut out = Vec::new();
+    let mut phases: Vec<String> = Vec::new();
+    let mut raw: Vec<f64> = Vec::new();
+    let cell = Regex::new(r"^([\d.]+)(?: \(([\d.]+)\))?$").expect("valid");
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("MiB/s (ratio)") {
+            // Phase names hold single spaces; columns are right-aligned in 15 characters.
+            phases = rest
+                .split("  ")
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .map(str::to_string)
+                .collect();
+            continue;
+        }
+        if phases.is_empty() {
+            continue;
+        }
+        // Rows: a name (may hold single spaces), then one cell per phase, cells separated by
+        // runs of spaces.
+        let cols: Vec<&str> = line
+            .split("  ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .collect();
+        if cols.len() != phases.len() + 1 {
+            continue;
+        }
+        let values: Option<Vec<f64>> = cols[1..]
+            .iter()
+            .map(|c| cell.captures(c).and_then(|m| m[1].parse().ok()))
+            .collect();
+        let Some(values) = values else { continue };
+        if cols[0] == "raw file" {
+            raw = values;
+            continue;
+        }
+        for (i, v) in values.iter().enumerate() {
+            let mut f = Figure::new(
+                "volume",
+                &format!("{} {}", cols[0], phases[i]),
+                *v,
+                "MiB/s",
+                Better::Higher,
+            );
+            if let Some(r) = raw.get(i) {
+                f = f.peer("raw file", *r);
+            }
+            out.push(f);
+        }
+    }
+    let snap = Regex::new(
+        r"thin snapshot ([\d.]+) MiB/s; qcow2 overlay \(qemu-img bench\) ([\d.]+) MiB/s",
     )
+    .expect("valid");
+    if let Some(c) = snap.captures(text) {
+        let ours: f64 = c[1].parse().unwrap_or(0.0);
+        let qcow: f64 = c[2].parse().unwrap_or(0.0);
+        out.push(
+            Figure::new(
+                "volume",
+                "first 4K write after snapshot",
+                ours,
+                "MiB/s",
+                Better::Higher,
+            )
+            .peer("qemu-img bench qcow2 overlay", qcow),
+        );
+    }
+    out
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -178,7 +379,8 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn boot() -> Result<(), String> {
+fn boot() -> Result<Vec<Figure>, String> {
+    let mut figs = Vec::new();
     let elf = build::build_kernel()?;
     let iso = build::image_named(
         &ImageOptions {
@@ -198,6 +400,7 @@ fn boot() -> Result<(), String> {
             boot: Boot::Iso(iso.clone()),
             work_dir: root().join("target/bench/bochs"),
             deterministic: true,
+            uefi: false,
         };
         let (text, wall) = to_prompt(&m, Duration::from_secs(120))?;
         let c = tsc
@@ -213,6 +416,20 @@ fn boot() -> Result<(), String> {
             ready - entry,
             wall.as_secs_f64()
         );
+        figs.push(Figure::new(
+            "boot",
+            &format!("bochs {cpus} CPU reset to prompt"),
+            ready as f64,
+            "instructions",
+            Better::Lower,
+        ));
+        figs.push(Figure::new(
+            "boot",
+            &format!("bochs {cpus} CPU hypervisor entry to prompt"),
+            (ready - entry) as f64,
+            "instructions",
+            Better::Lower,
+        ));
     }
     for (label, boot) in [
         (
@@ -234,6 +451,7 @@ fn boot() -> Result<(), String> {
                     boot: boot.clone(),
                     work_dir: root().join("target/bench/qemu"),
                     deterministic: false,
+                    uefi: false,
                 };
                 walls.push(to_prompt(&m, Duration::from_secs(60))?.1.as_secs_f64());
             }
@@ -246,7 +464,49 @@ fn boot() -> Result<(), String> {
                     .collect::<Vec<_>>()
                     .join(", ")
             );
+            figs.push(Figure::new(
+                "boot",
+                &format!("qemu {label} {cpus} CPU to prompt"),
+                median(walls),
+                "s",
+                Better::Lower,
+            ));
         }
     }
-    Ok(())
+    Ok(figs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn virtqueue_output_gives_figures_with_the_peer() {
+        let text = "virtqueue_bench: queue size 256, lockstep driver/device, one thread\n\
+block 4KiB qd1  event_idx=true  hv-virtio    1234567 req/s  virtio-queue    1000000 req/s  ratio  1.23  notif/req hv-virtio 0.0100 (kicks 1 irqs 2) virtio-queue 1.0000\n";
+        let f = virtqueue_figures(text);
+        assert_eq!(f.len(), 2);
+        assert_eq!(f[0].name, "block 4KiB qd1 event_idx=true");
+        assert_eq!(f[0].value, 1_234_567.0);
+        assert_eq!(f[0].peer_value, Some(1_000_000.0));
+        assert_eq!(f[1].value, 0.01);
+        assert_eq!(f[1].peer_value, Some(1.0));
+    }
+
+    #[test]
+    fn volume_table_gives_figures_against_the_raw_file() {
+        let text = "volume bench: 256 MiB per target\n\
+MiB/s (ratio)            4K rand W       4K rand R        1M seq W        1M seq R\n\
+  raw file                   100             200            300            400\n\
+striped 2x64K          90 (0.90)      180 (0.90)     300 (1.00)     200 (0.50)\n\
+first 4K write after snapshot (10 writes): thin snapshot 55.5 MiB/s; qcow2 overlay (qemu-img bench) 11.1 MiB/s; ratio 5.00\n";
+        let f = volume_figures(text);
+        assert_eq!(f.len(), 5, "{f:?}");
+        assert_eq!(f[0].name, "striped 2x64K 4K rand W");
+        assert_eq!(f[0].value, 90.0);
+        assert_eq!(f[0].peer_value, Some(100.0));
+        assert_eq!(f[3].peer_value, Some(400.0));
+        assert_eq!(f[4].value, 55.5);
+        assert_eq!(f[4].peer_value, Some(11.1));
+    }
 }

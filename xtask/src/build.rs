@@ -7,8 +7,35 @@ use crate::{deps, root, run_checked};
 
 pub const TARGET: &str = "x86_64-unknown-none";
 
+/// Makes sure the toolchain has the bare-metal target: `rust-toolchain.toml` lists it, but
+/// rustup adds listed targets only when it installs the toolchain, so a machine that already had
+/// that toolchain lacks it.
+pub fn ensure_target() -> Result<(), String> {
+    let sysroot = Command::new("rustc")
+        .current_dir(root())
+        .args(["--print", "sysroot"])
+        .output()
+        .map_err(|e| format!("cannot start rustc: {e}"))?;
+    let sysroot = String::from_utf8_lossy(&sysroot.stdout).trim().to_string();
+    if Path::new(&sysroot)
+        .join("lib/rustlib")
+        .join(TARGET)
+        .is_dir()
+    {
+        return Ok(());
+    }
+    eprintln!("xtask: adding the {TARGET} target to the toolchain (rustup target add {TARGET})");
+    run_checked(
+        Command::new("rustup")
+            .current_dir(root())
+            .args(["target", "add", TARGET]),
+    )
+    .map_err(|e| format!("{e}\nthe hypervisor needs it: run `rustup target add {TARGET}`"))
+}
+
 /// Builds the hypervisor (release) and returns the ELF's path.
 pub fn build_kernel() -> Result<PathBuf, String> {
+    ensure_target()?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     run_checked(Command::new(cargo).current_dir(root()).args([
         "build",
@@ -40,6 +67,7 @@ pub const TEST_GUESTS: &[&str] = &[
 
 /// Builds the test guests (release) and returns the folder holding their ELF files.
 pub fn build_guests() -> Result<PathBuf, String> {
+    ensure_target()?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     run_checked(Command::new(cargo).current_dir(root()).args([
         "build",

@@ -52,6 +52,8 @@ pub struct Machine {
     pub work_dir: PathBuf,
     /// Bochs: `clock: sync=none` (instruction-driven time, repeatable) instead of `realtime`.
     pub deterministic: bool,
+    /// QEMU: boot by UEFI firmware (OVMF) instead of the BIOS.
+    pub uefi: bool,
 }
 
 /// A started emulator and its serial connection.
@@ -128,6 +130,24 @@ pub fn start(m: &Machine) -> Result<Running, String> {
                     "-serial",
                     &format!("tcp:127.0.0.1:{port},server=on,wait=on"),
                 ]);
+            if m.uefi {
+                deps::ensure(&[deps::UEFI])?;
+                // OVMF's variable store is written by the firmware: each run gets its own copy.
+                let vars = m.work_dir.join("OVMF_VARS.fd");
+                std::fs::copy(deps::OVMF_VARS, &vars)
+                    .map_err(|e| format!("copy {} -> {}: {e}", deps::OVMF_VARS, vars.display()))?;
+                c.args(["-machine", "q35"])
+                    .arg("-drive")
+                    .arg(format!(
+                        "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                        deps::OVMF_CODE
+                    ))
+                    .arg("-drive")
+                    .arg(format!(
+                        "if=pflash,format=raw,unit=1,file={}",
+                        vars.display()
+                    ));
+            }
             match &m.boot {
                 Boot::Iso(iso) => {
                     c.arg("-cdrom").arg(iso).args(["-boot", "d"]);
@@ -241,6 +261,7 @@ pub fn run_command(args: &[String]) -> Result<(), String> {
         boot: Boot::Iso(iso),
         work_dir: root().join("target").join("run"),
         deterministic: false,
+        uefi: false,
     };
     eprintln!(
         "xtask: booting {} with {cpus} CPU(s) and {mem} MiB{}",

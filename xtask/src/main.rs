@@ -7,6 +7,7 @@ mod build;
 mod deps;
 mod emu;
 mod fuzz;
+mod history;
 mod scenario;
 mod test;
 

@@ -35,6 +35,9 @@ pub struct Scenario {
     pub memory_mib: u32,
     #[serde(default)]
     pub append: String,
+    /// `bios` (default) or `uefi` (QEMU with OVMF; ISO boot only).
+    #[serde(default = "default_firmware")]
+    pub firmware: String,
     /// Boot modules (ISO only): `GUEST[:MODULE LINE]`, a test guest's name or an ELF path.
     #[serde(default)]
     pub modules: Vec<String>,
@@ -60,6 +63,9 @@ pub struct Scenario {
 
 fn default_boot() -> String {
     "kernel".into()
+}
+fn default_firmware() -> String {
+    "bios".into()
 }
 fn default_cpus() -> u32 {
     1
@@ -97,6 +103,21 @@ pub fn load(path: &Path) -> Result<Scenario, String> {
     s.emulator()?;
     if !matches!(s.boot.as_str(), "kernel" | "iso") {
         return Err(format!("{}: boot must be 'kernel' or 'iso'", s.name));
+    }
+    match (s.firmware.as_str(), s.boot.as_str(), s.emulator()?) {
+        ("bios", _, _) | ("uefi", "iso", Emulator::Qemu) => {}
+        ("uefi", _, _) => {
+            return Err(format!(
+                "{}: firmware 'uefi' needs QEMU and boot = 'iso'",
+                s.name
+            ));
+        }
+        (other, _, _) => {
+            return Err(format!(
+                "{}: firmware must be 'bios' or 'uefi', not '{other}'",
+                s.name
+            ));
+        }
     }
     if s.boot == "kernel" && !s.modules.is_empty() {
         return Err(format!("{}: modules need boot = 'iso'", s.name));
@@ -194,6 +215,7 @@ fn run_inner(s: &Scenario, work: &Path, log: &Path) -> Result<String, String> {
         boot,
         work_dir: work.to_path_buf(),
         deterministic: true,
+        uefi: s.firmware == "uefi",
     };
     let mut running = emu::start(&m)?;
     running

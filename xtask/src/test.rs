@@ -58,6 +58,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
     }
     let t0 = Instant::now();
     deps::ensure(&deps::ALL)?;
+    build::ensure_target()?;
+    if !quick {
+        ensure_components()?;
+    }
     let mut tally = Tally::default();
 
     if filter.is_none() {
@@ -166,6 +170,29 @@ fn check(tally: &mut Tally, name: &str, cmd: &mut Command) {
 }
 
 /// Runs `cargo test --workspace` and counts each test by the harness's result lines.
+/// clippy and rustfmt, which `rust-toolchain.toml` lists but rustup adds only when it installs
+/// the toolchain.
+fn ensure_components() -> Result<(), String> {
+    let have = |tool: &str| {
+        cargo()
+            .args([tool, "--version"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if have("clippy") && have("fmt") {
+        return Ok(());
+    }
+    eprintln!("xtask: adding clippy and rustfmt to the toolchain");
+    crate::run_checked(Command::new("rustup").current_dir(root()).args([
+        "component",
+        "add",
+        "clippy",
+        "rustfmt",
+    ]))
+}
+
 fn unit_tests(tally: &mut Tally) -> Result<(), String> {
     let out = cargo()
         .args(["test", "--workspace", "--no-fail-fast"])

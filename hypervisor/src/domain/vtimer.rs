@@ -42,6 +42,13 @@ impl VirtTimer {
         self.period != 0
     }
 
+    /// Neither armed nor pending: [`poll`](Self::poll) would return false whatever the time,
+    /// so the exit path need not read the TSC.
+    #[inline]
+    pub fn idle(&self) -> bool {
+        !self.armed() && !self.pending
+    }
+
     /// Marks the interrupt pending if its deadline passed; returns whether one is pending.
     pub fn poll(&mut self, now: u64) -> bool {
         if self.armed() && now >= self.deadline {

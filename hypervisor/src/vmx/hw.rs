@@ -394,31 +394,64 @@ pub struct ActiveVmcs<'a> {
 }
 
 impl ActiveVmcs<'_> {
+    // VMREAD and VMWRITE are written out here rather than taken from the `x86` crate, whose
+    // wrappers read RFLAGS back with PUSHF/POP on every access: these run on every exit, and
+    // the exit path is measured in instructions (`cargo xtask bench vmcall`).
+    #[inline(always)]
     fn vmread(&mut self, enc: u32) -> u64 {
         self.reads += 1;
+        let value: u64;
         // SAFETY: this VMCS is current on this CPU (the borrow proves it) and `enc` is one of
-        // the field encodings above, all of which exist on CPUs with the features we enable;
-        // a failing VMREAD has no side effect and reads as 0.
-        unsafe { x86::bits64::vmx::vmread(enc) }.unwrap_or(0)
+        // the field encodings above, all of which exist on CPUs with the features we enable.
+        // A failing VMREAD (VMfail) leaves its destination unchanged, so it reads as the 0
+        // loaded first; VMREAD touches no memory Rust knows about.
+        unsafe {
+            core::arch::asm!(
+                "xor {v:e}, {v:e}",
+                "vmread {v}, {e}",
+                e = in(reg) u64::from(enc),
+                v = out(reg) value,
+                options(nostack),
+            );
+        }
+        value
     }
 
+    #[inline(always)]
     fn vmwrite(&mut self, enc: u32, value: u64) -> Result<(), VmxError> {
         self.writes += 1;
+        let ok: u8;
         // SAFETY: as for `vmread`; the fields written through the public API are guest-state
         // and control fields, which only affect the guest (invalid values make VM entry fail,
-        // which is reported, not undefined behaviour).
-        unsafe { x86::bits64::vmx::vmwrite(enc, value) }
-            .map_err(|_| VmxError::Instruction(self.read_error()))
+        // which is reported, not undefined behaviour). VMsucceed clears CF and ZF ("above").
+        unsafe {
+            core::arch::asm!(
+                "vmwrite {e}, {v}",
+                "seta {ok}",
+                e = in(reg) u64::from(enc),
+                v = in(reg) value,
+                ok = out(reg_byte) ok,
+                options(nostack),
+            );
+        }
+        if ok != 0 {
+            Ok(())
+        } else {
+            Err(VmxError::Instruction(self.read_error()))
+        }
     }
 
+    #[cold]
     fn read_error(&mut self) -> u64 {
         self.vmread(ro::VM_INSTRUCTION_ERROR)
     }
 
+    #[inline]
     pub fn get(&mut self, f: Field) -> u64 {
         self.vmread(f.0)
     }
 
+    #[inline]
     pub fn set(&mut self, f: Field, value: u64) -> Result<(), VmxError> {
         if f.width() < 64 && value >> f.width() != 0 {
             return Err(VmxError::TooWide { field: f.0, value });
@@ -426,6 +459,7 @@ impl ActiveVmcs<'_> {
         self.vmwrite(f.0, value)
     }
 
+    #[inline]
     pub fn info(&mut self, f: ExitInfo) -> u64 {
         self.vmread(f.0)
     }
@@ -458,6 +492,7 @@ impl ActiveVmcs<'_> {
     }
 
     /// Enters the guest until its next VM exit. Interrupts must be disabled by the caller.
+    #[inline]
     pub fn run(&mut self, regs: &mut GuestRegs) -> Result<(), VmxError> {
         // SAFETY: this VMCS is current and complete (host state set by `set_host_state`, whose
         // RIP is `vmx_exit_point`); `vmx_enter` writes HOST_RSP itself, saves every guest GPR
