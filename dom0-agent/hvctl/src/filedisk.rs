@@ -7,7 +7,7 @@ use std::path::Path;
 use volmgr::dev::{BLOCK, BLOCK_SIZE, check_range};
 use volmgr::{BlockDevice, DevError};
 
-/// An image file opened read-write.
+/// An image file opened read-write, or read-only for inspection.
 pub struct FileDisk {
     file: File,
     blocks: u64,
@@ -27,6 +27,14 @@ impl FileDisk {
         {
             file.set_len(size)?;
         }
+        let blocks = file.metadata()?.len() / BLOCK;
+        Ok(Self { file, blocks })
+    }
+
+    /// Opens `path` read-only (writes then fail with an I/O error): for commands that only
+    /// look, so they work on read-only images.
+    pub fn open_read_only(path: &Path) -> std::io::Result<Self> {
+        let file = File::open(path)?;
         let blocks = file.metadata()?.len() / BLOCK;
         Ok(Self { file, blocks })
     }

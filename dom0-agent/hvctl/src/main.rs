@@ -1,18 +1,31 @@
 //! `hvctl`: the hypervisor's admin command-line tool.
 //!
-//! Today it owns the offline volume commands (`hvctl volume ...`), which open a pool directly
-//! from its disk-image files with the `volmgr` core, like `vxassist` or `lvcreate` would on a
-//! host: create pools and volumes, list, resize, relayout, snapshot, roll back, remove, check
-//! and repair metadata, import and export raw or qcow2 images, serve a volume over NBD, and
-//! benchmark. Every command validates its arguments before it changes anything; long
+//! Today it owns the volume commands (`hvctl volume ...`), which open a pool directly from its
+//! disk-image files with the `volmgr` core, like `vxassist` or `lvcreate` would on a host:
+//! create pools and volumes, list, resize, relayout, snapshot, roll back, remove, check and
+//! repair metadata, import and export raw or qcow2 images, serve the pool's volumes over NBD,
+//! and benchmark. Every command validates its arguments before it changes anything; long
 //! operations print progress on stderr.
+//!
+//! Ownership (see `dom0-agent/VOLUMES.md`): one process owns a pool at a time. A command that
+//! changes the pool locks every image exclusively ([`lock`]) and writes the on-disk owner
+//! record; read-only commands take shared locks and open the images read-only. While
+//! `serve` owns the pool, other `hvctl volume` commands on it are sent to the server over its
+//! control socket ([`control`]) and run there, so nothing changes the pool behind its back.
+//!
+//! Files: `ops` (the commands on an open pool), `lock` (image locks, owner identity),
+//! `control` (the server's control socket, both ends), `nbd` (the NBD server), `filedisk`,
+//! `qcow2`, `bench`.
 // hvctl runs on 64-bit hosts only: byte offsets and counts always fit `usize`, and the
 // benchmark's byte tags are truncated on purpose.
 #![allow(clippy::cast_possible_truncation)]
 
 mod bench;
+mod control;
 mod filedisk;
+mod lock;
 mod nbd;
+mod ops;
 mod qcow2;
 
 use std::io::Write as _;
@@ -20,9 +33,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use volmgr::BlockDevice;
 use volmgr::multipath::PathPolicy;
-use volmgr::pool::{DiskSpec, LayoutSpec, OpenOptions, Pool, PoolConfig, SnapshotKind};
-use volmgr::{BLOCK_SIZE, BlockDevice};
+use volmgr::pool::{DiskSpec, LayoutSpec, NamedDevice, OpenOptions, Pool, PoolConfig};
 
 use crate::filedisk::FileDisk;
 
@@ -39,6 +52,26 @@ pub enum CliError {
     Qcow(#[from] qcow2::QcowError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Lock(#[from] lock::LockError),
+    /// The running server ran the command and its output was shown; exit with this status.
+    #[error("(status {0} from the server)")]
+    Forwarded(u8),
+}
+
+impl CliError {
+    /// What to do about it, where hvctl has a flag for that.
+    fn hint(&self) -> Option<&'static str> {
+        match self {
+            CliError::Volume(volmgr::Error::Degraded(_)) => {
+                Some("give every disk with -d, or --allow-degraded to go on without them")
+            }
+            CliError::Volume(volmgr::Error::OwnedElsewhere(_)) => {
+                Some("--force-import takes the pool over")
+            }
+            _ => None,
+        }
+    }
 }
 
 #[derive(Parser)]
@@ -50,9 +83,28 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Top {
-    /// Volume management on disk-image files (offline).
+    /// Volume management on disk-image files.
+    #[command(after_long_help = VOLUME_HELP)]
     Volume(VolumeCmd),
 }
+
+const VOLUME_HELP: &str = "\
+Ownership: one process owns a pool at a time.
+  * A command that changes the pool locks every image exclusively (flock) for as long as it
+    runs and records itself (host, pid, time, command) in the pool's owner record; a second
+    one is refused with the process that holds the pool.
+  * Read-only commands (disks, list, check, export) take shared locks and open the images
+    read-only, so they also work on read-only images.
+  * While `serve` runs, other hvctl volume commands on its pool are sent to the server through
+    its control socket (.IMAGE.hvctl.sock next to its first image) and run there. Removing,
+    shrinking or rolling back a volume that has NBD clients is refused unless --force, which
+    disconnects them first.
+  * A pool whose owner record names another host (shared storage) is refused unless
+    --force-import; a record left by a crashed process on this host is taken over.
+  * A command that changes the pool refuses to run without every disk (left off the command
+    line, or with both labels damaged) unless --allow-degraded; `repair` rewrites damaged
+    labels. Failed commands leave no files behind.
+See dom0-agent/VOLUMES.md.";
 
 #[derive(Args)]
 struct VolumeCmd {
@@ -64,6 +116,14 @@ struct VolumeCmd {
     /// I/O policy for disks reached through several paths.
     #[arg(long, global = true, value_enum, default_value_t = Policy::RoundRobin)]
     path_policy: Policy,
+    /// Change the pool even though a disk is absent (not given, or its labels damaged): its
+    /// mirror legs are detached and resynchronised when it returns.
+    #[arg(long, global = true)]
+    allow_degraded: bool,
+    /// Take over a pool whose owner record names another host (only if that host is down or
+    /// no longer uses the pool).
+    #[arg(long, global = true)]
+    force_import: bool,
     #[command(subcommand)]
     op: VolOp,
 }
@@ -129,7 +189,7 @@ enum VolOp {
         #[arg(long)]
         force: bool,
     },
-    /// Add a disk (PATH or PATH:TIER) to the pool.
+    /// Add a disk (PATH or PATH:TIER) to the pool; --disk-size creates or extends the file.
     AddDisk {
         member: String,
         #[arg(long)]
@@ -160,7 +220,13 @@ enum VolOp {
     /// List volumes: layout, size, usage, sync state.
     List,
     /// Grow or shrink a volume (shrinking discards data past the new end).
-    Resize { name: String, size: String },
+    Resize {
+        name: String,
+        size: String,
+        /// Shrink even though NBD clients use it (they are disconnected first).
+        #[arg(long)]
+        force: bool,
+    },
     /// Change a volume's layout or tier online (resumes after a crash).
     Relayout {
         name: String,
@@ -197,16 +263,27 @@ enum VolOp {
         #[arg(long)]
         no_wait: bool,
     },
-    /// Roll NAME back to snapshot SNAP.
-    Rollback { name: String, snap: String },
+    /// Roll NAME back to SNAP, which must be a snapshot of NAME (or of one of its snapshots).
+    Rollback {
+        name: String,
+        snap: String,
+        /// Even though NBD clients use NAME (they are disconnected first).
+        #[arg(long)]
+        force: bool,
+    },
     /// Remove a volume.
-    Remove { name: String },
+    Remove {
+        name: String,
+        /// Even though NBD clients use it (they are disconnected first).
+        #[arg(long)]
+        force: bool,
+    },
     /// Check metadata (read-only); --deep also compares mirror legs.
     Check {
         #[arg(long)]
         deep: bool,
     },
-    /// Repair: rewrite stale metadata copies, replay the log, resynchronise.
+    /// Repair: rewrite stale metadata copies and damaged labels, replay the log, resynchronise.
     Repair,
     /// Run pending resyncs, snapshot fills and relayouts to completion.
     Resync,
@@ -226,16 +303,24 @@ enum VolOp {
         #[arg(long, value_enum, default_value_t = ImageFormat::Raw)]
         format: ImageFormat,
     },
-    /// Serve volume NAME over NBD (qemu-img/qemu-io: nbd://HOST:PORT/NAME).
+    /// Serve the pool's volumes over NBD, each as its own export (nbd://HOST:PORT/NAME), to
+    /// many clients at once; other hvctl commands on the pool run through this server.
     Serve {
-        name: String,
+        /// Volumes to export (default: every volume, including ones created while serving).
+        names: Vec<String>,
         #[arg(long, default_value_t = 10809)]
         port: u16,
         #[arg(long, default_value = "127.0.0.1")]
         bind: String,
-        /// Exit after this many client sessions.
+        /// Exit after this many client connections have come and gone.
         #[arg(long)]
         clients: Option<usize>,
+        /// Disconnect a client that sends no request for this many seconds.
+        #[arg(long, default_value_t = 300.0)]
+        idle_timeout: f64,
+        /// Disconnect a client that has not chosen an export within this many seconds.
+        #[arg(long, default_value_t = 10.0)]
+        handshake_timeout: f64,
     },
     /// Benchmark volumes against raw files and qemu-img in a RAM-backed directory.
     Bench {
@@ -311,11 +396,28 @@ fn layout_spec(a: &LayoutArgs) -> Result<LayoutSpec, CliError> {
     })
 }
 
-fn split_member(m: &str) -> (PathBuf, String) {
-    match m.rsplit_once(':') {
-        Some((p, t)) if !t.is_empty() && !t.contains('/') => (PathBuf::from(p), t.to_string()),
-        _ => (PathBuf::from(m), "default".to_string()),
+/// `PATH:TIER` or `PATH` (tier `default`). The text after the last ':' is the tier, which
+/// must be a valid name: `x.img:` is an error, not a file named `x.img:`. A path that itself
+/// contains ':' is taken whole when it names an existing file.
+fn split_member(m: &str) -> Result<(PathBuf, String), CliError> {
+    let Some((p, t)) = m.rsplit_once(':') else {
+        return Ok((PathBuf::from(m), "default".to_string()));
+    };
+    if Path::new(m).exists() {
+        return Ok((PathBuf::from(m), "default".to_string()));
     }
+    let valid = !t.is_empty()
+        && t.len() <= volmgr::format::MAX_NAME
+        && t.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if p.is_empty() || !valid {
+        return Err(CliError::Usage(format!(
+            "'{m}': expected PATH or PATH:TIER with a tier of 1 to {} letters, digits, '-', '_' \
+             or '.' (a path containing ':' must end with :TIER)",
+            volmgr::format::MAX_NAME
+        )));
+    }
+    Ok((PathBuf::from(p), t.to_string()))
 }
 
 /// `FILE@N` → (FILE, N); anything else → (path, 1).
@@ -335,47 +437,6 @@ fn open_file(path: &Path, create: Option<u64>) -> Result<FileDisk, CliError> {
         path: path.to_path_buf(),
         err,
     })
-}
-
-fn open_pool(cmd: &VolumeCmd, read_only: bool) -> Result<Pool, CliError> {
-    if cmd.disks.is_empty() {
-        return Err(CliError::Usage(
-            "give the pool's disks with -d/--disk FILE".into(),
-        ));
-    }
-    let mut devs: Vec<(Box<dyn BlockDevice>, u32)> = Vec::new();
-    for p in &cmd.disks {
-        let (path, prio) = split_priority(p);
-        devs.push((Box::new(open_file(&path, None)?), prio));
-    }
-    let path_policy = match cmd.path_policy {
-        Policy::RoundRobin => PathPolicy::RoundRobin,
-        Policy::MinQueue => PathPolicy::MinQueue,
-        Policy::Priority => PathPolicy::Priority,
-        Policy::Failover => PathPolicy::FailoverOnly,
-    };
-    let (pool, report) = Pool::open_paths(
-        devs,
-        OpenOptions {
-            path_policy,
-            read_only,
-        },
-    )?;
-    for n in &report.notes {
-        eprintln!("hvctl: {n}");
-    }
-    if report.drl_regions_recovered > 0 {
-        eprintln!(
-            "hvctl: dirty-region log: {} regions {}",
-            report.drl_regions_recovered,
-            if read_only {
-                "need resync"
-            } else {
-                "resynchronised"
-            }
-        );
-    }
-    Ok(pool)
 }
 
 /// Prints `what: n%` on stderr, overwriting the line.
@@ -411,34 +472,261 @@ fn human(blocks: u64) -> String {
     }
 }
 
-fn settle(pool: &mut Pool) -> Result<(), CliError> {
-    let total = pool.stale_regions();
-    loop {
-        let left = pool.resync_step(64)?;
-        progress("resync", total.saturating_sub(left), total);
-        if left == 0 || left == total {
-            break;
+/// The pool as one command owns it: the image locks and the open pool. Dropping it clears
+/// the owner record (the locks go with the files).
+struct Session {
+    pool: Pool,
+    _lock: lock::PoolLock,
+}
+
+impl Session {
+    /// Clears the owner record, reporting a failure to do so.
+    fn close(mut self) -> Result<(), CliError> {
+        self.pool.release()?;
+        Ok(())
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Err(e) = self.pool.release() {
+            eprintln!("hvctl: could not clear the pool's owner record: {e}");
         }
     }
-    let mut first = None;
-    loop {
-        let left = pool.fill_step(64)?;
-        let t = *first.get_or_insert(left.max(1));
-        progress("snapshot fill", t.saturating_sub(left), t);
-        if left == 0 {
-            break;
+}
+
+/// The image paths of `-d` (without `@N` priorities) and their priorities.
+fn disk_paths(cmd: &VolumeCmd) -> Result<Vec<(PathBuf, u32)>, CliError> {
+    if cmd.disks.is_empty() {
+        return Err(CliError::Usage(
+            "give the pool's disks with -d/--disk FILE".into(),
+        ));
+    }
+    Ok(cmd.disks.iter().map(|p| split_priority(p)).collect())
+}
+
+/// Locks the images (exclusive unless `read_only`) and opens the pool; `what` goes into the
+/// owner record.
+fn open_session(
+    cmd: &VolumeCmd,
+    read_only: bool,
+    relabel: bool,
+    what: &str,
+) -> Result<Session, CliError> {
+    let paths = disk_paths(cmd)?;
+    let files: Vec<PathBuf> = paths.iter().map(|p| p.0.clone()).collect();
+    let mode = if read_only {
+        lock::Mode::Shared
+    } else {
+        lock::Mode::Exclusive
+    };
+    let lock = lock::lock_images(&files, mode)?;
+    let mut devs = Vec::new();
+    for (path, priority) in paths {
+        let dev: Box<dyn BlockDevice> = if read_only {
+            Box::new(
+                FileDisk::open_read_only(&path).map_err(|err| CliError::File {
+                    path: path.clone(),
+                    err,
+                })?,
+            )
+        } else {
+            Box::new(open_file(&path, None)?)
+        };
+        devs.push(NamedDevice {
+            dev,
+            priority,
+            name: path.display().to_string(),
+        });
+    }
+    let path_policy = match cmd.path_policy {
+        Policy::RoundRobin => PathPolicy::RoundRobin,
+        Policy::MinQueue => PathPolicy::MinQueue,
+        Policy::Priority => PathPolicy::Priority,
+        Policy::Failover => PathPolicy::FailoverOnly,
+    };
+    let opts = OpenOptions {
+        path_policy,
+        read_only,
+        owner: (!read_only).then(|| lock::me(0, what)),
+        force: cmd.force_import,
+        require_all_disks: !cmd.allow_degraded,
+        relabel,
+    };
+    let (pool, report) = Pool::open_named(devs, opts)?;
+    for n in &report.notes {
+        eprintln!("hvctl: {n}");
+    }
+    if report.drl_regions_recovered > 0 {
+        eprintln!(
+            "hvctl: dirty-region log: {} regions {}",
+            report.drl_regions_recovered,
+            if read_only {
+                "need resync"
+            } else {
+                "resynchronised"
+            }
+        );
+    }
+    Ok(Session { pool, _lock: lock })
+}
+
+/// The subcommand's name, for the owner record and messages.
+fn op_name(op: &VolOp) -> &'static str {
+    match op {
+        VolOp::CreatePool { .. } => "create-pool",
+        VolOp::AddDisk { .. } => "add-disk",
+        VolOp::Disks => "disks",
+        VolOp::Create { .. } => "create",
+        VolOp::CreateThinPool { .. } => "create-thin-pool",
+        VolOp::List => "list",
+        VolOp::Resize { .. } => "resize",
+        VolOp::Relayout { .. } => "relayout",
+        VolOp::MirrorAdd { .. } => "mirror-add",
+        VolOp::MirrorRemove { .. } => "mirror-remove",
+        VolOp::MirrorSplit { .. } => "mirror-split",
+        VolOp::MirrorReattach { .. } => "mirror-reattach",
+        VolOp::Snapshot { .. } => "snapshot",
+        VolOp::Rollback { .. } => "rollback",
+        VolOp::Remove { .. } => "remove",
+        VolOp::Check { .. } => "check",
+        VolOp::Repair => "repair",
+        VolOp::Resync => "resync",
+        VolOp::Import { .. } => "import",
+        VolOp::Export { .. } => "export",
+        VolOp::Serve { .. } => "serve",
+        VolOp::Bench { .. } => "bench",
+    }
+}
+
+/// Files a command created or extended, put back as they were unless it succeeds.
+#[derive(Default)]
+struct Undo {
+    created: Vec<PathBuf>,
+    extended: Vec<(PathBuf, u64)>,
+    done: bool,
+}
+
+impl Undo {
+    /// Opens `path` for a new disk, creating or extending it to `size` bytes, and remembers
+    /// how it was.
+    fn open_new_disk(&mut self, path: &Path, size: Option<u64>) -> Result<FileDisk, CliError> {
+        match std::fs::metadata(path) {
+            Ok(md) => {
+                if size.is_some_and(|s| md.len() < s) {
+                    self.extended.push((path.to_path_buf(), md.len()));
+                }
+            }
+            Err(_) if size.is_some() => self.created.push(path.to_path_buf()),
+            Err(err) => {
+                return Err(CliError::Usage(format!(
+                    "{}: {err} (give --disk-size to create it)",
+                    path.display()
+                )));
+            }
+        }
+        open_file(path, size)
+    }
+}
+
+impl Drop for Undo {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        for p in &self.created {
+            if let Err(e) = std::fs::remove_file(p) {
+                eprintln!("hvctl: could not remove {}: {e}", p.display());
+            }
+        }
+        for (p, len) in &self.extended {
+            let r = std::fs::OpenOptions::new()
+                .write(true)
+                .open(p)
+                .and_then(|f| f.set_len(*len));
+            if let Err(e) = r {
+                eprintln!("hvctl: could not truncate {} back: {e}", p.display());
+            }
         }
     }
-    let mut first = None;
-    loop {
-        let left = pool.relayout_step(4096)?;
-        let t = *first.get_or_insert(left.max(1));
-        progress("relayout", t.saturating_sub(left), t);
-        if left == 0 {
-            break;
-        }
+}
+
+fn create_pool(
+    cmd: &VolumeCmd,
+    disk_size: Option<&str>,
+    extent: &str,
+    metadata_size: &str,
+    force: bool,
+) -> Result<(), CliError> {
+    if cmd.disks.is_empty() {
+        return Err(CliError::Usage(
+            "give the new pool's disks with -d/--disk FILE[:TIER]".into(),
+        ));
     }
+    let mut members = Vec::new();
+    for p in &cmd.disks {
+        members.push(split_member(&p.to_string_lossy())?);
+    }
+    let size = disk_size.map(parse_size).transpose()?;
+    let extent_blocks = u32::try_from(size_blocks(extent)?)
+        .map_err(|_| CliError::Usage("extent too large".into()))?;
+    let md_blocks = u32::try_from(size_blocks(metadata_size)?)
+        .ok()
+        .filter(|b| (2..=(1 << 18)).contains(b))
+        .ok_or_else(|| CliError::Usage("metadata size must be 8K to 1G".into()))?;
+    let mut undo = Undo::default();
+    let mut devs: Vec<(Box<dyn BlockDevice>, DiskSpec)> = Vec::new();
+    let mut files = Vec::new();
+    for (i, (path, tier)) in members.into_iter().enumerate() {
+        let mut d = undo.open_new_disk(&path, size)?;
+        if !force && volmgr::format::Label::read(&mut d).ok().flatten().is_some() {
+            return Err(CliError::Usage(format!(
+                "{} already belongs to a pool; use --force to overwrite",
+                path.display()
+            )));
+        }
+        let name = path.file_name().map_or_else(
+            || format!("disk{i}"),
+            |n| n.to_string_lossy().replace(' ', "_"),
+        );
+        devs.push((Box::new(d), DiskSpec { name, tier }));
+        files.push(path);
+    }
+    let _lock = lock::lock_images(&files, lock::Mode::Exclusive)?;
+    let cfg = PoolConfig {
+        extent_blocks,
+        md_blocks,
+        ..PoolConfig::new(pool_id())
+    };
+    let pool = Pool::create(devs, cfg)?;
+    undo.done = true;
+    println!(
+        "created pool {:032x} on {} disks",
+        pool.meta().pool_id,
+        pool.meta().disks.len()
+    );
     Ok(())
+}
+
+fn add_disk(cmd: &VolumeCmd, member: &str, disk_size: Option<&str>) -> Result<(), CliError> {
+    let size = disk_size.map(parse_size).transpose()?;
+    let (path, tier) = split_member(member)?;
+    let mut s = open_session(cmd, false, false, "hvctl add-disk")?;
+    let mut undo = Undo::default();
+    let mut d = undo.open_new_disk(&path, size)?;
+    let _new = lock::lock_images(std::slice::from_ref(&path), lock::Mode::Exclusive)?;
+    if volmgr::format::Label::read(&mut d).ok().flatten().is_some() {
+        return Err(CliError::Usage(format!(
+            "{} already belongs to a pool",
+            path.display()
+        )));
+    }
+    let name = path
+        .file_name()
+        .map_or_else(|| "disk".into(), |n| n.to_string_lossy().replace(' ', "_"));
+    s.pool.add_disk(Box::new(d), DiskSpec { name, tier })?;
+    undo.done = true;
+    s.close()
 }
 
 fn run(cli: Cli) -> Result<(), CliError> {
@@ -449,419 +737,91 @@ fn run(cli: Cli) -> Result<(), CliError> {
             extent,
             metadata_size,
             force,
-        } => {
-            if cmd.disks.is_empty() {
-                return Err(CliError::Usage(
-                    "give the new pool's disks with -d/--disk FILE[:TIER]".into(),
-                ));
-            }
-            let members: Vec<String> = cmd
-                .disks
-                .iter()
-                .map(|p| p.to_string_lossy().into_owned())
-                .collect();
-            let size = disk_size.as_deref().map(parse_size).transpose()?;
-            let extent_blocks = u32::try_from(size_blocks(extent)?)
-                .map_err(|_| CliError::Usage("extent too large".into()))?;
-            let mut devs: Vec<(Box<dyn BlockDevice>, DiskSpec)> = Vec::new();
-            for (i, m) in members.iter().enumerate() {
-                let (path, tier) = split_member(m);
-                if size.is_none() && !path.exists() {
-                    return Err(CliError::Usage(format!(
-                        "{}: no such file (give --disk-size to create it)",
-                        path.display()
-                    )));
-                }
-                let mut d = open_file(&path, size)?;
-                if !force && volmgr::format::Label::read(&mut d).ok().flatten().is_some() {
-                    return Err(CliError::Usage(format!(
-                        "{} already belongs to a pool; use --force to overwrite",
-                        path.display()
-                    )));
-                }
-                let name = path.file_name().map_or_else(
-                    || format!("disk{i}"),
-                    |n| n.to_string_lossy().replace(' ', "_"),
-                );
-                devs.push((Box::new(d), DiskSpec { name, tier }));
-            }
-            let md_blocks = u32::try_from(size_blocks(metadata_size)?)
-                .ok()
-                .filter(|b| (2..=(1 << 18)).contains(b))
-                .ok_or_else(|| CliError::Usage("metadata size must be 8K to 1G".into()))?;
-            let cfg = PoolConfig {
-                extent_blocks,
-                md_blocks,
-                ..PoolConfig::new(pool_id())
-            };
-            let pool = Pool::create(devs, cfg)?;
-            println!(
-                "created pool {:032x} on {} disks",
-                pool.meta().pool_id,
-                pool.meta().disks.len()
-            );
-        }
+        } => create_pool(&cmd, disk_size.as_deref(), extent, metadata_size, *force),
         VolOp::AddDisk { member, disk_size } => {
-            let size = disk_size.as_deref().map(parse_size).transpose()?;
-            let (path, tier) = split_member(member);
-            let mut pool = open_pool(&cmd, false)?;
-            let mut d = open_file(&path, size)?;
-            if volmgr::format::Label::read(&mut d).ok().flatten().is_some() {
-                return Err(CliError::Usage(format!(
-                    "{} already belongs to a pool",
-                    path.display()
-                )));
-            }
-            let name = path
-                .file_name()
-                .map_or_else(|| "disk".into(), |n| n.to_string_lossy().replace(' ', "_"));
-            pool.add_disk(Box::new(d), DiskSpec { name, tier })?;
+            forward_if_served(&cmd, |cmd| add_disk(cmd, member, disk_size.as_deref()))
         }
-        VolOp::Disks => {
-            let pool = open_pool(&cmd, true)?;
-            println!(
-                "{:<4} {:<24} {:<10} {:>10} {:>10}  STATE",
-                "#", "DISK", "TIER", "SIZE", "FREE"
-            );
-            for d in pool.disks() {
-                println!(
-                    "{:<4} {:<24} {:<10} {:>10} {:>10}  {}",
-                    d.index,
-                    d.name,
-                    d.tier,
-                    human(d.data_blocks),
-                    human(d.free_blocks),
-                    d.state
-                );
-            }
+        VolOp::Bench { dir, size, scale } => {
+            bench::run(dir, parse_size(size)?, (*scale).max(1))?;
+            Ok(())
         }
-        VolOp::Create {
-            name,
-            size,
-            layout,
-            thin_pool,
-        } => {
-            let blocks = size_blocks(size)?;
-            let spec = layout_spec(layout)?;
-            let mut pool = open_pool(&cmd, false)?;
-            match thin_pool {
-                Some(tp) => pool.create_thin(name, tp, blocks)?,
-                None => pool.create_volume(name, blocks, spec, layout.tier.as_deref())?,
-            };
-            println!("created {name}");
-        }
-        VolOp::CreateThinPool {
-            name,
-            size,
-            layout,
-            chunk,
-        } => {
-            let blocks = size_blocks(size)?;
-            let spec = layout_spec(layout)?;
-            let chunk = u32::try_from(size_blocks(chunk)?)
-                .map_err(|_| CliError::Usage("chunk too large".into()))?;
-            let mut pool = open_pool(&cmd, false)?;
-            pool.create_thin_pool(name, blocks, spec, layout.tier.as_deref(), chunk)?;
-            println!("created thin pool {name}");
-        }
-        VolOp::List => {
-            let pool = open_pool(&cmd, true)?;
-            println!(
-                "{:<20} {:<28} {:>8} {:>8} {:<8} STATE",
-                "NAME", "LAYOUT", "SIZE", "USED", "TIER"
-            );
-            for v in pool.list() {
-                println!(
-                    "{:<20} {:<28} {:>8} {:>8} {:<8} {}",
-                    v.name,
-                    v.layout,
-                    human(v.size_blocks),
-                    human(v.used_blocks),
-                    v.tier.as_deref().unwrap_or("-"),
-                    v.state
-                );
-            }
-        }
-        VolOp::Resize { name, size } => {
-            let blocks = size_blocks(size)?;
-            let mut pool = open_pool(&cmd, false)?;
-            pool.resize(name, blocks)?;
-            // Grown mirror space is copied from the first leg.
-            settle(&mut pool)?;
-        }
-        VolOp::Relayout {
-            name,
-            layout,
-            no_wait,
-        } => {
-            let spec = layout_spec(layout)?;
-            let mut pool = open_pool(&cmd, false)?;
-            pool.start_relayout(name, spec, layout.tier.as_deref())?;
-            if !no_wait {
-                settle(&mut pool)?;
-            }
-        }
-        VolOp::MirrorAdd { name } => {
-            let mut pool = open_pool(&cmd, false)?;
-            pool.add_mirror_leg(name)?;
-            settle(&mut pool)?;
-        }
-        VolOp::MirrorRemove { name, leg } => {
-            open_pool(&cmd, false)?.remove_mirror_leg(name, *leg)?
-        }
-        VolOp::MirrorSplit { name, leg, new } => {
-            open_pool(&cmd, false)?.split_leg(name, *leg, new)?;
-        }
-        VolOp::MirrorReattach { name, split } => {
-            let mut pool = open_pool(&cmd, false)?;
-            pool.reattach(name, split)?;
-            let n = pool.stale_regions();
-            eprintln!("hvctl: {n} changed regions to copy");
-            settle(&mut pool)?;
-        }
-        VolOp::Snapshot {
-            origin,
-            name,
-            full,
-            thin_pool,
-            layout,
-            no_wait,
-        } => {
-            let spec = layout_spec(layout)?;
-            let kind = if *full {
-                SnapshotKind::Full
-            } else {
-                SnapshotKind::SpaceOptimized
-            };
-            let mut pool = open_pool(&cmd, false)?;
-            match thin_pool {
-                Some(tp) => pool.snapshot_in_pool(origin, name, tp)?,
-                None => pool.snapshot(origin, name, kind, spec, layout.tier.as_deref())?,
-            };
-            if *full && !no_wait {
-                settle(&mut pool)?;
-            }
-            println!("created snapshot {name} of {origin}");
-        }
-        VolOp::Rollback { name, snap } => {
-            let mut pool = open_pool(&cmd, false)?;
-            pool.rollback(name, snap, |d, t| progress("rollback", d, t))?;
-        }
-        VolOp::Remove { name } => open_pool(&cmd, false)?.remove(name)?,
-        VolOp::Check { deep } => {
-            let mut pool = open_pool(&cmd, true)?;
-            let mut problems = pool.check();
-            if *deep {
-                problems.extend(pool.verify_mirrors()?);
-            }
-            if problems.is_empty() {
-                println!("pool metadata sequence {}: consistent", pool.meta().seq);
-            } else {
-                for p in &problems {
-                    println!("problem: {p}");
-                }
-                return Err(CliError::Usage(format!(
-                    "{} problems found",
-                    problems.len()
-                )));
-            }
-        }
-        VolOp::Repair => {
-            let mut pool = open_pool(&cmd, false)?;
-            settle(&mut pool)?;
-            pool.flush()?;
-            let problems = pool.check();
-            if !problems.is_empty() {
-                return Err(CliError::Usage(format!(
-                    "unrepairable: {}",
-                    problems.join("; ")
-                )));
-            }
-            println!(
-                "pool repaired and consistent (sequence {})",
-                pool.meta().seq
-            );
-        }
-        VolOp::Resync => {
-            let mut pool = open_pool(&cmd, false)?;
-            settle(&mut pool)?;
-        }
-        VolOp::Import {
-            name,
-            file,
-            format,
-            create,
-        } => import(&cmd, name, file, *format, *create)?,
-        VolOp::Export { name, file, format } => export(&cmd, name, file, *format)?,
         VolOp::Serve {
-            name,
+            names,
             port,
             bind,
             clients,
+            idle_timeout,
+            handshake_timeout,
         } => {
-            let mut pool = open_pool(&cmd, false)?;
-            pool.volume_id(name)?;
+            let secs = |s: f64, what: &str| {
+                std::time::Duration::try_from_secs_f64(s)
+                    .ok()
+                    .filter(|d| !d.is_zero())
+                    .ok_or_else(|| {
+                        CliError::Usage(format!("{what} must be a positive number of seconds"))
+                    })
+            };
+            let cfg = nbd::ServeConfig {
+                exports: (!names.is_empty()).then(|| names.clone()),
+                max_clients: *clients,
+                idle: secs(*idle_timeout, "--idle-timeout")?,
+                handshake: secs(*handshake_timeout, "--handshake-timeout")?,
+            };
+            let mut s = open_session(&cmd, false, false, "hvctl serve")?;
             let listener = std::net::TcpListener::bind((bind.as_str(), *port))?;
-            eprintln!(
-                "hvctl: serving {name} on nbd://{bind}:{}/{name}",
-                listener.local_addr()?.port()
-            );
-            nbd::serve(&mut pool, name, &listener, *clients)?;
+            let first = disk_paths(&cmd)?.remove(0).0;
+            let ctl = control::Listener::bind(&first);
+            nbd::serve(&mut s.pool, &cfg, &listener, ctl, bind)?;
+            s.close()
         }
-        VolOp::Bench { dir, size, scale } => bench::run(dir, parse_size(size)?, (*scale).max(1))?,
+        op => forward_if_served(&cmd, |cmd| {
+            let read_only = !ops::writes(op);
+            let relabel = matches!(op, VolOp::Repair);
+            let mut s = open_session(cmd, read_only, relabel, &format!("hvctl {}", op_name(op)))?;
+            let cwd = std::env::current_dir()?;
+            ops::run_op(op, &mut s.pool, &mut std::io::stdout(), &cwd)?;
+            s.close()
+        }),
     }
-    Ok(())
 }
 
-fn import(
+/// Runs `f`; if the pool is held by a running server with a control socket, sends the
+/// command there instead.
+fn forward_if_served(
     cmd: &VolumeCmd,
-    name: &str,
-    file: &Path,
-    format: ImageFormat,
-    create: bool,
+    f: impl FnOnce(&VolumeCmd) -> Result<(), CliError>,
 ) -> Result<(), CliError> {
-    let qcow = match format {
-        ImageFormat::Auto => qcow2::is_qcow2(file),
-        ImageFormat::Qcow2 => true,
-        ImageFormat::Raw => false,
-    };
-    let (size, reader) = if qcow {
-        let r = qcow2::Qcow2Reader::open(file)?;
-        (r.size(), Some(r))
-    } else {
-        let len = std::fs::metadata(file)
-            .map_err(|err| CliError::File {
-                path: file.to_path_buf(),
-                err,
-            })?
-            .len();
-        (len, None)
-    };
-    let blocks = size.div_ceil(4096);
-    let mut pool = open_pool(cmd, false)?;
-    if create {
-        pool.create_volume(name, blocks.max(1), LayoutSpec::Concat, None)?;
-    }
-    let id = pool.volume_id(name)?;
-    let vsize = pool.volume_size(id)?;
-    if blocks > vsize {
-        return Err(CliError::Usage(format!(
-            "image is {size} bytes but volume '{name}' holds {} bytes; resize it first",
-            vsize * 4096
-        )));
-    }
-    let thin = pool
-        .list()
-        .iter()
-        .any(|v| v.name == name && v.layout.starts_with("thin"));
-    match reader {
-        Some(r) => {
-            let cl = r.cluster_size();
-            let n = size.div_ceil(cl);
-            let mut buf = vec![0u8; cl as usize];
-            let mut cache = None;
-            for i in 0..n {
-                let data = r.read_cluster(i, &mut buf, &mut cache)?;
-                let off = i * cl;
-                let len = cl.min(vsize * 4096 - off) as usize;
-                if data || !thin || !reads_zero(&mut pool, id, off, len)? {
-                    pool.write_bytes(id, off, &buf[..len])?;
+    match f(cmd) {
+        Err(CliError::Lock(e @ lock::LockError::Held { .. })) => {
+            let files: Vec<PathBuf> = disk_paths(cmd)?.into_iter().map(|p| p.0).collect();
+            match control::connect(&files) {
+                Some(conn) => {
+                    let cwd = std::env::current_dir()?;
+                    let args: Vec<String> = std::env::args().collect();
+                    let code = control::forward(conn, &cwd, &args)?;
+                    if code == 0 {
+                        Ok(())
+                    } else {
+                        Err(CliError::Forwarded(code))
+                    }
                 }
-                if i % 64 == 63 || i + 1 == n {
-                    progress("import", i + 1, n);
-                }
+                None => Err(CliError::Lock(e)),
             }
         }
-        None => {
-            use std::os::unix::fs::FileExt;
-            let f = std::fs::File::open(file).map_err(|err| CliError::File {
-                path: file.to_path_buf(),
-                err,
-            })?;
-            let chunk = 1u64 << 20;
-            let mut buf = vec![0u8; chunk as usize];
-            let mut off = 0;
-            while off < size {
-                let n = chunk.min(size - off) as usize;
-                let padded = n.div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
-                buf[..padded].fill(0);
-                f.read_exact_at(&mut buf[..n], off)
-                    .map_err(|err| CliError::File {
-                        path: file.to_path_buf(),
-                        err,
-                    })?;
-                let zero = buf[..padded].iter().all(|b| *b == 0);
-                if !(thin && zero && reads_zero(&mut pool, id, off, padded)?) {
-                    pool.write_bytes(id, off, &buf[..padded])?;
-                }
-                off += n as u64;
-                progress("import", off, size);
-            }
-        }
+        r => r,
     }
-    pool.flush()?;
-    Ok(())
-}
-
-/// Whether `len` bytes of volume `id` at `off` already read as zeroes (a thin volume's
-/// unallocated space costs no I/O to check), so an import may skip writing them.
-fn reads_zero(pool: &mut Pool, id: u32, off: u64, len: usize) -> Result<bool, CliError> {
-    let mut cur = vec![0u8; len];
-    pool.read_bytes(id, off, &mut cur)?;
-    Ok(cur.iter().all(|b| *b == 0))
-}
-
-fn export(cmd: &VolumeCmd, name: &str, file: &Path, format: ImageFormat) -> Result<(), CliError> {
-    let mut pool = open_pool(cmd, true)?;
-    let id = pool.volume_id(name)?;
-    let size = pool.volume_size(id)? * 4096;
-    if format == ImageFormat::Qcow2 {
-        qcow2::write_qcow2(
-            file,
-            size,
-            |i, buf| {
-                let off = i * buf.len() as u64;
-                let len = (buf.len() as u64).min(size - off) as usize;
-                buf.fill(0);
-                pool.read_bytes(id, off, &mut buf[..len])
-                    .map_err(std::io::Error::other)
-            },
-            |d, t| {
-                if d % 64 == 0 || d == t {
-                    progress("export", d, t);
-                }
-            },
-        )?;
-        return Ok(());
-    }
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::create(file).map_err(|err| CliError::File {
-        path: file.to_path_buf(),
-        err,
-    })?;
-    f.set_len(size)?;
-    let chunk = 1u64 << 20;
-    let mut buf = vec![0u8; chunk as usize];
-    let mut off = 0;
-    while off < size {
-        let n = chunk.min(size - off) as usize;
-        pool.read_bytes(id, off, &mut buf[..n])?;
-        if buf[..n].iter().any(|b| *b != 0) {
-            f.write_all_at(&buf[..n], off)?;
-        }
-        off += n as u64;
-        progress("export", off, size);
-    }
-    f.sync_all()?;
-    Ok(())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(CliError::Forwarded(code)) => ExitCode::from(code),
         Err(e) => {
             eprintln!("hvctl: error: {e}");
+            if let Some(h) = e.hint() {
+                eprintln!("hvctl: {h}");
+            }
             ExitCode::FAILURE
         }
     }

@@ -11,8 +11,14 @@ pub enum Error {
     #[error("disk {disk}: {err}")]
     Device { disk: String, err: DevError },
     /// A device carries no valid pool label.
-    #[error("device #{0} is not a disk of a volume pool (no valid label)")]
-    NotAPoolDisk(usize),
+    #[error("{0} is not a disk of a volume pool (no valid label, no pool metadata)")]
+    NotAPoolDisk(String),
+    /// Another host owns the pool (its owner record says so); nothing was changed.
+    #[error("pool owned elsewhere: {0}")]
+    OwnedElsewhere(String),
+    /// A disk of the pool is absent and the caller asked for all of them; nothing changed.
+    #[error("pool incomplete: {0}")]
+    Degraded(String),
     /// Devices from different pools were given together.
     #[error("devices belong to different pools ({0:032x} and {1:032x})")]
     MixedPools(u128, u128),

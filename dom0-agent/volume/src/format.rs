@@ -1,4 +1,4 @@
-//! On-disk format, version 1.
+//! On-disk format: labels version 1, metadata records version 2 (version 1 still read).
 //!
 //! Every pool disk starts with this fixed layout, in 4 KiB blocks:
 //!
@@ -15,9 +15,20 @@
 //! version u32, pool id u128, disk index u32, `md_blocks` u32, `drl_blocks` u32, `data_start`
 //! u64, `extent_blocks` u32, 8 reserved bytes, CRC-32 of bytes 0..60 at 60..64.
 //!
+//! **Owner record** (bytes `1024..1024+OWNER_LEN` of block 0 only; zero when nobody owns the
+//! pool): magic `HVVOLOW1` (8), pool id u128, pid u32, 4 reserved, time u64 (Unix seconds),
+//! host id (32 bytes, NUL padded), host name (32), what (20: the command), CRC-32 of the bytes
+//! before it. A process that opens the pool to change it writes its record on every disk
+//! (flushed) before anything else and clears it when it is done; a record left by a crashed
+//! process on this host is taken over, one from another host is refused unless forced (like a
+//! disk-group import). Block 0 is rewritten with the label bytes unchanged, so a torn write
+//! cannot damage label copy 0 on a device that writes sectors atomically, and copy 1 (block 1)
+//! is never written after the disk joins. Version-1 pools have zeroes there: no owner.
+//!
 //! **Record** (metadata and dirty-region log share this framing): a 64-byte header, then the
 //! payload, padded to whole blocks, inside one slot. Header: magic (`HVVOLMD1` or `HVVOLDR1`),
-//! version u32, 4 reserved, sequence u64, payload length u32, payload CRC-32, pool id u128,
+//! version u32 (metadata: 2, or 1 from older pools; log: 1), 4 reserved, sequence u64,
+//! payload length u32, payload CRC-32, pool id u128,
 //! 12 reserved, CRC-32 of header bytes 0..60. A record is valid when both CRCs match, the magic,
 //! version and pool id are right and the length fits the slot. The newest valid record (highest
 //! sequence) over every slot of every disk wins.
@@ -34,7 +45,8 @@
 //!
 //! ```text
 //! PoolMeta  := pool_id u128, seq u64, extent_blocks u32, md_blocks u32, drl_blocks u32,
-//!              next_vol u32, disks [DiskMeta], volumes [VolMeta]
+//!              next_vol u32, disks [DiskMeta], volumes [VolMeta],
+//!              lineage [(volume u32, snapshot of u32)]     (version 2 only)
 //! DiskMeta  := name str, tier str, blocks u64, data_start u64,
 //!              state (0 = active | 1 = missing, since u64)
 //! VolMeta   := id u32, name str, size u64, tier ?str, region_blocks u32, internal u8,
@@ -61,8 +73,16 @@ use crate::bitmap::Bitmap;
 use crate::dev::{BLOCK, BLOCK_SIZE, BlockDevice, DevError};
 use crate::{u, us};
 
-/// Version of everything described in this module.
+/// Version of the label and of the dirty-region log records.
 pub const FORMAT_VERSION: u32 = 1;
+/// Version of metadata records written now (2 adds snapshot lineage); 1 is still read.
+pub const MD_VERSION: u32 = 2;
+/// Owner record magic.
+pub const OWNER_MAGIC: [u8; 8] = *b"HVVOLOW1";
+/// Byte offset of the owner record inside block 0.
+pub const OWNER_OFFSET: usize = 1024;
+/// Length of the owner record.
+pub const OWNER_LEN: usize = 128;
 /// Label magic.
 pub const LABEL_MAGIC: [u8; 8] = *b"HVVOLLB1";
 /// Metadata record magic.
@@ -169,6 +189,96 @@ impl Label {
     }
 }
 
+/// Who has the pool open to change it (see the module doc for the bytes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub pool_id: u128,
+    /// Process id (or domain id in dom0) of the owner.
+    pub pid: u32,
+    /// When it took the pool, Unix seconds.
+    pub time: u64,
+    /// Stable identity of the host (e.g. `/etc/machine-id`); compared to detect another host.
+    pub host_id: String,
+    /// Human-readable host name.
+    pub host_name: String,
+    /// What the owner is doing (the command), for messages.
+    pub what: String,
+}
+
+fn put_field(b: &mut [u8], s: &str) {
+    let mut n = s.len().min(b.len());
+    while !s.is_char_boundary(n) {
+        n -= 1;
+    }
+    b[..n].copy_from_slice(&s.as_bytes()[..n]);
+}
+
+fn get_field(b: &[u8]) -> String {
+    let end = b.iter().position(|c| *c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+impl Owner {
+    /// The record's bytes (`OWNER_LEN`).
+    #[must_use]
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; OWNER_LEN];
+        b[0..8].copy_from_slice(&OWNER_MAGIC);
+        b[8..24].copy_from_slice(&self.pool_id.to_le_bytes());
+        b[24..28].copy_from_slice(&self.pid.to_le_bytes());
+        b[32..40].copy_from_slice(&self.time.to_le_bytes());
+        put_field(&mut b[40..72], &self.host_id);
+        put_field(&mut b[72..104], &self.host_name);
+        put_field(&mut b[104..124], &self.what);
+        let crc = crc32fast::hash(&b[0..124]);
+        b[124..128].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Decodes a record; `None` when there is none (zeroes) or it is damaged.
+    #[must_use]
+    pub fn decode(b: &[u8]) -> Option<Owner> {
+        if b.len() < OWNER_LEN
+            || b[0..8] != OWNER_MAGIC
+            || crc32fast::hash(&b[0..124]) != le32(&b[124..128])
+        {
+            return None;
+        }
+        Some(Owner {
+            pool_id: u128::from_le_bytes(b[8..24].try_into().ok()?),
+            pid: le32(&b[24..28]),
+            time: le64(&b[32..40]),
+            host_id: get_field(&b[40..72]),
+            host_name: get_field(&b[72..104]),
+            what: get_field(&b[104..124]),
+        })
+    }
+
+    /// Reads the owner record of `dev`.
+    pub fn read(dev: &mut dyn BlockDevice) -> Result<Option<Owner>, DevError> {
+        if dev.num_blocks() < LABEL_BLOCKS {
+            return Ok(None);
+        }
+        let mut b = vec![0u8; BLOCK_SIZE];
+        dev.read(0, &mut b)?;
+        Ok(Owner::decode(&b[OWNER_OFFSET..OWNER_OFFSET + OWNER_LEN]))
+    }
+
+    /// Writes `owner` (or zeroes, for `None`) into block 0 of `dev`, keeping the rest of the
+    /// block, and flushes.
+    pub fn write(dev: &mut dyn BlockDevice, owner: Option<&Owner>) -> Result<(), DevError> {
+        let mut b = vec![0u8; BLOCK_SIZE];
+        dev.read(0, &mut b)?;
+        let rec = owner.map_or_else(|| vec![0u8; OWNER_LEN], Owner::encode);
+        if b[OWNER_OFFSET..OWNER_OFFSET + OWNER_LEN] == rec[..] {
+            return Ok(());
+        }
+        b[OWNER_OFFSET..OWNER_OFFSET + OWNER_LEN].copy_from_slice(&rec);
+        dev.write(0, &b)?;
+        dev.flush()
+    }
+}
+
 fn le32(b: &[u8]) -> u32 {
     let mut a = [0u8; 4];
     a.copy_from_slice(&b[..4]);
@@ -187,7 +297,7 @@ pub fn encode_record(magic: [u8; 8], pool_id: u128, seq: u64, payload: &[u8]) ->
     let total = (HEADER + payload.len()).div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
     let mut b = vec![0u8; total];
     b[0..8].copy_from_slice(&magic);
-    b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    b[8..12].copy_from_slice(&record_version(magic).to_le_bytes());
     b[16..24].copy_from_slice(&seq.to_le_bytes());
     let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
     b[24..28].copy_from_slice(&len.to_le_bytes());
@@ -197,6 +307,15 @@ pub fn encode_record(magic: [u8; 8], pool_id: u128, seq: u64, payload: &[u8]) ->
     b[60..64].copy_from_slice(&hcrc.to_le_bytes());
     b[HEADER..HEADER + payload.len()].copy_from_slice(payload);
     b
+}
+
+/// The version a record of kind `magic` is written with.
+fn record_version(magic: [u8; 8]) -> u32 {
+    if magic == MD_MAGIC {
+        MD_VERSION
+    } else {
+        FORMAT_VERSION
+    }
 }
 
 /// Largest payload a slot of `slot_blocks` blocks holds.
@@ -221,7 +340,7 @@ pub fn read_record(
     let h = &first[..HEADER];
     if h[0..8] != magic
         || crc32fast::hash(&h[0..60]) != le32(&h[60..64])
-        || le32(&h[8..12]) != FORMAT_VERSION
+        || !(FORMAT_VERSION..=record_version(magic)).contains(&le32(&h[8..12]))
         || u128::from_le_bytes(h[32..48].try_into().unwrap_or([0; 16])) != pool_id
     {
         return Ok(None);
@@ -360,6 +479,9 @@ pub struct VolMeta {
     pub internal: bool,
     pub tracking: Option<Tracking>,
     pub kind: VolKind,
+    /// The volume this one is a snapshot of (its lineage; version-2 records only, inferred
+    /// from `fill` and thin `origin` for older pools).
+    pub snapshot_of: Option<u32>,
 }
 
 impl VolMeta {
@@ -639,6 +761,16 @@ impl PoolMeta {
                 }
             }
         }
+        let lineage: Vec<(u32, u32)> = self
+            .volumes
+            .iter()
+            .filter_map(|v| v.snapshot_of.map(|p| (v.id, p)))
+            .collect();
+        e.len(lineage.len());
+        for (v, p) in lineage {
+            e.u32(v);
+            e.u32(p);
+        }
         e.0
     }
 
@@ -747,7 +879,28 @@ impl PoolMeta {
                 internal,
                 tracking,
                 kind,
+                snapshot_of: None,
             });
+        }
+        if d.pos == d.b.len() {
+            // A version-1 record: lineage is what the configuration still shows.
+            for v in &mut volumes {
+                v.snapshot_of = match &v.kind {
+                    VolKind::Thick { fill: Some(f), .. } => Some(f.origin),
+                    VolKind::Thin { origin, .. } => *origin,
+                    _ => None,
+                };
+            }
+        } else {
+            let n = d.count(8)?;
+            for _ in 0..n {
+                let (id, parent) = (d.u32()?, d.u32()?);
+                let v = volumes
+                    .iter_mut()
+                    .find(|v| v.id == id)
+                    .ok_or(DecodeError("lineage of an unknown volume"))?;
+                v.snapshot_of = Some(parent);
+            }
         }
         d.end()?;
         Ok(PoolMeta {

@@ -51,7 +51,7 @@ pub mod testdev;
 
 pub use dev::{BLOCK_SIZE, BlockDevice, DevError, MemDisk};
 pub use error::Error;
-pub use pool::{LayoutSpec, OpenOptions, Pool, PoolConfig, SnapshotKind, VolumeInfo};
+pub use pool::{LayoutSpec, NamedDevice, OpenOptions, Pool, PoolConfig, SnapshotKind, VolumeInfo};
 
 /// Converts a block count or byte offset that is known to fit memory into `usize`.
 ///

@@ -533,7 +533,7 @@ fn corrupt_metadata_copy_falls_back_and_garbage_is_rejected() {
     let e = common::open_images(vec![vec![0u8; 64 * BLOCK_SIZE]])
         .err()
         .unwrap();
-    assert_eq!(e, Error::NotAPoolDisk(0));
+    assert_eq!(e, Error::NotAPoolDisk("device #0".into()));
 }
 
 #[test]
@@ -1063,6 +1063,7 @@ fn path_priorities_steer_io_to_the_preferred_path() {
     let opts = OpenOptions {
         path_policy: volmgr::multipath::PathPolicy::Priority,
         read_only: false,
+        ..OpenOptions::default()
     };
     let (mut p, _) =
         Pool::open_paths(vec![(Box::new(slow), 1), (Box::new(fast), 9)], opts).unwrap();

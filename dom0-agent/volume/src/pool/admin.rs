@@ -27,6 +27,7 @@ impl Pool {
             internal,
             tracking: None,
             kind,
+            snapshot_of: None,
         });
         self.recompute_dependents();
         id
@@ -190,6 +191,8 @@ impl Pool {
                 }
                 let id =
                     self.new_volume(name, size, None, false, VolKind::Thin { pool, map, origin });
+                let vi = self.vidx(id)?;
+                self.meta.volumes[vi].snapshot_of = Some(oid);
                 self.flush()?;
                 Ok(id)
             }
@@ -221,6 +224,7 @@ impl Pool {
                     },
                 );
                 let vi = self.vidx(id)?;
+                self.meta.volumes[vi].snapshot_of = Some(oid);
                 let n = self.meta.volumes[vi].nregions();
                 if let VolKind::Thick { fill, .. } = &mut self.meta.volumes[vi].kind {
                     *fill = Some(Fill {
@@ -332,7 +336,29 @@ impl Pool {
         Ok(())
     }
 
-    /// Rolls `vol` back to the contents of `snap` (same size required).
+    /// Whether volume `snap` descends from `vol` through snapshot links (a snapshot of it, or
+    /// a snapshot of one of its snapshots).
+    #[must_use]
+    pub fn is_snapshot_of(&self, snap: u32, vol: u32) -> bool {
+        let mut cur = snap;
+        for _ in 0..=self.meta.volumes.len() {
+            match self
+                .meta
+                .volumes
+                .iter()
+                .find(|v| v.id == cur)
+                .and_then(|v| v.snapshot_of)
+            {
+                Some(p) if p == vol => return true,
+                Some(p) => cur = p,
+                None => return false,
+            }
+        }
+        false
+    }
+
+    /// Rolls `vol` back to the contents of `snap`, which must be one of its snapshots (its
+    /// lineage is checked) of the same size.
     pub fn rollback(
         &mut self,
         vol: &str,
@@ -347,6 +373,19 @@ impl Pool {
             return Err(Error::InvalidArgument(
                 "a volume cannot be rolled back to itself".into(),
             ));
+        }
+        if !self.is_snapshot_of(sid, vid) {
+            let what = match self.meta.volumes[si]
+                .snapshot_of
+                .and_then(|p| self.meta.volumes.iter().find(|v| v.id == p))
+            {
+                Some(p) => format!("a snapshot of '{}'", p.name),
+                None => "not a snapshot".to_string(),
+            };
+            return Err(Error::InvalidArgument(format!(
+                "'{snap}' is {what}, not a snapshot of '{vol}': rollback only returns a volume to \
+                 one of its own snapshots; nothing was changed"
+            )));
         }
         let size = self.meta.volumes[vi].size;
         if let (
@@ -410,7 +449,10 @@ impl Pool {
         }
         if self.meta.volumes[si].size != size {
             return Err(Error::InvalidArgument(format!(
-                "'{snap}' and '{vol}' differ in size; resize first"
+                "'{vol}' is {} blocks but its snapshot '{snap}' is {} blocks (one was resized \
+                 after the snapshot): a rollback would not give back the volume as it was, so it \
+                 is refused; nothing was changed",
+                size, self.meta.volumes[si].size
             )));
         }
         self.copy_volume(sid, vid, &mut progress)?;
@@ -454,6 +496,12 @@ impl Pool {
             )));
         }
         let v = self.meta.volumes.remove(vi);
+        // Snapshots of the removed volume keep their lineage through its own origin.
+        for s in &mut self.meta.volumes {
+            if s.snapshot_of == Some(id) {
+                s.snapshot_of = v.snapshot_of;
+            }
+        }
         match v.kind {
             VolKind::Thin { pool, map, .. } => {
                 if let Some(rt) = self.thin.get_mut(&pool) {
@@ -1091,7 +1139,7 @@ impl Pool {
             self.flush_disks()?;
             self.dirty = true;
             self.flush()?;
-            return Err(dev_err(&self.meta, d, e));
+            return Err(dev_err(&self.name_meta(), d, e));
         }
         if copied {
             // Data first, then the cleared bits.
@@ -1232,10 +1280,7 @@ impl Pool {
     /// Compares every in-sync mirror leg over the volume's blocks; returns mismatching places.
     pub fn verify_mirrors(&mut self) -> Result<Vec<String>, Error> {
         let mut bad = Vec::new();
-        let disks_meta = PoolMeta {
-            volumes: Vec::new(),
-            ..self.meta.clone()
-        };
+        let disks_meta = self.name_meta();
         let Pool { meta, devs, .. } = self;
         for v in &meta.volumes {
             let ls = layouts(v);

@@ -178,10 +178,9 @@ impl Pool {
             self.meta.disks[i].state = DiskState::Missing {
                 since: self.meta.seq + 1,
             };
-            self.events.push(format!(
-                "disk '{}' failed or vanished; taken out of service",
-                self.meta.disks[i].name
-            ));
+            let label = self.disk_label(i);
+            self.events
+                .push(format!("{label} failed or vanished; taken out of service"));
         }
         let drl = self.drl.clone();
         for v in &mut self.meta.volumes {

@@ -454,6 +454,8 @@ impl Pool {
                 origin: Some(oid),
             },
         );
+        let vi = self.vidx(id)?;
+        self.meta.volumes[vi].snapshot_of = Some(oid);
         self.flush()?;
         Ok(id)
     }

@@ -33,7 +33,7 @@ use crate::dev::{BLOCK_SIZE, BlockDevice, DevError};
 use crate::error::Error;
 use crate::format::{
     Column, DRL_MAGIC, DiskMeta, DiskState, DrlRecord, Fill, LABEL_BLOCKS, Label, Layout, Leg,
-    MAX_NAME, MD_MAGIC, PoolMeta, Relayout, Segment, SyncState, Tracking, VolKind, VolMeta,
+    MAX_NAME, MD_MAGIC, Owner, PoolMeta, Relayout, Segment, SyncState, Tracking, VolKind, VolMeta,
     encode_record, read_record, slot_capacity,
 };
 use crate::layout::seg_lookup;
@@ -197,12 +197,24 @@ pub enum SnapshotKind {
 }
 
 /// How to open a pool.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
     /// Policy for disks reached through several paths.
     pub path_policy: PathPolicy,
     /// Inspect only: no recovery, no repair, no writes.
     pub read_only: bool,
+    /// Who opens the pool to change it: written as the owner record on every disk before
+    /// anything else (see [`crate::format::Owner`]) and cleared by [`Pool::release`]. A pool
+    /// whose record names another host is refused unless `force`.
+    pub owner: Option<Owner>,
+    /// Take over a pool whose owner record names another host.
+    pub force: bool,
+    /// Refuse to open for writing when a disk of the pool is absent (not given, or its labels
+    /// damaged) rather than detaching its mirror legs.
+    pub require_all_disks: bool,
+    /// Rewrite the labels of a disk whose label copies are all damaged, once it is identified
+    /// from the pool metadata it carries (repair).
+    pub relabel: bool,
 }
 
 /// What `open` found and repaired.
@@ -289,6 +301,10 @@ pub struct Pool {
     meta: PoolMeta,
     committed: PoolMeta,
     devs: Vec<Option<Box<dyn BlockDevice>>>,
+    /// What the operator calls each disk (the path given), where known.
+    names: Vec<Option<String>>,
+    /// The owner record this pool wrote, cleared by `release`.
+    owner: Option<Owner>,
     dirty: bool,
     drl_seq: u64,
     drl: BTreeMap<u32, Bitmap>,
@@ -347,6 +363,7 @@ use layout_io::{
     col_present, col_read, col_write, layout_copy_region, layout_read, layout_sync_range,
     layout_write, mark_stale,
 };
+pub use open::NamedDevice;
 use validate::check_name;
 pub use validate::validate_meta;
 
@@ -432,6 +449,32 @@ impl Pool {
             VolKind::ThinPool { data, .. } => Ok(self.meta.volumes[self.vidx(data)?].name.clone()),
             _ => Ok(name.to_string()),
         }
+    }
+
+    /// What messages call disk `i`: the name it was opened under (its path), else the name
+    /// recorded when it joined.
+    #[must_use]
+    pub fn disk_label(&self, i: usize) -> String {
+        match (self.names.get(i).cloned().flatten(), self.meta.disks.get(i)) {
+            (Some(n), _) => n,
+            (None, Some(d)) => format!("disk '{}'", d.name),
+            (None, None) => format!("disk #{i}"),
+        }
+    }
+
+    /// Metadata without volumes whose disk names are what messages call them.
+    pub(super) fn name_meta(&self) -> PoolMeta {
+        let mut m = PoolMeta {
+            volumes: Vec::new(),
+            disks: self.meta.disks.clone(),
+            ..self.committed.clone()
+        };
+        for (i, d) in m.disks.iter_mut().enumerate() {
+            if let Some(Some(n)) = self.names.get(i) {
+                d.name.clone_from(n);
+            }
+        }
+        m
     }
 
     /// Size of a volume in blocks.

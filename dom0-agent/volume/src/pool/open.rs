@@ -13,6 +13,50 @@ struct DiskFound {
     copies_at_best: usize,
 }
 
+/// A device to open with the name the operator knows it by and its path priority.
+pub struct NamedDevice {
+    pub dev: Box<dyn BlockDevice>,
+    pub priority: u32,
+    /// What messages call it (e.g. the image path given on the command line).
+    pub name: String,
+}
+
+/// Reads both metadata slots of `f.dev`, keeping the newest valid copy and how many slots
+/// hold it.
+fn read_best_metadata(f: &mut DiskFound, pool_id: u128, name: &str) -> Result<(), Error> {
+    let label = f.label;
+    for slot in 0..2 {
+        let rec = read_record(
+            &mut *f.dev,
+            label.md_slot(slot),
+            label.md_blocks,
+            MD_MAGIC,
+            pool_id,
+        )
+        .map_err(|err| Error::Device {
+            disk: name.to_string(),
+            err,
+        })?;
+        let Some((seq, payload)) = rec else { continue };
+        let Ok(m) = PoolMeta::decode(&payload) else {
+            continue;
+        };
+        if m.seq != seq || validate_meta(&m).is_err() {
+            continue;
+        }
+        let crc = crc32fast::hash(&payload);
+        match &f.best {
+            Some((s, _, _)) if *s > seq => {}
+            Some((s, _, _)) if *s == seq => f.copies_at_best += 1,
+            _ => {
+                f.best = Some((seq, crc, payload));
+                f.copies_at_best = 1;
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Pool {
     // ---------------------------------------------------------------------------------------
     // Creation and opening.
@@ -97,10 +141,13 @@ impl Pool {
         devs: Vec<Option<Box<dyn BlockDevice>>>,
         read_only: bool,
     ) -> Pool {
+        let names = vec![None; devs.len()];
         let mut p = Pool {
             meta,
             committed,
             devs,
+            names,
+            owner: None,
             dirty: false,
             drl_seq: 0,
             drl: BTreeMap::new(),
@@ -199,16 +246,38 @@ impl Pool {
         devs: Vec<(Box<dyn BlockDevice>, u32)>,
         opts: OpenOptions,
     ) -> Result<(Pool, OpenReport), Error> {
+        Self::open_named(
+            devs.into_iter()
+                .enumerate()
+                .map(|(i, (dev, priority))| NamedDevice {
+                    dev,
+                    priority,
+                    name: format!("device #{i}"),
+                })
+                .collect(),
+            opts,
+        )
+    }
+
+    /// [`Pool::open_paths`] with the name the operator knows each device by (its path), used
+    /// in every message about that disk instead of the name recorded at creation.
+    pub fn open_named(
+        devs: Vec<NamedDevice>,
+        opts: OpenOptions,
+    ) -> Result<(Pool, OpenReport), Error> {
         let mut report = OpenReport::default();
-        let mut by_index: BTreeMap<u32, (Label, Vec<PrioritizedPath>)> = BTreeMap::new();
+        let mut by_index: BTreeMap<u32, (Label, Vec<PrioritizedPath>, String)> = BTreeMap::new();
         let mut pool_id = None;
-        for (i, (mut d, prio)) in devs.into_iter().enumerate() {
-            let label = Label::read(&mut *d)
-                .map_err(|err| Error::Device {
-                    disk: format!("device #{i}"),
-                    err,
-                })?
-                .ok_or(Error::NotAPoolDisk(i))?;
+        let mut unlabelled: Vec<NamedDevice> = Vec::new();
+        for mut nd in devs {
+            let label = Label::read(&mut *nd.dev).map_err(|err| Error::Device {
+                disk: nd.name.clone(),
+                err,
+            })?;
+            let Some(label) = label else {
+                unlabelled.push(nd);
+                continue;
+            };
             match pool_id {
                 None => pool_id = Some(label.pool_id),
                 Some(p) if p != label.pool_id => return Err(Error::MixedPools(p, label.pool_id)),
@@ -216,25 +285,98 @@ impl Pool {
             }
             let e = by_index
                 .entry(label.disk_index)
-                .or_insert_with(|| (label, Vec::new()));
+                .or_insert_with(|| (label, Vec::new(), nd.name.clone()));
             if e.0 != label {
                 return Err(Error::Corrupt(format!(
-                    "two devices claim disk #{} with different labels",
-                    label.disk_index
+                    "{} and {} both claim disk #{} with different labels",
+                    e.2, nd.name, label.disk_index
                 )));
             }
-            e.1.push((d, prio));
+            e.1.push((nd.dev, nd.priority));
         }
-        let Some(pool_id) = pool_id else {
-            return Err(Error::InvalidArgument("no devices given".into()));
+        let (Some(pool_id), Some(template)) = (pool_id, by_index.values().next().map(|e| e.0))
+        else {
+            return Err(match unlabelled.first() {
+                Some(nd) => Error::NotAPoolDisk(nd.name.clone()),
+                None => Error::InvalidArgument("no devices given".into()),
+            });
         };
+        // A device without a valid label copy that still carries this pool's metadata is a
+        // disk of the pool whose labels were damaged: it is set aside (the pool opens without
+        // it) unless `relabel` asks to rewrite its labels once it is identified.
+        let mut orphans: Vec<(String, DiskFound)> = Vec::new();
+        for nd in unlabelled {
+            let mut f = DiskFound {
+                label: template,
+                dev: nd.dev,
+                best: None,
+                copies_at_best: 0,
+            };
+            read_best_metadata(&mut f, pool_id, &nd.name)?;
+            if f.best.is_none() {
+                return Err(Error::NotAPoolDisk(nd.name));
+            }
+            orphans.push((nd.name, f));
+        }
+        // Ownership: a pool that another host holds is not touched unless forced.
+        let mut previous_owner = None;
+        if !opts.read_only
+            && let Some(me) = &opts.owner
+        {
+            for (label, paths, name) in by_index.values_mut() {
+                let Some((dev, _)) = paths.first_mut() else {
+                    continue;
+                };
+                let owner = Owner::read(&mut **dev).map_err(|err| Error::Device {
+                    disk: name.clone(),
+                    err,
+                })?;
+                let Some(o) = owner.filter(|o| o.pool_id == label.pool_id) else {
+                    continue;
+                };
+                if o.host_id != me.host_id && !opts.force {
+                    return Err(Error::OwnedElsewhere(format!(
+                        "{name}: the pool is owned by process {} ({}) on host '{}' ({}) since \
+                         Unix time {}; it may be in use there over shared storage. Only if that \
+                         host is down or no longer uses the pool, force the takeover",
+                        o.pid, o.what, o.host_name, o.host_id, o.time
+                    )));
+                }
+                if o.host_id == me.host_id && o.pid == me.pid {
+                    continue;
+                }
+                previous_owner.get_or_insert(o);
+            }
+        }
+        if let Some(o) = &previous_owner {
+            report.notes.push(format!(
+                "the pool was last owned by process {} ({}) on host '{}', which ended without \
+                 releasing it (crash or kill?); taking it over",
+                o.pid, o.what, o.host_name
+            ));
+        } else if opts.read_only {
+            for (label, paths, name) in by_index.values_mut() {
+                if let Some((dev, _)) = paths.first_mut()
+                    && let Ok(Some(o)) = Owner::read(&mut **dev)
+                    && o.pool_id == label.pool_id
+                {
+                    report.notes.push(format!(
+                        "{name}: the pool is owned by process {} ({}) on host '{}'; what is shown \
+                         may be changing",
+                        o.pid, o.what, o.host_name
+                    ));
+                    break;
+                }
+            }
+        }
         let mut found: BTreeMap<u32, DiskFound> = BTreeMap::new();
-        for (idx, (label, mut paths)) in by_index {
+        let mut names: BTreeMap<u32, String> = BTreeMap::new();
+        for (idx, (label, mut paths, name)) in by_index {
             let dev: Box<dyn BlockDevice> = if paths.len() == 1 {
                 paths.pop().ok_or(Error::NoValidMetadata)?.0
             } else {
                 report.notes.push(format!(
-                    "disk #{idx}: {} paths, policy {:?}",
+                    "{name}: {} paths to one disk, policy {:?}",
                     paths.len(),
                     opts.path_policy
                 ));
@@ -246,36 +388,9 @@ impl Pool {
                 best: None,
                 copies_at_best: 0,
             };
-            for slot in 0..2 {
-                let rec = read_record(
-                    &mut *f.dev,
-                    label.md_slot(slot),
-                    label.md_blocks,
-                    MD_MAGIC,
-                    pool_id,
-                )
-                .map_err(|err| Error::Device {
-                    disk: format!("#{idx}"),
-                    err,
-                })?;
-                let Some((seq, payload)) = rec else { continue };
-                let Ok(m) = PoolMeta::decode(&payload) else {
-                    continue;
-                };
-                if m.seq != seq || validate_meta(&m).is_err() {
-                    continue;
-                }
-                let crc = crc32fast::hash(&payload);
-                match &f.best {
-                    Some((s, _, _)) if *s > seq => {}
-                    Some((s, _, _)) if *s == seq => f.copies_at_best += 1,
-                    _ => {
-                        f.best = Some((seq, crc, payload));
-                        f.copies_at_best = 1;
-                    }
-                }
-            }
+            read_best_metadata(&mut f, pool_id, &name)?;
             found.insert(idx, f);
+            names.insert(idx, name);
         }
         let (widx, (wseq, wcrc, wpayload)) = found
             .iter()
@@ -283,13 +398,62 @@ impl Pool {
             .max_by_key(|(_, b)| b.0)
             .ok_or(Error::NoValidMetadata)?;
         let mut meta = PoolMeta::decode(&wpayload)?;
+        // Identify the disks whose labels are damaged: by elimination among the disks of the
+        // metadata that no labelled device stands for, and by size.
+        for (name, mut f) in orphans {
+            let candidates: Vec<u32> = (0..meta.disks.len())
+                .filter_map(|i| u32::try_from(i).ok())
+                .filter(|i| !found.contains_key(i))
+                .filter(|i| {
+                    let d = &meta.disks[us(u64::from(*i))];
+                    d.blocks == f.dev.num_blocks() && d.data_start == template.data_start
+                })
+                .collect();
+            let newer = f.best.as_ref().is_some_and(|b| b.0 > wseq);
+            match candidates.as_slice() {
+                [i] if !newer => {
+                    let recorded = meta.disks[us(u64::from(*i))].name.clone();
+                    if opts.relabel && !opts.read_only {
+                        f.label = Label {
+                            disk_index: *i,
+                            ..template
+                        };
+                        f.label
+                            .write(&mut *f.dev)
+                            .and_then(|()| f.dev.flush())
+                            .map_err(|err| Error::Device {
+                                disk: name.clone(),
+                                err,
+                            })?;
+                        report.notes.push(format!(
+                            "{name}: both label copies were damaged; rewritten from the pool \
+                             metadata (disk #{i}, recorded as '{recorded}')"
+                        ));
+                        found.insert(*i, f);
+                        names.insert(*i, name);
+                    } else {
+                        report.notes.push(format!(
+                            "{name}: both label copies are damaged; treated as missing (it holds \
+                             this pool's metadata and looks like disk #{i}, recorded as \
+                             '{recorded}'); `repair` rewrites its labels"
+                        ));
+                        names.insert(*i, name);
+                    }
+                }
+                _ => report.notes.push(format!(
+                    "{name}: both label copies are damaged and it cannot be told which disk of \
+                     the pool it is; treated as missing"
+                )),
+            }
+        }
         for (i, f) in &found {
             let Some((seq, crc, _)) = &f.best else {
                 continue;
             };
+            let (wname, iname) = (&names[&widx], &names[i]);
             if *seq == wseq && *crc != wcrc {
                 return Err(Error::SplitBrain(format!(
-                    "disks #{widx} and #{i} both carry metadata sequence {wseq} with different contents; \
+                    "{wname} and {iname} both carry metadata sequence {wseq} with different contents; \
                      the pool was changed in two halves. Open each half alone and keep one."
                 )));
             }
@@ -298,10 +462,9 @@ impl Pool {
                 && *seq >= since
             {
                 return Err(Error::SplitBrain(format!(
-                    "disk '{}' was declared missing at metadata sequence {since}, but carries sequence {seq} \
-                     written while apart from disk #{widx}; the pool was changed in two halves. \
-                     Open each half alone and keep one.",
-                    meta.disks[us(u64::from(*i))].name
+                    "{iname} was declared missing at metadata sequence {since}, but carries sequence {seq} \
+                     written while apart from {wname}; the pool was changed in two halves. \
+                     Open each half alone and keep one."
                 )));
             }
         }
@@ -313,9 +476,10 @@ impl Pool {
             .any(|f| f.copies_at_best >= 2 && f.best.as_ref().is_some_and(|b| b.0 == wseq));
         let mut repair = false;
         for (i, f) in found {
+            let name = names.get(&i).cloned().unwrap_or_default();
             let Some(slot) = devs.get_mut(us(u64::from(i))) else {
                 report.notes.push(format!(
-                    "ignored disk #{i}: labelled for this pool but not in its metadata"
+                    "ignored {name}: labelled as disk #{i} of this pool but not in its metadata"
                 ));
                 continue;
             };
@@ -326,13 +490,12 @@ impl Pool {
                 || meta.extent_blocks != f.label.extent_blocks
             {
                 return Err(Error::Corrupt(format!(
-                    "disk #{i}: label and metadata disagree on the on-disk areas"
+                    "{name}: label and metadata disagree on the on-disk areas"
                 )));
             }
             if f.dev.num_blocks() < dm.blocks {
                 return Err(Error::Corrupt(format!(
-                    "disk '{}' has {} blocks but the pool recorded {}; was the image truncated?",
-                    dm.name,
+                    "{name} has {} blocks but the pool recorded {}; was the image truncated?",
                     f.dev.num_blocks(),
                     dm.blocks
                 )));
@@ -356,14 +519,12 @@ impl Pool {
                 };
                 if seq != Some(wseq) {
                     report.notes.push(format!(
-                        "disk '{}': stale metadata (sequence {}) {verb} with sequence {wseq}",
-                        meta.disks[us(u64::from(i))].name,
+                        "{name}: stale metadata (sequence {}) {verb} with sequence {wseq}",
                         seq.map_or_else(|| "none".to_string(), |s| s.to_string())
                     ));
                 } else {
                     report.notes.push(format!(
-                        "disk '{}': one of its two metadata copies is damaged or old; {verb}",
-                        meta.disks[us(u64::from(i))].name
+                        "{name}: one of its two metadata copies is damaged or old; {verb}"
                     ));
                 }
             }
@@ -372,34 +533,126 @@ impl Pool {
         meta.seq = wseq;
         let committed = meta.clone();
         let mut pool = Pool::assemble(meta, committed, devs, opts.read_only);
+        for (i, n) in names {
+            if let Some(slot) = pool.names.get_mut(us(u64::from(i))) {
+                *slot = Some(n);
+            }
+        }
         // Disks that went or came back.
+        let mut absent = Vec::new();
         for i in 0..pool.meta.disks.len() {
             let present = pool.devs[i].is_some();
             match (present, pool.meta.disks[i].state) {
                 (true, DiskState::Missing { .. }) => {
                     pool.meta.disks[i].state = DiskState::Active;
                     report.notes.push(format!(
-                        "disk '{}' returned; only regions changed while it was away will be resynchronised",
-                        pool.meta.disks[i].name
+                        "{} returned; only regions changed while it was away will be resynchronised",
+                        pool.disk_label(i)
                     ));
                     repair = true;
                 }
-                (false, DiskState::Active) => {
-                    report.notes.push(format!(
-                        "disk '{}' is missing; its mirror legs are detached",
-                        pool.meta.disks[i].name
-                    ));
-                    pool.mark_disk_missing(u32::try_from(i).unwrap_or(u32::MAX));
-                    repair = true;
-                }
+                (false, DiskState::Active) => absent.push(i),
                 _ => {}
             }
         }
+        if !absent.is_empty() && opts.require_all_disks && !opts.read_only {
+            let list: Vec<String> = absent.iter().map(|&i| pool.disk_label(i)).collect();
+            return Err(Error::Degraded(format!(
+                "the pool has {} disks but {} not given or not usable: {}; a command that \
+                 changes the pool without them would detach their mirror legs, so it is refused \
+                 (nothing was changed)",
+                pool.meta.disks.len(),
+                if absent.len() == 1 {
+                    "this one is"
+                } else {
+                    "these are"
+                },
+                list.join(", ")
+            )));
+        }
+        // From here on the pool is written: claim it first.
+        if let Some(me) = opts.owner.as_ref().filter(|_| !opts.read_only) {
+            pool.claim(me.clone())?;
+        }
+        match pool.finish_open(absent, stale_images, repair, pool_id, &opts, &mut report) {
+            Ok(()) => Ok((pool, report)),
+            Err(e) => {
+                let _ = pool.release();
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes `owner` as the pool's owner record on every present disk (flushed).
+    pub fn claim(&mut self, owner: Owner) -> Result<(), Error> {
+        self.writable()?;
+        let owner = Owner {
+            pool_id: self.meta.pool_id,
+            ..owner
+        };
+        for i in 0..self.devs.len() {
+            if let Some(d) = self.devs[i].as_mut() {
+                Owner::write(&mut **d, Some(&owner)).map_err(|err| Error::Device {
+                    disk: self.disk_label(i),
+                    err,
+                })?;
+            }
+        }
+        self.owner = Some(owner);
+        Ok(())
+    }
+
+    /// Clears the owner record this pool wrote, on every present disk (flushed). Call it when
+    /// done with the pool; a pool dropped without it looks like one whose owner crashed.
+    pub fn release(&mut self) -> Result<(), Error> {
+        if self.owner.take().is_none() {
+            return Ok(());
+        }
+        let mut first_err = None;
+        for i in 0..self.devs.len() {
+            if let Some(d) = self.devs[i].as_mut()
+                && let Err(err) = Owner::write(&mut **d, None)
+            {
+                first_err.get_or_insert(Error::Device {
+                    disk: self.disk_label(i),
+                    err,
+                });
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// The owner record this pool holds, if it claimed one.
+    #[must_use]
+    pub fn owner(&self) -> Option<&Owner> {
+        self.owner.as_ref()
+    }
+
+    /// The rest of opening once the pool is assembled: missing disks, stale images, columns
+    /// without an in-sync copy, the dirty-region log and repair commits.
+    fn finish_open(
+        &mut self,
+        absent: Vec<usize>,
+        stale_images: Vec<u32>,
+        mut repair: bool,
+        pool_id: u128,
+        opts: &OpenOptions,
+        report: &mut OpenReport,
+    ) -> Result<(), Error> {
+        let pool = self;
+        for i in absent {
+            report.notes.push(format!(
+                "{} is missing; its mirror legs are detached",
+                pool.disk_label(i)
+            ));
+            pool.mark_disk_missing(u32::try_from(i).unwrap_or(u32::MAX));
+            repair = true;
+        }
         for i in stale_images {
             report.notes.push(format!(
-                "disk '{}' carries an old image of itself (metadata behind by more than one commit); \
+                "{} carries an old image of itself (metadata behind by more than one commit); \
                  its mirror legs are resynchronised in full",
-                pool.meta.disks[us(u64::from(i))].name
+                pool.disk_label(us(u64::from(i)))
             ));
             for v in &mut pool.meta.volumes {
                 let n = v.nregions();
@@ -512,7 +765,7 @@ impl Pool {
             report.drl_regions_recovered = dirty.iter().map(|(_, b)| b.count()).sum();
         }
         report.seq = pool.meta.seq;
-        Ok((pool, report))
+        Ok(())
     }
 
     /// Resynchronises logged regions of volume `vid` after a crash.
@@ -520,10 +773,7 @@ impl Pool {
         let Some(vi) = self.meta.volumes.iter().position(|v| v.id == vid) else {
             return Ok(0);
         };
-        let disks_meta = PoolMeta {
-            volumes: Vec::new(),
-            ..self.meta.clone()
-        };
+        let disks_meta = self.name_meta();
         let Pool { meta, devs, .. } = self;
         let v = &mut meta.volumes[vi];
         let rg = Regions::of(v);

@@ -1,0 +1,413 @@
+//! The NBD server of `hvctl volume serve`: every volume of the pool (or a chosen list) as its
+//! own export, to many clients at once, with admin commands from other `hvctl` processes run
+//! through its control socket.
+//!
+//! Threads: one accepts TCP connections and starts a [`session`] thread per client; one
+//! accepts control connections; the calling thread is the **pool thread**, the only one that
+//! touches the [`Pool`]. Sessions and control connections send it [`Msg`]s and wait for the
+//! answer, so requests from all clients and admin commands are applied one at a time, in the
+//! order they arrive, to the one open pool. While no message arrives the pool thread runs
+//! background work (resync, snapshot fill, relayout) in small steps.
+//!
+//! Rules the pool thread enforces: a session is attached to one export and its volume id
+//! (ids are never reused, so a removed volume's late writes cannot land in another one);
+//! removing, shrinking or rolling back a volume with attached sessions is refused unless
+//! `--force`, which first disconnects them; a session that ends gets the pool flushed.
+
+mod session;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::time::Duration;
+
+use clap::Parser as _;
+use volmgr::format::VolKind;
+use volmgr::{Error, Pool};
+
+use crate::{Cli, CliError, Top, VolOp, control, ops, size_blocks};
+
+const EIO: u32 = 5;
+const EINVAL: u32 = 22;
+const ENOSPC: u32 = 28;
+
+/// How to serve.
+pub struct ServeConfig {
+    /// Export only these volumes (default: every volume, as the pool has them now).
+    pub exports: Option<Vec<String>>,
+    /// Stop after this many connections have come and gone.
+    pub max_clients: Option<usize>,
+    /// A client that sends no request for this long is disconnected.
+    pub idle: Duration,
+    /// A client that has not chosen an export within this long is disconnected.
+    pub handshake: Duration,
+}
+
+/// One request of a client, for the pool thread.
+pub enum Io {
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+    },
+    Trim {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
+    Zeroes {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
+    Flush,
+}
+
+/// What the pool thread is asked to do.
+pub enum Msg {
+    /// Names of the exports (`NBD_OPT_LIST`).
+    List { reply: Sender<Vec<String>> },
+    /// Size in bytes of an export, if it exists (`NBD_OPT_INFO`).
+    Lookup {
+        name: String,
+        reply: Sender<Option<u64>>,
+    },
+    /// Attaches a session to an export; answers its size, or `None` for an unknown name.
+    Attach {
+        session: u64,
+        name: String,
+        stream: TcpStream,
+        reply: Sender<Option<u64>>,
+    },
+    /// A request of an attached session: data read, or an NBD error number.
+    Io {
+        session: u64,
+        io: Io,
+        reply: Sender<Result<Vec<u8>, u32>>,
+    },
+    /// A connection ended (attached or not).
+    Done { session: u64 },
+    /// A command from another hvctl.
+    Control(control::Request),
+}
+
+struct Attachment {
+    export: String,
+    vol: u32,
+    stream: TcpStream,
+}
+
+struct Server<'a> {
+    pool: &'a mut Pool,
+    cfg: &'a ServeConfig,
+    sessions: BTreeMap<u64, Attachment>,
+    finished: usize,
+    background: bool,
+}
+
+/// Serves `pool` on `listener` (and commands on `ctl`) until `cfg.max_clients` connections
+/// have come and gone, or forever.
+pub fn serve(
+    pool: &mut Pool,
+    cfg: &ServeConfig,
+    listener: &TcpListener,
+    ctl: Option<control::Listener>,
+    bind: &str,
+) -> io::Result<()> {
+    if let Some(names) = &cfg.exports {
+        for n in names {
+            pool.volume_id(n).map_err(io::Error::other)?;
+        }
+    }
+    let (tx, rx) = channel();
+    let port = listener.local_addr()?.port();
+    let mut server = Server {
+        pool,
+        cfg,
+        sessions: BTreeMap::new(),
+        finished: 0,
+        background: true,
+    };
+    let names = server.exports();
+    for n in &names {
+        eprintln!("hvctl: serving {n} on nbd://{bind}:{port}/{n}");
+    }
+    if names.is_empty() {
+        eprintln!("hvctl: serving no volumes yet on nbd://{bind}:{port}/");
+    }
+    if let Some(c) = &ctl {
+        eprintln!("hvctl: control socket {}", c.path.display());
+        let l = c.listener.try_clone()?;
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(conn) = conn else { continue };
+                let tx = tx.clone();
+                std::thread::spawn(move || match control::Request::read(conn) {
+                    Ok(req) => {
+                        let _ = tx.send(Msg::Control(req));
+                    }
+                    Err(e) => eprintln!("hvctl: control: bad request: {e}"),
+                });
+            }
+        });
+    }
+    let l = listener.try_clone()?;
+    let (handshake, idle) = (cfg.handshake, cfg.idle);
+    let atx = tx.clone();
+    std::thread::spawn(move || {
+        for (n, conn) in l.incoming().enumerate() {
+            let Ok(mut s) = conn else { continue };
+            let tx = atx.clone();
+            let session = n as u64;
+            std::thread::spawn(move || {
+                match session::run(&mut s, session, &tx, handshake, idle) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {}
+                    Err(e) => eprintln!("nbd: client error: {e}"),
+                }
+                let _ = tx.send(Msg::Done { session });
+            });
+        }
+    });
+    drop(tx);
+    server.run(&rx)?;
+    drop(ctl);
+    Ok(())
+}
+
+impl Server<'_> {
+    /// The export names, in the pool's order.
+    fn exports(&self) -> Vec<String> {
+        let meta = self.pool.meta();
+        meta.volumes
+            .iter()
+            .filter(|v| !v.internal && !matches!(v.kind, VolKind::ThinPool { .. }))
+            .filter(|v| {
+                self.cfg
+                    .exports
+                    .as_ref()
+                    .is_none_or(|l| l.contains(&v.name))
+            })
+            .map(|v| v.name.clone())
+            .collect()
+    }
+
+    /// The export `name` refers to ("" = the only one), as (name, volume id, size in bytes).
+    fn lookup(&self, name: &str) -> Option<(String, u32, u64)> {
+        let names = self.exports();
+        let name = match (name, names.as_slice()) {
+            ("", [only]) => only.clone(),
+            ("", _) => return None,
+            (n, _) => names.iter().find(|e| *e == n)?.clone(),
+        };
+        let id = self.pool.volume_id(&name).ok()?;
+        let size = self.pool.volume_size(id).ok()? * 4096;
+        Some((name, id, size))
+    }
+
+    fn run(&mut self, rx: &Receiver<Msg>) -> io::Result<()> {
+        loop {
+            let wait = if self.background {
+                Duration::from_millis(20)
+            } else {
+                Duration::from_secs(3600)
+            };
+            let msg = match rx.recv_timeout(wait) {
+                Ok(m) => m,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.background = match self.pool.background_step(16) {
+                        Ok(more) => more,
+                        Err(e) => {
+                            // Background work failing must not cost the clients their sessions.
+                            eprintln!("nbd: background work stopped: {e}");
+                            false
+                        }
+                    };
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            match msg {
+                Msg::List { reply } => {
+                    let _ = reply.send(self.exports());
+                }
+                Msg::Lookup { name, reply } => {
+                    let _ = reply.send(self.lookup(&name).map(|e| e.2));
+                }
+                Msg::Attach {
+                    session,
+                    name,
+                    stream,
+                    reply,
+                } => {
+                    let found = self.lookup(&name);
+                    if let Some((export, vol, _)) = &found {
+                        self.sessions.insert(
+                            session,
+                            Attachment {
+                                export: export.clone(),
+                                vol: *vol,
+                                stream,
+                            },
+                        );
+                    }
+                    let _ = reply.send(found.map(|e| e.2));
+                }
+                Msg::Io { session, io, reply } => {
+                    let r = match self.sessions.get(&session) {
+                        Some(a) => self.io(a.vol, io),
+                        // Disconnected by an admin command: nothing more reaches the pool.
+                        None => Err(EIO),
+                    };
+                    let _ = reply.send(r);
+                }
+                Msg::Done { session } => {
+                    self.sessions.remove(&session);
+                    // A client that goes away without flushing gets its writes flushed anyway.
+                    self.pool.flush().map_err(io::Error::other)?;
+                    self.finished += 1;
+                    self.background = true;
+                    if self.cfg.max_clients.is_some_and(|m| self.finished >= m) {
+                        break;
+                    }
+                }
+                Msg::Control(req) => {
+                    self.control(req);
+                    self.background = true;
+                }
+            }
+        }
+        self.pool.flush().map_err(io::Error::other)
+    }
+
+    fn io(&mut self, vol: u32, io: Io) -> Result<Vec<u8>, u32> {
+        let errno = |e: &Error| match e {
+            Error::ThinPoolFull { .. } | Error::NoSpace(_) => ENOSPC,
+            Error::OutOfRange(_) | Error::Misaligned | Error::InvalidArgument(_) => EINVAL,
+            _ => EIO,
+        };
+        let pool = &mut *self.pool;
+        let (r, fua, at) = match io {
+            Io::Read { offset, len } => {
+                let mut buf = vec![0u8; len as usize];
+                return match pool.read_bytes(vol, offset, &mut buf) {
+                    Ok(()) => Ok(buf),
+                    Err(e) => {
+                        eprintln!("nbd: read at {offset}: {e}");
+                        Err(errno(&e))
+                    }
+                };
+            }
+            Io::Write { offset, data, fua } => (pool.write_bytes(vol, offset, &data), fua, offset),
+            Io::Trim { offset, len, fua } => (
+                pool.discard(vol, offset, u64::from(len)).map(|_| ()),
+                fua,
+                offset,
+            ),
+            Io::Zeroes { offset, len, fua } => {
+                (pool.write_zeroes(vol, offset, u64::from(len)), fua, offset)
+            }
+            Io::Flush => (pool.flush(), false, 0),
+        };
+        let r = if r.is_ok() && fua { pool.flush() } else { r };
+        self.background = true;
+        r.map(|()| Vec::new()).map_err(|e| {
+            eprintln!("nbd: write at {at}: {e}");
+            errno(&e)
+        })
+    }
+
+    /// Runs a command sent by another hvctl and answers it.
+    fn control(&mut self, req: control::Request) {
+        let (code, out, err) = self.control_inner(&req);
+        let note = format!(
+            "hvctl: run by the server holding the pool (process {})\n",
+            std::process::id()
+        );
+        req.reply(code, &out, format!("{note}{err}").as_bytes());
+    }
+
+    fn control_inner(&mut self, req: &control::Request) -> (u8, Vec<u8>, String) {
+        let cli = match Cli::try_parse_from(&req.args) {
+            Ok(c) => c,
+            Err(e) => return (2, Vec::new(), e.render().to_string()),
+        };
+        let Top::Volume(cmd) = cli.cmd;
+        let fail = |e: CliError| {
+            let hint = e
+                .hint()
+                .map(|h| format!("hvctl: {h}\n"))
+                .unwrap_or_default();
+            (1, format!("hvctl: error: {e}\n{hint}"))
+        };
+        if let Err(e) = self.check_clients(&cmd.op) {
+            let (c, m) = fail(e);
+            return (c, Vec::new(), m);
+        }
+        let mut out = Vec::new();
+        match ops::run_op(&cmd.op, self.pool, &mut out, &req.cwd) {
+            Ok(()) => (0, out, String::new()),
+            Err(e) => {
+                let (c, m) = fail(e);
+                (c, out, m)
+            }
+        }
+    }
+
+    /// Refuses commands that would pull a volume from under its clients, unless forced; when
+    /// forced, disconnects those clients first.
+    fn check_clients(&mut self, op: &VolOp) -> Result<(), CliError> {
+        let (name, force, what) = match op {
+            VolOp::Serve { .. }
+            | VolOp::CreatePool { .. }
+            | VolOp::AddDisk { .. }
+            | VolOp::Bench { .. } => {
+                return Err(CliError::Usage(
+                    "the pool is being served by this process; stop the server for this command"
+                        .into(),
+                ));
+            }
+            VolOp::Remove { name, force } => (name, *force, "remove"),
+            VolOp::Rollback { name, force, .. } => (name, *force, "roll back"),
+            VolOp::Resize { name, size, force } => {
+                let id = self.pool.volume_id(name)?;
+                if size_blocks(size)? >= self.pool.volume_size(id)? {
+                    return Ok(());
+                }
+                (name, *force, "shrink")
+            }
+            _ => return Ok(()),
+        };
+        let users: Vec<u64> = self
+            .sessions
+            .iter()
+            .filter(|(_, a)| a.export == *name)
+            .map(|(s, _)| *s)
+            .collect();
+        if users.is_empty() {
+            return Ok(());
+        }
+        if !force {
+            return Err(CliError::Usage(format!(
+                "volume '{name}' has {} NBD client{} connected; refusing to {what} it under \
+                 them (--force disconnects them first)",
+                users.len(),
+                if users.len() == 1 { "" } else { "s" }
+            )));
+        }
+        for s in users {
+            if let Some(a) = self.sessions.remove(&s) {
+                let _ = a.stream.shutdown(Shutdown::Both);
+                eprintln!("nbd: disconnected a client of '{name}' to {what} it (--force)");
+            }
+        }
+        self.pool.flush()?;
+        Ok(())
+    }
+}

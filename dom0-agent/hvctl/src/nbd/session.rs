@@ -1,0 +1,313 @@
+//! One NBD client connection, on its own thread: the fixed newstyle handshake (exports
+//! listed with `NBD_OPT_LIST`, unknown export names refused) and the transmission phase
+//! (simple replies). The pool itself is never touched here: every request goes to the pool
+//! thread as a [`Msg`] and waits for its answer.
+//!
+//! Protocol reference: the NBD protocol document (`doc/proto.md` of the nbd project). Every
+//! request field is checked before use: offsets and lengths against the export size, lengths
+//! bounded to 32 MiB, unknown commands answered with `EINVAL`. A client that has not chosen
+//! an export within the handshake timeout, or sends no request for the idle timeout, is
+//! disconnected.
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::sync::mpsc::{Sender, channel};
+use std::time::{Duration, Instant};
+
+use super::{Io, Msg};
+
+const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
+const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+const REQUEST_MAGIC: u32 = 0x2560_9513;
+const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+
+const FLAG_FIXED_NEWSTYLE: u16 = 1;
+const FLAG_NO_ZEROES: u16 = 2;
+const CLIENT_NO_ZEROES: u32 = 2;
+
+const OPT_EXPORT_NAME: u32 = 1;
+const OPT_ABORT: u32 = 2;
+const OPT_LIST: u32 = 3;
+const OPT_INFO: u32 = 6;
+const OPT_GO: u32 = 7;
+
+const REP_ACK: u32 = 1;
+const REP_SERVER: u32 = 2;
+const REP_INFO: u32 = 3;
+const REP_ERR_UNSUP: u32 = 0x8000_0001;
+const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
+const INFO_EXPORT: u16 = 0;
+
+const TF_HAS_FLAGS: u16 = 1;
+const TF_SEND_FLUSH: u16 = 4;
+const TF_SEND_FUA: u16 = 8;
+const TF_SEND_TRIM: u16 = 32;
+const TF_SEND_WRITE_ZEROES: u16 = 64;
+
+const CMD_READ: u16 = 0;
+const CMD_WRITE: u16 = 1;
+const CMD_DISC: u16 = 2;
+const CMD_FLUSH: u16 = 3;
+const CMD_TRIM: u16 = 4;
+const CMD_WRITE_ZEROES: u16 = 6;
+const CMD_FLAG_FUA: u16 = 1;
+
+const EINVAL: u32 = 22;
+const MAX_REQUEST: u32 = 32 << 20;
+const MAX_OPTION: u32 = 64 << 10;
+
+fn rd_u16(s: &mut impl Read) -> io::Result<u16> {
+    let mut b = [0u8; 2];
+    s.read_exact(&mut b)?;
+    Ok(u16::from_be_bytes(b))
+}
+fn rd_u32(s: &mut impl Read) -> io::Result<u32> {
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b)?;
+    Ok(u32::from_be_bytes(b))
+}
+fn rd_u64(s: &mut impl Read) -> io::Result<u64> {
+    let mut b = [0u8; 8];
+    s.read_exact(&mut b)?;
+    Ok(u64::from_be_bytes(b))
+}
+
+fn opt_reply(s: &mut impl Write, opt: u32, kind: u32, data: &[u8]) -> io::Result<()> {
+    let mut b = Vec::with_capacity(20 + data.len());
+    b.extend_from_slice(&REPLY_MAGIC.to_be_bytes());
+    b.extend_from_slice(&opt.to_be_bytes());
+    b.extend_from_slice(&kind.to_be_bytes());
+    b.extend_from_slice(&u32::try_from(data.len()).unwrap_or(0).to_be_bytes());
+    b.extend_from_slice(data);
+    s.write_all(&b)
+}
+
+/// What a session was told about its export when it attached.
+pub struct Attached {
+    pub size: u64,
+}
+
+fn invalid(what: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what)
+}
+
+/// Asks the pool thread and waits for the answer (the pool thread outlives every session).
+fn ask<T>(tx: &Sender<Msg>, make: impl FnOnce(Sender<T>) -> Msg) -> io::Result<T> {
+    let (rtx, rrx) = channel();
+    tx.send(make(rtx))
+        .map_err(|_| io::Error::other("server is stopping"))?;
+    rrx.recv()
+        .map_err(|_| io::Error::other("server is stopping"))
+}
+
+/// Runs one client connection to its end.
+pub fn run(
+    s: &mut TcpStream,
+    session: u64,
+    tx: &Sender<Msg>,
+    handshake: Duration,
+    idle: Duration,
+) -> io::Result<()> {
+    s.set_nodelay(true)?;
+    s.set_write_timeout(Some(idle))?;
+    let Some(att) = handshake_phase(s, session, tx, handshake)? else {
+        return Ok(());
+    };
+    s.set_read_timeout(Some(idle))?;
+    transmission(s, session, tx, att.size, idle)
+}
+
+fn handshake_phase(
+    s: &mut TcpStream,
+    session: u64,
+    tx: &Sender<Msg>,
+    timeout: Duration,
+) -> io::Result<Option<Attached>> {
+    let deadline = Instant::now() + timeout;
+    let arm = |s: &TcpStream| -> io::Result<()> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no export chosen within the handshake timeout",
+            ));
+        }
+        s.set_read_timeout(Some(left))
+    };
+    let mut hello = Vec::new();
+    hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
+    hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    s.write_all(&hello)?;
+    arm(s)?;
+    let client_flags = rd_u32(s)?;
+    let tflags = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES;
+    let attach = |name: String, stream: &TcpStream| -> io::Result<Option<u64>> {
+        let stream = stream.try_clone()?;
+        ask(tx, |reply| Msg::Attach {
+            session,
+            name,
+            stream,
+            reply,
+        })
+    };
+    // Option haggling.
+    loop {
+        arm(s)?;
+        if rd_u64(s)? != IHAVEOPT {
+            return Err(invalid("bad option magic"));
+        }
+        let opt = rd_u32(s)?;
+        let len = rd_u32(s)?;
+        if len > MAX_OPTION {
+            return Err(invalid("option too long"));
+        }
+        let mut data = vec![0u8; len as usize];
+        s.read_exact(&mut data)?;
+        match opt {
+            OPT_EXPORT_NAME => {
+                let name = String::from_utf8_lossy(&data).into_owned();
+                // No error reply exists for this option: an unknown name closes the connection.
+                let Some(size) = attach(name.clone(), s)? else {
+                    eprintln!("nbd: client asked for unknown export '{name}'; closed");
+                    return Ok(None);
+                };
+                let mut b = Vec::new();
+                b.extend_from_slice(&size.to_be_bytes());
+                b.extend_from_slice(&tflags.to_be_bytes());
+                if client_flags & CLIENT_NO_ZEROES == 0 {
+                    b.extend_from_slice(&[0u8; 124]);
+                }
+                s.write_all(&b)?;
+                return Ok(Some(Attached { size }));
+            }
+            OPT_ABORT => {
+                opt_reply(s, opt, REP_ACK, &[])?;
+                return Ok(None);
+            }
+            OPT_LIST => {
+                for name in ask(tx, |reply| Msg::List { reply })? {
+                    let mut b = u32::try_from(name.len())
+                        .unwrap_or(0)
+                        .to_be_bytes()
+                        .to_vec();
+                    b.extend_from_slice(name.as_bytes());
+                    opt_reply(s, opt, REP_SERVER, &b)?;
+                }
+                opt_reply(s, opt, REP_ACK, &[])?;
+            }
+            OPT_INFO | OPT_GO => {
+                let nlen = data
+                    .get(0..4)
+                    .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+                    as usize;
+                let Some(want) = data
+                    .get(4..4 + nlen)
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                else {
+                    opt_reply(s, opt, REP_ERR_UNKNOWN, b"malformed option")?;
+                    continue;
+                };
+                let size = if opt == OPT_GO {
+                    attach(want.clone(), s)?
+                } else {
+                    ask(tx, |reply| Msg::Lookup {
+                        name: want.clone(),
+                        reply,
+                    })?
+                };
+                let Some(size) = size else {
+                    opt_reply(s, opt, REP_ERR_UNKNOWN, b"no such export")?;
+                    continue;
+                };
+                let mut info = INFO_EXPORT.to_be_bytes().to_vec();
+                info.extend_from_slice(&size.to_be_bytes());
+                info.extend_from_slice(&tflags.to_be_bytes());
+                opt_reply(s, opt, REP_INFO, &info)?;
+                opt_reply(s, opt, REP_ACK, &[])?;
+                if opt == OPT_GO {
+                    return Ok(Some(Attached { size }));
+                }
+            }
+            _ => opt_reply(s, opt, REP_ERR_UNSUP, &[])?,
+        }
+    }
+}
+
+fn transmission(
+    s: &mut TcpStream,
+    session: u64,
+    tx: &Sender<Msg>,
+    size: u64,
+    idle: Duration,
+) -> io::Result<()> {
+    loop {
+        let magic = match rd_u32(s) {
+            Ok(m) => m,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                eprintln!(
+                    "nbd: client idle for {:.1}s; disconnected",
+                    idle.as_secs_f64()
+                );
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        if magic != REQUEST_MAGIC {
+            return Err(invalid("bad request magic"));
+        }
+        let flags = rd_u16(s)?;
+        let cmd = rd_u16(s)?;
+        let handle = rd_u64(s)?;
+        let offset = rd_u64(s)?;
+        let len = rd_u32(s)?;
+        let fits = offset
+            .checked_add(u64::from(len))
+            .is_some_and(|e| e <= size);
+        let in_range = len <= MAX_REQUEST && fits;
+        let reply = |s: &mut TcpStream, err: u32, data: &[u8]| -> io::Result<()> {
+            let mut b = Vec::with_capacity(16 + data.len());
+            b.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+            b.extend_from_slice(&err.to_be_bytes());
+            b.extend_from_slice(&handle.to_be_bytes());
+            b.extend_from_slice(data);
+            s.write_all(&b)
+        };
+        let fua = flags & CMD_FLAG_FUA != 0;
+        let io = match cmd {
+            CMD_READ if in_range => Io::Read { offset, len },
+            CMD_WRITE => {
+                if len > MAX_REQUEST {
+                    return Err(invalid("write too long"));
+                }
+                let mut data = vec![0u8; len as usize];
+                s.read_exact(&mut data)?;
+                if !in_range {
+                    reply(s, EINVAL, &[])?;
+                    continue;
+                }
+                Io::Write { offset, data, fua }
+            }
+            // Zeroing and trimming carry no payload, so their length is bounded only by the
+            // export.
+            CMD_TRIM if fits => Io::Trim { offset, len, fua },
+            CMD_WRITE_ZEROES if fits => Io::Zeroes { offset, len, fua },
+            CMD_FLUSH => Io::Flush,
+            CMD_DISC => return Ok(()),
+            _ => {
+                reply(s, EINVAL, &[])?;
+                continue;
+            }
+        };
+        match ask(tx, |reply| Msg::Io { session, io, reply })? {
+            Ok(data) => reply(s, 0, &data)?,
+            Err(errno) => reply(s, errno, &[])?,
+        }
+    }
+}
