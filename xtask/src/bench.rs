@@ -152,6 +152,7 @@ fn vmcall() -> Result<Vec<Figure>, String> {
         work_dir: root().join("target/bench/vmcall"),
         deterministic: true,
         uefi: false,
+        kvm: false,
     };
     let stopped =
         Regex::new(r"stopped after (\d+) exits \((\d+) VMREADs, (\d+) VMWRITEs\)").expect("valid");
@@ -401,6 +402,7 @@ fn boot() -> Result<Vec<Figure>, String> {
             work_dir: root().join("target/bench/bochs"),
             deterministic: true,
             uefi: false,
+            kvm: false,
         };
         let (text, wall) = to_prompt(&m, Duration::from_secs(120))?;
         let c = tsc
@@ -452,6 +454,7 @@ fn boot() -> Result<Vec<Figure>, String> {
                     work_dir: root().join("target/bench/qemu"),
                     deterministic: false,
                     uefi: false,
+                    kvm: false,
                 };
                 walls.push(to_prompt(&m, Duration::from_secs(60))?.1.as_secs_f64());
             }

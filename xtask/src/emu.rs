@@ -54,6 +54,9 @@ pub struct Machine {
     pub deterministic: bool,
     /// QEMU: boot by UEFI firmware (OVMF) instead of the BIOS.
     pub uefi: bool,
+    /// QEMU: run on KVM with the host's CPU model (`-accel kvm -cpu host`), which offers VMX
+    /// to the hypervisor where the host allows nested virtualization.
+    pub kvm: bool,
 }
 
 /// A started emulator and its serial connection.
@@ -124,12 +127,15 @@ pub fn start(m: &Machine) -> Result<Running, String> {
         Emulator::Qemu => {
             deps::ensure(&[deps::QEMU])?;
             let mut c = Command::new("qemu-system-x86_64");
-            c.args(["-m", &m.mem_mib.to_string(), "-smp", &m.cpus.to_string()])
-                .args(["-display", "none", "-nic", "none", "-monitor", "none"])
-                .args([
-                    "-serial",
-                    &format!("tcp:127.0.0.1:{port},server=on,wait=on"),
-                ]);
+            c.args(["-m", &m.mem_mib.to_string(), "-smp", &m.cpus.to_string()]);
+            c.args(["-display", "none", "-nic", "none", "-monitor", "none"]);
+            if m.kvm {
+                c.args(["-accel", "kvm", "-cpu", "host"]);
+            }
+            c.args([
+                "-serial",
+                &format!("tcp:127.0.0.1:{port},server=on,wait=on"),
+            ]);
             if m.uefi {
                 deps::ensure(&[deps::UEFI])?;
                 // OVMF's variable store is written by the firmware: each run gets its own copy.
@@ -210,9 +216,128 @@ pub fn start(m: &Machine) -> Result<Running, String> {
     }
 }
 
+/// What the machine offers for running guests under real VT-x: QEMU with KVM, nested.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KvmProbe {
+    /// `/dev/kvm` exists and opens read-write.
+    pub dev_kvm: bool,
+    /// The host CPU has `vmx` in /proc/cpuinfo.
+    pub cpu_vmx: bool,
+    /// `kvm_intel`'s `nested` parameter is on (None: the parameter is not there).
+    pub nested: Option<bool>,
+}
+
+impl KvmProbe {
+    /// Looks at this machine.
+    pub fn here() -> Self {
+        let dev_kvm = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok();
+        let cpu_vmx = std::fs::read_to_string("/proc/cpuinfo")
+            .map(|t| cpu_has_vmx(&t))
+            .unwrap_or(false);
+        let nested = std::fs::read_to_string("/sys/module/kvm_intel/parameters/nested")
+            .ok()
+            .map(|v| matches!(v.trim(), "Y" | "y" | "1"));
+        KvmProbe {
+            dev_kvm,
+            cpu_vmx,
+            nested,
+        }
+    }
+
+    /// Why QEMU with KVM cannot run guests of the hypervisor here, or None when it can.
+    pub fn missing(&self) -> Option<&'static str> {
+        if !self.dev_kvm {
+            Some("/dev/kvm is missing or not usable by this user")
+        } else if !self.cpu_vmx {
+            Some(
+                "this CPU does not offer VMX (no 'vmx' in /proc/cpuinfo), so KVM cannot pass VT-x on",
+            )
+        } else if self.nested != Some(true) {
+            Some("KVM's nested virtualization is off (kvm_intel nested=N)")
+        } else {
+            None
+        }
+    }
+}
+
+/// Whether /proc/cpuinfo text lists the `vmx` flag.
+pub fn cpu_has_vmx(cpuinfo: &str) -> bool {
+    cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx"))
+}
+
+/// The machine `cargo xtask run` was asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Want {
+    /// The one that can run guests.
+    Auto,
+    Qemu,
+    Bochs,
+    Kvm,
+}
+
+/// The chosen machine: emulator, KVM or not, and the one line saying why.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Choice {
+    pub emulator: Emulator,
+    pub kvm: bool,
+    pub why: String,
+}
+
+/// Picks the machine: QEMU with KVM where it offers VT-x to guests, else Bochs (emulated VT-x);
+/// `--qemu`/`--bochs` force one, `--kvm` fails with the reason when KVM cannot run guests.
+pub fn choose(want: Want, probe: KvmProbe) -> Result<Choice, String> {
+    let kvm = Choice {
+        emulator: Emulator::Qemu,
+        kvm: true,
+        why: "QEMU with KVM: this CPU offers VT-x to guests (nested), so guests run at full speed"
+            .into(),
+    };
+    match want {
+        Want::Qemu => Ok(Choice {
+            emulator: Emulator::Qemu,
+            kvm: false,
+            why: "QEMU (TCG), as asked: there is no VT-x in it, so the hypervisor starts no guests"
+                .into(),
+        }),
+        Want::Bochs => Ok(Choice {
+            emulator: Emulator::Bochs,
+            kvm: false,
+            why: "Bochs (tigerlake, emulated VT-x with EPT), as asked".into(),
+        }),
+        Want::Kvm => match probe.missing() {
+            None => Ok(kvm),
+            Some(why) => Err(format!("--kvm: cannot run QEMU with KVM here: {why}")),
+        },
+        Want::Auto => match probe.missing() {
+            None => Ok(kvm),
+            Some(why) => Ok(Choice {
+                emulator: Emulator::Bochs,
+                kvm: false,
+                why: format!(
+                    "Bochs (tigerlake, emulated VT-x with EPT), because KVM cannot run guests here: {why}"
+                ),
+            }),
+        },
+    }
+}
+
+/// The domains `cargo xtask run` boots when no `--guest` or `--module` is given: one that says
+/// hello and exits, and one that stays running.
+pub const DEFAULT_GUESTS: &[&str] = &[
+    "hello:name=hello -- from cargo xtask run",
+    "ticker:name=ticker mem=8 -- stay",
+];
+
 /// `cargo xtask run ...`.
 pub fn run_command(args: &[String]) -> Result<(), String> {
-    let mut emulator = Emulator::Qemu;
+    let mut want = Want::Auto;
     let mut cpus = 2;
     let mut mem = 256;
     let mut image_args = Vec::new();
@@ -220,8 +345,9 @@ pub fn run_command(args: &[String]) -> Result<(), String> {
     while let Some(a) = it.next() {
         let mut value = |name: &str| it.next().cloned().ok_or(format!("{name} needs a value"));
         match a.as_str() {
-            "--bochs" => emulator = Emulator::Bochs,
-            "--qemu" => emulator = Emulator::Qemu,
+            "--bochs" => want = Want::Bochs,
+            "--qemu" => want = Want::Qemu,
+            "--kvm" => want = Want::Kvm,
             "--smp" => {
                 cpus = value("--smp")?
                     .parse()
@@ -249,23 +375,32 @@ pub fn run_command(args: &[String]) -> Result<(), String> {
     if !(64..=65536).contains(&mem) {
         return Err(format!("--mem {mem}: must be 64..65536 MiB"));
     }
+    let choice = choose(want, KvmProbe::here())?;
+    if !image_args.iter().any(|a| a == "--module" || a == "--guest") {
+        for g in DEFAULT_GUESTS {
+            image_args.push("--guest".into());
+            image_args.push((*g).into());
+        }
+    }
     let mut options = ImageOptions::parse(&image_args)?;
     if options.append.is_empty() {
         options.append = "loglevel=info".into();
     }
     let iso = build::image(&options)?;
     let m = Machine {
-        emulator,
+        emulator: choice.emulator,
         cpus,
         mem_mib: mem,
         boot: Boot::Iso(iso),
         work_dir: root().join("target").join("run"),
         deterministic: false,
         uefi: false,
+        kvm: choice.kvm,
     };
+    eprintln!("xtask: machine: {}", choice.why);
     eprintln!(
-        "xtask: booting {} with {cpus} CPU(s) and {mem} MiB{}",
-        emulator.name(),
+        "xtask: booting with {cpus} CPU(s), {mem} MiB and {} domain(s){}",
+        options.modules.len(),
         if std::io::stdin().is_terminal() {
             "; Ctrl-] quits"
         } else {
@@ -400,4 +535,62 @@ fn scripted(r: &mut Running) -> Result<(), String> {
     r.stop();
     println!();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KVM_OK: KvmProbe = KvmProbe {
+        dev_kvm: true,
+        cpu_vmx: true,
+        nested: Some(true),
+    };
+
+    #[test]
+    fn auto_takes_kvm_only_when_it_can_run_guests() {
+        let c = choose(Want::Auto, KVM_OK).unwrap();
+        assert_eq!((c.emulator, c.kvm), (Emulator::Qemu, true));
+        // This machine's kind: /dev/kvm but no vmx flag.
+        let here = KvmProbe {
+            dev_kvm: true,
+            cpu_vmx: false,
+            nested: None,
+        };
+        let c = choose(Want::Auto, here).unwrap();
+        assert_eq!((c.emulator, c.kvm), (Emulator::Bochs, false));
+        assert!(c.why.contains("no 'vmx'"), "{}", c.why);
+        let no_nested = KvmProbe {
+            nested: Some(false),
+            ..KVM_OK
+        };
+        assert_eq!(
+            choose(Want::Auto, no_nested).unwrap().emulator,
+            Emulator::Bochs
+        );
+        let no_dev = KvmProbe {
+            dev_kvm: false,
+            ..KVM_OK
+        };
+        assert!(choose(Want::Auto, no_dev).unwrap().why.contains("/dev/kvm"));
+    }
+
+    #[test]
+    fn forced_choices() {
+        let none = KvmProbe::default();
+        assert!(!choose(Want::Qemu, KVM_OK).unwrap().kvm);
+        assert_eq!(
+            choose(Want::Bochs, KVM_OK).unwrap().emulator,
+            Emulator::Bochs
+        );
+        let e = choose(Want::Kvm, none).unwrap_err();
+        assert!(e.contains("--kvm") && e.contains("/dev/kvm"), "{e}");
+        assert!(choose(Want::Kvm, KVM_OK).unwrap().kvm);
+    }
+
+    #[test]
+    fn vmx_flag_in_cpuinfo() {
+        assert!(cpu_has_vmx("processor : 0\nflags : fpu vme vmx sse\n"));
+        assert!(!cpu_has_vmx("flags : fpu vme svm sse\nvmx flags : ept\n"));
+    }
 }

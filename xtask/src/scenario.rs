@@ -100,6 +100,22 @@ pub fn load(path: &Path) -> Result<Scenario, String> {
         .unwrap_or_default()
         .to_string_lossy()
         .into_owned();
+    if s.via_xtask_run() {
+        if !s.modules.is_empty()
+            || s.boot != "kernel"
+            || s.firmware != "bios"
+            || !s.append.is_empty()
+        {
+            return Err(format!(
+                "{}: emulator 'xtask-run' runs `cargo xtask run` as a user would: no modules, boot, firmware or append",
+                s.name
+            ));
+        }
+        for r in s.expect.iter().chain(&s.reject) {
+            Regex::new(r).map_err(|e| format!("{}: bad pattern '{r}': {e}", s.name))?;
+        }
+        return Ok(s);
+    }
     s.emulator()?;
     if !matches!(s.boot.as_str(), "kernel" | "iso") {
         return Err(format!("{}: boot must be 'kernel' or 'iso'", s.name));
@@ -132,12 +148,18 @@ pub fn load(path: &Path) -> Result<Scenario, String> {
 }
 
 impl Scenario {
+    /// `emulator = "xtask-run"`: the scenario is `cargo xtask run` itself, on the machine it
+    /// chooses, with the input lines on its stdin, judged on everything it prints.
+    pub fn via_xtask_run(&self) -> bool {
+        self.emulator == "xtask-run"
+    }
+
     pub fn emulator(&self) -> Result<Emulator, String> {
         match self.emulator.as_str() {
             "qemu" => Ok(Emulator::Qemu),
             "bochs" => Ok(Emulator::Bochs),
             other => Err(format!(
-                "{}: unknown emulator '{other}' (qemu or bochs)",
+                "{}: unknown emulator '{other}' (qemu, bochs or xtask-run)",
                 self.name
             )),
         }
@@ -152,12 +174,30 @@ pub struct Outcome {
     pub log: PathBuf,
 }
 
+/// Where a scenario runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum On {
+    /// The emulator the scenario names.
+    Named,
+    /// QEMU with KVM and `-cpu host` instead (real VT-x, nested), for Bochs scenarios.
+    Kvm,
+}
+
 /// Boots and judges one scenario.
 pub fn run(s: &Scenario) -> Outcome {
-    let work = root().join("target").join("scenarios").join(&s.name);
+    run_on(s, On::Named)
+}
+
+/// Boots and judges one scenario on `on`.
+pub fn run_on(s: &Scenario, on: On) -> Outcome {
+    let dir = match on {
+        On::Named => s.name.clone(),
+        On::Kvm => format!("kvm-{}", s.name),
+    };
+    let work = root().join("target").join("scenarios").join(dir);
     let log = work.join("serial.log");
     let t0 = Instant::now();
-    let result = run_inner(s, &work, &log);
+    let result = run_inner(s, &work, &log, on);
     let seconds = t0.elapsed().as_secs_f64();
     match result {
         Ok(detail) => Outcome {
@@ -187,10 +227,16 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-fn run_inner(s: &Scenario, work: &Path, log: &Path) -> Result<String, String> {
+fn run_inner(s: &Scenario, work: &Path, log: &Path, on: On) -> Result<String, String> {
     let _ = std::fs::remove_dir_all(work);
     std::fs::create_dir_all(work).map_err(|e| e.to_string())?;
-    let emulator = s.emulator()?;
+    if s.via_xtask_run() {
+        return run_xtask(s, log);
+    }
+    let emulator = match on {
+        On::Named => s.emulator()?,
+        On::Kvm => Emulator::Qemu,
+    };
     let boot = if s.boot == "iso" {
         let modules = s
             .modules
@@ -201,7 +247,13 @@ fn run_inner(s: &Scenario, work: &Path, log: &Path) -> Result<String, String> {
             append: s.append.clone(),
             modules,
         };
-        Boot::Iso(build::image_named(&o, &format!("scenario-{}", s.name))?)
+        Boot::Iso(build::image_named(
+            &o,
+            &format!(
+                "scenario-{}",
+                work.file_name().unwrap_or_default().to_string_lossy()
+            ),
+        )?)
     } else {
         Boot::Kernel {
             elf: build::build_kernel()?,
@@ -216,6 +268,7 @@ fn run_inner(s: &Scenario, work: &Path, log: &Path) -> Result<String, String> {
         work_dir: work.to_path_buf(),
         deterministic: true,
         uefi: s.firmware == "uefi",
+        kvm: on == On::Kvm,
     };
     let mut running = emu::start(&m)?;
     running
@@ -336,4 +389,79 @@ fn run_inner(s: &Scenario, work: &Path, log: &Path) -> Result<String, String> {
             tail(&text, 25)
         )),
     }
+}
+
+/// Runs `cargo xtask run --smp N --mem M` (this xtask binary) with the scenario's input lines on
+/// stdin, bounded by its timeout, and judges its whole output (stdout and stderr).
+fn run_xtask(s: &Scenario, log: &Path) -> Result<String, String> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let exe = std::env::current_exe().map_err(|e| format!("own executable: {e}"))?;
+    let out = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let err = out.try_clone().map_err(|e| e.to_string())?;
+    let mut child = Command::new(exe)
+        .current_dir(root())
+        .args([
+            "run",
+            "--smp",
+            &s.cpus.to_string(),
+            "--mem",
+            &s.memory_mib.to_string(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .map_err(|e| format!("cannot start xtask run: {e}"))?;
+    let mut input = String::new();
+    for line in &s.input {
+        input.push_str(line);
+        input.push('\n');
+    }
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(input.as_bytes())
+            .map_err(|e| format!("xtask run stdin: {e}"))?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(s.timeout_s);
+    let status = loop {
+        if let Some(st) = child.try_wait().map_err(|e| e.to_string())? {
+            break Some(st);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let fail = |why: String| {
+        Err(format!(
+            "{why}\n--- last output of xtask run ---\n{}\n---",
+            tail(&text, 25)
+        ))
+    };
+    match status {
+        None => return fail(format!("xtask run still running after {} s", s.timeout_s)),
+        Some(st) if !st.success() => return fail(format!("xtask run failed: {st}")),
+        Some(_) => {}
+    }
+    if let Some(r) = compile(&s.reject).iter().find(|r| r.is_match(&text)) {
+        return fail(format!("rejected pattern /{r}/ appeared"));
+    }
+    let expect = compile(&s.expect);
+    let mut pos = 0;
+    for r in &expect {
+        let hay = if s.unordered { &text[..] } else { &text[pos..] };
+        match r.find(hay) {
+            Some(m) if !s.unordered => pos += m.end(),
+            Some(_) => {}
+            None => return fail(format!("/{r}/ never appeared")),
+        }
+    }
+    Ok(format!(
+        "{} patterns matched in the output of xtask run",
+        expect.len()
+    ))
 }

@@ -8,7 +8,7 @@
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use crate::{build, deps, root, scenario};
+use crate::{build, deps, emu, root, scenario};
 
 #[derive(Default)]
 struct Tally {
@@ -47,12 +47,14 @@ const BARE_METAL: &[&str] = &[
 
 pub fn run(args: &[String]) -> Result<(), String> {
     let mut quick = false;
+    let mut kvm = false;
     let mut filter: Option<String> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => quick = true,
             "--filter" => filter = Some(it.next().ok_or("--filter needs a value")?.clone()),
+            "--kvm" => kvm = true,
             other => return Err(format!("test: unknown option '{other}'")),
         }
     }
@@ -126,6 +128,51 @@ pub fn run(args: &[String]) -> Result<(), String> {
             o.passed,
             o.detail.lines().next().unwrap_or(""),
         );
+    }
+
+    // The Bochs scenarios again on real VT-x: QEMU with KVM (nested), `-cpu host`.
+    let probe = emu::KvmProbe::here();
+    match (kvm, probe.missing()) {
+        (false, None) => println!(
+            "kvm: this machine can run the Bochs scenarios on QEMU with KVM too: cargo xtask test --kvm"
+        ),
+        (false, Some(why)) => println!("kvm: Bochs scenarios not rerun on QEMU with KVM: {why}"),
+        (true, Some(why)) => {
+            println!("kvm: --kvm asked, but QEMU with KVM cannot run guests here: {why}");
+            tally.record("kvm", false, why);
+        }
+        (true, None) => {
+            for s in scenario::load_all()? {
+                if s.via_xtask_run() || s.emulator()? != emu::Emulator::Bochs {
+                    continue;
+                }
+                if filter
+                    .as_ref()
+                    .is_some_and(|f| !s.name.contains(f.as_str()))
+                {
+                    continue;
+                }
+                let o = scenario::run_on(&s, scenario::On::Kvm);
+                println!(
+                    "kvm      {:<28} {} in {:>5.1} s",
+                    s.name,
+                    if o.passed { "ok    " } else { "FAILED" },
+                    o.seconds,
+                );
+                if !o.passed {
+                    println!(
+                        "  {}\n  serial log: {}",
+                        o.detail.replace('\n', "\n  "),
+                        o.log.display()
+                    );
+                }
+                tally.record(
+                    &format!("kvm {}", s.name),
+                    o.passed,
+                    o.detail.lines().next().unwrap_or(""),
+                );
+            }
+        }
     }
 
     println!();

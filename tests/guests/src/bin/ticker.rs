@@ -1,6 +1,8 @@
 //! `ticker`: arms the paravirtual timer (SET_TIMER, vector 0x30, 10 ms), sleeps in HLT until
 //! 20 interrupts arrived, and checks that an interrupt falling due while interrupts are
-//! disabled is held and delivered right after STI.
+//! disabled is held and delivered right after STI. With the argument `stay` it then keeps the
+//! timer at 1 s and stays up, halted between interrupts (a domain that keeps running, for
+//! `cargo xtask run`), saying once a minute how long it has been up.
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 #[cfg(target_os = "none")]
@@ -46,7 +48,7 @@ fn install_idt() {
 }
 
 #[cfg(target_os = "none")]
-fn run(_args: &str, _ram: u64) {
+fn run(args: &str, _ram: u64) {
     use hv_abi::hypercall as nr;
     install_idt();
     let bad = hypercall(nr::SET_TIMER, 3, 10_000, 0);
@@ -75,6 +77,19 @@ fn run(_args: &str, _ram: u64) {
     unsafe { core::arch::asm!("sti", "nop", "nop", "cli") };
     let delivered = ticks() > before;
     println!("ticker: held while IF=0: {held}; delivered right after STI: {delivered}");
+    if args.split_whitespace().any(|a| a == "stay") {
+        let r = hypercall(nr::SET_TIMER, 0x30, 1_000_000, 0);
+        println!("ticker: staying up, 1 s timer: {r}");
+        let base = ticks();
+        loop {
+            // SAFETY: as above: wait in HLT for the next timer interrupt.
+            unsafe { core::arch::asm!("sti", "hlt", "cli") };
+            let up = ticks() - base;
+            if up > 0 && up % 60 == 0 {
+                println!("ticker: up {} min", up / 60);
+            }
+        }
+    }
     hypercall(nr::SET_TIMER, 0x30, 0, 0);
 }
 
