@@ -85,7 +85,7 @@ fn run(args: &str, _ram: u64) {
             // SAFETY: as above: wait in HLT for the next timer interrupt.
             unsafe { core::arch::asm!("sti", "hlt", "cli") };
             let up = ticks() - base;
-            if up > 0 && up % 60 == 0 {
+            if up > 0 && up.is_multiple_of(60) {
                 println!("ticker: up {} min", up / 60);
             }
         }
