@@ -21,25 +21,18 @@ use spin::Mutex;
 
 use crate::arch::cpu;
 use crate::domain::config::DomainConfig;
-use crate::domain::console::DomainConsole;
-use crate::domain::hypercall::{self, Outcome};
 use crate::domain::loader::{self, BootState};
-use crate::domain::memory::{
-    BadGpa, CHUNK, GuestMemory, GuestPhysAddr, UNASSIGNED_MMIO, pieces, translate,
-};
-use crate::domain::ports::{self, PortAction};
-use crate::domain::vtimer::{self, VirtTimer};
+use crate::domain::memory::{BadGpa, CHUNK, GuestMemory, GuestPhysAddr, pieces};
 use crate::mm::frames::FrameAllocator;
 use crate::percpu::{self, CPUS, MAX_CPUS};
 use crate::println;
+use crate::vcpu::dispatch::{self, Action, Platform, VcpuCore};
+use crate::vcpu::exit::Exit;
 use crate::vmx::caps::VmxCaps;
-use crate::vmx::cr::{self, CrExit};
-use crate::vmx::decode;
 use crate::vmx::ept::{Ept, MemType, PageSizes, Perm, TableFrames};
-use crate::vmx::exit::{EptViolationExit, ExitReason, IoExit, REASON_SLOTS};
+use crate::vmx::exit::{ExitReason, REASON_SLOTS};
 use crate::vmx::fpu::{self, FpuArea};
 use crate::vmx::hw::{ActiveVmcs, FixedBits, GuestRegs, Vmcs, VmxCpu, fields as f};
-use crate::vmx::policy::{self, MsrRule, StoredMsrs};
 use crate::vmx::setup::{GuestSetup, setup_vmcs};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -214,34 +207,26 @@ impl TableFrames for Frames<'_> {
 /// A virtual CPU, owned by the run queue of the CPU it is pinned to.
 pub struct Vcpu {
     domain: Arc<Domain>,
-    index: u32,
     /// vCPU 0 from the start; the others once VCPU_START named them.
     started: bool,
-    regs: GuestRegs,
+    /// Registers, MSRs, timer and XCR0: what the exit dispatcher works on.
+    core: VcpuCore,
     vmcs: Option<Vmcs>,
     setup: GuestSetup,
     mem: Arc<DomainMem>,
-    console: DomainConsole,
-    msrs: StoredMsrs,
     /// Whether the VMCS has been filled.
     ready: bool,
     /// Halted until this CPU's tick count passes this value.
     halted_at_tick: Option<u64>,
-    /// The paravirtual timer (SET_TIMER).
-    timer: VirtTimer,
-    /// Whether interrupt-window exiting is on (a timer interrupt waits for RFLAGS.IF).
-    window_exiting: bool,
     /// FXSAVE area of the guest's x87/SSE state, swapped when this CPU changes vCPU.
     fpu: Box<FpuArea>,
-    /// The guest's XCR0 (loaded while it runs, when XSAVE is in use).
-    xcr0: u64,
 }
 
 impl Vcpu {
     /// Whether the vCPU still waits in HLT: until its timer's deadline when armed, else until
     /// the next tick of its CPU.
     fn still_halted(&self, cpu: usize) -> bool {
-        match (self.halted_at_tick, self.timer.deadline()) {
+        match (self.halted_at_tick, self.core.timer.deadline()) {
             (None, _) => false,
             (Some(_), Some(deadline)) => cpu::rdtsc() < deadline,
             (Some(t), None) => CPUS[cpu].ticks.load(Ordering::Relaxed) <= t,
@@ -250,7 +235,7 @@ impl Vcpu {
 
     /// A key unique to this vCPU among all domains.
     fn key(&self) -> u64 {
-        (u64::from(self.domain.id) << 32) | u64::from(self.index)
+        (u64::from(self.domain.id) << 32) | u64::from(self.core.index)
     }
 }
 
@@ -406,24 +391,78 @@ pub fn create(image: &[u8], cfg: &DomainConfig, caps: &VmxCaps) -> Result<Arc<Do
         };
         let vcpu = Box::new(Vcpu {
             domain: domain.clone(),
-            index: index as u32,
             started: index == 0,
-            regs,
+            core: VcpuCore::new(index as u32, regs, fpu::XCR0_RESET),
             vmcs: Some(vmcs),
             setup: GuestSetup { boot, eptp, vpid },
             mem: mem.clone(),
-            console: DomainConsole::default(),
-            msrs: StoredMsrs::default(),
             ready: false,
             halted_at_tick: None,
-            timer: VirtTimer::default(),
-            window_exiting: false,
             fpu: FpuArea::initial(),
-            xcr0: fpu::XCR0_RESET,
         });
         RUN_QUEUES[placement[index]].lock().push_back(vcpu);
     }
     Ok(domain)
+}
+
+/// The dispatcher's view of this machine and of the vCPU's domain.
+struct HwPlatform<'a> {
+    cpu: usize,
+    domain: &'a Domain,
+}
+
+impl Platform for HwPlatform<'_> {
+    fn cpuid(&self, leaf: u32, subleaf: u32) -> core::arch::x86_64::CpuidResult {
+        cpu::cpuid(leaf, subleaf)
+    }
+
+    #[inline]
+    fn rdtsc(&self) -> u64 {
+        cpu::rdtsc()
+    }
+
+    fn fixed_bits(&self) -> FixedBits {
+        FixedBits::read()
+    }
+
+    fn xcr0_supported(&self) -> u64 {
+        fpu::allowed()
+    }
+
+    fn load_xcr0(&mut self, value: u64) {
+        fpu::set_xcr0(self.cpu, value);
+    }
+
+    fn console_window(&self) -> u64 {
+        CPUS[self.cpu].ticks.load(Ordering::Relaxed) / 100
+    }
+
+    fn console_line(&mut self, line: &str) {
+        println!("[dom{}] {line}", self.domain.id);
+    }
+
+    #[inline]
+    fn vcpus(&self) -> u32 {
+        self.domain.vcpus
+    }
+
+    #[inline]
+    fn vcpus_started(&self) -> u64 {
+        self.domain.started.load(Ordering::Acquire)
+    }
+
+    fn start_vcpu(&mut self, index: u32, rip: u64, rsp: u64) -> bool {
+        let bit = 1u64 << index;
+        if self.domain.started.fetch_or(bit, Ordering::AcqRel) & bit != 0 {
+            return false;
+        }
+        *self.domain.starts[index as usize].lock() = Some((rip, rsp));
+        true
+    }
+
+    fn tsc_per_us(&self) -> u64 {
+        (SLICE_TSC.load(Ordering::Relaxed) / 10_000).max(1)
+    }
 }
 
 /// How a slice of guest execution ended.
@@ -474,7 +513,7 @@ impl RunLoop {
                 DomainState::Running => {}
             }
             if !v.started {
-                let request = v.domain.starts[v.index as usize].lock().take();
+                let request = v.domain.starts[v.core.index as usize].lock().take();
                 match request {
                     Some((rip, rsp)) => {
                         v.setup.boot.rip = rip;
@@ -518,7 +557,7 @@ impl RunLoop {
         if *fpu_owner == v.key() {
             return;
         }
-        fpu::restore(&v.fpu, v.xcr0, cpu);
+        fpu::restore(&v.fpu, v.core.xcr0, cpu);
         *fpu_owner = v.key();
     }
 
@@ -568,22 +607,26 @@ impl RunLoop {
         let slice = SLICE_TSC.load(Ordering::Relaxed);
         let start = cpu::rdtsc();
         // Bring the guest's timer up to date first, so its next deadline is in the future.
-        v.timer.poll(start);
+        v.core.timer.poll(start);
         let budget = v
+            .core
             .timer
             .until_due(start)
             .map_or(slice, |due| due.clamp(1, slice));
         let timer = (budget >> caps.preemption_timer_rate()).min(u64::from(u32::MAX));
         let _ = a.set(f::PREEMPTION_TIMER, timer);
         let end = loop {
-            if !v.timer.idle()
-                && v.timer.poll(cpu::rdtsc())
-                && let Err(e) = Self::deliver_timer(a, v)
+            if !v.core.timer.idle()
+                && v.core.timer.poll(cpu::rdtsc())
+                && let Err(e) = dispatch::deliver_timer(&mut v.core, a)
             {
-                break SliceEnd::Stop { why: e, dump: true };
+                break SliceEnd::Stop {
+                    why: String::from(e.message()),
+                    dump: true,
+                };
             }
             x86_64::instructions::interrupts::disable();
-            let entered = a.run(&mut v.regs);
+            let entered = a.run(&mut v.core.regs);
             // Let the host take the interrupt that caused an exit, if any.
             x86_64::instructions::interrupts::enable();
             if let Err(e) = entered {
@@ -592,44 +635,71 @@ impl RunLoop {
                     dump: true,
                 };
             }
-            let raw = a.info(f::EXIT_REASON) as u32;
-            let reason = ExitReason::from_raw(raw);
-            v.domain.exits[reason.slot()].fetch_add(1, Ordering::Relaxed);
-            if ExitReason::entry_failed(raw) {
+            let exit = Exit::capture(a);
+            v.domain.exits[exit.reason.slot()].fetch_add(1, Ordering::Relaxed);
+            if exit.entry_failed() {
                 let q = a.info(f::EXIT_QUALIFICATION);
                 break SliceEnd::Stop {
                     why: alloc::format!(
-                        "VM entry failed: {} (exit reason {raw:#x}, qualification {q})",
-                        reason.name()
+                        "VM entry failed: {} (exit reason {:#x}, qualification {q})",
+                        exit.reason.name(),
+                        exit.raw,
                     ),
                     dump: true,
                 };
             }
-            match Self::handle_exit(cpu, a, v, reason) {
-                Ok(Some(end)) => break end,
-                Ok(None) if reason == ExitReason::PreemptionTimer => {
+            let action = {
+                let mut p = HwPlatform {
+                    cpu,
+                    domain: &v.domain,
+                };
+                dispatch::handle(&exit, &mut v.core, a, &v.mem.ram, &mut p)
+            };
+            match action {
+                Ok(Action::Resume) if exit.reason == ExitReason::PreemptionTimer => {
                     // Woken for the guest's timer: run on until the slice ends or it is due again.
                     let now = cpu::rdtsc();
                     let left = slice.saturating_sub(now.wrapping_sub(start)).max(1);
                     let budget = v
+                        .core
                         .timer
                         .until_due(now)
                         .map_or(left, |due| due.clamp(1, left));
                     let value = (budget >> caps.preemption_timer_rate()).min(u64::from(u32::MAX));
                     let _ = a.set(f::PREEMPTION_TIMER, value);
                 }
-                Ok(None) => {}
-                Err(why) => break SliceEnd::Stop { why, dump: true },
-            }
-            match v.domain.state() {
-                DomainState::Running => {}
-                DomainState::Destroying => {
+                Ok(Action::Resume) => {}
+                Ok(Action::Requeue) => break SliceEnd::Requeue,
+                Ok(Action::Halt) => {
+                    v.halted_at_tick = Some(CPUS[cpu].ticks.load(Ordering::Relaxed));
+                    break SliceEnd::Requeue;
+                }
+                Ok(Action::Retire) => break SliceEnd::Retire,
+                Ok(Action::Exit(code)) => {
                     break SliceEnd::Stop {
-                        why: String::from("destroyed by the operator"),
+                        why: alloc::format!("exited with code {code}"),
                         dump: false,
                     };
                 }
-                DomainState::Stopped => break SliceEnd::Retire,
+                Err(e) => {
+                    break SliceEnd::Stop {
+                        why: String::from(e.message()),
+                        dump: true,
+                    };
+                }
+            }
+            // One load on the fast path; the match only once something changed.
+            if v.domain.state.load(Ordering::Acquire) != DomainState::Running as u8 {
+                match v.domain.state() {
+                    DomainState::Running => {}
+                    DomainState::Destroying => {
+                        break SliceEnd::Stop {
+                            why: String::from("destroyed by the operator"),
+                            dump: false,
+                        };
+                    }
+                    DomainState::Stopped => break SliceEnd::Retire,
+                }
             }
             if cpu::rdtsc().wrapping_sub(start) > slice {
                 break SliceEnd::Requeue;
@@ -649,398 +719,12 @@ impl RunLoop {
         end
     }
 
-    fn skip(a: &mut ActiveVmcs) -> Result<(), String> {
-        let len = a.info(f::EXIT_INSTRUCTION_LEN);
-        let rip = a.get(f::GUEST_RIP);
-        a.set(f::GUEST_RIP, rip.wrapping_add(len))
-            .map_err(|e| alloc::format!("{e}"))
-    }
-
-    /// Injects the pending timer interrupt if the guest can take it now, else asks for an exit
-    /// as soon as it can (interrupt-window exiting, SDM Vol. 3C §25.2).
-    fn deliver_timer(a: &mut ActiveVmcs, v: &mut Vcpu) -> Result<(), String> {
-        let err = |e| alloc::format!("{e}");
-        if a.get(f::ENTRY_INTERRUPTION) & (1 << 31) != 0 {
-            return Ok(()); // another event (an exception) goes first
-        }
-        let ready = vtimer::can_inject(a.get(f::GUEST_RFLAGS), a.get(f::GUEST_INTERRUPTIBILITY));
-        if ready && let Some(vector) = v.timer.take() {
-            // External interrupt, vector as asked (SDM Vol. 3C §24.8.3).
-            a.set(f::ENTRY_INTERRUPTION, u64::from(vector) | (1 << 31))
-                .map_err(err)?;
-        }
-        if ready == v.window_exiting {
-            let procbased = a.get(f::PROCBASED);
-            let want = if ready {
-                procbased & !(1 << 2)
-            } else {
-                procbased | (1 << 2)
-            };
-            a.set(f::PROCBASED, want).map_err(err)?;
-            v.window_exiting = !ready;
-        }
-        Ok(())
-    }
-
-    /// Completes a guest load or store to unassigned MMIO: a load gets all ones, a store is
-    /// dropped; the instruction is read through the guest's page tables and decoded (only
-    /// plain moves; anything else stops the domain).
-    fn emulate_unassigned_mmio(a: &mut ActiveVmcs, v: &mut Vcpu, gpa: u64) -> Result<(), String> {
-        let rip = a.get(f::GUEST_RIP);
-        let cr3 = a.get(f::GUEST_CR3);
-        let mut bytes = [0u8; decode::MAX_LEN];
-        let mut n = 0;
-        while n < bytes.len() {
-            let Some(pa) = translate(&v.mem.ram, cr3, rip.wrapping_add(n as u64)) else {
-                break;
-            };
-            if v.mem
-                .ram
-                .read(GuestPhysAddr(pa), &mut bytes[n..n + 1])
-                .is_err()
-            {
-                break;
-            }
-            n += 1;
-        }
-        let d = decode::decode(&bytes[..n]).map_err(|e| {
-            alloc::format!(
-                "MMIO access to guest-physical {gpa:#x} by an instruction not emulated ({e:?}; bytes {:02x?})",
-                &bytes[..n.min(8)]
-            )
-        })?;
-        if let decode::Access::Load { reg, .. } = d.access {
-            let old = Self::gpr(a, v, reg);
-            Self::set_gpr(a, v, reg, decode::apply_load(old, d.access, u64::MAX))?;
-        }
-        a.set(f::GUEST_RIP, rip.wrapping_add(d.len as u64))
-            .map_err(|e| alloc::format!("{e}"))
-    }
-
-    /// General register `n` (0 = RAX .. 15 = R15; RSP lives in the VMCS).
-    fn gpr(a: &mut ActiveVmcs, v: &Vcpu, n: u8) -> u64 {
-        let r = &v.regs;
-        match n {
-            0 => r.rax,
-            1 => r.rcx,
-            2 => r.rdx,
-            3 => r.rbx,
-            4 => a.get(f::GUEST_RSP),
-            5 => r.rbp,
-            6 => r.rsi,
-            7 => r.rdi,
-            8 => r.r8,
-            9 => r.r9,
-            10 => r.r10,
-            11 => r.r11,
-            12 => r.r12,
-            13 => r.r13,
-            14 => r.r14,
-            _ => r.r15,
-        }
-    }
-
-    fn set_gpr(a: &mut ActiveVmcs, v: &mut Vcpu, n: u8, value: u64) -> Result<(), String> {
-        let r = &mut v.regs;
-        let slot = match n {
-            0 => &mut r.rax,
-            1 => &mut r.rcx,
-            2 => &mut r.rdx,
-            3 => &mut r.rbx,
-            4 => {
-                return a
-                    .set(f::GUEST_RSP, value)
-                    .map_err(|e| alloc::format!("{e}"));
-            }
-            5 => &mut r.rbp,
-            6 => &mut r.rsi,
-            7 => &mut r.rdi,
-            8 => &mut r.r8,
-            9 => &mut r.r9,
-            10 => &mut r.r10,
-            11 => &mut r.r11,
-            12 => &mut r.r12,
-            13 => &mut r.r13,
-            14 => &mut r.r14,
-            _ => &mut r.r15,
-        };
-        *slot = value;
-        Ok(())
-    }
-
-    fn inject_gp(a: &mut ActiveVmcs) -> Result<(), String> {
-        // Hardware exception 13 with an error code of 0 (SDM Vol. 3C §24.8.3).
-        let info = 13 | (3 << 8) | (1 << 11) | (1 << 31);
-        a.set(f::ENTRY_INTERRUPTION, info)
-            .map_err(|e| alloc::format!("{e}"))?;
-        a.set(f::ENTRY_ERROR_CODE, 0)
-            .map_err(|e| alloc::format!("{e}"))
-    }
-
-    fn print_console(cpu: usize, v: &mut Vcpu, bytes: &[u8]) {
-        let window = CPUS[cpu].ticks.load(Ordering::Relaxed) / 100;
-        for line in v.console.feed(bytes, window) {
-            println!("[dom{}] {line}", v.domain.id);
-        }
-    }
-
-    /// `Ok(None)`: resume the guest; `Ok(Some(end))`: end the slice; `Err`: stop the domain.
-    fn handle_exit(
-        cpu: usize,
-        a: &mut ActiveVmcs,
-        v: &mut Vcpu,
-        reason: ExitReason,
-    ) -> Result<Option<SliceEnd>, String> {
-        match reason {
-            ExitReason::ExternalInterrupt => Ok(None),
-            ExitReason::PreemptionTimer => {
-                // The guest's timer fell due: deliver it in this slice; else the slice is over.
-                let due = v.timer.until_due(cpu::rdtsc()) == Some(0);
-                if due && v.timer.poll(cpu::rdtsc()) {
-                    Ok(None)
-                } else {
-                    Ok(Some(SliceEnd::Requeue))
-                }
-            }
-            ExitReason::InterruptWindow => Ok(None),
-            ExitReason::Cpuid => {
-                let native = cpu::cpuid(v.regs.rax as u32, v.regs.rcx as u32);
-                let p = policy::CpuidPolicy {
-                    vcpus: v.domain.vcpus,
-                    index: v.index,
-                    xcr0_allowed: fpu::allowed(),
-                    guest_osxsave: a.get(f::GUEST_CR4) & (1 << 18) != 0,
-                };
-                let r = policy::cpuid(v.regs.rax as u32, v.regs.rcx as u32, native, p);
-                v.regs.rax = u64::from(r.eax);
-                v.regs.rbx = u64::from(r.ebx);
-                v.regs.rcx = u64::from(r.ecx);
-                v.regs.rdx = u64::from(r.edx);
-                Self::skip(a).map(|_| None)
-            }
-            ExitReason::Hlt => {
-                Self::skip(a)?;
-                // HLT right after STI (the usual way to wait) ran in the STI shadow; since we
-                // completed it, the shadow must end here, or the wake-up interrupt could not be
-                // injected before the next instruction (SDM Vol. 3C §25.4, "Blocking by STI").
-                let intr = a.get(f::GUEST_INTERRUPTIBILITY);
-                if intr & 1 != 0 {
-                    a.set(f::GUEST_INTERRUPTIBILITY, intr & !1)
-                        .map_err(|e| alloc::format!("{e}"))?;
-                }
-                v.halted_at_tick = Some(CPUS[cpu].ticks.load(Ordering::Relaxed));
-                Ok(Some(SliceEnd::Requeue))
-            }
-            ExitReason::Rdmsr | ExitReason::Wrmsr => {
-                let msr = v.regs.rcx as u32;
-                let write = reason == ExitReason::Wrmsr;
-                let value = (v.regs.rdx << 32) | (v.regs.rax & 0xffff_ffff);
-                let field = match msr {
-                    0x174 => Some(f::GUEST_SYSENTER_CS),
-                    0x175 => Some(f::GUEST_SYSENTER_ESP),
-                    0x176 => Some(f::GUEST_SYSENTER_EIP),
-                    0x277 => Some(f::GUEST_PAT),
-                    0xc000_0080 => Some(f::GUEST_EFER),
-                    0xc000_0100 => Some(f::GUEST_FS_BASE),
-                    0xc000_0101 => Some(f::GUEST_GS_BASE),
-                    _ => None,
-                };
-                let result = match (policy::msr_rule(msr), write) {
-                    (None, _) => None,
-                    (Some(_), true) if !policy::msr_write_valid(msr, value) => None,
-                    (Some(MsrRule::Fixed(x)), false) => Some(x),
-                    (Some(MsrRule::Fixed(_)), true) => Some(0),
-                    (Some(MsrRule::Stored), false) => Some(v.msrs.get(msr)),
-                    (Some(MsrRule::Stored), true) => {
-                        v.msrs.set(msr, value);
-                        Some(0)
-                    }
-                    (Some(MsrRule::Tsc), false) => Some(cpu::rdtsc()),
-                    (Some(MsrRule::Tsc), true) => Some(0),
-                    (Some(MsrRule::VmcsField), false) => field.map(|fl| a.get(fl)),
-                    // EFER: LMA is the processor's to set; the guest may change NXE and SCE only.
-                    (Some(MsrRule::VmcsField), true) if msr == 0xc000_0080 => {
-                        let keep = a.get(f::GUEST_EFER) & !((1 << 11) | 1);
-                        a.set(f::GUEST_EFER, keep | (value & ((1 << 11) | 1)))
-                            .map_err(|e| alloc::format!("{e}"))?;
-                        Some(0)
-                    }
-                    (Some(MsrRule::VmcsField), true) => {
-                        let fl = field.ok_or_else(|| String::from("internal: MSR field"))?;
-                        a.set(fl, value).map_err(|e| alloc::format!("{e}"))?;
-                        Some(0)
-                    }
-                };
-                match result {
-                    Some(x) => {
-                        if !write {
-                            v.regs.rax = x & 0xffff_ffff;
-                            v.regs.rdx = x >> 32;
-                        }
-                        Self::skip(a).map(|_| None)
-                    }
-                    None => Self::inject_gp(a).map(|_| None),
-                }
-            }
-            ExitReason::IoInstruction => {
-                let io = IoExit::decode(a.info(f::EXIT_QUALIFICATION));
-                if io.string {
-                    return Err(alloc::format!(
-                        "string I/O (INS/OUTS) to port {:#x} is not supported",
-                        io.port
-                    ));
-                }
-                match ports::access(io.port, io.size, io.input, v.regs.rax as u32) {
-                    PortAction::Read(x) => {
-                        let mask = match io.size {
-                            1 => 0xff,
-                            2 => 0xffff,
-                            _ => 0xffff_ffff,
-                        };
-                        v.regs.rax = (v.regs.rax & !mask) | (u64::from(x) & mask);
-                    }
-                    PortAction::ConsoleByte(b) => Self::print_console(cpu, v, &[b]),
-                    PortAction::Exit(code) => {
-                        return Ok(Some(SliceEnd::Stop {
-                            why: alloc::format!("exited with code {code}"),
-                            dump: false,
-                        }));
-                    }
-                    PortAction::Ignore => {}
-                }
-                Self::skip(a).map(|_| None)
-            }
-            ExitReason::Vmcall => {
-                let args = [v.regs.rdi, v.regs.rsi, v.regs.rdx];
-                let caller = hypercall::Caller {
-                    vcpus: v.domain.vcpus,
-                    started: v.domain.started.load(Ordering::Acquire),
-                };
-                match hypercall::dispatch(v.regs.rax, args, &v.mem.ram, caller) {
-                    Outcome::Return(x) => v.regs.rax = x as u64,
-                    Outcome::Console(bytes) => {
-                        Self::print_console(cpu, v, &bytes);
-                        v.regs.rax = bytes.len() as u64;
-                    }
-                    Outcome::Exit(code) => {
-                        return Ok(Some(SliceEnd::Stop {
-                            why: alloc::format!("exited with code {code}"),
-                            dump: false,
-                        }));
-                    }
-                    Outcome::Yield => {
-                        v.regs.rax = 0;
-                        Self::skip(a)?;
-                        return Ok(Some(SliceEnd::Requeue));
-                    }
-                    Outcome::StartVcpu { index, rip, rsp } => {
-                        let bit = 1u64 << index;
-                        if v.domain.started.fetch_or(bit, Ordering::AcqRel) & bit != 0 {
-                            v.regs.rax = hv_abi::Status::InvalidArgument as i64 as u64;
-                        } else {
-                            *v.domain.starts[index as usize].lock() = Some((rip, rsp));
-                            v.regs.rax = 0;
-                        }
-                    }
-                    Outcome::VcpuOff => return Ok(Some(SliceEnd::Retire)),
-                    Outcome::SetTimer { vector, period_us } => {
-                        if period_us == 0 {
-                            v.timer.off();
-                        } else {
-                            let per_us = (SLICE_TSC.load(Ordering::Relaxed) / 10_000).max(1);
-                            v.timer.set(vector, period_us * per_us, cpu::rdtsc());
-                        }
-                        v.regs.rax = 0;
-                    }
-                }
-                Self::skip(a).map(|_| None)
-            }
-            ExitReason::EptViolation => {
-                let gpa = a.info(f::GUEST_PHYSICAL_ADDRESS);
-                let q = EptViolationExit::decode(a.info(f::EXIT_QUALIFICATION));
-                // The MMIO dispatch point. No device models are registered yet: the unassigned
-                // MMIO hole answers like an empty bus; anything else outside RAM stops the domain.
-                if UNASSIGNED_MMIO.contains(&gpa) && !q.fetch {
-                    return Self::emulate_unassigned_mmio(a, v, gpa).map(|()| None);
-                }
-                Err(alloc::format!(
-                    "EPT violation: {} of guest-physical {gpa:#x}, which is not its memory",
-                    q.access()
-                ))
-            }
-            ExitReason::TripleFault => Err(String::from("triple fault")),
-            ExitReason::CrAccess => {
-                let exit = CrExit::decode(a.info(f::EXIT_QUALIFICATION));
-                let fixed = FixedBits::read();
-                let long_mode = a.get(f::GUEST_EFER) & (1 << 10) != 0;
-                let cr0 =
-                    |value| cr::write_cr0(value, fixed.cr0_fixed0, fixed.cr0_fixed1, long_mode);
-                let result = match exit {
-                    CrExit::MovTo { cr: 0, gpr } => cr0(Self::gpr(a, v, gpr)).map(|c| (0, c)),
-                    CrExit::MovTo { cr: 4, gpr } => cr::write_cr4(
-                        Self::gpr(a, v, gpr),
-                        fixed.cr4_fixed0,
-                        fixed.cr4_fixed1,
-                        long_mode,
-                    )
-                    .map(|c| (4, c)),
-                    // CLTS clears CR0.TS; LMSW loads CR0[3:0] but cannot clear PE.
-                    CrExit::Clts => cr0(a.get(f::CR0_SHADOW) & !8).map(|c| (0, c)),
-                    CrExit::Lmsw(src) => {
-                        let old = a.get(f::CR0_SHADOW);
-                        cr0((old & !0xe) | (u64::from(src) & 0xf) | (old & 1)).map(|c| (0, c))
-                    }
-                    other => {
-                        return Err(alloc::format!(
-                            "unhandled control-register access {other:?}"
-                        ));
-                    }
-                };
-                match result {
-                    Ok((reg, c)) => {
-                        let (actual, shadow) = if reg == 0 {
-                            (f::GUEST_CR0, f::CR0_SHADOW)
-                        } else {
-                            (f::GUEST_CR4, f::CR4_SHADOW)
-                        };
-                        a.set(actual, c.actual).map_err(|e| alloc::format!("{e}"))?;
-                        a.set(shadow, c.shadow).map_err(|e| alloc::format!("{e}"))?;
-                        Self::skip(a).map(|_| None)
-                    }
-                    Err(cr::InjectGp) => Self::inject_gp(a).map(|_| None),
-                }
-            }
-            ExitReason::Xsetbv => {
-                // XSETBV exits before its own checks only where CR4.OSXSAVE is set and CPL is 0
-                // (else the CPU raised #UD/#GP itself); the value is ours to check.
-                let value = (v.regs.rdx << 32) | (v.regs.rax & 0xffff_ffff);
-                if v.regs.rcx as u32 == 0 && policy::xcr0_allowed(value, fpu::allowed()) {
-                    v.xcr0 = value;
-                    fpu::set_xcr0(cpu, value);
-                    Self::skip(a).map(|_| None)
-                } else {
-                    Self::inject_gp(a).map(|_| None)
-                }
-            }
-            ExitReason::VmxInstruction(_) | ExitReason::Invlpg | ExitReason::Rdtsc => {
-                // VMX instructions are not available to guests: #UD would be exact,
-                // #GP is what the allow-list gives for everything it does not offer.
-                Self::inject_gp(a).map(|_| None)
-            }
-            other => Err(alloc::format!(
-                "unhandled VM exit: {} ({:?})",
-                other.name(),
-                other
-            )),
-        }
-    }
-
     fn dump(&mut self, v: &mut Vcpu, why: &str) {
         let Some(mut vmcs) = v.vmcs.take() else {
             return;
         };
         if let Ok(mut a) = self.vmx.load(&mut vmcs) {
-            let r = &v.regs;
+            let r = &v.core.regs;
             println!(
                 "[dom{}] {why}: RIP={:#x} RSP={:#x} RFLAGS={:#x} CR0={:#x} CR3={:#x} CR4={:#x}",
                 v.domain.id,
@@ -1066,13 +750,13 @@ impl RunLoop {
     /// Retires a vCPU: flushes its console, gives its VMCS back; the domain's memory goes with
     /// the last vCPU (its `Arc<DomainMem>`). If it was the last one alive, the domain ends.
     fn teardown(&mut self, mut v: Box<Vcpu>) {
-        if let Some(rest) = v.console.take_partial() {
+        if let Some(rest) = v.core.console.take_partial() {
             println!("[dom{}] {rest}", v.domain.id);
         }
-        if v.console.dropped > 0 {
+        if v.core.console.dropped > 0 {
             println!(
                 "[dom{}] ({} console lines dropped by the rate limit)",
-                v.domain.id, v.console.dropped
+                v.domain.id, v.core.console.dropped
             );
         }
         if self.fpu_owner == v.key() {

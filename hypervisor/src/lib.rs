@@ -28,6 +28,7 @@ pub mod cmdline;
 pub mod domain;
 pub mod mm;
 pub mod shell;
+pub mod vcpu;
 pub mod vmx;
 
 #[cfg(target_os = "none")]

@@ -1,157 +1,91 @@
 //! VM-exit reasons and exit qualifications, decoded (SDM Vol. 3C §27.2, Appendix C).
 
-/// The basic exit reason (bits 15:0 of the exit-reason field).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ExitReason {
-    ExceptionOrNmi,
-    ExternalInterrupt,
-    TripleFault,
-    InitSignal,
-    InterruptWindow,
-    Cpuid,
-    Hlt,
-    Invlpg,
-    Rdtsc,
-    Vmcall,
-    /// Any VMX instruction other than VMCALL executed by the guest.
-    VmxInstruction(u16),
-    CrAccess,
-    IoInstruction,
-    Rdmsr,
-    Wrmsr,
-    InvalidGuestState,
-    MsrLoadFailure,
-    MachineCheck,
-    EptViolation,
-    EptMisconfig,
-    PreemptionTimer,
-    Xsetbv,
-    Other(u16),
+/// The one list of exit reasons: variant, basic exit-reason numbers (SDM Vol. 3C Appendix C),
+/// the short name shown on the console and in the per-domain counters. The enum, the decoder,
+/// the names and the counter slots are all generated from it, in this order.
+macro_rules! exit_reasons {
+    ($( $(#[$doc:meta])* $variant:ident $(($field:ty))? = $($num:literal)|+ => $name:literal, )*
+     ; other => $other_name:literal) => {
+        /// The basic exit reason (bits 15:0 of the exit-reason field).
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum ExitReason {
+            $( $(#[$doc])* $variant $(($field))?, )*
+            /// A reason this hypervisor does not expect (its number).
+            Other(u16),
+        }
+
+        /// How many counter slots [`ExitReason::slot`] uses (for per-domain statistics).
+        pub const REASON_SLOTS: usize = [$($name,)* $other_name].len();
+
+        const NAMES: [&str; REASON_SLOTS] = [$($name,)* $other_name];
+
+        impl ExitReason {
+            /// Decodes the exit-reason field (bit 31, "VM entry failed", is ignored here).
+            pub const fn from_raw(raw: u32) -> ExitReason {
+                let n = (raw & 0xffff) as u16;
+                $( if matches!(n, $($num)|+) { return exit_reasons!(@make $variant n $(($field))?); } )*
+                ExitReason::Other(n)
+            }
+
+            /// The counter slot, `< REASON_SLOTS`.
+            pub fn slot(self) -> usize {
+                let mut i = 0;
+                $(
+                    if exit_reasons!(@is self $variant $(($field))?) {
+                        return i;
+                    }
+                    i += 1;
+                )*
+                i
+            }
+        }
+    };
+    (@make $variant:ident $n:ident ($field:ty)) => { ExitReason::$variant($n) };
+    (@make $variant:ident $n:ident) => { ExitReason::$variant };
+    (@is $s:ident $variant:ident ($field:ty)) => { matches!($s, ExitReason::$variant(_)) };
+    (@is $s:ident $variant:ident) => { matches!($s, ExitReason::$variant) };
 }
 
-/// How many distinct reasons [`ExitReason::slot`] counts (for per-domain statistics).
-pub const REASON_SLOTS: usize = 24;
+exit_reasons! {
+    ExceptionOrNmi = 0 => "exception",
+    ExternalInterrupt = 1 => "interrupt",
+    TripleFault = 2 => "triple-fault",
+    InitSignal = 3 => "init",
+    InterruptWindow = 7 => "intr-window",
+    Cpuid = 10 => "cpuid",
+    Hlt = 12 => "hlt",
+    Invlpg = 14 => "invlpg",
+    Rdtsc = 16 => "rdtsc",
+    Vmcall = 18 => "vmcall",
+    /// Any VMX instruction other than VMCALL executed by the guest.
+    VmxInstruction(u16) = 19 | 20 | 21 | 22 | 23 | 24 | 25 | 26 | 27 | 50 | 53 => "vmx-insn",
+    CrAccess = 28 => "cr-access",
+    IoInstruction = 30 => "io",
+    Rdmsr = 31 => "rdmsr",
+    Wrmsr = 32 => "wrmsr",
+    InvalidGuestState = 33 => "bad-state",
+    MsrLoadFailure = 34 => "msr-load",
+    MachineCheck = 41 => "mce",
+    EptViolation = 48 => "ept-violation",
+    EptMisconfig = 49 => "ept-misconfig",
+    PreemptionTimer = 52 => "preempt",
+    Xsetbv = 55 => "xsetbv",
+    ; other => "other"
+}
 
 impl ExitReason {
-    pub fn from_raw(raw: u32) -> ExitReason {
-        match (raw & 0xffff) as u16 {
-            0 => ExitReason::ExceptionOrNmi,
-            1 => ExitReason::ExternalInterrupt,
-            2 => ExitReason::TripleFault,
-            3 => ExitReason::InitSignal,
-            7 => ExitReason::InterruptWindow,
-            10 => ExitReason::Cpuid,
-            12 => ExitReason::Hlt,
-            14 => ExitReason::Invlpg,
-            16 => ExitReason::Rdtsc,
-            18 => ExitReason::Vmcall,
-            n @ (19..=27 | 50 | 53) => ExitReason::VmxInstruction(n),
-            28 => ExitReason::CrAccess,
-            30 => ExitReason::IoInstruction,
-            31 => ExitReason::Rdmsr,
-            32 => ExitReason::Wrmsr,
-            33 => ExitReason::InvalidGuestState,
-            34 => ExitReason::MsrLoadFailure,
-            41 => ExitReason::MachineCheck,
-            48 => ExitReason::EptViolation,
-            49 => ExitReason::EptMisconfig,
-            52 => ExitReason::PreemptionTimer,
-            55 => ExitReason::Xsetbv,
-            n => ExitReason::Other(n),
-        }
-    }
-
-    /// Whether bit 31 says VM entry failed (the guest never ran).
+    /// Whether bit 31 of the raw exit reason says the VM entry itself failed.
     pub fn entry_failed(raw: u32) -> bool {
         raw & (1 << 31) != 0
     }
 
     /// A short name, for the console.
     pub fn name(self) -> &'static str {
-        match self {
-            ExitReason::ExceptionOrNmi => "exception",
-            ExitReason::ExternalInterrupt => "interrupt",
-            ExitReason::TripleFault => "triple-fault",
-            ExitReason::InitSignal => "init",
-            ExitReason::InterruptWindow => "intr-window",
-            ExitReason::Cpuid => "cpuid",
-            ExitReason::Hlt => "hlt",
-            ExitReason::Invlpg => "invlpg",
-            ExitReason::Rdtsc => "rdtsc",
-            ExitReason::Vmcall => "vmcall",
-            ExitReason::VmxInstruction(_) => "vmx-insn",
-            ExitReason::CrAccess => "cr-access",
-            ExitReason::IoInstruction => "io",
-            ExitReason::Rdmsr => "rdmsr",
-            ExitReason::Wrmsr => "wrmsr",
-            ExitReason::InvalidGuestState => "bad-state",
-            ExitReason::MsrLoadFailure => "msr-load",
-            ExitReason::MachineCheck => "mce",
-            ExitReason::EptViolation => "ept-violation",
-            ExitReason::EptMisconfig => "ept-misconfig",
-            ExitReason::PreemptionTimer => "preempt",
-            ExitReason::Xsetbv => "xsetbv",
-            ExitReason::Other(_) => "other",
-        }
+        NAMES[self.slot()]
     }
 
-    /// A counter slot per reason, `< REASON_SLOTS`.
-    pub fn slot(self) -> usize {
-        match self {
-            ExitReason::ExceptionOrNmi => 0,
-            ExitReason::ExternalInterrupt => 1,
-            ExitReason::TripleFault => 2,
-            ExitReason::InitSignal => 3,
-            ExitReason::InterruptWindow => 4,
-            ExitReason::Cpuid => 5,
-            ExitReason::Hlt => 6,
-            ExitReason::Invlpg => 7,
-            ExitReason::Rdtsc => 8,
-            ExitReason::Vmcall => 9,
-            ExitReason::VmxInstruction(_) => 10,
-            ExitReason::CrAccess => 11,
-            ExitReason::IoInstruction => 12,
-            ExitReason::Rdmsr => 13,
-            ExitReason::Wrmsr => 14,
-            ExitReason::InvalidGuestState => 15,
-            ExitReason::MsrLoadFailure => 16,
-            ExitReason::MachineCheck => 17,
-            ExitReason::EptViolation => 18,
-            ExitReason::EptMisconfig => 19,
-            ExitReason::PreemptionTimer => 20,
-            ExitReason::Xsetbv => 21,
-            ExitReason::Other(_) => 22,
-        }
-    }
-
-    /// The name of counter slot `i` (inverse of [`ExitReason::slot`]).
+    /// The name of counter slot `i` (inverse of [`ExitReason::slot`]); `-` past the end.
     pub fn slot_name(i: usize) -> &'static str {
-        const NAMES: [&str; REASON_SLOTS] = [
-            "exception",
-            "interrupt",
-            "triple-fault",
-            "init",
-            "intr-window",
-            "cpuid",
-            "hlt",
-            "invlpg",
-            "rdtsc",
-            "vmcall",
-            "vmx-insn",
-            "cr-access",
-            "io",
-            "rdmsr",
-            "wrmsr",
-            "bad-state",
-            "msr-load",
-            "mce",
-            "ept-violation",
-            "ept-misconfig",
-            "preempt",
-            "xsetbv",
-            "other",
-            "-",
-        ];
         NAMES.get(i).copied().unwrap_or("-")
     }
 }

@@ -13,6 +13,7 @@ pub mod hw;
 pub mod policy;
 #[cfg(target_os = "none")]
 pub mod setup;
+pub mod vmcs;
 
 #[cfg(target_os = "none")]
 pub mod detect;

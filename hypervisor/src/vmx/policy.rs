@@ -7,6 +7,8 @@
 
 use core::arch::x86_64::CpuidResult;
 
+use super::vmcs::{Field, fields as f};
+
 /// First hypervisor CPUID leaf (SDM Vol. 2A: leaves 0x4000_0000.. are reserved for hypervisors).
 pub const HV_LEAF_BASE: u32 = 0x4000_0000;
 
@@ -152,8 +154,8 @@ pub enum MsrRule {
     Fixed(u64),
     /// Kept per vCPU: reads return what the guest last wrote.
     Stored,
-    /// Backed by a VMCS guest-state field (EFER, PAT, FS/GS base, SYSENTER).
-    VmcsField,
+    /// Backed by this VMCS guest-state field (EFER, PAT, FS/GS base, SYSENTER).
+    VmcsField(Field),
     /// The time-stamp counter.
     Tsc,
 }
@@ -171,8 +173,14 @@ pub fn msr_rule(msr: u32) -> Option<MsrRule> {
         // IA32_BIOS_SIGN_ID, IA32_PLATFORM_ID, MTRRcap: harmless probes.
         0x8b | 0x17 => MsrRule::Fixed(0),
         0xfe => MsrRule::Fixed(0),
-        // SYSENTER_CS/ESP/EIP, PAT, EFER, FS/GS base.
-        0x174..=0x176 | 0x277 | 0xc000_0080 | 0xc000_0100 | 0xc000_0101 => MsrRule::VmcsField,
+        // SYSENTER_CS/ESP/EIP, PAT, EFER, FS/GS base: the VMCS holds them.
+        0x174 => MsrRule::VmcsField(f::GUEST_SYSENTER_CS),
+        0x175 => MsrRule::VmcsField(f::GUEST_SYSENTER_ESP),
+        0x176 => MsrRule::VmcsField(f::GUEST_SYSENTER_EIP),
+        0x277 => MsrRule::VmcsField(f::GUEST_PAT),
+        0xc000_0080 => MsrRule::VmcsField(f::GUEST_EFER),
+        0xc000_0100 => MsrRule::VmcsField(f::GUEST_FS_BASE),
+        0xc000_0101 => MsrRule::VmcsField(f::GUEST_GS_BASE),
         // STAR, LSTAR, CSTAR, SFMASK, KERNEL_GS_BASE, TSC_AUX.
         0xc000_0081..=0xc000_0084 | 0xc000_0102 | 0xc000_0103 => MsrRule::Stored,
         _ => return None,
@@ -389,7 +397,10 @@ mod tests {
     #[test]
     fn msr_allow_list() {
         assert_eq!(msr_rule(0x10), Some(MsrRule::Tsc));
-        assert_eq!(msr_rule(0xc000_0080), Some(MsrRule::VmcsField));
+        assert_eq!(
+            msr_rule(0xc000_0080),
+            Some(MsrRule::VmcsField(f::GUEST_EFER))
+        );
         assert_eq!(msr_rule(0xc000_0082), Some(MsrRule::Stored));
         assert_eq!(msr_rule(0x3a), Some(MsrRule::Fixed(1)));
         for reserved in [0x0u32, 0x480, 0x48c, 0xc001_0000, 0x1234_5678, 0x9b] {

@@ -1,0 +1,518 @@
+//! The exit dispatcher: one VM exit in, one [`Action`] out. Pure over three small interfaces
+//! (the VMCS, the domain's RAM and the [`Platform`] it runs on), so every exit it handles is
+//! tested on the host with a fake VMCS and plain memory.
+//!
+//! Every value here came from the guest (its registers, the VMCS guest state, the bytes of
+//! its memory) and is checked before use; what the guest may not do it gets #GP for, as on
+//! hardware; what this hypervisor cannot emulate stops only that domain.
+
+use alloc::boxed::Box;
+use alloc::string::String;
+use core::arch::x86_64::CpuidResult;
+
+use super::access::VmcsAccess;
+use super::exit::Exit;
+use crate::domain::console::DomainConsole;
+use crate::domain::hypercall::{self, Outcome};
+use crate::domain::memory::{GuestMemory, GuestPhysAddr, UNASSIGNED_MMIO, translate};
+use crate::domain::ports::{self, PortAction};
+use crate::domain::vtimer::{self, VirtTimer};
+use crate::vmx::cr::{self, CrExit};
+use crate::vmx::decode;
+use crate::vmx::exit::{EptViolationExit, ExitReason, IoExit};
+use crate::vmx::policy::{self, MsrRule, StoredMsrs};
+use crate::vmx::vmcs::{FixedBits, GuestRegs, VmxError, fields as f};
+
+/// The per-vCPU state the dispatcher reads and changes (the rest of a vCPU, its VMCS region
+/// and its place in a run queue, belongs to the run loop).
+#[derive(Debug)]
+pub struct VcpuCore {
+    pub regs: GuestRegs,
+    /// This vCPU's index in its domain.
+    pub index: u32,
+    pub msrs: StoredMsrs,
+    /// The paravirtual timer (SET_TIMER).
+    pub timer: VirtTimer,
+    /// Whether interrupt-window exiting is on (a timer interrupt waits for RFLAGS.IF).
+    pub window_exiting: bool,
+    /// The guest's XCR0 (loaded while it runs, when XSAVE is in use).
+    pub xcr0: u64,
+    /// Its console (UART port and console hypercall): lines, rate-limited.
+    pub console: DomainConsole,
+}
+
+impl VcpuCore {
+    pub fn new(index: u32, regs: GuestRegs, xcr0: u64) -> Self {
+        VcpuCore {
+            regs,
+            index,
+            msrs: StoredMsrs::default(),
+            timer: VirtTimer::default(),
+            window_exiting: false,
+            xcr0,
+            console: DomainConsole::default(),
+        }
+    }
+}
+
+/// What the dispatcher needs from the machine and the domain around it.
+pub trait Platform {
+    /// The CPU's own CPUID answer.
+    fn cpuid(&self, leaf: u32, subleaf: u32) -> CpuidResult;
+    fn rdtsc(&self) -> u64;
+    /// CR0/CR4 bits VMX operation fixes.
+    fn fixed_bits(&self) -> FixedBits;
+    /// XCR0 bits this CPU supports and the hypervisor offers (0: no XSAVE).
+    fn xcr0_supported(&self) -> u64;
+    /// Loads a new guest XCR0 into the CPU (it runs the guest next).
+    fn load_xcr0(&mut self, value: u64);
+    /// The console rate limit's current window (it advances once a second).
+    fn console_window(&self) -> u64;
+    /// Shows one complete line of the guest's console.
+    fn console_line(&mut self, line: &str);
+    /// The domain's vCPU count.
+    fn vcpus(&self) -> u32;
+    /// Bit i set once vCPU i was started.
+    fn vcpus_started(&self) -> u64;
+    /// Asks for vCPU `index` to start at `rip` with `rsp`; false if it was already started.
+    fn start_vcpu(&mut self, index: u32, rip: u64, rsp: u64) -> bool;
+    /// TSC ticks per microsecond (the paravirtual timer's unit).
+    fn tsc_per_us(&self) -> u64;
+}
+
+/// What the run loop does after an exit. Plain and `Copy`: it is matched on every exit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Enter the guest again.
+    Resume,
+    /// End this slice; the vCPU stays runnable.
+    Requeue,
+    /// End this slice; the vCPU waits in HLT for its next interrupt.
+    Halt,
+    /// This vCPU is off (VCPU_OFF); the domain goes on.
+    Retire,
+    /// The domain ends normally: it asked to exit (port or hypercall) with this code.
+    Exit(u64),
+}
+
+/// Why an exit stops the domain: the guest did something wrong, asked for something this
+/// hypervisor does not offer, or the hypervisor itself failed. The message is what the
+/// operator reads after `stopped:`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExitError {
+    Guest(String),
+    Unsupported(String),
+    Bug(String),
+}
+
+impl ExitError {
+    pub fn message(&self) -> &str {
+        match self {
+            ExitError::Guest(m) | ExitError::Unsupported(m) | ExitError::Bug(m) => m,
+        }
+    }
+}
+
+impl core::fmt::Display for ExitError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.message())
+    }
+}
+
+impl From<VmxError> for Box<ExitError> {
+    #[cold]
+    fn from(e: VmxError) -> Self {
+        Box::new(ExitError::Bug(alloc::format!("{e}")))
+    }
+}
+
+/// Errors are boxed: the `Ok` path is the hot one, and a small `Result` stays in registers.
+pub type Result<T> = core::result::Result<T, Box<ExitError>>;
+
+#[cold]
+fn fail<T>(e: ExitError) -> Result<T> {
+    Err(Box::new(e))
+}
+
+/// Feeds guest console bytes through the vCPU's line buffer and rate limit.
+fn console(v: &mut VcpuCore, p: &mut impl Platform, bytes: &[u8]) {
+    let window = p.console_window();
+    for line in v.console.feed(bytes, window) {
+        p.console_line(&line);
+    }
+}
+
+/// Steps the guest over the instruction that exited.
+#[inline(always)]
+fn skip(a: &mut impl VmcsAccess, exit: &Exit) -> Result<Action> {
+    let rip = a.get(f::GUEST_RIP);
+    a.set(f::GUEST_RIP, rip.wrapping_add(exit.len))?;
+    Ok(Action::Resume)
+}
+
+/// Hardware exception 13 with an error code of 0 (SDM Vol. 3C §24.8.3).
+fn inject_gp(a: &mut impl VmcsAccess) -> Result<Action> {
+    let info = 13 | (3 << 8) | (1 << 11) | (1 << 31);
+    a.set(f::ENTRY_INTERRUPTION, info)?;
+    a.set(f::ENTRY_ERROR_CODE, 0)?;
+    Ok(Action::Resume)
+}
+
+/// General register `n` (0 = RAX .. 15 = R15; RSP lives in the VMCS).
+fn gpr(a: &mut impl VmcsAccess, r: &GuestRegs, n: u8) -> u64 {
+    match n {
+        0 => r.rax,
+        1 => r.rcx,
+        2 => r.rdx,
+        3 => r.rbx,
+        4 => a.get(f::GUEST_RSP),
+        5 => r.rbp,
+        6 => r.rsi,
+        7 => r.rdi,
+        8 => r.r8,
+        9 => r.r9,
+        10 => r.r10,
+        11 => r.r11,
+        12 => r.r12,
+        13 => r.r13,
+        14 => r.r14,
+        _ => r.r15,
+    }
+}
+
+fn set_gpr(a: &mut impl VmcsAccess, r: &mut GuestRegs, n: u8, value: u64) -> Result<()> {
+    let slot = match n {
+        0 => &mut r.rax,
+        1 => &mut r.rcx,
+        2 => &mut r.rdx,
+        3 => &mut r.rbx,
+        4 => return Ok(a.set(f::GUEST_RSP, value)?),
+        5 => &mut r.rbp,
+        6 => &mut r.rsi,
+        7 => &mut r.rdi,
+        8 => &mut r.r8,
+        9 => &mut r.r9,
+        10 => &mut r.r10,
+        11 => &mut r.r11,
+        12 => &mut r.r12,
+        13 => &mut r.r13,
+        14 => &mut r.r14,
+        _ => &mut r.r15,
+    };
+    *slot = value;
+    Ok(())
+}
+
+/// Handles one exit. `Err` stops the domain with the error's message and a register dump.
+/// Inlined into the run loop: the hypercall round trip is measured in instructions.
+#[inline(always)]
+pub fn handle(
+    exit: &Exit,
+    v: &mut VcpuCore,
+    a: &mut impl VmcsAccess,
+    mem: &impl GuestMemory,
+    p: &mut impl Platform,
+) -> Result<Action> {
+    match exit.reason {
+        ExitReason::Vmcall => vmcall(exit, v, a, mem, p),
+        ExitReason::ExternalInterrupt | ExitReason::InterruptWindow => Ok(Action::Resume),
+        ExitReason::PreemptionTimer => {
+            // The guest's timer fell due: deliver it in this slice; else the slice is over.
+            let due = v.timer.until_due(p.rdtsc()) == Some(0);
+            if due && v.timer.poll(p.rdtsc()) {
+                Ok(Action::Resume)
+            } else {
+                Ok(Action::Requeue)
+            }
+        }
+        ExitReason::Cpuid => {
+            let (leaf, sub) = (v.regs.rax as u32, v.regs.rcx as u32);
+            let pol = policy::CpuidPolicy {
+                vcpus: p.vcpus(),
+                index: v.index,
+                xcr0_allowed: p.xcr0_supported(),
+                guest_osxsave: a.get(f::GUEST_CR4) & (1 << 18) != 0,
+            };
+            let r = policy::cpuid(leaf, sub, p.cpuid(leaf, sub), pol);
+            v.regs.rax = u64::from(r.eax);
+            v.regs.rbx = u64::from(r.ebx);
+            v.regs.rcx = u64::from(r.ecx);
+            v.regs.rdx = u64::from(r.edx);
+            skip(a, exit)
+        }
+        ExitReason::Hlt => {
+            skip(a, exit)?;
+            // HLT right after STI (the usual way to wait) ran in the STI shadow; since we
+            // completed it, the shadow must end here, or the wake-up interrupt could not be
+            // injected before the next instruction (SDM Vol. 3C §25.4, "Blocking by STI").
+            let intr = a.get(f::GUEST_INTERRUPTIBILITY);
+            if intr & 1 != 0 {
+                a.set(f::GUEST_INTERRUPTIBILITY, intr & !1)?;
+            }
+            Ok(Action::Halt)
+        }
+        ExitReason::Rdmsr | ExitReason::Wrmsr => msr(exit, v, a, p),
+        ExitReason::IoInstruction => {
+            let io = IoExit::decode(exit.qualification);
+            if io.string {
+                return fail(ExitError::Unsupported(alloc::format!(
+                    "string I/O (INS/OUTS) to port {:#x} is not supported",
+                    io.port
+                )));
+            }
+            match ports::access(io.port, io.size, io.input, v.regs.rax as u32) {
+                PortAction::Read(x) => {
+                    let mask = match io.size {
+                        1 => 0xff,
+                        2 => 0xffff,
+                        _ => 0xffff_ffff,
+                    };
+                    v.regs.rax = (v.regs.rax & !mask) | (u64::from(x) & mask);
+                }
+                PortAction::ConsoleByte(b) => console(v, p, &[b]),
+                PortAction::Exit(code) => {
+                    return Ok(Action::Exit(u64::from(code)));
+                }
+                PortAction::Ignore => {}
+            }
+            skip(a, exit)
+        }
+        ExitReason::EptViolation => {
+            let q = EptViolationExit::decode(exit.qualification);
+            // The MMIO dispatch point: the unassigned hole answers like an empty bus; any other
+            // access outside RAM stops the domain.
+            if UNASSIGNED_MMIO.contains(&exit.gpa) && !q.fetch {
+                return emulate_unassigned_mmio(v, a, mem, exit.gpa);
+            }
+            fail(ExitError::Guest(alloc::format!(
+                "EPT violation: {} of guest-physical {:#x}, which is not its memory",
+                q.access(),
+                exit.gpa
+            )))
+        }
+        ExitReason::TripleFault => fail(ExitError::Guest(String::from("triple fault"))),
+        ExitReason::CrAccess => cr_access(exit, v, a, p),
+        ExitReason::Xsetbv => {
+            // XSETBV exits before its own checks only where CR4.OSXSAVE is set and CPL is 0
+            // (else the CPU raised #UD/#GP itself); the value is ours to check.
+            let value = (v.regs.rdx << 32) | (v.regs.rax & 0xffff_ffff);
+            if v.regs.rcx as u32 == 0 && policy::xcr0_allowed(value, p.xcr0_supported()) {
+                v.xcr0 = value;
+                p.load_xcr0(value);
+                skip(a, exit)
+            } else {
+                inject_gp(a)
+            }
+        }
+        // VMX instructions are not available to guests: #UD would be exact, #GP is what the
+        // allow-list gives for everything it does not offer.
+        ExitReason::VmxInstruction(_) | ExitReason::Invlpg | ExitReason::Rdtsc => inject_gp(a),
+        other => fail(ExitError::Unsupported(alloc::format!(
+            "unhandled VM exit: {} ({:?})",
+            other.name(),
+            other
+        ))),
+    }
+}
+
+#[inline(always)]
+fn vmcall(
+    exit: &Exit,
+    v: &mut VcpuCore,
+    a: &mut impl VmcsAccess,
+    mem: &impl GuestMemory,
+    p: &mut impl Platform,
+) -> Result<Action> {
+    let args = [v.regs.rdi, v.regs.rsi, v.regs.rdx];
+    let caller = hypercall::Caller {
+        vcpus: p.vcpus(),
+        started: p.vcpus_started(),
+    };
+    match hypercall::dispatch(v.regs.rax, args, mem, caller) {
+        Outcome::Return(x) => v.regs.rax = x as u64,
+        Outcome::Console(bytes) => {
+            console(v, p, &bytes);
+            v.regs.rax = bytes.len() as u64;
+        }
+        Outcome::Exit(code) => return Ok(Action::Exit(code)),
+        Outcome::Yield => {
+            v.regs.rax = 0;
+            skip(a, exit)?;
+            return Ok(Action::Requeue);
+        }
+        Outcome::StartVcpu { index, rip, rsp } => {
+            v.regs.rax = if p.start_vcpu(index, rip, rsp) {
+                0
+            } else {
+                hv_abi::Status::InvalidArgument as i64 as u64
+            };
+        }
+        Outcome::VcpuOff => return Ok(Action::Retire),
+        Outcome::SetTimer { vector, period_us } => {
+            if period_us == 0 {
+                v.timer.off();
+            } else {
+                v.timer
+                    .set(vector, period_us * p.tsc_per_us().max(1), p.rdtsc());
+            }
+            v.regs.rax = 0;
+        }
+    }
+    skip(a, exit)
+}
+
+fn msr(
+    exit: &Exit,
+    v: &mut VcpuCore,
+    a: &mut impl VmcsAccess,
+    p: &mut impl Platform,
+) -> Result<Action> {
+    let msr = v.regs.rcx as u32;
+    let write = exit.reason == ExitReason::Wrmsr;
+    let value = (v.regs.rdx << 32) | (v.regs.rax & 0xffff_ffff);
+    // EFER: LMA is the processor's to set; the guest may change NXE and SCE only.
+    const EFER_GUEST: u64 = (1 << 11) | 1;
+    let result = match (policy::msr_rule(msr), write) {
+        (None, _) => None,
+        (Some(_), true) if !policy::msr_write_valid(msr, value) => None,
+        (Some(MsrRule::Fixed(x)), false) => Some(x),
+        (Some(MsrRule::Fixed(_)), true) => Some(0),
+        (Some(MsrRule::Stored), false) => Some(v.msrs.get(msr)),
+        (Some(MsrRule::Stored), true) => {
+            v.msrs.set(msr, value);
+            Some(0)
+        }
+        (Some(MsrRule::Tsc), false) => Some(p.rdtsc()),
+        (Some(MsrRule::Tsc), true) => Some(0),
+        (Some(MsrRule::VmcsField(field)), false) => Some(a.get(field)),
+        (Some(MsrRule::VmcsField(field)), true) if field == f::GUEST_EFER => {
+            let keep = a.get(f::GUEST_EFER) & !EFER_GUEST;
+            a.set(f::GUEST_EFER, keep | (value & EFER_GUEST))?;
+            Some(0)
+        }
+        (Some(MsrRule::VmcsField(field)), true) => {
+            a.set(field, value)?;
+            Some(0)
+        }
+    };
+    match result {
+        Some(x) => {
+            if !write {
+                v.regs.rax = x & 0xffff_ffff;
+                v.regs.rdx = x >> 32;
+            }
+            skip(a, exit)
+        }
+        None => inject_gp(a),
+    }
+}
+
+fn cr_access(
+    exit: &Exit,
+    v: &mut VcpuCore,
+    a: &mut impl VmcsAccess,
+    p: &mut impl Platform,
+) -> Result<Action> {
+    let fixed = p.fixed_bits();
+    let long_mode = a.get(f::GUEST_EFER) & (1 << 10) != 0;
+    let cr0 = |value| cr::write_cr0(value, fixed.cr0_fixed0, fixed.cr0_fixed1, long_mode);
+    let result = match CrExit::decode(exit.qualification) {
+        CrExit::MovTo { cr: 0, gpr: n } => cr0(gpr(a, &v.regs, n)).map(|c| (0, c)),
+        CrExit::MovTo { cr: 4, gpr: n } => cr::write_cr4(
+            gpr(a, &v.regs, n),
+            fixed.cr4_fixed0,
+            fixed.cr4_fixed1,
+            long_mode,
+        )
+        .map(|c| (4, c)),
+        // CLTS clears CR0.TS; LMSW loads CR0[3:0] but cannot clear PE.
+        CrExit::Clts => cr0(a.get(f::CR0_SHADOW) & !8).map(|c| (0, c)),
+        CrExit::Lmsw(src) => {
+            let old = a.get(f::CR0_SHADOW);
+            cr0((old & !0xe) | (u64::from(src) & 0xf) | (old & 1)).map(|c| (0, c))
+        }
+        other => {
+            return fail(ExitError::Unsupported(alloc::format!(
+                "unhandled control-register access {other:?}"
+            )));
+        }
+    };
+    match result {
+        Ok((reg, c)) => {
+            let (actual, shadow) = if reg == 0 {
+                (f::GUEST_CR0, f::CR0_SHADOW)
+            } else {
+                (f::GUEST_CR4, f::CR4_SHADOW)
+            };
+            a.set(actual, c.actual)?;
+            a.set(shadow, c.shadow)?;
+            skip(a, exit)
+        }
+        Err(cr::InjectGp) => inject_gp(a),
+    }
+}
+
+/// Completes a guest load or store to unassigned MMIO: a load gets all ones, a store is
+/// dropped; the instruction is read through the guest's page tables and decoded (only plain
+/// moves; anything else stops the domain).
+fn emulate_unassigned_mmio(
+    v: &mut VcpuCore,
+    a: &mut impl VmcsAccess,
+    mem: &impl GuestMemory,
+    gpa: u64,
+) -> Result<Action> {
+    let rip = a.get(f::GUEST_RIP);
+    let cr3 = a.get(f::GUEST_CR3);
+    let mut bytes = [0u8; decode::MAX_LEN];
+    let mut n = 0;
+    while n < bytes.len() {
+        let Some(pa) = translate(mem, cr3, rip.wrapping_add(n as u64)) else {
+            break;
+        };
+        if mem.read(GuestPhysAddr(pa), &mut bytes[n..n + 1]).is_err() {
+            break;
+        }
+        n += 1;
+    }
+    let d = decode::decode(&bytes[..n]).map_err(|e| {
+        Box::new(ExitError::Unsupported(alloc::format!(
+            "MMIO access to guest-physical {gpa:#x} by an instruction not emulated ({e:?}; bytes {:02x?})",
+            &bytes[..n.min(8)]
+        )))
+    })?;
+    if let decode::Access::Load { reg, .. } = d.access {
+        let old = gpr(a, &v.regs, reg);
+        set_gpr(
+            a,
+            &mut v.regs,
+            reg,
+            decode::apply_load(old, d.access, u64::MAX),
+        )?;
+    }
+    a.set(f::GUEST_RIP, rip.wrapping_add(d.len as u64))?;
+    Ok(Action::Resume)
+}
+
+/// Before an entry: injects the pending timer interrupt if the guest can take it now, else asks
+/// for an exit as soon as it can (interrupt-window exiting, SDM Vol. 3C §25.2).
+pub fn deliver_timer(v: &mut VcpuCore, a: &mut impl VmcsAccess) -> Result<()> {
+    if a.get(f::ENTRY_INTERRUPTION) & (1 << 31) != 0 {
+        return Ok(()); // another event (an exception) goes first
+    }
+    let ready = vtimer::can_inject(a.get(f::GUEST_RFLAGS), a.get(f::GUEST_INTERRUPTIBILITY));
+    if ready && let Some(vector) = v.timer.take() {
+        // External interrupt, vector as asked (SDM Vol. 3C §24.8.3).
+        a.set(f::ENTRY_INTERRUPTION, u64::from(vector) | (1 << 31))?;
+    }
+    if ready == v.window_exiting {
+        let procbased = a.get(f::PROCBASED);
+        let want = if ready {
+            procbased & !(1 << 2)
+        } else {
+            procbased | (1 << 2)
+        };
+        a.set(f::PROCBASED, want)?;
+        v.window_exiting = !ready;
+    }
+    Ok(())
+}

@@ -1,0 +1,489 @@
+//! Host tests of the exit dispatcher: each exit it handles, through a fake VMCS, plain guest
+//! memory and a fake platform. Each would fail if that exit were mishandled (wrong register,
+//! RIP not stepped or stepped wrongly, #GP missing or spurious, the wrong action).
+
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::arch::x86_64::CpuidResult;
+
+use super::access::FakeVmcs;
+use super::dispatch::{Action, ExitError, Platform, VcpuCore, deliver_timer, handle};
+use super::exit::Exit;
+use crate::domain::memory::{GuestMemory, GuestPhysAddr, VecMemory};
+use crate::vmx::exit::ExitReason;
+use crate::vmx::vmcs::{FixedBits, GuestRegs, fields as f};
+use hv_abi::hypercall as nr;
+
+#[derive(Default)]
+struct FakePlatform {
+    console: Vec<u8>,
+    xcr0_loaded: Option<u64>,
+    started: u64,
+    start_requests: Vec<(u32, u64, u64)>,
+    tsc: u64,
+}
+
+impl Platform for FakePlatform {
+    fn cpuid(&self, leaf: u32, _sub: u32) -> CpuidResult {
+        CpuidResult {
+            eax: leaf,
+            ebx: 0x1111,
+            ecx: 1 << 5, // VMX, which the policy must hide
+            edx: 0x2222,
+        }
+    }
+    fn rdtsc(&self) -> u64 {
+        self.tsc
+    }
+    fn fixed_bits(&self) -> FixedBits {
+        FixedBits {
+            cr0_fixed0: 0x8000_0021, // PG, NE, PE
+            cr0_fixed1: 0xffff_ffff,
+            cr4_fixed0: 1 << 13, // VMXE
+            cr4_fixed1: 0x003f_ffff,
+        }
+    }
+    fn xcr0_supported(&self) -> u64 {
+        0b111
+    }
+    fn load_xcr0(&mut self, value: u64) {
+        self.xcr0_loaded = Some(value);
+    }
+    fn console_window(&self) -> u64 {
+        0
+    }
+    fn console_line(&mut self, line: &str) {
+        self.console.extend_from_slice(line.as_bytes());
+        self.console.push(b'\n');
+    }
+    fn vcpus(&self) -> u32 {
+        2
+    }
+    fn vcpus_started(&self) -> u64 {
+        self.started | 1
+    }
+    fn start_vcpu(&mut self, index: u32, rip: u64, rsp: u64) -> bool {
+        let bit = 1 << index;
+        if self.started & bit != 0 {
+            return false;
+        }
+        self.started |= bit;
+        self.start_requests.push((index, rip, rsp));
+        true
+    }
+    fn tsc_per_us(&self) -> u64 {
+        100
+    }
+}
+
+const RIP: u64 = 0x10_0000;
+
+struct Rig {
+    v: VcpuCore,
+    a: FakeVmcs,
+    mem: VecMemory,
+    p: FakePlatform,
+}
+
+impl Rig {
+    fn new() -> Rig {
+        Rig {
+            v: VcpuCore::new(0, GuestRegs::default(), 1),
+            a: FakeVmcs::default()
+                .with(f::GUEST_RIP, RIP)
+                .with(f::GUEST_EFER, 0x500) // LME, LMA
+                .with(f::GUEST_CR4, 1 << 5),
+            mem: VecMemory(vec![0; 4 << 20]),
+            p: FakePlatform::default(),
+        }
+    }
+
+    fn exit(
+        &mut self,
+        reason: ExitReason,
+        len: u64,
+        qualification: u64,
+        gpa: u64,
+    ) -> Result<Action, ExitError> {
+        let raw = match reason {
+            ExitReason::Vmcall => 18,
+            ExitReason::Cpuid => 10,
+            ExitReason::Hlt => 12,
+            ExitReason::Rdmsr => 31,
+            ExitReason::Wrmsr => 32,
+            ExitReason::IoInstruction => 30,
+            ExitReason::EptViolation => 48,
+            ExitReason::TripleFault => 2,
+            ExitReason::CrAccess => 28,
+            ExitReason::Xsetbv => 55,
+            ExitReason::InterruptWindow => 7,
+            ExitReason::ExternalInterrupt => 1,
+            ExitReason::PreemptionTimer => 52,
+            ExitReason::VmxInstruction(n) | ExitReason::Other(n) => u32::from(n),
+            other => panic!("add {other:?}"),
+        };
+        let e = Exit {
+            reason,
+            raw,
+            qualification,
+            gpa,
+            len,
+        };
+        assert_eq!(ExitReason::from_raw(raw), reason);
+        handle(&e, &mut self.v, &mut self.a, &self.mem, &mut self.p).map_err(|e| *e)
+    }
+
+    fn rip(&self) -> u64 {
+        self.a.field(f::GUEST_RIP)
+    }
+
+    fn gp_injected(&self) -> bool {
+        self.a.field(f::ENTRY_INTERRUPTION) == (13 | (3 << 8) | (1 << 11) | (1 << 31))
+    }
+
+    fn vmcall(&mut self, nr: u64, args: [u64; 3]) -> Result<Action, ExitError> {
+        self.v.regs.rax = nr;
+        self.v.regs.rdi = args[0];
+        self.v.regs.rsi = args[1];
+        self.v.regs.rdx = args[2];
+        self.exit(ExitReason::Vmcall, 3, 0, 0)
+    }
+}
+
+#[test]
+fn vmcall_nop_returns_ok_and_steps_over_the_instruction() {
+    let mut r = Rig::new();
+    assert_eq!(r.vmcall(nr::NOP, [0; 3]), Ok(Action::Resume));
+    assert_eq!(r.v.regs.rax, 0);
+    assert_eq!(r.rip(), RIP + 3);
+    // Exactly one VMCS write: the RIP.
+    assert_eq!(r.a.writes, vec![(f::GUEST_RIP.encoding(), RIP + 3)]);
+}
+
+#[test]
+fn vmcall_console_write_reads_guest_memory_and_bad_pointers_fail() {
+    let mut r = Rig::new();
+    r.mem.write(GuestPhysAddr(0x2000), b"hi there\n").unwrap();
+    assert_eq!(
+        r.vmcall(nr::CONSOLE_WRITE, [0x2000, 9, 0]),
+        Ok(Action::Resume)
+    );
+    assert_eq!(r.p.console, b"hi there\n");
+    assert_eq!(r.v.regs.rax, 9);
+    // Past the end of RAM: an error code, not a stop.
+    assert_eq!(
+        r.vmcall(nr::CONSOLE_WRITE, [(4 << 20) - 4, 8, 0]),
+        Ok(Action::Resume)
+    );
+    assert_eq!(r.v.regs.rax as i64, hv_abi::Status::BadAddress as i64);
+    assert_eq!(r.p.console.len(), 9);
+}
+
+#[test]
+fn vmcall_exit_yield_off_and_unknown() {
+    let mut r = Rig::new();
+    assert_eq!(r.vmcall(nr::EXIT, [7, 0, 0]), Ok(Action::Exit(7)));
+    assert_eq!(r.vmcall(nr::YIELD, [0; 3]), Ok(Action::Requeue));
+    assert_eq!(r.rip(), RIP + 3, "a yield completes its VMCALL");
+    assert_eq!(r.vmcall(nr::VCPU_OFF, [0; 3]), Ok(Action::Retire));
+    assert_eq!(r.vmcall(0xdead, [0; 3]), Ok(Action::Resume));
+    assert_eq!(r.v.regs.rax as i64, hv_abi::Status::UnknownCall as i64);
+}
+
+#[test]
+fn vmcall_start_vcpu_once_and_only_in_range() {
+    let mut r = Rig::new();
+    assert_eq!(
+        r.vmcall(nr::VCPU_START, [1, 0x5000, 0x6000]),
+        Ok(Action::Resume)
+    );
+    assert_eq!(r.v.regs.rax, 0);
+    assert_eq!(r.p.start_requests, vec![(1, 0x5000, 0x6000)]);
+    r.vmcall(nr::VCPU_START, [1, 0x5000, 0x6000]).unwrap();
+    assert_eq!(r.v.regs.rax as i64, hv_abi::Status::InvalidArgument as i64);
+    r.vmcall(nr::VCPU_START, [2, 0, 0]).unwrap();
+    assert_eq!(r.v.regs.rax as i64, hv_abi::Status::InvalidArgument as i64);
+    assert_eq!(r.p.start_requests.len(), 1);
+}
+
+#[test]
+fn vmcall_set_timer_arms_in_tsc_ticks() {
+    let mut r = Rig::new();
+    r.p.tsc = 1000;
+    assert_eq!(r.vmcall(nr::SET_TIMER, [0x30, 1000, 0]), Ok(Action::Resume));
+    assert_eq!(r.v.timer.deadline(), Some(1000 + 1000 * 100));
+    r.vmcall(nr::SET_TIMER, [0x30, 0, 0]).unwrap();
+    assert_eq!(r.v.timer.deadline(), None);
+    r.vmcall(nr::SET_TIMER, [3, 1000, 0]).unwrap();
+    assert_eq!(r.v.regs.rax as i64, hv_abi::Status::InvalidArgument as i64);
+}
+
+#[test]
+fn cpuid_goes_through_the_policy() {
+    let mut r = Rig::new();
+    r.v.regs.rax = 1;
+    assert_eq!(r.exit(ExitReason::Cpuid, 2, 0, 0), Ok(Action::Resume));
+    assert_eq!(r.v.regs.rcx & (1 << 5), 0, "VMX hidden");
+    assert_eq!(r.rip(), RIP + 2);
+    r.v.regs.rax = 0x4000_0000;
+    r.exit(ExitReason::Cpuid, 2, 0, 0).unwrap();
+    let sig: Vec<u8> = [r.v.regs.rbx, r.v.regs.rcx, r.v.regs.rdx]
+        .iter()
+        .flat_map(|x| (*x as u32).to_le_bytes())
+        .collect();
+    assert_eq!(&sig, b"RustHvRustHv");
+}
+
+#[test]
+fn hlt_steps_over_ends_the_sti_shadow_and_halts() {
+    let mut r = Rig::new();
+    r.a = core::mem::take(&mut r.a).with(f::GUEST_INTERRUPTIBILITY, 1);
+    assert_eq!(r.exit(ExitReason::Hlt, 1, 0, 0), Ok(Action::Halt));
+    assert_eq!(r.rip(), RIP + 1);
+    assert_eq!(r.a.field(f::GUEST_INTERRUPTIBILITY), 0);
+}
+
+#[test]
+fn msrs_allowed_stored_vmcs_backed_and_refused() {
+    let mut r = Rig::new();
+    // Not on the allow-list: #GP, RIP unchanged.
+    r.v.regs.rcx = 0x1234;
+    assert_eq!(r.exit(ExitReason::Rdmsr, 2, 0, 0), Ok(Action::Resume));
+    assert!(r.gp_injected());
+    assert_eq!(r.rip(), RIP);
+    // LSTAR: stored per vCPU.
+    let mut r = Rig::new();
+    r.v.regs.rcx = 0xc000_0082;
+    r.v.regs.rdx = 0xffff_ffff;
+    r.v.regs.rax = 0x8100_0000;
+    r.exit(ExitReason::Wrmsr, 2, 0, 0).unwrap();
+    r.v.regs.rax = 0;
+    r.v.regs.rdx = 0;
+    r.exit(ExitReason::Rdmsr, 2, 0, 0).unwrap();
+    assert_eq!((r.v.regs.rdx, r.v.regs.rax), (0xffff_ffff, 0x8100_0000));
+    assert_eq!(r.rip(), RIP + 4);
+    // FS base: the VMCS field, from the same table as the allow-list.
+    r.v.regs.rcx = 0xc000_0100;
+    r.v.regs.rdx = 0;
+    r.v.regs.rax = 0x7000;
+    r.exit(ExitReason::Wrmsr, 2, 0, 0).unwrap();
+    assert_eq!(r.a.field(f::GUEST_FS_BASE), 0x7000);
+    // A non-canonical base: #GP, field unchanged.
+    let mut r2 = Rig::new();
+    r2.v.regs.rcx = 0xc000_0100;
+    r2.v.regs.rdx = 0x0001_0000;
+    r2.exit(ExitReason::Wrmsr, 2, 0, 0).unwrap();
+    assert!(r2.gp_injected());
+    assert_eq!(r2.a.field(f::GUEST_FS_BASE), 0);
+    // EFER: only SCE and NXE change; LMA/LME stay.
+    r.v.regs.rcx = 0xc000_0080;
+    r.v.regs.rdx = 0;
+    r.v.regs.rax = 0x801;
+    r.exit(ExitReason::Wrmsr, 2, 0, 0).unwrap();
+    assert_eq!(r.a.field(f::GUEST_EFER), 0xd01);
+}
+
+#[test]
+fn port_io_uart_exit_port_empty_bus_and_string_io() {
+    // OUT DX, AL to 0x3f8 (qualification: size-1 = 0, out, port in bits 31:16).
+    let mut r = Rig::new();
+    for b in *b"Z\n" {
+        r.v.regs.rax = u64::from(b);
+        assert_eq!(
+            r.exit(ExitReason::IoInstruction, 1, 0x3f8 << 16, 0),
+            Ok(Action::Resume)
+        );
+    }
+    assert_eq!(r.p.console, b"Z\n");
+    assert_eq!(r.rip(), RIP + 2);
+    r.a = core::mem::take(&mut r.a).with(f::GUEST_RIP, RIP);
+    // IN EAX from an unclaimed port: all ones in EAX, upper half of RAX kept.
+    r.v.regs.rax = 0x1234_5678_0000_0000;
+    r.exit(
+        ExitReason::IoInstruction,
+        1,
+        (0xcfc << 16) | (1 << 3) | 3,
+        0,
+    )
+    .unwrap();
+    assert_eq!(r.v.regs.rax, 0x1234_5678_ffff_ffff);
+    // The test exit port stops the domain with the code.
+    r.v.regs.rax = 3;
+    assert_eq!(
+        r.exit(ExitReason::IoInstruction, 1, 0xf4 << 16, 0),
+        Ok(Action::Exit(3))
+    );
+    // String I/O is not emulated: the domain stops, and says why.
+    let e = r.exit(ExitReason::IoInstruction, 1, (0x3f8 << 16) | (1 << 4), 0);
+    assert!(
+        matches!(e, Err(ExitError::Unsupported(ref m)) if m.contains("string I/O")),
+        "{e:?}"
+    );
+}
+
+/// Page tables in guest memory at 0x1000.. mapping the first 1 GiB with 2 MiB pages and the
+/// 3..4 GiB range likewise (identity).
+fn identity_tables(mem: &mut VecMemory) -> u64 {
+    let w = |mem: &mut VecMemory, at: u64, v: u64| {
+        mem.write(GuestPhysAddr(at), &v.to_le_bytes()).unwrap()
+    };
+    w(mem, 0x1000, 0x2000 | 3); // PML4[0] -> PDPT
+    w(mem, 0x2000, 0x3000 | 3); // PDPT[0] -> PD (0..1 GiB)
+    w(mem, 0x2000 + 3 * 8, 0x4000 | 3); // PDPT[3] -> PD (3..4 GiB)
+    for i in 0..512u64 {
+        w(mem, 0x3000 + i * 8, (i << 21) | 0x83);
+        w(mem, 0x4000 + i * 8, ((3 << 30) + (i << 21)) | 0x83);
+    }
+    0x1000
+}
+
+#[test]
+fn mmio_in_the_hole_reads_all_ones_and_drops_stores() {
+    let mut r = Rig::new();
+    let cr3 = identity_tables(&mut r.mem);
+    // mov ecx, [rax] (8b 08) at RIP.
+    r.mem.write(GuestPhysAddr(RIP), &[0x8b, 0x08]).unwrap();
+    r.a = core::mem::take(&mut r.a).with(f::GUEST_CR3, cr3);
+    r.v.regs.rcx = 0xaaaa_bbbb_cccc_dddd;
+    assert_eq!(
+        r.exit(ExitReason::EptViolation, 0, 1, 0xfee0_0030),
+        Ok(Action::Resume)
+    );
+    // A 32-bit load zero-extends into RCX.
+    assert_eq!(r.v.regs.rcx, 0xffff_ffff);
+    assert_eq!(r.rip(), RIP + 2);
+    // mov [rax], ecx (89 08): dropped, RIP stepped.
+    r.mem.write(GuestPhysAddr(RIP + 2), &[0x89, 0x08]).unwrap();
+    assert_eq!(
+        r.exit(ExitReason::EptViolation, 0, 2, 0xfee0_0030),
+        Ok(Action::Resume)
+    );
+    assert_eq!(r.rip(), RIP + 4);
+    // An instruction the decoder does not know (a string move, a4) stops the domain.
+    r.mem.write(GuestPhysAddr(RIP + 4), &[0xa4]).unwrap();
+    let e = r.exit(ExitReason::EptViolation, 0, 1, 0xfee0_0030);
+    assert!(matches!(e, Err(ExitError::Unsupported(_))), "{e:?}");
+}
+
+#[test]
+fn ept_violation_outside_ram_and_the_hole_stops_the_guest() {
+    let mut r = Rig::new();
+    let e = r
+        .exit(ExitReason::EptViolation, 0, 1, 0x2000_0000)
+        .unwrap_err();
+    assert_eq!(
+        e,
+        ExitError::Guest(String::from(
+            "EPT violation: read of guest-physical 0x20000000, which is not its memory"
+        ))
+    );
+    // An instruction fetch from the hole is not MMIO either.
+    let e = r
+        .exit(ExitReason::EptViolation, 0, 4, 0xc000_0000)
+        .unwrap_err();
+    assert!(matches!(e, ExitError::Guest(_)));
+}
+
+#[test]
+fn triple_fault_and_unexpected_exits_stop_the_domain() {
+    let mut r = Rig::new();
+    assert_eq!(
+        r.exit(ExitReason::TripleFault, 0, 0, 0),
+        Err(ExitError::Guest(String::from("triple fault")))
+    );
+    let e = r.exit(ExitReason::Other(62), 0, 0, 0).unwrap_err();
+    assert!(matches!(e, ExitError::Unsupported(ref m) if m.starts_with("unhandled VM exit")));
+    // A VMX instruction gets #GP instead.
+    assert_eq!(
+        r.exit(ExitReason::VmxInstruction(24), 3, 0, 0),
+        Ok(Action::Resume)
+    );
+    assert!(r.gp_injected());
+}
+
+#[test]
+fn mov_to_cr0_and_cr4_keep_forced_bits_and_shadow_the_guest_value() {
+    let mut r = Rig::new();
+    // mov cr0, rbx: qualification cr=0, type 0 (to), gpr 3.
+    r.v.regs.rbx = 0x8000_0011; // PG, ET, PE (NE clear)
+    assert_eq!(
+        r.exit(ExitReason::CrAccess, 3, 3 << 8, 0),
+        Ok(Action::Resume)
+    );
+    assert_eq!(r.a.field(f::CR0_SHADOW), 0x8000_0011);
+    assert_eq!(r.a.field(f::GUEST_CR0), 0x8000_0031, "NE forced on");
+    assert_eq!(r.rip(), RIP + 3);
+    // Paging off in long mode: #GP, nothing written.
+    let mut r = Rig::new();
+    r.v.regs.rbx = 0x11;
+    r.exit(ExitReason::CrAccess, 3, 3 << 8, 0).unwrap();
+    assert!(r.gp_injected());
+    assert_eq!(r.a.field(f::CR0_SHADOW), 0);
+    // mov cr4, rax with VMXE: #GP.
+    let mut r = Rig::new();
+    r.v.regs.rax = (1 << 13) | (1 << 5);
+    r.exit(ExitReason::CrAccess, 3, 4, 0).unwrap();
+    assert!(r.gp_injected());
+    // mov cr4 with PAE|OSFXSR: VMXE forced in the register, not in the shadow.
+    let mut r = Rig::new();
+    r.v.regs.rax = (1 << 9) | (1 << 5);
+    r.exit(ExitReason::CrAccess, 3, 4, 0).unwrap();
+    assert_eq!(r.a.field(f::CR4_SHADOW), (1 << 9) | (1 << 5));
+    assert_eq!(r.a.field(f::GUEST_CR4), (1 << 13) | (1 << 9) | (1 << 5));
+}
+
+#[test]
+fn xsetbv_checked_against_what_is_offered() {
+    let mut r = Rig::new();
+    r.v.regs.rax = 0b11; // x87 + SSE
+    assert_eq!(r.exit(ExitReason::Xsetbv, 3, 0, 0), Ok(Action::Resume));
+    assert_eq!((r.v.xcr0, r.p.xcr0_loaded), (0b11, Some(0b11)));
+    r.v.regs.rax = 0b101; // AVX without SSE
+    r.exit(ExitReason::Xsetbv, 3, 0, 0).unwrap();
+    assert!(r.gp_injected());
+    assert_eq!(r.v.xcr0, 0b11);
+}
+
+#[test]
+fn interrupts_windows_and_the_preemption_timer() {
+    let mut r = Rig::new();
+    assert_eq!(
+        r.exit(ExitReason::ExternalInterrupt, 0, 0, 0),
+        Ok(Action::Resume)
+    );
+    assert_eq!(
+        r.exit(ExitReason::InterruptWindow, 0, 0, 0),
+        Ok(Action::Resume)
+    );
+    // No guest timer due: the slice is over.
+    assert_eq!(
+        r.exit(ExitReason::PreemptionTimer, 0, 0, 0),
+        Ok(Action::Requeue)
+    );
+    // The guest's timer fell due: stay and deliver it.
+    r.v.timer.set(0x30, 100, 0);
+    r.p.tsc = 150;
+    assert_eq!(
+        r.exit(ExitReason::PreemptionTimer, 0, 0, 0),
+        Ok(Action::Resume)
+    );
+}
+
+#[test]
+fn a_due_timer_is_injected_when_the_guest_can_take_it_else_a_window_is_asked_for() {
+    let mut r = Rig::new();
+    r.v.timer.set(0x30, 100, 0);
+    assert!(r.v.timer.poll(200));
+    // IF clear: interrupt-window exiting on, nothing injected.
+    deliver_timer(&mut r.v, &mut r.a).unwrap();
+    assert_eq!(r.a.field(f::ENTRY_INTERRUPTION), 0);
+    assert_eq!(r.a.field(f::PROCBASED) & (1 << 2), 1 << 2);
+    assert!(r.v.window_exiting);
+    // IF set: injected as an external interrupt, window exiting off again.
+    r.a = core::mem::take(&mut r.a).with(f::GUEST_RFLAGS, 1 << 9);
+    deliver_timer(&mut r.v, &mut r.a).unwrap();
+    assert_eq!(r.a.field(f::ENTRY_INTERRUPTION), 0x30 | (1 << 31));
+    assert_eq!(r.a.field(f::PROCBASED) & (1 << 2), 0);
+    assert!(!r.v.window_exiting);
+}
