@@ -23,6 +23,7 @@ use crate::arch::cpu;
 use crate::domain::config::DomainConfig;
 use crate::domain::loader::{self, BootState};
 use crate::domain::memory::{BadGpa, CHUNK, GuestMemory, GuestPhysAddr, pieces};
+use crate::io::DomainIo;
 use crate::mm::frames::FrameAllocator;
 use crate::percpu::{self, CPUS, MAX_CPUS};
 use crate::println;
@@ -62,6 +63,8 @@ pub struct Domain {
     vmwrites: AtomicU64,
     state: AtomicU8,
     pub exits: [AtomicU64; REASON_SLOTS],
+    /// Its port and MMIO buses, shared by its vCPUs.
+    io: Mutex<DomainIo>,
     /// Why it stopped (empty while running).
     pub stop_reason: Mutex<String>,
 }
@@ -366,6 +369,7 @@ pub fn create(image: &[u8], cfg: &DomainConfig, caps: &VmxCaps) -> Result<Arc<Do
         vmwrites: AtomicU64::new(0),
         state: AtomicU8::new(DomainState::Running as u8),
         exits: Default::default(),
+        io: Mutex::new(DomainIo::standard()),
         stop_reason: Mutex::new(String::new()),
     });
     let eptp = mem.ept.eptp(caps.ept_ad());
@@ -462,6 +466,10 @@ impl Platform for HwPlatform<'_> {
 
     fn tsc_per_us(&self) -> u64 {
         (SLICE_TSC.load(Ordering::Relaxed) / 10_000).max(1)
+    }
+
+    fn with_io<R>(&mut self, f: impl FnOnce(&mut DomainIo) -> R) -> R {
+        f(&mut self.domain.io.lock())
     }
 }
 

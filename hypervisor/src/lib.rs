@@ -26,6 +26,7 @@ extern crate alloc;
 
 pub mod cmdline;
 pub mod domain;
+pub mod io;
 pub mod mm;
 pub mod shell;
 pub mod vcpu;

@@ -7,5 +7,4 @@ pub mod console;
 pub mod hypercall;
 pub mod loader;
 pub mod memory;
-pub mod ports;
 pub mod vtimer;

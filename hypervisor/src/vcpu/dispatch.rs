@@ -14,9 +14,9 @@ use super::access::VmcsAccess;
 use super::exit::Exit;
 use crate::domain::console::DomainConsole;
 use crate::domain::hypercall::{self, Outcome};
-use crate::domain::memory::{GuestMemory, GuestPhysAddr, UNASSIGNED_MMIO, translate};
-use crate::domain::ports::{self, PortAction};
+use crate::domain::memory::{GuestMemory, GuestPhysAddr, translate};
 use crate::domain::vtimer::{self, VirtTimer};
+use crate::io::{DomainIo, IoEvent, PortAction};
 use crate::vmx::cr::{self, CrExit};
 use crate::vmx::decode;
 use crate::vmx::exit::{EptViolationExit, ExitReason, IoExit};
@@ -78,6 +78,8 @@ pub trait Platform {
     fn start_vcpu(&mut self, index: u32, rip: u64, rsp: u64) -> bool;
     /// TSC ticks per microsecond (the paravirtual timer's unit).
     fn tsc_per_us(&self) -> u64;
+    /// Runs `f` on the domain's I/O buses (shared by its vCPUs).
+    fn with_io<R>(&mut self, f: impl FnOnce(&mut DomainIo) -> R) -> R;
 }
 
 /// What the run loop does after an exit. Plain and `Copy`: it is matched on every exit.
@@ -260,7 +262,8 @@ pub fn handle(
                     io.port
                 )));
             }
-            match ports::access(io.port, io.size, io.input, v.regs.rax as u32) {
+            let value = v.regs.rax as u32;
+            match p.with_io(|b| b.ports.access(io.port, io.size, io.input, value)) {
                 PortAction::Read(x) => {
                     let mask = match io.size {
                         1 => 0xff,
@@ -269,20 +272,20 @@ pub fn handle(
                     };
                     v.regs.rax = (v.regs.rax & !mask) | (u64::from(x) & mask);
                 }
-                PortAction::ConsoleByte(b) => console(v, p, &[b]),
-                PortAction::Exit(code) => {
+                PortAction::Wrote(IoEvent::Console(b)) => console(v, p, &[b]),
+                PortAction::Wrote(IoEvent::Exit(code)) => {
                     return Ok(Action::Exit(u64::from(code)));
                 }
-                PortAction::Ignore => {}
+                PortAction::Wrote(IoEvent::None) => {}
             }
             skip(a, exit)
         }
         ExitReason::EptViolation => {
             let q = EptViolationExit::decode(exit.qualification);
-            // The MMIO dispatch point: the unassigned hole answers like an empty bus; any other
-            // access outside RAM stops the domain.
-            if UNASSIGNED_MMIO.contains(&exit.gpa) && !q.fetch {
-                return emulate_unassigned_mmio(v, a, mem, exit.gpa);
+            // The MMIO dispatch point: a device's range or the hole's empty bus; any other
+            // access outside RAM, and any instruction fetch from MMIO, stops the domain.
+            if !q.fetch && p.with_io(|b| b.mmio.handles(exit.gpa)) {
+                return emulate_mmio(v, a, mem, p, exit.gpa);
             }
             fail(ExitError::Guest(alloc::format!(
                 "EPT violation: {} of guest-physical {:#x}, which is not its memory",
@@ -452,13 +455,14 @@ fn cr_access(
     }
 }
 
-/// Completes a guest load or store to unassigned MMIO: a load gets all ones, a store is
-/// dropped; the instruction is read through the guest's page tables and decoded (only plain
-/// moves; anything else stops the domain).
-fn emulate_unassigned_mmio(
+/// Completes a guest load or store to MMIO through the domain's MMIO bus: the instruction is
+/// read through the guest's page tables and decoded (the moves `vmx::decode` accepts; anything
+/// else stops the domain).
+fn emulate_mmio(
     v: &mut VcpuCore,
     a: &mut impl VmcsAccess,
     mem: &impl GuestMemory,
+    p: &mut impl Platform,
     gpa: u64,
 ) -> Result<Action> {
     let rip = a.get(f::GUEST_RIP);
@@ -480,14 +484,33 @@ fn emulate_unassigned_mmio(
             &bytes[..n.min(8)]
         )))
     })?;
-    if let decode::Access::Load { reg, .. } = d.access {
-        let old = gpr(a, &v.regs, reg);
-        set_gpr(
-            a,
-            &mut v.regs,
+    let outside = || {
+        Box::new(ExitError::Guest(alloc::format!(
+            "MMIO access to guest-physical {gpa:#x} outside every device and the MMIO hole"
+        )))
+    };
+    match d.access {
+        decode::Access::Load { reg, size, .. } => {
+            let data = p
+                .with_io(|b| b.mmio.read(gpa, size))
+                .map_err(|_| outside())?;
+            let old = gpr(a, &v.regs, reg);
+            set_gpr(a, &mut v.regs, reg, decode::apply_load(old, d.access, data))?;
+        }
+        decode::Access::StoreReg {
             reg,
-            decode::apply_load(old, d.access, u64::MAX),
-        )?;
+            size,
+            high_byte,
+        } => {
+            let r = gpr(a, &v.regs, reg);
+            let value = if high_byte { r >> 8 } else { r };
+            p.with_io(|b| b.mmio.write(gpa, size, value))
+                .map_err(|_| outside())?;
+        }
+        decode::Access::StoreImm { value, size } => {
+            p.with_io(|b| b.mmio.write(gpa, size, value))
+                .map_err(|_| outside())?;
+        }
     }
     a.set(f::GUEST_RIP, rip.wrapping_add(d.len as u64))?;
     Ok(Action::Resume)

@@ -11,12 +11,14 @@ use super::access::FakeVmcs;
 use super::dispatch::{Action, ExitError, Platform, VcpuCore, deliver_timer, handle};
 use super::exit::Exit;
 use crate::domain::memory::{GuestMemory, GuestPhysAddr, VecMemory};
+use crate::io::DomainIo;
+use crate::io::mmio::MmioDevice;
 use crate::vmx::exit::ExitReason;
 use crate::vmx::vmcs::{FixedBits, GuestRegs, fields as f};
 use hv_abi::hypercall as nr;
 
-#[derive(Default)]
 struct FakePlatform {
+    io: DomainIo,
     console: Vec<u8>,
     xcr0_loaded: Option<u64>,
     started: u64,
@@ -24,7 +26,23 @@ struct FakePlatform {
     tsc: u64,
 }
 
+impl Default for FakePlatform {
+    fn default() -> Self {
+        FakePlatform {
+            io: DomainIo::standard(),
+            console: Vec::new(),
+            xcr0_loaded: None,
+            started: 0,
+            start_requests: Vec::new(),
+            tsc: 0,
+        }
+    }
+}
+
 impl Platform for FakePlatform {
+    fn with_io<R>(&mut self, f: impl FnOnce(&mut DomainIo) -> R) -> R {
+        f(&mut self.io)
+    }
     fn cpuid(&self, leaf: u32, _sub: u32) -> CpuidResult {
         CpuidResult {
             eax: leaf,
@@ -486,4 +504,49 @@ fn a_due_timer_is_injected_when_the_guest_can_take_it_else_a_window_is_asked_for
     assert_eq!(r.a.field(f::ENTRY_INTERRUPTION), 0x30 | (1 << 31));
     assert_eq!(r.a.field(f::PROCBASED) & (1 << 2), 0);
     assert!(!r.v.window_exiting);
+}
+
+/// A device that remembers the last store and answers loads with a fixed pattern.
+struct Probe(alloc::sync::Arc<spin::Mutex<Vec<(u64, u8, u64)>>>);
+
+impl MmioDevice for Probe {
+    fn read(&mut self, offset: u64, _size: u8) -> u64 {
+        0x8877_6655_4433_2211u64.rotate_right((offset * 8) as u32)
+    }
+    fn write(&mut self, offset: u64, size: u8, value: u64) {
+        self.0.lock().push((offset, size, value));
+    }
+}
+
+#[test]
+fn mmio_reaches_the_device_that_registered_the_range() {
+    let mut r = Rig::new();
+    let stores = alloc::sync::Arc::new(spin::Mutex::new(Vec::new()));
+    r.p.io
+        .mmio
+        .register(
+            0xd000_0000..0xd000_1000,
+            alloc::boxed::Box::new(Probe(stores.clone())),
+        )
+        .unwrap();
+    let cr3 = identity_tables(&mut r.mem);
+    r.a = core::mem::take(&mut r.a).with(f::GUEST_CR3, cr3);
+    // mov ecx, [rax]: 32-bit load from offset 0.
+    r.mem.write(GuestPhysAddr(RIP), &[0x8b, 0x08]).unwrap();
+    r.exit(ExitReason::EptViolation, 0, 1, 0xd000_0000).unwrap();
+    assert_eq!(r.v.regs.rcx, 0x4433_2211);
+    // mov [rax], ch (88 28): the high byte of CX, one byte at offset 4.
+    r.v.regs.rcx = 0xabcd;
+    r.mem.write(GuestPhysAddr(RIP + 2), &[0x88, 0x28]).unwrap();
+    r.exit(ExitReason::EptViolation, 0, 2, 0xd000_0004).unwrap();
+    // movl $0x12345678, [rax] (c7 00 imm32) at offset 8.
+    r.mem
+        .write(
+            GuestPhysAddr(RIP + 4),
+            &[0xc7, 0x00, 0x78, 0x56, 0x34, 0x12],
+        )
+        .unwrap();
+    r.exit(ExitReason::EptViolation, 0, 2, 0xd000_0008).unwrap();
+    assert_eq!(*stores.lock(), vec![(4, 1, 0xab), (8, 4, 0x1234_5678)]);
+    assert_eq!(r.rip(), RIP + 10);
 }
