@@ -175,7 +175,20 @@ pub fn cmdline(pid: u32) -> String {
     {
         *first = base.to_string_lossy().into_owned();
     }
-    let mut s = words.join(" ");
+    // The disks are the pool's own, known to the reader: keep the command itself visible.
+    let mut shown = Vec::new();
+    let mut it = words.into_iter();
+    while let Some(w) = it.next() {
+        if w == "-d" || w == "--disk" {
+            it.next();
+            if shown.last().is_none_or(|l| l != "-d ...") {
+                shown.push("-d ...".to_string());
+            }
+        } else if !w.starts_with("--disk=") {
+            shown.push(w);
+        }
+    }
+    let mut s = shown.join(" ");
     if s.is_empty() {
         s = "command line unknown".into();
     }
