@@ -24,7 +24,11 @@ fn a_second_writer_is_refused_and_told_which_process_holds_the_pool() {
     // Readers are refused too while a writer holds it (they would see it change).
     let e = err(&p.args(&["list"]));
     assert!(e.contains(&me), "{e}");
-    assert_eq!(fingerprint(&p.dir), before, "refused commands changed nothing");
+    assert_eq!(
+        fingerprint(&p.dir),
+        before,
+        "refused commands changed nothing"
+    );
     drop(f);
     // Two servers of one pool: the second is refused, naming the first.
     let mut s = Server::start(&p, &["v", "--clients", "1"], &[]);
@@ -107,7 +111,10 @@ fn a_disk_with_both_labels_damaged_is_missing_by_path_until_repair_relabels_it()
     // A write command refuses to run without it, and says how to go on.
     let before = fingerprint(&p.dir);
     let e = err(&p.args(&["create", "w", "4M"]));
-    assert!(e.contains(&p.disks[0]) && e.contains("--allow-degraded"), "{e}");
+    assert!(
+        e.contains(&p.disks[0]) && e.contains("--allow-degraded"),
+        "{e}"
+    );
     assert_eq!(fingerprint(&p.dir), before);
     // Repair rewrites its labels from the pool metadata.
     let o = hvctl(&p.args(&["repair"]));
@@ -135,7 +142,11 @@ fn a_write_command_without_every_disk_refuses_unless_allow_degraded() {
         e.contains("disk 'c.img'") && e.contains("--allow-degraded"),
         "{e}"
     );
-    assert_eq!(fingerprint(&p.dir), before, "refused without changing anything");
+    assert_eq!(
+        fingerprint(&p.dir),
+        before,
+        "refused without changing anything"
+    );
     a.insert(1, "--allow-degraded");
     ok(&a);
     let o = hvctl(&p.args(&["list"]));
@@ -169,7 +180,9 @@ fn a_pool_owned_by_another_host_is_refused_unless_force_import() {
     let before = fingerprint(&p.dir);
     let e = err(&p.args(&["create", "w", "4M"]));
     assert!(
-        e.contains("owned by process") && e.contains("far-away-host") && e.contains("--force-import"),
+        e.contains("owned by process")
+            && e.contains("far-away-host")
+            && e.contains("--force-import"),
         "{e}"
     );
     assert_eq!(fingerprint(&p.dir), before);
@@ -214,12 +227,30 @@ fn failed_commands_leave_the_directory_as_it_was() {
     let cases: Vec<(Vec<String>, &str)> = vec![
         // create-pool: files created then too small: removed.
         (
-            owned(&["volume", "create-pool", "--disk-size", "64K", "-d", &new1, "-d", &new2]),
+            owned(&[
+                "volume",
+                "create-pool",
+                "--disk-size",
+                "64K",
+                "-d",
+                &new1,
+                "-d",
+                &new2,
+            ]),
             "blocks",
         ),
         // ... and an existing file it extended: truncated back.
         (
-            owned(&["volume", "create-pool", "--disk-size", "64K", "-d", &small, "-d", &new1]),
+            owned(&[
+                "volume",
+                "create-pool",
+                "--disk-size",
+                "64K",
+                "-d",
+                &small,
+                "-d",
+                &new1,
+            ]),
             "blocks",
         ),
         // A second member that cannot be made after the first was created.
@@ -237,13 +268,19 @@ fn failed_commands_leave_the_directory_as_it_was() {
             "/nonexistent-dir/y.img",
         ),
         // An empty tier is an error, not a file named "x.img:".
-        (owned(&p.args(&["add-disk", &colon, "--disk-size", "16M"])), "tier"),
+        (
+            owned(&p.args(&["add-disk", &colon, "--disk-size", "16M"])),
+            "tier",
+        ),
         (
             owned(&["volume", "create-pool", "--disk-size", "16M", "-d", &colon]),
             "tier",
         ),
         // add-disk of a file too small: the file it made is removed.
-        (owned(&p.args(&["add-disk", &x, "--disk-size", "8K"])), "too small"),
+        (
+            owned(&p.args(&["add-disk", &x, "--disk-size", "8K"])),
+            "too small",
+        ),
         // export whose reads fail half-way (its disk left off): no output left.
         (
             {

@@ -50,13 +50,21 @@ fn owner_record_is_claimed_refused_from_another_host_and_cleared_on_release() {
     let (mut p, _) = open(&d, writer("host-a", 10)).unwrap();
     for disk in &d {
         let mut dev = disk.clone();
-        let o = Owner::read(&mut dev).unwrap().expect("owner record written");
-        assert_eq!((o.pid, o.host_id.as_str(), o.pool_id), (10, "host-a", POOL_ID));
+        let o = Owner::read(&mut dev)
+            .unwrap()
+            .expect("owner record written");
+        assert_eq!(
+            (o.pid, o.host_id.as_str(), o.pool_id),
+            (10, "host-a", POOL_ID)
+        );
     }
     p.release().unwrap();
     drop(p);
     let after: Vec<Vec<u8>> = d.iter().map(SharedDisk::snapshot).collect();
-    assert!(after == before, "a released pool is byte for byte as before");
+    assert!(
+        after == before,
+        "a released pool is byte for byte as before"
+    );
 
     // Host A opens and "crashes" (no release): another host is refused, nothing written.
     let (p, _) = open(&d, writer("host-a", 11)).unwrap();
@@ -67,7 +75,9 @@ fn owner_record_is_claimed_refused_from_another_host_and_cleared_on_release() {
         panic!("{e}")
     };
     assert!(
-        msg.contains("process 11") && msg.contains("name-of-host-a") && msg.contains("/images/0.img"),
+        msg.contains("process 11")
+            && msg.contains("name-of-host-a")
+            && msg.contains("/images/0.img"),
         "{msg}"
     );
     assert!(d.iter().map(SharedDisk::snapshot).collect::<Vec<_>>() == held);
@@ -80,10 +90,18 @@ fn owner_record_is_claimed_refused_from_another_host_and_cleared_on_release() {
         },
     )
     .unwrap();
-    assert!(rep.notes.iter().any(|n| n.contains("owned by process 11")), "{:?}", rep.notes);
+    assert!(
+        rep.notes.iter().any(|n| n.contains("owned by process 11")),
+        "{:?}",
+        rep.notes
+    );
     // The same host takes over from its crashed process, with a note.
     let (mut p, rep) = open(&d, writer("host-a", 12)).unwrap();
-    assert!(rep.notes.iter().any(|n| n.contains("taking it over")), "{:?}", rep.notes);
+    assert!(
+        rep.notes.iter().any(|n| n.contains("taking it over")),
+        "{:?}",
+        rep.notes
+    );
     drop(p.release());
     // Another host with force takes over.
     let (p, _) = open(&d, writer("host-a", 13)).unwrap();
@@ -113,7 +131,10 @@ fn a_write_open_without_every_disk_is_refused_unless_allowed() {
     let Error::Degraded(msg) = &e else {
         panic!("{e}")
     };
-    assert!(msg.contains("disk 'd2'") && msg.contains("nothing was changed"), "{msg}");
+    assert!(
+        msg.contains("disk 'd2'") && msg.contains("nothing was changed"),
+        "{msg}"
+    );
     assert!(d.iter().map(SharedDisk::snapshot).collect::<Vec<_>>() == before);
     // Read-only opens still work degraded; an allowed write open records the disk missing.
     open(
@@ -133,7 +154,11 @@ fn a_write_open_without_every_disk_is_refused_unless_allowed() {
         },
     )
     .unwrap();
-    assert!(rep.notes.iter().any(|n| n.contains("is missing")), "{:?}", rep.notes);
+    assert!(
+        rep.notes.iter().any(|n| n.contains("is missing")),
+        "{:?}",
+        rep.notes
+    );
     p.release().unwrap();
 }
 
@@ -171,7 +196,10 @@ fn a_disk_with_both_labels_damaged_opens_as_missing_and_repair_relabels_it() {
     drop(p);
     // A write open is refused (a disk is absent) unless degraded operation is allowed.
     let e = open(&d, writer("h", 1)).err().unwrap();
-    assert!(matches!(&e, Error::Degraded(m) if m.contains("/images/0.img")), "{e}");
+    assert!(
+        matches!(&e, Error::Degraded(m) if m.contains("/images/0.img")),
+        "{e}"
+    );
     // Repair identifies it from the metadata it carries and rewrites its labels.
     let (mut p, rep) = open(
         &d,
@@ -182,7 +210,9 @@ fn a_disk_with_both_labels_damaged_opens_as_missing_and_repair_relabels_it() {
     )
     .unwrap();
     assert!(
-        rep.notes.iter().any(|n| n.contains("rewritten from the pool metadata")),
+        rep.notes
+            .iter()
+            .any(|n| n.contains("rewritten from the pool metadata")),
         "{:?}",
         rep.notes
     );
@@ -196,9 +226,12 @@ fn a_disk_with_both_labels_damaged_opens_as_missing_and_repair_relabels_it() {
     p.release().unwrap();
     // A device with neither label nor metadata of the pool is an error naming it.
     let stranger = SharedDisk::new(1024);
-    let e = open(&[d[0].clone(), d[1].clone(), stranger], OpenOptions::default())
-        .err()
-        .unwrap();
+    let e = open(
+        &[d[0].clone(), d[1].clone(), stranger],
+        OpenOptions::default(),
+    )
+    .err()
+    .unwrap();
     assert_eq!(e, Error::NotAPoolDisk("/images/2.img".into()));
 }
 
@@ -212,16 +245,29 @@ fn rollback_only_to_a_snapshot_of_that_volume() {
     let b = p.create_thin("b", "tp", 256).unwrap();
     p.write(a, 0, &pattern(1)).unwrap();
     p.write(b, 0, &pattern(2)).unwrap();
-    p.snapshot("a", "a-snap", SnapshotKind::SpaceOptimized, LayoutSpec::Concat, None)
-        .unwrap();
-    p.snapshot("a-snap", "a-snap2", SnapshotKind::SpaceOptimized, LayoutSpec::Concat, None)
-        .unwrap();
+    p.snapshot(
+        "a",
+        "a-snap",
+        SnapshotKind::SpaceOptimized,
+        LayoutSpec::Concat,
+        None,
+    )
+    .unwrap();
+    p.snapshot(
+        "a-snap",
+        "a-snap2",
+        SnapshotKind::SpaceOptimized,
+        LayoutSpec::Concat,
+        None,
+    )
+    .unwrap();
     p.write(a, 0, &pattern(3)).unwrap();
     p.flush().unwrap();
     // Same size, same thin pool, not a snapshot of 'a': refused, 'a' unchanged.
     let e = p.rollback("a", "b", |_, _| {}).unwrap_err();
     assert!(
-        e.to_string().contains("'b' is not a snapshot, not a snapshot of 'a'"),
+        e.to_string()
+            .contains("'b' is not a snapshot, not a snapshot of 'a'"),
         "{e}"
     );
     let e = p.rollback("b", "a-snap", |_, _| {}).unwrap_err();
@@ -244,7 +290,10 @@ fn rollback_only_to_a_snapshot_of_that_volume() {
     p.settle(|_, _| {}).unwrap();
     p.resize("t", 128).unwrap();
     let e = p.rollback("t", "t-full", |_, _| {}).unwrap_err();
-    assert!(e.to_string().contains("differ") || e.to_string().contains("resized"), "{e}");
+    assert!(
+        e.to_string().contains("differ") || e.to_string().contains("resized"),
+        "{e}"
+    );
     assert!(!e.to_string().contains("resize first"), "{e}");
     let _ = t;
 }
@@ -279,7 +328,10 @@ fn version_1_metadata_still_opens_with_lineage_inferred() {
     let mut p = common::reopen(&d);
     let t = p.volume_id("t").unwrap();
     let so = p.volume_id("t-so").unwrap();
-    assert!(p.is_snapshot_of(so, t), "lineage inferred from the thin origin");
+    assert!(
+        p.is_snapshot_of(so, t),
+        "lineage inferred from the thin origin"
+    );
     p.write(t, 0, &pattern(9)).unwrap();
     p.rollback("t", "t-so", |_, _| {}).unwrap();
     assert_eq!(read_block(&mut p, t, 0), vec![0u8; BLOCK_SIZE]);

@@ -279,7 +279,14 @@ pub fn nbd_request(
     assert_eq!(u32::from_be_bytes(h[..4].try_into().unwrap()), 0x6744_6698);
     let err = u32::from_be_bytes(h[4..8].try_into().unwrap());
     assert_eq!(u64::from_be_bytes(h[8..16].try_into().unwrap()), handle);
-    let mut out = vec![0u8; if cmd == 0 && err == 0 { len as usize } else { 0 }];
+    let mut out = vec![
+        0u8;
+        if cmd == 0 && err == 0 {
+            len as usize
+        } else {
+            0
+        }
+    ];
     s.read_exact(&mut out)?;
     Ok((err, out))
 }
