@@ -12,15 +12,16 @@ use bootloader::{BootError, BootInfo, MemoryKind};
 use log::{error, info, warn};
 use spin::Mutex;
 
+use crate::arch::percpu::{self, CPUS, CpuState};
 use crate::arch::{acpi, cpu, gdt, lapic, pic, pit, serial, smp, trap};
 use crate::cmdline::{CommandLine, TestFault, parse_level};
+use crate::mm::FRAMES;
 use crate::mm::frames::{self, FrameAllocator};
 use crate::mm::paging::{Access, PageTables};
 use crate::mm::{FRAME_SIZE, heap};
-use crate::percpu::{self, CPUS, CpuState};
 use crate::shell::{self, Command, LineEditor, PROMPT};
 use crate::vmx::caps::VmxStatus;
-use crate::vmx::detect;
+use crate::vmx::detect::{self, VMX_STATUS};
 use crate::{print, println};
 
 /// Bytes of heap taken at boot.
@@ -30,8 +31,6 @@ const AP_STACK_FRAMES: u64 = 16;
 /// Timer interrupts per second on every CPU.
 const TICK_HZ: u32 = 100;
 
-/// The frame allocator, once built.
-pub static FRAMES: Mutex<Option<FrameAllocator<'static>>> = Mutex::new(None);
 /// Local APIC timer count for one tick, measured on the BSP.
 static TIMER_COUNT: AtomicU32 = AtomicU32::new(0);
 
@@ -150,9 +149,9 @@ pub fn hypervisor_main(boot: Result<BootInfo, BootError>) -> ! {
     );
 
     enable_sse();
-    crate::guest::SLICE_TSC.store(tsc_per_10ms.max(1000), Ordering::Relaxed);
+    crate::vcpu::run::SLICE_TSC.store(tsc_per_10ms.max(1000), Ordering::Relaxed);
     let vmx = detect::probe_this_cpu();
-    *CPUS[0].vmx.lock() = vmx;
+    *VMX_STATUS[0].lock() = vmx;
     report_vmx_at_boot(&vmx);
     let run_loop = enter_vmx(0, &vmx);
 
@@ -203,7 +202,7 @@ fn enable_sse() {
 }
 
 /// VMXON on this CPU if VT-x is usable for the core; the run loop that will own its vCPUs.
-fn enter_vmx(index: usize, status: &VmxStatus) -> Option<crate::guest::RunLoop> {
+fn enter_vmx(index: usize, status: &VmxStatus) -> Option<crate::vcpu::run::RunLoop> {
     let VmxStatus::Available { caps, .. } = status else {
         return None;
     };
@@ -214,7 +213,7 @@ fn enter_vmx(index: usize, status: &VmxStatus) -> Option<crate::guest::RunLoop> 
     let mut guard = FRAMES.lock();
     let frames = guard.as_mut()?;
     match crate::vmx::hw::VmxCpu::enable(*caps, frames) {
-        Ok(v) => Some(crate::guest::RunLoop::new(v, index)),
+        Ok(v) => Some(crate::vcpu::run::RunLoop::new(v, index)),
         Err(e) => {
             error!("CPU {index}: cannot enter VMX operation: {e}");
             None
@@ -248,11 +247,15 @@ fn start_boot_domains(vmx: &VmxStatus) {
         let image = unsafe {
             core::slice::from_raw_parts(m.start as *const u8, (m.end - m.start) as usize)
         };
-        match crate::guest::create(image, &cfg, caps) {
-            Ok(d) => info!(
-                "domain {} ({}) created: {} MiB on CPU {}",
-                d.id, d.name, d.mem_mib, d.cpu
-            ),
+        match crate::domain::table::create(image, &cfg, caps) {
+            Ok(new) => {
+                let d = new.domain.clone();
+                crate::vcpu::run::spawn(new);
+                info!(
+                    "domain {} ({}) created: {} MiB on CPU {}",
+                    d.id, d.name, d.mem_mib, d.cpu
+                );
+            }
             Err(e) => error!("module {i} ('{}'): {e}; not started", cfg.name),
         }
     }
@@ -389,7 +392,7 @@ extern "C" fn ap_main(index: u64) -> ! {
     lapic::start_periodic_timer(trap::TIMER_VECTOR, TIMER_COUNT.load(Ordering::Relaxed));
     enable_sse();
     let vmx = detect::probe_this_cpu();
-    *CPUS[index].vmx.lock() = vmx;
+    *VMX_STATUS[index].lock() = vmx;
     let mut run_loop = enter_vmx(index, &vmx);
     CPUS[index].set_state(CpuState::Online);
     info!("CPU {index} online (APIC id {id}); VT-x {}", vmx.summary());
@@ -460,7 +463,7 @@ fn trigger_test_fault(kind: TestFault) {
 
 /// The operator's shell on COM1, between slices of the vCPUs this CPU runs. Polls the UART;
 /// sleeps until the next timer tick when idle.
-fn console_task(mut run_loop: Option<crate::guest::RunLoop>) -> ! {
+fn console_task(mut run_loop: Option<crate::vcpu::run::RunLoop>) -> ! {
     let mut editor = LineEditor::new();
     let mut echo = Vec::new();
     print!("{PROMPT}");
@@ -502,7 +505,7 @@ fn run_command(line: &str) {
             println!("log level set to {level}");
         }
         Ok(Command::Domains) => cmd_domains(),
-        Ok(Command::Destroy(id)) => match crate::guest::destroy(id) {
+        Ok(Command::Destroy(id)) => match crate::domain::table::destroy(id) {
             Ok(()) => println!("domain {id}: stopping"),
             Err(e) => println!("error: destroy: {e}"),
         },
@@ -536,7 +539,7 @@ fn cmd_cpus() {
             c.apic_id.load(Ordering::Relaxed),
             c.state().name(),
             c.ticks.load(Ordering::Relaxed),
-            vmx_short(&c.vmx.lock())
+            vmx_short(&VMX_STATUS[i].lock())
         );
     }
 }
@@ -600,7 +603,7 @@ fn cmd_mem() {
 
 fn cmd_vmx() {
     let n = percpu::cpu_count();
-    let statuses: Vec<VmxStatus> = (0..n).map(|i| *CPUS[i].vmx.lock()).collect();
+    let statuses: Vec<VmxStatus> = (0..n).map(|i| *VMX_STATUS[i].lock()).collect();
     let first = statuses[0];
     let same = statuses
         .iter()
@@ -627,7 +630,7 @@ fn cmd_vmx() {
 
 fn cmd_domains() {
     use crate::vmx::exit::{ExitReason, REASON_SLOTS};
-    let all = crate::guest::domains();
+    let all = crate::domain::table::domains();
     if all.is_empty() {
         println!(
             "no domains (boot modules become domains: module2 FILE name=NAME mem=MIB -- ARGS)"
@@ -637,9 +640,9 @@ fn cmd_domains() {
     println!("ID  NAME          STATE       MEM   VCPUS CPU  EXITS");
     for d in &all {
         let state = match d.state() {
-            crate::guest::DomainState::Running => "running",
-            crate::guest::DomainState::Destroying => "destroying",
-            crate::guest::DomainState::Stopped => "stopped",
+            crate::domain::table::DomainState::Running => "running",
+            crate::domain::table::DomainState::Destroying => "destroying",
+            crate::domain::table::DomainState::Stopped => "stopped",
         };
         let mut by_reason = String::new();
         for i in 0..REASON_SLOTS {

@@ -37,11 +37,7 @@ pub mod arch;
 #[cfg(target_os = "none")]
 pub mod console;
 #[cfg(target_os = "none")]
-pub mod guest;
-#[cfg(target_os = "none")]
 pub mod kernel;
-#[cfg(target_os = "none")]
-pub mod percpu;
 
 /// The version printed in the boot banner.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -8,6 +8,7 @@ mod deps;
 mod emu;
 mod fuzz;
 mod history;
+mod layers;
 mod scenario;
 mod test;
 

@@ -7,7 +7,7 @@ use acpi::madt::{Madt, MadtEntry};
 use acpi::{AcpiHandler, AcpiTables, PhysicalMapping};
 use heapless::Vec;
 
-use crate::percpu::MAX_CPUS;
+use crate::arch::percpu::MAX_CPUS;
 
 /// ACPI tables are reached through the identity map.
 #[derive(Clone, Copy, Debug)]

@@ -5,6 +5,7 @@ pub mod acpi;
 pub mod cpu;
 pub mod gdt;
 pub mod lapic;
+pub mod percpu;
 pub mod pic;
 pub mod pit;
 pub mod serial;

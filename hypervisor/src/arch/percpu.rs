@@ -6,10 +6,6 @@
 
 use core::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
-use spin::Mutex;
-
-use crate::vmx::caps::VmxStatus;
-
 /// Most CPUs the hypervisor drives; more in the MADT are reported and left parked.
 pub const MAX_CPUS: usize = 64;
 
@@ -54,7 +50,6 @@ pub struct CpuRecord {
     state: AtomicU8,
     /// Local APIC timer interrupts taken.
     pub ticks: AtomicU64,
-    pub vmx: Mutex<VmxStatus>,
 }
 
 impl CpuRecord {
@@ -63,7 +58,6 @@ impl CpuRecord {
             apic_id: AtomicU32::new(0),
             state: AtomicU8::new(CpuState::Absent as u8),
             ticks: AtomicU64::new(0),
-            vmx: Mutex::new(VmxStatus::Unknown),
         }
     }
 

@@ -8,7 +8,7 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 use bootloader::entry::{AP_PARAMS_PHYS, AP_TRAMPOLINE_PHYS, ap_trampoline, efer_extra_bits};
 
 use super::{lapic, pit};
-use crate::percpu::{CPUS, CpuState};
+use crate::arch::percpu::{CPUS, CpuState};
 
 /// APs that have reached Rust; each AP increments it first thing.
 pub static AP_ALIVE: AtomicUsize = AtomicUsize::new(0);

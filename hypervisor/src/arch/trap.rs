@@ -9,8 +9,8 @@
 use core::arch::global_asm;
 use core::sync::atomic::Ordering;
 
+use crate::arch::percpu::{self, CpuState};
 use crate::arch::{cpu, lapic, serial};
-use crate::percpu::{self, CpuState};
 
 /// The local APIC timer's vector.
 pub const TIMER_VECTOR: u8 = 0x40;

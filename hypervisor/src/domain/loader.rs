@@ -175,6 +175,20 @@ pub struct BootState {
     pub rdx: u64,
 }
 
+#[cfg(target_os = "none")]
+impl BootState {
+    /// The vCPU entry state the VMCS is filled from.
+    pub fn entry(&self) -> crate::vmx::setup::GuestEntry {
+        crate::vmx::setup::GuestEntry {
+            rip: self.rip,
+            rsp: self.rsp,
+            cr3: self.cr3,
+            gdt_base: self.gdt_base,
+            gdt_limit: self.gdt_limit,
+        }
+    }
+}
+
 /// Copies the image into `mem` and builds the loader structures.
 pub fn load(
     image: &[u8],

@@ -8,11 +8,6 @@ use alloc::vec::Vec;
 /// Size of one RAM chunk.
 pub const CHUNK: u64 = 2 << 20;
 
-/// The guest-physical hole below 4 GiB where a PC has its device MMIO. No device models are
-/// placed there yet: reads return all ones and writes are dropped, as on a bus nobody answers.
-/// An access anywhere else outside RAM stops the domain.
-pub const UNASSIGNED_MMIO: core::ops::Range<u64> = 0xc000_0000..0x1_0000_0000;
-
 /// A guest-physical address: an allegation until [`GuestMemory`] has checked it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct GuestPhysAddr(pub u64);

@@ -6,6 +6,10 @@ use core::ops::Range;
 
 use super::bus::{Bus, Overlap};
 
+/// Guest-physical 3–4 GiB: never RAM (domains' RAM sits below it), where MMIO devices go, as on
+/// a PC (the local APIC at 0xfee0_0000, the IOAPIC at 0xfec0_0000).
+pub const DEVICE_HOLE: Range<u64> = 0xc000_0000..0x1_0000_0000;
+
 /// A device on the MMIO bus.
 pub trait MmioDevice: Send {
     /// A load of `size` (1, 2, 4 or 8) bytes at `offset` in the device's range.

@@ -46,7 +46,7 @@ impl DomainIo {
             .expect("no overlap with the UART");
         DomainIo {
             ports,
-            mmio: MmioBus::new(crate::domain::memory::UNASSIGNED_MMIO),
+            mmio: MmioBus::new(mmio::DEVICE_HOLE),
         }
     }
 }

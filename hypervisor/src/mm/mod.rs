@@ -8,6 +8,12 @@ pub mod heap;
 #[cfg(target_os = "none")]
 pub mod paging;
 
+/// The frame allocator, once built at boot: the one owner of free physical memory. Everything
+/// that takes frames (domain RAM, EPT tables, VMCS regions, AP stacks) takes them here and
+/// gives them back here.
+#[cfg(target_os = "none")]
+pub static FRAMES: spin::Mutex<Option<frames::FrameAllocator<'static>>> = spin::Mutex::new(None);
+
 /// Size of one frame (a 4 KiB page of host-physical memory).
 pub const FRAME_SIZE: u64 = 4096;
 

@@ -10,7 +10,6 @@ use alloc::boxed::Box;
 use alloc::string::String;
 use core::arch::x86_64::CpuidResult;
 
-use super::access::VmcsAccess;
 use super::exit::Exit;
 use crate::domain::console::DomainConsole;
 use crate::domain::hypercall::{self, Outcome};
@@ -21,6 +20,7 @@ use crate::vmx::cr::{self, CrExit};
 use crate::vmx::decode;
 use crate::vmx::exit::{EptViolationExit, ExitReason, IoExit};
 use crate::vmx::policy::{self, MsrRule, StoredMsrs};
+use crate::vmx::vmcs::VmcsAccess;
 use crate::vmx::vmcs::{FixedBits, GuestRegs, VmxError, fields as f};
 
 /// The per-vCPU state the dispatcher reads and changes (the rest of a vCPU, its VMCS region

@@ -4,8 +4,8 @@
 //! a VMCALL reads its reason and its instruction length here, and its RIP when the handler
 //! steps over it); the others stay 0. [`Exit::NEEDS`] is that table.
 
-use super::access::VmcsAccess;
 use crate::vmx::exit::ExitReason;
+use crate::vmx::vmcs::VmcsAccess;
 use crate::vmx::vmcs::fields as f;
 
 /// What an exit carries (SDM Vol. 3C §28.2).
@@ -83,7 +83,7 @@ impl Exit {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vcpu::access::FakeVmcs;
+    use crate::vmx::vmcs::FakeVmcs;
 
     #[test]
     fn a_vmcall_reads_only_its_reason_and_length() {

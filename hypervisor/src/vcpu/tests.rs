@@ -7,13 +7,13 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::arch::x86_64::CpuidResult;
 
-use super::access::FakeVmcs;
 use super::dispatch::{Action, ExitError, Platform, VcpuCore, deliver_timer, handle};
 use super::exit::Exit;
 use crate::domain::memory::{GuestMemory, GuestPhysAddr, VecMemory};
 use crate::io::DomainIo;
 use crate::io::mmio::MmioDevice;
 use crate::vmx::exit::ExitReason;
+use crate::vmx::vmcs::FakeVmcs;
 use crate::vmx::vmcs::{FixedBits, GuestRegs, fields as f};
 use hv_abi::hypercall as nr;
 

@@ -2,6 +2,12 @@
 //! left it unlocked), and the capability MSRs, decoded by [`super::caps`].
 
 use super::caps::{FeatureControl, MsrSource, VmxCaps, VmxStatus, feature_control_action, msr};
+use crate::arch::percpu::MAX_CPUS;
+
+#[allow(clippy::declare_interior_mutable_const)] // only initialises the array below
+const UNKNOWN: spin::Mutex<VmxStatus> = spin::Mutex::new(VmxStatus::Unknown);
+/// What the VT-x probe found on each CPU (index as in `arch::percpu::CPUS`).
+pub static VMX_STATUS: [spin::Mutex<VmxStatus>; MAX_CPUS] = [UNKNOWN; MAX_CPUS];
 use crate::arch::cpu;
 
 /// Reads MSRs from this CPU.

@@ -9,7 +9,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use alloc::boxed::Box;
 
 use crate::arch::cpu;
-use crate::percpu::MAX_CPUS;
+use crate::arch::percpu::MAX_CPUS;
 
 /// Whether XSAVE is in use (CPUID.1:ECX.XSAVE, CR4.OSXSAVE set by `init_this_cpu`).
 static XSAVE: AtomicBool = AtomicBool::new(false);

@@ -319,7 +319,7 @@ impl ActiveVmcs<'_> {
     }
 }
 
-impl crate::vcpu::access::VmcsAccess for ActiveVmcs<'_> {
+impl super::vmcs::VmcsAccess for ActiveVmcs<'_> {
     #[inline]
     fn get(&mut self, f: Field) -> u64 {
         ActiveVmcs::get(self, f)

@@ -1,10 +1,9 @@
 //! Filling a VMCS for a 64-bit guest: controls computed from the capability MSRs (refusing
-//! clearly what the CPU cannot do), the guest-state area from the loader's [`BootState`],
+//! clearly what the CPU cannot do), the guest-state area from the loader's [`GuestEntry`],
 //! and the host-state area of this CPU.
 
 use super::caps::{Controls, VmxCaps};
 use super::hw::{ActiveVmcs, FixedBits, HostState, VmxError, fields as f};
-use crate::domain::loader::BootState;
 
 /// Why a VMCS could not be set up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,9 +42,20 @@ fn optional(c: &Controls, bit: u32) -> u32 {
     if c.allows(bit) { 1 << bit } else { 0 }
 }
 
+/// Where a vCPU starts: 64-bit mode at `rip` with `rsp`, the loader's page tables in `cr3` and
+/// its GDT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestEntry {
+    pub rip: u64,
+    pub rsp: u64,
+    pub cr3: u64,
+    pub gdt_base: u64,
+    pub gdt_limit: u16,
+}
+
 /// Everything the VMCS needs beyond the CPU's own state.
 pub struct GuestSetup {
-    pub boot: BootState,
+    pub boot: GuestEntry,
     pub eptp: u64,
     pub vpid: u16,
 }

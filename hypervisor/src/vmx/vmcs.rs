@@ -1,7 +1,8 @@
 //! The VMCS as plain data: field encodings typed by access (guest-state and control fields
 //! are [`Field`]s, exit information is [`ExitInfo`]), the guest's saved registers, the CR0/CR4
-//! fixed bits and VMX errors. No instructions here, so the exit dispatcher and its host tests
-//! use the same types as the hardware layer (`hw.rs`).
+//! fixed bits, VMX errors, and [`VmcsAccess`]: the current VMCS behind a trait that the real one
+//! (`hw::ActiveVmcs`, bare metal) and [`FakeVmcs`] (host tests) implement. No instructions here,
+//! so the exit dispatcher and its host tests use the same types as the hardware layer.
 
 /// Why VMX could not be used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -202,4 +203,64 @@ pub struct GuestRegs {
     pub r14: u64,
     pub r15: u64,
     pub cr2: u64,
+}
+
+/// Reads and writes of the current VMCS's guest-state, control and exit-information fields.
+pub trait VmcsAccess {
+    fn get(&mut self, f: Field) -> u64;
+    fn set(&mut self, f: Field, value: u64) -> Result<(), VmxError>;
+    fn info(&mut self, f: ExitInfo) -> u64;
+}
+
+/// A VMCS in memory, for host tests: fields read as 0 until set; every write is recorded.
+#[cfg(test)]
+#[derive(Default, Debug)]
+pub struct FakeVmcs {
+    pub fields: alloc::collections::BTreeMap<u32, u64>,
+    pub exit_info: alloc::collections::BTreeMap<u32, u64>,
+    pub writes: alloc::vec::Vec<(u32, u64)>,
+    pub reads: u32,
+}
+
+#[cfg(test)]
+impl FakeVmcs {
+    /// Sets a field without recording it as a write (the state before the exit).
+    pub fn with(mut self, f: Field, value: u64) -> Self {
+        self.fields.insert(f.encoding(), value);
+        self
+    }
+
+    pub fn with_info(mut self, f: ExitInfo, value: u64) -> Self {
+        self.exit_info.insert(f.encoding(), value);
+        self
+    }
+
+    pub fn field(&self, f: Field) -> u64 {
+        self.fields.get(&f.encoding()).copied().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+impl VmcsAccess for FakeVmcs {
+    fn get(&mut self, f: Field) -> u64 {
+        self.reads += 1;
+        self.field(f)
+    }
+
+    fn set(&mut self, f: Field, value: u64) -> Result<(), VmxError> {
+        if f.width() < 64 && value >> f.width() != 0 {
+            return Err(VmxError::TooWide {
+                field: f.encoding(),
+                value,
+            });
+        }
+        self.writes.push((f.encoding(), value));
+        self.fields.insert(f.encoding(), value);
+        Ok(())
+    }
+
+    fn info(&mut self, f: ExitInfo) -> u64 {
+        self.reads += 1;
+        self.exit_info.get(&f.encoding()).copied().unwrap_or(0)
+    }
 }

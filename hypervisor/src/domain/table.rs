@@ -1,0 +1,347 @@
+//! The domain table: every domain, its shared state (what the console shows, its vCPUs' start
+//! requests, its I/O buses) and its memory (RAM chunks and EPT, freed with the last vCPU).
+//! Creating a domain allocates and loads; its vCPUs are made and run by `crate::vcpu::run`.
+//!
+//! Other CPUs only flip a domain's state (`destroy`) and read its counters; the CPU running a
+//! vCPU notices at its next exit (the preemption timer bounds the wait) and tears it down.
+
+use alloc::string::String;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+
+use log::info;
+use spin::Mutex;
+
+use crate::arch::percpu::{self, CPUS};
+use crate::domain::config::DomainConfig;
+use crate::domain::loader::{self, BootState};
+use crate::domain::memory::{BadGpa, CHUNK, GuestMemory, GuestPhysAddr, pieces};
+use crate::io::DomainIo;
+use crate::mm::FRAMES;
+use crate::mm::frames::FrameAllocator;
+use crate::println;
+use crate::vmx::caps::VmxCaps;
+use crate::vmx::ept::{Ept, MemType, PageSizes, Perm, TableFrames};
+use crate::vmx::exit::REASON_SLOTS;
+use crate::vmx::hw::Vmcs;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum DomainState {
+    Running = 0,
+    /// The operator asked for it to stop; its CPU will tear it down.
+    Destroying = 1,
+    Stopped = 2,
+}
+
+/// What the console shows of a domain; shared between CPUs.
+pub struct Domain {
+    pub id: u32,
+    pub name: String,
+    pub mem_mib: u64,
+    /// The CPU of vCPU 0.
+    pub cpu: usize,
+    pub vcpus: u32,
+    /// Bit i set once vCPU i has been started (vCPU 0 from the beginning).
+    pub(crate) started: AtomicU64,
+    /// Start requests for vCPUs 1..: `(rip, rsp)`.
+    pub(crate) starts: Vec<Mutex<Option<(u64, u64)>>>,
+    /// vCPUs not yet torn down.
+    pub(crate) alive: AtomicU32,
+    pub(crate) vmreads: AtomicU64,
+    pub(crate) vmwrites: AtomicU64,
+    pub(crate) state: AtomicU8,
+    pub exits: [AtomicU64; REASON_SLOTS],
+    /// Its port and MMIO buses, shared by its vCPUs.
+    pub(crate) io: Mutex<DomainIo>,
+    /// Why it stopped (empty while running).
+    pub stop_reason: Mutex<String>,
+}
+
+impl Domain {
+    pub fn state(&self) -> DomainState {
+        match self.state.load(Ordering::Acquire) {
+            0 => DomainState::Running,
+            1 => DomainState::Destroying,
+            _ => DomainState::Stopped,
+        }
+    }
+
+    pub fn total_exits(&self) -> u64 {
+        self.exits.iter().map(|e| e.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Ends the domain with `why` unless it already ended; says so on the console once.
+    pub(crate) fn finish(&self, why: String) {
+        let prev = self
+            .state
+            .swap(DomainState::Stopped as u8, Ordering::AcqRel);
+        if prev == DomainState::Stopped as u8 {
+            return;
+        }
+        println!("[dom{}] stopped: {why}", self.id);
+        info!(
+            "domain {} ({}) stopped after {} exits ({} VMREADs, {} VMWRITEs): {why}",
+            self.id,
+            self.name,
+            self.total_exits(),
+            self.vmreads.load(Ordering::Relaxed),
+            self.vmwrites.load(Ordering::Relaxed)
+        );
+        *self.stop_reason.lock() = why;
+    }
+}
+
+static DOMAINS: Mutex<Vec<Arc<Domain>>> = Mutex::new(Vec::new());
+static NEXT_ID: AtomicU32 = AtomicU32::new(1);
+
+/// A snapshot of every domain, for the console.
+pub fn domains() -> Vec<Arc<Domain>> {
+    DOMAINS.lock().clone()
+}
+
+/// Asks domain `id` to stop. Errors say why nothing happened.
+pub fn destroy(id: u32) -> Result<(), String> {
+    let d = DOMAINS.lock().iter().find(|d| d.id == id).cloned();
+    let Some(d) = d else {
+        return Err(alloc::format!("no domain {id}; 'domains' lists them"));
+    };
+    match d.state.compare_exchange(
+        0,
+        DomainState::Destroying as u8,
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    ) {
+        Ok(_) => Ok(()),
+        Err(_) => Err(alloc::format!("domain {id} is not running")),
+    }
+}
+
+/// RAM of a domain: 2 MiB host chunks at guest-physical 0, in order.
+pub struct DomainRam {
+    chunks: Vec<u64>,
+}
+
+impl GuestMemory for DomainRam {
+    fn size(&self) -> u64 {
+        self.chunks.len() as u64 * CHUNK
+    }
+
+    fn read(&self, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), BadGpa> {
+        self.check(gpa, buf.len() as u64)?;
+        for (chunk, off, at, n) in pieces(gpa.0, buf.len()) {
+            let src = (self.chunks[chunk] + off) as *const u8;
+            // SAFETY: `check` proved the range is inside this domain's chunks, which it owns
+            // and which are identity-mapped; the copy reads bytes only (the guest may change
+            // them concurrently, which can only give it garbage back).
+            unsafe { core::ptr::copy_nonoverlapping(src, buf[at..at + n].as_mut_ptr(), n) };
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, gpa: GuestPhysAddr, data: &[u8]) -> Result<(), BadGpa> {
+        self.check(gpa, data.len() as u64)?;
+        for (chunk, off, at, n) in pieces(gpa.0, data.len()) {
+            let dst = (self.chunks[chunk] + off) as *mut u8;
+            // SAFETY: as in `read`; the destination is this domain's own RAM.
+            unsafe { core::ptr::copy_nonoverlapping(data[at..at + n].as_ptr(), dst, n) };
+        }
+        Ok(())
+    }
+}
+
+/// What a domain's vCPUs share: its RAM and its EPT. Dropped with the last vCPU, which gives
+/// the frames back.
+pub struct DomainMem {
+    pub(crate) ram: DomainRam,
+    pub(crate) ept: Ept,
+}
+
+impl Drop for DomainMem {
+    fn drop(&mut self) {
+        let mut guard = FRAMES.lock();
+        let Some(frames) = guard.as_mut() else { return };
+        let tables = self.ept.tables(&mut Frames(frames));
+        for t in tables {
+            let _ = frames.free_addr(crate::mm::HostPhysAddr(t));
+        }
+        release_chunks(frames, &self.ram.chunks);
+    }
+}
+
+/// EPT tables come from the frame allocator and are reached through the identity map.
+struct Frames<'a>(&'a mut FrameAllocator<'static>);
+
+impl TableFrames for Frames<'_> {
+    fn alloc_table(&mut self) -> Option<u64> {
+        let f = self.0.alloc_contiguous(1, 4096, u64::MAX)?.leak().0;
+        // SAFETY: a fresh frame owned by the EPT, identity-mapped.
+        unsafe { core::ptr::write_bytes(f as *mut u8, 0, 4096) };
+        Some(f)
+    }
+
+    fn entries(&mut self, addr: u64) -> &mut [u64; 512] {
+        // SAFETY: `addr` is a table frame this EPT allocated (the trait's contract), owned by
+        // it, identity-mapped and 4 KiB aligned; the `&mut self` borrow keeps the reference
+        // unique for its lifetime.
+        unsafe { &mut *(addr as *mut [u64; 512]) }
+    }
+}
+
+/// Gives RAM chunks back (on a failed creation, before a `DomainMem` owns them).
+fn release_chunks(frames: &mut FrameAllocator<'static>, chunks: &[u64]) {
+    for &c in chunks {
+        for i in 0..CHUNK / 4096 {
+            let _ = frames.free_addr(crate::mm::HostPhysAddr(c + i * 4096));
+        }
+    }
+}
+
+/// A domain built and in the table, with what its vCPUs need to start
+/// ([`crate::vcpu::run::spawn`] queues them).
+pub struct NewDomain {
+    pub domain: Arc<Domain>,
+    pub mem: Arc<DomainMem>,
+    pub boot: BootState,
+    /// The EPT pointer for every vCPU's VMCS.
+    pub eptp: u64,
+    /// One VMCS per vCPU, and the CPU each vCPU runs on.
+    pub vmcss: Vec<Vmcs>,
+    pub placement: Vec<usize>,
+}
+
+/// Builds a domain from an ELF image: RAM, the image loaded into it, its EPT and one VMCS per
+/// vCPU; adds it to the table. Takes the frame allocator's lock itself (never call it with the
+/// lock held).
+pub fn create(image: &[u8], cfg: &DomainConfig, caps: &VmxCaps) -> Result<NewDomain, String> {
+    let online: Vec<usize> = (0..percpu::cpu_count())
+        .filter(|&i| CPUS[i].state() == percpu::CpuState::Online)
+        .collect();
+    if online.is_empty() {
+        return Err(String::from("no CPU online"));
+    }
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    let first = match cfg.cpu {
+        Some(c) => online
+            .iter()
+            .position(|&o| o == c)
+            .ok_or_else(|| alloc::format!("cpu={c}: no such CPU online"))?,
+        None => (id as usize - 1) % online.len(),
+    };
+    let placement: Vec<usize> = (0..cfg.vcpus as usize)
+        .map(|i| online[(first + i) % online.len()])
+        .collect();
+
+    // RAM, then the image into it (no lock needed for the copy).
+    let mut chunks = Vec::new();
+    {
+        let mut guard = FRAMES.lock();
+        let frames = guard.as_mut().ok_or("no frame allocator")?;
+        for _ in 0..cfg.mem_mib / 2 {
+            match frames.alloc_contiguous(CHUNK / 4096, CHUNK, u64::MAX) {
+                Some(f) => chunks.push(f.leak().0),
+                None => {
+                    release_chunks(frames, &chunks);
+                    return Err(alloc::format!(
+                        "not enough free memory for {} MiB",
+                        cfg.mem_mib
+                    ));
+                }
+            }
+        }
+    }
+    let mut ram = DomainRam { chunks };
+    let loaded = ram
+        .zero(GuestPhysAddr(0), ram.size())
+        .map_err(|_| loader::LoadError::Memory(BadGpa(0)))
+        .and_then(|()| loader::load(image, &mut ram, cfg.guest_cmdline));
+    let mut guard = FRAMES.lock();
+    let frames = guard.as_mut().ok_or("no frame allocator")?;
+    let boot: BootState = match loaded {
+        Ok(b) => b,
+        Err(e) => {
+            release_chunks(frames, &ram.chunks);
+            return Err(alloc::format!("cannot load the image: {e}"));
+        }
+    };
+    let sizes = PageSizes {
+        two_mib: caps.ept_2m(),
+        one_gib: caps.ept_1g(),
+    };
+    let mut ept = match Ept::new(&mut Frames(frames), sizes) {
+        Ok(e) => e,
+        Err(e) => {
+            release_chunks(frames, &ram.chunks);
+            return Err(alloc::format!("EPT: {e:?}"));
+        }
+    };
+    let mut mapped = Ok(());
+    for (i, &c) in ram.chunks.iter().enumerate() {
+        mapped = mapped.and_then(|()| {
+            ept.map(
+                &mut Frames(frames),
+                i as u64 * CHUNK,
+                c,
+                CHUNK,
+                Perm::RWX,
+                MemType::WriteBack,
+            )
+        });
+    }
+    let mut vmcss = Vec::new();
+    let mut vmcs_error = None;
+    if mapped.is_ok() {
+        for _ in 0..cfg.vcpus {
+            match Vmcs::new(caps, frames) {
+                Ok(v) => vmcss.push(v),
+                Err(e) => {
+                    vmcs_error = Some(e);
+                    break;
+                }
+            }
+        }
+    }
+    let mem = DomainMem { ram, ept };
+    if mapped.is_err() || vmcs_error.is_some() {
+        for v in vmcss {
+            let _ = frames.free_addr(crate::mm::HostPhysAddr(v.release()));
+        }
+        // `mem` frees the RAM and the tables in its Drop, which takes the lock: release it first.
+        drop(guard);
+        drop(mem);
+        return Err(match vmcs_error {
+            Some(e) => alloc::format!("VMCS: {e}"),
+            None => alloc::format!("EPT: {:?}", mapped.err()),
+        });
+    }
+    drop(guard);
+
+    let domain = Arc::new(Domain {
+        id,
+        name: String::from(cfg.name),
+        mem_mib: cfg.mem_mib,
+        cpu: placement[0],
+        vcpus: cfg.vcpus,
+        started: AtomicU64::new(1),
+        starts: (0..cfg.vcpus).map(|_| Mutex::new(None)).collect(),
+        alive: AtomicU32::new(cfg.vcpus),
+        vmreads: AtomicU64::new(0),
+        vmwrites: AtomicU64::new(0),
+        state: AtomicU8::new(DomainState::Running as u8),
+        exits: Default::default(),
+        io: Mutex::new(DomainIo::standard()),
+        stop_reason: Mutex::new(String::new()),
+    });
+    let eptp = mem.ept.eptp(caps.ept_ad());
+    let mem = Arc::new(mem);
+    DOMAINS.lock().push(domain.clone());
+    Ok(NewDomain {
+        domain,
+        mem,
+        boot,
+        eptp,
+        vmcss,
+        placement,
+    })
+}
