@@ -205,7 +205,7 @@ fn a_pool_owned_by_another_host_is_refused_unless_force_import() {
 
 #[test]
 fn failed_commands_leave_the_directory_as_it_was() {
-    let p = Pool::new("own-undo");
+    let p = Pool::sized("own-undo", "16M", "512K");
     ok(&p.args(&["create", "v", "4M", "--tier", "slow"]));
     ok(&p.args(&["create-thin-pool", "tp", "8M"]));
     ok(&p.args(&["create", "t", "8M", "--thin-pool", "tp"]));

@@ -51,7 +51,13 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// Three 64 MiB images with the default 8 MiB metadata copies.
     pub fn new(tag: &str) -> Self {
+        Self::sized(tag, "64M", "8M")
+    }
+
+    /// Three images of `disk_size` with metadata copies of `metadata_size`.
+    pub fn sized(tag: &str, disk_size: &str, metadata_size: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("hvctl-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -63,7 +69,9 @@ impl Pool {
             "volume",
             "create-pool",
             "--disk-size",
-            "64M",
+            disk_size,
+            "--metadata-size",
+            metadata_size,
             "--extent",
             "256K",
         ];
@@ -99,21 +107,27 @@ impl Drop for Pool {
     }
 }
 
-/// Every file of `dir` (names, including hidden ones) with a hash of its bytes and its length.
-pub fn fingerprint(dir: &Path) -> BTreeMap<String, (u64, u64)> {
+/// Every file of `dir` (including hidden ones) and its bytes.
+pub fn fingerprint(dir: &Path) -> Snapshot {
     let mut m = BTreeMap::new();
     for e in std::fs::read_dir(dir).unwrap() {
         let e = e.unwrap();
         let bytes = std::fs::read(e.path()).unwrap_or_default();
-        // SipHash from std (built optimised, unlike this test) over the bytes.
-        let mut h = std::hash::DefaultHasher::new();
-        std::hash::Hasher::write(&mut h, &bytes);
-        m.insert(
-            e.file_name().to_string_lossy().into_owned(),
-            (std::hash::Hasher::finish(&h), bytes.len() as u64),
-        );
+        m.insert(e.file_name().to_string_lossy().into_owned(), bytes);
     }
-    m
+    Snapshot(m)
+}
+
+/// What [`fingerprint`] saw; compares by names and bytes, shows only names and sizes.
+#[derive(PartialEq, Eq)]
+pub struct Snapshot(BTreeMap<String, Vec<u8>>);
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map()
+            .entries(self.0.iter().map(|(k, v)| (k, v.len())))
+            .finish()
+    }
 }
 
 /// A running `hvctl volume serve`: its process, port, and what it printed on stderr so far.
