@@ -205,7 +205,7 @@ pub struct NewDomain {
     pub mem: Arc<DomainMem>,
     pub boot: BootState,
     /// The EPT pointer for every vCPU's VMCS.
-    pub eptp: u64,
+    pub eptp: crate::vmx::ept::Eptp,
     /// One VMCS per vCPU, and the CPU each vCPU runs on.
     pub vmcss: Vec<Vmcs>,
     pub placement: Vec<usize>,

@@ -87,6 +87,18 @@ pub struct PageSizes {
     pub one_gib: bool,
 }
 
+/// An EPT pointer (SDM Vol. 3C §25.6.11): made only by [`Ept::eptp`], from the EPT that owns
+/// the root table, so the VMCS never receives a host address from anywhere else.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Eptp(u64);
+
+impl Eptp {
+    /// The value the VMCS field takes.
+    pub fn value(self) -> u64 {
+        self.0
+    }
+}
+
 /// One domain's EPT.
 #[derive(Debug)]
 pub struct Ept {
@@ -121,8 +133,8 @@ impl Ept {
 
     /// The EPT pointer for the VMCS: WB paging structures, 4-level walk, A/D flags if asked
     /// (SDM Vol. 3C §24.6.11).
-    pub fn eptp(&self, accessed_dirty: bool) -> u64 {
-        self.root | 6 | (3 << 3) | u64::from(accessed_dirty) << 6
+    pub fn eptp(&self, accessed_dirty: bool) -> Eptp {
+        Eptp(self.root | 6 | (3 << 3) | u64::from(accessed_dirty) << 6)
     }
 
     /// Maps `[gpa, gpa + len)` to `[hpa, hpa + len)`.
@@ -392,8 +404,8 @@ pub(crate) mod tests {
         let mut ept = Ept::new(&mut f, ALL).unwrap();
         ept.map(&mut f, 0, 0, 4096, Perm::RWX, MemType::Uncached)
             .unwrap();
-        assert_eq!(ept.eptp(true), ept.root() | 0x5e);
-        assert_eq!(ept.eptp(false), ept.root() | 0x1e);
+        assert_eq!(ept.eptp(true).value(), ept.root() | 0x5e);
+        assert_eq!(ept.eptp(false).value(), ept.root() | 0x1e);
         let tables = ept.tables(&mut f);
         assert_eq!(tables.len(), 4);
         assert_eq!(*tables.last().unwrap(), ept.root());

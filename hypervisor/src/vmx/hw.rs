@@ -231,9 +231,16 @@ impl ActiveVmcs<'_> {
     fn vmwrite(&mut self, enc: u32, value: u64) -> Result<(), VmxError> {
         self.writes += 1;
         let ok: u8;
-        // SAFETY: as for `vmread`; the fields written through the public API are guest-state
-        // and control fields, which only affect the guest (invalid values make VM entry fail,
-        // which is reported, not undefined behaviour). VMsucceed clears CF and ZF ("above").
+        // SAFETY: as for `vmread`: the VMCS is current and VMWRITE touches no memory Rust knows
+        // about. What a value means to the CPU is the caller's responsibility, and it matters
+        // beyond the guest: control fields decide what exits (the host keeps its CPU only while
+        // external interrupts and the preemption timer do), host-state fields where the CPU
+        // returns, and address fields what host memory the CPU reads and writes. Hence `set`
+        // takes only a `Field` (guest-state and control fields that hold no host address,
+        // checked at compile time), controls are computed from the capability MSRs in
+        // `setup.rs`, the host state from this CPU (`set_host_state`), and the host-address
+        // fields come only from their owners' types (`set_eptp`). A value the CPU rejects
+        // makes VM entry fail, which is reported. VMsucceed clears CF and ZF ("above").
         unsafe {
             core::arch::asm!(
                 "vmwrite {e}, {v}",
@@ -275,6 +282,16 @@ impl ActiveVmcs<'_> {
     #[inline]
     pub fn info(&mut self, f: ExitInfo) -> u64 {
         self.vmread(f.encoding())
+    }
+
+    /// The EPT pointer, from the EPT that owns its tables.
+    pub fn set_eptp(&mut self, eptp: super::ept::Eptp) -> Result<(), VmxError> {
+        self.vmwrite(x86::vmx::vmcs::control::EPTP_FULL, eptp.value())
+    }
+
+    /// No shadow VMCS: the link pointer's "none" value (SDM Vol. 3C §25.4.2).
+    pub fn set_no_vmcs_link(&mut self) -> Result<(), VmxError> {
+        self.vmwrite(x86::vmx::vmcs::guest::LINK_PTR_FULL, u64::MAX)
     }
 
     /// Writes the host-state area from `h`; the host RIP is always the exit path.

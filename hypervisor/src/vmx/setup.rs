@@ -3,6 +3,7 @@
 //! and the host-state area of this CPU.
 
 use super::caps::{Controls, VmxCaps};
+use super::ept::Eptp;
 use super::hw::{ActiveVmcs, FixedBits, HostState, VmxError, fields as f};
 
 /// Why a VMCS could not be set up.
@@ -56,7 +57,7 @@ pub struct GuestEntry {
 /// Everything the VMCS needs beyond the CPU's own state.
 pub struct GuestSetup {
     pub boot: GuestEntry,
-    pub eptp: u64,
+    pub eptp: Eptp,
     pub vpid: u16,
 }
 
@@ -107,8 +108,8 @@ pub fn setup_vmcs(v: &mut ActiveVmcs, caps: &VmxCaps, g: &GuestSetup) -> Result<
     v.set(f::ENTRY_INTERRUPTION, 0)?;
     v.set(f::TSC_OFFSET, 0)?;
     v.set(f::VPID, u64::from(g.vpid))?;
-    v.set(f::EPTP, g.eptp)?;
-    v.set(f::LINK_POINTER, u64::MAX)?;
+    v.set_eptp(g.eptp)?;
+    v.set_no_vmcs_link()?;
 
     // Control registers: what the guest asked for, adjusted by the fixed bits; bits the
     // hypervisor forces are owned by it (mask) and the guest reads its own view (shadow).

@@ -57,6 +57,10 @@ impl Field {
     const fn new(encoding: u32) -> Field {
         let kind = (encoding >> 10) & 3;
         assert!(kind == 0 || kind == 2, "not a control or guest-state field");
+        assert!(
+            !holds_host_address(encoding),
+            "a field holding a host-physical address is written only from its owner's type"
+        );
         Field(encoding)
     }
 
@@ -73,6 +77,19 @@ impl Field {
             _ => 64,
         }
     }
+}
+
+/// Whether a field holds a host-physical address (SDM Vol. 3D Appendix B.2.1 and B.2.2: the
+/// I/O, MSR, VMREAD/VMWRITE bitmaps, the MSR load/store areas, the PML, virtual-APIC,
+/// APIC-access and posted-interrupt pages, the EPT pointer and EPTP list, the #VE area, and the
+/// VMCS link pointer). A bare `u64` written there could point the CPU at any host memory, so
+/// such fields are not [`Field`]s: the hardware layer sets them only from the types that own
+/// those frames (`vmx::ept::Eptp`) or to their "none" value.
+pub const fn holds_host_address(encoding: u32) -> bool {
+    matches!(
+        encoding,
+        0x2000..=0x200f | 0x2012..=0x2017 | 0x201a..=0x201b | 0x2024..=0x202b | 0x2800..=0x2801
+    )
 }
 
 /// An exit-information field: read-only (SDM Vol. 3C §24.9).
@@ -103,7 +120,6 @@ pub mod fields {
     pub const EXIT_CONTROLS: Field = Field::new(c::VMEXIT_CONTROLS);
     pub const ENTRY_CONTROLS: Field = Field::new(c::VMENTRY_CONTROLS);
     pub const EXCEPTION_BITMAP: Field = Field::new(c::EXCEPTION_BITMAP);
-    pub const EPTP: Field = Field::new(c::EPTP_FULL);
     pub const CR0_MASK: Field = Field::new(c::CR0_GUEST_HOST_MASK);
     pub const CR4_MASK: Field = Field::new(c::CR4_GUEST_HOST_MASK);
     pub const CR0_SHADOW: Field = Field::new(c::CR0_READ_SHADOW);
@@ -111,7 +127,6 @@ pub mod fields {
     pub const ENTRY_INTERRUPTION: Field = Field::new(c::VMENTRY_INTERRUPTION_INFO_FIELD);
     pub const ENTRY_ERROR_CODE: Field = Field::new(c::VMENTRY_EXCEPTION_ERR_CODE);
     pub const ENTRY_INSTRUCTION_LEN: Field = Field::new(c::VMENTRY_INSTRUCTION_LEN);
-    pub const LINK_POINTER: Field = Field::new(g::LINK_PTR_FULL);
     pub const GUEST_PAT: Field = Field::new(g::IA32_PAT_FULL);
     pub const GUEST_EFER: Field = Field::new(g::IA32_EFER_FULL);
     pub const GUEST_CR0: Field = Field::new(g::CR0);
@@ -262,5 +277,29 @@ impl VmcsAccess for FakeVmcs {
     fn info(&mut self, f: ExitInfo) -> u64 {
         self.reads += 1;
         self.exit_info.get(&f.encoding()).copied().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_address_fields_are_recognised() {
+        use x86::vmx::vmcs::{control as c, guest as g};
+        for enc in [
+            c::EPTP_FULL,
+            c::MSR_BITMAPS_ADDR_FULL,
+            c::IO_BITMAP_A_ADDR_FULL,
+            c::VIRT_APIC_ADDR_FULL,
+            c::APIC_ACCESS_ADDR_FULL,
+            c::PML_ADDR_FULL,
+            g::LINK_PTR_FULL,
+        ] {
+            assert!(holds_host_address(enc), "{enc:#x}");
+        }
+        for enc in [c::TSC_OFFSET_FULL, g::RIP, g::IA32_EFER_FULL, c::VPID] {
+            assert!(!holds_host_address(enc), "{enc:#x}");
+        }
     }
 }
