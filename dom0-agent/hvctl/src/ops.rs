@@ -30,19 +30,20 @@ pub fn run_op(
         VolOp::Disks => {
             writeln!(
                 out,
-                "{:<4} {:<24} {:<10} {:>10} {:>10}  STATE",
-                "#", "DISK", "TIER", "SIZE", "FREE"
+                "{:<4} {:<24} {:<10} {:>10} {:>10}  {:<20} PATH",
+                "#", "DISK", "TIER", "SIZE", "FREE", "STATE"
             )?;
             for d in pool.disks() {
                 writeln!(
                     out,
-                    "{:<4} {:<24} {:<10} {:>10} {:>10}  {}",
+                    "{:<4} {:<24} {:<10} {:>10} {:>10}  {:<20} {}",
                     d.index,
                     d.name,
                     d.tier,
                     human(d.data_blocks),
                     human(d.free_blocks),
-                    d.state
+                    d.state,
+                    pool.disk_label(d.index as usize)
                 )?;
             }
         }

@@ -34,6 +34,11 @@
 //!   shared thin chunks are redirected on write.
 //! * Before a mirrored (or change-tracked) region is written, its bit is durable in the
 //!   dirty-region log, so after a crash only logged regions are resynchronised.
+//! * **One owner**: a pool is changed by one process (or domain) at a time. A caller that
+//!   opens it to write passes [`pool::OpenOptions::owner`]; the owner record
+//!   ([`format::Owner`]) is written on every disk before the first other write and cleared by
+//!   [`pool::Pool::release`]; a record naming another host is refused unless forced. Host
+//!   tools add their own locks (`hvctl` uses `flock`); see `dom0-agent/VOLUMES.md`.
 //! * Bad on-disk data never panics: every length is bounded, every record is checksummed, and
 //!   decoded metadata is validated before use.
 #![cfg_attr(not(test), no_std)]
