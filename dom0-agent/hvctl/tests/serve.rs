@@ -75,8 +75,10 @@ fn admin_commands_during_serve_run_through_the_server_and_clients_see_them() {
     // The four list connections, the refused ones and the clients: stop when done.
     let start = Instant::now();
     while matches!(s.child.try_wait(), Ok(None)) && start.elapsed() < Duration::from_secs(10) {
-        let mut x = nbd_connect(s.port);
-        nbd_request(&mut x, 2, 7, 0, 0, &[]).ok();
+        // Connections that end at once count as clients; the server may be gone meanwhile.
+        if std::net::TcpStream::connect(("127.0.0.1", s.port)).is_err() {
+            break;
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(s.child.wait().unwrap().success(), "{}", s.log());
