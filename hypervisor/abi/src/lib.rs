@@ -69,32 +69,7 @@ pub mod hypercall {
     pub const SET_TIMER: u64 = 7;
     /// Largest CONSOLE_WRITE.
     pub const CONSOLE_WRITE_MAX: u64 = 4096;
-    /// `(index, gpa)`: writes the [`crate::VirtioDeviceInfo`] of the domain's virtio-mmio
-    /// device number `index` to guest-physical `gpa`. Returns the number of devices, or
-    /// `InvalidArgument` when `index` is not below it, `BadAddress` for a bad `gpa`.
-    pub const VIRTIO_DEVICE_INFO: u64 = 0x100;
 }
-
-/// Where one virtio-mmio device of a domain sits (answer to `VIRTIO_DEVICE_INFO`): the
-/// register window (virtio 1.2 §4.2.2 layout, version 2), its interrupt vector and the
-/// virtio device type.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct VirtioDeviceInfo {
-    /// Guest-physical base of the register window.
-    pub mmio_base: u64,
-    /// Window size in bytes (0x200 for every device model here).
-    pub mmio_size: u32,
-    /// Interrupt vector the device raises.
-    pub irq: u32,
-    /// virtio device type (1 net, 2 block, 3 console, 5 balloon).
-    pub device_id: u32,
-    /// Zero.
-    pub reserved: u32,
-}
-
-const _: () = assert!(core::mem::size_of::<VirtioDeviceInfo>() == 24);
-const _: () = assert!(core::mem::align_of::<VirtioDeviceInfo>() == 8);
 
 /// I/O ports every domain has.
 pub mod ports {

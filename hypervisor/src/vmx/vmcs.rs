@@ -227,8 +227,8 @@ pub trait VmcsAccess {
     fn info(&mut self, f: ExitInfo) -> u64;
 }
 
-/// A VMCS in memory, for host tests: fields read as 0 until set; every write is recorded.
-#[cfg(test)]
+/// A VMCS in memory, for host tests (here and in the crates that test against the real exit
+/// dispatcher, such as `pv-drivers`): fields read as 0 until set; every write is recorded.
 #[derive(Default, Debug)]
 pub struct FakeVmcs {
     pub fields: alloc::collections::BTreeMap<u32, u64>,
@@ -237,7 +237,6 @@ pub struct FakeVmcs {
     pub reads: u32,
 }
 
-#[cfg(test)]
 impl FakeVmcs {
     /// Sets a field without recording it as a write (the state before the exit).
     pub fn with(mut self, f: Field, value: u64) -> Self {
@@ -255,7 +254,6 @@ impl FakeVmcs {
     }
 }
 
-#[cfg(test)]
 impl VmcsAccess for FakeVmcs {
     fn get(&mut self, f: Field) -> u64 {
         self.reads += 1;
