@@ -315,8 +315,10 @@ enum VolOp {
         /// Exit after this many client connections have come and gone.
         #[arg(long)]
         clients: Option<usize>,
-        /// Disconnect a client that sends no request for this many seconds.
-        #[arg(long, default_value_t = 300.0)]
+        /// Disconnect a client that sends no request for this many seconds (0: never, the
+        /// default, since a guest's disk may be quiet for hours; idle clients never block
+        /// others either way).
+        #[arg(long, default_value_t = 0.0)]
         idle_timeout: f64,
         /// Disconnect a client that has not chosen an export within this many seconds.
         #[arg(long, default_value_t = 10.0)]
@@ -764,7 +766,11 @@ fn run(cli: Cli) -> Result<(), CliError> {
             let cfg = nbd::ServeConfig {
                 exports: (!names.is_empty()).then(|| names.clone()),
                 max_clients: *clients,
-                idle: secs(*idle_timeout, "--idle-timeout")?,
+                idle: if *idle_timeout == 0.0 {
+                    None
+                } else {
+                    Some(secs(*idle_timeout, "--idle-timeout")?)
+                },
                 handshake: secs(*handshake_timeout, "--handshake-timeout")?,
             };
             let mut s = open_session(&cmd, false, false, "hvctl serve")?;

@@ -38,8 +38,8 @@ pub struct ServeConfig {
     pub exports: Option<Vec<String>>,
     /// Stop after this many connections have come and gone.
     pub max_clients: Option<usize>,
-    /// A client that sends no request for this long is disconnected.
-    pub idle: Duration,
+    /// A client that sends no request for this long is disconnected (`None`: never).
+    pub idle: Option<Duration>,
     /// A client that has not chosen an export within this long is disconnected.
     pub handshake: Duration,
 }

@@ -107,14 +107,15 @@ pub fn run(
     session: u64,
     tx: &Sender<Msg>,
     handshake: Duration,
-    idle: Duration,
+    idle: Option<Duration>,
 ) -> io::Result<()> {
     s.set_nodelay(true)?;
-    s.set_write_timeout(Some(idle))?;
+    s.set_write_timeout(Some(idle.unwrap_or(handshake).max(handshake)))?;
     let Some(att) = handshake_phase(s, session, tx, handshake)? else {
         return Ok(());
     };
-    s.set_read_timeout(Some(idle))?;
+    s.set_read_timeout(idle)?;
+    s.set_write_timeout(idle)?;
     transmission(s, session, tx, att.size, idle)
 }
 
@@ -240,7 +241,7 @@ fn transmission(
     session: u64,
     tx: &Sender<Msg>,
     size: u64,
-    idle: Duration,
+    idle: Option<Duration>,
 ) -> io::Result<()> {
     loop {
         let magic = match rd_u32(s) {
@@ -253,7 +254,7 @@ fn transmission(
             {
                 eprintln!(
                     "nbd: client idle for {:.1}s; disconnected",
-                    idle.as_secs_f64()
+                    idle.unwrap_or_default().as_secs_f64()
                 );
                 return Ok(());
             }
