@@ -8,7 +8,10 @@ use std::process::Command;
 use crate::{root, run_checked};
 
 /// (crate folder, target name, seed corpus inside the fuzz folder)
-const TARGETS: &[(&str, &str)] = &[("hypervisor/virtio", "virtio_transport")];
+const TARGETS: &[(&str, &str)] = &[
+    ("hypervisor/virtio", "virtio_transport"),
+    ("hypervisor", "mmio_decode"),
+];
 
 pub fn run(args: &[String]) -> Result<(), String> {
     let secs: u64 = match args.first() {

@@ -74,7 +74,10 @@ mod tests {
                 }
             }
         }
-        assert!(cycles.is_empty(), "import cycles between hypervisor modules: {cycles:?}");
+        assert!(
+            cycles.is_empty(),
+            "import cycles between hypervisor modules: {cycles:?}"
+        );
     }
 
     #[test]

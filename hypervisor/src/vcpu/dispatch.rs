@@ -511,6 +511,45 @@ fn emulate_mmio(
             p.with_io(|b| b.mmio.write(gpa, size, value))
                 .map_err(|_| outside())?;
         }
+        decode::Access::Alu {
+            op,
+            size,
+            other,
+            mem_first,
+            writes,
+        } => {
+            let m = p
+                .with_io(|b| b.mmio.read(gpa, size))
+                .map_err(|_| outside())?;
+            let (reg, high_byte, o) = match other {
+                decode::Operand::Reg { reg, high_byte } => {
+                    let r = gpr(a, &v.regs, reg);
+                    (Some(reg), high_byte, if high_byte { r >> 8 } else { r })
+                }
+                decode::Operand::Imm(x) => (None, false, x),
+            };
+            let (first, second) = if mem_first { (m, o) } else { (o, m) };
+            let (result, flags) = decode::alu(op, size, first, second);
+            match (writes, reg) {
+                (decode::AluWrites::Memory, _) => p
+                    .with_io(|b| b.mmio.write(gpa, size, result))
+                    .map_err(|_| outside())?,
+                (decode::AluWrites::Register, Some(reg)) => {
+                    let load = decode::Access::Load {
+                        reg,
+                        size,
+                        high_byte,
+                        zero_extend: false,
+                        dest_size: size,
+                    };
+                    let old = gpr(a, &v.regs, reg);
+                    set_gpr(a, &mut v.regs, reg, decode::apply_load(old, load, result))?;
+                }
+                _ => {}
+            }
+            let rflags = a.get(f::GUEST_RFLAGS);
+            a.set(f::GUEST_RFLAGS, (rflags & !decode::ARITH_FLAGS) | flags | 2)?;
+        }
     }
     a.set(f::GUEST_RIP, rip.wrapping_add(d.len as u64))?;
     Ok(Action::Resume)

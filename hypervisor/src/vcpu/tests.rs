@@ -550,3 +550,46 @@ fn mmio_reaches_the_device_that_registered_the_range() {
     assert_eq!(*stores.lock(), vec![(4, 1, 0xab), (8, 4, 0x1234_5678)]);
     assert_eq!(r.rip(), RIP + 10);
 }
+
+#[test]
+fn mmio_read_modify_write_and_compare_set_memory_registers_and_flags() {
+    let mut r = Rig::new();
+    let stores = alloc::sync::Arc::new(spin::Mutex::new(Vec::new()));
+    r.p.io
+        .mmio
+        .register(
+            0xd000_0000..0xd000_1000,
+            alloc::boxed::Box::new(Probe(stores.clone())),
+        )
+        .unwrap();
+    let cr3 = identity_tables(&mut r.mem);
+    r.a = core::mem::take(&mut r.a)
+        .with(f::GUEST_CR3, cr3)
+        .with(f::GUEST_RFLAGS, 0x202 | 0x8d5);
+    // orl $0x80, (%rax) (83 08 80): the device reads 0x44332211 at offset 0.
+    r.mem
+        .write(GuestPhysAddr(RIP), &[0x83, 0x08, 0x80])
+        .unwrap();
+    r.exit(ExitReason::EptViolation, 0, 3, 0xd000_0000).unwrap();
+    assert_eq!(*stores.lock(), vec![(0, 4, 0xffff_ff91)]);
+    // OR clears CF and OF; the result is negative: SF; 0x91 has odd parity: PF clear.
+    assert_eq!(r.a.field(f::GUEST_RFLAGS), 0x202 | 0x80);
+    // testb $0x11, (%rax) (f6 00 11): 0x11 & 0x11, no store, ZF clear, PF set (two bits).
+    r.mem
+        .write(GuestPhysAddr(RIP + 3), &[0xf6, 0x00, 0x11])
+        .unwrap();
+    r.exit(ExitReason::EptViolation, 0, 1, 0xd000_0000).unwrap();
+    assert_eq!(stores.lock().len(), 1);
+    assert_eq!(r.a.field(f::GUEST_RFLAGS), 0x202 | 0x04);
+    // and (%rax), %ecx (23 08): ECX = ECX & mem, upper half of RCX cleared (32-bit dest).
+    r.v.regs.rcx = 0xffff_ffff_0000_ffff;
+    r.mem.write(GuestPhysAddr(RIP + 6), &[0x23, 0x08]).unwrap();
+    r.exit(ExitReason::EptViolation, 0, 1, 0xd000_0000).unwrap();
+    assert_eq!(r.v.regs.rcx, 0x2211);
+    // cmp %edx, (%rax) (39 10): mem - EDX = 0 -> ZF.
+    r.v.regs.rdx = 0x4433_2211;
+    r.mem.write(GuestPhysAddr(RIP + 8), &[0x39, 0x10]).unwrap();
+    r.exit(ExitReason::EptViolation, 0, 1, 0xd000_0000).unwrap();
+    assert_eq!(r.a.field(f::GUEST_RFLAGS) & 0x8d5, 0x44);
+    assert_eq!(r.rip(), RIP + 10);
+}
