@@ -92,6 +92,11 @@ fn send_ipi(apic_id: u32, low: u32) {
     wait_icr_idle();
 }
 
+/// A fixed IPI on `vector` (edge, assert) to one CPU.
+pub fn send_fixed(apic_id: u32, vector: u8) {
+    send_ipi(apic_id, 0x0000_4000 | u32::from(vector));
+}
+
 /// INIT IPI (assert, level) to one CPU.
 pub fn send_init(apic_id: u32) {
     send_ipi(apic_id, 0x0000_c500);

@@ -50,6 +50,8 @@ pub struct CpuRecord {
     state: AtomicU8,
     /// Local APIC timer interrupts taken.
     pub ticks: AtomicU64,
+    /// The domain whose vCPU this CPU is running now (0: none), for kicks.
+    pub running_domain: AtomicU32,
 }
 
 impl CpuRecord {
@@ -58,6 +60,7 @@ impl CpuRecord {
             apic_id: AtomicU32::new(0),
             state: AtomicU8::new(CpuState::Absent as u8),
             ticks: AtomicU64::new(0),
+            running_domain: AtomicU32::new(0),
         }
     }
 

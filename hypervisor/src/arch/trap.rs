@@ -14,6 +14,9 @@ use crate::arch::{cpu, lapic, serial};
 
 /// The local APIC timer's vector.
 pub const TIMER_VECTOR: u8 = 0x40;
+/// The kick IPI's vector: sent to a CPU so that the guest it runs exits at once (external
+/// interrupts exit) and its run loop sees what changed (a destroy, new work).
+pub const KICK_VECTOR: u8 = 0x41;
 /// The local APIC's spurious-interrupt vector.
 pub const SPURIOUS_VECTOR: u8 = 0xff;
 
@@ -99,6 +102,7 @@ trap_stub_\vec:
     TRAP_ERR 30
     TRAP_NOERR 31
     TRAP_NOERR 64
+    TRAP_NOERR 65
     TRAP_NOERR 255
 
 trap_common:
@@ -150,14 +154,14 @@ trap_stub_table:
     .quad trap_stub_20, trap_stub_21, trap_stub_22, trap_stub_23
     .quad trap_stub_24, trap_stub_25, trap_stub_26, trap_stub_27
     .quad trap_stub_28, trap_stub_29, trap_stub_30, trap_stub_31
-    .quad trap_stub_64, trap_stub_255
+    .quad trap_stub_64, trap_stub_65, trap_stub_255
     .text
 "#,
     dispatch = sym trap_dispatch,
 );
 
 unsafe extern "C" {
-    static trap_stub_table: [u64; 34];
+    static trap_stub_table: [u64; 35];
 }
 
 /// IST slot (1-based, as in the IDT entry) for double faults, NMIs and machine checks.
@@ -183,7 +187,7 @@ fn gate(handler: u64, ist: u8) -> [u64; 2] {
 
 /// Fills the IDT (once, on the BSP, before any other CPU runs).
 pub fn init_idt() {
-    // SAFETY: the table is emitted above with 34 entries and never written.
+    // SAFETY: the table is emitted above with 35 entries and never written.
     let stubs = unsafe { &trap_stub_table };
     let mut idt = Idt([[0; 2]; 256]);
     for (vector, &stub) in stubs[..32].iter().enumerate() {
@@ -196,7 +200,8 @@ pub fn init_idt() {
         idt.0[vector] = gate(stub, ist);
     }
     idt.0[usize::from(TIMER_VECTOR)] = gate(stubs[32], 0);
-    idt.0[usize::from(SPURIOUS_VECTOR)] = gate(stubs[33], 0);
+    idt.0[usize::from(KICK_VECTOR)] = gate(stubs[33], 0);
+    idt.0[usize::from(SPURIOUS_VECTOR)] = gate(stubs[34], 0);
     // SAFETY: runs once on the BSP before interrupts are enabled and before any AP starts, so
     // nothing else reads or writes the IDT concurrently.
     unsafe { (&raw mut IDT).write(idt) };
@@ -260,6 +265,8 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
             percpu::this_cpu().ticks.fetch_add(1, Ordering::Relaxed);
             lapic::eoi();
         }
+        // The kick only needed the exit it caused; the run loop does the rest.
+        v if v == u64::from(KICK_VECTOR) => lapic::eoi(),
         v if v == u64::from(SPURIOUS_VECTOR) => {}
         v if v < 32 => report_exception(frame),
         _ => {}

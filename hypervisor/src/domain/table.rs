@@ -52,6 +52,8 @@ pub struct Domain {
     pub(crate) vmreads: AtomicU64,
     pub(crate) vmwrites: AtomicU64,
     pub(crate) state: AtomicU8,
+    /// TSC when the operator asked for it to stop (0: not asked).
+    pub(crate) destroy_tsc: AtomicU64,
     pub exits: [AtomicU64; REASON_SLOTS],
     /// Its port and MMIO buses, shared by its vCPUs.
     pub(crate) io: Mutex<DomainIo>,
@@ -107,14 +109,33 @@ pub fn destroy(id: u32) -> Result<(), String> {
     let Some(d) = d else {
         return Err(alloc::format!("no domain {id}; 'domains' lists them"));
     };
+    d.destroy_tsc
+        .store(crate::arch::cpu::rdtsc(), Ordering::Relaxed);
     match d.state.compare_exchange(
         0,
         DomainState::Destroying as u8,
         Ordering::AcqRel,
         Ordering::Acquire,
     ) {
-        Ok(_) => Ok(()),
+        Ok(_) => {
+            kick_cpus_running(id);
+            Ok(())
+        }
         Err(_) => Err(alloc::format!("domain {id} is not running")),
+    }
+}
+
+/// Sends the kick IPI to every other CPU that is running a vCPU of domain `id`, so that it
+/// exits now and sees the change instead of at the end of its slice.
+pub fn kick_cpus_running(id: u32) {
+    let me = crate::arch::cpu::current_cpu();
+    for (i, c) in CPUS.iter().enumerate().take(percpu::cpu_count()) {
+        if i != me && c.running_domain.load(Ordering::Acquire) == id {
+            crate::arch::lapic::send_fixed(
+                c.apic_id.load(Ordering::Relaxed),
+                crate::arch::trap::KICK_VECTOR,
+            );
+        }
     }
 }
 
@@ -329,6 +350,7 @@ pub fn create(image: &[u8], cfg: &DomainConfig, caps: &VmxCaps) -> Result<NewDom
         vmreads: AtomicU64::new(0),
         vmwrites: AtomicU64::new(0),
         state: AtomicU8::new(DomainState::Running as u8),
+        destroy_tsc: AtomicU64::new(0),
         exits: Default::default(),
         io: Mutex::new(DomainIo::standard()),
         stop_reason: Mutex::new(String::new()),

@@ -8,6 +8,7 @@ pub mod dispatch;
 pub mod exit;
 #[cfg(target_os = "none")]
 pub mod run;
+pub mod state;
 
 #[cfg(test)]
 mod tests;

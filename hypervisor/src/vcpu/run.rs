@@ -24,6 +24,7 @@ use crate::mm::FRAMES;
 use crate::println;
 use crate::vcpu::dispatch::{self, Action, Platform, VcpuCore};
 use crate::vcpu::exit::Exit;
+use crate::vcpu::state::{Event, VcpuState};
 use crate::vmx::caps::VmxCaps;
 use crate::vmx::exit::ExitReason;
 use crate::vmx::fpu::{self, FpuArea};
@@ -42,8 +43,8 @@ static RUN_QUEUES: [Mutex<VecDeque<Box<Vcpu>>>; MAX_CPUS] = [EMPTY_QUEUE; MAX_CP
 /// A virtual CPU, owned by the run queue of the CPU it is pinned to.
 pub struct Vcpu {
     domain: Arc<Domain>,
-    /// vCPU 0 from the start; the others once VCPU_START named them.
-    started: bool,
+    /// Its life cycle: vCPU 0 starts runnable, the others once VCPU_START named them.
+    state: VcpuState,
     /// Registers, MSRs, timer and XCR0: what the exit dispatcher works on.
     core: VcpuCore,
     vmcs: Option<Vmcs>,
@@ -58,6 +59,18 @@ pub struct Vcpu {
 }
 
 impl Vcpu {
+    /// Moves the life cycle on; a refused change is a hypervisor bug, reported and ignored.
+    fn go(&mut self, event: Event) {
+        match self.state.on(event) {
+            Ok(s) => self.state = s,
+            Err(e) => log::error!(
+                "internal: domain {} vCPU {}: {e}",
+                self.domain.id,
+                self.core.index
+            ),
+        }
+    }
+
     /// Whether the vCPU still waits in HLT: until its timer's deadline when armed, else until
     /// the next tick of its CPU.
     fn still_halted(&self, cpu: usize) -> bool {
@@ -104,7 +117,11 @@ pub fn spawn(new: NewDomain) {
         };
         let vcpu = Box::new(Vcpu {
             domain: domain.clone(),
-            started: index == 0,
+            state: if index == 0 {
+                VcpuState::Runnable
+            } else {
+                VcpuState::Created
+            },
             core: VcpuCore::new(index as u32, regs, fpu::XCR0_RESET),
             vmcs: Some(vmcs),
             setup: GuestSetup {
@@ -119,6 +136,19 @@ pub fn spawn(new: NewDomain) {
         });
         RUN_QUEUES[placement[index]].lock().push_back(vcpu);
     }
+}
+
+/// The stop reason of a domain the operator destroyed, with how long its vCPU took to stop.
+fn destroyed(d: &Domain) -> String {
+    let asked = d.destroy_tsc.load(Ordering::Relaxed);
+    let per_us = (SLICE_TSC.load(Ordering::Relaxed) / 10_000).max(1);
+    if asked == 0 {
+        return String::from("destroyed by the operator");
+    }
+    alloc::format!(
+        "destroyed by the operator ({} µs after the request)",
+        cpu::rdtsc().saturating_sub(asked) / per_us
+    )
 }
 
 /// The dispatcher's view of this machine and of the vCPU's domain.
@@ -189,6 +219,8 @@ impl Platform for HwPlatform<'_> {
 enum SliceEnd {
     /// Put the vCPU back in the queue.
     Requeue,
+    /// Put it back, halted until its next interrupt.
+    Halt,
     /// Retire this vCPU only (VCPU_OFF, or its domain already ended).
     Retire,
     /// Stop the domain: why, and whether to dump its registers.
@@ -222,7 +254,7 @@ impl RunLoop {
             };
             match v.domain.state() {
                 DomainState::Destroying => {
-                    v.domain.finish(String::from("destroyed by the operator"));
+                    v.domain.finish(destroyed(&v.domain));
                     self.teardown(v);
                     return true;
                 }
@@ -232,13 +264,13 @@ impl RunLoop {
                 }
                 DomainState::Running => {}
             }
-            if !v.started {
+            if v.state == VcpuState::Created {
                 let request = v.domain.starts[v.core.index as usize].lock().take();
                 match request {
                     Some((rip, rsp)) => {
                         v.setup.boot.rip = rip;
                         v.setup.boot.rsp = rsp;
-                        v.started = true;
+                        v.go(Event::Start);
                     }
                     None => {
                         RUN_QUEUES[self.cpu].lock().push_back(v);
@@ -246,7 +278,14 @@ impl RunLoop {
                     }
                 }
             }
-            if v.still_halted(self.cpu) {
+            if v.state == VcpuState::Blocked {
+                if v.still_halted(self.cpu) {
+                    RUN_QUEUES[self.cpu].lock().push_back(v);
+                    continue;
+                }
+                v.go(Event::Wake);
+            }
+            if !v.state.runnable() {
                 RUN_QUEUES[self.cpu].lock().push_back(v);
                 continue;
             }
@@ -258,8 +297,20 @@ impl RunLoop {
 
     fn run(&mut self, mut v: Box<Vcpu>) {
         v.halted_at_tick = None;
-        match self.run_slice(&mut v) {
-            SliceEnd::Requeue => RUN_QUEUES[self.cpu].lock().push_back(v),
+        v.go(Event::Schedule);
+        let here = &CPUS[self.cpu].running_domain;
+        here.store(v.domain.id, Ordering::Release);
+        let end = self.run_slice(&mut v);
+        here.store(0, Ordering::Release);
+        match end {
+            SliceEnd::Requeue => {
+                v.go(Event::Preempt);
+                RUN_QUEUES[self.cpu].lock().push_back(v);
+            }
+            SliceEnd::Halt => {
+                v.go(Event::Halt);
+                RUN_QUEUES[self.cpu].lock().push_back(v);
+            }
             SliceEnd::Retire => self.teardown(v),
             SliceEnd::Stop { why, dump } => {
                 if dump {
@@ -392,7 +443,7 @@ impl RunLoop {
                 Ok(Action::Requeue) => break SliceEnd::Requeue,
                 Ok(Action::Halt) => {
                     v.halted_at_tick = Some(CPUS[cpu].ticks.load(Ordering::Relaxed));
-                    break SliceEnd::Requeue;
+                    break SliceEnd::Halt;
                 }
                 Ok(Action::Retire) => break SliceEnd::Retire,
                 Ok(Action::Exit(code)) => {
@@ -414,7 +465,7 @@ impl RunLoop {
                     DomainState::Running => {}
                     DomainState::Destroying => {
                         break SliceEnd::Stop {
-                            why: String::from("destroyed by the operator"),
+                            why: destroyed(&v.domain),
                             dump: false,
                         };
                     }
@@ -470,6 +521,7 @@ impl RunLoop {
     /// Retires a vCPU: flushes its console, gives its VMCS back; the domain's memory goes with
     /// the last vCPU (its `Arc<DomainMem>`). If it was the last one alive, the domain ends.
     fn teardown(&mut self, mut v: Box<Vcpu>) {
+        v.go(Event::Stop);
         if let Some(rest) = v.core.console.take_partial() {
             println!("[dom{}] {rest}", v.domain.id);
         }

@@ -5,7 +5,13 @@ use test_guests::println;
 
 test_guests::guest_main!(run);
 
-fn run(_args: &str, _ram: u64) {
+fn run(args: &str, _ram: u64) {
+    if args.split_whitespace().any(|a| a == "sti") {
+        // Interrupts on, as in an OS kernel: host interrupts still exit to the host (the guest
+        // has no IDT entry for them and never receives one).
+        // SAFETY: only sets RFLAGS.IF; the hypervisor injects nothing unless asked.
+        unsafe { core::arch::asm!("sti") };
+    }
     println!("spinner: spinning forever");
     let mut n = 0u64;
     loop {
