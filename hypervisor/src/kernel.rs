@@ -509,6 +509,14 @@ fn run_command(line: &str) {
             Ok(()) => println!("domain {id}: stopping"),
             Err(e) => println!("error: destroy: {e}"),
         },
+        Ok(Command::Pause(id)) => match crate::domain::table::pause(id) {
+            Ok(()) => println!("domain {id}: paused"),
+            Err(e) => println!("error: pause: {e}"),
+        },
+        Ok(Command::Resume(id)) => match crate::domain::table::resume(id) {
+            Ok(()) => println!("domain {id}: running"),
+            Err(e) => println!("error: resume: {e}"),
+        },
         Ok(Command::Reboot) => {
             println!("rebooting");
             cpu::reboot();
@@ -643,6 +651,7 @@ fn cmd_domains() {
             crate::domain::table::DomainState::Running => "running",
             crate::domain::table::DomainState::Destroying => "destroying",
             crate::domain::table::DomainState::Stopped => "stopped",
+            crate::domain::table::DomainState::Paused => "paused",
         };
         let mut by_reason = String::new();
         for i in 0..REASON_SLOTS {

@@ -33,6 +33,8 @@ pub enum DomainState {
     /// The operator asked for it to stop; its CPU will tear it down.
     Destroying = 1,
     Stopped = 2,
+    /// Held by the operator: its vCPUs do not run until `resume`.
+    Paused = 3,
 }
 
 /// What the console shows of a domain; shared between CPUs.
@@ -52,8 +54,8 @@ pub struct Domain {
     pub(crate) vmreads: AtomicU64,
     pub(crate) vmwrites: AtomicU64,
     pub(crate) state: AtomicU8,
-    /// TSC when the operator asked for it to stop (0: not asked).
-    pub(crate) destroy_tsc: AtomicU64,
+    /// TSC of the operator's last destroy or pause request (0: none yet).
+    pub(crate) request_tsc: AtomicU64,
     pub exits: [AtomicU64; REASON_SLOTS],
     /// Its port and MMIO buses, shared by its vCPUs.
     pub(crate) io: Mutex<DomainIo>,
@@ -66,6 +68,7 @@ impl Domain {
         match self.state.load(Ordering::Acquire) {
             0 => DomainState::Running,
             1 => DomainState::Destroying,
+            3 => DomainState::Paused,
             _ => DomainState::Stopped,
         }
     }
@@ -109,11 +112,43 @@ pub fn destroy(id: u32) -> Result<(), String> {
     let Some(d) = d else {
         return Err(alloc::format!("no domain {id}; 'domains' lists them"));
     };
-    d.destroy_tsc
+    d.request_tsc
+        .store(crate::arch::cpu::rdtsc(), Ordering::Relaxed);
+    // A running or a paused domain can be destroyed.
+    for from in [DomainState::Running, DomainState::Paused] {
+        if d.state
+            .compare_exchange(
+                from as u8,
+                DomainState::Destroying as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+        {
+            kick_cpus_running(id);
+            return Ok(());
+        }
+    }
+    Err(alloc::format!("domain {id} is not running"))
+}
+
+fn find(id: u32) -> Result<Arc<Domain>, String> {
+    DOMAINS
+        .lock()
+        .iter()
+        .find(|d| d.id == id)
+        .cloned()
+        .ok_or_else(|| alloc::format!("no domain {id}; 'domains' lists them"))
+}
+
+/// Holds domain `id`: its vCPUs leave their CPUs (kicked) and are not run until [`resume`].
+pub fn pause(id: u32) -> Result<(), String> {
+    let d = find(id)?;
+    d.request_tsc
         .store(crate::arch::cpu::rdtsc(), Ordering::Relaxed);
     match d.state.compare_exchange(
-        0,
-        DomainState::Destroying as u8,
+        DomainState::Running as u8,
+        DomainState::Paused as u8,
         Ordering::AcqRel,
         Ordering::Acquire,
     ) {
@@ -121,8 +156,25 @@ pub fn destroy(id: u32) -> Result<(), String> {
             kick_cpus_running(id);
             Ok(())
         }
+        Err(s) if s == DomainState::Paused as u8 => {
+            Err(alloc::format!("domain {id} is already paused"))
+        }
         Err(_) => Err(alloc::format!("domain {id} is not running")),
     }
+}
+
+/// Lets a paused domain run again.
+pub fn resume(id: u32) -> Result<(), String> {
+    let d = find(id)?;
+    d.state
+        .compare_exchange(
+            DomainState::Paused as u8,
+            DomainState::Running as u8,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        )
+        .map(|_| ())
+        .map_err(|_| alloc::format!("domain {id} is not paused"))
 }
 
 /// Sends the kick IPI to every other CPU that is running a vCPU of domain `id`, so that it
@@ -350,7 +402,7 @@ pub fn create(image: &[u8], cfg: &DomainConfig, caps: &VmxCaps) -> Result<NewDom
         vmreads: AtomicU64::new(0),
         vmwrites: AtomicU64::new(0),
         state: AtomicU8::new(DomainState::Running as u8),
-        destroy_tsc: AtomicU64::new(0),
+        request_tsc: AtomicU64::new(0),
         exits: Default::default(),
         io: Mutex::new(DomainIo::standard()),
         stop_reason: Mutex::new(String::new()),

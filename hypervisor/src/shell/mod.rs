@@ -32,6 +32,11 @@ pub const COMMANDS: &[(&str, &str)] = &[
         "every domain: state, memory, CPU, exits by reason",
     ),
     ("destroy", "destroy <id>: stop a domain and free its memory"),
+    (
+        "pause",
+        "pause <id>: hold every vCPU of a domain (its memory stays)",
+    ),
+    ("resume", "resume <id>: let a paused domain run again"),
     ("reboot", "reset the machine"),
 ];
 
@@ -48,6 +53,8 @@ pub enum Command {
     Log(Option<LevelFilter>),
     Domains,
     Destroy(u32),
+    Pause(u32),
+    Resume(u32),
     Reboot,
 }
 
@@ -61,8 +68,8 @@ pub enum ParseError<'a> {
         argument: &'a str,
     },
     BadLevel(&'a str),
-    /// `destroy` without a valid domain id.
-    BadDomain(Option<&'a str>),
+    /// `destroy`, `pause` or `resume` without a valid domain id.
+    BadDomain(&'static str, Option<&'a str>),
 }
 
 impl core::fmt::Display for ParseError<'_> {
@@ -83,13 +90,13 @@ impl core::fmt::Display for ParseError<'_> {
             ParseError::BadLevel(level) => {
                 write!(f, "error: log: unknown level '{level}': {LevelError}")
             }
-            ParseError::BadDomain(None) => {
-                f.write_str("error: destroy: which domain? (destroy <id>)")
+            ParseError::BadDomain(cmd, None) => {
+                write!(f, "error: {cmd}: which domain? ({cmd} <id>)")
             }
-            ParseError::BadDomain(Some(id)) => {
+            ParseError::BadDomain(cmd, Some(id)) => {
                 write!(
                     f,
-                    "error: destroy: '{id}' is not a domain id (a number from 'domains')"
+                    "error: {cmd}: '{id}' is not a domain id (a number from 'domains')"
                 )
             }
         }
@@ -114,17 +121,24 @@ pub fn parse(line: &str) -> Result<Command, ParseError<'_>> {
         "vmx" => no_args("vmx", Command::Vmx),
         "reboot" => no_args("reboot", Command::Reboot),
         "domains" => no_args("domains", Command::Domains),
-        "destroy" => match (arg, words.next()) {
-            (Some(id), None) => id
-                .parse()
-                .map(Command::Destroy)
-                .map_err(|_| ParseError::BadDomain(Some(id))),
-            (Some(_), Some(extra)) => Err(ParseError::UnexpectedArgument {
-                command: "destroy",
-                argument: extra,
-            }),
-            (None, _) => Err(ParseError::BadDomain(None)),
-        },
+        "destroy" | "pause" | "resume" => {
+            let (command, make): (&'static str, fn(u32) -> Command) = match name {
+                "destroy" => ("destroy", Command::Destroy),
+                "pause" => ("pause", Command::Pause),
+                _ => ("resume", Command::Resume),
+            };
+            match (arg, words.next()) {
+                (Some(id), None) => id
+                    .parse()
+                    .map(make)
+                    .map_err(|_| ParseError::BadDomain(command, Some(id))),
+                (Some(_), Some(extra)) => Err(ParseError::UnexpectedArgument {
+                    command,
+                    argument: extra,
+                }),
+                (None, _) => Err(ParseError::BadDomain(command, None)),
+            }
+        }
         "log" => match arg {
             None => Ok(Command::Log(None)),
             Some(level) => match (parse_level(level), words.next()) {
@@ -148,8 +162,8 @@ mod tests {
     fn every_listed_command_parses() {
         for (name, _) in COMMANDS {
             // Commands that need an argument are tried with one.
-            let line = if *name == "destroy" {
-                "destroy 1".to_string()
+            let line = if matches!(*name, "destroy" | "pause" | "resume") {
+                format!("{name} 1")
             } else {
                 name.to_string()
             };
@@ -183,7 +197,17 @@ mod tests {
         assert_eq!(format!("{e}"), "error: 'cpus' takes no arguments (got '3')");
         assert!(parse("log info extra").is_err());
         assert_eq!(parse("destroy 3"), Ok(Command::Destroy(3)));
-        assert_eq!(parse("destroy"), Err(ParseError::BadDomain(None)));
+        assert_eq!(
+            parse("destroy"),
+            Err(ParseError::BadDomain("destroy", None))
+        );
+        assert_eq!(parse("pause 2"), Ok(Command::Pause(2)));
+        assert_eq!(parse("resume 2"), Ok(Command::Resume(2)));
+        assert_eq!(
+            format!("{}", parse("pause").unwrap_err()),
+            "error: pause: which domain? (pause <id>)"
+        );
+        assert!(parse("resume 2 3").is_err());
         assert_eq!(
             format!("{}", parse("destroy x").unwrap_err()),
             "error: destroy: 'x' is not a domain id (a number from 'domains')"

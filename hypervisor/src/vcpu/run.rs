@@ -140,15 +140,17 @@ pub fn spawn(new: NewDomain) {
 
 /// The stop reason of a domain the operator destroyed, with how long its vCPU took to stop.
 fn destroyed(d: &Domain) -> String {
-    let asked = d.destroy_tsc.load(Ordering::Relaxed);
-    let per_us = (SLICE_TSC.load(Ordering::Relaxed) / 10_000).max(1);
-    if asked == 0 {
-        return String::from("destroyed by the operator");
+    match since_request(d) {
+        Some(us) => alloc::format!("destroyed by the operator ({us} µs after the request)"),
+        None => String::from("destroyed by the operator"),
     }
-    alloc::format!(
-        "destroyed by the operator ({} µs after the request)",
-        cpu::rdtsc().saturating_sub(asked) / per_us
-    )
+}
+
+/// Microseconds since the operator's last request to this domain.
+fn since_request(d: &Domain) -> Option<u64> {
+    let asked = d.request_tsc.load(Ordering::Relaxed);
+    let per_us = (SLICE_TSC.load(Ordering::Relaxed) / 10_000).max(1);
+    (asked != 0).then(|| cpu::rdtsc().saturating_sub(asked) / per_us)
 }
 
 /// The dispatcher's view of this machine and of the vCPU's domain.
@@ -262,7 +264,25 @@ impl RunLoop {
                     self.teardown(v);
                     return true;
                 }
-                DomainState::Running => {}
+                DomainState::Paused => {
+                    if v.state != VcpuState::Paused && v.state != VcpuState::Created {
+                        v.go(Event::Pause);
+                        log::info!(
+                            "domain {} vCPU {} paused ({} µs after the request)",
+                            v.domain.id,
+                            v.core.index,
+                            since_request(&v.domain).unwrap_or(0)
+                        );
+                    }
+                    RUN_QUEUES[self.cpu].lock().push_back(v);
+                    continue;
+                }
+                DomainState::Running => {
+                    if v.state == VcpuState::Paused {
+                        v.go(Event::Resume);
+                        log::info!("domain {} vCPU {} resumed", v.domain.id, v.core.index);
+                    }
+                }
             }
             if v.state == VcpuState::Created {
                 let request = v.domain.starts[v.core.index as usize].lock().take();
@@ -470,6 +490,8 @@ impl RunLoop {
                         };
                     }
                     DomainState::Stopped => break SliceEnd::Retire,
+                    // Leave the CPU now; `run_once` holds it until `resume`.
+                    DomainState::Paused => break SliceEnd::Requeue,
                 }
             }
             if cpu::rdtsc().wrapping_sub(start) > slice {
