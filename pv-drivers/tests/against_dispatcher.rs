@@ -5,7 +5,7 @@
 use core::arch::x86_64::CpuidResult;
 
 use hv_abi::Status;
-use hypervisor::domain::memory::{GuestMemory, GuestPhysAddr, VecMemory};
+use hypervisor::domain::memory::{GuestAddr, GuestMemory, VecGuestMemory};
 use hypervisor::io::DomainIo;
 use hypervisor::vcpu::dispatch::{Action, Platform, VcpuCore, handle};
 use hypervisor::vcpu::exit::Exit;
@@ -69,7 +69,7 @@ impl Platform for Host {
 struct Guest {
     vcpu: VcpuCore,
     vmcs: FakeVmcs,
-    mem: VecMemory,
+    mem: VecGuestMemory,
     host: Host,
     last: Option<Action>,
 }
@@ -79,7 +79,7 @@ impl Guest {
         Guest {
             vcpu: VcpuCore::new(0, GuestRegs::default(), 1),
             vmcs: FakeVmcs::default().with(f::GUEST_RIP, 0x10_0000),
-            mem: VecMemory(vec![0; 1 << 20]),
+            mem: VecGuestMemory::new(0, 1 << 20),
             host: Host::default(),
             last: None,
         }
@@ -123,9 +123,9 @@ fn version_nop_and_yield() {
 
 #[test]
 fn console_write_reaches_the_domain_console_and_bad_buffers_are_refused() {
-    let mut g = Guest::new();
+    let g = Guest::new();
     g.mem
-        .write(GuestPhysAddr(0x4000), b"from pv-drivers\n")
+        .write(GuestAddr(0x4000), b"from pv-drivers\n")
         .unwrap();
     let mut h = Hypercalls::new(g);
     assert_eq!(h.console_write_phys(0x4000, 16), Ok(16));

@@ -41,6 +41,7 @@ const BARE_METAL: &[&str] = &[
     "hv-abi",
     "test-guests",
     "hv-virtio",
+    "hv-guest-mem",
     "pv-drivers",
     "volmgr",
 ];

@@ -7,7 +7,7 @@ use alloc::vec::Vec;
 
 use hv_abi::{ABI_VERSION, Status, hypercall as nr};
 
-use super::memory::{GuestMemory, GuestPhysAddr};
+use super::memory::{GuestAddr, GuestMemory};
 
 /// What the hypervisor must do after a hypercall.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,7 +49,7 @@ pub fn dispatch(number: u64, args: [u64; 3], mem: &impl GuestMemory, caller: Cal
                 return Outcome::Return(Status::InvalidArgument as i64);
             }
             let mut buf = vec![0u8; len as usize];
-            match mem.read(GuestPhysAddr(gpa), &mut buf) {
+            match mem.read(GuestAddr(gpa), &mut buf) {
                 Ok(()) => Outcome::Console(buf),
                 Err(_) => Outcome::Return(Status::BadAddress as i64),
             }
@@ -92,7 +92,7 @@ pub fn dispatch(number: u64, args: [u64; 3], mem: &impl GuestMemory, caller: Cal
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::memory::VecMemory;
+    use crate::domain::memory::VecGuestMemory;
 
     const ONE: Caller = Caller {
         vcpus: 1,
@@ -101,8 +101,8 @@ mod tests {
 
     #[test]
     fn calls() {
-        let mut m = VecMemory(vec![0; 8192]);
-        m.0[100..105].copy_from_slice(b"hello");
+        let m = VecGuestMemory::new(0, 8192);
+        m.write(GuestAddr(100), b"hello").unwrap();
         assert_eq!(
             dispatch(nr::VERSION, [0; 3], &m, ONE),
             Outcome::Return(i64::from(ABI_VERSION))
@@ -118,7 +118,7 @@ mod tests {
 
     #[test]
     fn vcpu_start_is_checked() {
-        let m = VecMemory(vec![0; 4096]);
+        let m = VecGuestMemory::new(0, 4096);
         let c = Caller {
             vcpus: 4,
             started: 0b0011,
@@ -143,7 +143,7 @@ mod tests {
 
     #[test]
     fn set_timer_is_checked() {
-        let m = VecMemory(vec![0; 4096]);
+        let m = VecGuestMemory::new(0, 4096);
         assert_eq!(
             dispatch(nr::SET_TIMER, [0x30, 1000, 0], &m, ONE),
             Outcome::SetTimer {
@@ -175,7 +175,7 @@ mod tests {
 
     #[test]
     fn hostile_arguments() {
-        let m = VecMemory(vec![0; 8192]);
+        let m = VecGuestMemory::new(0, 8192);
         assert_eq!(
             dispatch(0xdead, [0; 3], &m, ONE),
             Outcome::Return(Status::UnknownCall as i64)

@@ -14,7 +14,7 @@ use elf::ElfBytes;
 use elf::abi::{EM_X86_64, ET_EXEC, PT_LOAD};
 use elf::endian::LittleEndian;
 
-use super::memory::{BadGpa, GuestMemory, GuestPhysAddr};
+use super::memory::{GuestAddr, GuestMemory, MemError};
 
 pub const GDT_GPA: u64 = 0x1000;
 pub const CMDLINE_GPA: u64 = 0x2000;
@@ -42,7 +42,7 @@ pub enum LoadError {
     /// The entry point is not inside a loaded segment.
     BadEntry(u64),
     CommandLineTooLong,
-    Memory(BadGpa),
+    Memory(MemError),
 }
 
 impl core::fmt::Display for LoadError {
@@ -58,13 +58,13 @@ impl core::fmt::Display for LoadError {
             LoadError::CommandLineTooLong => {
                 write!(f, "command line longer than {CMDLINE_MAX} bytes")
             }
-            LoadError::Memory(b) => write!(f, "guest address {:#x} outside RAM", b.0),
+            LoadError::Memory(e) => write!(f, "{e}"),
         }
     }
 }
 
-impl From<BadGpa> for LoadError {
-    fn from(b: BadGpa) -> Self {
+impl From<MemError> for LoadError {
+    fn from(b: MemError) -> Self {
         LoadError::Memory(b)
     }
 }
@@ -190,36 +190,32 @@ impl BootState {
 }
 
 /// Copies the image into `mem` and builds the loader structures.
-pub fn load(
-    image: &[u8],
-    mem: &mut impl GuestMemory,
-    cmdline: &str,
-) -> Result<BootState, LoadError> {
-    let plan = plan(image, mem.size())?;
+pub fn load(image: &[u8], mem: &impl GuestMemory, cmdline: &str) -> Result<BootState, LoadError> {
+    let plan = plan(image, mem.end())?;
     if cmdline.len() > CMDLINE_MAX {
         return Err(LoadError::CommandLineTooLong);
     }
     for s in &plan.segments {
         let data = &image[s.file_offset as usize..(s.file_offset + s.file_size) as usize];
-        mem.write(GuestPhysAddr(s.gpa), data)?;
-        mem.zero(GuestPhysAddr(s.gpa + s.file_size), s.mem_size - s.file_size)?;
+        mem.write(GuestAddr(s.gpa), data)?;
+        mem.zero(GuestAddr(s.gpa + s.file_size), s.mem_size - s.file_size)?;
     }
     let mut gdt = [0u8; 24];
     for (i, d) in GDT.iter().enumerate() {
         gdt[i * 8..i * 8 + 8].copy_from_slice(&d.to_le_bytes());
     }
-    mem.write(GuestPhysAddr(GDT_GPA), &gdt)?;
-    mem.zero(GuestPhysAddr(CMDLINE_GPA), 4096)?;
-    mem.write(GuestPhysAddr(CMDLINE_GPA), cmdline.as_bytes())?;
+    mem.write(GuestAddr(GDT_GPA), &gdt)?;
+    mem.zero(GuestAddr(CMDLINE_GPA), 4096)?;
+    mem.write(GuestAddr(CMDLINE_GPA), cmdline.as_bytes())?;
     // PML4[0] -> PDPT, PDPT[0..4] -> four PDs: 2 MiB identity pages over the first 4 GiB,
     // RAM or not: the guest's page tables do not protect anything, the EPT does (an access past
     // RAM reaches the hypervisor as an EPT violation, not the guest as a page fault).
     let (pdpt, pd) = (PML4_GPA + 0x1000, PML4_GPA + 0x2000);
-    mem.zero(GuestPhysAddr(PML4_GPA), 6 * 4096)?;
-    mem.write(GuestPhysAddr(PML4_GPA), &(pdpt | 3).to_le_bytes())?;
+    mem.zero(GuestAddr(PML4_GPA), 6 * 4096)?;
+    mem.write(GuestAddr(PML4_GPA), &(pdpt | 3).to_le_bytes())?;
     for g in 0..4u64 {
         mem.write(
-            GuestPhysAddr(pdpt + g * 8),
+            GuestAddr(pdpt + g * 8),
             &((pd + g * 0x1000) | 3).to_le_bytes(),
         )?;
         let mut entries = [0u8; 4096];
@@ -227,7 +223,7 @@ pub fn load(
             let page = (g << 30) | ((i as u64) << 21);
             e.copy_from_slice(&(page | 0x83).to_le_bytes());
         }
-        mem.write(GuestPhysAddr(pd + g * 0x1000), &entries)?;
+        mem.write(GuestAddr(pd + g * 0x1000), &entries)?;
     }
     Ok(BootState {
         rip: plan.entry,
@@ -237,14 +233,14 @@ pub fn load(
         gdt_limit: (GDT.len() * 8 - 1) as u16,
         rdi: CMDLINE_GPA,
         rsi: cmdline.len() as u64,
-        rdx: mem.size(),
+        rdx: mem.end(),
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::memory::VecMemory;
+    use crate::domain::memory::VecGuestMemory;
 
     /// A minimal ELF64 executable: one PT_LOAD segment with `code` at `addr`.
     pub(crate) fn tiny_elf(addr: u64, code: &[u8], memsz: u64, entry: u64) -> Vec<u8> {
@@ -278,24 +274,26 @@ mod tests {
     fn loads_segments_zeroes_bss_and_builds_page_tables() {
         let code = [0xf4u8, 0xeb, 0xfd];
         let image = tiny_elf(0x10_0000, &code, 0x2000, 0x10_0000);
-        let mut mem = VecMemory(vec![0xaa; 4 << 20]);
-        let st = load(&image, &mut mem, "hello world").unwrap();
+        let mem = VecGuestMemory::new(0, 4 << 20);
+        mem.write(GuestAddr(0), &vec![0xaa; 4 << 20]).unwrap();
+        let st = load(&image, &mem, "hello world").unwrap();
+        let bytes = mem.to_vec();
         assert_eq!(st.rip, 0x10_0000);
-        assert_eq!(&mem.0[0x10_0000..0x10_0003], &code);
+        assert_eq!(&bytes[0x10_0000..0x10_0003], &code);
         assert!(
-            mem.0[0x10_0003..0x10_2000].iter().all(|&b| b == 0),
+            bytes[0x10_0003..0x10_2000].iter().all(|&b| b == 0),
             "bss zeroed"
         );
-        assert_eq!(&mem.0[0x2000..0x200b], b"hello world");
+        assert_eq!(&bytes[0x2000..0x200b], b"hello world");
         assert_eq!((st.rdi, st.rsi, st.rdx), (CMDLINE_GPA, 11, 4 << 20));
         let pd = 0x5000;
         assert_eq!(
-            u64::from_le_bytes(mem.0[pd + 8..pd + 16].try_into().unwrap()),
+            u64::from_le_bytes(bytes[pd + 8..pd + 16].try_into().unwrap()),
             (1 << 21) | 0x83
         );
         let last = pd + 3 * 4096 + 511 * 8;
         assert_eq!(
-            u64::from_le_bytes(mem.0[last..last + 8].try_into().unwrap()),
+            u64::from_le_bytes(bytes[last..last + 8].try_into().unwrap()),
             (3 << 30) | (511 << 21) | 0x83,
             "the whole first 4 GiB"
         );
@@ -349,10 +347,7 @@ mod tests {
         ));
         let long = "x".repeat(CMDLINE_MAX + 1);
         let ok = tiny_elf(0x10_0000, &[0xf4], 0x10, 0x10_0000);
-        let mut mem = VecMemory(vec![0; ram as usize]);
-        assert_eq!(
-            load(&ok, &mut mem, &long),
-            Err(LoadError::CommandLineTooLong)
-        );
+        let mem = VecGuestMemory::new(0, ram as usize);
+        assert_eq!(load(&ok, &mem, &long), Err(LoadError::CommandLineTooLong));
     }
 }

@@ -16,7 +16,7 @@ use spin::Mutex;
 use crate::arch::percpu::{self, CPUS};
 use crate::domain::config::DomainConfig;
 use crate::domain::loader::{self, BootState};
-use crate::domain::memory::{BadGpa, CHUNK, GuestMemory, GuestPhysAddr, pieces};
+use crate::domain::memory::{CHUNK, GuestAddr, GuestMemory, Region, RegionRam};
 use crate::io::DomainIo;
 use crate::mm::FRAMES;
 use crate::mm::frames::FrameAllocator;
@@ -191,36 +191,36 @@ pub fn kick_cpus_running(id: u32) {
     }
 }
 
-/// RAM of a domain: 2 MiB host chunks at guest-physical 0, in order.
+/// RAM of a domain: 2 MiB host chunks at guest-physical 0, in order, as the regions of one
+/// [`RegionRam`] (the guest-memory layer every user of guest RAM goes through).
 pub struct DomainRam {
     chunks: Vec<u64>,
+    ram: RegionRam,
 }
 
-impl GuestMemory for DomainRam {
-    fn size(&self) -> u64 {
-        self.chunks.len() as u64 * CHUNK
+impl DomainRam {
+    /// RAM over `chunks` (host-physical, identity-mapped, owned by this domain from now on).
+    fn new(chunks: Vec<u64>) -> Result<DomainRam, String> {
+        let regions = chunks
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| Region {
+                gpa: i as u64 * CHUNK,
+                host: c as *mut u8,
+                len: CHUNK,
+            })
+            .collect();
+        // SAFETY: every chunk was just taken from the frame allocator for this domain alone, is
+        // identity-mapped (host virtual = host physical, crate-level assumption) and stays
+        // allocated until `DomainMem` drops, after this RegionRam; the hypervisor holds no Rust
+        // reference into guest RAM.
+        let ram = unsafe { RegionRam::new(regions) }.map_err(|e| alloc::format!("RAM: {e:?}"))?;
+        Ok(DomainRam { chunks, ram })
     }
 
-    fn read(&self, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), BadGpa> {
-        self.check(gpa, buf.len() as u64)?;
-        for (chunk, off, at, n) in pieces(gpa.0, buf.len()) {
-            let src = (self.chunks[chunk] + off) as *const u8;
-            // SAFETY: `check` proved the range is inside this domain's chunks, which it owns
-            // and which are identity-mapped; the copy reads bytes only (the guest may change
-            // them concurrently, which can only give it garbage back).
-            unsafe { core::ptr::copy_nonoverlapping(src, buf[at..at + n].as_mut_ptr(), n) };
-        }
-        Ok(())
-    }
-
-    fn write(&mut self, gpa: GuestPhysAddr, data: &[u8]) -> Result<(), BadGpa> {
-        self.check(gpa, data.len() as u64)?;
-        for (chunk, off, at, n) in pieces(gpa.0, data.len()) {
-            let dst = (self.chunks[chunk] + off) as *mut u8;
-            // SAFETY: as in `read`; the destination is this domain's own RAM.
-            unsafe { core::ptr::copy_nonoverlapping(data[at..at + n].as_ptr(), dst, n) };
-        }
-        Ok(())
+    /// The guest-memory view of this RAM.
+    pub fn mem(&self) -> &RegionRam {
+        &self.ram
     }
 }
 
@@ -324,11 +324,20 @@ pub fn create(image: &[u8], cfg: &DomainConfig, caps: &VmxCaps) -> Result<NewDom
             }
         }
     }
-    let mut ram = DomainRam { chunks };
+    let ram = match DomainRam::new(chunks.clone()) {
+        Ok(r) => r,
+        Err(e) => {
+            if let Some(frames) = FRAMES.lock().as_mut() {
+                release_chunks(frames, &chunks);
+            }
+            return Err(e);
+        }
+    };
     let loaded = ram
-        .zero(GuestPhysAddr(0), ram.size())
-        .map_err(|_| loader::LoadError::Memory(BadGpa(0)))
-        .and_then(|()| loader::load(image, &mut ram, cfg.guest_cmdline));
+        .mem()
+        .zero(GuestAddr(0), ram.mem().end())
+        .map_err(loader::LoadError::Memory)
+        .and_then(|()| loader::load(image, ram.mem(), cfg.guest_cmdline));
     let mut guard = FRAMES.lock();
     let frames = guard.as_mut().ok_or("no frame allocator")?;
     let boot: BootState = match loaded {

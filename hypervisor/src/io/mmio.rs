@@ -5,6 +5,7 @@ use alloc::boxed::Box;
 use core::ops::Range;
 
 use super::bus::{Bus, Overlap};
+use hv_guest_mem::GuestMemory;
 
 /// Guest-physical 3–4 GiB: never RAM (domains' RAM sits below it), where MMIO devices go, as on
 /// a PC (the local APIC at 0xfee0_0000, the IOAPIC at 0xfec0_0000).
@@ -14,8 +15,10 @@ pub const DEVICE_HOLE: Range<u64> = 0xc000_0000..0x1_0000_0000;
 pub trait MmioDevice: Send {
     /// A load of `size` (1, 2, 4 or 8) bytes at `offset` in the device's range.
     fn read(&mut self, offset: u64, size: u8) -> u64;
-    /// A store of `size` bytes (`value` holds only those bytes).
-    fn write(&mut self, offset: u64, size: u8, value: u64);
+    /// A store of `size` bytes (`value` holds only those bytes). `mem` is the domain's RAM,
+    /// for devices that act on guest memory when a register is written (a virtio queue
+    /// notification).
+    fn write(&mut self, mem: &dyn GuestMemory, offset: u64, size: u8, value: u64);
 }
 
 /// An access outside every device and outside the hole: not I/O at all.
@@ -73,10 +76,16 @@ impl MmioBus {
         }
     }
 
-    pub fn write(&mut self, gpa: u64, size: u8, value: u64) -> Result<(), NotMmio> {
+    pub fn write(
+        &mut self,
+        mem: &dyn GuestMemory,
+        gpa: u64,
+        size: u8,
+        value: u64,
+    ) -> Result<(), NotMmio> {
         match self.bus.find(gpa, u64::from(size)) {
             Some((d, offset)) => {
-                d.write(offset, size, value & mask(size));
+                d.write(mem, offset, size, value & mask(size));
                 Ok(())
             }
             None if self.hole.contains(&gpa) => Ok(()),
@@ -98,7 +107,7 @@ mod tests {
         fn read(&mut self, offset: u64, _size: u8) -> u64 {
             0x1122_3344_5566_7788 >> (offset * 8)
         }
-        fn write(&mut self, offset: u64, size: u8, value: u64) {
+        fn write(&mut self, _mem: &dyn GuestMemory, offset: u64, size: u8, value: u64) {
             self.0.store(
                 (offset << 56) | (u64::from(size) << 48) | value,
                 Ordering::Relaxed,
@@ -123,11 +132,12 @@ mod tests {
         );
         assert_eq!(m.read(0xd000_0000, 4), Ok(0x5566_7788));
         assert_eq!(m.read(0xd000_0002, 2), Ok(0x5566));
-        m.write(0xd000_0004, 1, 0x1ff).unwrap();
+        let ram = hv_guest_mem::VecGuestMemory::new(0, 4096);
+        m.write(&ram, 0xd000_0004, 1, 0x1ff).unwrap();
         assert_eq!(last.load(Ordering::Relaxed), (4 << 56) | (1 << 48) | 0xff);
         // Unclaimed inside the hole: all ones, stores dropped.
         assert_eq!(m.read(0xfee0_0000, 4), Ok(0xffff_ffff));
-        assert_eq!(m.write(0xfee0_0000, 8, 1), Ok(()));
+        assert_eq!(m.write(&ram, 0xfee0_0000, 8, 1), Ok(()));
         // Outside the hole and every device: not MMIO.
         assert_eq!(m.read(0x2000_0000, 4), Err(NotMmio));
         assert!(!m.handles(0x2000_0000) && m.handles(0xc000_0000));

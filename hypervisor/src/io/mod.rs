@@ -10,6 +10,7 @@ pub mod bus;
 pub mod mmio;
 pub mod ports;
 pub mod uart;
+pub mod virtio;
 
 use alloc::boxed::Box;
 

@@ -13,7 +13,7 @@ use core::arch::x86_64::CpuidResult;
 use super::exit::Exit;
 use crate::domain::console::DomainConsole;
 use crate::domain::hypercall::{self, Outcome};
-use crate::domain::memory::{GuestMemory, GuestPhysAddr, translate};
+use crate::domain::memory::{GuestAddr, GuestMemory, translate};
 use crate::domain::vtimer::{self, VirtTimer};
 use crate::io::{DomainIo, IoEvent, PortAction};
 use crate::vmx::cr::{self, CrExit};
@@ -458,10 +458,10 @@ fn cr_access(
 /// Completes a guest load or store to MMIO through the domain's MMIO bus: the instruction is
 /// read through the guest's page tables and decoded (the moves `vmx::decode` accepts; anything
 /// else stops the domain).
-fn emulate_mmio(
+fn emulate_mmio<M: GuestMemory>(
     v: &mut VcpuCore,
     a: &mut impl VmcsAccess,
-    mem: &impl GuestMemory,
+    mem: &M,
     p: &mut impl Platform,
     gpa: u64,
 ) -> Result<Action> {
@@ -473,7 +473,7 @@ fn emulate_mmio(
         let Some(pa) = translate(mem, cr3, rip.wrapping_add(n as u64)) else {
             break;
         };
-        if mem.read(GuestPhysAddr(pa), &mut bytes[n..n + 1]).is_err() {
+        if mem.read(GuestAddr(pa), &mut bytes[n..n + 1]).is_err() {
             break;
         }
         n += 1;
@@ -504,11 +504,11 @@ fn emulate_mmio(
         } => {
             let r = gpr(a, &v.regs, reg);
             let value = if high_byte { r >> 8 } else { r };
-            p.with_io(|b| b.mmio.write(gpa, size, value))
+            p.with_io(|b| b.mmio.write(mem, gpa, size, value))
                 .map_err(|_| outside())?;
         }
         decode::Access::StoreImm { value, size } => {
-            p.with_io(|b| b.mmio.write(gpa, size, value))
+            p.with_io(|b| b.mmio.write(mem, gpa, size, value))
                 .map_err(|_| outside())?;
         }
         decode::Access::Alu {
@@ -532,7 +532,7 @@ fn emulate_mmio(
             let (result, flags) = decode::alu(op, size, first, second);
             match (writes, reg) {
                 (decode::AluWrites::Memory, _) => p
-                    .with_io(|b| b.mmio.write(gpa, size, result))
+                    .with_io(|b| b.mmio.write(mem, gpa, size, result))
                     .map_err(|_| outside())?,
                 (decode::AluWrites::Register, Some(reg)) => {
                     let load = decode::Access::Load {

@@ -444,7 +444,7 @@ impl RunLoop {
                     cpu,
                     domain: &v.domain,
                 };
-                dispatch::handle(&exit, &mut v.core, a, &v.mem.ram, &mut p)
+                dispatch::handle(&exit, &mut v.core, a, v.mem.ram.mem(), &mut p)
             };
             match action {
                 Ok(Action::Resume) if exit.reason == ExitReason::PreemptionTimer => {

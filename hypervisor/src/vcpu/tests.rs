@@ -9,7 +9,7 @@ use core::arch::x86_64::CpuidResult;
 
 use super::dispatch::{Action, ExitError, Platform, VcpuCore, deliver_timer, handle};
 use super::exit::Exit;
-use crate::domain::memory::{GuestMemory, GuestPhysAddr, VecMemory};
+use crate::domain::memory::{GuestAddr, GuestMemory, VecGuestMemory};
 use crate::io::DomainIo;
 use crate::io::mmio::MmioDevice;
 use crate::vmx::exit::ExitReason;
@@ -100,7 +100,7 @@ const RIP: u64 = 0x10_0000;
 struct Rig {
     v: VcpuCore,
     a: FakeVmcs,
-    mem: VecMemory,
+    mem: VecGuestMemory,
     p: FakePlatform,
 }
 
@@ -112,7 +112,7 @@ impl Rig {
                 .with(f::GUEST_RIP, RIP)
                 .with(f::GUEST_EFER, 0x500) // LME, LMA
                 .with(f::GUEST_CR4, 1 << 5),
-            mem: VecMemory(vec![0; 4 << 20]),
+            mem: VecGuestMemory::new(0, 4 << 20),
             p: FakePlatform::default(),
         }
     }
@@ -182,7 +182,7 @@ fn vmcall_nop_returns_ok_and_steps_over_the_instruction() {
 #[test]
 fn vmcall_console_write_reads_guest_memory_and_bad_pointers_fail() {
     let mut r = Rig::new();
-    r.mem.write(GuestPhysAddr(0x2000), b"hi there\n").unwrap();
+    r.mem.write(GuestAddr(0x2000), b"hi there\n").unwrap();
     assert_eq!(
         r.vmcall(nr::CONSOLE_WRITE, [0x2000, 9, 0]),
         Ok(Action::Resume)
@@ -342,9 +342,9 @@ fn port_io_uart_exit_port_empty_bus_and_string_io() {
 
 /// Page tables in guest memory at 0x1000.. mapping the first 1 GiB with 2 MiB pages and the
 /// 3..4 GiB range likewise (identity).
-fn identity_tables(mem: &mut VecMemory) -> u64 {
-    let w = |mem: &mut VecMemory, at: u64, v: u64| {
-        mem.write(GuestPhysAddr(at), &v.to_le_bytes()).unwrap()
+fn identity_tables(mem: &mut VecGuestMemory) -> u64 {
+    let w = |mem: &mut VecGuestMemory, at: u64, v: u64| {
+        mem.write(GuestAddr(at), &v.to_le_bytes()).unwrap()
     };
     w(mem, 0x1000, 0x2000 | 3); // PML4[0] -> PDPT
     w(mem, 0x2000, 0x3000 | 3); // PDPT[0] -> PD (0..1 GiB)
@@ -361,7 +361,7 @@ fn mmio_in_the_hole_reads_all_ones_and_drops_stores() {
     let mut r = Rig::new();
     let cr3 = identity_tables(&mut r.mem);
     // mov ecx, [rax] (8b 08) at RIP.
-    r.mem.write(GuestPhysAddr(RIP), &[0x8b, 0x08]).unwrap();
+    r.mem.write(GuestAddr(RIP), &[0x8b, 0x08]).unwrap();
     r.a = core::mem::take(&mut r.a).with(f::GUEST_CR3, cr3);
     r.v.regs.rcx = 0xaaaa_bbbb_cccc_dddd;
     assert_eq!(
@@ -372,14 +372,14 @@ fn mmio_in_the_hole_reads_all_ones_and_drops_stores() {
     assert_eq!(r.v.regs.rcx, 0xffff_ffff);
     assert_eq!(r.rip(), RIP + 2);
     // mov [rax], ecx (89 08): dropped, RIP stepped.
-    r.mem.write(GuestPhysAddr(RIP + 2), &[0x89, 0x08]).unwrap();
+    r.mem.write(GuestAddr(RIP + 2), &[0x89, 0x08]).unwrap();
     assert_eq!(
         r.exit(ExitReason::EptViolation, 0, 2, 0xfee0_0030),
         Ok(Action::Resume)
     );
     assert_eq!(r.rip(), RIP + 4);
     // An instruction the decoder does not know (a string move, a4) stops the domain.
-    r.mem.write(GuestPhysAddr(RIP + 4), &[0xa4]).unwrap();
+    r.mem.write(GuestAddr(RIP + 4), &[0xa4]).unwrap();
     let e = r.exit(ExitReason::EptViolation, 0, 1, 0xfee0_0030);
     assert!(matches!(e, Err(ExitError::Unsupported(_))), "{e:?}");
 }
@@ -513,7 +513,7 @@ impl MmioDevice for Probe {
     fn read(&mut self, offset: u64, _size: u8) -> u64 {
         0x8877_6655_4433_2211u64.rotate_right((offset * 8) as u32)
     }
-    fn write(&mut self, offset: u64, size: u8, value: u64) {
+    fn write(&mut self, _mem: &dyn GuestMemory, offset: u64, size: u8, value: u64) {
         self.0.lock().push((offset, size, value));
     }
 }
@@ -532,19 +532,16 @@ fn mmio_reaches_the_device_that_registered_the_range() {
     let cr3 = identity_tables(&mut r.mem);
     r.a = core::mem::take(&mut r.a).with(f::GUEST_CR3, cr3);
     // mov ecx, [rax]: 32-bit load from offset 0.
-    r.mem.write(GuestPhysAddr(RIP), &[0x8b, 0x08]).unwrap();
+    r.mem.write(GuestAddr(RIP), &[0x8b, 0x08]).unwrap();
     r.exit(ExitReason::EptViolation, 0, 1, 0xd000_0000).unwrap();
     assert_eq!(r.v.regs.rcx, 0x4433_2211);
     // mov [rax], ch (88 28): the high byte of CX, one byte at offset 4.
     r.v.regs.rcx = 0xabcd;
-    r.mem.write(GuestPhysAddr(RIP + 2), &[0x88, 0x28]).unwrap();
+    r.mem.write(GuestAddr(RIP + 2), &[0x88, 0x28]).unwrap();
     r.exit(ExitReason::EptViolation, 0, 2, 0xd000_0004).unwrap();
     // movl $0x12345678, [rax] (c7 00 imm32) at offset 8.
     r.mem
-        .write(
-            GuestPhysAddr(RIP + 4),
-            &[0xc7, 0x00, 0x78, 0x56, 0x34, 0x12],
-        )
+        .write(GuestAddr(RIP + 4), &[0xc7, 0x00, 0x78, 0x56, 0x34, 0x12])
         .unwrap();
     r.exit(ExitReason::EptViolation, 0, 2, 0xd000_0008).unwrap();
     assert_eq!(*stores.lock(), vec![(4, 1, 0xab), (8, 4, 0x1234_5678)]);
@@ -567,28 +564,26 @@ fn mmio_read_modify_write_and_compare_set_memory_registers_and_flags() {
         .with(f::GUEST_CR3, cr3)
         .with(f::GUEST_RFLAGS, 0x202 | 0x8d5);
     // orl $0x80, (%rax) (83 08 80): the device reads 0x44332211 at offset 0.
-    r.mem
-        .write(GuestPhysAddr(RIP), &[0x83, 0x08, 0x80])
-        .unwrap();
+    r.mem.write(GuestAddr(RIP), &[0x83, 0x08, 0x80]).unwrap();
     r.exit(ExitReason::EptViolation, 0, 3, 0xd000_0000).unwrap();
     assert_eq!(*stores.lock(), vec![(0, 4, 0xffff_ff91)]);
     // OR clears CF and OF; the result is negative: SF; 0x91 has odd parity: PF clear.
     assert_eq!(r.a.field(f::GUEST_RFLAGS), 0x202 | 0x80);
     // testb $0x11, (%rax) (f6 00 11): 0x11 & 0x11, no store, ZF clear, PF set (two bits).
     r.mem
-        .write(GuestPhysAddr(RIP + 3), &[0xf6, 0x00, 0x11])
+        .write(GuestAddr(RIP + 3), &[0xf6, 0x00, 0x11])
         .unwrap();
     r.exit(ExitReason::EptViolation, 0, 1, 0xd000_0000).unwrap();
     assert_eq!(stores.lock().len(), 1);
     assert_eq!(r.a.field(f::GUEST_RFLAGS), 0x202 | 0x04);
     // and (%rax), %ecx (23 08): ECX = ECX & mem, upper half of RCX cleared (32-bit dest).
     r.v.regs.rcx = 0xffff_ffff_0000_ffff;
-    r.mem.write(GuestPhysAddr(RIP + 6), &[0x23, 0x08]).unwrap();
+    r.mem.write(GuestAddr(RIP + 6), &[0x23, 0x08]).unwrap();
     r.exit(ExitReason::EptViolation, 0, 1, 0xd000_0000).unwrap();
     assert_eq!(r.v.regs.rcx, 0x2211);
     // cmp %edx, (%rax) (39 10): mem - EDX = 0 -> ZF.
     r.v.regs.rdx = 0x4433_2211;
-    r.mem.write(GuestPhysAddr(RIP + 8), &[0x39, 0x10]).unwrap();
+    r.mem.write(GuestAddr(RIP + 8), &[0x39, 0x10]).unwrap();
     r.exit(ExitReason::EptViolation, 0, 1, 0xd000_0000).unwrap();
     assert_eq!(r.a.field(f::GUEST_RFLAGS) & 0x8d5, 0x44);
     assert_eq!(r.rip(), RIP + 10);
