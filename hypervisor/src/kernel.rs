@@ -311,7 +311,7 @@ fn init_memory(info: &BootInfo, image_start: u64, image_end: u64) {
             );
             cpu::halt_forever()
         })
-        .leak();
+        .keep_forever();
     // SAFETY: frames just taken from the allocator for good, identity-mapped RAM.
     unsafe { heap::init(heap.0, HEAP_SIZE as usize) };
     let usable_mib = (fa.usable_frames() * FRAME_SIZE) >> 20;
@@ -373,7 +373,7 @@ fn build_page_tables(info: &BootInfo, image_start: u64, ap_ids: &[u32]) -> (Page
             warn!("no memory for the stack of the CPU with APIC id {id}");
             break;
         };
-        let base = run.leak().0;
+        let base = run.keep_forever().0;
         pt.protect(fa, base, base + FRAME_SIZE, Access::NotPresent);
         stacks.push(base + (AP_STACK_FRAMES + 1) * FRAME_SIZE);
     }

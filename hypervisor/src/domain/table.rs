@@ -19,7 +19,7 @@ use crate::domain::loader::{self, BootState};
 use crate::domain::memory::{CHUNK, GuestAddr, GuestMemory, Region, RegionRam};
 use crate::io::DomainIo;
 use crate::mm::FRAMES;
-use crate::mm::frames::FrameAllocator;
+use crate::mm::frames::{FrameAllocator, FrameRun};
 use crate::println;
 use crate::vmx::caps::VmxCaps;
 use crate::vmx::ept::{Ept, MemType, PageSizes, Perm, TableFrames};
@@ -194,28 +194,31 @@ pub fn kick_cpus_running(id: u32) {
 /// RAM of a domain: 2 MiB host chunks at guest-physical 0, in order, as the regions of one
 /// [`RegionRam`] (the guest-memory layer every user of guest RAM goes through).
 pub struct DomainRam {
-    chunks: Vec<u64>,
+    chunks: Vec<FrameRun>,
     ram: RegionRam,
 }
 
 impl DomainRam {
-    /// RAM over `chunks` (host-physical, identity-mapped, owned by this domain from now on).
-    fn new(chunks: Vec<u64>) -> Result<DomainRam, String> {
+    /// RAM over `chunks` (identity-mapped, owned by this domain from now on); on a refusal the
+    /// chunks come back with the reason.
+    fn new(chunks: Vec<FrameRun>) -> Result<DomainRam, (String, Vec<FrameRun>)> {
         let regions = chunks
             .iter()
             .enumerate()
-            .map(|(i, &c)| Region {
+            .map(|(i, c)| Region {
                 gpa: i as u64 * CHUNK,
-                host: c as *mut u8,
-                len: CHUNK,
+                host: c.addr().0 as *mut u8,
+                len: c.bytes(),
             })
             .collect();
         // SAFETY: every chunk was just taken from the frame allocator for this domain alone, is
         // identity-mapped (host virtual = host physical, crate-level assumption) and stays
-        // allocated until `DomainMem` drops, after this RegionRam; the hypervisor holds no Rust
-        // reference into guest RAM.
-        let ram = unsafe { RegionRam::new(regions) }.map_err(|e| alloc::format!("RAM: {e:?}"))?;
-        Ok(DomainRam { chunks, ram })
+        // allocated while this value owns it (freed only when `DomainMem` drops, with the
+        // RegionRam); the hypervisor holds no Rust reference into guest RAM.
+        match unsafe { RegionRam::new(regions) } {
+            Ok(ram) => Ok(DomainRam { chunks, ram }),
+            Err(e) => Err((alloc::format!("RAM: {e:?}"), chunks)),
+        }
     }
 
     /// The guest-memory view of this RAM.
@@ -224,33 +227,42 @@ impl DomainRam {
     }
 }
 
-/// What a domain's vCPUs share: its RAM and its EPT. Dropped with the last vCPU, which gives
-/// the frames back.
+/// What a domain's vCPUs share: its RAM, its EPT and the frames of the EPT's tables. Dropped
+/// with the last vCPU (or when a creation fails half-way), which gives every frame back.
 pub struct DomainMem {
     pub(crate) ram: DomainRam,
-    pub(crate) ept: Ept,
+    pub(crate) ept: Option<Ept>,
+    /// The EPT's table frames, owned here (the EPT builder itself keeps plain addresses).
+    tables: Vec<FrameRun>,
 }
 
 impl Drop for DomainMem {
     fn drop(&mut self) {
         let mut guard = FRAMES.lock();
         let Some(frames) = guard.as_mut() else { return };
-        let tables = self.ept.tables(&mut Frames(frames));
-        for t in tables {
-            let _ = frames.free_addr(crate::mm::HostPhysAddr(t));
+        for t in self.tables.drain(..) {
+            crate::mm::give_back(frames, t);
         }
-        release_chunks(frames, &self.ram.chunks);
+        for c in self.ram.chunks.drain(..) {
+            crate::mm::give_back(frames, c);
+        }
     }
 }
 
-/// EPT tables come from the frame allocator and are reached through the identity map.
-struct Frames<'a>(&'a mut FrameAllocator<'static>);
+/// EPT tables come from the frame allocator, are recorded in their owner's list and are
+/// reached through the identity map.
+struct Frames<'a, 'b> {
+    alloc: &'a mut FrameAllocator<'static>,
+    owned: &'b mut Vec<FrameRun>,
+}
 
-impl TableFrames for Frames<'_> {
+impl TableFrames for Frames<'_, '_> {
     fn alloc_table(&mut self) -> Option<u64> {
-        let f = self.0.alloc_contiguous(1, 4096, u64::MAX)?.leak().0;
-        // SAFETY: a fresh frame owned by the EPT, identity-mapped.
+        let run = self.alloc.alloc()?;
+        let f = run.addr().0;
+        // SAFETY: a fresh frame owned by `run` (kept in the EPT owner's list), identity-mapped.
         unsafe { core::ptr::write_bytes(f as *mut u8, 0, 4096) };
+        self.owned.push(run);
         Some(f)
     }
 
@@ -259,15 +271,6 @@ impl TableFrames for Frames<'_> {
         // it, identity-mapped and 4 KiB aligned; the `&mut self` borrow keeps the reference
         // unique for its lifetime.
         unsafe { &mut *(addr as *mut [u64; 512]) }
-    }
-}
-
-/// Gives RAM chunks back (on a failed creation, before a `DomainMem` owns them).
-fn release_chunks(frames: &mut FrameAllocator<'static>, chunks: &[u64]) {
-    for &c in chunks {
-        for i in 0..CHUNK / 4096 {
-            let _ = frames.free_addr(crate::mm::HostPhysAddr(c + i * 4096));
-        }
     }
 }
 
@@ -313,9 +316,11 @@ pub fn create(image: &[u8], cfg: &DomainConfig, caps: &VmxCaps) -> Result<NewDom
         let frames = guard.as_mut().ok_or("no frame allocator")?;
         for _ in 0..cfg.mem_mib / 2 {
             match frames.alloc_contiguous(CHUNK / 4096, CHUNK, u64::MAX) {
-                Some(f) => chunks.push(f.leak().0),
+                Some(f) => chunks.push(f),
                 None => {
-                    release_chunks(frames, &chunks);
+                    for c in chunks {
+                        crate::mm::give_back(frames, c);
+                    }
                     return Err(alloc::format!(
                         "not enough free memory for {} MiB",
                         cfg.mem_mib
@@ -324,78 +329,80 @@ pub fn create(image: &[u8], cfg: &DomainConfig, caps: &VmxCaps) -> Result<NewDom
             }
         }
     }
-    let ram = match DomainRam::new(chunks.clone()) {
+    let ram = match DomainRam::new(chunks) {
         Ok(r) => r,
-        Err(e) => {
+        Err((e, chunks)) => {
             if let Some(frames) = FRAMES.lock().as_mut() {
-                release_chunks(frames, &chunks);
+                for c in chunks {
+                    crate::mm::give_back(frames, c);
+                }
             }
             return Err(e);
         }
     };
-    let loaded = ram
-        .mem()
-        .zero(GuestAddr(0), ram.mem().end())
-        .map_err(loader::LoadError::Memory)
-        .and_then(|()| loader::load(image, ram.mem(), cfg.guest_cmdline));
-    let mut guard = FRAMES.lock();
-    let frames = guard.as_mut().ok_or("no frame allocator")?;
-    let boot: BootState = match loaded {
-        Ok(b) => b,
-        Err(e) => {
-            release_chunks(frames, &ram.chunks);
-            return Err(alloc::format!("cannot load the image: {e}"));
-        }
+    // From here `mem` owns every frame: any early return gives them back (its Drop takes the
+    // allocator's lock, so the lock is never held across a return).
+    let mut mem = DomainMem {
+        ram,
+        ept: None,
+        tables: Vec::new(),
     };
+    let boot: BootState = mem
+        .ram
+        .mem()
+        .zero(GuestAddr(0), mem.ram.mem().end())
+        .map_err(loader::LoadError::Memory)
+        .and_then(|()| loader::load(image, mem.ram.mem(), cfg.guest_cmdline))
+        .map_err(|e| alloc::format!("cannot load the image: {e}"))?;
+    let chunk_addrs: Vec<u64> = mem.ram.chunks.iter().map(|c| c.addr().0).collect();
     let sizes = PageSizes {
         two_mib: caps.ept_2m(),
         one_gib: caps.ept_1g(),
     };
-    let mut ept = match Ept::new(&mut Frames(frames), sizes) {
-        Ok(e) => e,
+    let mut guard = FRAMES.lock();
+    let frames = guard.as_mut().ok_or("no frame allocator")?;
+    let built = {
+        let mut tf = Frames {
+            alloc: frames,
+            owned: &mut mem.tables,
+        };
+        Ept::new(&mut tf, sizes).and_then(|mut ept| {
+            for (i, &c) in chunk_addrs.iter().enumerate() {
+                ept.map(
+                    &mut tf,
+                    i as u64 * CHUNK,
+                    c,
+                    CHUNK,
+                    Perm::RWX,
+                    MemType::WriteBack,
+                )?;
+            }
+            Ok(ept)
+        })
+    };
+    let eptp = match built {
+        Ok(ept) => {
+            let eptp = ept.eptp(caps.ept_ad());
+            mem.ept = Some(ept);
+            eptp
+        }
         Err(e) => {
-            release_chunks(frames, &ram.chunks);
+            drop(guard);
             return Err(alloc::format!("EPT: {e:?}"));
         }
     };
-    let mut mapped = Ok(());
-    for (i, &c) in ram.chunks.iter().enumerate() {
-        mapped = mapped.and_then(|()| {
-            ept.map(
-                &mut Frames(frames),
-                i as u64 * CHUNK,
-                c,
-                CHUNK,
-                Perm::RWX,
-                MemType::WriteBack,
-            )
-        });
-    }
     let mut vmcss = Vec::new();
-    let mut vmcs_error = None;
-    if mapped.is_ok() {
-        for _ in 0..cfg.vcpus {
-            match Vmcs::new(caps, frames) {
-                Ok(v) => vmcss.push(v),
-                Err(e) => {
-                    vmcs_error = Some(e);
-                    break;
+    for _ in 0..cfg.vcpus {
+        match Vmcs::new(caps, frames) {
+            Ok(v) => vmcss.push(v),
+            Err(e) => {
+                for v in vmcss {
+                    crate::mm::give_back(frames, v.release());
                 }
+                drop(guard);
+                return Err(alloc::format!("VMCS: {e}"));
             }
         }
-    }
-    let mem = DomainMem { ram, ept };
-    if mapped.is_err() || vmcs_error.is_some() {
-        for v in vmcss {
-            let _ = frames.free_addr(crate::mm::HostPhysAddr(v.release()));
-        }
-        // `mem` frees the RAM and the tables in its Drop, which takes the lock: release it first.
-        drop(guard);
-        drop(mem);
-        return Err(match vmcs_error {
-            Some(e) => alloc::format!("VMCS: {e}"),
-            None => alloc::format!("EPT: {:?}", mapped.err()),
-        });
     }
     drop(guard);
 
@@ -416,7 +423,6 @@ pub fn create(image: &[u8], cfg: &DomainConfig, caps: &VmxCaps) -> Result<NewDom
         io: Mutex::new(DomainIo::standard()),
         stop_reason: Mutex::new(String::new()),
     });
-    let eptp = mem.ept.eptp(caps.ept_ad());
     let mem = Arc::new(mem);
     DOMAINS.lock().push(domain.clone());
     Ok(NewDomain {

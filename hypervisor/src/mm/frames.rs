@@ -3,22 +3,43 @@
 //! It starts with every frame in use; the firmware's usable ranges are then added, and the
 //! ranges the hypervisor must keep (its image, boot modules, the loader's structures, the first
 //! MiB, the bitmap itself) reserved. Invariants: `free` equals the number of set bits; a frame
-//! is handed out at most once until freed; freeing a frame that is not allocated is refused.
+//! is handed out at most once until freed; freeing a frame that is not allocated is refused
+//! (a double free is reported, and changes nothing).
+//!
+//! Ownership is typed: an allocation is a [`FrameRun`] (one or more contiguous frames), which
+//! is not `Clone`; it goes back whole with [`FrameAllocator::free`], or is kept for the rest of
+//! the run with [`FrameRun::keep_forever`] (boot-time structures). Nothing else takes frames.
 
 use super::{FRAME_SIZE, HostPhysAddr};
 
-/// One allocated 4 KiB frame. Not `Clone`: whoever holds it owns the frame.
+/// Allocated 4 KiB frames: `count` of them from `addr`, contiguous. Not `Clone`: whoever
+/// holds it owns the frames.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Frame(HostPhysAddr);
+#[must_use = "frames not freed or kept are lost: free them or call keep_forever"]
+pub struct FrameRun {
+    start: HostPhysAddr,
+    count: u64,
+}
 
-impl Frame {
+impl FrameRun {
     pub fn addr(&self) -> HostPhysAddr {
-        self.0
+        self.start
     }
 
-    /// Gives up ownership without freeing (the frame is kept for the rest of the run).
-    pub fn leak(self) -> HostPhysAddr {
-        self.0
+    /// Frames in the run.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Bytes in the run.
+    pub fn bytes(&self) -> u64 {
+        self.count * FRAME_SIZE
+    }
+
+    /// Keeps the frames for the rest of the run (page tables, the heap, CPU stacks, VMXON
+    /// regions): they are never freed, and this says so where they are taken.
+    pub fn keep_forever(self) -> HostPhysAddr {
+        self.start
     }
 }
 
@@ -147,7 +168,7 @@ impl<'a> FrameAllocator<'a> {
     }
 
     /// One free frame, lowest address first from the search hint.
-    pub fn alloc(&mut self) -> Option<Frame> {
+    pub fn alloc(&mut self) -> Option<FrameRun> {
         let words = self.bits.len();
         for i in 0..words {
             let w = (self.hint + i) % words;
@@ -157,16 +178,18 @@ impl<'a> FrameAllocator<'a> {
                 self.set(frame, false);
                 self.free -= 1;
                 self.hint = w;
-                return Some(Frame(HostPhysAddr(frame * FRAME_SIZE)));
+                return Some(FrameRun {
+                    start: HostPhysAddr(frame * FRAME_SIZE),
+                    count: 1,
+                });
             }
         }
         None
     }
 
     /// `count` contiguous free frames whose first address is a multiple of `align` bytes (a
-    /// power of two, at least 4 KiB), below `limit`. Returns the first frame; the others are
-    /// owned with it (free them one by one with [`FrameAllocator::free_addr`]).
-    pub fn alloc_contiguous(&mut self, count: u64, align: u64, limit: u64) -> Option<Frame> {
+    /// power of two, at least 4 KiB), below `limit`, as one run.
+    pub fn alloc_contiguous(&mut self, count: u64, align: u64, limit: u64) -> Option<FrameRun> {
         assert!(align.is_power_of_two() && align >= FRAME_SIZE && count > 0);
         let step = align / FRAME_SIZE;
         let last = (limit / FRAME_SIZE).min(self.frames);
@@ -178,7 +201,10 @@ impl<'a> FrameAllocator<'a> {
                         self.set(f, false);
                     }
                     self.free -= count;
-                    return Some(Frame(HostPhysAddr(start * FRAME_SIZE)));
+                    return Some(FrameRun {
+                        start: HostPhysAddr(start * FRAME_SIZE),
+                        count,
+                    });
                 }
                 Some(busy) => start = (busy + 1).next_multiple_of(step),
             }
@@ -186,23 +212,48 @@ impl<'a> FrameAllocator<'a> {
         None
     }
 
-    /// Returns a frame.
-    pub fn free(&mut self, frame: Frame) -> Result<(), FreeError> {
-        self.free_addr(frame.0)
-    }
-
-    /// Returns the frame at `addr` (for frames of a contiguous run).
-    pub fn free_addr(&mut self, addr: HostPhysAddr) -> Result<(), FreeError> {
-        let f = addr.0 / FRAME_SIZE;
-        if f >= self.frames {
-            return Err(FreeError::OutOfRange(addr));
+    /// Returns a run, whole. Every frame is checked first: if one is not allocated (a double
+    /// free, or a run that was never ours) nothing changes and the error says which.
+    pub fn free(&mut self, run: FrameRun) -> Result<(), FreeError> {
+        let first = run.start.0 / FRAME_SIZE;
+        for f in first..first + run.count {
+            let addr = HostPhysAddr(f * FRAME_SIZE);
+            if f >= self.frames {
+                return Err(FreeError::OutOfRange(addr));
+            }
+            if self.is_free(f) {
+                return Err(FreeError::NotAllocated(addr));
+            }
         }
-        if self.is_free(f) {
-            return Err(FreeError::NotAllocated(addr));
+        for f in first..first + run.count {
+            self.set(f, true);
         }
-        self.set(f, true);
-        self.free += 1;
+        self.free += run.count;
         Ok(())
+    }
+}
+
+impl core::fmt::Display for FreeError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            FreeError::OutOfRange(a) => write!(f, "frame {a} is past physical memory"),
+            FreeError::NotAllocated(a) => {
+                write!(f, "frame {a} freed but not allocated (double free)")
+            }
+        }
+    }
+}
+
+impl FrameRun {
+    /// Re-owns frames whose address went through code that keeps plain addresses (the EPT
+    /// builder's table list).
+    ///
+    /// # Safety
+    ///
+    /// `start..start + count` frames must be allocated, owned by the caller, and not owned by
+    /// any other `FrameRun`.
+    pub unsafe fn from_raw(start: HostPhysAddr, count: u64) -> FrameRun {
+        FrameRun { start, count }
     }
 }
 
@@ -249,9 +300,13 @@ mod tests {
             assert_eq!(a.free_frames(), 0);
             let addr = frames[7].addr();
             a.free(frames.swap_remove(7)).unwrap();
-            assert_eq!(a.free_addr(addr), Err(FreeError::NotAllocated(addr)));
+            // SAFETY: (test) a forged run for a frame just freed, to show the double free.
+            let again = unsafe { FrameRun::from_raw(addr, 1) };
+            assert_eq!(a.free(again), Err(FreeError::NotAllocated(addr)));
+            // SAFETY: (test) a forged run past the end of memory.
+            let past = unsafe { FrameRun::from_raw(HostPhysAddr(64 * MIB), 1) };
             assert_eq!(
-                a.free_addr(HostPhysAddr(64 * MIB)),
+                a.free(past),
                 Err(FreeError::OutOfRange(HostPhysAddr(64 * MIB)))
             );
             assert_eq!(a.alloc().unwrap().addr(), addr);
@@ -270,10 +325,16 @@ mod tests {
             let low = a.alloc_contiguous(1, 4096, 2 * MIB).unwrap();
             assert!(low.addr().0 < 2 * MIB);
             let before = a.free_frames();
-            for i in 0..16 {
-                a.free_addr(HostPhysAddr(4 * MIB + i * FRAME_SIZE)).unwrap();
-            }
+            assert_eq!((run.count(), run.bytes()), (16, 16 * FRAME_SIZE));
+            a.free(run).unwrap();
             assert_eq!(a.free_frames(), before + 16);
+            // Freeing it again is refused whole: nothing changes.
+            drop(low);
+            // SAFETY: (test) forged, for frames that are free again.
+            let mixed = unsafe { FrameRun::from_raw(HostPhysAddr(4 * MIB), 2) };
+            let free_now = a.free_frames();
+            assert!(a.free(mixed).is_err());
+            assert_eq!(a.free_frames(), free_now);
         });
     }
 

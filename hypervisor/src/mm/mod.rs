@@ -14,6 +14,16 @@ pub mod paging;
 #[cfg(target_os = "none")]
 pub static FRAMES: spin::Mutex<Option<frames::FrameAllocator<'static>>> = spin::Mutex::new(None);
 
+/// Gives `run` back to the allocator `frames` (whose lock the caller holds). A refusal (a
+/// double free) is a hypervisor bug: reported on the console, never silently dropped.
+#[cfg(target_os = "none")]
+pub fn give_back(frames: &mut frames::FrameAllocator<'_>, run: frames::FrameRun) {
+    let at = run.addr();
+    if let Err(e) = frames.free(run) {
+        log::error!("internal: freeing frames at {at}: {e}");
+    }
+}
+
 /// Size of one frame (a 4 KiB page of host-physical memory).
 pub const FRAME_SIZE: u64 = 4096;
 

@@ -44,7 +44,7 @@ fn new_table(frames: &mut FrameAllocator) -> u64 {
     let f = frames
         .alloc_contiguous(1, 4096, 4 * GIB)
         .expect("out of memory below 4 GiB for page tables")
-        .leak()
+        .keep_forever()
         .0;
     // SAFETY: a fresh frame owned by these page tables, identity-mapped (crate assumptions).
     unsafe { core::ptr::write_bytes(table(f), 0, 512) };

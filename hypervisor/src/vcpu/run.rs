@@ -559,7 +559,7 @@ impl RunLoop {
         {
             let mut guard = FRAMES.lock();
             if let (Some(frames), Some(vmcs)) = (guard.as_mut(), v.vmcs.take()) {
-                let _ = frames.free_addr(crate::mm::HostPhysAddr(vmcs.release()));
+                crate::mm::give_back(frames, vmcs.release());
             }
         }
         // Drop this CPU's cached translations of the domain's EPT before its tables can be

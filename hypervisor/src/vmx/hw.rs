@@ -19,7 +19,7 @@ use x86::vmx::vmcs::{host, ro};
 use super::caps::VmxCaps;
 pub use super::vmcs::{ExitInfo, Field, FixedBits, GuestRegs, VmxError, fields};
 use crate::arch::cpu;
-use crate::mm::frames::FrameAllocator;
+use crate::mm::frames::{FrameAllocator, FrameRun};
 
 const CR0_FIXED0: u32 = 0x486;
 const CR0_FIXED1: u32 = 0x487;
@@ -27,18 +27,17 @@ const CR4_FIXED0: u32 = 0x488;
 const CR4_FIXED1: u32 = 0x489;
 const CR4_VMXE: u64 = 1 << 13;
 
-fn alloc_region(frames: &mut FrameAllocator, revision: u32) -> Result<u64, VmxError> {
-    let f = frames
+fn alloc_region(frames: &mut FrameAllocator, revision: u32) -> Result<FrameRun, VmxError> {
+    let run = frames
         .alloc_contiguous(1, 4096, u64::MAX)
-        .ok_or(VmxError::OutOfMemory)?
-        .leak()
-        .0;
-    // SAFETY: a fresh frame owned by the caller, identity-mapped (crate-level assumptions).
+        .ok_or(VmxError::OutOfMemory)?;
+    let f = run.addr().0;
+    // SAFETY: a fresh frame owned by `run`, identity-mapped (crate-level assumptions).
     unsafe {
         core::ptr::write_bytes(f as *mut u8, 0, 4096);
         (f as *mut u32).write_volatile(revision);
     }
-    Ok(f)
+    Ok(run)
 }
 
 impl FixedBits {
@@ -67,7 +66,8 @@ pub struct VmxCpu {
 impl VmxCpu {
     /// Executes VMXON on this CPU (the probe must have found VMX available).
     pub fn enable(caps: VmxCaps, frames: &mut FrameAllocator) -> Result<VmxCpu, VmxError> {
-        let region = alloc_region(frames, caps.vmcs_revision())?;
+        // VMXON regions stay for the whole run: VMX stays on.
+        let region = alloc_region(frames, caps.vmcs_revision())?.keep_forever().0;
         let fixed = FixedBits::read();
         // SAFETY: CR0/CR4 are adjusted only by the bits VMX operation requires (SDM Vol. 3C
         // §23.8): the fixed-0 bits set, the fixed-1 bits kept; on this hypervisor those are
@@ -93,8 +93,17 @@ impl VmxCpu {
         &self.caps
     }
 
-    /// Makes `vmcs` current on this CPU (VMPTRLD).
+    /// Makes `vmcs` current on this CPU (VMPTRLD). A VMCS launched on another CPU is refused
+    /// (its state may still be cached there): it must be moved with [`Vmcs::clear_for_move`]
+    /// on the CPU that ran it first.
     pub fn load<'a>(&'a mut self, vmcs: &'a mut Vmcs) -> Result<ActiveVmcs<'a>, VmxError> {
+        let here = cpu::current_cpu();
+        match vmcs.cpu {
+            Some(c) if c != here => {
+                return Err(VmxError::WrongCpu { loaded_on: c, here });
+            }
+            _ => vmcs.cpu = Some(here),
+        }
         // SAFETY: `vmcs.region` was allocated and initialised by `Vmcs::new` with this CPU's
         // revision id, and VMCS regions are never shared between CPUs at the same time (a
         // `Vmcs` is owned by one vCPU, which runs on one CPU).
@@ -108,30 +117,57 @@ impl VmxCpu {
     }
 }
 
-/// A VMCS region owned by one vCPU.
+/// A VMCS region owned by one vCPU, bound to the CPU that first loads it.
 pub struct Vmcs {
+    frame: FrameRun,
     region: u64,
     launched: bool,
+    /// The CPU it was loaded on; another CPU may load it only after `clear_for_move`.
+    cpu: Option<usize>,
 }
 
 impl Vmcs {
     pub fn new(caps: &VmxCaps, frames: &mut FrameAllocator) -> Result<Vmcs, VmxError> {
-        let region = alloc_region(frames, caps.vmcs_revision())?;
+        let frame = alloc_region(frames, caps.vmcs_revision())?;
+        let region = frame.addr().0;
         // SAFETY: VMCLEAR of a region just initialised with the revision id puts it in the
         // "clear" launch state, as the SDM requires before first use (Vol. 3C §24.11.3).
-        unsafe { x86::bits64::vmx::vmclear(region) }.map_err(|_| VmxError::Instruction(0))?;
+        if unsafe { x86::bits64::vmx::vmclear(region) }.is_err() {
+            crate::mm::give_back(frames, frame);
+            return Err(VmxError::Instruction(0));
+        }
         Ok(Vmcs {
+            frame,
             region,
             launched: false,
+            cpu: None,
         })
     }
 
+    /// Flushes the VMCS to memory and makes it loadable on any CPU (VMCLEAR on the CPU that ran
+    /// it; the next entry is a VMLAUNCH), the explicit step for moving a vCPU.
+    pub fn clear_for_move(&mut self) -> Result<(), VmxError> {
+        if let Some(c) = self.cpu
+            && c != cpu::current_cpu()
+        {
+            return Err(VmxError::WrongCpu {
+                loaded_on: c,
+                here: cpu::current_cpu(),
+            });
+        }
+        // SAFETY: the region is a valid VMCS owned by this vCPU, on the CPU that ran it.
+        unsafe { x86::bits64::vmx::vmclear(self.region) }.map_err(|_| VmxError::Instruction(0))?;
+        self.cpu = None;
+        self.launched = false;
+        Ok(())
+    }
+
     /// Flushes the VMCS to memory and returns its frame (the vCPU is going away).
-    pub fn release(self) -> u64 {
+    pub fn release(self) -> FrameRun {
         // SAFETY: the region is a valid VMCS; VMCLEAR makes it inactive on this CPU, after which
         // the frame is no longer used by the processor.
         let _ = unsafe { x86::bits64::vmx::vmclear(self.region) };
-        self.region
+        self.frame
     }
 }
 

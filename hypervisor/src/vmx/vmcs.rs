@@ -18,6 +18,11 @@ pub enum VmxError {
         field: u32,
         value: u64,
     },
+    /// A VMCS loaded on one CPU was used on another without `clear_for_move`.
+    WrongCpu {
+        loaded_on: usize,
+        here: usize,
+    },
 }
 
 impl core::fmt::Display for VmxError {
@@ -32,6 +37,10 @@ impl core::fmt::Display for VmxError {
             VmxError::TooWide { field, value } => {
                 write!(f, "value {value:#x} does not fit VMCS field {field:#x}")
             }
+            VmxError::WrongCpu { loaded_on, here } => write!(
+                f,
+                "VMCS of CPU {loaded_on} used on CPU {here} without a VMCLEAR to move it"
+            ),
         }
     }
 }
