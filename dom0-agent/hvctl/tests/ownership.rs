@@ -56,6 +56,12 @@ fn check_list_disks_and_export_work_on_read_only_images() {
     ok(&p.args(&["create", "v", "4M", "--layout", "mirror"]));
     for d in &p.disks {
         std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o444)).unwrap();
+        // Root opens mode-0444 files for writing anyway (CI runs as root): make them immutable
+        // too, so that an open for writing fails for root as well and the test proves the
+        // read-only commands open read-only.
+        if is_root() {
+            immutable(d, true);
+        }
     }
     let before: Vec<Vec<u8>> = p.disks.iter().map(|d| std::fs::read(d).unwrap()).collect();
     ok(&p.args(&["check", "--deep"]));
@@ -65,15 +71,31 @@ fn check_list_disks_and_export_work_on_read_only_images() {
     ok(&p.args(&["export", "v", &out]));
     assert_eq!(std::fs::metadata(&out).unwrap().len(), 4 << 20);
     // A write command cannot, and says which file.
-    if !is_root() {
-        let e = err(&p.args(&["create", "w", "4M"]));
-        assert!(e.contains(&p.disks[0]), "{e}");
-    }
+    let e = err(&p.args(&["create", "w", "4M"]));
+    assert!(e.contains(&p.disks[0]), "{e}");
     let after: Vec<Vec<u8>> = p.disks.iter().map(|d| std::fs::read(d).unwrap()).collect();
     assert!(before == after, "read-only commands changed an image");
     for d in &p.disks {
+        if is_root() {
+            immutable(d, false);
+        }
         std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o644)).unwrap();
     }
+}
+
+/// `chattr +i` / `-i` (e2fsprogs): an immutable file cannot be opened for writing, by root
+/// either.
+fn immutable(path: &str, on: bool) {
+    let st = std::process::Command::new("chattr")
+        .arg(if on { "+i" } else { "-i" })
+        .arg(path)
+        .status()
+        .expect("chattr (e2fsprogs) runs");
+    assert!(
+        st.success(),
+        "chattr {} {path} failed: the test needs a filesystem with the immutable attribute (ext4, xfs, btrfs)",
+        if on { "+i" } else { "-i" }
+    );
 }
 
 fn is_root() -> bool {
