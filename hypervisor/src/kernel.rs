@@ -15,7 +15,7 @@ use spin::Mutex;
 use crate::arch::percpu::{self, CPUS, CpuState};
 use crate::arch::{acpi, cpu, gdt, lapic, pic, pit, serial, smp, trap};
 use crate::cmdline::{CommandLine, TestFault, parse_level};
-use crate::mm::FRAMES;
+use crate::mm::PhysMem;
 use crate::mm::frames::{self, FrameAllocator};
 use crate::mm::paging::{Access, PageTables};
 use crate::mm::{FRAME_SIZE, heap};
@@ -31,6 +31,10 @@ const AP_STACK_FRAMES: u64 = 16;
 /// Timer interrupts per second on every CPU.
 const TICK_HZ: u32 = 100;
 
+/// Free physical memory, owned here and handed by reference to what takes frames after boot.
+static FRAMES: PhysMem = PhysMem::new();
+/// Every domain, owned here and handed by reference to the console and module loading.
+static DOMAINS: crate::domain::table::DomainTable = crate::domain::table::DomainTable::new();
 /// Local APIC timer count for one tick, measured on the BSP.
 static TIMER_COUNT: AtomicU32 = AtomicU32::new(0);
 
@@ -213,7 +217,7 @@ fn enter_vmx(index: usize, status: &VmxStatus) -> Option<crate::vcpu::run::RunLo
     let mut guard = FRAMES.lock();
     let frames = guard.as_mut()?;
     match crate::vmx::hw::VmxCpu::enable(*caps, frames) {
-        Ok(v) => Some(crate::vcpu::run::RunLoop::new(v, index)),
+        Ok(v) => Some(crate::vcpu::run::RunLoop::new(v, index, &FRAMES)),
         Err(e) => {
             error!("CPU {index}: cannot enter VMX operation: {e}");
             None
@@ -247,7 +251,7 @@ fn start_boot_domains(vmx: &VmxStatus) {
         let image = unsafe {
             core::slice::from_raw_parts(m.start as *const u8, (m.end - m.start) as usize)
         };
-        match crate::domain::table::create(image, &cfg, caps) {
+        match crate::domain::table::create(&DOMAINS, &FRAMES, image, &cfg, caps) {
             Ok(new) => {
                 let d = new.domain.clone();
                 crate::vcpu::run::spawn(new);
@@ -327,7 +331,7 @@ fn init_memory(info: &BootInfo, image_start: u64, image_end: u64) {
             bootloader::info::MAX_REGIONS
         );
     }
-    *FRAMES.lock() = Some(fa);
+    FRAMES.install(fa);
 }
 
 /// Builds the W^X identity map and the AP stacks (with their guard pages). Returns the tables
@@ -505,15 +509,15 @@ fn run_command(line: &str) {
             println!("log level set to {level}");
         }
         Ok(Command::Domains) => cmd_domains(),
-        Ok(Command::Destroy(id)) => match crate::domain::table::destroy(id) {
+        Ok(Command::Destroy(id)) => match DOMAINS.destroy(id) {
             Ok(()) => println!("domain {id}: stopping"),
             Err(e) => println!("error: destroy: {e}"),
         },
-        Ok(Command::Pause(id)) => match crate::domain::table::pause(id) {
+        Ok(Command::Pause(id)) => match DOMAINS.pause(id) {
             Ok(()) => println!("domain {id}: paused"),
             Err(e) => println!("error: pause: {e}"),
         },
-        Ok(Command::Resume(id)) => match crate::domain::table::resume(id) {
+        Ok(Command::Resume(id)) => match DOMAINS.resume(id) {
             Ok(()) => println!("domain {id}: running"),
             Err(e) => println!("error: resume: {e}"),
         },
@@ -638,7 +642,7 @@ fn cmd_vmx() {
 
 fn cmd_domains() {
     use crate::vmx::exit::{ExitReason, REASON_SLOTS};
-    let all = crate::domain::table::domains();
+    let all = DOMAINS.list();
     if all.is_empty() {
         println!(
             "no domains (boot modules become domains: module2 FILE name=NAME mem=MIB -- ARGS)"

@@ -18,7 +18,7 @@ use crate::domain::config::DomainConfig;
 use crate::domain::loader::{self, BootState};
 use crate::domain::memory::{CHUNK, GuestAddr, GuestMemory, Region, RegionRam};
 use crate::io::DomainIo;
-use crate::mm::FRAMES;
+use crate::mm::PhysMem;
 use crate::mm::frames::{FrameAllocator, FrameRun};
 use crate::println;
 use crate::vmx::caps::VmxCaps;
@@ -98,83 +98,101 @@ impl Domain {
     }
 }
 
-static DOMAINS: Mutex<Vec<Arc<Domain>>> = Mutex::new(Vec::new());
-static NEXT_ID: AtomicU32 = AtomicU32::new(1);
-
-/// A snapshot of every domain, for the console.
-pub fn domains() -> Vec<Arc<Domain>> {
-    DOMAINS.lock().clone()
+/// Every domain, and the next id to give. One exists, owned by the kernel (`kernel.rs`) and
+/// reached through the references it hands out (the console task, boot-module loading).
+pub struct DomainTable {
+    domains: Mutex<Vec<Arc<Domain>>>,
+    next_id: AtomicU32,
 }
 
-/// Asks domain `id` to stop. Errors say why nothing happened.
-pub fn destroy(id: u32) -> Result<(), String> {
-    let d = DOMAINS.lock().iter().find(|d| d.id == id).cloned();
-    let Some(d) = d else {
-        return Err(alloc::format!("no domain {id}; 'domains' lists them"));
-    };
-    d.request_tsc
-        .store(crate::arch::cpu::rdtsc(), Ordering::Relaxed);
-    // A running or a paused domain can be destroyed.
-    for from in [DomainState::Running, DomainState::Paused] {
-        if d.state
+impl Default for DomainTable {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DomainTable {
+    pub const fn new() -> Self {
+        DomainTable {
+            domains: Mutex::new(Vec::new()),
+            next_id: AtomicU32::new(1),
+        }
+    }
+
+    /// A snapshot of every domain, for the console.
+    pub fn list(&self) -> Vec<Arc<Domain>> {
+        self.domains.lock().clone()
+    }
+
+    fn find(&self, id: u32) -> Result<Arc<Domain>, String> {
+        self.domains
+            .lock()
+            .iter()
+            .find(|d| d.id == id)
+            .cloned()
+            .ok_or_else(|| alloc::format!("no domain {id}; 'domains' lists them"))
+    }
+
+    /// Asks domain `id` to stop; the CPUs running its vCPUs are kicked. Errors say why nothing
+    /// happened.
+    pub fn destroy(&self, id: u32) -> Result<(), String> {
+        let d = self.find(id)?;
+        d.request_tsc
+            .store(crate::arch::cpu::rdtsc(), Ordering::Relaxed);
+        // A running or a paused domain can be destroyed.
+        for from in [DomainState::Running, DomainState::Paused] {
+            if d.state
+                .compare_exchange(
+                    from as u8,
+                    DomainState::Destroying as u8,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_ok()
+            {
+                kick_cpus_running(id);
+                return Ok(());
+            }
+        }
+        Err(alloc::format!("domain {id} is not running"))
+    }
+
+    /// Holds domain `id`: its vCPUs leave their CPUs (kicked) and are not run until
+    /// [`DomainTable::resume`].
+    pub fn pause(&self, id: u32) -> Result<(), String> {
+        let d = self.find(id)?;
+        d.request_tsc
+            .store(crate::arch::cpu::rdtsc(), Ordering::Relaxed);
+        match d.state.compare_exchange(
+            DomainState::Running as u8,
+            DomainState::Paused as u8,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => {
+                kick_cpus_running(id);
+                Ok(())
+            }
+            Err(s) if s == DomainState::Paused as u8 => {
+                Err(alloc::format!("domain {id} is already paused"))
+            }
+            Err(_) => Err(alloc::format!("domain {id} is not running")),
+        }
+    }
+
+    /// Lets a paused domain run again.
+    pub fn resume(&self, id: u32) -> Result<(), String> {
+        let d = self.find(id)?;
+        d.state
             .compare_exchange(
-                from as u8,
-                DomainState::Destroying as u8,
+                DomainState::Paused as u8,
+                DomainState::Running as u8,
                 Ordering::AcqRel,
                 Ordering::Acquire,
             )
-            .is_ok()
-        {
-            kick_cpus_running(id);
-            return Ok(());
-        }
+            .map(|_| ())
+            .map_err(|_| alloc::format!("domain {id} is not paused"))
     }
-    Err(alloc::format!("domain {id} is not running"))
-}
-
-fn find(id: u32) -> Result<Arc<Domain>, String> {
-    DOMAINS
-        .lock()
-        .iter()
-        .find(|d| d.id == id)
-        .cloned()
-        .ok_or_else(|| alloc::format!("no domain {id}; 'domains' lists them"))
-}
-
-/// Holds domain `id`: its vCPUs leave their CPUs (kicked) and are not run until [`resume`].
-pub fn pause(id: u32) -> Result<(), String> {
-    let d = find(id)?;
-    d.request_tsc
-        .store(crate::arch::cpu::rdtsc(), Ordering::Relaxed);
-    match d.state.compare_exchange(
-        DomainState::Running as u8,
-        DomainState::Paused as u8,
-        Ordering::AcqRel,
-        Ordering::Acquire,
-    ) {
-        Ok(_) => {
-            kick_cpus_running(id);
-            Ok(())
-        }
-        Err(s) if s == DomainState::Paused as u8 => {
-            Err(alloc::format!("domain {id} is already paused"))
-        }
-        Err(_) => Err(alloc::format!("domain {id} is not running")),
-    }
-}
-
-/// Lets a paused domain run again.
-pub fn resume(id: u32) -> Result<(), String> {
-    let d = find(id)?;
-    d.state
-        .compare_exchange(
-            DomainState::Paused as u8,
-            DomainState::Running as u8,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        )
-        .map(|_| ())
-        .map_err(|_| alloc::format!("domain {id} is not paused"))
 }
 
 /// Sends the kick IPI to every other CPU that is running a vCPU of domain `id`, so that it
@@ -230,6 +248,8 @@ impl DomainRam {
 /// What a domain's vCPUs share: its RAM, its EPT and the frames of the EPT's tables. Dropped
 /// with the last vCPU (or when a creation fails half-way), which gives every frame back.
 pub struct DomainMem {
+    /// Where its frames go back.
+    phys: &'static PhysMem,
     pub(crate) ram: DomainRam,
     pub(crate) ept: Option<Ept>,
     /// The EPT's table frames, owned here (the EPT builder itself keeps plain addresses).
@@ -238,7 +258,7 @@ pub struct DomainMem {
 
 impl Drop for DomainMem {
     fn drop(&mut self) {
-        let mut guard = FRAMES.lock();
+        let mut guard = self.phys.lock();
         let Some(frames) = guard.as_mut() else { return };
         for t in self.tables.drain(..) {
             crate::mm::give_back(frames, t);
@@ -287,17 +307,23 @@ pub struct NewDomain {
     pub placement: Vec<usize>,
 }
 
-/// Builds a domain from an ELF image: RAM, the image loaded into it, its EPT and one VMCS per
-/// vCPU; adds it to the table. Takes the frame allocator's lock itself (never call it with the
-/// lock held).
-pub fn create(image: &[u8], cfg: &DomainConfig, caps: &VmxCaps) -> Result<NewDomain, String> {
+/// Builds a domain from an ELF image: RAM from `phys`, the image loaded into it, its EPT and one
+/// VMCS per vCPU; adds it to `table`. Takes the frame allocator's lock itself (never call it
+/// with the lock held).
+pub fn create(
+    table: &DomainTable,
+    phys: &'static PhysMem,
+    image: &[u8],
+    cfg: &DomainConfig,
+    caps: &VmxCaps,
+) -> Result<NewDomain, String> {
     let online: Vec<usize> = (0..percpu::cpu_count())
         .filter(|&i| CPUS[i].state() == percpu::CpuState::Online)
         .collect();
     if online.is_empty() {
         return Err(String::from("no CPU online"));
     }
-    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    let id = table.next_id.fetch_add(1, Ordering::Relaxed);
     let first = match cfg.cpu {
         Some(c) => online
             .iter()
@@ -312,7 +338,7 @@ pub fn create(image: &[u8], cfg: &DomainConfig, caps: &VmxCaps) -> Result<NewDom
     // RAM, then the image into it (no lock needed for the copy).
     let mut chunks = Vec::new();
     {
-        let mut guard = FRAMES.lock();
+        let mut guard = phys.lock();
         let frames = guard.as_mut().ok_or("no frame allocator")?;
         for _ in 0..cfg.mem_mib / 2 {
             match frames.alloc_contiguous(CHUNK / 4096, CHUNK, u64::MAX) {
@@ -332,7 +358,7 @@ pub fn create(image: &[u8], cfg: &DomainConfig, caps: &VmxCaps) -> Result<NewDom
     let ram = match DomainRam::new(chunks) {
         Ok(r) => r,
         Err((e, chunks)) => {
-            if let Some(frames) = FRAMES.lock().as_mut() {
+            if let Some(frames) = phys.lock().as_mut() {
                 for c in chunks {
                     crate::mm::give_back(frames, c);
                 }
@@ -343,6 +369,7 @@ pub fn create(image: &[u8], cfg: &DomainConfig, caps: &VmxCaps) -> Result<NewDom
     // From here `mem` owns every frame: any early return gives them back (its Drop takes the
     // allocator's lock, so the lock is never held across a return).
     let mut mem = DomainMem {
+        phys,
         ram,
         ept: None,
         tables: Vec::new(),
@@ -359,7 +386,7 @@ pub fn create(image: &[u8], cfg: &DomainConfig, caps: &VmxCaps) -> Result<NewDom
         two_mib: caps.ept_2m(),
         one_gib: caps.ept_1g(),
     };
-    let mut guard = FRAMES.lock();
+    let mut guard = phys.lock();
     let frames = guard.as_mut().ok_or("no frame allocator")?;
     let built = {
         let mut tf = Frames {
@@ -424,7 +451,7 @@ pub fn create(image: &[u8], cfg: &DomainConfig, caps: &VmxCaps) -> Result<NewDom
         stop_reason: Mutex::new(String::new()),
     });
     let mem = Arc::new(mem);
-    DOMAINS.lock().push(domain.clone());
+    table.domains.lock().push(domain.clone());
     Ok(NewDomain {
         domain,
         mem,

@@ -8,11 +8,36 @@ pub mod heap;
 #[cfg(target_os = "none")]
 pub mod paging;
 
-/// The frame allocator, once built at boot: the one owner of free physical memory. Everything
-/// that takes frames (domain RAM, EPT tables, VMCS regions, AP stacks) takes them here and
-/// gives them back here.
+/// Free physical memory: the frame allocator, once built at boot. There is one, owned by the
+/// kernel's bring-up (`kernel.rs`) and handed by reference to what takes frames after boot
+/// (domain creation, the run loops); nothing else reaches it. Everything that takes frames
+/// (domain RAM, EPT tables, VMCS regions, AP stacks) takes them here and gives them back here.
 #[cfg(target_os = "none")]
-pub static FRAMES: spin::Mutex<Option<frames::FrameAllocator<'static>>> = spin::Mutex::new(None);
+pub struct PhysMem(spin::Mutex<Option<frames::FrameAllocator<'static>>>);
+
+#[cfg(target_os = "none")]
+impl Default for PhysMem {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(target_os = "none")]
+impl PhysMem {
+    pub const fn new() -> Self {
+        PhysMem(spin::Mutex::new(None))
+    }
+
+    /// Puts the allocator in place (once, at boot).
+    pub fn install(&self, fa: frames::FrameAllocator<'static>) {
+        *self.0.lock() = Some(fa);
+    }
+
+    /// The allocator, locked (`None` before boot built it).
+    pub fn lock(&self) -> spin::MutexGuard<'_, Option<frames::FrameAllocator<'static>>> {
+        self.0.lock()
+    }
+}
 
 /// Gives `run` back to the allocator `frames` (whose lock the caller holds). A refusal (a
 /// double free) is a hypervisor bug: reported on the console, never silently dropped.

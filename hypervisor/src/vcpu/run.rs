@@ -20,7 +20,7 @@ use crate::arch::cpu;
 use crate::arch::percpu::{CPUS, MAX_CPUS};
 use crate::domain::table::{Domain, DomainMem, DomainState, NewDomain};
 use crate::io::DomainIo;
-use crate::mm::FRAMES;
+use crate::mm::PhysMem;
 use crate::println;
 use crate::vcpu::dispatch::{self, Action, Platform, VcpuCore};
 use crate::vcpu::exit::Exit;
@@ -235,14 +235,17 @@ pub struct RunLoop {
     cpu: usize,
     /// The vCPU (`Vcpu::key`) whose FPU state is in this CPU's registers.
     fpu_owner: u64,
+    /// Where retired vCPUs' VMCS frames go back.
+    phys: &'static PhysMem,
 }
 
 impl RunLoop {
-    pub fn new(vmx: VmxCpu, cpu: usize) -> RunLoop {
+    pub fn new(vmx: VmxCpu, cpu: usize, phys: &'static PhysMem) -> RunLoop {
         RunLoop {
             vmx,
             cpu,
             fpu_owner: 0,
+            phys,
         }
     }
 
@@ -360,6 +363,7 @@ impl RunLoop {
                 vmx,
                 cpu,
                 fpu_owner,
+                ..
             } = self;
             let mut active = match vmx.load(&mut vmcs) {
                 Ok(a) => a,
@@ -557,7 +561,7 @@ impl RunLoop {
             self.fpu_owner = 0;
         }
         {
-            let mut guard = FRAMES.lock();
+            let mut guard = self.phys.lock();
             if let (Some(frames), Some(vmcs)) = (guard.as_mut(), v.vmcs.take()) {
                 crate::mm::give_back(frames, vmcs.release());
             }
