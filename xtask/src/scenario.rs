@@ -183,11 +183,6 @@ pub enum On {
     Kvm,
 }
 
-/// Boots and judges one scenario.
-pub fn run(s: &Scenario) -> Outcome {
-    run_on(s, On::Named)
-}
-
 /// Boots and judges one scenario on `on`.
 pub fn run_on(s: &Scenario, on: On) -> Outcome {
     let dir = match on {

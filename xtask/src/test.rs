@@ -109,26 +109,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         {
             continue;
         }
-        let o = scenario::run(&s);
-        println!(
-            "scenario {:<28} {} in {:>5.1} s  ({})",
-            s.name,
-            if o.passed { "ok    " } else { "FAILED" },
-            o.seconds,
-            s.description
-        );
-        if !o.passed {
-            println!(
-                "  {}\n  serial log: {}",
-                o.detail.replace('\n', "\n  "),
-                o.log.display()
-            );
-        }
-        tally.record(
-            &format!("scenario {}", s.name),
-            o.passed,
-            o.detail.lines().next().unwrap_or(""),
-        );
+        run_scenario(&mut tally, &s, scenario::On::Named);
     }
 
     // The Bochs scenarios again on real VT-x: QEMU with KVM (nested), `-cpu host`.
@@ -153,25 +134,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
                 {
                     continue;
                 }
-                let o = scenario::run_on(&s, scenario::On::Kvm);
-                println!(
-                    "kvm      {:<28} {} in {:>5.1} s",
-                    s.name,
-                    if o.passed { "ok    " } else { "FAILED" },
-                    o.seconds,
-                );
-                if !o.passed {
-                    println!(
-                        "  {}\n  serial log: {}",
-                        o.detail.replace('\n', "\n  "),
-                        o.log.display()
-                    );
-                }
-                tally.record(
-                    &format!("kvm {}", s.name),
-                    o.passed,
-                    o.detail.lines().next().unwrap_or(""),
-                );
+                run_scenario(&mut tally, &s, scenario::On::Kvm);
             }
         }
     }
@@ -190,6 +153,33 @@ pub fn run(args: &[String]) -> Result<(), String> {
     } else {
         Err(format!("{} failed", tally.failed))
     }
+}
+
+/// Runs one scenario on `on`, prints its line (and its failure) and counts it.
+fn run_scenario(tally: &mut Tally, s: &scenario::Scenario, on: scenario::On) {
+    let o = scenario::run_on(s, on);
+    let (kind, about) = match on {
+        scenario::On::Named => ("scenario", s.description.clone()),
+        scenario::On::Kvm => ("kvm", String::from("on QEMU with KVM, -cpu host")),
+    };
+    println!(
+        "{kind:<8} {:<28} {} in {:>5.1} s  ({about})",
+        s.name,
+        if o.passed { "ok    " } else { "FAILED" },
+        o.seconds,
+    );
+    if !o.passed {
+        println!(
+            "  {}\n  serial log: {}",
+            o.detail.replace('\n', "\n  "),
+            o.log.display()
+        );
+    }
+    tally.record(
+        &format!("{kind} {}", s.name),
+        o.passed,
+        o.detail.lines().next().unwrap_or(""),
+    );
 }
 
 fn check(tally: &mut Tally, name: &str, cmd: &mut Command) {
