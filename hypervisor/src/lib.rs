@@ -28,6 +28,7 @@ pub mod cmdline;
 pub mod domain;
 pub mod io;
 pub mod mm;
+pub mod sched;
 pub mod shell;
 pub mod vcpu;
 pub mod vmx;

@@ -1,0 +1,755 @@
+//! The scheduling policy: domains, vCPUs, per-CPU queues, decisions. See the module above.
+
+use alloc::collections::{BTreeMap, BTreeSet};
+use alloc::vec::Vec;
+
+/// Nanoseconds.
+pub type Ns = u64;
+
+pub const MS: Ns = 1_000_000;
+/// Accounting period for caps and reservations.
+pub const PERIOD: Ns = 10 * MS;
+/// Slices are the target latency over the runnable vCPUs of a CPU, within these bounds.
+pub const TARGET_LATENCY: Ns = 12 * MS;
+pub const MIN_SLICE: Ns = MS;
+pub const MAX_SLICE: Ns = 30 * MS;
+/// A waking vCPU is placed at most this far behind its queue's least virtual time.
+pub const WAKE_CREDIT: Ns = MIN_SLICE / 2;
+/// Virtual time advances by `ran * WEIGHT_UNIT / weight`.
+const WEIGHT_UNIT: u64 = 1 << 16;
+/// Most CPUs (affinity is a 64-bit mask).
+pub const MAX_CPUS: usize = 64;
+
+pub type DomId = u32;
+pub type VcpuId = usize;
+pub type CpuId = usize;
+
+/// What the operator sets per domain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Params {
+    /// Relative share, 1..=65535 (Xen's default is 256).
+    pub weight: u32,
+    /// The most CPU the domain may use, in % of one CPU across all its vCPUs (None: no cap).
+    pub cap_pct: Option<u32>,
+    /// The least it gets when it wants it, in % of one CPU.
+    pub reserve_pct: u32,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params {
+            weight: 256,
+            cap_pct: None,
+            reserve_pct: 0,
+        }
+    }
+}
+
+/// Why a domain's parameters were refused (nothing changed).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ParamError {
+    Weight(u32),
+    Cap(u32),
+    /// The reservation is more than the cap, or than the domain's vCPUs can use.
+    Reservation {
+        reserve: u32,
+        most: u32,
+    },
+    /// All reservations together would exceed the machine.
+    Admission {
+        asked: u32,
+        free: u32,
+    },
+    NoSuchDomain(DomId),
+    DomainExists(DomId),
+    /// An affinity with no CPU of this machine in it.
+    Affinity(u64),
+}
+
+impl core::fmt::Display for ParamError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            ParamError::Weight(w) => write!(f, "weight {w}: must be 1..65535"),
+            ParamError::Cap(c) => write!(f, "cap {c}%: must be 1.. (100 per CPU), or none"),
+            ParamError::Reservation { reserve, most } => {
+                write!(
+                    f,
+                    "reserve {reserve}%: more than this domain can use ({most}%)"
+                )
+            }
+            ParamError::Admission { asked, free } => write!(
+                f,
+                "reserve {asked}%: only {free}% of the machine is not reserved by other domains"
+            ),
+            ParamError::NoSuchDomain(d) => write!(f, "no domain {d}"),
+            ParamError::DomainExists(d) => write!(f, "domain {d} exists already"),
+            ParamError::Affinity(m) => write!(f, "affinity {m:#x} names no CPU of this machine"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Runnable,
+    Running(CpuId),
+    Blocked,
+}
+
+#[derive(Debug)]
+struct Vcpu {
+    dom: DomId,
+    cpu: CpuId,
+    affinity: u64,
+    vruntime: u64,
+    state: State,
+    /// When it started running (Running only).
+    since: Ns,
+    /// Total time run.
+    ran: Ns,
+    /// The slice granted when it was picked (counted against its domain's cap meanwhile).
+    granted: Ns,
+    removed: bool,
+}
+
+#[derive(Debug)]
+struct Domain {
+    params: Params,
+    vcpus: Vec<VcpuId>,
+    /// Time used in the current period.
+    used: Ns,
+    /// Slices granted to its vCPUs running now, not yet charged (so that parallel vCPUs
+    /// cannot together overrun a cap).
+    granted: Ns,
+    period_start: Ns,
+    total: Ns,
+}
+
+impl Domain {
+    fn budget(&self) -> Option<Ns> {
+        self.params.cap_pct.map(|c| PERIOD * u64::from(c) / 100)
+    }
+    /// Budget left in this period, counting what running vCPUs were granted.
+    fn budget_left(&self) -> Option<Ns> {
+        self.budget()
+            .map(|b| b.saturating_sub(self.used + self.granted))
+    }
+    fn throttled(&self) -> bool {
+        self.budget_left() == Some(0)
+    }
+    fn below_reservation(&self) -> bool {
+        self.params.reserve_pct > 0 && self.used < PERIOD * u64::from(self.params.reserve_pct) / 100
+    }
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    /// Runnable vCPUs (not running), by virtual time.
+    ready: BTreeSet<(u64, VcpuId)>,
+    running: Option<VcpuId>,
+}
+
+/// What a CPU is to do now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// The vCPU to run, or None to idle (halt until a wake-up or `until`).
+    pub run: Option<VcpuId>,
+    /// How long (the preemption timer), or, idle, when to ask again (a throttled domain's
+    /// period ends).
+    pub slice: Ns,
+}
+
+/// Why a vCPU stopped running.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// Its slice ended or it yielded: still runnable.
+    Preempted,
+    /// It halted or waits for I/O.
+    Blocked,
+}
+
+/// The whole policy state.
+#[derive(Debug)]
+pub struct Scheduler {
+    queues: Vec<Queue>,
+    vcpus: Vec<Vcpu>,
+    domains: BTreeMap<DomId, Domain>,
+    /// The virtual clock never goes back (a machine that went idle keeps its time).
+    floor: u64,
+}
+
+impl Scheduler {
+    /// A scheduler for `cpus` CPUs (1..=64).
+    pub fn new(cpus: usize) -> Scheduler {
+        assert!((1..=MAX_CPUS).contains(&cpus));
+        Scheduler {
+            queues: (0..cpus).map(|_| Queue::default()).collect(),
+            vcpus: Vec::new(),
+            domains: BTreeMap::new(),
+            floor: 0,
+        }
+    }
+
+    pub fn cpus(&self) -> usize {
+        self.queues.len()
+    }
+
+    fn all_cpus(&self) -> u64 {
+        if self.cpus() == 64 {
+            u64::MAX
+        } else {
+            (1u64 << self.cpus()) - 1
+        }
+    }
+
+    /// Checks `p` for a domain of `vcpus` vCPUs against the other domains' reservations.
+    fn check(&self, dom: Option<DomId>, p: &Params, vcpus: usize) -> Result<(), ParamError> {
+        if !(1..=65535).contains(&p.weight) {
+            return Err(ParamError::Weight(p.weight));
+        }
+        if let Some(c) = p.cap_pct
+            && c == 0
+        {
+            return Err(ParamError::Cap(c));
+        }
+        let usable = 100 * vcpus.clamp(1, self.cpus()) as u32;
+        let most = p.cap_pct.map_or(usable, |c| c.min(usable));
+        if p.reserve_pct > most {
+            return Err(ParamError::Reservation {
+                reserve: p.reserve_pct,
+                most,
+            });
+        }
+        let others: u32 = self
+            .domains
+            .iter()
+            .filter(|(id, _)| Some(**id) != dom)
+            .map(|(_, d)| d.params.reserve_pct)
+            .sum();
+        let machine = 100 * self.cpus() as u32;
+        if others + p.reserve_pct > machine {
+            return Err(ParamError::Admission {
+                asked: p.reserve_pct,
+                free: machine.saturating_sub(others),
+            });
+        }
+        Ok(())
+    }
+
+    /// Adds a domain (no vCPUs yet).
+    pub fn add_domain(&mut self, id: DomId, p: Params) -> Result<(), ParamError> {
+        if self.domains.contains_key(&id) {
+            return Err(ParamError::DomainExists(id));
+        }
+        self.check(None, &p, 1)?;
+        self.domains.insert(
+            id,
+            Domain {
+                params: p,
+                vcpus: Vec::new(),
+                used: 0,
+                granted: 0,
+                period_start: 0,
+                total: 0,
+            },
+        );
+        Ok(())
+    }
+
+    /// Changes a domain's weight, cap or reservation; refused values change nothing.
+    pub fn set_params(&mut self, id: DomId, p: Params) -> Result<(), ParamError> {
+        let n = self
+            .domains
+            .get(&id)
+            .ok_or(ParamError::NoSuchDomain(id))?
+            .vcpus
+            .len();
+        self.check(Some(id), &p, n)?;
+        if let Some(d) = self.domains.get_mut(&id) {
+            d.params = p;
+        }
+        Ok(())
+    }
+
+    pub fn params(&self, id: DomId) -> Option<Params> {
+        self.domains.get(&id).map(|d| d.params)
+    }
+
+    /// CPU time a domain has used in all.
+    pub fn domain_time(&self, id: DomId) -> Ns {
+        self.domains.get(&id).map_or(0, |d| d.total)
+    }
+
+    /// A new vCPU of `dom`, runnable at once, allowed on the CPUs in `affinity`; placed on the
+    /// least loaded of them.
+    pub fn add_vcpu(&mut self, dom: DomId, affinity: u64, now: Ns) -> Result<VcpuId, ParamError> {
+        let affinity = affinity & self.all_cpus();
+        if affinity == 0 {
+            return Err(ParamError::Affinity(affinity));
+        }
+        if !self.domains.contains_key(&dom) {
+            return Err(ParamError::NoSuchDomain(dom));
+        }
+        let cpu = self.least_loaded(affinity);
+        let id = self.vcpus.len();
+        let start = self.clock();
+        self.vcpus.push(Vcpu {
+            dom,
+            cpu,
+            affinity,
+            vruntime: start,
+            state: State::Runnable,
+            since: now,
+            ran: 0,
+            granted: 0,
+            removed: false,
+        });
+        self.queues[cpu].ready.insert((start, id));
+        if let Some(d) = self.domains.get_mut(&dom) {
+            d.vcpus.push(id);
+        }
+        Ok(id)
+    }
+
+    /// Takes a vCPU out for good (its domain ended). A running vCPU must be stopped first.
+    pub fn remove_vcpu(&mut self, v: VcpuId) {
+        let Some(x) = self.vcpus.get(v) else { return };
+        if x.removed {
+            return;
+        }
+        let (cpu, vr, state, dom) = (x.cpu, x.vruntime, x.state, x.dom);
+        self.queues[cpu].ready.remove(&(vr, v));
+        if let State::Running(c) = state
+            && self.queues[c].running == Some(v)
+        {
+            self.queues[c].running = None;
+        }
+        self.vcpus[v].removed = true;
+        self.vcpus[v].state = State::Blocked;
+        if let Some(d) = self.domains.get_mut(&dom) {
+            d.vcpus.retain(|&x| x != v);
+        }
+    }
+
+    pub fn remove_domain(&mut self, id: DomId) {
+        let vs = self
+            .domains
+            .get(&id)
+            .map(|d| d.vcpus.clone())
+            .unwrap_or_default();
+        for v in vs {
+            self.remove_vcpu(v);
+        }
+        self.domains.remove(&id);
+    }
+
+    fn load(&self, cpu: CpuId) -> usize {
+        self.queues[cpu].ready.len() + usize::from(self.queues[cpu].running.is_some())
+    }
+
+    fn least_loaded(&self, affinity: u64) -> CpuId {
+        (0..self.cpus())
+            .filter(|c| affinity & (1 << c) != 0)
+            .min_by_key(|&c| self.load(c))
+            .unwrap_or(0)
+    }
+
+    fn weight_of(&self, v: &Vcpu) -> u64 {
+        let d = &self.domains[&v.dom];
+        (u64::from(d.params.weight) * WEIGHT_UNIT / d.vcpus.len().max(1) as u64).max(1)
+    }
+
+    /// Starts a new accounting period for domains whose period ended.
+    fn roll_periods(&mut self, now: Ns) {
+        for d in self.domains.values_mut() {
+            if now >= d.period_start + PERIOD {
+                d.period_start = now - (now - d.period_start) % PERIOD;
+                d.used = 0;
+            }
+        }
+    }
+
+    /// Charges the running vCPU of `cpu` up to `now`.
+    fn charge(&mut self, cpu: CpuId, now: Ns) {
+        let Some(v) = self.queues[cpu].running else {
+            return;
+        };
+        let ran = now.saturating_sub(self.vcpus[v].since);
+        self.vcpus[v].since = now;
+        self.vcpus[v].ran += ran;
+        let w = self.weight_of(&self.vcpus[v]);
+        self.vcpus[v].vruntime += ran * WEIGHT_UNIT / w;
+        let dom = self.vcpus[v].dom;
+        let granted = core::mem::take(&mut self.vcpus[v].granted);
+        if let Some(d) = self.domains.get_mut(&dom) {
+            d.used += ran;
+            d.total += ran;
+            d.granted = d.granted.saturating_sub(granted);
+        }
+    }
+
+    /// The vCPU running on `cpu` stops at `now`.
+    pub fn stop(&mut self, cpu: CpuId, now: Ns, why: Stop) {
+        self.roll_periods(now);
+        self.charge(cpu, now);
+        let Some(v) = self.queues[cpu].running.take() else {
+            return;
+        };
+        let x = &mut self.vcpus[v];
+        match why {
+            Stop::Preempted => {
+                x.state = State::Runnable;
+                x.cpu = cpu;
+                let key = (x.vruntime, v);
+                self.queues[cpu].ready.insert(key);
+            }
+            Stop::Blocked => x.state = State::Blocked,
+        }
+    }
+
+    /// `v` wakes at `now` (an interrupt, its timer, an event). Returns the CPU to kick when it
+    /// should preempt what runs there or the CPU is idle.
+    pub fn wake(&mut self, v: VcpuId, now: Ns) -> Option<CpuId> {
+        if self
+            .vcpus
+            .get(v)
+            .is_none_or(|x| x.removed || x.state != State::Blocked)
+        {
+            return None;
+        }
+        let affinity = self.vcpus[v].affinity;
+        let cpu = self.least_loaded(affinity);
+        let floor = self.clock().saturating_sub(WAKE_CREDIT);
+        let x = &mut self.vcpus[v];
+        // Sleep earns at most WAKE_CREDIT of virtual time: a boost, never a hoard.
+        x.vruntime = x.vruntime.max(floor);
+        x.state = State::Runnable;
+        x.cpu = cpu;
+        self.queues[cpu].ready.insert((x.vruntime, v));
+        let _ = now; // wake time: for the latency statistics a caller keeps
+        match self.queues[cpu].running {
+            None => Some(cpu),
+            Some(r) if self.vcpus[r].vruntime > self.vcpus[v].vruntime + WAKE_CREDIT => Some(cpu),
+            Some(_) => None,
+        }
+    }
+
+    fn eligible(&self, v: VcpuId) -> bool {
+        !self.domains[&self.vcpus[v].dom].throttled()
+    }
+
+    /// The best eligible vCPU in `cpu`'s queue: below-reservation domains first, then least
+    /// virtual time. Throttled domains are skipped.
+    fn best_in(&self, cpu: CpuId) -> Option<VcpuId> {
+        let mut first = None;
+        for &(_, v) in &self.queues[cpu].ready {
+            if !self.eligible(v) {
+                continue;
+            }
+            if self.domains[&self.vcpus[v].dom].below_reservation() {
+                return Some(v);
+            }
+            if first.is_none() {
+                first = Some(v);
+                // A reserved domain further down still goes first; look a little further.
+                if self.domains.values().all(|d| d.params.reserve_pct == 0) {
+                    break;
+                }
+            }
+        }
+        first
+    }
+
+    /// The first eligible vCPU waiting on `queue` that may run on `cpu` (a bounded look: the
+    /// first few in virtual-time order).
+    fn first_for(&self, queue: CpuId, cpu: CpuId) -> Option<VcpuId> {
+        self.queues[queue]
+            .ready
+            .iter()
+            .take(8)
+            .map(|&(_, v)| v)
+            .find(|&v| self.vcpus[v].affinity & (1 << cpu) != 0 && self.eligible(v))
+    }
+
+    /// Moves a waiting vCPU between queues (virtual time is one clock for all queues).
+    fn move_ready(&mut self, from: CpuId, to: CpuId, v: VcpuId) {
+        let key = (self.vcpus[v].vruntime, v);
+        if self.queues[from].ready.remove(&key) {
+            self.vcpus[v].cpu = to;
+            self.queues[to].ready.insert(key);
+        }
+    }
+
+    /// The least virtual time of any vCPU waiting or running (where new and waking vCPUs
+    /// start, so that none starts far ahead or behind).
+    fn clock(&self) -> u64 {
+        let mut m = u64::MAX;
+        for q in &self.queues {
+            if let Some(&(vr, _)) = q.ready.first() {
+                m = m.min(vr);
+            }
+            if let Some(r) = q.running {
+                m = m.min(self.vcpus[r].vruntime);
+            }
+        }
+        if m == u64::MAX {
+            self.floor
+        } else {
+            m.max(self.floor)
+        }
+    }
+
+    /// What `cpu` runs next, from `now` (call after `stop`, or when idle).
+    pub fn pick(&mut self, cpu: CpuId, now: Ns) -> Decision {
+        self.roll_periods(now);
+        if self.queues[cpu].running.is_some() {
+            // Still running (the caller did not `stop` it): keep it for another slice.
+            return Decision {
+                run: self.queues[cpu].running,
+                slice: self.slice(cpu),
+            };
+        }
+        // The eligible vCPU with the least virtual time that may run here: this queue's best,
+        // or a better one waiting on another queue (one global virtual clock makes them
+        // comparable), which then moves here. Own queue wins ties within a minimum slice of
+        // virtual time, to keep vCPUs where their caches are.
+        let own = self.best_in(cpu);
+        let own_vr = own.map(|v| self.vcpus[v].vruntime);
+        let mut better: Option<(u64, CpuId, VcpuId)> = None;
+        if own.is_none_or(|v| !self.domains[&self.vcpus[v].dom].below_reservation()) {
+            for c in (0..self.cpus()).filter(|&c| c != cpu) {
+                if let Some(v) = self.first_for(c, cpu) {
+                    let vr = self.vcpus[v].vruntime;
+                    let reserved = self.domains[&self.vcpus[v].dom].below_reservation();
+                    let beats = match own_vr {
+                        None => true,
+                        Some(o) => reserved || vr + MIN_SLICE < o,
+                    };
+                    if beats && better.is_none_or(|(b, _, _)| vr < b) {
+                        better = Some((vr, c, v));
+                    }
+                }
+            }
+        }
+        let choice = match better {
+            Some((_, from, v)) => {
+                self.move_ready(from, cpu, v);
+                Some(v)
+            }
+            None => own,
+        };
+        let Some(v) = choice else {
+            // Idle; ask again when the next throttled period ends.
+            let next = self
+                .domains
+                .values()
+                .filter(|d| d.throttled())
+                .map(|d| d.period_start + PERIOD)
+                .min()
+                .map_or(MAX_SLICE, |t| t.saturating_sub(now).max(1));
+            return Decision {
+                run: None,
+                slice: next,
+            };
+        };
+        let key = (self.vcpus[v].vruntime, v);
+        self.queues[cpu].ready.remove(&key);
+        self.floor = self.floor.max(self.clock().min(key.0));
+        let q = &mut self.queues[cpu];
+        q.running = Some(v);
+        let x = &mut self.vcpus[v];
+        x.state = State::Running(cpu);
+        x.since = now;
+        let mut slice = self.slice(cpu);
+        let dom = self.vcpus[v].dom;
+        let d = &self.domains[&dom];
+        // A capped domain runs no further than what is left of its budget.
+        if let Some(left) = d.budget_left() {
+            slice = slice.min(left.max(1));
+        }
+        // Nor past the end of its period (so budgets and reservations roll on time).
+        slice = slice.min((d.period_start + PERIOD).saturating_sub(now).max(MIN_SLICE));
+        self.vcpus[v].granted = slice;
+        if let Some(d) = self.domains.get_mut(&dom) {
+            d.granted += slice;
+        }
+        Decision {
+            run: Some(v),
+            slice,
+        }
+    }
+
+    /// The slice on `cpu`: the target latency shared by its runnable vCPUs, within bounds.
+    pub fn slice(&self, cpu: CpuId) -> Ns {
+        let n = self.load(cpu).max(1) as u64;
+        (TARGET_LATENCY / n).clamp(MIN_SLICE, MAX_SLICE)
+    }
+
+    /// Where `v` is queued or runs.
+    pub fn cpu_of(&self, v: VcpuId) -> CpuId {
+        self.vcpus[v].cpu
+    }
+
+    pub fn is_blocked(&self, v: VcpuId) -> bool {
+        self.vcpus[v].state == State::Blocked
+    }
+
+    /// The vCPU running on `cpu`.
+    pub fn running(&self, cpu: CpuId) -> Option<VcpuId> {
+        self.queues[cpu].running
+    }
+
+    /// Time `v` has run in all.
+    pub fn vcpu_time(&self, v: VcpuId) -> Ns {
+        self.vcpus[v].ran
+    }
+}
+
+/// What each domain is entitled to, in CPUs, when all its vCPUs are runnable: weights share
+/// the machine, each domain gets at most its vCPU count and its cap, reservations come first,
+/// and what a capped or small domain cannot use goes to the others in proportion (water
+/// filling). `(weight, vcpus, cap in CPUs, reserve in CPUs)` per domain.
+pub fn entitlements(cpus: f64, doms: &[(f64, usize, Option<f64>, f64)]) -> Vec<f64> {
+    let most: Vec<f64> = doms
+        .iter()
+        .map(|&(_, n, cap, _)| cap.map_or(n as f64, |c| c.min(n as f64)).min(cpus))
+        .collect();
+    let mut share: Vec<f64> = doms.iter().map(|&(_, _, _, r)| r).collect();
+    let mut left = cpus - share.iter().sum::<f64>();
+    let mut open: Vec<bool> = (0..doms.len()).map(|i| share[i] < most[i]).collect();
+    for _ in 0..doms.len() + 1 {
+        let w: f64 = (0..doms.len())
+            .filter(|&i| open[i])
+            .map(|i| doms[i].0)
+            .sum();
+        if left <= 1e-12 || w <= 0.0 {
+            break;
+        }
+        let mut used = 0.0;
+        for i in 0..doms.len() {
+            if !open[i] {
+                continue;
+            }
+            let add = (left * doms[i].0 / w).min(most[i] - share[i]);
+            share[i] += add;
+            used += add;
+            if most[i] - share[i] <= 1e-12 {
+                open[i] = false;
+            }
+        }
+        left -= used;
+    }
+    share
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admission_and_bad_values_change_nothing() {
+        let mut s = Scheduler::new(2);
+        s.add_domain(
+            1,
+            Params {
+                reserve_pct: 150,
+                cap_pct: None,
+                weight: 256,
+            },
+        )
+        .unwrap_err();
+        // A one-vCPU domain cannot use 150 %.
+        assert!(matches!(
+            s.add_domain(
+                1,
+                Params {
+                    reserve_pct: 150,
+                    ..Params::default()
+                }
+            ),
+            Err(ParamError::Reservation { .. })
+        ));
+        s.add_domain(
+            1,
+            Params {
+                reserve_pct: 100,
+                ..Params::default()
+            },
+        )
+        .unwrap();
+        s.add_domain(
+            2,
+            Params {
+                reserve_pct: 80,
+                ..Params::default()
+            },
+        )
+        .unwrap();
+        let e = s
+            .add_domain(
+                3,
+                Params {
+                    reserve_pct: 30,
+                    ..Params::default()
+                },
+            )
+            .unwrap_err();
+        assert_eq!(
+            e,
+            ParamError::Admission {
+                asked: 30,
+                free: 20
+            }
+        );
+        assert!(format!("{e}").contains("only 20%"));
+        assert!(s.params(3).is_none(), "a refused domain is not added");
+        assert_eq!(
+            s.set_params(
+                2,
+                Params {
+                    weight: 0,
+                    ..Params::default()
+                }
+            ),
+            Err(ParamError::Weight(0))
+        );
+        assert_eq!(s.params(2).unwrap().reserve_pct, 80, "refused: unchanged");
+        assert!(
+            s.set_params(
+                2,
+                Params {
+                    cap_pct: Some(50),
+                    reserve_pct: 60,
+                    weight: 1
+                }
+            )
+            .is_err()
+        );
+        assert_eq!(s.add_vcpu(1, 0b100, 0), Err(ParamError::Affinity(0)));
+        assert_eq!(
+            s.add_domain(1, Params::default()),
+            Err(ParamError::DomainExists(1))
+        );
+    }
+
+    #[test]
+    fn water_filling() {
+        // 1:2:4 on 2 CPUs, one vCPU each: the weight-4 domain is held to 1 CPU.
+        let e = entitlements(
+            2.0,
+            &[
+                (1.0, 1, None, 0.0),
+                (2.0, 1, None, 0.0),
+                (4.0, 1, None, 0.0),
+            ],
+        );
+        assert!(
+            (e[0] - 1.0 / 3.0).abs() < 1e-9
+                && (e[1] - 2.0 / 3.0).abs() < 1e-9
+                && (e[2] - 1.0).abs() < 1e-9,
+            "{e:?}"
+        );
+        // A cap's leftover goes to the others.
+        let e = entitlements(1.0, &[(1.0, 1, Some(0.25), 0.0), (1.0, 1, None, 0.0)]);
+        assert!((e[0] - 0.25).abs() < 1e-9 && (e[1] - 0.75).abs() < 1e-9);
+    }
+}
