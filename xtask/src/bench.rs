@@ -13,7 +13,7 @@ use crate::root;
 
 use crate::history::{self, Better, Figure};
 
-const BENCHES: &str = "boot, vmcall, virtqueue, volume, all";
+const BENCHES: &str = "boot, vmcall, virtqueue, volume, sched, all";
 
 /// The most one benchmark may run in `bench all` (each emulator run has its own limit too).
 const LIMIT: Duration = Duration::from_secs(900);
@@ -26,6 +26,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             "vmcall" => vmcall()?,
             "virtqueue" => virtqueue(extra)?,
             "volume" => volume()?,
+            "sched" => sched(extra)?,
             other => {
                 return Err(format!(
                     "bench: unknown benchmark '{other}' (have: {BENCHES})"
@@ -41,7 +42,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     }
     let mut all = Vec::new();
     let mut failed = Vec::new();
-    for name in ["boot", "vmcall", "virtqueue", "volume"] {
+    for name in ["boot", "vmcall", "virtqueue", "volume", "sched"] {
         match one(name, &[]) {
             Ok(f) => all.extend(f),
             Err(e) => {
@@ -254,6 +255,46 @@ pub fn virtqueue_figures(text: &str) -> Vec<Figure> {
         );
     }
     out
+}
+
+/// The scheduler policy's cost per decision on the host with 10, 100 and 1,000 runnable vCPUs
+/// per CPU (`hypervisor/examples/sched_bench.rs`); no same-run peer (the anchor is Xen credit's
+/// 30 ms slice).
+fn sched(extra: &[String]) -> Result<Vec<Figure>, String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let text = run_program(
+        std::process::Command::new(cargo)
+            .current_dir(root())
+            .args([
+                "run",
+                "--quiet",
+                "--release",
+                "-p",
+                "hypervisor",
+                "--example",
+                "sched_bench",
+                "--",
+            ])
+            .args(extra),
+    )?;
+    Ok(sched_figures(&text))
+}
+
+/// The figures in `sched_bench`'s output.
+pub fn sched_figures(text: &str) -> Vec<Figure> {
+    let re = Regex::new(r"(?m)^decision (\d+) CPU\(s\) x\s+(\d+) runnable vCPUs:\s+([\d.]+) ns")
+        .expect("valid");
+    re.captures_iter(text)
+        .map(|c| {
+            Figure::new(
+                "sched",
+                &format!("decision, {} CPU(s) x {} vCPUs", &c[1], &c[2]),
+                c[3].parse().unwrap_or(0.0),
+                "ns",
+                Better::Lower,
+            )
+        })
+        .collect()
 }
 
 /// The volume manager on RAM-backed files (/dev/shm): 4 KiB random and 1 MiB sequential reads
@@ -494,6 +535,16 @@ block 4KiB qd1  event_idx=true  hv-virtio    1234567 req/s  virtio-queue    1000
         assert_eq!(f[0].peer_value, Some(1_000_000.0));
         assert_eq!(f[1].value, 0.01);
         assert_eq!(f[1].peer_value, Some(1.0));
+    }
+
+    #[test]
+    fn sched_output_gives_figures() {
+        let f = sched_figures(
+            "decision 8 CPU(s) x 1000 runnable vCPUs:    244.2 ns  (x1.07 of 10 per CPU)\n",
+        );
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].name, "decision, 8 CPU(s) x 1000 vCPUs");
+        assert_eq!(f[0].value, 244.2);
     }
 
     #[test]

@@ -22,13 +22,15 @@ commands:
   image [--append TEXT] [--module FILE[:ARGS]] [--guest NAME_OR_FILE[:ARGS]]...
                          build, then make target/hypervisor.iso (GRUB, BIOS and UEFI where
                          grub-efi-amd64-bin is installed)
-  run [--bochs] [--smp N] [--mem MIB] [--append TEXT] [--guest NAME_OR_FILE[:ARGS]]...
-                         boot the ISO in QEMU (default) or Bochs (tigerlake, VT-x); the serial
+  run [--bochs|--qemu|--kvm] [--smp N] [--mem MIB] [--append TEXT] [--guest NAME_OR_FILE[:ARGS]]...
+                         boot the ISO on the machine that can run guests (QEMU+KVM with nested
+                         VMX, else Bochs tigerlake; one line says which) with the default
+                         domains (hello, ticker) unless --guest/--module is given; the serial
                          console is this terminal (Ctrl-] quits); with stdin not a terminal,
                          each input line is sent at the prompt and the run ends after the last;
                          --guest boots a test guest (hello, memcheck, hypercall_bench, hostile,
                          spinner) or any ELF64 guest as a domain, e.g. --guest hello:name=hi -- x
-  test [--quick] [--filter TEXT]
+  test [--quick] [--filter TEXT] [--kvm]
                          host unit tests, clippy and rustfmt checks, then every scenario in
                          tests/scenarios; ends with 'N passed, N failed'
   bench boot             instructions to the console prompt in Bochs, wall time in QEMU
@@ -38,6 +40,8 @@ commands:
                          virtio-queue in the same run
   bench volume           volume manager I/O on /dev/shm files against raw files and qemu-img
                          bench (raw and qcow2 overlay) in the same run
+  bench sched [--quick]  the scheduler policy's cost per decision, 10/100/1,000 vCPUs per CPU
+  bench all              every benchmark, then one summary table (results: target/bench/)
   fuzz [SECONDS]         coverage-guided fuzzing of the virtqueue and virtio-mmio parsing
                          (cargo-fuzz, installed if missing; default 60 s)
   deps                   check (and as root install) the Debian packages the commands need
