@@ -3,6 +3,8 @@
 //! and how it grows with n (the policy's queues are B-trees: it should grow like log n). The
 //! anchor is Xen credit's 30 ms slice: a decision costing a few hundred ns is noise beside it.
 
+#![allow(clippy::cast_possible_truncation)] // x86_64 host: usize is 64 bits; counts are small.
+
 use std::time::Instant;
 
 use hypervisor::sched::policy::{MS, Params, Scheduler, Stop};
