@@ -60,6 +60,18 @@ pub fn run(args: &[String]) -> Result<(), String> {
     }
 }
 
+/// `cargo run --quiet --release -p PACKAGE [WHAT...] --`: a benchmark program; append its
+/// arguments.
+fn release_run(package: &str, what: &[&str]) -> std::process::Command {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut c = std::process::Command::new(cargo);
+    c.current_dir(root())
+        .args(["run", "--quiet", "--release", "-p", package])
+        .args(what)
+        .arg("--");
+    c
+}
+
 /// Runs a benchmark program, echoing its output, killed after [`LIMIT`]; returns its stdout.
 fn run_program(cmd: &mut std::process::Command) -> Result<String, String> {
     use std::io::BufRead;
@@ -209,22 +221,8 @@ fn vmcall() -> Result<Vec<Figure>, String> {
 /// notifications per request with event index on and off, against rust-vmm `virtio-queue` as
 /// the peer in the same run (`hypervisor/virtio/examples/virtqueue_bench.rs`).
 fn virtqueue(extra: &[String]) -> Result<Vec<Figure>, String> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let text = run_program(
-        std::process::Command::new(cargo)
-            .current_dir(root())
-            .args([
-                "run",
-                "--quiet",
-                "--release",
-                "-p",
-                "hv-virtio",
-                "--example",
-                "virtqueue_bench",
-                "--",
-            ])
-            .args(extra),
-    )?;
+    let text =
+        run_program(release_run("hv-virtio", &["--example", "virtqueue_bench"]).args(extra))?;
     Ok(virtqueue_figures(&text))
 }
 
@@ -261,22 +259,7 @@ pub fn virtqueue_figures(text: &str) -> Vec<Figure> {
 /// per CPU (`hypervisor/examples/sched_bench.rs`); no same-run peer (the anchor is Xen credit's
 /// 30 ms slice).
 fn sched(extra: &[String]) -> Result<Vec<Figure>, String> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let text = run_program(
-        std::process::Command::new(cargo)
-            .current_dir(root())
-            .args([
-                "run",
-                "--quiet",
-                "--release",
-                "-p",
-                "hypervisor",
-                "--example",
-                "sched_bench",
-                "--",
-            ])
-            .args(extra),
-    )?;
+    let text = run_program(release_run("hypervisor", &["--example", "sched_bench"]).args(extra))?;
     Ok(sched_figures(&text))
 }
 
@@ -303,40 +286,17 @@ pub fn sched_figures(text: &str) -> Vec<Figure> {
 /// run; then the CPU cost per 4 KiB operation.
 fn volume() -> Result<Vec<Figure>, String> {
     crate::deps::ensure(&[crate::deps::QEMU_UTILS])?;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let dir = if std::path::Path::new("/dev/shm").is_dir() {
         "/dev/shm"
     } else {
         "/tmp"
     };
     let text = run_program(
-        std::process::Command::new(&cargo)
-            .current_dir(root())
-            .args([
-                "run",
-                "--quiet",
-                "--release",
-                "-p",
-                "hvctl",
-                "--",
-                "volume",
-                "bench",
-            ])
+        release_run("hvctl", &[])
+            .args(["volume", "bench"])
             .args(["--dir", dir, "--size", "256M"]),
     )?;
-    run_program(
-        std::process::Command::new(&cargo)
-            .current_dir(root())
-            .args([
-                "run",
-                "--quiet",
-                "--release",
-                "-p",
-                "volmgr",
-                "--example",
-                "io_overhead",
-            ]),
-    )?;
+    run_program(&mut release_run("volmgr", &["--example", "io_overhead"]))?;
     Ok(volume_figures(&text))
 }
 
