@@ -48,7 +48,10 @@ pub struct Domain {
     /// Bit i set once vCPU i has been started (vCPU 0 from the beginning).
     pub(crate) started: AtomicU64,
     /// Start requests for vCPUs 1..: `(rip, rsp)`.
-    pub(crate) starts: Vec<Mutex<Option<(u64, u64)>>>,
+    /// Start requests for vCPUs 1..: `(rip, rsp, TSC of the request)`.
+    pub(crate) starts: Vec<Mutex<Option<(u64, u64, u64)>>>,
+    /// The CPU each vCPU runs on.
+    pub(crate) placement: Vec<usize>,
     /// vCPUs not yet torn down.
     pub(crate) alive: AtomicU32,
     pub(crate) vmreads: AtomicU64,
@@ -192,6 +195,17 @@ impl DomainTable {
             )
             .map(|_| ())
             .map_err(|_| alloc::format!("domain {id} is not paused"))
+    }
+}
+
+/// Sends the kick IPI to `cpu` unless it is this one: a guest it runs exits, an idle CPU wakes
+/// from HLT, and its run loop looks at its queue again.
+pub fn kick_cpu(cpu: usize) {
+    if cpu != crate::arch::cpu::current_cpu() && cpu < percpu::cpu_count() {
+        crate::arch::lapic::send_fixed(
+            CPUS[cpu].apic_id.load(Ordering::Relaxed),
+            crate::arch::trap::KICK_VECTOR,
+        );
     }
 }
 
@@ -441,6 +455,7 @@ pub fn create(
         vcpus: cfg.vcpus,
         started: AtomicU64::new(1),
         starts: (0..cfg.vcpus).map(|_| Mutex::new(None)).collect(),
+        placement: placement.clone(),
         alive: AtomicU32::new(cfg.vcpus),
         vmreads: AtomicU64::new(0),
         vmwrites: AtomicU64::new(0),

@@ -204,7 +204,11 @@ impl Platform for HwPlatform<'_> {
         if self.domain.started.fetch_or(bit, Ordering::AcqRel) & bit != 0 {
             return false;
         }
-        *self.domain.starts[index as usize].lock() = Some((rip, rsp));
+        *self.domain.starts[index as usize].lock() = Some((rip, rsp, cpu::rdtsc()));
+        // New work: the vCPU's CPU may be idle in HLT until its next tick; wake it now.
+        if let Some(&c) = self.domain.placement.get(index as usize) {
+            crate::domain::table::kick_cpu(c);
+        }
         true
     }
 
@@ -290,10 +294,18 @@ impl RunLoop {
             if v.state == VcpuState::Created {
                 let request = v.domain.starts[v.core.index as usize].lock().take();
                 match request {
-                    Some((rip, rsp)) => {
+                    Some((rip, rsp, asked)) => {
                         v.setup.boot.rip = rip;
                         v.setup.boot.rsp = rsp;
                         v.go(Event::Start);
+                        let per_us = (SLICE_TSC.load(Ordering::Relaxed) / 10_000).max(1);
+                        log::info!(
+                            "domain {} vCPU {} started on CPU {} ({} µs after VCPU_START)",
+                            v.domain.id,
+                            v.core.index,
+                            self.cpu,
+                            cpu::rdtsc().saturating_sub(asked) / per_us
+                        );
                     }
                     None => {
                         RUN_QUEUES[self.cpu].lock().push_back(v);
