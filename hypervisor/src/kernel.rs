@@ -521,11 +521,29 @@ fn run_command(line: &str) {
             Ok(()) => println!("domain {id}: running"),
             Err(e) => println!("error: resume: {e}"),
         },
+        Ok(Command::Audit) => cmd_audit(),
         Ok(Command::Reboot) => {
             println!("rebooting");
             cpu::reboot();
         }
     }
+}
+
+/// `audit`: every live domain's EPT against what the domain owns (`vmx::audit`).
+fn cmd_audit() {
+    let (mut domains, mut leaves, mut bad) = (0usize, 0usize, 0usize);
+    for d in DOMAINS.list() {
+        let Some((n, violations)) = d.audit_ept() else {
+            continue;
+        };
+        domains += 1;
+        leaves += n;
+        bad += violations.len();
+        for v in &violations {
+            println!("EPT audit: domain {} ({}): {v}", d.id, d.name);
+        }
+    }
+    println!("EPT audit: {domains} domains, {leaves} leaves, {bad} violations");
 }
 
 fn vmx_short(s: &VmxStatus) -> &'static str {

@@ -370,12 +370,20 @@ fn run_inner(s: &Scenario, work: &Path, log: &Path, on: On) -> Result<String, St
             break Err("the emulator exited".to_string());
         }
     };
+    // Every scenario that runs guests under VT-x ends with the EPT audit: each live domain's
+    // EPT must map exactly its own RAM.
+    let verdict = match verdict {
+        Ok(()) if emulator == Emulator::Bochs || on == On::Kvm => {
+            audit(&mut running, &mut raw, log, &reject)
+        }
+        other => other,
+    };
     running.stop();
     let text = String::from_utf8_lossy(&raw).into_owned();
     let _ = std::fs::write(log, &raw);
     match verdict {
         Ok(()) => Ok(format!(
-            "{} patterns matched, {} lines typed",
+            "{} patterns matched, {} lines typed, EPT audit clean",
             expect.len(),
             sent
         )),
@@ -459,4 +467,55 @@ fn run_xtask(s: &Scenario, log: &Path) -> Result<String, String> {
         "{} patterns matched in the output of xtask run",
         expect.len()
     ))
+}
+
+/// Types `audit` at the console and waits (30 s at most) for its summary; any violation, a
+/// rejected pattern or no summary fails the scenario.
+fn audit(
+    running: &mut emu::Running,
+    raw: &mut Vec<u8>,
+    log: &Path,
+    reject: &[Regex],
+) -> Result<(), String> {
+    use std::io::Write;
+    let summary =
+        Regex::new(r"EPT audit: (\d+) domains, (\d+) leaves, (\d+) violations").expect("valid");
+    let start = raw.len();
+    running
+        .serial
+        .write_all(b"audit\r")
+        .map_err(|e| format!("serial write: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut buf = [0u8; 8192];
+    loop {
+        match running.serial.read(&mut buf) {
+            Ok(0) => return Err("the emulator closed the serial port during the EPT audit".into()),
+            Ok(n) => {
+                raw.extend_from_slice(&buf[..n]);
+                let _ = std::fs::write(log, &raw);
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(format!("serial: {e}")),
+        }
+        let text = String::from_utf8_lossy(&raw[start..]);
+        if let Some(r) = reject.iter().find(|r| r.is_match(&text)) {
+            return Err(format!(
+                "rejected pattern /{r}/ appeared during the EPT audit"
+            ));
+        }
+        if let Some(c) = summary.captures(&text) {
+            return if &c[3] == "0" {
+                Ok(())
+            } else {
+                Err(format!("EPT audit: {}", tail(&text, 10)))
+            };
+        }
+        if Instant::now() > deadline {
+            return Err("no EPT audit summary within 30 s".into());
+        }
+    }
 }

@@ -62,6 +62,8 @@ pub struct Domain {
     pub exits: [AtomicU64; REASON_SLOTS],
     /// Its port and MMIO buses, shared by its vCPUs.
     pub(crate) io: Mutex<DomainIo>,
+    /// Its memory while any vCPU holds it (for the EPT audit; the vCPUs own it).
+    mem: Mutex<alloc::sync::Weak<DomainMem>>,
     /// Why it stopped (empty while running).
     pub stop_reason: Mutex<String>,
 }
@@ -270,6 +272,44 @@ pub struct DomainMem {
     tables: Vec<FrameRun>,
 }
 
+impl Domain {
+    /// Audits this domain's EPT (see `vmx::audit`): the number of leaves and what is wrong.
+    /// `None` once its memory is gone (all vCPUs retired).
+    pub fn audit_ept(&self) -> Option<(usize, Vec<crate::vmx::audit::Violation>)> {
+        let mem = self.mem.lock().upgrade()?;
+        let ept = mem.ept.as_ref()?;
+        let leaves = ept.leaves(&mut ReadTables);
+        let chunks: Vec<u64> = mem.ram.chunks.iter().map(|c| c.addr().0).collect();
+        let tables: Vec<u64> = mem.tables.iter().map(|t| t.addr().0).collect();
+        let v = crate::vmx::audit::audit(
+            &leaves,
+            &crate::vmx::audit::Owned {
+                chunk: CHUNK,
+                chunks: &chunks,
+                tables: &tables,
+            },
+        );
+        Some((leaves.len(), v))
+    }
+}
+
+/// Reads an existing EPT's tables through the identity map (never allocates).
+struct ReadTables;
+
+impl TableFrames for ReadTables {
+    fn alloc_table(&mut self) -> Option<u64> {
+        None
+    }
+
+    fn entries(&mut self, addr: u64) -> &mut [u64; 512] {
+        // SAFETY: `addr` is a table of an EPT that `DomainMem` owns (the trait's contract: the
+        // walker only follows the EPT's own entries), identity-mapped and 4 KiB aligned. EPTs
+        // are not changed after creation, so nothing writes the table while this reference
+        // lives (the CPU's own walks are not Rust accesses); the walker only reads through it.
+        unsafe { &mut *(addr as *mut [u64; 512]) }
+    }
+}
+
 impl Drop for DomainMem {
     fn drop(&mut self) {
         let mut guard = self.phys.lock();
@@ -463,9 +503,11 @@ pub fn create(
         request_tsc: AtomicU64::new(0),
         exits: Default::default(),
         io: Mutex::new(DomainIo::standard()),
+        mem: Mutex::new(alloc::sync::Weak::new()),
         stop_reason: Mutex::new(String::new()),
     });
     let mem = Arc::new(mem);
+    *domain.mem.lock() = Arc::downgrade(&mem);
     table.domains.lock().push(domain.clone());
     Ok(NewDomain {
         domain,

@@ -37,6 +37,10 @@ pub const COMMANDS: &[(&str, &str)] = &[
         "pause <id>: hold every vCPU of a domain (its memory stays)",
     ),
     ("resume", "resume <id>: let a paused domain run again"),
+    (
+        "audit",
+        "check that every domain's EPT maps only its own RAM",
+    ),
     ("reboot", "reset the machine"),
 ];
 
@@ -55,6 +59,7 @@ pub enum Command {
     Destroy(u32),
     Pause(u32),
     Resume(u32),
+    Audit,
     Reboot,
 }
 
@@ -121,6 +126,7 @@ pub fn parse(line: &str) -> Result<Command, ParseError<'_>> {
         "vmx" => no_args("vmx", Command::Vmx),
         "reboot" => no_args("reboot", Command::Reboot),
         "domains" => no_args("domains", Command::Domains),
+        "audit" => no_args("audit", Command::Audit),
         "destroy" | "pause" | "resume" => {
             let (command, make): (&'static str, fn(u32) -> Command) = match name {
                 "destroy" => ("destroy", Command::Destroy),

@@ -80,6 +80,18 @@ const MIB2: u64 = 2 << 20;
 const GIB1: u64 = 1 << 30;
 const GPA_LIMIT: u64 = 1 << 48;
 
+/// One leaf of an EPT: guest-physical `gpa..gpa + len` maps host-physical `hpa..`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Leaf {
+    pub gpa: u64,
+    pub hpa: u64,
+    pub len: u64,
+    pub perm: Perm,
+    /// EPT memory type (bits 5:3 of the entry; 6 is write-back).
+    pub mem_type: u8,
+    pub ignore_pat: bool,
+}
+
 /// Which large pages the CPU offers (from `VmxCaps`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PageSizes {
@@ -252,6 +264,43 @@ impl Ept {
             .map(|(hpa, e)| (hpa, Perm::from_bits(e & 7)))
     }
 
+    /// Every leaf mapping, in guest-physical order: what the EPT really maps (for the audit).
+    pub fn leaves(&self, frames: &mut impl TableFrames) -> alloc::vec::Vec<Leaf> {
+        let mut out = alloc::vec::Vec::new();
+        self.leaves_in(frames, self.root, 3, 0, &mut out);
+        out
+    }
+
+    fn leaves_in(
+        &self,
+        frames: &mut impl TableFrames,
+        table: u64,
+        level: u32,
+        base: u64,
+        out: &mut alloc::vec::Vec<Leaf>,
+    ) {
+        let entries = *frames.entries(table);
+        for (i, &e) in entries.iter().enumerate() {
+            if e & 7 == 0 {
+                continue;
+            }
+            let size = 1u64 << (12 + 9 * level);
+            let gpa = base + i as u64 * size;
+            if level == 0 || e & LARGE != 0 {
+                out.push(Leaf {
+                    gpa,
+                    hpa: e & ADDR & !(size - 1),
+                    len: size,
+                    perm: Perm::from_bits(e & 7),
+                    mem_type: ((e >> 3) & 7) as u8,
+                    ignore_pat: e & IGNORE_PAT != 0,
+                });
+            } else {
+                self.leaves_in(frames, e & ADDR, level - 1, gpa, out);
+            }
+        }
+    }
+
     /// Every table frame, for freeing the EPT (the root last).
     pub fn tables(&self, frames: &mut impl TableFrames) -> alloc::vec::Vec<u64> {
         let mut out = alloc::vec::Vec::new();
@@ -396,6 +445,37 @@ pub(crate) mod tests {
             Err(EptError::OutOfRange)
         );
         assert_eq!(ept.translate(&mut f, !0xfff), None);
+    }
+
+    #[test]
+    fn leaves_list_what_is_mapped() {
+        let mut f = HeapTables::default();
+        let mut ept = Ept::new(&mut f, ALL).unwrap();
+        ept.map(
+            &mut f,
+            0,
+            0x4000_0000,
+            2 * MIB2,
+            Perm::RWX,
+            MemType::WriteBack,
+        )
+        .unwrap();
+        ept.map(
+            &mut f,
+            0xfee0_0000,
+            0x9000,
+            KIB4,
+            Perm::RW,
+            MemType::Uncached,
+        )
+        .unwrap();
+        let l = ept.leaves(&mut f);
+        assert_eq!(l.len(), 3, "{l:?}");
+        assert_eq!((l[0].gpa, l[0].hpa, l[0].len), (0, 0x4000_0000, MIB2));
+        assert_eq!((l[1].gpa, l[1].hpa), (MIB2, 0x4000_0000 + MIB2));
+        assert_eq!((l[2].gpa, l[2].hpa, l[2].len), (0xfee0_0000, 0x9000, KIB4));
+        assert_eq!((l[0].mem_type, l[2].mem_type), (6, 0));
+        assert!(l[0].perm.execute && !l[2].perm.execute && l[0].ignore_pat);
     }
 
     #[test]

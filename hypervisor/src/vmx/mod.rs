@@ -1,6 +1,7 @@
 //! VT-x: capability detection and decoding (pure, host-tested) and, on bare metal, the per-CPU
 //! probe that reads CPUID and the VMX MSRs and enables VMX in IA32_FEATURE_CONTROL.
 
+pub mod audit;
 pub mod caps;
 pub mod cr;
 pub mod decode;
