@@ -35,6 +35,8 @@ const TICK_HZ: u32 = 100;
 static FRAMES: PhysMem = PhysMem::new();
 /// Every domain, owned here and handed by reference to the console and module loading.
 static DOMAINS: crate::domain::table::DomainTable = crate::domain::table::DomainTable::new();
+/// `hv.spec-ctrl=` from the command line (auto, on, off).
+static SPEC_CHOICE: Mutex<crate::vmx::spec::Choice> = Mutex::new(crate::vmx::spec::Choice::Auto);
 /// Local APIC timer count for one tick, measured on the BSP.
 static TIMER_COUNT: AtomicU32 = AtomicU32::new(0);
 
@@ -98,6 +100,19 @@ pub fn hypervisor_main(boot: Result<BootInfo, BootError>) -> ! {
     if let Some(bad) = cmdline.get("loglevel").filter(|l| parse_level(l).is_err()) {
         warn!("loglevel={bad}: not a level; using info");
     }
+    let spec = match crate::vmx::spec::Choice::parse(cmdline.get("hv.spec-ctrl")) {
+        Ok(c) => c,
+        Err(bad) => {
+            warn!("hv.spec-ctrl={bad}: not auto, on or off; using auto");
+            crate::vmx::spec::Choice::Auto
+        }
+    };
+    if spec == crate::vmx::spec::Choice::Off {
+        warn!(
+            "hv.spec-ctrl=off: no speculative-execution mitigations; guests may read other domains' and the hypervisor's data on affected CPUs"
+        );
+    }
+    *SPEC_CHOICE.lock() = spec;
 
     let (image_start, image_end) = (sym(&raw const __image_start), sym(&raw const __image_end));
     init_memory(&info, image_start, image_end);
@@ -217,7 +232,10 @@ fn enter_vmx(index: usize, status: &VmxStatus) -> Option<crate::vcpu::run::RunLo
     let mut guard = FRAMES.lock();
     let frames = guard.as_mut()?;
     match crate::vmx::hw::VmxCpu::enable(*caps, frames) {
-        Ok(v) => Some(crate::vcpu::run::RunLoop::new(v, index, &FRAMES)),
+        Ok(v) => {
+            let spec = crate::vmx::spec::choose(crate::vmx::hw::cpu_bugs(), *SPEC_CHOICE.lock());
+            Some(crate::vcpu::run::RunLoop::new(v, index, &FRAMES, spec.m))
+        }
         Err(e) => {
             error!("CPU {index}: cannot enter VMX operation: {e}");
             None
@@ -655,6 +673,12 @@ fn cmd_vmx() {
         (true, 2) => println!("CPU 1: same as CPU 0"),
         (true, n) if n > 2 => println!("CPUs 1..{}: same as CPU 0", n - 1),
         _ => {}
+    }
+    let choice = *SPEC_CHOICE.lock();
+    let d = crate::vmx::spec::choose(crate::vmx::hw::cpu_bugs(), choice);
+    println!("speculative-execution mitigations (this CPU; hv.spec-ctrl={choice:?}):");
+    for (name, on, why) in crate::vmx::spec::report(&d) {
+        println!("  {name:<26} {:<4} {why}", if on { "on" } else { "off" });
     }
 }
 

@@ -148,11 +148,63 @@ fn until(m: &Machine, done: &Regex, limit: Duration) -> Result<(String, Duration
 /// The cost of a VMCALL round trip in Bochs with deterministic time: TSC ticks (instructions)
 /// per round trip measured by the guest, and VMREADs/VMWRITEs per exit counted by the host.
 fn vmcall() -> Result<Vec<Figure>, String> {
+    println!("vmcall benchmark (figures, not a test)");
+    // Without mitigations (the like-for-like with Xen's spec-ctrl=no), with what the CPU calls
+    // for (Bochs reports no immunity bits, so: the RSB fill), and with every one the CPU can do.
+    let mut figs = Vec::new();
+    for (label, append, peer) in [
+        (
+            "mitigations off",
+            "hv.spec-ctrl=off",
+            ("Xen 4.17 spec-ctrl=no", 817.0),
+        ),
+        ("mitigations auto", "", ("Xen 4.17 default", 888.0)),
+        (
+            "mitigations on",
+            "hv.spec-ctrl=on",
+            ("Xen 4.17 default", 888.0),
+        ),
+    ] {
+        let (ticks, reads, writes) = vmcall_run(append)?;
+        let name = if label == "mitigations off" {
+            String::from("VMCALL round trip")
+        } else {
+            format!("VMCALL round trip, {label}")
+        };
+        figs.push(
+            Figure::new("vmcall", &name, ticks as f64, "instructions", Better::Lower)
+                .peer_recorded(peer.0, peer.1),
+        );
+        if label == "mitigations off" {
+            figs.push(
+                Figure::new("vmcall", "VMREADs per exit", reads, "reads", Better::Lower)
+                    .peer_recorded("Xen 4.17", 11.0),
+            );
+            figs.push(
+                Figure::new(
+                    "vmcall",
+                    "VMWRITEs per exit",
+                    writes,
+                    "writes",
+                    Better::Lower,
+                )
+                .peer_recorded("Xen 4.17", 3.0),
+            );
+        }
+    }
+    // The peer: Xen 4.17 in the same Bochs model with sync=none, measured by hand (docs/PLATFORM.md,
+    // docs/PERFORMANCE.md); not rerun here, which needs Xen's packages and a PVH dom0.
+    Ok(figs)
+}
+
+/// One hypercall-bench run with `append` on the hypervisor's command line: instructions per
+/// round trip, VMREADs and VMWRITEs per exit.
+fn vmcall_run(append: &str) -> Result<(u64, f64, f64), String> {
     let n = 20_000;
     let module = build::guest_module(&format!("hypercall_bench:name=bench mem=8 -- {n}"))?;
     let iso = build::image_named(
         &ImageOptions {
-            append: "loglevel=info".into(),
+            append: format!("loglevel=info {append}"),
             modules: vec![module],
         },
         "bench-vmcall",
@@ -178,43 +230,17 @@ fn vmcall() -> Result<Vec<Figure>, String> {
     let exits: f64 = s[1].parse().map_err(|_| "bad number")?;
     let reads: f64 = s[2].parse().map_err(|_| "bad number")?;
     let writes: f64 = s[3].parse().map_err(|_| "bad number")?;
-    println!("vmcall benchmark (figures, not a test)");
+    let what = if append.is_empty() {
+        "(default)"
+    } else {
+        append
+    };
     println!(
-        "  bochs tigerlake, sync=none: {n} VMCALL round trips, {ticks} instructions (TSC ticks) each"
-    );
-    println!(
-        "  per exit over the whole run ({exits} exits): {:.2} VMREADs, {:.2} VMWRITEs",
+        "  bochs tigerlake, sync=none, {what}: {n} VMCALL round trips, {ticks} instructions (TSC ticks) each; per exit ({exits} exits): {:.2} VMREADs, {:.2} VMWRITEs",
         reads / exits,
         writes / exits
     );
-    // The peer: Xen 4.17 in the same Bochs model with sync=none, measured by hand (docs/PLATFORM.md,
-    // docs/PERFORMANCE.md); not rerun here, which needs Xen's packages and a PVH dom0.
-    Ok(vec![
-        Figure::new(
-            "vmcall",
-            "VMCALL round trip",
-            ticks as f64,
-            "instructions",
-            Better::Lower,
-        )
-        .peer_recorded("Xen 4.17 spec-ctrl=no", 817.0),
-        Figure::new(
-            "vmcall",
-            "VMREADs per exit",
-            reads / exits,
-            "reads",
-            Better::Lower,
-        )
-        .peer_recorded("Xen 4.17", 11.0),
-        Figure::new(
-            "vmcall",
-            "VMWRITEs per exit",
-            writes / exits,
-            "writes",
-            Better::Lower,
-        )
-        .peer_recorded("Xen 4.17", 3.0),
-    ])
+    Ok((ticks, reads / exits, writes / exits))
 }
 
 /// Requests per second through a virtqueue pair (block 4 KiB at depth 1 and 64, net 1500 B),

@@ -30,6 +30,7 @@ use crate::vmx::exit::ExitReason;
 use crate::vmx::fpu::{self, FpuArea};
 use crate::vmx::hw::{ActiveVmcs, FixedBits, GuestRegs, Vmcs, VmxCpu, fields as f};
 use crate::vmx::setup::{GuestSetup, setup_vmcs};
+use crate::vmx::spec::Mitigations;
 
 static NEXT_VPID: AtomicU16 = AtomicU16::new(1);
 /// TSC ticks per VM time slice (10 ms), set at boot.
@@ -241,15 +242,21 @@ pub struct RunLoop {
     fpu_owner: u64,
     /// Where retired vCPUs' VMCS frames go back.
     phys: &'static PhysMem,
+    /// Speculative-execution mitigations on this CPU (`vmx::spec`).
+    spec: Mitigations,
+    /// The domain whose vCPU ran last here (IBPB when it changes).
+    last_domain: u32,
 }
 
 impl RunLoop {
-    pub fn new(vmx: VmxCpu, cpu: usize, phys: &'static PhysMem) -> RunLoop {
+    pub fn new(vmx: VmxCpu, cpu: usize, phys: &'static PhysMem, spec: Mitigations) -> RunLoop {
         RunLoop {
             vmx,
             cpu,
             fpu_owner: 0,
             phys,
+            spec,
+            last_domain: 0,
         }
     }
 
@@ -333,6 +340,10 @@ impl RunLoop {
     fn run(&mut self, mut v: Box<Vcpu>) {
         v.halted_at_tick = None;
         v.go(Event::Schedule);
+        if self.spec.ibpb_on_switch && self.last_domain != v.domain.id {
+            crate::vmx::hw::ibpb();
+        }
+        self.last_domain = v.domain.id;
         let here = &CPUS[self.cpu].running_domain;
         here.store(v.domain.id, Ordering::Release);
         let end = self.run_slice(&mut v);
@@ -375,6 +386,7 @@ impl RunLoop {
                 vmx,
                 cpu,
                 fpu_owner,
+                spec,
                 ..
             } = self;
             let mut active = match vmx.load(&mut vmcs) {
@@ -387,7 +399,7 @@ impl RunLoop {
                     };
                 }
             };
-            Self::slice_inner(*cpu, fpu_owner, &mut active, &caps, v)
+            Self::slice_inner(*cpu, fpu_owner, *spec, &mut active, &caps, v)
         };
         v.vmcs = Some(vmcs);
         end
@@ -396,6 +408,7 @@ impl RunLoop {
     fn slice_inner(
         cpu: usize,
         fpu_owner: &mut u64,
+        spec: Mitigations,
         a: &mut ActiveVmcs,
         caps: &VmxCaps,
         v: &mut Vcpu,
@@ -433,7 +446,15 @@ impl RunLoop {
                 };
             }
             x86_64::instructions::interrupts::disable();
-            let entered = a.run(&mut v.core.regs);
+            if spec.l1d_flush {
+                crate::vmx::hw::flush_l1d();
+            }
+            if spec.verw {
+                // Last before entry: only the guest's own registers and the host's saved
+                // callee-saved registers are touched between this and VMRESUME.
+                crate::vmx::hw::clear_cpu_buffers();
+            }
+            let entered = a.run(&mut v.core.regs, spec.rsb_fill);
             // Let the host take the interrupt that caused an exit, if any.
             x86_64::instructions::interrupts::enable();
             if let Err(e) = entered {

@@ -40,6 +40,49 @@ fn alloc_region(frames: &mut FrameAllocator, revision: u32) -> Result<FrameRun, 
     Ok(run)
 }
 
+/// What this CPU says of its speculative-execution bugs (CPUID leaf 7, IA32_ARCH_CAPABILITIES
+/// where CPUID offers it, SMT from leaf 0xB).
+pub fn cpu_bugs() -> super::spec::CpuBugs {
+    let edx = cpu::cpuid(7, 0).edx;
+    let arch_cap = if edx & super::spec::cpuid7::ARCH_CAPABILITIES != 0 {
+        // SAFETY: IA32_ARCH_CAPABILITIES (0x10A) exists when CPUID.7.EDX[29] says so.
+        unsafe { cpu::rdmsr(0x10a) }
+    } else {
+        0
+    };
+    let smt = cpu::cpuid(0, 0).eax >= 0xb && cpu::cpuid(0xb, 0).ebx & 0xffff > 1;
+    super::spec::CpuBugs {
+        cpuid7_edx: edx,
+        arch_cap,
+        smt,
+    }
+}
+
+/// VERW with a data-segment selector: on CPUs with MD_CLEAR it clears the CPU's buffers.
+#[inline(always)]
+pub fn clear_cpu_buffers() {
+    static SELECTOR: u16 = 0x10;
+    // SAFETY: VERW only reads the selector and sets ZF; 0x10 is the hypervisor's data segment,
+    // valid in every GDT it loads.
+    unsafe {
+        core::arch::asm!("verw word ptr [{0}]", in(reg) &SELECTOR, options(nostack, readonly));
+    }
+}
+
+/// IBPB: indirect-branch predictions made so far cannot steer later branches.
+pub fn ibpb() {
+    // SAFETY: IA32_PRED_CMD (0x49) exists where CPUID.7.EDX[26] says so, which the caller's
+    // mitigation choice checked; writing bit 0 has no other effect.
+    unsafe { cpu::wrmsr(0x49, 1) }
+}
+
+/// Flushes the L1 data cache (IA32_FLUSH_CMD, 0x10B).
+pub fn flush_l1d() {
+    // SAFETY: the MSR exists where CPUID.7.EDX[28] says so, which the caller's mitigation
+    // choice checked; bit 0 writes back and invalidates L1D, nothing else.
+    unsafe { cpu::wrmsr(0x10b, 1) }
+}
+
 impl FixedBits {
     pub fn read() -> FixedBits {
         // SAFETY: these MSRs exist on every CPU with VMX (SDM Vol. 3D §A.7, §A.8); callers
@@ -358,12 +401,13 @@ impl ActiveVmcs<'_> {
     }
 
     /// Enters the guest until its next VM exit. Interrupts must be disabled by the caller.
+    /// `rsb_fill`: overwrite the return-stack buffer right after the exit (see `vmx::spec`).
     #[inline]
-    pub fn run(&mut self, regs: &mut GuestRegs) -> Result<(), VmxError> {
+    pub fn run(&mut self, regs: &mut GuestRegs, rsb_fill: bool) -> Result<(), VmxError> {
         // SAFETY: this VMCS is current and complete (host state set by `set_host_state`, whose
         // RIP is `vmx_exit_point`); `vmx_enter` writes HOST_RSP itself, saves every guest GPR
         // into `regs` on exit and restores the callee-saved host registers.
-        let failed = unsafe { vmx_enter(regs, u64::from(self.vmcs.launched)) };
+        let failed = unsafe { vmx_enter(regs, u64::from(self.vmcs.launched), u64::from(rsb_fill)) };
         if failed != 0 {
             return Err(VmxError::Instruction(self.read_error()));
         }
@@ -401,7 +445,7 @@ unsafe extern "C" {
 /// The current VMCS must be complete with `vmx_exit_point` as its host RIP, and interrupts
 /// must be disabled.
 #[unsafe(naked)]
-unsafe extern "C" fn vmx_enter(regs: *mut GuestRegs, launched: u64) -> u64 {
+unsafe extern "C" fn vmx_enter(regs: *mut GuestRegs, launched: u64, rsb_fill: u64) -> u64 {
     naked_asm!(
         "push rbp",
         "push rbx",
@@ -409,6 +453,7 @@ unsafe extern "C" fn vmx_enter(regs: *mut GuestRegs, launched: u64) -> u64 {
         "push r13",
         "push r14",
         "push r15",
+        "push rdx",
         "push rdi",
         "mov rax, 0x6c14",
         "vmwrite rax, rsp",
@@ -437,6 +482,7 @@ unsafe extern "C" fn vmx_enter(regs: *mut GuestRegs, launched: u64) -> u64 {
         "vmlaunch",
         "3:",
         "pop rdi",
+        "pop rdx",
         "pop r15",
         "pop r14",
         "pop r13",
@@ -468,6 +514,27 @@ unsafe extern "C" fn vmx_enter(regs: *mut GuestRegs, launched: u64) -> u64 {
         "mov rax, cr2",
         "mov [rdi + 120], rax",
         "pop rdi",
+        // The flags pushed at entry: bit 0 asks for the RSB fill. 16 iterations of two calls
+        // each put 32 harmless return addresses in the return-stack buffer, overwriting what
+        // the guest trained, before this code returns anywhere (each call's fall-through is a
+        // speculation trap); then the 32 return addresses are dropped from the stack.
+        "pop rdx",
+        "test dl, 1",
+        "jz 7f",
+        "mov ecx, 16",
+        "4:",
+        "call 5f",
+        "int3",
+        "lfence",
+        "5:",
+        "call 6f",
+        "int3",
+        "lfence",
+        "6:",
+        "dec ecx",
+        "jnz 4b",
+        "add rsp, 256",
+        "7:",
         "pop r15",
         "pop r14",
         "pop r13",

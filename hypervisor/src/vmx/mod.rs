@@ -14,6 +14,7 @@ pub mod hw;
 pub mod policy;
 #[cfg(target_os = "none")]
 pub mod setup;
+pub mod spec;
 pub mod vmcs;
 
 #[cfg(target_os = "none")]
