@@ -129,6 +129,8 @@ pub fn spawn(new: NewDomain) {
                 boot: boot.entry(),
                 eptp,
                 vpid,
+                // Set by the CPU that fills the VMCS, from its own mitigation choice.
+                rsb_fill: false,
             },
             mem: mem.clone(),
             ready: false,
@@ -415,6 +417,7 @@ impl RunLoop {
     ) -> SliceEnd {
         if !v.ready {
             // First entry: fill the VMCS on the CPU it will run on (vCPUs never move).
+            v.setup.rsb_fill = spec.rsb_fill;
             if let Err(e) = setup_vmcs(a, caps, &v.setup) {
                 return SliceEnd::Stop {
                     why: alloc::format!("cannot set up the VMCS: {e}"),
@@ -446,15 +449,17 @@ impl RunLoop {
                 };
             }
             x86_64::instructions::interrupts::disable();
-            if spec.l1d_flush {
-                crate::vmx::hw::flush_l1d();
+            if spec.verw | spec.l1d_flush {
+                if spec.l1d_flush {
+                    crate::vmx::hw::flush_l1d();
+                }
+                if spec.verw {
+                    // Last before entry: only the guest's own registers and the host's saved
+                    // callee-saved registers are touched between this and VMRESUME.
+                    crate::vmx::hw::clear_cpu_buffers();
+                }
             }
-            if spec.verw {
-                // Last before entry: only the guest's own registers and the host's saved
-                // callee-saved registers are touched between this and VMRESUME.
-                crate::vmx::hw::clear_cpu_buffers();
-            }
-            let entered = a.run(&mut v.core.regs, spec.rsb_fill);
+            let entered = a.run(&mut v.core.regs);
             // Let the host take the interrupt that caused an exit, if any.
             x86_64::instructions::interrupts::enable();
             if let Err(e) = entered {

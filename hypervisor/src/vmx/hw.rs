@@ -373,8 +373,9 @@ impl ActiveVmcs<'_> {
         self.vmwrite(x86::vmx::vmcs::guest::LINK_PTR_FULL, u64::MAX)
     }
 
-    /// Writes the host-state area from `h`; the host RIP is always the exit path.
-    pub fn set_host_state(&mut self, h: &HostState) -> Result<(), VmxError> {
+    /// Writes the host-state area from `h`; the host RIP is always the exit path, with the RSB
+    /// fill in front of it when `rsb_fill` (see `vmx::spec`).
+    pub fn set_host_state(&mut self, h: &HostState, rsb_fill: bool) -> Result<(), VmxError> {
         let w = |s: &mut Self, enc: u32, v: u64| s.vmwrite(enc, v);
         w(self, host::CR0, h.cr0)?;
         w(self, host::CR3, h.cr3)?;
@@ -396,18 +397,22 @@ impl ActiveVmcs<'_> {
         w(self, host::IA32_SYSENTER_EIP, 0)?;
         w(self, host::IA32_EFER_FULL, h.efer)?;
         w(self, host::IA32_PAT_FULL, h.pat)?;
-        w(self, host::RIP, vmx_exit_point as *const () as u64)?;
+        let rip = if rsb_fill {
+            vmx_exit_point_rsb as *const () as u64
+        } else {
+            vmx_exit_point as *const () as u64
+        };
+        w(self, host::RIP, rip)?;
         Ok(())
     }
 
     /// Enters the guest until its next VM exit. Interrupts must be disabled by the caller.
-    /// `rsb_fill`: overwrite the return-stack buffer right after the exit (see `vmx::spec`).
     #[inline]
-    pub fn run(&mut self, regs: &mut GuestRegs, rsb_fill: bool) -> Result<(), VmxError> {
+    pub fn run(&mut self, regs: &mut GuestRegs) -> Result<(), VmxError> {
         // SAFETY: this VMCS is current and complete (host state set by `set_host_state`, whose
         // RIP is `vmx_exit_point`); `vmx_enter` writes HOST_RSP itself, saves every guest GPR
         // into `regs` on exit and restores the callee-saved host registers.
-        let failed = unsafe { vmx_enter(regs, u64::from(self.vmcs.launched), u64::from(rsb_fill)) };
+        let failed = unsafe { vmx_enter(regs, u64::from(self.vmcs.launched)) };
         if failed != 0 {
             return Err(VmxError::Instruction(self.read_error()));
         }
@@ -436,6 +441,8 @@ impl super::vmcs::VmcsAccess for ActiveVmcs<'_> {
 unsafe extern "C" {
     /// The host RIP of every VMCS: the second half of `vmx_enter`.
     fn vmx_exit_point();
+    /// The same, after an RSB fill.
+    fn vmx_exit_point_rsb();
 }
 
 /// Loads the guest's registers and executes VMLAUNCH (first entry) or VMRESUME. Returns 0
@@ -445,7 +452,7 @@ unsafe extern "C" {
 /// The current VMCS must be complete with `vmx_exit_point` as its host RIP, and interrupts
 /// must be disabled.
 #[unsafe(naked)]
-unsafe extern "C" fn vmx_enter(regs: *mut GuestRegs, launched: u64, rsb_fill: u64) -> u64 {
+unsafe extern "C" fn vmx_enter(regs: *mut GuestRegs, launched: u64) -> u64 {
     naked_asm!(
         "push rbp",
         "push rbx",
@@ -453,7 +460,6 @@ unsafe extern "C" fn vmx_enter(regs: *mut GuestRegs, launched: u64, rsb_fill: u6
         "push r13",
         "push r14",
         "push r15",
-        "push rdx",
         "push rdi",
         "mov rax, 0x6c14",
         "vmwrite rax, rsp",
@@ -482,7 +488,6 @@ unsafe extern "C" fn vmx_enter(regs: *mut GuestRegs, launched: u64, rsb_fill: u6
         "vmlaunch",
         "3:",
         "pop rdi",
-        "pop rdx",
         "pop r15",
         "pop r14",
         "pop r13",
@@ -491,6 +496,28 @@ unsafe extern "C" fn vmx_enter(regs: *mut GuestRegs, launched: u64, rsb_fill: u6
         "pop rbp",
         "mov eax, 1",
         "ret",
+        // The host RIP of VMCSs on CPUs that fill the RSB (see `vmx::spec`): before anything
+        // returns, 16 iterations of two calls each put 32 harmless return addresses in the
+        // return-stack buffer, overwriting what the guest trained (each call's fall-through is
+        // a speculation trap); then the 32 return addresses are dropped from the stack. Only
+        // the guest's RCX is touched, and it is saved around the fill.
+        ".global vmx_exit_point_rsb",
+        "vmx_exit_point_rsb:",
+        "push rcx",
+        "mov ecx, 16",
+        "4:",
+        "call 5f",
+        "int3",
+        "lfence",
+        "5:",
+        "call 6f",
+        "int3",
+        "lfence",
+        "6:",
+        "dec ecx",
+        "jnz 4b",
+        "add rsp, 256",
+        "pop rcx",
         ".global vmx_exit_point",
         "vmx_exit_point:",
         "push rdi",
@@ -514,27 +541,6 @@ unsafe extern "C" fn vmx_enter(regs: *mut GuestRegs, launched: u64, rsb_fill: u6
         "mov rax, cr2",
         "mov [rdi + 120], rax",
         "pop rdi",
-        // The flags pushed at entry: bit 0 asks for the RSB fill. 16 iterations of two calls
-        // each put 32 harmless return addresses in the return-stack buffer, overwriting what
-        // the guest trained, before this code returns anywhere (each call's fall-through is a
-        // speculation trap); then the 32 return addresses are dropped from the stack.
-        "pop rdx",
-        "test dl, 1",
-        "jz 7f",
-        "mov ecx, 16",
-        "4:",
-        "call 5f",
-        "int3",
-        "lfence",
-        "5:",
-        "call 6f",
-        "int3",
-        "lfence",
-        "6:",
-        "dec ecx",
-        "jnz 4b",
-        "add rsp, 256",
-        "7:",
         "pop r15",
         "pop r14",
         "pop r13",

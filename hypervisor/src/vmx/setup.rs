@@ -58,6 +58,8 @@ pub struct GuestEntry {
 pub struct GuestSetup {
     pub boot: GuestEntry,
     pub eptp: Eptp,
+    /// Fill the return-stack buffer on every VM exit (this CPU's mitigation choice).
+    pub rsb_fill: bool,
     pub vpid: u16,
 }
 
@@ -162,6 +164,6 @@ pub fn setup_vmcs(v: &mut ActiveVmcs, caps: &VmxCaps, g: &GuestSetup) -> Result<
     v.set(f::GUEST_GDTR_LIMIT, u64::from(g.boot.gdt_limit))?;
     v.set(f::GUEST_IDTR_BASE, 0)?;
     v.set(f::GUEST_IDTR_LIMIT, 0)?;
-    v.set_host_state(&HostState::capture())?;
+    v.set_host_state(&HostState::capture(), g.rsb_fill)?;
     Ok(())
 }
