@@ -148,6 +148,12 @@ pub fn hypervisor_main(boot: Result<BootInfo, BootError>) -> ! {
     // local APIC, which is everything this CPU touches from here on.
     unsafe { pt.activate() };
     info!("paging: W^X identity map active (root {:#x})", pt.root());
+    let (smep, smap) = cpu::harden();
+    info!(
+        "hardening: SMEP {}, SMAP {}, NX on data, stack guard pages",
+        if smep { "on" } else { "not offered" },
+        if smap { "on" } else { "not offered" }
+    );
 
     CPUS[0].apic_id.store(bsp_apic, Ordering::Relaxed);
     CPUS[0].set_state(CpuState::Online);
@@ -409,6 +415,7 @@ extern "C" fn ap_main(index: u64) -> ! {
     smp::AP_ALIVE.fetch_add(1, Ordering::AcqRel);
     trap::load_idt();
     gdt::init_this_cpu();
+    let _ = cpu::harden();
     let id = lapic::enable(trap::SPURIOUS_VECTOR);
     CPUS[index].apic_id.store(id, Ordering::Relaxed);
     lapic::start_periodic_timer(trap::TIMER_VECTOR, TIMER_COUNT.load(Ordering::Relaxed));

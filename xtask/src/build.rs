@@ -199,3 +199,75 @@ fn copy(from: &Path, to: &Path) -> Result<(), String> {
         .map(|_| ())
         .map_err(|e| format!("copy {} -> {}: {e}", from.display(), to.display()))
 }
+
+/// The loadable segments of an ELF64 image that are both writable and executable (W^X check of
+/// the hypervisor image): `(virtual address, size)` of each; an error for a file that is not an
+/// ELF64 little-endian image.
+pub fn writable_and_executable(elf: &[u8]) -> Result<Vec<(u64, u64)>, String> {
+    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |o: usize| {
+        elf.get(o..o + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+    };
+    let u64_at = |o: usize| {
+        elf.get(o..o + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    };
+    if elf.get(..6) != Some(&[0x7f, b'E', b'L', b'F', 2, 1][..]) {
+        return Err("not an ELF64 little-endian file".into());
+    }
+    let phoff = usize::try_from(u64_at(0x20).ok_or("truncated header")?)
+        .map_err(|_| "program header offset too large")?;
+    let phentsize = usize::from(u16_at(0x36).ok_or("truncated header")?);
+    let phnum = usize::from(u16_at(0x38).ok_or("truncated header")?);
+    let mut out = Vec::new();
+    for i in 0..phnum {
+        let ph = phoff + i * phentsize;
+        let kind = u32_at(ph).ok_or("truncated program header")?;
+        let flags = u32_at(ph + 4).ok_or("truncated program header")?;
+        if kind == 1 && flags & 1 != 0 && flags & 2 != 0 {
+            let vaddr = u64_at(ph + 0x10).ok_or("truncated program header")?;
+            let memsz = u64_at(ph + 0x28).ok_or("truncated program header")?;
+            out.push((vaddr, memsz));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal ELF64 header with the given (type, flags) program headers.
+    fn elf(segments: &[(u32, u32)]) -> Vec<u8> {
+        let mut e = vec![0u8; 64 + 56 * segments.len()];
+        e[..6].copy_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1]);
+        e[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+        e[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+        let n = u16::try_from(segments.len()).expect("few segments");
+        e[0x38..0x3a].copy_from_slice(&n.to_le_bytes());
+        for (i, (kind, flags)) in segments.iter().enumerate() {
+            let ph = 64 + 56 * i;
+            e[ph..ph + 4].copy_from_slice(&kind.to_le_bytes());
+            e[ph + 4..ph + 8].copy_from_slice(&flags.to_le_bytes());
+            e[ph + 0x10..ph + 0x18].copy_from_slice(&(0x10_0000u64 * (i as u64 + 1)).to_le_bytes());
+            e[ph + 0x28..ph + 0x30].copy_from_slice(&0x1000u64.to_le_bytes());
+        }
+        e
+    }
+
+    #[test]
+    fn w_and_x_segments_are_found() {
+        // R+X text, R rodata, R+W data: clean.
+        assert_eq!(
+            writable_and_executable(&elf(&[(1, 5), (1, 4), (1, 6)])),
+            Ok(vec![])
+        );
+        // An RWX load segment is reported; a non-load RWX header (e.g. GNU_STACK) is not.
+        assert_eq!(
+            writable_and_executable(&elf(&[(1, 5), (1, 7), (0x6474_e551, 7)])),
+            Ok(vec![(0x20_0000, 0x1000)])
+        );
+        assert!(writable_and_executable(b"not an elf").is_err());
+    }
+}

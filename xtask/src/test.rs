@@ -101,7 +101,22 @@ pub fn run(args: &[String]) -> Result<(), String> {
     }
 
     eprintln!("==> scenarios");
-    build::build_kernel()?;
+    let elf = build::build_kernel()?;
+    if filter.is_none() {
+        // Host hardening: no segment of the hypervisor image is both writable and executable.
+        let bytes = std::fs::read(&elf).map_err(|e| format!("{}: {e}", elf.display()))?;
+        let (ok, detail) = match build::writable_and_executable(&bytes) {
+            Ok(v) if v.is_empty() => (true, String::new()),
+            Ok(v) => (false, format!("writable and executable segments: {v:x?}")),
+            Err(e) => (false, e),
+        };
+        println!(
+            "check    {:<28} {}",
+            "image W^X (segments)",
+            if ok { "ok" } else { "FAILED" }
+        );
+        tally.record("check image W^X", ok, &detail);
+    }
     for s in scenario::load_all()? {
         if filter
             .as_ref()

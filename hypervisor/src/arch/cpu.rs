@@ -52,6 +52,30 @@ pub fn set_current_cpu(index: usize) {
 }
 
 /// Stops this CPU for good: interrupts off, HLT forever.
+/// SMEP and SMAP on this CPU, where CPUID offers them (leaf 7 EBX bits 7 and 20): the
+/// hypervisor then can neither execute nor touch user-accessible pages by mistake. Its own
+/// page tables map nothing user-accessible, and it reaches guest memory only through them,
+/// so neither changes what it does. Returns which were turned on.
+pub fn harden() -> (bool, bool) {
+    let ebx = cpuid(7, 0).ebx;
+    let (smep, smap) = (ebx & (1 << 7) != 0, ebx & (1 << 20) != 0);
+    let mut bits = 0u64;
+    if smep {
+        bits |= 1 << 20;
+    }
+    if smap {
+        bits |= 1 << 21;
+    }
+    // SAFETY: CR4.SMEP/SMAP only add checks on user-accessible pages, of which the page tables
+    // this CPU runs on (the hypervisor's own, installed before this is called) have none; the
+    // bits are set only where CPUID says the CPU has them.
+    unsafe {
+        let cr4 = x86_64::registers::control::Cr4::read_raw();
+        x86_64::registers::control::Cr4::write_raw(cr4 | bits);
+    }
+    (smep, smap)
+}
+
 pub fn halt_forever() -> ! {
     loop {
         x86_64::instructions::interrupts::disable();
