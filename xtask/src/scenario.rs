@@ -283,23 +283,15 @@ fn run_inner(s: &Scenario, work: &Path, log: &Path, on: On) -> Result<String, St
     let mut done_at: Option<Instant> = None;
     let mut buf = [0u8; 8192];
     let verdict = loop {
-        match running.serial.read(&mut buf) {
-            Ok(0) => {
+        match read_serial(&mut running, &mut buf, &mut raw, log) {
+            Ok(true) => {}
+            Ok(false) => {
                 if done_at.is_none() {
                     break Err("the emulator closed the serial port".to_string());
                 }
                 break Ok(());
             }
-            Ok(n) => {
-                raw.extend_from_slice(&buf[..n]);
-                let _ = std::fs::write(log, &raw);
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) => break Err(format!("serial: {e}")),
+            Err(e) => break Err(e),
         }
         let text = String::from_utf8_lossy(&raw);
         if let Some(r) = reject.iter().find(|r| r.is_match(&text)) {
@@ -488,18 +480,8 @@ fn audit(
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut buf = [0u8; 8192];
     loop {
-        match running.serial.read(&mut buf) {
-            Ok(0) => return Err("the emulator closed the serial port during the EPT audit".into()),
-            Ok(n) => {
-                raw.extend_from_slice(&buf[..n]);
-                let _ = std::fs::write(log, &raw);
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) => return Err(format!("serial: {e}")),
+        if !read_serial(running, &mut buf, raw, log)? {
+            return Err("the emulator closed the serial port during the EPT audit".into());
         }
         let text = String::from_utf8_lossy(&raw[start..]);
         if let Some(r) = reject.iter().find(|r| r.is_match(&text)) {
@@ -517,5 +499,32 @@ fn audit(
         if Instant::now() > deadline {
             return Err("no EPT audit summary within 30 s".into());
         }
+    }
+}
+
+/// Reads what the serial port has (waiting at most its read timeout), appends it to `raw` and
+/// the log. `Ok(false)` when the emulator closed the port.
+fn read_serial(
+    running: &mut emu::Running,
+    buf: &mut [u8],
+    raw: &mut Vec<u8>,
+    log: &Path,
+) -> Result<bool, String> {
+    match running.serial.read(buf) {
+        Ok(0) => Ok(false),
+        Ok(n) => {
+            raw.extend_from_slice(&buf[..n]);
+            let _ = std::fs::write(log, &*raw);
+            Ok(true)
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Ok(true)
+        }
+        Err(e) => Err(format!("serial: {e}")),
     }
 }

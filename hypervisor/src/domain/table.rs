@@ -214,13 +214,9 @@ pub fn kick_cpu(cpu: usize) {
 /// Sends the kick IPI to every other CPU that is running a vCPU of domain `id`, so that it
 /// exits now and sees the change instead of at the end of its slice.
 pub fn kick_cpus_running(id: u32) {
-    let me = crate::arch::cpu::current_cpu();
     for (i, c) in CPUS.iter().enumerate().take(percpu::cpu_count()) {
-        if i != me && c.running_domain.load(Ordering::Acquire) == id {
-            crate::arch::lapic::send_fixed(
-                c.apic_id.load(Ordering::Relaxed),
-                crate::arch::trap::KICK_VECTOR,
-            );
+        if c.running_domain.load(Ordering::Acquire) == id {
+            kick_cpu(i);
         }
     }
 }

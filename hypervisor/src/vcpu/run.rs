@@ -149,11 +149,15 @@ fn destroyed(d: &Domain) -> String {
     }
 }
 
+/// TSC ticks per microsecond (a slice is 10 ms of TSC, calibrated at boot).
+fn tsc_per_us() -> u64 {
+    (SLICE_TSC.load(Ordering::Relaxed) / 10_000).max(1)
+}
+
 /// Microseconds since the operator's last request to this domain.
 fn since_request(d: &Domain) -> Option<u64> {
     let asked = d.request_tsc.load(Ordering::Relaxed);
-    let per_us = (SLICE_TSC.load(Ordering::Relaxed) / 10_000).max(1);
-    (asked != 0).then(|| cpu::rdtsc().saturating_sub(asked) / per_us)
+    (asked != 0).then(|| cpu::rdtsc().saturating_sub(asked) / tsc_per_us())
 }
 
 /// The dispatcher's view of this machine and of the vCPU's domain.
@@ -216,7 +220,7 @@ impl Platform for HwPlatform<'_> {
     }
 
     fn tsc_per_us(&self) -> u64 {
-        (SLICE_TSC.load(Ordering::Relaxed) / 10_000).max(1)
+        tsc_per_us()
     }
 
     fn with_io<R>(&mut self, f: impl FnOnce(&mut DomainIo) -> R) -> R {
@@ -307,13 +311,12 @@ impl RunLoop {
                         v.setup.boot.rip = rip;
                         v.setup.boot.rsp = rsp;
                         v.go(Event::Start);
-                        let per_us = (SLICE_TSC.load(Ordering::Relaxed) / 10_000).max(1);
                         log::info!(
                             "domain {} vCPU {} started on CPU {} ({} µs after VCPU_START)",
                             v.domain.id,
                             v.core.index,
                             self.cpu,
-                            cpu::rdtsc().saturating_sub(asked) / per_us
+                            cpu::rdtsc().saturating_sub(asked) / tsc_per_us()
                         );
                     }
                     None => {
