@@ -174,7 +174,7 @@ pub fn hypervisor_main(boot: Result<BootInfo, BootError>) -> ! {
     );
 
     enable_sse();
-    crate::vcpu::run::SLICE_TSC.store(tsc_per_10ms.max(1000), Ordering::Relaxed);
+    crate::vcpu::queue::TSC_PER_10MS.store(tsc_per_10ms.max(1000), Ordering::Relaxed);
     let vmx = detect::probe_this_cpu();
     *VMX_STATUS[0].lock() = vmx;
     report_vmx_at_boot(&vmx);
@@ -240,7 +240,13 @@ fn enter_vmx(index: usize, status: &VmxStatus) -> Option<crate::vcpu::run::RunLo
     match crate::vmx::hw::VmxCpu::enable(*caps, frames) {
         Ok(v) => {
             let spec = crate::vmx::spec::choose(crate::vmx::hw::cpu_bugs(), *SPEC_CHOICE.lock());
-            Some(crate::vcpu::run::RunLoop::new(v, index, &FRAMES, spec.m))
+            Some(crate::vcpu::run::RunLoop::new(
+                v,
+                index,
+                &FRAMES,
+                spec.m,
+                TIMER_COUNT.load(Ordering::Relaxed),
+            ))
         }
         Err(e) => {
             error!("CPU {index}: cannot enter VMX operation: {e}");
@@ -275,14 +281,24 @@ fn start_boot_domains(vmx: &VmxStatus) {
         let image = unsafe {
             core::slice::from_raw_parts(m.start as *const u8, (m.end - m.start) as usize)
         };
+        if let Err(e) = crate::vcpu::queue::admits(&cfg.sched, cfg.vcpus) {
+            error!("module {i} ('{}'): {e}; not started", cfg.name);
+            continue;
+        }
         match crate::domain::table::create(&DOMAINS, &FRAMES, image, &cfg, caps) {
             Ok(new) => {
                 let d = new.domain.clone();
-                crate::vcpu::run::spawn(new);
-                info!(
-                    "domain {} ({}) created: {} MiB on CPU {}",
-                    d.id, d.name, d.mem_mib, d.cpu
-                );
+                match crate::vcpu::run::spawn(new) {
+                    Ok(()) => info!(
+                        "domain {} ({}) created: {} MiB on CPU {}",
+                        d.id, d.name, d.mem_mib, d.cpu
+                    ),
+                    Err(e) => {
+                        // Checked just above; only a bug gets here. Its vCPUs were dropped.
+                        error!("module {i} ('{}'): {e}; not started", cfg.name);
+                        d.finish(e);
+                    }
+                }
             }
             Err(e) => error!("module {i} ('{}'): {e}; not started", cfg.name),
         }
@@ -426,9 +442,10 @@ extern "C" fn ap_main(index: u64) -> ! {
     CPUS[index].set_state(CpuState::Online);
     info!("CPU {index} online (APIC id {id}); VT-x {}", vmx.summary());
     loop {
-        let ran = run_loop.as_mut().is_some_and(|r| r.run_once());
-        if !ran {
-            cpu::wait_for_interrupt();
+        match run_loop.as_mut() {
+            // Halts when idle, until a kick or its first sleeper's deadline.
+            Some(r) => r.step(None),
+            None => cpu::wait_for_interrupt(),
         }
     }
 }
@@ -508,9 +525,10 @@ fn console_task(mut run_loop: Option<crate::vcpu::run::RunLoop>) -> ! {
                 print!("{PROMPT}");
             }
         }
-        let ran = run_loop.as_mut().is_some_and(|r| r.run_once());
-        if !ran {
-            cpu::wait_for_interrupt();
+        match run_loop.as_mut() {
+            // Idle, it still wakes every 10 ms to poll the UART.
+            Some(r) => r.step(Some(crate::vcpu::queue::ns_to_tsc(10_000_000))),
+            None => cpu::wait_for_interrupt(),
         }
     }
 }
@@ -535,7 +553,11 @@ fn run_command(line: &str) {
         }
         Ok(Command::Domains) => cmd_domains(),
         Ok(Command::Destroy(id)) => match DOMAINS.destroy(id) {
-            Ok(()) => println!("domain {id}: stopping"),
+            Ok(()) => {
+                // Halted and paused vCPUs too must look again, to stop.
+                crate::vcpu::queue::wake_domain(id);
+                println!("domain {id}: stopping")
+            }
             Err(e) => println!("error: destroy: {e}"),
         },
         Ok(Command::Pause(id)) => match DOMAINS.pause(id) {
@@ -543,7 +565,10 @@ fn run_command(line: &str) {
             Err(e) => println!("error: pause: {e}"),
         },
         Ok(Command::Resume(id)) => match DOMAINS.resume(id) {
-            Ok(()) => println!("domain {id}: running"),
+            Ok(()) => {
+                crate::vcpu::queue::wake_domain(id);
+                println!("domain {id}: running")
+            }
             Err(e) => println!("error: resume: {e}"),
         },
         Ok(Command::Audit) => cmd_audit(),

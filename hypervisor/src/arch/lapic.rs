@@ -65,6 +65,18 @@ pub fn start_periodic_timer(vector: u8, count: u32) {
     write(TIMER_INITIAL, count);
 }
 
+/// Switches the timer to one-shot mode, stopped; [`arm_oneshot`] starts each count.
+pub fn start_oneshot_timer(vector: u8) {
+    write(TIMER_DIVIDE, 0b0011); // divide by 16
+    write(TIMER_INITIAL, 0);
+    write(LVT_TIMER, u32::from(vector));
+}
+
+/// One interrupt after `count` bus ticks (divided by 16); 0 stops the timer.
+pub fn arm_oneshot(count: u32) {
+    write(TIMER_INITIAL, count);
+}
+
 /// Measures timer ticks (divide by 16) during `wait`.
 pub fn measure_timer(wait: impl FnOnce()) -> u32 {
     write(TIMER_DIVIDE, 0b0011);

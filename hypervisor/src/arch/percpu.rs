@@ -52,7 +52,18 @@ pub struct CpuRecord {
     pub ticks: AtomicU64,
     /// The domain whose vCPU this CPU is running now (0: none), for kicks.
     pub running_domain: AtomicU32,
+    /// What the run loop must look at before its next VM entry ([`ATTN_RESCHED`],
+    /// [`ATTN_TIMER`]); set by other CPUs and by this CPU's interrupt handlers.
+    pub attention: AtomicU8,
+    /// TSC ticks spent halted with nothing to run, and how many times it halted.
+    pub idle_tsc: AtomicU64,
+    pub halts: AtomicU64,
 }
+
+/// The scheduler put work on this CPU that should run before what runs now.
+pub const ATTN_RESCHED: u8 = 1;
+/// This CPU's one-shot timer fired: a sleeper may be due.
+pub const ATTN_TIMER: u8 = 2;
 
 impl CpuRecord {
     const fn new() -> Self {
@@ -61,6 +72,9 @@ impl CpuRecord {
             state: AtomicU8::new(CpuState::Absent as u8),
             ticks: AtomicU64::new(0),
             running_domain: AtomicU32::new(0),
+            attention: AtomicU8::new(0),
+            idle_tsc: AtomicU64::new(0),
+            halts: AtomicU64::new(0),
         }
     }
 

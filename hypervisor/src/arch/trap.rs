@@ -262,7 +262,10 @@ const MNEMONICS: [&str; 32] = [
 extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
     match frame.vector {
         v if v == u64::from(TIMER_VECTOR) => {
-            percpu::this_cpu().ticks.fetch_add(1, Ordering::Relaxed);
+            let me = percpu::this_cpu();
+            me.ticks.fetch_add(1, Ordering::Relaxed);
+            me.attention
+                .fetch_or(percpu::ATTN_TIMER, Ordering::Relaxed);
             lapic::eoi();
         }
         // The kick only needed the exit it caused; the run loop does the rest.

@@ -1,10 +1,14 @@
 //! A domain's settings, from its boot module's command line:
-//! `name=NAME mem=MIB cpu=N vcpus=N -- GUEST COMMAND LINE` (everything after ` -- ` is the
-//! guest's own command line). Values are checked here; a bad line names what is wrong.
+//! `name=NAME mem=MIB cpu=N vcpus=N weight=W cap=C reserve=R pin=CPUS -- GUEST COMMAND LINE`
+//! (everything after ` -- ` is the guest's own command line). `cpu=N` puts vCPU i on CPU N+i
+//! for good; without it the scheduler places and moves them, within `pin=CPUS` when given.
+//! The scheduling keys (`sched::keys`) say how much CPU it gets.
+//! Values are checked here; a bad line names what is wrong.
 
 use alloc::string::String;
 
 use crate::cmdline::CommandLine;
+use crate::sched::keys::{Change, KEYS};
 
 /// Default RAM of a domain, MiB.
 pub const DEFAULT_MEM_MIB: u64 = 16;
@@ -20,7 +24,11 @@ pub struct DomainConfig<'a> {
     pub name: &'a str,
     pub mem_mib: u64,
     pub vcpus: u32,
+    /// vCPU 0 stays on this CPU, the next vCPUs on the CPUs after it; None: the scheduler
+    /// places and moves them.
     pub cpu: Option<usize>,
+    /// Weight, cap, reservation and pinning; what is not given keeps the defaults.
+    pub sched: Change,
     pub guest_cmdline: &'a str,
 }
 
@@ -63,11 +71,25 @@ impl<'a> DomainConfig<'a> {
         if !(1..=MAX_VCPUS).contains(&vcpus) {
             return Err(alloc::format!("vcpus={vcpus}: must be 1..{MAX_VCPUS}"));
         }
+        let mut sched = Change::default();
+        for key in KEYS {
+            if let Some(value) = c.get(key) {
+                sched
+                    .set(key, value)
+                    .map_err(|e| alloc::format!("{key}={value}: {e}"))?;
+            }
+        }
+        if cpu.is_some() && sched.pin.is_some() {
+            return Err(String::from(
+                "cpu= and pin= both given: cpu=N keeps each vCPU on one CPU, pin=CPUS lets the scheduler move them within a set; choose one",
+            ));
+        }
         Ok(DomainConfig {
             name: c.get("name").unwrap_or("guest"),
             mem_mib,
             vcpus,
             cpu,
+            sched,
             guest_cmdline: guest,
         })
     }
@@ -89,6 +111,12 @@ mod tests {
         assert_eq!((c.name, c.mem_mib, c.vcpus, c.cpu), ("web", 64, 4, Some(1)));
         assert_eq!(c.guest_cmdline, "root=/dev/vda quiet");
         assert_eq!(DomainConfig::parse("name=x --").unwrap().guest_cmdline, "");
+        let c = DomainConfig::parse("weight=512 cap=25 reserve=10 pin=0-1").unwrap();
+        assert_eq!(
+            (c.sched.weight, c.sched.cap, c.sched.reserve, c.sched.pin),
+            (Some(512), Some(Some(25)), Some(10), Some(0b11))
+        );
+        assert!(DomainConfig::parse("").unwrap().sched.is_empty());
         // Options after `--` belong to the guest.
         assert_eq!(DomainConfig::parse("-- mem=9").unwrap().mem_mib, 16);
     }
@@ -104,5 +132,8 @@ mod tests {
         assert!(e("vcpus=0").contains("1..16"));
         assert!(e("vcpus=17").contains("1..16"));
         assert_eq!(e("vcpus=x"), "vcpus=x: not a number");
+        assert_eq!(e("weight=0"), "weight=0: weight: must be 1..65535");
+        assert!(e("pin=9-2").starts_with("pin=9-2: pin: not a CPU list"));
+        assert!(e("cpu=1 pin=0-1").contains("choose one"));
     }
 }

@@ -42,7 +42,7 @@ pub struct Domain {
     pub id: u32,
     pub name: String,
     pub mem_mib: u64,
-    /// The CPU of vCPU 0.
+    /// The CPU vCPU 0 started on (the scheduler may move it; `vcpu::queue::cpu_of`).
     pub cpu: usize,
     pub vcpus: u32,
     /// Bit i set once vCPU i has been started (vCPU 0 from the beginning).
@@ -50,8 +50,6 @@ pub struct Domain {
     /// Start requests for vCPUs 1..: `(rip, rsp)`.
     /// Start requests for vCPUs 1..: `(rip, rsp, TSC of the request)`.
     pub(crate) starts: Vec<Mutex<Option<(u64, u64, u64)>>>,
-    /// The CPU each vCPU runs on.
-    pub(crate) placement: Vec<usize>,
     /// vCPUs not yet torn down.
     pub(crate) alive: AtomicU32,
     pub(crate) vmreads: AtomicU64,
@@ -306,10 +304,18 @@ impl TableFrames for ReadTables {
     }
 }
 
+/// Bumped whenever a domain's EPT tables go back to the allocator. A CPU may still cache
+/// translations of that EPT (its vCPUs ran there and moved on), and the root frame may become
+/// another domain's: every CPU compares this with what it saw before each slice and drops its
+/// cached EPT translations (INVEPT all-context) when it changed.
+pub static EPT_GENERATION: AtomicU64 = AtomicU64::new(0);
+
 impl Drop for DomainMem {
     fn drop(&mut self) {
         let mut guard = self.phys.lock();
         let Some(frames) = guard.as_mut() else { return };
+        // Before any table frame can be handed out again (the allocator's lock is held).
+        EPT_GENERATION.fetch_add(1, Ordering::AcqRel);
         for t in self.tables.drain(..) {
             crate::mm::give_back(frames, t);
         }
@@ -352,9 +358,13 @@ pub struct NewDomain {
     pub boot: BootState,
     /// The EPT pointer for every vCPU's VMCS.
     pub eptp: crate::vmx::ept::Eptp,
-    /// One VMCS per vCPU, and the CPU each vCPU runs on.
+    /// One VMCS per vCPU, and the CPU each vCPU starts on.
     pub vmcss: Vec<Vmcs>,
     pub placement: Vec<usize>,
+    /// Whether each vCPU stays on its CPU (`cpu=N` on the module line).
+    pub fixed_cpu: bool,
+    /// Weight, cap, reservation and pinning from the module line.
+    pub sched: crate::sched::keys::Change,
 }
 
 /// Builds a domain from an ELF image: RAM from `phys`, the image loaded into it, its EPT and one
@@ -491,7 +501,6 @@ pub fn create(
         vcpus: cfg.vcpus,
         started: AtomicU64::new(1),
         starts: (0..cfg.vcpus).map(|_| Mutex::new(None)).collect(),
-        placement: placement.clone(),
         alive: AtomicU32::new(cfg.vcpus),
         vmreads: AtomicU64::new(0),
         vmwrites: AtomicU64::new(0),
@@ -512,5 +521,7 @@ pub fn create(
         eptp,
         vmcss,
         placement,
+        fixed_cpu: cfg.cpu.is_some(),
+        sched: cfg.sched,
     })
 }

@@ -1,9 +1,10 @@
-//! The vCPU scheduler's policy, as a pure, host-tested state machine (issue 12, parts 1 and 2;
-//! the run loop does not use it yet, and the console controls are to come): what
-//! runs where and for how long, given domains' weights, caps and reservations, vCPUs' affinity
-//! and who is runnable. Time is passed in (nanoseconds); nothing here touches hardware. The
-//! run loop (`vcpu::run`) is to drive it: ask for the next vCPU when a CPU is free, report when
-//! one stops running (its slice ended, it halted, it retired) and when one wakes.
+//! The vCPU scheduler's policy, as a pure, host-tested state machine: what runs where and for
+//! how long, given domains' weights, caps and reservations, vCPUs' affinity and who is
+//! runnable. Time is passed in (nanoseconds); nothing here touches hardware. The run loop
+//! (`vcpu::queue` and `vcpu::run`) drives it: it asks for the next vCPU when a CPU is free,
+//! reports when one stops running (its slice ended, it halted, it retired) and when one wakes
+//! (its timer, VCPU_START, an operator's resume), and keeps the sleepers' deadlines
+//! ([`timers`]) and the shares of the last second ([`window`]).
 //!
 //! How it decides (weighted virtual time, as in CFS/EEVDF, with Xen credit-style caps):
 //! - each vCPU has a virtual runtime that grows by `ran × WEIGHT_UNIT / weight`, where its
@@ -20,7 +21,10 @@
 //!   queue whose affinity allows it; new and waking vCPUs go to the least loaded allowed CPU;
 //! - slices are the target latency over the number of runnable vCPUs, within 1–30 ms.
 
+pub mod keys;
 pub mod policy;
+pub mod timers;
+pub mod window;
 
 #[cfg(test)]
 mod sim;

@@ -235,12 +235,23 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Whether a new domain of `vcpus` vCPUs with `p` would be admitted (what
+    /// [`add_domain`](Self::add_domain) would refuse, checked before anything is built).
+    pub fn admits(&self, p: &Params, vcpus: usize) -> Result<(), ParamError> {
+        self.check(None, p, vcpus)
+    }
+
     /// Adds a domain (no vCPUs yet).
     pub fn add_domain(&mut self, id: DomId, p: Params) -> Result<(), ParamError> {
+        self.add_domain_for(id, p, 1)
+    }
+
+    /// Adds a domain that will have `vcpus` vCPUs (what its reservation may use).
+    pub fn add_domain_for(&mut self, id: DomId, p: Params, vcpus: usize) -> Result<(), ParamError> {
         if self.domains.contains_key(&id) {
             return Err(ParamError::DomainExists(id));
         }
-        self.check(None, &p, 1)?;
+        self.check(None, &p, vcpus)?;
         self.domains.insert(
             id,
             Domain {
@@ -282,6 +293,17 @@ impl Scheduler {
     /// A new vCPU of `dom`, runnable at once, allowed on the CPUs in `affinity`; placed on the
     /// least loaded of them.
     pub fn add_vcpu(&mut self, dom: DomId, affinity: u64, now: Ns) -> Result<VcpuId, ParamError> {
+        self.add_vcpu_at(dom, affinity, None, now)
+    }
+
+    /// As [`add_vcpu`](Self::add_vcpu), placed on `cpu` first when given and allowed.
+    pub fn add_vcpu_at(
+        &mut self,
+        dom: DomId,
+        affinity: u64,
+        cpu: Option<CpuId>,
+        now: Ns,
+    ) -> Result<VcpuId, ParamError> {
         let affinity = affinity & self.all_cpus();
         if affinity == 0 {
             return Err(ParamError::Affinity(affinity));
@@ -289,7 +311,10 @@ impl Scheduler {
         if !self.domains.contains_key(&dom) {
             return Err(ParamError::NoSuchDomain(dom));
         }
-        let cpu = self.least_loaded(affinity);
+        let cpu = match cpu {
+            Some(c) if c < MAX_CPUS && affinity & (1 << c) != 0 => c,
+            _ => self.least_loaded(affinity),
+        };
         let id = self.vcpus.len();
         let start = self.clock();
         self.vcpus.push(Vcpu {
@@ -398,9 +423,16 @@ impl Scheduler {
         match why {
             Stop::Preempted => {
                 x.state = State::Runnable;
-                x.cpu = cpu;
                 let key = (x.vruntime, v);
-                self.queues[cpu].ready.insert(key);
+                // Its affinity may have changed while it ran.
+                let to = if x.affinity & (1 << cpu) != 0 {
+                    cpu
+                } else {
+                    let a = x.affinity;
+                    self.least_loaded(a)
+                };
+                self.vcpus[v].cpu = to;
+                self.queues[to].ready.insert(key);
             }
             Stop::Blocked => x.state = State::Blocked,
         }
@@ -417,7 +449,15 @@ impl Scheduler {
             return None;
         }
         let affinity = self.vcpus[v].affinity;
-        let cpu = self.least_loaded(affinity);
+        // Back where it ran last (its caches, and no VMCS move) unless another allowed CPU is
+        // less loaded.
+        let prev = self.vcpus[v].cpu;
+        let least = self.least_loaded(affinity);
+        let cpu = if affinity & (1 << prev) != 0 && self.load(prev) <= self.load(least) {
+            prev
+        } else {
+            least
+        };
         let floor = self.clock().saturating_sub(WAKE_CREDIT);
         let x = &mut self.vcpus[v];
         // Sleep earns at most WAKE_CREDIT of virtual time: a boost, never a hoard.
@@ -578,6 +618,60 @@ impl Scheduler {
         }
     }
 
+    /// Takes a waiting vCPU off its queue without it having run (a vCPU not yet started, or
+    /// of a paused domain): blocked until [`wake`](Self::wake). A running vCPU is stopped with
+    /// [`stop`](Self::stop) instead; this does nothing to it.
+    pub fn park(&mut self, v: VcpuId) {
+        let Some(x) = self.vcpus.get(v) else { return };
+        if x.removed || x.state != State::Runnable {
+            return;
+        }
+        let key = (x.vruntime, v);
+        self.queues[x.cpu].ready.remove(&key);
+        self.vcpus[v].state = State::Blocked;
+    }
+
+    /// Allows `v` only on the CPUs in `mask`; a waiting vCPU on a CPU now disallowed moves to
+    /// the least loaded allowed one, a running one when it next stops.
+    pub fn set_affinity(&mut self, v: VcpuId, mask: u64) -> Result<(), ParamError> {
+        let mask_here = mask & self.all_cpus();
+        if mask_here == 0 {
+            return Err(ParamError::Affinity(mask));
+        }
+        let Some(x) = self.vcpus.get(v).filter(|x| !x.removed) else {
+            return Ok(());
+        };
+        let (cpu, state) = (x.cpu, x.state);
+        self.vcpus[v].affinity = mask_here;
+        if state == State::Runnable && mask_here & (1 << cpu) == 0 {
+            let to = self.least_loaded(mask_here);
+            self.move_ready(cpu, to, v);
+        } else if state == State::Blocked && mask_here & (1 << cpu) == 0 {
+            self.vcpus[v].cpu = self.least_loaded(mask_here);
+        }
+        Ok(())
+    }
+
+    /// The CPUs `v` may run on.
+    pub fn affinity(&self, v: VcpuId) -> u64 {
+        self.vcpus[v].affinity
+    }
+
+    /// The vCPUs of a domain.
+    pub fn domain_vcpus(&self, id: DomId) -> &[VcpuId] {
+        self.domains.get(&id).map_or(&[], |d| &d.vcpus)
+    }
+
+    /// The domains, in id order.
+    pub fn domain_ids(&self) -> impl Iterator<Item = DomId> + '_ {
+        self.domains.keys().copied()
+    }
+
+    /// How many vCPUs wait on `cpu`'s queue, and whether one runs there.
+    pub fn queue(&self, cpu: CpuId) -> (usize, Option<VcpuId>) {
+        (self.queues[cpu].ready.len(), self.queues[cpu].running)
+    }
+
     /// The slice on `cpu`: the target latency shared by its runnable vCPUs, within bounds.
     pub fn slice(&self, cpu: CpuId) -> Ns {
         let n = self.load(cpu).max(1) as u64;
@@ -729,6 +823,50 @@ mod tests {
             s.add_domain(1, Params::default()),
             Err(ParamError::DomainExists(1))
         );
+    }
+
+    #[test]
+    fn parked_vcpus_wait_for_a_wake_and_go_back_where_they_ran() {
+        let mut s = Scheduler::new(2);
+        s.add_domain(1, Params::default()).unwrap();
+        let a = s.add_vcpu(1, 0b11, 0).unwrap();
+        let b = s.add_vcpu(1, 0b11, 0).unwrap();
+        assert_eq!((s.cpu_of(a), s.cpu_of(b)), (0, 1));
+        s.park(b);
+        assert!(s.is_blocked(b));
+        assert_eq!(s.pick(0, 0).run, Some(a));
+        assert_eq!(s.pick(1, 0).run, None, "a parked vCPU is not picked");
+        assert_eq!(s.wake(b, 10), Some(1), "woken where it was: that CPU is idle");
+        assert_eq!(s.pick(1, 10).run, Some(b));
+        // A running vCPU is not parked (it is stopped instead).
+        s.park(b);
+        assert_eq!(s.running(1), Some(b));
+        s.stop(1, 20, Stop::Blocked);
+        // Both CPUs equally loaded (a runs on 0): it wakes on the CPU it ran on.
+        s.wake(b, 30);
+        assert_eq!(s.cpu_of(b), 1);
+    }
+
+    #[test]
+    fn affinity_changes_move_waiting_and_stopping_vcpus() {
+        let mut s = Scheduler::new(2);
+        s.add_domain(1, Params::default()).unwrap();
+        let a = s.add_vcpu(1, 0b01, 0).unwrap();
+        let b = s.add_vcpu(1, 0b01, 0).unwrap();
+        assert_eq!(s.cpu_of(b), 0);
+        assert_eq!(s.set_affinity(b, 0b100), Err(ParamError::Affinity(0b100)));
+        assert_eq!(s.affinity(b), 0b01, "refused: unchanged");
+        s.set_affinity(b, 0b10).unwrap();
+        assert_eq!(s.cpu_of(b), 1, "a waiting vCPU moves at once");
+        assert_eq!(s.pick(0, 0).run, Some(a));
+        s.set_affinity(a, 0b10).unwrap();
+        assert_eq!(s.running(0), Some(a), "a running one finishes its slice");
+        s.stop(0, 5, Stop::Preempted);
+        assert_eq!(s.cpu_of(a), 1, "and moves when it stops");
+        assert_eq!(s.pick(0, 5).run, None, "nothing allowed on CPU 0 any more");
+        assert_eq!(s.domain_vcpus(1), [a, b]);
+        assert_eq!(s.queue(1), (2, None));
+        assert_eq!(s.domain_ids().collect::<Vec<_>>(), [1]);
     }
 
     #[test]

@@ -1,6 +1,14 @@
-//! The run loop of each CPU: its queue of vCPUs (each pinned to that CPU), round-robin slices
-//! bounded by the VMX preemption timer, and between entry and exit nothing but the hand-off to
-//! the exit dispatcher (`super::dispatch`). A vCPU's VMCS is only ever loaded on its own CPU.
+//! The run loop of each CPU: it asks the scheduler (`super::queue`, over `sched::policy`) for
+//! a vCPU and a slice, runs it until the VMX preemption timer ends the slice, the guest halts
+//! or something needs this CPU's attention, and gives it back; with nothing to run it arms its
+//! one-shot LAPIC timer for its first sleeper and halts. Between entry and exit there is
+//! nothing but the hand-off to the exit dispatcher (`super::dispatch`).
+//!
+//! vCPUs move between CPUs: every slice ends with VMCLEAR (`Vmcs::clear_for_move`), so the
+//! next CPU may load the VMCS; a vCPU that arrives from another CPU gets this CPU's host state
+//! written into its VMCS, its cached EPT translations dropped here (INVEPT) and its FPU state
+//! loaded. Before each slice a CPU also drops its cached EPT translations when any domain's
+//! EPT was freed since it last looked (`domain::table::EPT_GENERATION`).
 //!
 //! One exit, from the guest and back: VMCALL in the guest → VM exit to `vmx_exit_point`
 //! (`vmx::hw`, registers saved into `VcpuCore::regs`) → [`Exit::capture`] reads the reason
@@ -9,40 +17,37 @@
 //! `ActiveVmcs::run` (VMRESUME).
 
 use alloc::boxed::Box;
-use alloc::collections::VecDeque;
 use alloc::string::String;
 use alloc::sync::Arc;
-use core::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU16, Ordering};
 
-use spin::Mutex;
-
-use crate::arch::cpu;
-use crate::arch::percpu::{CPUS, MAX_CPUS};
-use crate::domain::table::{Domain, DomainMem, DomainState, NewDomain};
+use crate::arch::percpu::{ATTN_RESCHED, ATTN_TIMER, CPUS};
+use crate::arch::{cpu, lapic};
+use crate::domain::table::{Domain, DomainMem, DomainState, EPT_GENERATION, NewDomain};
 use crate::io::DomainIo;
 use crate::mm::PhysMem;
 use crate::println;
 use crate::vcpu::dispatch::{self, Action, Platform, VcpuCore};
 use crate::vcpu::exit::Exit;
+use crate::vcpu::queue::{self, Back, Next, tsc_per_us};
 use crate::vcpu::state::{Event, VcpuState};
 use crate::vmx::caps::VmxCaps;
 use crate::vmx::exit::ExitReason;
 use crate::vmx::fpu::{self, FpuArea};
-use crate::vmx::hw::{ActiveVmcs, FixedBits, GuestRegs, Vmcs, VmxCpu, fields as f};
+use crate::vmx::hw::{ActiveVmcs, FixedBits, GuestRegs, HostState, Vmcs, VmxCpu, fields as f};
 use crate::vmx::setup::{GuestSetup, setup_vmcs};
 use crate::vmx::spec::Mitigations;
 
 static NEXT_VPID: AtomicU16 = AtomicU16::new(1);
-/// TSC ticks per VM time slice (10 ms), set at boot.
-pub static SLICE_TSC: AtomicU64 = AtomicU64::new(10_000_000);
 
-#[allow(clippy::declare_interior_mutable_const)] // only initialises the array below
-const EMPTY_QUEUE: Mutex<VecDeque<Box<Vcpu>>> = Mutex::new(VecDeque::new());
-/// Each CPU's vCPUs, in round-robin order.
-static RUN_QUEUES: [Mutex<VecDeque<Box<Vcpu>>>; MAX_CPUS] = [EMPTY_QUEUE; MAX_CPUS];
-
-/// A virtual CPU, owned by the run queue of the CPU it is pinned to.
+/// A virtual CPU: in the scheduler's slot while it waits, owned by the run loop that runs it.
 pub struct Vcpu {
+    /// The scheduler's id for it.
+    pub(super) sid: crate::sched::policy::VcpuId,
+    /// The CPU it ran on last (its host state is in the VMCS; its FPU state may still be in
+    /// that CPU's registers).
+    last_cpu: Option<usize>,
     domain: Arc<Domain>,
     /// Its life cycle: vCPU 0 starts runnable, the others once VCPU_START named them.
     state: VcpuState,
@@ -53,8 +58,6 @@ pub struct Vcpu {
     mem: Arc<DomainMem>,
     /// Whether the VMCS has been filled.
     ready: bool,
-    /// Halted until this CPU's tick count passes this value.
-    halted_at_tick: Option<u64>,
     /// FXSAVE area of the guest's x87/SSE state, swapped when this CPU changes vCPU.
     fpu: Box<FpuArea>,
 }
@@ -72,14 +75,22 @@ impl Vcpu {
         }
     }
 
-    /// Whether the vCPU still waits in HLT: until its timer's deadline when armed, else until
-    /// the next tick of its CPU.
-    fn still_halted(&self, cpu: usize) -> bool {
-        match (self.halted_at_tick, self.core.timer.deadline()) {
-            (None, _) => false,
-            (Some(_), Some(deadline)) => cpu::rdtsc() < deadline,
-            (Some(t), None) => CPUS[cpu].ticks.load(Ordering::Relaxed) <= t,
+    /// Until when a halted vCPU still waits in HLT: `Some(Some(deadline))` until its timer's
+    /// next interrupt, `Some(None)` for good (no timer: only an event ends it), `None` when
+    /// its timer is due.
+    fn halted_until(&self) -> Option<Option<u64>> {
+        match self.core.timer.deadline() {
+            Some(d) if cpu::rdtsc() >= d => None,
+            d => Some(d),
         }
+    }
+
+    pub(super) fn domain_id(&self) -> u32 {
+        self.domain.id
+    }
+
+    pub(super) fn index(&self) -> u32 {
+        self.core.index
     }
 
     /// A key unique to this vCPU among all domains.
@@ -88,8 +99,9 @@ impl Vcpu {
     }
 }
 
-/// Makes the vCPUs of a new domain and queues each on its CPU.
-pub fn spawn(new: NewDomain) {
+/// Makes the vCPUs of a new domain and hands them to the scheduler; refused (with the reason)
+/// when the scheduler does not admit the domain's settings.
+pub fn spawn(new: NewDomain) -> Result<(), String> {
     let NewDomain {
         domain,
         mem,
@@ -97,7 +109,10 @@ pub fn spawn(new: NewDomain) {
         eptp,
         vmcss,
         placement,
+        fixed_cpu,
+        sched,
     } = new;
+    let mut vcpus = Vec::with_capacity(vmcss.len());
     for (index, vmcs) in vmcss.into_iter().enumerate() {
         let vpid = match NEXT_VPID.fetch_add(1, Ordering::Relaxed) {
             0 => NEXT_VPID.fetch_add(1, Ordering::Relaxed),
@@ -116,7 +131,9 @@ pub fn spawn(new: NewDomain) {
                 ..Default::default()
             }
         };
-        let vcpu = Box::new(Vcpu {
+        vcpus.push(Box::new(Vcpu {
+            sid: 0,
+            last_cpu: None,
             domain: domain.clone(),
             state: if index == 0 {
                 VcpuState::Runnable
@@ -134,11 +151,10 @@ pub fn spawn(new: NewDomain) {
             },
             mem: mem.clone(),
             ready: false,
-            halted_at_tick: None,
             fpu: FpuArea::initial(),
-        });
-        RUN_QUEUES[placement[index]].lock().push_back(vcpu);
+        }));
     }
+    queue::add(domain.id, &sched, &placement, fixed_cpu, vcpus)
 }
 
 /// The stop reason of a domain the operator destroyed, with how long its vCPU took to stop.
@@ -147,11 +163,6 @@ fn destroyed(d: &Domain) -> String {
         Some(us) => alloc::format!("destroyed by the operator ({us} µs after the request)"),
         None => String::from("destroyed by the operator"),
     }
-}
-
-/// TSC ticks per microsecond (a slice is 10 ms of TSC, calibrated at boot).
-fn tsc_per_us() -> u64 {
-    (SLICE_TSC.load(Ordering::Relaxed) / 10_000).max(1)
 }
 
 /// Microseconds since the operator's last request to this domain.
@@ -189,7 +200,8 @@ impl Platform for HwPlatform<'_> {
     }
 
     fn console_window(&self) -> u64 {
-        CPUS[self.cpu].ticks.load(Ordering::Relaxed) / 100
+        // One-second windows of the TSC.
+        cpu::rdtsc() / (tsc_per_us() * 1_000_000)
     }
 
     fn console_line(&mut self, line: &str) {
@@ -212,10 +224,8 @@ impl Platform for HwPlatform<'_> {
             return false;
         }
         *self.domain.starts[index as usize].lock() = Some((rip, rsp, cpu::rdtsc()));
-        // New work: the vCPU's CPU may be idle in HLT until its next tick; wake it now.
-        if let Some(&c) = self.domain.placement.get(index as usize) {
-            crate::domain::table::kick_cpu(c);
-        }
+        // New work: the scheduler places it and wakes the CPU it chose.
+        queue::wake_vcpu(self.domain.id, index);
         true
     }
 
@@ -230,7 +240,7 @@ impl Platform for HwPlatform<'_> {
 
 /// How a slice of guest execution ended.
 enum SliceEnd {
-    /// Put the vCPU back in the queue.
+    /// Put the vCPU back, still runnable.
     Requeue,
     /// Put it back, halted until its next interrupt.
     Halt,
@@ -252,10 +262,26 @@ pub struct RunLoop {
     spec: Mitigations,
     /// The domain whose vCPU ran last here (IBPB when it changes).
     last_domain: u32,
+    /// LAPIC timer counts per 10 ms (its one-shot timer wakes sleepers).
+    lapic_per_10ms: u32,
+    /// `EPT_GENERATION` when this CPU last dropped its cached EPT translations.
+    ept_seen: u64,
+    /// The vCPU that ran last, for the scheduler with the next decision.
+    returning: Option<(Box<Vcpu>, Back)>,
 }
 
 impl RunLoop {
-    pub fn new(vmx: VmxCpu, cpu: usize, phys: &'static PhysMem, spec: Mitigations) -> RunLoop {
+    /// The run loop of this CPU; from now on the scheduler places vCPUs here, and the LAPIC
+    /// timer is one-shot (armed for this CPU's first sleeper, or the caller's idle bound).
+    pub fn new(
+        vmx: VmxCpu,
+        cpu: usize,
+        phys: &'static PhysMem,
+        spec: Mitigations,
+        lapic_per_10ms: u32,
+    ) -> RunLoop {
+        lapic::start_oneshot_timer(crate::arch::trap::TIMER_VECTOR);
+        queue::cpu_ready(cpu);
         RunLoop {
             vmx,
             cpu,
@@ -263,87 +289,128 @@ impl RunLoop {
             phys,
             spec,
             last_domain: 0,
+            lapic_per_10ms,
+            ept_seen: EPT_GENERATION.load(Ordering::Acquire),
+            returning: None,
         }
     }
 
-    /// Runs one vCPU for one slice if any is runnable. Returns whether one ran (when not,
-    /// every vCPU here is halted or there is none: the caller may sleep until the next tick).
-    pub fn run_once(&mut self) -> bool {
-        let queued = RUN_QUEUES[self.cpu].lock().len();
-        for _ in 0..queued {
-            let Some(mut v) = RUN_QUEUES[self.cpu].lock().pop_front() else {
-                return false;
-            };
-            match v.domain.state() {
-                DomainState::Destroying => {
-                    v.domain.finish(destroyed(&v.domain));
-                    self.teardown(v);
-                    return true;
-                }
-                DomainState::Stopped => {
-                    self.teardown(v);
-                    return true;
-                }
-                DomainState::Paused => {
-                    if v.state != VcpuState::Paused && v.state != VcpuState::Created {
-                        v.go(Event::Pause);
-                        log::info!(
-                            "domain {} vCPU {} paused ({} µs after the request)",
-                            v.domain.id,
-                            v.core.index,
-                            since_request(&v.domain).unwrap_or(0)
-                        );
-                    }
-                    RUN_QUEUES[self.cpu].lock().push_back(v);
-                    continue;
-                }
-                DomainState::Running => {
-                    if v.state == VcpuState::Paused {
-                        v.go(Event::Resume);
-                        log::info!("domain {} vCPU {} resumed", v.domain.id, v.core.index);
-                    }
-                }
-            }
-            if v.state == VcpuState::Created {
-                let request = v.domain.starts[v.core.index as usize].lock().take();
-                match request {
-                    Some((rip, rsp, asked)) => {
-                        v.setup.boot.rip = rip;
-                        v.setup.boot.rsp = rsp;
-                        v.go(Event::Start);
-                        log::info!(
-                            "domain {} vCPU {} started on CPU {} ({} µs after VCPU_START)",
-                            v.domain.id,
-                            v.core.index,
-                            self.cpu,
-                            cpu::rdtsc().saturating_sub(asked) / tsc_per_us()
-                        );
-                    }
-                    None => {
-                        RUN_QUEUES[self.cpu].lock().push_back(v);
-                        continue;
-                    }
-                }
-            }
-            if v.state == VcpuState::Blocked {
-                if v.still_halted(self.cpu) {
-                    RUN_QUEUES[self.cpu].lock().push_back(v);
-                    continue;
-                }
-                v.go(Event::Wake);
-            }
-            if !v.state.runnable() {
-                RUN_QUEUES[self.cpu].lock().push_back(v);
-                continue;
-            }
-            self.run(v);
-            return true;
-        }
-        false
+    /// Hands `v` back to the scheduler with the next decision.
+    fn give_back(&mut self, v: Box<Vcpu>, how: Back) {
+        self.returning = Some((v, how));
     }
 
-    fn run(&mut self, mut v: Box<Vcpu>) {
-        v.halted_at_tick = None;
+    /// Arms this CPU's one-shot timer for TSC value `at` (stops it for None).
+    fn arm_timer(&self, at: Option<u64>) {
+        let count = at.map_or(0, |t| {
+            let ticks = t.saturating_sub(cpu::rdtsc());
+            let per = u128::from(self.lapic_per_10ms);
+            let count = u128::from(ticks) * per / u128::from(queue::ns_to_tsc(10_000_000).max(1));
+            count.clamp(1, u128::from(u32::MAX)) as u32
+        });
+        lapic::arm_oneshot(count);
+    }
+
+    /// Runs the next vCPU the scheduler gives this CPU for one slice, or, with nothing to run,
+    /// halts until a kick, the first sleeper's deadline or `idle_bound` TSC ticks from now
+    /// (the console's CPU polls the UART that often).
+    pub fn step(&mut self, idle_bound: Option<u64>) {
+        // Interrupts stay off from the decision to HLT, so a kick sent after the decision
+        // stays pending and ends the HLT at once.
+        x86_64::instructions::interrupts::disable();
+        CPUS[self.cpu].attention.store(0, Ordering::Release);
+        match queue::next(self.cpu, self.returning.take()) {
+            Next::Run(v, slice) => {
+                x86_64::instructions::interrupts::enable();
+                self.take(v, slice);
+            }
+            Next::Idle(until) => {
+                let bound = idle_bound.map(|b| cpu::rdtsc() + b);
+                let wake = match (until, bound) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                self.arm_timer(wake);
+                let me = &CPUS[self.cpu];
+                let t0 = cpu::rdtsc();
+                cpu::wait_for_interrupt();
+                me.idle_tsc
+                    .fetch_add(cpu::rdtsc().wrapping_sub(t0), Ordering::Relaxed);
+                me.halts.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Looks at a vCPU the scheduler picked: runs it, or puts it back (paused, not started,
+    /// still halted) or tears it down (its domain ended).
+    fn take(&mut self, mut v: Box<Vcpu>, slice: u64) {
+        match v.domain.state() {
+            DomainState::Destroying => {
+                v.domain.finish(destroyed(&v.domain));
+                self.teardown(v);
+                return;
+            }
+            DomainState::Stopped => {
+                self.teardown(v);
+                return;
+            }
+            DomainState::Paused => {
+                if v.state != VcpuState::Paused && v.state != VcpuState::Created {
+                    v.go(Event::Pause);
+                    log::info!(
+                        "domain {} vCPU {} paused ({} µs after the request)",
+                        v.domain.id,
+                        v.core.index,
+                        since_request(&v.domain).unwrap_or(0)
+                    );
+                }
+                // Until `resume` wakes the domain.
+                self.give_back(v, Back::Blocked(None));
+                return;
+            }
+            DomainState::Running => {
+                if v.state == VcpuState::Paused {
+                    v.go(Event::Resume);
+                    log::info!("domain {} vCPU {} resumed", v.domain.id, v.core.index);
+                }
+            }
+        }
+        if v.state == VcpuState::Created {
+            let request = v.domain.starts[v.core.index as usize].lock().take();
+            match request {
+                Some((rip, rsp, asked)) => {
+                    v.setup.boot.rip = rip;
+                    v.setup.boot.rsp = rsp;
+                    v.go(Event::Start);
+                    log::info!(
+                        "domain {} vCPU {} started on CPU {} ({} µs after VCPU_START)",
+                        v.domain.id,
+                        v.core.index,
+                        self.cpu,
+                        cpu::rdtsc().saturating_sub(asked) / tsc_per_us()
+                    );
+                }
+                None => {
+                    self.give_back(v, Back::Blocked(None));
+                    return;
+                }
+            }
+        }
+        if v.state == VcpuState::Blocked {
+            if let Some(until) = v.halted_until() {
+                self.give_back(v, Back::Blocked(until));
+                return;
+            }
+            v.go(Event::Wake);
+        }
+        if !v.state.runnable() {
+            self.give_back(v, Back::Blocked(None));
+            return;
+        }
+        self.run(v, slice);
+    }
+
+    fn run(&mut self, mut v: Box<Vcpu>, slice: u64) {
         v.go(Event::Schedule);
         if self.spec.ibpb_on_switch && self.last_domain != v.domain.id {
             crate::vmx::hw::ibpb();
@@ -351,16 +418,17 @@ impl RunLoop {
         self.last_domain = v.domain.id;
         let here = &CPUS[self.cpu].running_domain;
         here.store(v.domain.id, Ordering::Release);
-        let end = self.run_slice(&mut v);
+        let end = self.run_slice(&mut v, slice);
         here.store(0, Ordering::Release);
         match end {
             SliceEnd::Requeue => {
                 v.go(Event::Preempt);
-                RUN_QUEUES[self.cpu].lock().push_back(v);
+                self.give_back(v, Back::Runnable);
             }
             SliceEnd::Halt => {
                 v.go(Event::Halt);
-                RUN_QUEUES[self.cpu].lock().push_back(v);
+                let until = v.core.timer.deadline();
+                self.give_back(v, Back::Blocked(until));
             }
             SliceEnd::Retire => self.teardown(v),
             SliceEnd::Stop { why, dump } => {
@@ -376,16 +444,26 @@ impl RunLoop {
     /// Loads `v`'s x87/SSE/AVX state unless it is already in this CPU's registers (the
     /// previous owner's was saved when its slice ended).
     fn swap_fpu(cpu: usize, fpu_owner: &mut u64, v: &mut Vcpu) {
-        if *fpu_owner == v.key() {
+        // Still in the registers only if nothing else ran here since and it did not run on
+        // another CPU meanwhile.
+        if *fpu_owner == v.key() && v.last_cpu == Some(cpu) {
             return;
         }
         fpu::restore(&v.fpu, v.core.xcr0, cpu);
         *fpu_owner = v.key();
     }
 
-    fn run_slice(&mut self, v: &mut Vcpu) -> SliceEnd {
+    fn run_slice(&mut self, v: &mut Vcpu, slice: u64) -> SliceEnd {
         let caps = *self.vmx.caps();
         let mut vmcs = v.vmcs.take().expect("a queued vCPU has its VMCS");
+        // A domain's EPT went back to the allocator since this CPU last looked: its root may
+        // now be another domain's, so nothing cached from before may be used.
+        let generation = EPT_GENERATION.load(Ordering::Acquire);
+        if generation != self.ept_seen {
+            crate::vmx::hw::invept_all();
+            self.ept_seen = generation;
+        }
+        self.arm_timer(queue::next_sleeper(self.cpu));
         let end = {
             let RunLoop {
                 vmx,
@@ -404,7 +482,16 @@ impl RunLoop {
                     };
                 }
             };
-            Self::slice_inner(*cpu, fpu_owner, *spec, &mut active, &caps, v)
+            Self::slice_inner(*cpu, fpu_owner, *spec, &mut active, &caps, v, slice)
+        };
+        v.last_cpu = Some(self.cpu);
+        // Every slice ends with VMCLEAR, so whichever CPU the scheduler picks next may load it.
+        let end = match (end, vmcs.clear_for_move()) {
+            (SliceEnd::Requeue | SliceEnd::Halt, Err(e)) => SliceEnd::Stop {
+                why: alloc::format!("VMCLEAR failed: {e}"),
+                dump: false,
+            },
+            (end, _) => end,
         };
         v.vmcs = Some(vmcs);
         end
@@ -417,9 +504,10 @@ impl RunLoop {
         a: &mut ActiveVmcs,
         caps: &VmxCaps,
         v: &mut Vcpu,
+        slice: u64,
     ) -> SliceEnd {
         if !v.ready {
-            // First entry: fill the VMCS on the CPU it will run on (vCPUs never move).
+            // First entry: fill the VMCS on this CPU.
             v.setup.rsb_fill = spec.rsb_fill;
             if let Err(e) = setup_vmcs(a, caps, &v.setup) {
                 return SliceEnd::Stop {
@@ -428,9 +516,18 @@ impl RunLoop {
                 };
             }
             v.ready = true;
+        } else if v.last_cpu != Some(cpu) {
+            // Moved here: this CPU's host state (GDT, TSS, IDT, per-CPU base), and no
+            // translations of its EPT cached here from an earlier visit.
+            if let Err(e) = a.set_host_state(&HostState::capture(), spec.rsb_fill) {
+                return SliceEnd::Stop {
+                    why: alloc::format!("cannot move the vCPU to CPU {cpu}: {e}"),
+                    dump: false,
+                };
+            }
+            crate::vmx::hw::invept_all();
         }
         Self::swap_fpu(cpu, fpu_owner, v);
-        let slice = SLICE_TSC.load(Ordering::Relaxed);
         let start = cpu::rdtsc();
         // Bring the guest's timer up to date first, so its next deadline is in the future.
         v.core.timer.poll(start);
@@ -452,6 +549,23 @@ impl RunLoop {
                 };
             }
             x86_64::instructions::interrupts::disable();
+            // Checked with interrupts off: a kick or timer after this stays pending and makes
+            // the entry exit at once.
+            let attention = CPUS[cpu].attention.load(Ordering::Acquire);
+            if attention != 0 {
+                x86_64::instructions::interrupts::enable();
+                if attention & ATTN_TIMER != 0 {
+                    CPUS[cpu]
+                        .attention
+                        .fetch_and(!ATTN_TIMER, Ordering::AcqRel);
+                    // Wakes may set ATTN_RESCHED here (seen on the next pass).
+                    queue::wake_due(cpu);
+                    continue;
+                }
+                if attention & ATTN_RESCHED != 0 {
+                    break SliceEnd::Requeue;
+                }
+            }
             if spec.verw | spec.l1d_flush {
                 if spec.l1d_flush {
                     crate::vmx::hw::flush_l1d();
@@ -506,10 +620,7 @@ impl RunLoop {
                 }
                 Ok(Action::Resume) => {}
                 Ok(Action::Requeue) => break SliceEnd::Requeue,
-                Ok(Action::Halt) => {
-                    v.halted_at_tick = Some(CPUS[cpu].ticks.load(Ordering::Relaxed));
-                    break SliceEnd::Halt;
-                }
+                Ok(Action::Halt) => break SliceEnd::Halt,
                 Ok(Action::Retire) => break SliceEnd::Retire,
                 Ok(Action::Exit(code)) => {
                     break SliceEnd::Stop {
@@ -535,7 +646,7 @@ impl RunLoop {
                         };
                     }
                     DomainState::Stopped => break SliceEnd::Retire,
-                    // Leave the CPU now; `run_once` holds it until `resume`.
+                    // Leave the CPU now; `take` holds it until `resume`.
                     DomainState::Paused => break SliceEnd::Requeue,
                 }
             }
@@ -607,9 +718,11 @@ impl RunLoop {
                 crate::mm::give_back(frames, vmcs.release());
             }
         }
-        // Drop this CPU's cached translations of the domain's EPT before its tables can be
-        // reused; every CPU that ran one of its vCPUs does the same in its own teardown.
+        // Drop this CPU's cached translations of the domain's EPT now; the other CPUs where
+        // its vCPUs ran do so before their next slice (`EPT_GENERATION`, bumped when the
+        // domain's memory goes).
         crate::vmx::hw::invept_all();
+        queue::retire(self.cpu, &v);
         if v.domain.alive.fetch_sub(1, Ordering::AcqRel) == 1 {
             v.domain.finish(String::from("all vCPUs are off"));
         }

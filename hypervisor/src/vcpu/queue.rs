@@ -1,0 +1,423 @@
+//! Where vCPUs wait between slices: the scheduler's policy (`sched::policy`) over every CPU
+//! with a run loop, the vCPUs themselves (in slots by the policy's id), the sleepers with a
+//! deadline (`sched::timers`) and the shares of the last second (`sched::window`), all behind
+//! one lock. Each CPU's run loop (`super::run`) asks [`next`] for work, gives the vCPU back
+//! with its next request when its slice ends, and [`retire`]s it when it stops for good. Wake-ups
+//! ([`wake_vcpu`], [`wake_domain`], a due sleeper) go through the policy, which says which CPU
+//! should look again; that CPU gets [`ATTN_RESCHED`] and, when it is another one, the kick IPI.
+//!
+//! No wake-up is lost: a wake for a vCPU that is running (between one [`next`] and the next) is
+//! remembered, and that vCPU is put back runnable instead of blocked. Spurious wake-ups are
+//! harmless: the run loop checks why a vCPU blocked before running it.
+//!
+//! One lock for all CPUs is simple and enough at slice granularity (milliseconds) for the
+//! machines we run on; interrupt handlers never take it.
+
+use alloc::boxed::Box;
+use alloc::collections::{BTreeMap, BTreeSet};
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt::Write;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use spin::Mutex;
+
+use super::run::Vcpu;
+use crate::arch::cpu;
+use crate::arch::percpu::{self, ATTN_RESCHED, CPUS};
+use crate::sched::keys::{Change, cpu_list};
+use crate::sched::policy::{DomId, MAX_SLICE, Ns, ParamError, Params, Scheduler, Stop, VcpuId};
+use crate::sched::timers::Sleepers;
+use crate::sched::window::Window;
+
+/// CPUs whose run loop is up (VMX on): the only ones vCPUs are placed on.
+static RUN_CPUS: AtomicU64 = AtomicU64::new(0);
+/// TSC ticks per 10 ms, set at boot (the time base of slices and sleeps).
+pub static TSC_PER_10MS: AtomicU64 = AtomicU64::new(10_000_000);
+
+static LIVE: Mutex<Option<Live>> = Mutex::new(None);
+
+const SECOND: Ns = 1_000_000_000;
+
+struct Live {
+    policy: Scheduler,
+    slots: Vec<Option<Box<Vcpu>>>,
+    sleepers: Sleepers,
+    /// (domain, vCPU index) → the policy's id.
+    ids: BTreeMap<(DomId, u32), VcpuId>,
+    /// Woken while running: put back runnable, not blocked.
+    pending: BTreeSet<VcpuId>,
+    /// Each domain's CPU time, and each CPU's idle time, over the last second.
+    shares: Window,
+    idle: Window,
+}
+
+impl Live {
+    fn new(now: Ns) -> Live {
+        let cpus = percpu::cpu_count().max(1);
+        Live {
+            policy: Scheduler::new(cpus),
+            slots: Vec::new(),
+            sleepers: Sleepers::new(cpus),
+            ids: BTreeMap::new(),
+            pending: BTreeSet::new(),
+            shares: Window::new(SECOND, now),
+            idle: Window::new(SECOND, now),
+        }
+    }
+
+    fn wake(&mut self, v: VcpuId, now: Ns) {
+        if !self.policy.is_blocked(v) {
+            self.pending.insert(v);
+            return;
+        }
+        self.sleepers.remove(v);
+        if let Some(c) = self.policy.wake(v, now) {
+            kick(c);
+        }
+    }
+
+    fn wake_due(&mut self, cpu: usize, now_tsc: u64, now: Ns) {
+        for v in self.sleepers.take_due(cpu, now_tsc) {
+            if let Some(c) = self.policy.wake(v, now) {
+                kick(c);
+            }
+        }
+    }
+
+    fn roll(&mut self, now: Ns) {
+        let policy = &self.policy;
+        self.shares
+            .roll(now, policy.domain_ids().map(|d| (d, policy.domain_time(d))));
+        let cpus = policy.cpus();
+        self.idle.roll(
+            now,
+            (0..cpus).map(|c| (c as u32, tsc_to_ns(CPUS[c].idle_tsc.load(Ordering::Relaxed)))),
+        );
+    }
+}
+
+fn with_live<R>(f: impl FnOnce(&mut Live, Ns) -> R) -> R {
+    let now = now_ns();
+    let mut g = LIVE.lock();
+    let live = g.get_or_insert_with(|| Live::new(now));
+    f(live, now)
+}
+
+/// TSC ticks per microsecond.
+pub fn tsc_per_us() -> u64 {
+    (TSC_PER_10MS.load(Ordering::Relaxed) / 10_000).max(1)
+}
+
+pub fn tsc_to_ns(tsc: u64) -> Ns {
+    (u128::from(tsc) * 10_000_000 / u128::from(TSC_PER_10MS.load(Ordering::Relaxed).max(1)))
+        as Ns
+}
+
+pub fn ns_to_tsc(ns: Ns) -> u64 {
+    (u128::from(ns) * u128::from(TSC_PER_10MS.load(Ordering::Relaxed)) / 10_000_000) as u64
+}
+
+pub fn now_ns() -> Ns {
+    tsc_to_ns(cpu::rdtsc())
+}
+
+/// Tells `cpu` to look at its queue again: [`ATTN_RESCHED`], and the kick IPI unless it is
+/// this CPU (a guest it runs exits; an idle CPU wakes from HLT).
+fn kick(cpu: usize) {
+    CPUS[cpu].attention.fetch_or(ATTN_RESCHED, Ordering::AcqRel);
+    crate::domain::table::kick_cpu(cpu);
+}
+
+/// This CPU's run loop is up: vCPUs may be placed here from now on.
+pub fn cpu_ready(cpu: usize) {
+    RUN_CPUS.fetch_or(1 << cpu, Ordering::AcqRel);
+}
+
+/// The CPUs vCPUs may run on with `pin` (None: all with a run loop); None if it names none.
+fn allowed(pin: Option<u64>) -> Option<u64> {
+    let mask = pin.unwrap_or(u64::MAX) & RUN_CPUS.load(Ordering::Acquire);
+    (mask != 0).then_some(mask)
+}
+
+/// Whether a domain of `vcpus` vCPUs with these settings would be admitted; checked before it
+/// is built, with the reason when not.
+pub fn admits(change: &Change, vcpus: u32) -> Result<(), String> {
+    if allowed(change.pin).is_none() {
+        return Err(String::from(
+            "pin: names no CPU that runs guests (see 'cpus')",
+        ));
+    }
+    let p = change.apply(Params::default());
+    with_live(|l, _| l.policy.admits(&p, vcpus as usize)).map_err(|e| alloc::format!("{e}"))
+}
+
+/// Queues a new domain's vCPUs: vCPU 0 runnable, the others waiting for VCPU_START; vCPU i
+/// starts on `placement[i]` and, with `fixed` (the module line said `cpu=N`), stays there.
+/// Refused (nothing queued) when admission fails.
+pub fn add(
+    dom: DomId,
+    change: &Change,
+    placement: &[usize],
+    fixed: bool,
+    vcpus: Vec<Box<Vcpu>>,
+) -> Result<(), String> {
+    let affinity = allowed(change.pin).ok_or("pin: names no CPU that runs guests")?;
+    let p = change.apply(Params::default());
+    with_live(|l, now| {
+        l.policy
+            .add_domain_for(dom, p, vcpus.len())
+            .map_err(|e| alloc::format!("{e}"))?;
+        for (i, mut v) in vcpus.into_iter().enumerate() {
+            let hint = placement.get(i).copied();
+            let mask = match hint {
+                Some(c) if fixed => 1 << c,
+                _ => affinity,
+            };
+            let id = match l.policy.add_vcpu_at(dom, mask, hint, now) {
+                Ok(id) => id,
+                Err(e) => return Err(alloc::format!("{e}")),
+            };
+            v.sid = id;
+            if i > 0 {
+                l.policy.park(id);
+            }
+            if l.slots.len() <= id {
+                l.slots.resize_with(id + 1, || None);
+            }
+            l.slots[id] = Some(v);
+            l.ids.insert((dom, i as u32), id);
+            if i == 0 {
+                kick(l.policy.cpu_of(id));
+            }
+        }
+        Ok(())
+    })
+}
+
+/// What a CPU is to do now.
+pub enum Next {
+    /// Run this vCPU for at most this many TSC ticks.
+    Run(Box<Vcpu>, u64),
+    /// Nothing to run: halt until a kick, or this TSC value when given.
+    Idle(Option<u64>),
+}
+
+/// The next vCPU for `cpu`, after giving back the one that ran there (in the same step, so
+/// that another CPU cannot take it in between only to leave this one idle) and waking its
+/// due sleepers.
+pub fn next(cpu: usize, back: Option<(Box<Vcpu>, Back)>) -> Next {
+    let now_tsc = cpu::rdtsc();
+    with_live(|l, now| {
+        if let Some((v, how)) = back {
+            l.put_back(cpu, v, how, now);
+        }
+        l.wake_due(cpu, now_tsc, now);
+        l.roll(now);
+        loop {
+            let d = l.policy.pick(cpu, now);
+            match d.run {
+                Some(v) => match l.slots.get_mut(v).and_then(Option::take) {
+                    Some(b) => return Next::Run(b, ns_to_tsc(d.slice).max(1)),
+                    None => {
+                        log::error!("internal: scheduler picked vCPU {v}, which is not queued");
+                        l.policy.stop(cpu, now, Stop::Blocked);
+                        l.policy.remove_vcpu(v);
+                    }
+                },
+                None => {
+                    // A throttled domain's period end, or this CPU's first sleeper.
+                    let throttle = (d.slice < MAX_SLICE).then(|| now_tsc + ns_to_tsc(d.slice));
+                    let until = match (throttle, l.sleepers.next(cpu)) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                    return Next::Idle(until);
+                }
+            }
+        }
+    })
+}
+
+/// How a vCPU goes back.
+pub enum Back {
+    /// Still runnable (its slice ended, or a reason to look at it again).
+    Runnable,
+    /// Blocked until a wake-up, or until this TSC value (its timer) when given.
+    Blocked(Option<u64>),
+}
+
+impl Live {
+    /// Gives back the vCPU that ran on `cpu`.
+    fn put_back(&mut self, cpu: usize, v: Box<Vcpu>, how: Back, now: Ns) {
+        let l = self;
+        let id = v.sid;
+        let woken = l.pending.remove(&id);
+        match how {
+            Back::Blocked(_) if woken => l.policy.stop(cpu, now, Stop::Preempted),
+            Back::Runnable => l.policy.stop(cpu, now, Stop::Preempted),
+            Back::Blocked(until) => {
+                l.policy.stop(cpu, now, Stop::Blocked);
+                if let Some(t) = until {
+                    l.sleepers.add(id, cpu, t);
+                }
+            }
+        }
+        if let Some(slot) = l.slots.get_mut(id) {
+            *slot = Some(v);
+        }
+    }
+}
+
+/// The vCPU that ran on `cpu` stops for good (the caller drops it); when it was its domain's
+/// last, the domain leaves the scheduler (its reservation is free again).
+pub fn retire(cpu: usize, v: &Vcpu) {
+    with_live(|l, now| {
+        let id = v.sid;
+        if l.policy.running(cpu) == Some(id) {
+            l.policy.stop(cpu, now, Stop::Blocked);
+        }
+        l.policy.remove_vcpu(id);
+        l.sleepers.remove(id);
+        l.pending.remove(&id);
+        let dom = v.domain_id();
+        l.ids.remove(&(dom, v.index()));
+        if l.policy.domain_vcpus(dom).is_empty() {
+            l.policy.remove_domain(dom);
+        }
+    })
+}
+
+/// Wakes one vCPU of a domain (VCPU_START named it).
+pub fn wake_vcpu(dom: DomId, index: u32) {
+    with_live(|l, now| {
+        if let Some(&v) = l.ids.get(&(dom, index)) {
+            l.wake(v, now);
+        }
+    })
+}
+
+/// Wakes every vCPU of a domain (it was resumed or is being destroyed: each looks again).
+pub fn wake_domain(dom: DomId) {
+    with_live(|l, now| {
+        let vs: Vec<VcpuId> = l.policy.domain_vcpus(dom).to_vec();
+        for v in vs {
+            l.wake(v, now);
+        }
+    })
+}
+
+/// Wakes `cpu`'s due sleepers (its one-shot timer fired while a guest ran).
+pub fn wake_due(cpu: usize) {
+    let now_tsc = cpu::rdtsc();
+    with_live(|l, now| l.wake_due(cpu, now_tsc, now))
+}
+
+/// `cpu`'s first sleeper's deadline.
+pub fn next_sleeper(cpu: usize) -> Option<u64> {
+    LIVE.lock().as_ref().and_then(|l| l.sleepers.next(cpu))
+}
+
+/// The CPU where a domain's vCPU 0 runs or waits.
+pub fn cpu_of(dom: DomId) -> Option<usize> {
+    let g = LIVE.lock();
+    let l = g.as_ref()?;
+    l.ids.get(&(dom, 0)).map(|&v| l.policy.cpu_of(v))
+}
+
+/// Applies `change` to a running domain: all of it, or nothing with the reason.
+pub fn set(dom: DomId, change: &Change) -> Result<(), String> {
+    with_live(|l, _| {
+        let old = l
+            .policy
+            .params(dom)
+            .ok_or_else(|| alloc::format!("no domain {dom} in the scheduler"))?;
+        let mask = match change.pin {
+            None => None,
+            Some(p) => Some(allowed(Some(p)).ok_or("pin: names no CPU that runs guests")?),
+        };
+        l.policy
+            .set_params(dom, change.apply(old))
+            .map_err(|e: ParamError| alloc::format!("{e}"))?;
+        if let Some(mask) = mask {
+            let vs: Vec<VcpuId> = l.policy.domain_vcpus(dom).to_vec();
+            for v in vs {
+                // Cannot fail: the mask names a CPU of this machine.
+                let _ = l.policy.set_affinity(v, mask);
+                // A vCPU running where it may no longer run leaves at once.
+                for c in 0..l.policy.cpus() {
+                    if l.policy.running(c) == Some(v) && mask & (1 << c) == 0 {
+                        kick(c);
+                    }
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+/// The console's `sched` table: every domain's settings, CPU time and share of the last
+/// second, then each CPU's queue and idle share.
+pub fn report() -> Vec<String> {
+    with_live(|l, now| {
+        l.roll(now);
+        let mut out = Vec::new();
+        out.push(String::from(
+            "ID  WEIGHT CAP   RESERVE PIN      VCPUS CPU-MS   SHARE",
+        ));
+        for d in l.policy.domain_ids().collect::<Vec<_>>() {
+            let Some(p) = l.policy.params(d) else { continue };
+            let vs = l.policy.domain_vcpus(d);
+            let mut pin = String::new();
+            let mask = vs.first().map_or(0, |&v| l.policy.affinity(v));
+            let _ = cpu_list(mask, &mut pin);
+            let cap = p
+                .cap_pct
+                .map_or(String::from("none"), |c| alloc::format!("{c}%"));
+            let share = l
+                .shares
+                .permille(d)
+                .map_or(String::from("-"), |m| alloc::format!("{}.{}%", m / 10, m % 10));
+            out.push(alloc::format!(
+                "{d:<3} {:<6} {cap:<5} {:<7} {pin:<8} {:<5} {:<8} {share}",
+                p.weight,
+                alloc::format!("{}%", p.reserve_pct),
+                vs.len(),
+                l.policy.domain_time(d) / 1_000_000,
+            ));
+        }
+        out.push(String::from("CPU WAITING RUNNING SLEEPING IDLE"));
+        for c in 0..l.policy.cpus() {
+            if RUN_CPUS.load(Ordering::Acquire) & (1 << c) == 0 {
+                continue;
+            }
+            let (waiting, running) = l.policy.queue(c);
+            let mut run = String::new();
+            match running.and_then(|v| l.slots_owner(v)) {
+                Some((d, i)) => {
+                    let _ = write!(run, "d{d}v{i}");
+                }
+                None => run.push('-'),
+            }
+            let idle = l
+                .idle
+                .permille(c as u32)
+                .map_or(String::from("-"), |m| alloc::format!("{}.{}%", m / 10, m % 10));
+            out.push(alloc::format!(
+                "{c:<3} {waiting:<7} {run:<7} {:<8} {idle}",
+                l.sleepers.count(c)
+            ));
+        }
+        out
+    })
+}
+
+impl Live {
+    /// Which domain and index a policy id is (a running vCPU is out of its slot).
+    fn slots_owner(&self, v: VcpuId) -> Option<(DomId, u32)> {
+        self.ids
+            .iter()
+            .find(|(_, id)| **id == v)
+            .map(|(&(d, i), _)| (d, i))
+    }
+}
