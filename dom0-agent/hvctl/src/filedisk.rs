@@ -1,16 +1,82 @@
 //! A disk-image file as a [`BlockDevice`]: positional reads and writes, `flush` = `fdatasync`.
+//!
+//! Synchronous calls run on the caller's thread. Submitted requests go to a small pool of
+//! worker threads owned by the disk (started at the first submission, so tools that never
+//! submit never start one), each doing `pread`/`pwrite`/`fdatasync` on the shared file, so up
+//! to that many requests are in the kernel at once; completions come back on a channel and
+//! [`BlockDevice::reap`] collects them. The queues are `crossbeam-channel` channels (a
+//! multi-consumer work queue that std's `mpsc` does not offer). Dropping the disk closes the
+//! work queue and joins the workers after the requests already queued.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
 
-use volmgr::dev::{BLOCK, BLOCK_SIZE, check_range};
+use crossbeam_channel::{Receiver, Sender};
+use volmgr::dev::{BLOCK, BLOCK_SIZE, Completion, Request, check_range};
 use volmgr::{BlockDevice, DevError};
+
+/// Worker threads per disk.
+pub const DEFAULT_WORKERS: usize = 4;
+
+/// The worker pool of one disk.
+struct Workers {
+    work: Option<Sender<(u64, Request)>>,
+    done: Receiver<Completion>,
+    threads: Vec<JoinHandle<()>>,
+    in_flight: usize,
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        // Closing the work queue ends each worker after what is already queued.
+        self.work = None;
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
 
 /// An image file opened read-write, or read-only for inspection.
 pub struct FileDisk {
-    file: File,
+    file: Arc<File>,
     blocks: u64,
+    workers: usize,
+    pool: Option<Workers>,
+}
+
+/// Performs one request on `file` of `blocks` blocks (a worker's whole job).
+fn perform(file: &File, blocks: u64, tag: u64, req: Request) -> Completion {
+    let (result, data) = match req {
+        Request::Read { lba, blocks: n } => {
+            let len = usize::try_from(n)
+                .ok()
+                .and_then(|n| n.checked_mul(BLOCK_SIZE));
+            match len.map(|len| (len, check_range(blocks, lba, len))) {
+                Some((len, Ok(()))) => {
+                    let mut buf = vec![0u8; len];
+                    match file.read_exact_at(&mut buf, lba * BLOCK) {
+                        Ok(()) => (Ok(()), buf),
+                        Err(_) => (Err(DevError::Io), Vec::new()),
+                    }
+                }
+                Some((_, Err(e))) => (Err(e), Vec::new()),
+                None => (Err(DevError::OutOfRange), Vec::new()),
+            }
+        }
+        Request::Write { lba, data } => {
+            let buf = data.bytes();
+            let r = check_range(blocks, lba, buf.len()).and_then(|()| {
+                file.write_all_at(buf, lba * BLOCK)
+                    .map_err(|_| DevError::Io)
+            });
+            (r, Vec::new())
+        }
+        Request::Flush => (file.sync_data().map_err(|_| DevError::Io), Vec::new()),
+    };
+    Completion { tag, result, data }
 }
 
 impl FileDisk {
@@ -27,16 +93,49 @@ impl FileDisk {
         {
             file.set_len(size)?;
         }
-        let blocks = file.metadata()?.len() / BLOCK;
-        Ok(Self { file, blocks })
+        Ok(Self::of(file))
     }
 
     /// Opens `path` read-only (writes then fail with an I/O error): for commands that only
     /// look, so they work on read-only images.
     pub fn open_read_only(path: &Path) -> std::io::Result<Self> {
-        let file = File::open(path)?;
-        let blocks = file.metadata()?.len() / BLOCK;
-        Ok(Self { file, blocks })
+        Ok(Self::of(File::open(path)?))
+    }
+
+    fn of(file: File) -> Self {
+        let blocks = file.metadata().map_or(0, |m| m.len()) / BLOCK;
+        Self {
+            file: Arc::new(file),
+            blocks,
+            workers: DEFAULT_WORKERS,
+            pool: None,
+        }
+    }
+
+    fn workers(&mut self) -> &mut Workers {
+        let (file, blocks, n) = (&self.file, self.blocks, self.workers);
+        self.pool.get_or_insert_with(|| {
+            let (work, jobs) = crossbeam_channel::unbounded::<(u64, Request)>();
+            let (done_tx, done) = crossbeam_channel::unbounded();
+            let threads = (0..n)
+                .map(|_| {
+                    let (jobs, done_tx, file) = (jobs.clone(), done_tx.clone(), file.clone());
+                    std::thread::spawn(move || {
+                        for (tag, req) in jobs {
+                            if done_tx.send(perform(&file, blocks, tag, req)).is_err() {
+                                break;
+                            }
+                        }
+                    })
+                })
+                .collect();
+            Workers {
+                work: Some(work),
+                done,
+                threads,
+                in_flight: 0,
+            }
+        })
     }
 }
 
@@ -59,6 +158,98 @@ impl BlockDevice for FileDisk {
     fn flush(&mut self) -> Result<(), DevError> {
         self.file.sync_data().map_err(|_| DevError::Io)
     }
+    fn queue_depth(&self) -> usize {
+        self.pool.as_ref().map_or(0, |w| w.in_flight)
+    }
+    fn submit(&mut self, tag: u64, req: Request) -> Option<Completion> {
+        let w = self.workers();
+        let sent = w.work.as_ref().map(|s| s.send((tag, req)));
+        match sent {
+            Some(Ok(())) => {
+                w.in_flight += 1;
+                None
+            }
+            // The workers are gone (cannot happen while the disk lives): the request fails.
+            _ => Some(Completion {
+                tag,
+                result: Err(DevError::Gone),
+                data: Vec::new(),
+            }),
+        }
+    }
+    fn reap(&mut self, out: &mut Vec<Completion>, wait: bool) {
+        let Some(w) = self.pool.as_mut() else {
+            return;
+        };
+        let before = out.len();
+        while let Ok(c) = w.done.try_recv() {
+            w.in_flight -= 1;
+            out.push(c);
+        }
+        if wait && out.len() == before && w.in_flight > 0 {
+            if let Ok(c) = w.done.recv() {
+                w.in_flight -= 1;
+                out.push(c);
+            }
+            while let Ok(c) = w.done.try_recv() {
+                w.in_flight -= 1;
+                out.push(c);
+            }
+        }
+    }
 }
 
 const _: () = assert!(BLOCK_SIZE == 4096);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use volmgr::dev::WriteData;
+
+    #[test]
+    fn submitted_requests_complete_through_the_workers() {
+        let dir = std::env::temp_dir().join(format!("hvctl-filedisk-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("d.img");
+        let mut d = FileDisk::open(&path, Some(64 * 4096)).unwrap();
+        for t in 0..64u64 {
+            let data = WriteData::new(&[t as u8; 4096]);
+            assert!(d.submit(t, Request::Write { lba: t, data }).is_none());
+        }
+        assert!(d.queue_depth() > 0);
+        let mut out = Vec::new();
+        while d.queue_depth() > 0 {
+            d.reap(&mut out, true);
+        }
+        assert_eq!(out.len(), 64);
+        assert!(out.iter().all(|c| c.result.is_ok()));
+        assert!(d.submit(99, Request::Flush).is_none());
+        assert!(
+            d.submit(
+                100,
+                Request::Write {
+                    lba: 64,
+                    data: WriteData::new(&[0; 4096])
+                }
+            )
+            .is_none()
+        );
+        for t in 0..8u64 {
+            d.submit(200 + t, Request::Read { lba: t, blocks: 1 });
+        }
+        out.clear();
+        while d.queue_depth() > 0 {
+            d.reap(&mut out, true);
+        }
+        assert_eq!(out.len(), 10);
+        for c in &out {
+            match c.tag {
+                99 => assert!(c.result.is_ok()),
+                100 => assert_eq!(c.result, Err(DevError::OutOfRange)),
+                t => assert_eq!(c.data, vec![(t - 200) as u8; 4096]),
+            }
+        }
+        drop(d);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -3,7 +3,30 @@
 //! A device is an array of 4 KiB blocks with `read`, `write` and `flush`. Writes may sit in a
 //! volatile cache: only a completed `flush` makes every earlier acknowledged write durable.
 //! [`MemDisk`] is a plain in-memory device (no cache) for tests, RAM disks and tools.
+//!
+//! # Submission and completion
+//!
+//! Besides the synchronous calls, a device takes requests with [`BlockDevice::submit`] and
+//! hands back their [`Completion`]s from [`BlockDevice::reap`], so that many requests can be
+//! in flight on one device and on many devices at once. The rules every device keeps:
+//!
+//! * A request is *in flight* from `submit` until its completion is returned (by `submit`
+//!   itself, for a device that finished it at once, or by a later `reap`).
+//!   [`BlockDevice::queue_depth`] counts the requests in flight.
+//! * Requests in flight are not ordered among themselves: two overlapping writes in flight
+//!   together may land in either order. Nor are they ordered with the synchronous calls.
+//! * A [`Request::Flush`] makes durable every write whose completion was returned before the
+//!   flush was submitted.
+//! * `reap(out, true)` returns only once at least one completion was added to `out`, or when
+//!   nothing is in flight; it never waits for a request that was not submitted.
+//! * Dropping a device waits for (or cancels) what it has in flight.
+//!
+//! The default methods make any synchronous device a queue of depth 0: `submit` performs the
+//! request at once with `read`/`write`/`flush` ([`complete_now`]) and returns its completion.
+//! A device with its own queue (a worker pool over a file, a hardware ring) overrides all
+//! three; its synchronous calls stay a thin path for tools and metadata.
 
+use alloc::sync::Arc;
 use alloc::vec;
 use alloc::vec::Vec;
 
@@ -31,6 +54,93 @@ pub enum DevError {
     Misaligned,
 }
 
+/// The bytes of a write request: a shared buffer and a range of it, so that mirror legs and
+/// stripe columns each take their part of one caller buffer without copying it again.
+#[derive(Clone)]
+pub struct WriteData {
+    buf: Arc<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl WriteData {
+    /// Takes `bytes` (copied once into a shared buffer).
+    #[must_use]
+    pub fn new(bytes: &[u8]) -> Self {
+        Self {
+            buf: Arc::from(bytes),
+            start: 0,
+            end: bytes.len(),
+        }
+    }
+
+    /// Bytes `[from, to)` of this request's bytes (clamped to them).
+    #[must_use]
+    pub fn slice(&self, from: usize, to: usize) -> Self {
+        let len = self.end - self.start;
+        let (from, to) = (from.min(len), to.min(len));
+        Self {
+            buf: self.buf.clone(),
+            start: self.start + from,
+            end: self.start + to.max(from),
+        }
+    }
+
+    /// The bytes to write.
+    #[must_use]
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+}
+
+impl core::fmt::Debug for WriteData {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "WriteData({} bytes)", self.end - self.start)
+    }
+}
+
+/// One request submitted to a device.
+#[derive(Debug, Clone)]
+pub enum Request {
+    /// Read `blocks` blocks at `lba`; the data comes back in [`Completion::data`].
+    Read { lba: u64, blocks: u64 },
+    /// Write whole blocks at `lba`.
+    Write { lba: u64, data: WriteData },
+    /// Make every write completed before this was submitted durable.
+    Flush,
+}
+
+/// A finished request: its tag (chosen by the submitter), its result, and for a read its
+/// data (empty otherwise, and after a failure).
+#[derive(Debug)]
+pub struct Completion {
+    pub tag: u64,
+    pub result: Result<(), DevError>,
+    pub data: Vec<u8>,
+}
+
+/// Performs `req` on `dev` with its synchronous calls and returns the completion.
+pub fn complete_now<D: BlockDevice + ?Sized>(dev: &mut D, tag: u64, req: Request) -> Completion {
+    let (result, data) = match req {
+        Request::Read { lba, blocks } => {
+            let len = us(blocks).checked_mul(BLOCK_SIZE);
+            match len {
+                Some(len) if check_range(dev.num_blocks(), lba, len).is_ok() => {
+                    let mut data = vec![0u8; len];
+                    match dev.read(lba, &mut data) {
+                        Ok(()) => (Ok(()), data),
+                        Err(e) => (Err(e), Vec::new()),
+                    }
+                }
+                _ => (Err(DevError::OutOfRange), Vec::new()),
+            }
+        }
+        Request::Write { lba, data } => (dev.write(lba, data.bytes()), Vec::new()),
+        Request::Flush => (dev.flush(), Vec::new()),
+    };
+    Completion { tag, result, data }
+}
+
 /// A disk, a partition, an image file or one path to a multipath disk.
 pub trait BlockDevice {
     /// Number of 4 KiB blocks.
@@ -41,9 +151,19 @@ pub trait BlockDevice {
     fn write(&mut self, lba: u64, buf: &[u8]) -> Result<(), DevError>;
     /// Makes every previously acknowledged write durable.
     fn flush(&mut self) -> Result<(), DevError>;
-    /// Requests currently queued on this device (used by the minimum-queue path policy).
+    /// Requests in flight on this device (used by the minimum-queue path policy).
     fn queue_depth(&self) -> usize {
         0
+    }
+    /// Starts `req`, to be reported under `tag`. Returns its completion when the device
+    /// finished it at once; otherwise a later [`BlockDevice::reap`] returns it.
+    fn submit(&mut self, tag: u64, req: Request) -> Option<Completion> {
+        Some(complete_now(self, tag, req))
+    }
+    /// Moves finished requests into `out`; with `wait`, blocks until there is at least one
+    /// (unless nothing is in flight).
+    fn reap(&mut self, out: &mut Vec<Completion>, wait: bool) {
+        let _ = (out, wait);
     }
 }
 
@@ -133,5 +253,11 @@ impl<T: BlockDevice + ?Sized> BlockDevice for alloc::boxed::Box<T> {
     }
     fn queue_depth(&self) -> usize {
         (**self).queue_depth()
+    }
+    fn submit(&mut self, tag: u64, req: Request) -> Option<Completion> {
+        (**self).submit(tag, req)
+    }
+    fn reap(&mut self, out: &mut Vec<Completion>, wait: bool) {
+        (**self).reap(out, wait);
     }
 }

@@ -9,11 +9,13 @@
 //!
 //! # Map
 //!
-//! * [`dev`]: the block-device trait and an in-memory disk.
+//! * [`dev`]: the block-device trait (synchronous calls, and submission/completion for many
+//!   requests in flight) and an in-memory disk.
 //! * [`format`]: the versioned on-disk format (labels, checksummed records, metadata model).
 //! * [`layout`]: address mapping of concatenated / striped / mirrored layouts.
-//! * [`pool`]: the pool: open/create, commits, the dirty-region log, volume I/O, thin
-//!   allocation, snapshots, resize, relayout, resync, split/reattach, checks.
+//! * [`pool`]: the pool: open/create, commits, the dirty-region log, volume I/O (synchronous,
+//!   and queued through [`pool::IoQueue`] with mirror legs and stripe columns in parallel),
+//!   thin allocation, snapshots, resize, relayout, resync, split/reattach, checks.
 //! * [`multipath`]: one disk over several paths with an I/O policy.
 //! * [`bitmap`]: region bitmaps.
 //! * [`testdev`]: crashable and fault-injecting devices for tests and tools.
@@ -23,8 +25,9 @@
 //!
 //! # Invariants
 //!
-//! * All I/O goes through [`dev::BlockDevice`]: `read`, `write`, `flush`, in whole 4 KiB blocks.
-//!   A device may keep acknowledged writes in a volatile cache until `flush` completes.
+//! * All I/O goes through [`dev::BlockDevice`]: `read`, `write`, `flush`, in whole 4 KiB blocks,
+//!   or the same submitted and completed later. A device may keep acknowledged writes in a
+//!   volatile cache until a flush completes.
 //! * **Durability**: once [`pool::Pool::flush`] returns `Ok`, every write acknowledged before it
 //!   survives a power cut at any later moment, and the pool metadata on disk describes it.
 //! * **Metadata** is written in two checksummed, sequence-numbered copies per disk, on every
@@ -56,7 +59,10 @@ pub mod testdev;
 
 pub use dev::{BLOCK_SIZE, BlockDevice, DevError, MemDisk};
 pub use error::Error;
-pub use pool::{LayoutSpec, NamedDevice, OpenOptions, Pool, PoolConfig, SnapshotKind, VolumeInfo};
+pub use pool::{
+    IoQueue, LayoutSpec, NamedDevice, OpenOptions, Pool, PoolConfig, SnapshotKind, VolCompletion,
+    VolumeInfo,
+};
 
 /// Converts a block count or byte offset that is known to fit memory into `usize`.
 ///

@@ -1,11 +1,16 @@
 //! Multipath: one disk reached through several block devices ("paths") that carry the same
 //! label. A policy picks the path for each request; a path that fails is retired and the
 //! request is retried on the next one, so I/O continues while any path works.
+//!
+//! Submitted requests go to the path the policy picks and stay in flight there; the
+//! minimum-queue policy compares the paths' real queue depths (requests in flight on each).
+//! A request that fails on a path is resubmitted to the next one when it is reaped.
 
 use alloc::boxed::Box;
+use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
-use crate::dev::{BlockDevice, DevError};
+use crate::dev::{BlockDevice, Completion, DevError, Request};
 
 /// How requests are spread over paths.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -26,6 +31,15 @@ struct Path {
     priority: u32,
     failed: bool,
     served: u64,
+    issued: u64,
+}
+
+/// A request in flight on one path: the caller's tag, the path, and the request itself (kept
+/// to resubmit it elsewhere if the path fails it).
+struct Flight {
+    tag: u64,
+    path: usize,
+    req: Request,
 }
 
 /// A disk over several paths.
@@ -34,6 +48,9 @@ pub struct MultipathDisk {
     policy: PathPolicy,
     next: usize,
     active: usize,
+    /// Requests in flight, by the tag this disk gave them on their path.
+    flights: BTreeMap<u64, Flight>,
+    next_tag: u64,
 }
 
 impl MultipathDisk {
@@ -48,6 +65,7 @@ impl MultipathDisk {
                 priority,
                 failed: false,
                 served: 0,
+                issued: 0,
             })
             .collect();
         Self {
@@ -55,6 +73,58 @@ impl MultipathDisk {
             policy,
             next: 0,
             active: 0,
+            flights: BTreeMap::new(),
+            next_tag: 0,
+        }
+    }
+
+    /// Requests sent to each path (synchronous and submitted, including failed ones).
+    #[must_use]
+    pub fn issued(&self) -> Vec<u64> {
+        self.paths.iter().map(|p| p.issued).collect()
+    }
+
+    /// Sends `req` to the path the policy picks; a path that fails it at once is retired and
+    /// the next one tried. Returns the completion when it is already known.
+    fn start(&mut self, tag: u64, req: Request) -> Option<Completion> {
+        loop {
+            let Some(i) = self.pick() else {
+                return Some(Completion {
+                    tag,
+                    result: Err(DevError::Gone),
+                    data: Vec::new(),
+                });
+            };
+            let inner = self.next_tag;
+            self.next_tag += 1;
+            self.paths[i].issued += 1;
+            match self.paths[i].dev.submit(inner, req.clone()) {
+                None => {
+                    self.flights.insert(inner, Flight { tag, path: i, req });
+                    return None;
+                }
+                Some(c) => {
+                    if let Ok(c) = self.settle(i, c) {
+                        return Some(Completion { tag, ..c });
+                    }
+                }
+            }
+        }
+    }
+
+    /// What a completion on path `i` means: final (success or an error no path can fix), or
+    /// `Err(())` when the path failed and has been retired.
+    fn settle(&mut self, i: usize, c: Completion) -> Result<Completion, ()> {
+        match c.result {
+            Ok(()) => {
+                self.paths[i].served += 1;
+                Ok(c)
+            }
+            Err(DevError::OutOfRange | DevError::Misaligned) => Ok(c),
+            Err(_) => {
+                self.paths[i].failed = true;
+                Err(())
+            }
         }
     }
 
@@ -119,6 +189,7 @@ impl MultipathDisk {
         mut op: impl FnMut(&mut dyn BlockDevice) -> Result<T, DevError>,
     ) -> Result<T, DevError> {
         while let Some(i) = self.pick() {
+            self.paths[i].issued += 1;
             match op(&mut *self.paths[i].dev) {
                 Ok(v) => {
                     self.paths[i].served += 1;
@@ -158,12 +229,65 @@ impl BlockDevice for MultipathDisk {
         if ok { Ok(()) } else { Err(DevError::Gone) }
     }
     fn queue_depth(&self) -> usize {
-        self.paths
-            .iter()
-            .filter(|p| !p.failed)
-            .map(|p| p.dev.queue_depth())
-            .min()
-            .unwrap_or(0)
+        self.flights.len()
+    }
+    fn submit(&mut self, tag: u64, req: Request) -> Option<Completion> {
+        match req {
+            // Writes completed before the flush have been reaped from their paths, so flushing
+            // every live path now covers them.
+            Request::Flush => Some(Completion {
+                tag,
+                result: self.flush(),
+                data: Vec::new(),
+            }),
+            req => self.start(tag, req),
+        }
+    }
+    fn reap(&mut self, out: &mut Vec<Completion>, wait: bool) {
+        let before = out.len();
+        let mut got = Vec::new();
+        loop {
+            // Inner tags are unique across paths: the flight says which path a tag went to.
+            for p in &mut self.paths {
+                if p.dev.queue_depth() > 0 {
+                    p.dev.reap(&mut got, false);
+                }
+            }
+            for c in core::mem::take(&mut got) {
+                let Some(f) = self.flights.remove(&c.tag) else {
+                    continue;
+                };
+                match self.settle(f.path, c) {
+                    Ok(c) => out.push(Completion { tag: f.tag, ..c }),
+                    Err(()) => {
+                        if let Some(c) = self.start(f.tag, f.req) {
+                            out.push(c);
+                        }
+                    }
+                }
+            }
+            if !wait || out.len() > before || self.flights.is_empty() {
+                return;
+            }
+            // Nothing finished yet: wait on the path with the most in flight.
+            let busiest = (0..self.paths.len()).max_by_key(|&i| self.paths[i].dev.queue_depth());
+            match busiest {
+                Some(i) if self.paths[i].dev.queue_depth() > 0 => {
+                    self.paths[i].dev.reap(&mut got, true);
+                }
+                _ => {
+                    // In flight here but on no path: cannot happen; fail them rather than hang.
+                    for (_, f) in core::mem::take(&mut self.flights) {
+                        out.push(Completion {
+                            tag: f.tag,
+                            result: Err(DevError::Gone),
+                            data: Vec::new(),
+                        });
+                    }
+                    return;
+                }
+            }
+        }
     }
 }
 
@@ -171,8 +295,11 @@ impl BlockDevice for MultipathDisk {
 mod tests {
     use super::*;
     use crate::MemDisk;
-    use crate::testdev::{FaultyDisk, SharedDisk};
+    use crate::dev::WriteData;
+    use crate::testdev::{FaultyDisk, Interleave, QueuedDisk, SharedDisk};
+    use alloc::rc::Rc;
     use alloc::vec;
+    use core::cell::{Cell, RefCell};
 
     #[test]
     fn failed_path_is_retired_and_io_continues() {
@@ -224,5 +351,116 @@ mod tests {
         assert_eq!(rr.served(), vec![2, 2, 2]);
         assert_eq!(fo.served(), vec![6, 0, 0]);
         assert_eq!(pr.served(), vec![0, 3, 3]);
+    }
+
+    /// A path whose submitted requests stay in flight until the test releases them.
+    struct Stuck {
+        disk: SharedDisk,
+        queue: Vec<(u64, Request)>,
+        release: Rc<Cell<bool>>,
+    }
+
+    impl BlockDevice for Stuck {
+        fn num_blocks(&self) -> u64 {
+            self.disk.num_blocks()
+        }
+        fn read(&mut self, lba: u64, buf: &mut [u8]) -> Result<(), DevError> {
+            self.disk.read(lba, buf)
+        }
+        fn write(&mut self, lba: u64, buf: &[u8]) -> Result<(), DevError> {
+            self.disk.write(lba, buf)
+        }
+        fn flush(&mut self) -> Result<(), DevError> {
+            Ok(())
+        }
+        fn queue_depth(&self) -> usize {
+            self.queue.len()
+        }
+        fn submit(&mut self, tag: u64, req: Request) -> Option<Completion> {
+            self.queue.push((tag, req));
+            None
+        }
+        fn reap(&mut self, out: &mut Vec<Completion>, _wait: bool) {
+            if self.release.get() {
+                for (tag, req) in core::mem::take(&mut self.queue) {
+                    out.push(crate::dev::complete_now(&mut self.disk, tag, req));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn min_queue_sees_requests_in_flight_on_each_path() {
+        for policy in [PathPolicy::MinQueue, PathPolicy::RoundRobin] {
+            let disk = SharedDisk::new(16);
+            let release = Rc::new(Cell::new(false));
+            let stuck = Stuck {
+                disk: disk.clone(),
+                queue: Vec::new(),
+                release: release.clone(),
+            };
+            let sched = Rc::new(RefCell::new(Interleave::new(5)));
+            sched.borrow_mut().immediate_in_8 = 8;
+            let quick = QueuedDisk::new(Box::new(disk.clone()), sched);
+            let mut mp =
+                MultipathDisk::new(vec![(Box::new(stuck), 1), (Box::new(quick), 1)], policy);
+            let mut done = Vec::new();
+            for t in 0..8u64 {
+                let data = WriteData::new(&vec![u8::try_from(t).unwrap() + 1; 4096]);
+                if let Some(c) = mp.submit(t, Request::Write { lba: t, data }) {
+                    done.push(c);
+                }
+            }
+            match policy {
+                // The stuck path keeps its first request in flight, so every later one goes to
+                // the other path (its queue is empty each time).
+                PathPolicy::MinQueue => assert_eq!(mp.issued(), vec![1, 7]),
+                _ => assert_eq!(mp.issued(), vec![4, 4]),
+            }
+            assert!(mp.queue_depth() > 0);
+            release.set(true);
+            while mp.queue_depth() > 0 {
+                mp.reap(&mut done, true);
+            }
+            assert_eq!(done.len(), 8);
+            assert!(done.iter().all(|c| c.result.is_ok()));
+            let mut r = vec![0u8; 4096];
+            for t in 0..8u64 {
+                mp.read(t, &mut r).unwrap();
+                assert_eq!(u64::from(r[0]), t + 1, "{policy:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_request_failed_by_a_path_is_resubmitted_to_the_next() {
+        let disk = SharedDisk::new(16);
+        let sched = Rc::new(RefCell::new(Interleave::new(9)));
+        sched.borrow_mut().immediate_in_8 = 0;
+        let (p0, f0) = FaultyDisk::new(Box::new(disk.clone()));
+        let q0 = QueuedDisk::new(Box::new(p0), sched.clone());
+        let q1 = QueuedDisk::new(Box::new(disk.clone()), sched);
+        let mut mp = MultipathDisk::new(
+            vec![(Box::new(q0), 1), (Box::new(q1), 1)],
+            PathPolicy::RoundRobin,
+        );
+        for t in 0..6u64 {
+            let data = WriteData::new(&vec![7u8; 4096]);
+            assert!(mp.submit(t, Request::Write { lba: t, data }).is_none());
+        }
+        // Path 0 vanishes with its requests in flight: they fail when performed, and go to path 1.
+        f0.borrow_mut().gone = true;
+        let mut done = Vec::new();
+        while mp.queue_depth() > 0 {
+            mp.reap(&mut done, true);
+        }
+        assert_eq!(done.len(), 6);
+        assert!(done.iter().all(|c| c.result.is_ok()), "{done:?}");
+        assert_eq!(mp.live_paths(), 1);
+        let mut r = vec![0u8; 4096];
+        for t in 0..6 {
+            mp.read(t, &mut r).unwrap();
+            assert_eq!(r, vec![7u8; 4096]);
+        }
     }
 }

@@ -1,6 +1,8 @@
-//! Test devices: a disk with a volatile write cache that can crash at any write boundary, and a
-//! fault-injecting wrapper (failing reads or writes, vanishing). Used by this crate's tests and
-//! by tools that want to exercise failure paths; nothing here is used on the production path.
+//! Test devices: a disk with a volatile write cache that can crash at any write boundary, a
+//! fault-injecting wrapper (failing reads or writes, vanishing), and a queueing wrapper whose
+//! requests complete in an order chosen by a seeded [`Interleave`] (a deterministic scheduler
+//! of interleavings shared by every disk of a test). Used by this crate's tests and by tools
+//! that want to exercise failure paths; nothing here is used on the production path.
 
 use alloc::boxed::Box;
 use alloc::collections::BTreeSet;
@@ -8,7 +10,9 @@ use alloc::rc::Rc;
 use alloc::vec::Vec;
 use core::cell::RefCell;
 
-use crate::dev::{BLOCK_SIZE, BlockDevice, DevError, check_range};
+use crate::dev::{
+    BLOCK_SIZE, BlockDevice, Completion, DevError, Request, check_range, complete_now,
+};
 use crate::{u, us};
 
 /// A shared counter of write boundaries (writes and flushes) across every disk of a test, so a
@@ -256,5 +260,121 @@ impl BlockDevice for SharedDisk {
     }
     fn flush(&mut self) -> Result<(), DevError> {
         Ok(())
+    }
+}
+
+/// The deterministic scheduler of a test's queued disks: a seeded generator that decides, each
+/// time a [`QueuedDisk`] is reaped or submitted to, which of its requests in flight are
+/// performed and completed, and in which order. The same seed replays the same interleaving.
+#[derive(Debug)]
+pub struct Interleave {
+    state: u64,
+    /// Out of 8: how likely a submitted request is performed at once (0: always queued).
+    pub immediate_in_8: u64,
+    /// Requests performed so far, over every disk sharing this scheduler.
+    pub performed: u64,
+    /// The largest number of requests seen in flight on one disk.
+    pub max_depth: usize,
+}
+
+impl Interleave {
+    /// A scheduler drawing from `seed`.
+    #[must_use]
+    pub fn new(seed: u64) -> Self {
+        Self {
+            state: seed | 1,
+            immediate_in_8: 1,
+            performed: 0,
+            max_depth: 0,
+        }
+    }
+
+    /// A number in `0..n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        self.state % n.max(1)
+    }
+}
+
+/// Shared handle to an [`Interleave`].
+pub type Sched = Rc<RefCell<Interleave>>;
+
+/// Wraps a synchronous device and gives it a queue: submitted requests stay in flight until
+/// the shared [`Interleave`] picks them, in any order, at a later `reap` (or, sometimes, at
+/// once). A request is performed on the inner device when it completes, so a
+/// [`CrashDisk`] below sees its write boundaries in the interleaved order and a [`FaultyDisk`]
+/// fails it then. Synchronous calls go straight to the inner device. Dropping it cancels what
+/// is still queued (those requests never reach the inner device).
+pub struct QueuedDisk {
+    inner: Box<dyn BlockDevice>,
+    queue: Vec<(u64, Request)>,
+    sched: Sched,
+}
+
+impl QueuedDisk {
+    /// Queues requests to `inner` under scheduler `sched`.
+    pub fn new(inner: Box<dyn BlockDevice>, sched: Sched) -> Self {
+        Self {
+            inner,
+            queue: Vec::new(),
+            sched,
+        }
+    }
+
+    fn perform(&mut self, i: usize) -> Completion {
+        let (tag, req) = self.queue.swap_remove(i);
+        self.sched.borrow_mut().performed += 1;
+        complete_now(&mut *self.inner, tag, req)
+    }
+}
+
+impl BlockDevice for QueuedDisk {
+    fn num_blocks(&self) -> u64 {
+        self.inner.num_blocks()
+    }
+    fn read(&mut self, lba: u64, buf: &mut [u8]) -> Result<(), DevError> {
+        self.inner.read(lba, buf)
+    }
+    fn write(&mut self, lba: u64, buf: &[u8]) -> Result<(), DevError> {
+        self.inner.write(lba, buf)
+    }
+    fn flush(&mut self) -> Result<(), DevError> {
+        self.inner.flush()
+    }
+    fn queue_depth(&self) -> usize {
+        self.queue.len()
+    }
+    fn submit(&mut self, tag: u64, req: Request) -> Option<Completion> {
+        let at_once = {
+            let mut s = self.sched.borrow_mut();
+            let k = s.immediate_in_8;
+            s.below(8) < k
+        };
+        if at_once {
+            self.sched.borrow_mut().performed += 1;
+            return Some(complete_now(&mut *self.inner, tag, req));
+        }
+        self.queue.push((tag, req));
+        let mut s = self.sched.borrow_mut();
+        s.max_depth = s.max_depth.max(self.queue.len());
+        None
+    }
+    fn reap(&mut self, out: &mut Vec<Completion>, wait: bool) {
+        if self.queue.is_empty() {
+            return;
+        }
+        // How many complete now: any number, at least one when the caller waits.
+        let len = u(self.queue.len());
+        let mut n = self.sched.borrow_mut().below(len + 1);
+        if wait {
+            n = n.max(1);
+        }
+        for _ in 0..n {
+            let i = us(self.sched.borrow_mut().below(u(self.queue.len())));
+            let c = self.perform(i);
+            out.push(c);
+        }
     }
 }

@@ -3,6 +3,11 @@
 //! with all, none, or random subsets of the unflushed writes. Every image must open, pass the
 //! metadata check, have identical mirror legs, and return every write acknowledged before the
 //! last completed flush (or a later write to the same block).
+//!
+//! Every disk is a [`QueuedDisk`] over its crashable disk: the last phase of the workload keeps
+//! batches of requests in flight at once (mirror legs, stripe columns, a thin volume), and a
+//! seeded [`Interleave`] decides the order in which they reach the disks, so crash points fall
+//! between the pieces of requests in flight together.
 #![allow(clippy::cast_possible_truncation)] // Test sizes and tags are small; truncation cannot happen.
 
 mod common;
@@ -13,7 +18,7 @@ use std::rc::Rc;
 
 use common::*;
 use volmgr::pool::{LayoutSpec, SnapshotKind};
-use volmgr::testdev::{Clock, CrashClock, CrashDisk, CrashState};
+use volmgr::testdev::{Clock, CrashClock, CrashDisk, CrashState, Interleave, QueuedDisk, Sched};
 use volmgr::{BlockDevice, Error, Pool};
 
 const DISK_BLOCKS: u64 = 512;
@@ -91,12 +96,13 @@ fn workload_seeded(images: &[Vec<u8>], crash_at: Option<u64>, seed: u64) -> Run 
         crashed: false,
     }));
     let mut states = Vec::new();
+    let sched: Sched = Rc::new(RefCell::new(Interleave::new(seed ^ 0x5151)));
     let devs: Vec<Box<dyn BlockDevice>> = images
         .iter()
         .map(|img| {
             let (d, st) = CrashDisk::new(img.clone(), clock.clone());
             states.push(st);
-            Box::new(d) as Box<dyn BlockDevice>
+            Box::new(QueuedDisk::new(Box::new(d), sched.clone())) as Box<dyn BlockDevice>
         })
         .collect();
     let mut model = Model::default();
@@ -214,7 +220,73 @@ fn workload_seeded(images: &[Vec<u8>], crash_at: Option<u64>, seed: u64) -> Run 
             w(&mut p, &mut model, "m", rng.below(64))?;
             w(&mut p, &mut model, "t", rng.below(128))?;
         }
-        let _ = ids;
+        flush(&mut p, &mut model, &clock)?;
+        // Phase 7: batches of requests in flight together on the mirror, the stripe and
+        // the thin volume (different blocks within a batch), completing in the order the
+        // interleaving scheduler picks, with reads in flight beside them and a flush issued
+        // while some are still in flight.
+        // The snapshots go first: the thin pool has room again, and c has no dependents left
+        // (its writes are split into pieces, not run synchronously).
+        // (Out of the model first: a crash inside a removal may leave either state.)
+        model.vols.remove("ts");
+        model.vols.remove("cso");
+        p.remove("ts")?;
+        p.remove("cso")?;
+        flush(&mut p, &mut model, &clock)?;
+        let sizes = [("m", 64), ("c", 64), ("t", 128)];
+        let mut most_pieces = 0;
+        for batch in 0..6 {
+            let mut q = p.queue();
+            let mut busy = std::collections::BTreeSet::new();
+            let mut reads = BTreeMap::new();
+            let mut done = Vec::new();
+            for k in 0..10 {
+                let (vol, size) = sizes[rng.below(3) as usize];
+                let b = rng.below(size);
+                if !busy.insert((vol, b)) {
+                    continue;
+                }
+                let id = ids[vol];
+                if k % 4 == 3 {
+                    tag += 1;
+                    reads.insert(tag, (vol, b));
+                    q.read(tag, id, b, 1)?;
+                } else {
+                    tag += 1;
+                    model.write(vol, b, tag);
+                    q.write(tag, id, b, &pattern(tag))?;
+                }
+                most_pieces = most_pieces.max(q.device_requests());
+                if k == 5 {
+                    q.poll(&mut done, false);
+                }
+                if k == 6 && batch % 2 == 1 {
+                    // Everything submitted so far completes first, then the pool flushes.
+                    q.flush()?;
+                    if !clock.borrow().crashed {
+                        model.flushed();
+                    }
+                }
+            }
+            done.extend(q.finish());
+            for c in done {
+                c.result?;
+                if let Some((vol, b)) = reads.get(&c.tag) {
+                    // Not written in this batch: the last write before it, which completed.
+                    if let Some(e) = model.vols.get(*vol).and_then(|v| v.get(b)) {
+                        let last = e.pending.last().copied().unwrap_or(e.durable);
+                        assert!(is_tag(&c.data, last), "read of {vol} block {b} in flight");
+                    }
+                }
+            }
+            if batch % 3 == 2 {
+                flush(&mut p, &mut model, &clock)?;
+            }
+        }
+        assert!(
+            sched.borrow().max_depth > 1 && most_pieces > 3,
+            "the workload must have several requests in flight on one disk"
+        );
         Ok(())
     })();
     Run {

@@ -130,11 +130,14 @@ impl Pool {
         self.drl_write(true)
     }
 
-    /// Makes every acknowledged write durable and commits changed metadata.
+    /// Makes every acknowledged write durable and commits changed metadata. Pieces of queued
+    /// requests still in flight are waited for first (their requests are answered by the
+    /// queue), so the dirty-region log is never cleared under a mirrored write in flight.
     pub fn flush(&mut self) -> Result<(), Error> {
         if self.read_only {
             return Ok(());
         }
+        self.aio_quiesce();
         self.flush_disks()?;
         if self.dirty {
             self.commit()?;

@@ -18,8 +18,9 @@
 //!
 //! Files: `open` (create, open, recovery), `commit` (metadata commits, dirty-region log,
 //! flush, failed disks), `space` (extent allocation), `admin` (operations that change the
-//! configuration), `io` (volume reads and writes), `layout_io` (legs, columns, segments),
-//! `validate` (checks of decoded metadata).
+//! configuration), `io` (volume reads and writes), `aio` (volume requests in flight through an
+//! [`IoQueue`]), `layout_io` (legs, columns, segments), `validate` (checks of decoded
+//! metadata).
 
 use alloc::boxed::Box;
 use alloc::collections::{BTreeMap, BTreeSet};
@@ -316,6 +317,8 @@ pub struct Pool {
     /// nothing else to do on I/O (no mirror, relayout, fill, tracking or dependents).
     fast: Vec<Option<FastMap>>,
     read_only: bool,
+    /// Volume requests and their device pieces in flight (see [`aio`]).
+    aio: aio::Aio,
     /// Events worth telling the operator (detached legs, missing disks, repairs).
     pub events: Vec<String>,
 }
@@ -352,6 +355,7 @@ fn round_up(x: u64, m: u64) -> u64 {
 }
 
 mod admin;
+pub mod aio;
 mod commit;
 mod io;
 mod layout_io;
@@ -359,6 +363,7 @@ mod open;
 mod space;
 mod validate;
 
+pub use aio::{IoQueue, VolCompletion};
 use layout_io::{
     col_present, col_read, col_write, layout_copy_region, layout_read, layout_sync_range,
     layout_write, mark_stale,

@@ -155,6 +155,7 @@ impl Pool {
             thin: BTreeMap::new(),
             dependents: BTreeSet::new(),
             fast: Vec::new(),
+            aio: aio::Aio::default(),
             read_only,
             events: Vec::new(),
         };

@@ -3,7 +3,7 @@
 
 use volmgr::dev::BLOCK_SIZE;
 use volmgr::pool::{DiskSpec, OpenOptions, Pool, PoolConfig};
-use volmgr::testdev::SharedDisk;
+use volmgr::testdev::{QueuedDisk, Sched, SharedDisk};
 use volmgr::{BlockDevice, MemDisk};
 
 pub const POOL_ID: u128 = 0x5eed_0000_0000_0000_0000_0000_0000_0001;
@@ -14,26 +14,42 @@ pub fn disks(n: usize, blocks: u64) -> Vec<SharedDisk> {
 }
 
 pub fn create(disks: &[SharedDisk]) -> Pool {
-    let devs = disks
+    create_on(disks, None)
+}
+
+pub fn reopen(disks: &[SharedDisk]) -> Pool {
+    reopen_on(disks, None)
+}
+
+/// The shared disks as devices; with a scheduler, each behind a [`QueuedDisk`].
+pub fn devices(disks: &[SharedDisk], sched: Option<&Sched>) -> Vec<Box<dyn BlockDevice>> {
+    disks
         .iter()
+        .map(|d| match sched {
+            Some(s) => {
+                Box::new(QueuedDisk::new(Box::new(d.clone()), s.clone())) as Box<dyn BlockDevice>
+            }
+            None => Box::new(d.clone()) as Box<dyn BlockDevice>,
+        })
+        .collect()
+}
+
+/// A pool over `disks` (queued under `sched` when given).
+pub fn create_on(disks: &[SharedDisk], sched: Option<&Sched>) -> Pool {
+    let devs = devices(disks, sched)
+        .into_iter()
         .enumerate()
         .map(|(i, d)| {
             let tier = if i % 2 == 0 { "fast" } else { "slow" };
-            (
-                Box::new(d.clone()) as Box<dyn BlockDevice>,
-                DiskSpec::new(&format!("d{i}"), tier),
-            )
+            (d, DiskSpec::new(&format!("d{i}"), tier))
         })
         .collect();
     Pool::create(devs, PoolConfig::small(POOL_ID)).expect("create pool")
 }
 
-pub fn reopen(disks: &[SharedDisk]) -> Pool {
-    let devs = disks
-        .iter()
-        .map(|d| Box::new(d.clone()) as Box<dyn BlockDevice>)
-        .collect();
-    Pool::open(devs, OpenOptions::default())
+/// The pool on `disks`, reopened (queued under `sched` when given).
+pub fn reopen_on(disks: &[SharedDisk], sched: Option<&Sched>) -> Pool {
+    Pool::open(devices(disks, sched), OpenOptions::default())
         .expect("open pool")
         .0
 }

@@ -1,0 +1,478 @@
+//! Volume requests in flight: an [`IoQueue`] borrows the pool and takes reads and writes that
+//! complete later, so that many requests are in flight on many disks at once.
+//!
+//! A volume request becomes one device request per piece it touches: a thick volume's column
+//! runs, each written to every in-sync mirror leg (stale legs record the region instead, as on
+//! the synchronous path), or read from one in-sync leg. All of them are submitted before the
+//! first is waited for, so mirror legs are written in parallel and a stripe's columns all work
+//! at once; the volume request completes when its last piece has, that is when every in-sync
+//! leg has the data. Before a mirrored region is written its bit is durable in the
+//! dirty-region log, exactly as for a synchronous write.
+//!
+//! A request that any piece failed is driven again, whole, through the synchronous path
+//! ([`Pool::read`] / [`Pool::write`]) once all its pieces are in: that path retries other
+//! legs, detaches failing ones, takes vanished disks out of service and commits before it
+//! answers, so failures have one implementation. Requests the queue does not split itself
+//! (thin volumes, volumes being filled, relaid out, tracked, or with snapshots that copy
+//! before write) run synchronously at submission and complete at once.
+//!
+//! Invariants:
+//! * Requests are in flight only while an [`IoQueue`] borrows the pool; dropping or finishing
+//!   it waits for all of them. Configuration changes, background steps and admin commands need
+//!   the pool itself, so they never run with a request in flight.
+//! * [`Pool::flush`] first waits for every piece in flight (without answering their requests
+//!   yet), so the dirty-region log is never cleared under a mirrored write in flight, and a
+//!   flush makes durable every write that completed before it.
+//! * A piece in flight on a disk that is taken out of service fails (the disk is gone); its
+//!   request is then driven again on what remains.
+
+use alloc::collections::VecDeque;
+
+use super::*;
+use crate::dev::{Completion, Request, WriteData};
+
+/// A finished volume request: the caller's tag, the result, and for a read the data.
+#[derive(Debug)]
+pub struct VolCompletion {
+    pub tag: u64,
+    pub result: Result<(), Error>,
+    pub data: Vec<u8>,
+}
+
+enum Payload {
+    Read(Vec<u8>),
+    Write(WriteData),
+}
+
+/// One volume request with pieces in flight.
+struct Parent {
+    tag: u64,
+    vol: u32,
+    block: u64,
+    payload: Payload,
+    /// Pieces not yet completed.
+    left: usize,
+    /// Whether a piece failed (the request is then driven again synchronously).
+    failed: bool,
+}
+
+/// One device request, a piece of a volume request.
+struct Child {
+    parent: u64,
+    disk: usize,
+    /// For a read: where its data goes in the parent's buffer (bytes).
+    off: usize,
+}
+
+/// The pool's requests in flight.
+#[derive(Default)]
+pub(super) struct Aio {
+    next_tag: u64,
+    next_parent: u64,
+    children: BTreeMap<u64, Child>,
+    per_disk: Vec<usize>,
+    parents: BTreeMap<u64, Parent>,
+    /// Requests whose pieces are all in, in completion order.
+    finished: VecDeque<u64>,
+    /// Completions ready for the caller.
+    done: Vec<VolCompletion>,
+}
+
+/// A piece to submit: disk, disk block, and a byte range of the request's buffer.
+struct Piece {
+    disk: usize,
+    lba: u64,
+    from: usize,
+    to: usize,
+}
+
+/// Submission and completion of volume requests on a borrowed pool. See the module doc.
+pub struct IoQueue<'a> {
+    pool: &'a mut Pool,
+}
+
+impl Pool {
+    /// A queue of volume requests on this pool; requests are in flight only while it lives.
+    pub fn queue(&mut self) -> IoQueue<'_> {
+        IoQueue { pool: self }
+    }
+
+    /// Whether requests of volume `vi` are split into device pieces by the queue.
+    fn splits(&self, vi: usize, write: bool) -> bool {
+        let v = &self.meta.volumes[vi];
+        let VolKind::Thick {
+            relayout: None,
+            fill: None,
+            ..
+        } = &v.kind
+        else {
+            return false;
+        };
+        !write || (v.tracking.is_none() && !self.dependents.contains(&v.id))
+    }
+
+    /// Plans the pieces of a request on thick volume `vi`: for a write, every in-sync leg of
+    /// every column run (stale legs have their regions recorded now); for a read, one in-sync
+    /// leg per run. `None` when a piece has no device (the request then runs synchronously).
+    fn plan(&mut self, vi: usize, block: u64, n: u64, write: bool) -> Option<Vec<Piece>> {
+        let Pool {
+            meta, devs, dirty, ..
+        } = self;
+        let v = &mut meta.volumes[vi];
+        let rg = Regions::of(v);
+        let VolKind::Thick { layout, .. } = &mut v.kind else {
+            return None;
+        };
+        let nlegs = layout.legs.len();
+        let mut pieces = Vec::new();
+        let mut done = 0;
+        while done < n {
+            let (col, cblock, run) = layout.map(block + done, n - done);
+            let legs: Vec<usize> = if write {
+                (0..nlegs).collect()
+            } else {
+                let start = us(cblock >> 6) % nlegs.max(1);
+                let leg = (0..nlegs)
+                    .map(|k| (start + k) % nlegs)
+                    .find(|&g| layout.legs[g].columns[col].state == SyncState::InSync)?;
+                vec![leg]
+            };
+            for g in legs {
+                let c = &mut layout.legs[g].columns[col];
+                if let SyncState::Stale(bm) = &mut c.state {
+                    let (r0, r1) = rg.span(block + done, run);
+                    *dirty |= bm.set_range(r0, r1);
+                    continue;
+                }
+                let mut k = 0;
+                while k < run {
+                    let (disk, pb, r) = seg_lookup(&c.segs, cblock + k, run - k)?;
+                    let disk = us(u64::from(disk));
+                    if !devs.get(disk).is_some_and(Option::is_some) {
+                        return None;
+                    }
+                    pieces.push(Piece {
+                        disk,
+                        lba: pb,
+                        from: us(done + k) * BLOCK_SIZE,
+                        to: us(done + k + r) * BLOCK_SIZE,
+                    });
+                    k += r;
+                }
+            }
+            done += run;
+        }
+        Some(pieces)
+    }
+
+    /// Submits the pieces of a new request and registers it.
+    fn launch(&mut self, tag: u64, vol: u32, block: u64, payload: Payload, pieces: Vec<Piece>) {
+        let pid = self.aio.next_parent;
+        self.aio.next_parent += 1;
+        self.aio.parents.insert(
+            pid,
+            Parent {
+                tag,
+                vol,
+                block,
+                payload,
+                left: pieces.len(),
+                failed: false,
+            },
+        );
+        if pieces.is_empty() {
+            self.aio.finished.push_back(pid);
+            return;
+        }
+        for p in pieces {
+            let t = self.aio.next_tag;
+            self.aio.next_tag += 1;
+            let req = match &self.aio.parents[&pid].payload {
+                Payload::Write(d) => Request::Write {
+                    lba: p.lba,
+                    data: d.slice(p.from, p.to),
+                },
+                Payload::Read(_) => Request::Read {
+                    lba: p.lba,
+                    blocks: u((p.to - p.from) / BLOCK_SIZE),
+                },
+            };
+            self.aio.children.insert(
+                t,
+                Child {
+                    parent: pid,
+                    disk: p.disk,
+                    off: p.from,
+                },
+            );
+            if self.aio.per_disk.len() <= p.disk {
+                self.aio.per_disk.resize(p.disk + 1, 0);
+            }
+            self.aio.per_disk[p.disk] += 1;
+            let now = match self.devs.get_mut(p.disk).and_then(Option::as_mut) {
+                Some(dev) => dev.submit(t, req),
+                None => Some(Completion {
+                    tag: t,
+                    result: Err(DevError::Gone),
+                    data: Vec::new(),
+                }),
+            };
+            if let Some(c) = now {
+                self.piece_done(c);
+            }
+        }
+    }
+
+    fn piece_done(&mut self, c: Completion) {
+        let Some(ch) = self.aio.children.remove(&c.tag) else {
+            return;
+        };
+        if let Some(n) = self.aio.per_disk.get_mut(ch.disk) {
+            *n = n.saturating_sub(1);
+        }
+        let Some(p) = self.aio.parents.get_mut(&ch.parent) else {
+            return;
+        };
+        match (&c.result, &mut p.payload) {
+            (Ok(()), Payload::Read(buf)) => match buf.get_mut(ch.off..ch.off + c.data.len()) {
+                Some(dst) => dst.copy_from_slice(&c.data),
+                None => p.failed = true,
+            },
+            (Ok(()), Payload::Write(_)) => {}
+            (Err(_), _) => p.failed = true,
+        }
+        p.left -= 1;
+        if p.left == 0 {
+            self.aio.finished.push_back(ch.parent);
+        }
+    }
+
+    /// Collects completed pieces from the disks (waiting for at least one when `wait` and
+    /// pieces are in flight); pieces on disks no longer present fail.
+    fn aio_collect(&mut self, wait: bool) {
+        let mut got = Vec::new();
+        for i in 0..self.aio.per_disk.len() {
+            if self.aio.per_disk[i] == 0 {
+                continue;
+            }
+            match self.devs.get_mut(i).and_then(Option::as_mut) {
+                Some(d) => d.reap(&mut got, false),
+                None => {
+                    let lost: Vec<u64> = self
+                        .aio
+                        .children
+                        .iter()
+                        .filter(|(_, c)| c.disk == i)
+                        .map(|(t, _)| *t)
+                        .collect();
+                    got.extend(lost.into_iter().map(|tag| Completion {
+                        tag,
+                        result: Err(DevError::Gone),
+                        data: Vec::new(),
+                    }));
+                }
+            }
+        }
+        if got.is_empty() && wait && !self.aio.children.is_empty() {
+            // Wait on the disk with the most pieces in flight.
+            let busiest = (0..self.aio.per_disk.len()).max_by_key(|&i| self.aio.per_disk[i]);
+            if let Some(i) = busiest
+                && let Some(d) = self.devs.get_mut(i).and_then(Option::as_mut)
+            {
+                d.reap(&mut got, true);
+                if got.is_empty() {
+                    // The disk says nothing is in flight: what we sent it will never complete.
+                    got.extend(self.aio.children.iter().filter(|(_, c)| c.disk == i).map(
+                        |(t, _)| Completion {
+                            tag: *t,
+                            result: Err(DevError::Gone),
+                            data: Vec::new(),
+                        },
+                    ));
+                }
+            }
+        }
+        for c in got {
+            self.piece_done(c);
+        }
+    }
+
+    /// Waits until no piece is in flight (their requests are answered later, by the queue).
+    pub(super) fn aio_quiesce(&mut self) {
+        while !self.aio.children.is_empty() {
+            self.aio_collect(true);
+        }
+    }
+
+    /// Answers the requests whose pieces are all in; failed ones are driven again
+    /// synchronously.
+    fn aio_answer(&mut self) {
+        while let Some(pid) = self.aio.finished.pop_front() {
+            let Some(p) = self.aio.parents.remove(&pid) else {
+                continue;
+            };
+            let (result, data) = match p.payload {
+                Payload::Read(buf) if !p.failed => (Ok(()), buf),
+                Payload::Write(_) if !p.failed => (Ok(()), Vec::new()),
+                Payload::Read(mut buf) => {
+                    let r = self.read(p.vol, p.block, &mut buf);
+                    (r, buf)
+                }
+                Payload::Write(d) => (self.write(p.vol, p.block, d.bytes()), Vec::new()),
+            };
+            self.aio.done.push(VolCompletion {
+                tag: p.tag,
+                result,
+                data,
+            });
+        }
+    }
+}
+
+impl IoQueue<'_> {
+    /// The pool (read-only view while requests are in flight).
+    #[must_use]
+    pub fn pool(&self) -> &Pool {
+        self.pool
+    }
+
+    /// Requests submitted whose completion [`IoQueue::poll`] has not returned yet.
+    #[must_use]
+    pub fn in_flight(&self) -> usize {
+        self.pool.aio.parents.len() + self.pool.aio.done.len()
+    }
+
+    /// Pieces in flight on the disks now.
+    #[must_use]
+    pub fn device_requests(&self) -> usize {
+        self.pool.aio.children.len()
+    }
+
+    /// Starts a write of whole blocks of volume `id` at `block`, answered under `tag`.
+    /// Arguments that are wrong (no such volume, beyond its end, not whole blocks, read-only
+    /// pool) are refused here; failures of the I/O come back in the completion.
+    pub fn write(&mut self, tag: u64, id: u32, block: u64, buf: &[u8]) -> Result<(), Error> {
+        let p = &mut *self.pool;
+        p.writable()?;
+        let n = nblocks(buf)?;
+        let vi = p.vidx(id)?;
+        let v = &p.meta.volumes[vi];
+        if block.checked_add(n).is_none_or(|e| e > v.size) {
+            return Err(Error::OutOfRange(v.name.clone()));
+        }
+        let planned = if n > 0 && p.splits(vi, true) {
+            let v = &p.meta.volumes[vi];
+            let drl = if needs_drl(v) {
+                let rg = Regions::of(v);
+                let (r0, r1) = rg.span(block, n);
+                p.drl_mark(id, rg.n, r0, r1)
+            } else {
+                Ok(())
+            };
+            match drl {
+                Ok(()) => p.plan(vi, block, n, true),
+                Err(e) => {
+                    p.aio.done.push(VolCompletion {
+                        tag,
+                        result: Err(e),
+                        data: Vec::new(),
+                    });
+                    return Ok(());
+                }
+            }
+        } else {
+            None
+        };
+        match planned {
+            Some(pieces) => p.launch(tag, id, block, Payload::Write(WriteData::new(buf)), pieces),
+            None => {
+                let result = p.write(id, block, buf);
+                p.aio.done.push(VolCompletion {
+                    tag,
+                    result,
+                    data: Vec::new(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts a read of `blocks` blocks of volume `id` at `block`, answered under `tag` with
+    /// the data.
+    pub fn read(&mut self, tag: u64, id: u32, block: u64, blocks: u64) -> Result<(), Error> {
+        let p = &mut *self.pool;
+        let vi = p.vidx(id)?;
+        let v = &p.meta.volumes[vi];
+        if block.checked_add(blocks).is_none_or(|e| e > v.size) {
+            return Err(Error::OutOfRange(v.name.clone()));
+        }
+        if let VolKind::ThinPool { .. } = v.kind {
+            return Err(Error::InvalidArgument(format!(
+                "'{}' is a thin pool, not a volume",
+                v.name
+            )));
+        }
+        let buf = vec![0u8; us(blocks) * BLOCK_SIZE];
+        let planned = if blocks > 0 && p.splits(vi, false) {
+            p.plan(vi, block, blocks, false)
+        } else {
+            None
+        };
+        match planned {
+            Some(pieces) => p.launch(tag, id, block, Payload::Read(buf), pieces),
+            None => {
+                let mut buf = buf;
+                let result = p.read(id, block, &mut buf);
+                p.aio.done.push(VolCompletion {
+                    tag,
+                    result,
+                    data: buf,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves finished requests into `out`; with `wait`, blocks until there is at least one
+    /// (unless nothing is in flight).
+    pub fn poll(&mut self, out: &mut Vec<VolCompletion>, wait: bool) {
+        let p = &mut *self.pool;
+        p.aio_collect(false);
+        p.aio_answer();
+        while wait && p.aio.done.is_empty() && !p.aio.parents.is_empty() {
+            p.aio_collect(true);
+            p.aio_answer();
+        }
+        out.append(&mut p.aio.done);
+    }
+
+    /// Waits for every request in flight, then flushes the pool ([`Pool::flush`]): every write
+    /// completed before this call (answered or not) is durable when it returns `Ok`.
+    pub fn flush(&mut self) -> Result<(), Error> {
+        self.pool.aio_quiesce();
+        self.pool.aio_answer();
+        self.pool.flush()
+    }
+
+    /// Waits for every request in flight and returns the completions not yet polled.
+    pub fn finish(mut self) -> Vec<VolCompletion> {
+        let mut out = Vec::new();
+        while self.in_flight() > 0 {
+            self.poll(&mut out, true);
+        }
+        out
+    }
+}
+
+impl Drop for IoQueue<'_> {
+    fn drop(&mut self) {
+        // Nothing may stay in flight once the pool is handed back; unpolled answers are lost
+        // (the writes themselves are done or were driven to their final result).
+        let p = &mut *self.pool;
+        while !p.aio.parents.is_empty() {
+            p.aio_collect(true);
+            p.aio_answer();
+        }
+        p.aio.done.clear();
+    }
+}
