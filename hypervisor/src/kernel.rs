@@ -571,6 +571,15 @@ fn run_command(line: &str) {
             }
             Err(e) => println!("error: resume: {e}"),
         },
+        Ok(Command::Sched(None)) => {
+            for line in crate::vcpu::queue::report() {
+                println!("{line}");
+            }
+        }
+        Ok(Command::Sched(Some((id, change)))) => match crate::vcpu::queue::set(id, &change) {
+            Ok(()) => println!("domain {id}: scheduling changed"),
+            Err(e) => println!("error: sched: domain {id}: {e}; nothing changed"),
+        },
         Ok(Command::Audit) => cmd_audit(),
         Ok(Command::Reboot) => {
             println!("rebooting");
@@ -612,13 +621,18 @@ fn cmd_cpus() {
         .filter(|&i| CPUS[i].state() == CpuState::Online)
         .count();
     println!("{online} of {n} CPUs online ({madt} in the ACPI MADT)");
-    println!("CPU  APIC  STATE        TICKS  VT-X");
+    println!("CPU  APIC  STATE        TICKS  HALTS   IDLE  VT-X");
+    let now = cpu::rdtsc().max(1);
     for (i, c) in CPUS.iter().enumerate().take(n) {
+        // Idle share since boot: TSC ticks spent halted with nothing to run.
+        let idle = c.idle_tsc.load(Ordering::Relaxed) * 100 / now;
         println!(
-            "{i:<4} {:<5} {:<12} {:<6} {}",
+            "{i:<4} {:<5} {:<12} {:<6} {:<7} {:>3}%  {}",
             c.apic_id.load(Ordering::Relaxed),
             c.state().name(),
             c.ticks.load(Ordering::Relaxed),
+            c.halts.load(Ordering::Relaxed),
+            idle,
             vmx_short(&VMX_STATUS[i].lock())
         );
     }
@@ -745,7 +759,7 @@ fn cmd_domains() {
             state,
             d.mem_mib,
             d.vcpus,
-            d.cpu,
+            crate::vcpu::queue::cpu_of(d.id).unwrap_or(d.cpu),
             d.total_exits(),
             by_reason
         );

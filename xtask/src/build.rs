@@ -63,6 +63,7 @@ pub const TEST_GUESTS: &[&str] = &[
     "smp",
     "ticker",
     "fpu",
+    "worker",
 ];
 
 /// Builds the test guests (release) and returns the folder holding their ELF files.

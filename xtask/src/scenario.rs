@@ -59,6 +59,138 @@ pub struct Scenario {
     /// Keep watching this long after success, for late rejects (e.g. a reset after a fault).
     #[serde(default)]
     pub settle_ms: u64,
+    /// Rates read from the output and compared once every pattern matched (CPU shares).
+    #[serde(default)]
+    pub rates: Option<Rates>,
+}
+
+/// Rates in the serial output, compared with what they should be: `regex` captures a key, a
+/// window number, an amount and a time (in that order). The windows every key reported are
+/// taken in order, the first `skip` left out (start-up), the next `count` used; each key's rate
+/// over them is amount / time, taken as a share of the sum over all keys, or as a ratio to
+/// `reference`'s rate when given.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct Rates {
+    pub regex: String,
+    #[serde(default)]
+    pub skip: usize,
+    pub count: usize,
+    #[serde(default)]
+    pub reference: Option<String>,
+    /// Key → expected share (or ratio), within `tolerance` (relative) either way.
+    #[serde(default)]
+    pub expect: std::collections::BTreeMap<String, f64>,
+    pub tolerance: f64,
+    /// Key → the most it may be (plus 1 % for measurement), whatever `expect` says.
+    #[serde(default)]
+    pub at_most: std::collections::BTreeMap<String, f64>,
+}
+
+impl Rates {
+    /// Judges `text`: every key measured in every window, each within bounds. Returns the
+    /// figures either way (for the report).
+    pub fn judge(&self, text: &str) -> Result<String, String> {
+        use std::collections::{BTreeMap, BTreeSet};
+        let re = Regex::new(&self.regex).map_err(|e| format!("rates: bad regex: {e}"))?;
+        // key -> window -> (amount, time)
+        let mut seen: BTreeMap<String, BTreeMap<u64, (f64, f64)>> = BTreeMap::new();
+        for c in re.captures_iter(text) {
+            let (Some(k), Some(w), Some(a), Some(t)) = (c.get(1), c.get(2), c.get(3), c.get(4))
+            else {
+                return Err("rates: the regex must capture key, window, amount, time".into());
+            };
+            let w: u64 = w.as_str().parse().map_err(|_| "rates: window not a number")?;
+            let a: f64 = a.as_str().parse().map_err(|_| "rates: amount not a number")?;
+            let t: f64 = t.as_str().parse().map_err(|_| "rates: time not a number")?;
+            seen.entry(k.as_str().to_string())
+                .or_default()
+                .insert(w, (a, t));
+        }
+        let wanted: BTreeSet<&String> = self
+            .expect
+            .keys()
+            .chain(self.at_most.keys())
+            .chain(self.reference.iter())
+            .collect();
+        for k in &wanted {
+            if !seen.contains_key(*k) {
+                return Err(format!("rates: no figure for key {k}"));
+            }
+        }
+        let mut common: Option<BTreeSet<u64>> = None;
+        for ws in seen.values() {
+            let here: BTreeSet<u64> = ws.keys().copied().collect();
+            common = Some(match common {
+                None => here,
+                Some(c) => c.intersection(&here).copied().collect(),
+            });
+        }
+        let windows: Vec<u64> = common
+            .unwrap_or_default()
+            .into_iter()
+            .skip(self.skip)
+            .take(self.count)
+            .collect();
+        if windows.len() < self.count {
+            return Err(format!(
+                "rates: {} windows reported by every key after skipping {}, {} needed",
+                windows.len(),
+                self.skip,
+                self.count
+            ));
+        }
+        let mut sums: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+        for (k, ws) in &seen {
+            let e = sums.entry(k.clone()).or_default();
+            for w in &windows {
+                let (a, t) = ws[w];
+                e.0 += a;
+                e.1 += t;
+            }
+        }
+        let rate = |k: &str| {
+            sums.get(k)
+                .map_or(0.0, |&(a, t)| if t > 0.0 { a / t } else { 0.0 })
+        };
+        let base = match &self.reference {
+            Some(r) => rate(r),
+            None => sums.keys().map(|k| rate(k)).sum(),
+        };
+        if base <= 0.0 {
+            return Err("rates: nothing measured".into());
+        }
+        let mut report = Vec::new();
+        let mut bad = Vec::new();
+        for k in sums.keys() {
+            let v = rate(k) / base;
+            let mut line = format!("{k}: {v:.4}");
+            if let Some(&e) = self.expect.get(k) {
+                let err = (v - e) / e;
+                line += &format!(" (expected {e:.4}, {:+.1} %)", err * 100.0);
+                if err.abs() > self.tolerance {
+                    bad.push(format!("{k} is {v:.4}, not within {:.0} % of {e:.4}", self.tolerance * 100.0));
+                }
+            }
+            if let Some(&m) = self.at_most.get(k)
+                && v > m * 1.01
+            {
+                bad.push(format!("{k} is {v:.4}, more than {m:.4}"));
+            }
+            report.push(line);
+        }
+        let report = format!(
+            "{} over windows {}..={}",
+            report.join(", "),
+            windows[0],
+            windows[windows.len() - 1]
+        );
+        if bad.is_empty() {
+            Ok(report)
+        } else {
+            Err(format!("rates: {}; measured {report}", bad.join("; ")))
+        }
+    }
 }
 
 fn default_boot() -> String {
@@ -143,6 +275,9 @@ pub fn load(path: &Path) -> Result<Scenario, String> {
     }
     for r in s.expect.iter().chain(&s.reject).chain(&s.once) {
         Regex::new(r).map_err(|e| format!("{}: bad pattern '{r}': {e}", s.name))?;
+    }
+    if let Some(r) = &s.rates {
+        Regex::new(&r.regex).map_err(|e| format!("{}: bad rates regex: {e}", s.name))?;
     }
     Ok(s)
 }
@@ -362,6 +497,13 @@ fn run_inner(s: &Scenario, work: &Path, log: &Path, on: On) -> Result<String, St
             break Err("the emulator exited".to_string());
         }
     };
+    let mut rates_report = String::new();
+    let verdict = match (verdict, &s.rates) {
+        (Ok(()), Some(r)) => r
+            .judge(&String::from_utf8_lossy(&raw))
+            .map(|figures| rates_report = format!("; rates {figures}")),
+        (v, _) => v,
+    };
     // Every scenario that runs guests under VT-x ends with the EPT audit: each live domain's
     // EPT must map exactly its own RAM.
     let verdict = match verdict {
@@ -375,7 +517,7 @@ fn run_inner(s: &Scenario, work: &Path, log: &Path, on: On) -> Result<String, St
     let _ = std::fs::write(log, &raw);
     match verdict {
         Ok(()) => Ok(format!(
-            "{} patterns matched, {} lines typed, EPT audit clean",
+            "{} patterns matched, {} lines typed, EPT audit clean{rates_report}",
             expect.len(),
             sent
         )),
@@ -526,5 +668,66 @@ fn read_serial(
             Ok(true)
         }
         Err(e) => Err(format!("serial: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rates(reference: Option<&str>, expect: &[(&str, f64)], at_most: &[(&str, f64)]) -> Rates {
+        Rates {
+            regex: r"\[dom(\d+)\] worker: window (\d+): (\d+) units in (\d+) us".into(),
+            skip: 1,
+            count: 2,
+            reference: reference.map(String::from),
+            expect: expect.iter().map(|&(k, v)| (k.to_string(), v)).collect(),
+            tolerance: 0.05,
+            at_most: at_most.iter().map(|&(k, v)| (k.to_string(), v)).collect(),
+        }
+    }
+
+    const OUT: &str = "[dom1] worker: window 2: 999 units in 1000 us
+[dom2] worker: window 2: 1 units in 1000 us
+[dom3] worker: window 2: 1 units in 1000 us
+[dom1] worker: window 3: 100 units in 1000 us
+[dom2] worker: window 3: 200 units in 1000 us
+[dom3] worker: window 3: 400 units in 1000 us
+[dom1] worker: window 4: 100 units in 1000 us
+[dom2] worker: window 4: 200 units in 1000 us
+[dom3] worker: window 4: 410 units in 1000 us
+";
+
+    #[test]
+    fn shares_within_tolerance_pass_and_outside_fail() {
+        let r = rates(None, &[("1", 1.0 / 7.0), ("2", 2.0 / 7.0), ("3", 4.0 / 7.0)], &[]);
+        let ok = r.judge(OUT).unwrap();
+        assert!(ok.contains("1: 0.14"), "{ok}");
+        // Window 2 (skipped) does not count: with it key 1 would be far off.
+        let r = rates(None, &[("1", 0.25)], &[]);
+        let e = r.judge(OUT).unwrap_err();
+        assert!(e.contains("1 is 0.1418, not within 5 % of 0.2500"), "{e}");
+    }
+
+    #[test]
+    fn ratio_to_a_reference_with_a_ceiling() {
+        let r = rates(Some("3"), &[("1", 0.25)], &[("1", 0.25)]);
+        assert!(r.judge(OUT).is_ok());
+        let r = rates(Some("3"), &[], &[("2", 0.25)]);
+        let e = r.judge(OUT).unwrap_err();
+        assert!(e.contains("2 is 0.4938, more than 0.2500"), "{e}");
+    }
+
+    #[test]
+    fn missing_windows_or_keys_fail() {
+        let r = rates(None, &[("4", 0.1)], &[]);
+        assert!(r.judge(OUT).unwrap_err().contains("no figure for key 4"));
+        let partial = OUT.replace("[dom2] worker: window 4: 200 units in 1000 us\n", "");
+        let r = rates(None, &[("2", 0.28)], &[]);
+        let e = r.judge(&partial).unwrap_err();
+        assert!(
+            e.contains("1 windows reported by every key after skipping 1, 2 needed"),
+            "{e}"
+        );
     }
 }

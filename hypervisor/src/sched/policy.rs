@@ -17,6 +17,15 @@ pub const MAX_SLICE: Ns = 30 * MS;
 pub const WAKE_CREDIT: Ns = MIN_SLICE / 2;
 /// Virtual time advances by `ran * WEIGHT_UNIT / weight`.
 const WEIGHT_UNIT: u64 = 1 << 16;
+/// The default weight (Xen's).
+pub const DEFAULT_WEIGHT: u32 = 256;
+
+/// Real time `t` as virtual time: what a vCPU of the default weight (alone in its domain)
+/// accrues by running `t`. Thresholds between vCPUs' virtual times are real-time amounts
+/// converted this way.
+const fn virt(t: Ns) -> u64 {
+    t / DEFAULT_WEIGHT as u64
+}
 /// Most CPUs (affinity is a 64-bit mask).
 pub const MAX_CPUS: usize = 64;
 
@@ -38,7 +47,7 @@ pub struct Params {
 impl Default for Params {
     fn default() -> Self {
         Params {
-            weight: 256,
+            weight: DEFAULT_WEIGHT,
             cap_pct: None,
             reserve_pct: 0,
         }
@@ -458,7 +467,7 @@ impl Scheduler {
         } else {
             least
         };
-        let floor = self.clock().saturating_sub(WAKE_CREDIT);
+        let floor = self.clock().saturating_sub(virt(WAKE_CREDIT));
         let x = &mut self.vcpus[v];
         // Sleep earns at most WAKE_CREDIT of virtual time: a boost, never a hoard.
         x.vruntime = x.vruntime.max(floor);
@@ -468,7 +477,9 @@ impl Scheduler {
         let _ = now; // wake time: for the latency statistics a caller keeps
         match self.queues[cpu].running {
             None => Some(cpu),
-            Some(r) if self.vcpus[r].vruntime > self.vcpus[v].vruntime + WAKE_CREDIT => Some(cpu),
+            Some(r) if self.vcpus[r].vruntime > self.vcpus[v].vruntime + virt(WAKE_CREDIT) => {
+                Some(cpu)
+            }
             Some(_) => None,
         }
     }
@@ -562,7 +573,7 @@ impl Scheduler {
                     let reserved = self.domains[&self.vcpus[v].dom].below_reservation();
                     let beats = match own_vr {
                         None => true,
-                        Some(o) => reserved || vr + MIN_SLICE < o,
+                        Some(o) => reserved || vr + virt(MIN_SLICE) < o,
                     };
                     if beats && better.is_none_or(|(b, _, _)| vr < b) {
                         better = Some((vr, c, v));

@@ -9,6 +9,7 @@ mod editor;
 pub use editor::LineEditor;
 
 use crate::cmdline::{LevelError, parse_level};
+use crate::sched::keys::{Change, KeyError};
 use log::LevelFilter;
 
 /// The prompt the shell prints when it is ready for a command.
@@ -38,6 +39,10 @@ pub const COMMANDS: &[(&str, &str)] = &[
     ),
     ("resume", "resume <id>: let a paused domain run again"),
     (
+        "sched",
+        "sched [<id> weight=W cap=C|none reserve=R pin=CPUS]: show or change CPU shares",
+    ),
+    (
         "audit",
         "check that every domain's EPT maps only its own RAM",
     ),
@@ -59,6 +64,8 @@ pub enum Command {
     Destroy(u32),
     Pause(u32),
     Resume(u32),
+    /// `sched` alone lists; `sched ID key=value...` changes a domain.
+    Sched(Option<(u32, Change)>),
     Audit,
     Reboot,
 }
@@ -75,6 +82,8 @@ pub enum ParseError<'a> {
     BadLevel(&'a str),
     /// `destroy`, `pause` or `resume` without a valid domain id.
     BadDomain(&'static str, Option<&'a str>),
+    /// `sched ID` with a word that is not a valid `key=value` (None: no word at all).
+    BadSched(Option<&'a str>, KeyError),
 }
 
 impl core::fmt::Display for ParseError<'_> {
@@ -98,6 +107,8 @@ impl core::fmt::Display for ParseError<'_> {
             ParseError::BadDomain(cmd, None) => {
                 write!(f, "error: {cmd}: which domain? ({cmd} <id>)")
             }
+            ParseError::BadSched(None, why) => write!(f, "error: sched: {why}"),
+            ParseError::BadSched(Some(word), why) => write!(f, "error: sched: '{word}': {why}"),
             ParseError::BadDomain(cmd, Some(id)) => {
                 write!(
                     f,
@@ -144,6 +155,40 @@ pub fn parse(line: &str) -> Result<Command, ParseError<'_>> {
                 }),
                 (None, _) => Err(ParseError::BadDomain(command, None)),
             }
+        }
+        "sched" => {
+            let Some(id) = arg else {
+                return Ok(Command::Sched(None));
+            };
+            let id = id
+                .parse()
+                .map_err(|_| ParseError::BadDomain("sched", Some(id)))?;
+            let mut change = Change::default();
+            for word in words {
+                let Some((key, value)) = word.split_once('=') else {
+                    return Err(ParseError::BadSched(
+                        Some(word),
+                        KeyError("not key=value (weight=, cap=, reserve=, pin=)"),
+                    ));
+                };
+                match change.set(key, value) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        return Err(ParseError::BadSched(
+                            Some(word),
+                            KeyError("unknown key (weight, cap, reserve, pin)"),
+                        ));
+                    }
+                    Err(e) => return Err(ParseError::BadSched(Some(word), e)),
+                }
+            }
+            if change.is_empty() {
+                return Err(ParseError::BadSched(
+                    None,
+                    KeyError("nothing to change (sched <id> weight=W cap=C|none reserve=R pin=CPUS)"),
+                ));
+            }
+            Ok(Command::Sched(Some((id, change))))
         }
         "log" => match arg {
             None => Ok(Command::Log(None)),
@@ -218,5 +263,29 @@ mod tests {
             format!("{}", parse("destroy x").unwrap_err()),
             "error: destroy: 'x' is not a domain id (a number from 'domains')"
         );
+    }
+
+    #[test]
+    fn sched_lists_or_changes_with_checked_keys() {
+        assert_eq!(parse("sched"), Ok(Command::Sched(None)));
+        let Ok(Command::Sched(Some((2, c)))) = parse("sched 2 weight=512 cap=25 pin=1") else {
+            panic!("sched with keys");
+        };
+        assert_eq!(
+            (c.weight, c.cap, c.pin, c.reserve),
+            (Some(512), Some(Some(25)), Some(0b10), None)
+        );
+        for (line, says) in [
+            ("sched 2", "nothing to change"),
+            ("sched x weight=1", "'x' is not a domain id"),
+            ("sched 2 weight=0", "'weight=0': weight: must be 1..65535"),
+            ("sched 2 cap=half", "'cap=half': cap: not a percentage"),
+            ("sched 2 speed=9", "'speed=9': unknown key"),
+            ("sched 2 fast", "'fast': not key=value"),
+            ("sched 2 pin=70", "CPU numbers are 0..63"),
+        ] {
+            let e = format!("{}", parse(line).unwrap_err());
+            assert!(e.contains(says), "{line}: {e}");
+        }
     }
 }

@@ -234,6 +234,7 @@ pub fn handle(
                 index: v.index,
                 xcr0_allowed: p.xcr0_supported(),
                 guest_osxsave: a.get(f::GUEST_CR4) & (1 << 18) != 0,
+                tsc_khz: (p.tsc_per_us() * 1000).min(u64::from(u32::MAX)) as u32,
             };
             let r = policy::cpuid(leaf, sub, p.cpuid(leaf, sub), pol);
             v.regs.rax = u64::from(r.eax);

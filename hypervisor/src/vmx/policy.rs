@@ -21,6 +21,8 @@ pub struct CpuidPolicy {
     pub xcr0_allowed: u64,
     /// The guest's own CR4.OSXSAVE (CPUID.1:ECX.OSXSAVE reflects it).
     pub guest_osxsave: bool,
+    /// TSC frequency in kHz (leaf 0x4000_0001 EDX), so a guest can time itself by RDTSC.
+    pub tsc_khz: u32,
 }
 
 /// Whether a guest may load `value` into XCR0: x87 always on, AVX only with SSE, nothing outside
@@ -125,13 +127,13 @@ pub fn cpuid(leaf: u32, subleaf: u32, native: CpuidResult, p: CpuidPolicy) -> Cp
                 edx: word(8),
             };
         }
-        // ABI version, vCPU count, this vCPU's index.
+        // ABI version, vCPU count, this vCPU's index, TSC kHz.
         0x4000_0001 => {
             r = CpuidResult {
                 eax: hv_abi::ABI_VERSION,
                 ebx: p.vcpus,
                 ecx: p.index,
-                edx: 0,
+                edx: p.tsc_khz,
             }
         }
         l if (0x4000_0002..0x5000_0000).contains(&l) => {
@@ -245,6 +247,7 @@ mod tests {
         index: 2,
         xcr0_allowed: 0b111,
         guest_osxsave: false,
+        tsc_khz: 2_400_000,
     };
 
     #[test]
@@ -363,7 +366,10 @@ mod tests {
         assert_eq!(&sig, b"RustHvRustHv");
         assert_eq!(r.eax, 0x4000_0001);
         let l = cpuid(0x4000_0001, 0, native(), P);
-        assert_eq!((l.eax, l.ebx, l.ecx), (hv_abi::ABI_VERSION, 4, 2));
+        assert_eq!(
+            (l.eax, l.ebx, l.ecx, l.edx),
+            (hv_abi::ABI_VERSION, 4, 2, 2_400_000)
+        );
         assert_eq!(cpuid(0x4000_0005, 0, native(), P).eax, 0);
     }
 
