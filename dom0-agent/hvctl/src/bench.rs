@@ -3,6 +3,15 @@
 //! file and `qemu-img bench` (raw file, and a qcow2 overlay for first writes), all in a
 //! RAM-backed directory. Prints MiB/s and ratios.
 //!
+//! A second table gives 4 KiB random writes at queue depth 32 (32 requests in flight through
+//! the pool's [`IoQueue`](volmgr::pool::IoQueue)), against the raw file driven at the same
+//! depth through the same file device (in RAM by default performing each request at
+//! submission, as a hand-off to a worker thread costs more than the request there:
+//! `--workers N` for a worker pool). In RAM every request is CPU work on the same cores, so a mirror (twice the bytes) is bound to about half the raw file on a
+//! two-core machine whatever runs in parallel; a third table therefore repeats it on image
+//! files on a real disk opened with `O_DIRECT`, where each request waits for the device and
+//! mirror legs in flight together overlap their waits.
+//!
 //! Every volume is measured alternately with the raw file (six rounds, best of each), so
 //! that noise from other work on the machine hits both sides of a ratio alike. Image files
 //! are written through once before timing so that first-touch page allocation of the
@@ -13,7 +22,8 @@ use std::process::Command;
 use std::time::Instant;
 
 use volmgr::BlockDevice;
-use volmgr::pool::{DiskSpec, LayoutSpec, Pool, PoolConfig, SnapshotKind};
+use volmgr::dev::{Completion, Request, WriteData};
+use volmgr::pool::{DiskSpec, IoQueue, LayoutSpec, Pool, PoolConfig, SnapshotKind, VolCompletion};
 
 use crate::CliError;
 use crate::filedisk::FileDisk;
@@ -69,6 +79,206 @@ impl Target for Vol<'_> {
     fn flush(&mut self) {
         self.0.flush().expect("volume flush");
     }
+}
+
+/// Something that takes writes with many in flight: the raw file, or a volume's queue.
+trait Queued {
+    fn blocks(&self) -> u64;
+    fn submit(&mut self, tag: u64, b: u64, buf: &[u8]);
+    /// Waits for at least one completion and returns how many came.
+    fn wait(&mut self) -> usize;
+    fn flush(&mut self);
+}
+
+/// The raw file through its worker pool, with the completions it returned at submission.
+struct RawQ<'a>(&'a mut Raw, Vec<Completion>);
+
+impl Queued for RawQ<'_> {
+    fn blocks(&self) -> u64 {
+        self.0.1
+    }
+    fn submit(&mut self, tag: u64, b: u64, buf: &[u8]) {
+        let req = Request::Write {
+            lba: self.0.2 + b,
+            data: WriteData::new(buf),
+        };
+        if let Some(c) = self.0.0.submit(tag, req) {
+            self.1.push(c);
+        }
+    }
+    fn wait(&mut self) -> usize {
+        if self.1.is_empty() {
+            self.0.0.reap(&mut self.1, true);
+        }
+        let n = self.1.len();
+        for c in self.1.drain(..) {
+            c.result.expect("raw write");
+        }
+        n
+    }
+    fn flush(&mut self) {
+        BlockDevice::flush(&mut self.0.0).expect("raw flush");
+    }
+}
+
+struct VolQ<'a>(IoQueue<'a>, u32, u64, Vec<VolCompletion>);
+
+impl Queued for VolQ<'_> {
+    fn blocks(&self) -> u64 {
+        self.2
+    }
+    fn submit(&mut self, tag: u64, b: u64, buf: &[u8]) {
+        self.0.write(tag, self.1, b, buf).expect("volume submit");
+    }
+    fn wait(&mut self) -> usize {
+        self.0.poll(&mut self.3, true);
+        let n = self.3.len();
+        for c in self.3.drain(..) {
+            c.result.expect("volume write");
+        }
+        n
+    }
+    fn flush(&mut self) {
+        self.0.flush().expect("volume flush");
+    }
+}
+
+/// Requests in flight in the queue-depth phase.
+const DEPTH: u64 = 32;
+
+/// 4 KiB random writes with `DEPTH` in flight, then a flush; MiB/s.
+fn qd_phase(t: &mut dyn Queued, ops: u64, rng: &mut Rng, buf: &mut [u8]) -> f64 {
+    let blocks = t.blocks();
+    let t0 = Instant::now();
+    let (mut issued, mut in_flight) = (0u64, 0u64);
+    while issued < ops || in_flight > 0 {
+        while in_flight < DEPTH && issued < ops {
+            let b = rng.next() % blocks;
+            buf[0] = b as u8;
+            t.submit(issued, b, buf);
+            issued += 1;
+            in_flight += 1;
+        }
+        in_flight -= t.wait() as u64;
+    }
+    t.flush();
+    mibs(ops * 4096, t0.elapsed().as_secs_f64())
+}
+
+/// The queue-depth phase on the raw file and a volume alternately, `rounds` rounds, best of
+/// each.
+fn paired_qd(
+    raw: &mut Raw,
+    p: &mut Pool,
+    id: u32,
+    blocks: u64,
+    ops: u64,
+    rounds: u32,
+) -> (f64, f64) {
+    let mut rng = Rng(0x0bad_cafe_f00d_0001);
+    let mut buf = vec![0x3cu8; 4096];
+    let (mut r, mut t) = (0.0f64, 0.0f64);
+    for round in 0..rounds {
+        for side in [round % 2, 1 - round % 2] {
+            if side == 0 {
+                let mut q = RawQ(raw, Vec::new());
+                r = r.max(qd_phase(&mut q, ops, &mut rng, &mut buf));
+            } else {
+                let mut q = VolQ(p.queue(), id, blocks, Vec::new());
+                t = t.max(qd_phase(&mut q, ops, &mut rng, &mut buf));
+            }
+        }
+    }
+    (r, t)
+}
+
+fn print_qd(phase: &str, rows: &[(&str, (f64, f64))]) {
+    println!("{:<18} {:>15}", "MiB/s (ratio)", phase);
+    for (name, (r, t)) in rows {
+        println!("{:<18} {:>15}", "  raw file", format!("{r:.0}"));
+        println!("{name:<18} {:>15}", format!("{t:.0} ({:.2})", t / r));
+    }
+}
+
+/// The queue-depth phase on image files in `dir` opened with `O_DIRECT` (a real disk: each
+/// request waits for the device), `workers` threads per file. Prints its table, or why not.
+fn qd_on_disk(dir: &Path, size: u64, scale: u64, workers: usize) -> Result<(), CliError> {
+    let dir = dir.join(format!("hvctl-bench-disk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|err| CliError::File {
+        path: dir.clone(),
+        err,
+    })?;
+    let r = qd_on_disk_in(&dir, size, scale, workers);
+    let _ = std::fs::remove_dir_all(&dir);
+    r
+}
+
+fn qd_on_disk_in(dir: &Path, size: u64, scale: u64, workers: usize) -> Result<(), CliError> {
+    let blocks = size / 4096;
+    let ops = 4000 * scale;
+    let data_start = volmgr::format::Label::data_start_for(512, 32, 256);
+    let configs: [(&str, usize, LayoutSpec); 3] = [
+        ("linear", 1, LayoutSpec::Concat),
+        (
+            "striped 2x64K",
+            2,
+            LayoutSpec::Stripe {
+                columns: 2,
+                unit: 16,
+            },
+        ),
+        ("mirrored 2", 2, LayoutSpec::Mirror { legs: 2 }),
+    ];
+    let mut rows = Vec::new();
+    for (name, n, spec) in configs {
+        let prefix = format!("disk_{}", name.replace(' ', "_"));
+        let mut p = pool_on(dir, &prefix, n, size + (64 << 20))?;
+        let id = p.create_volume("v", blocks, spec, None)?;
+        p.flush()?;
+        drop(p);
+        let open = |i: usize| {
+            let path = dir.join(format!("{prefix}{i}.img"));
+            FileDisk::open_direct(&path)
+                .map(|mut d| {
+                    d.set_workers(workers);
+                    d
+                })
+                .map_err(|err| CliError::File { path, err })
+        };
+        let mut devs: Vec<Box<dyn BlockDevice>> = Vec::new();
+        for i in 0..n {
+            match open(i) {
+                Ok(d) => devs.push(Box::new(d)),
+                Err(e) => {
+                    println!(
+                        "4K rand W QD{DEPTH} with O_DIRECT in {}: unavailable ({e})",
+                        dir.display()
+                    );
+                    return Ok(());
+                }
+            }
+        }
+        let (mut p, _) = Pool::open(devs, volmgr::OpenOptions::default())?;
+        let mut raw = Raw(open(0)?, blocks, data_start);
+        rows.push((name, paired_qd(&mut raw, &mut p, id, blocks, ops, 4)));
+    }
+    println!(
+        "image files in {} with O_DIRECT, {workers} worker threads per file, {ops} writes per round:",
+        dir.display()
+    );
+    print_qd(&format!("4K rand W QD{DEPTH} O_DIRECT"), &rows);
+    let ratio = |want: &str| {
+        rows.iter()
+            .find(|(n, _)| n.starts_with(want))
+            .map_or(0.0, |(_, (r, t))| t / r)
+    };
+    let (lin, mir) = (ratio("linear"), ratio("mirrored"));
+    println!(
+        "targets at QD{DEPTH} with O_DIRECT: linear/raw {lin:.2} (target >= 0.95: {}); mirrored/raw {mir:.2} (target >= 0.9: {})",
+        lin >= 0.95,
+        mir >= 0.9
+    );
+    Ok(())
 }
 
 const PHASES: [&str; 4] = ["4K rand W", "4K rand R", "1M seq W", "1M seq R"];
@@ -252,7 +462,13 @@ fn best_of(a: Option<f64>, b: Option<f64>) -> Option<f64> {
 }
 
 /// The whole benchmark.
-pub fn run(dir: &Path, size: u64, scale: u64) -> Result<(), CliError> {
+pub fn run(
+    dir: &Path,
+    disk_dir: Option<&Path>,
+    size: u64,
+    scale: u64,
+    workers: usize,
+) -> Result<(), CliError> {
     let size = size / (1 << 20) * (1 << 20);
     if size < 16 << 20 {
         return Err(CliError::Usage("bench size must be at least 16M".into()));
@@ -262,18 +478,29 @@ pub fn run(dir: &Path, size: u64, scale: u64) -> Result<(), CliError> {
         path: dir.clone(),
         err,
     })?;
-    let result = run_in(&dir, size, scale);
+    let result = run_in(&dir, disk_dir, size, scale, workers);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-fn run_in(dir: &Path, size: u64, scale: u64) -> Result<(), CliError> {
+fn run_in(
+    dir: &Path,
+    disk_dir: Option<&Path>,
+    size: u64,
+    scale: u64,
+    workers: usize,
+) -> Result<(), CliError> {
     let ops = 50_000 * scale;
     let blocks = size / 4096;
     println!(
-        "volume bench: {} MiB per target, {ops} random 4 KiB ops per round, files in {}",
+        "volume bench: {} MiB per target, {ops} random 4 KiB ops per round, files in {}, requests in flight {}",
         size >> 20,
-        dir.display()
+        dir.display(),
+        if workers == 0 {
+            "performed at submission (--workers 0)".to_string()
+        } else {
+            format!("served by {workers} worker threads per file")
+        }
     );
     println!(
         "{:<18} {:>15} {:>15} {:>15} {:>15}",
@@ -298,6 +525,7 @@ fn run_in(dir: &Path, size: u64, scale: u64) -> Result<(), CliError> {
         ("thin 64K chunks", 1, None),
     ];
     let mut linear = None;
+    let mut qd = Vec::new();
     for (name, n, spec) in configs {
         let p0 = pool_on(dir, &name.replace(' ', "_"), n, size + (64 << 20));
         let mut p = p0?;
@@ -313,13 +541,14 @@ fn run_in(dir: &Path, size: u64, scale: u64) -> Result<(), CliError> {
         let mut devs: Vec<Box<dyn BlockDevice>> = Vec::new();
         for i in 0..n {
             let path = dir.join(format!("{}{i}.img", name.replace(' ', "_")));
-            devs.push(Box::new(
-                FileDisk::open(&path, None).map_err(|err| CliError::File { path, err })?,
-            ));
+            let mut d = FileDisk::open(&path, None).map_err(|err| CliError::File { path, err })?;
+            d.set_workers(workers);
+            devs.push(Box::new(d));
         }
         let (mut p, _) = Pool::open(devs, volmgr::OpenOptions::default())?;
         let path = dir.join(format!("{}0.img", name.replace(' ', "_")));
-        let file = FileDisk::open(&path, None).map_err(|err| CliError::File { path, err })?;
+        let mut file = FileDisk::open(&path, None).map_err(|err| CliError::File { path, err })?;
+        file.set_workers(workers);
         let mut raw = Raw(file, blocks, data_start);
         let (r, t) = paired(&mut raw, &mut Vol(&mut p, id, blocks), ops);
         let cell = |i: usize| format!("{:.0} ({:.2})", t[i], t[i] / r[i]);
@@ -342,7 +571,9 @@ fn run_in(dir: &Path, size: u64, scale: u64) -> Result<(), CliError> {
         if linear.is_none() {
             linear = Some((r, t));
         }
+        qd.push((name, paired_qd(&mut raw, &mut p, id, blocks, ops, 6)));
     }
+    print_qd(&format!("4K rand W QD{DEPTH}"), &qd);
     // qemu-img bench as a peer on the raw file (qemu-img bench is sequential with a step).
     let rp = dir.join("raw.img").to_string_lossy().into_owned();
     let c4 = ops.to_string();
@@ -510,6 +741,20 @@ fn run_in(dir: &Path, size: u64, scale: u64) -> Result<(), CliError> {
             worst >= 0.95,
             qcow.map_or_else(|| "unknown".into(), |q| (ours > q).to_string())
         );
+    }
+    let ratio = |want: &str| {
+        qd.iter()
+            .find(|(n, _)| n.starts_with(want))
+            .map_or(0.0, |(_, (r, t))| t / r)
+    };
+    let (lin, mir) = (ratio("linear"), ratio("mirrored"));
+    println!(
+        "targets at QD{DEPTH} in RAM: linear/raw {lin:.2} (target >= 0.95: {}); mirrored/raw {mir:.2} (target >= 0.9: {})",
+        lin >= 0.95,
+        mir >= 0.9
+    );
+    if let Some(disk_dir) = disk_dir {
+        qd_on_disk(disk_dir, size.min(64 << 20), scale, DEPTH as usize)?;
     }
     Ok(())
 }

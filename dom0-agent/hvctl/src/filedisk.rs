@@ -2,14 +2,18 @@
 //!
 //! Synchronous calls run on the caller's thread. Submitted requests go to a small pool of
 //! worker threads owned by the disk (started at the first submission, so tools that never
-//! submit never start one), each doing `pread`/`pwrite`/`fdatasync` on the shared file, so up
+//! submit never start one; with 0 workers they are performed at submission), each doing `pread`/`pwrite`/`fdatasync` on the shared file, so up
 //! to that many requests are in the kernel at once; completions come back on a channel and
 //! [`BlockDevice::reap`] collects them. The queues are `crossbeam-channel` channels (a
 //! multi-consumer work queue that std's `mpsc` does not offer). Dropping the disk closes the
 //! work queue and joins the workers after the requests already queued.
+//!
+//! [`FileDisk::open_direct`] opens with `O_DIRECT` (the page cache bypassed, so every request
+//! waits for the device), going through 4 KiB-aligned bounce buffers as `O_DIRECT` requires.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -18,7 +22,7 @@ use crossbeam_channel::{Receiver, Sender};
 use volmgr::dev::{BLOCK, BLOCK_SIZE, Completion, Request, check_range};
 use volmgr::{BlockDevice, DevError};
 
-/// Worker threads per disk.
+/// Worker threads per disk unless [`FileDisk::set_workers`] says otherwise.
 pub const DEFAULT_WORKERS: usize = 4;
 
 /// The worker pool of one disk.
@@ -42,13 +46,48 @@ impl Drop for Workers {
 /// An image file opened read-write, or read-only for inspection.
 pub struct FileDisk {
     file: Arc<File>,
+    direct: bool,
     blocks: u64,
     workers: usize,
     pool: Option<Workers>,
 }
 
+/// Buffer alignment `O_DIRECT` asks for (offsets and lengths are whole blocks already).
+const DIRECT_ALIGN: usize = 4096;
+
+/// A zeroed buffer of `len` bytes at a 4 KiB-aligned address: the vector and the offset.
+fn aligned(len: usize) -> io::Result<(Vec<u8>, usize)> {
+    let v = vec![0u8; len + DIRECT_ALIGN];
+    let off = v.as_ptr().align_offset(DIRECT_ALIGN);
+    if off >= DIRECT_ALIGN {
+        return Err(io::Error::other("no aligned offset in the bounce buffer"));
+    }
+    Ok((v, off))
+}
+
+fn write_at(file: &File, direct: bool, buf: &[u8], at: u64) -> io::Result<()> {
+    if !direct {
+        return file.write_all_at(buf, at);
+    }
+    let (mut v, o) = aligned(buf.len())?;
+    let b = &mut v[o..o + buf.len()];
+    b.copy_from_slice(buf);
+    file.write_all_at(b, at)
+}
+
+fn read_at(file: &File, direct: bool, buf: &mut [u8], at: u64) -> io::Result<()> {
+    if !direct {
+        return file.read_exact_at(buf, at);
+    }
+    let (mut v, o) = aligned(buf.len())?;
+    let b = &mut v[o..o + buf.len()];
+    file.read_exact_at(b, at)?;
+    buf.copy_from_slice(b);
+    Ok(())
+}
+
 /// Performs one request on `file` of `blocks` blocks (a worker's whole job).
-fn perform(file: &File, blocks: u64, tag: u64, req: Request) -> Completion {
+fn perform(file: &File, direct: bool, blocks: u64, tag: u64, req: Request) -> Completion {
     let (result, data) = match req {
         Request::Read { lba, blocks: n } => {
             let len = usize::try_from(n)
@@ -57,7 +96,7 @@ fn perform(file: &File, blocks: u64, tag: u64, req: Request) -> Completion {
             match len.map(|len| (len, check_range(blocks, lba, len))) {
                 Some((len, Ok(()))) => {
                     let mut buf = vec![0u8; len];
-                    match file.read_exact_at(&mut buf, lba * BLOCK) {
+                    match read_at(file, direct, &mut buf, lba * BLOCK) {
                         Ok(()) => (Ok(()), buf),
                         Err(_) => (Err(DevError::Io), Vec::new()),
                     }
@@ -68,10 +107,8 @@ fn perform(file: &File, blocks: u64, tag: u64, req: Request) -> Completion {
         }
         Request::Write { lba, data } => {
             let buf = data.bytes();
-            let r = check_range(blocks, lba, buf.len()).and_then(|()| {
-                file.write_all_at(buf, lba * BLOCK)
-                    .map_err(|_| DevError::Io)
-            });
+            let r = check_range(blocks, lba, buf.len())
+                .and_then(|()| write_at(file, direct, buf, lba * BLOCK).map_err(|_| DevError::Io));
             (r, Vec::new())
         }
         Request::Flush => (file.sync_data().map_err(|_| DevError::Io), Vec::new()),
@@ -93,27 +130,46 @@ impl FileDisk {
         {
             file.set_len(size)?;
         }
-        Ok(Self::of(file))
+        Ok(Self::of(file, false))
+    }
+
+    /// Opens an existing `path` read-write with `O_DIRECT`: requests bypass the page cache.
+    pub fn open_direct(path: &Path) -> std::io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)?;
+        Ok(Self::of(file, true))
     }
 
     /// Opens `path` read-only (writes then fail with an I/O error): for commands that only
     /// look, so they work on read-only images.
     pub fn open_read_only(path: &Path) -> std::io::Result<Self> {
-        Ok(Self::of(File::open(path)?))
+        Ok(Self::of(File::open(path)?, false))
     }
 
-    fn of(file: File) -> Self {
+    fn of(file: File, direct: bool) -> Self {
         let blocks = file.metadata().map_or(0, |m| m.len()) / BLOCK;
         Self {
             file: Arc::new(file),
+            direct,
             blocks,
             workers: DEFAULT_WORKERS,
             pool: None,
         }
     }
 
+    /// Sets how many worker threads serve submitted requests; takes effect when the pool
+    /// starts, at the first submission. 0 performs submitted requests at once on the caller's
+    /// thread (for files whose requests complete in CPU time, as on tmpfs, where a hand-off
+    /// to a thread costs more than the request).
+    pub fn set_workers(&mut self, n: usize) {
+        self.workers = n;
+    }
+
     fn workers(&mut self) -> &mut Workers {
-        let (file, blocks, n) = (&self.file, self.blocks, self.workers);
+        let (file, direct, blocks, n) = (&self.file, self.direct, self.blocks, self.workers);
         self.pool.get_or_insert_with(|| {
             let (work, jobs) = crossbeam_channel::unbounded::<(u64, Request)>();
             let (done_tx, done) = crossbeam_channel::unbounded();
@@ -122,7 +178,8 @@ impl FileDisk {
                     let (jobs, done_tx, file) = (jobs.clone(), done_tx.clone(), file.clone());
                     std::thread::spawn(move || {
                         for (tag, req) in jobs {
-                            if done_tx.send(perform(&file, blocks, tag, req)).is_err() {
+                            let c = perform(&file, direct, blocks, tag, req);
+                            if done_tx.send(c).is_err() {
                                 break;
                             }
                         }
@@ -145,15 +202,11 @@ impl BlockDevice for FileDisk {
     }
     fn read(&mut self, lba: u64, buf: &mut [u8]) -> Result<(), DevError> {
         check_range(self.blocks, lba, buf.len())?;
-        self.file
-            .read_exact_at(buf, lba * BLOCK)
-            .map_err(|_| DevError::Io)
+        read_at(&self.file, self.direct, buf, lba * BLOCK).map_err(|_| DevError::Io)
     }
     fn write(&mut self, lba: u64, buf: &[u8]) -> Result<(), DevError> {
         check_range(self.blocks, lba, buf.len())?;
-        self.file
-            .write_all_at(buf, lba * BLOCK)
-            .map_err(|_| DevError::Io)
+        write_at(&self.file, self.direct, buf, lba * BLOCK).map_err(|_| DevError::Io)
     }
     fn flush(&mut self) -> Result<(), DevError> {
         self.file.sync_data().map_err(|_| DevError::Io)
@@ -161,7 +214,14 @@ impl BlockDevice for FileDisk {
     fn queue_depth(&self) -> usize {
         self.pool.as_ref().map_or(0, |w| w.in_flight)
     }
+    fn waits_on_medium(&self) -> bool {
+        // Without O_DIRECT a write lands in the page cache in CPU time.
+        self.direct
+    }
     fn submit(&mut self, tag: u64, req: Request) -> Option<Completion> {
+        if self.workers == 0 {
+            return Some(perform(&self.file, self.direct, self.blocks, tag, req));
+        }
         let w = self.workers();
         let sent = w.work.as_ref().map(|s| s.send((tag, req)));
         match sent {
@@ -212,6 +272,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("d.img");
         let mut d = FileDisk::open(&path, Some(64 * 4096)).unwrap();
+        d.set_workers(3);
         for t in 0..64u64 {
             let data = WriteData::new(&[t as u8; 4096]);
             assert!(d.submit(t, Request::Write { lba: t, data }).is_none());

@@ -165,6 +165,13 @@ pub trait BlockDevice {
     fn reap(&mut self, out: &mut Vec<Completion>, wait: bool) {
         let _ = (out, wait);
     }
+    /// Whether a request waits for a medium (a disk, a network) rather than completing in CPU
+    /// time, so that overlapping requests on several devices pays even for the pool's own
+    /// small writes (metadata, dirty-region log). Page-cache and in-memory devices say no:
+    /// there a hand-off to a queue costs more than the request.
+    fn waits_on_medium(&self) -> bool {
+        false
+    }
 }
 
 /// Checks that a request of `len` bytes at `lba` fits a device of `nblocks` blocks.
@@ -259,5 +266,8 @@ impl<T: BlockDevice + ?Sized> BlockDevice for alloc::boxed::Box<T> {
     }
     fn reap(&mut self, out: &mut Vec<Completion>, wait: bool) {
         (**self).reap(out, wait);
+    }
+    fn waits_on_medium(&self) -> bool {
+        (**self).waits_on_medium()
     }
 }

@@ -231,6 +231,9 @@ impl BlockDevice for MultipathDisk {
     fn queue_depth(&self) -> usize {
         self.flights.len()
     }
+    fn waits_on_medium(&self) -> bool {
+        self.paths.iter().any(|p| p.dev.waits_on_medium())
+    }
     fn submit(&mut self, tag: u64, req: Request) -> Option<Completion> {
         match req {
             // Writes completed before the flush have been reaped from their paths, so flushing

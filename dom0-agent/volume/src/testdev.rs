@@ -346,6 +346,10 @@ impl BlockDevice for QueuedDisk {
     fn queue_depth(&self) -> usize {
         self.queue.len()
     }
+    fn waits_on_medium(&self) -> bool {
+        // So that the pool's metadata writes go through the queue (and its interleavings) too.
+        true
+    }
     fn submit(&mut self, tag: u64, req: Request) -> Option<Completion> {
         let at_once = {
             let mut s = self.sched.borrow_mut();

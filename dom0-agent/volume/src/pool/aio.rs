@@ -29,7 +29,7 @@
 use alloc::collections::VecDeque;
 
 use super::*;
-use crate::dev::{Completion, Request, WriteData};
+use crate::dev::{Completion, Request, WriteData, complete_now};
 
 /// A finished volume request: the caller's tag, the result, and for a read the data.
 #[derive(Debug)]
@@ -42,6 +42,30 @@ pub struct VolCompletion {
 enum Payload {
     Read(Vec<u8>),
     Write(WriteData),
+}
+
+impl Payload {
+    /// The device request for one piece of this request.
+    fn piece(&self, p: &Piece) -> Request {
+        match self {
+            Payload::Write(d) => Request::Write {
+                lba: p.lba,
+                data: d.slice(p.from, p.to),
+            },
+            Payload::Read(_) => Request::Read {
+                lba: p.lba,
+                blocks: u((p.to - p.from) / BLOCK_SIZE),
+            },
+        }
+    }
+
+    /// Bytes the request covers.
+    fn len(&self) -> usize {
+        match self {
+            Payload::Read(b) => b.len(),
+            Payload::Write(d) => d.bytes().len(),
+        }
+    }
 }
 
 /// One volume request with pieces in flight.
@@ -76,6 +100,25 @@ pub(super) struct Aio {
     finished: VecDeque<u64>,
     /// Completions ready for the caller.
     done: Vec<VolCompletion>,
+    /// Writes whose dirty-region bits are set in memory but not yet durable: launched after
+    /// the next log write.
+    drl_wait: Vec<Waiting>,
+}
+
+impl Aio {
+    /// Queued writes waiting for the dirty-region log.
+    pub(super) fn drl_waiting(&self) -> usize {
+        self.drl_wait.len()
+    }
+}
+
+/// A planned write waiting for the dirty-region log.
+struct Waiting {
+    tag: u64,
+    vol: u32,
+    block: u64,
+    data: WriteData,
+    pieces: Vec<Piece>,
 }
 
 /// A piece to submit: disk, disk block, and a byte range of the request's buffer.
@@ -128,16 +171,17 @@ impl Pool {
         let mut done = 0;
         while done < n {
             let (col, cblock, run) = layout.map(block + done, n - done);
-            let legs: Vec<usize> = if write {
-                (0..nlegs).collect()
+            // A write goes to every leg, a read to the first in-sync one from a rotating start.
+            let (first, count) = if write {
+                (0, nlegs)
             } else {
                 let start = us(cblock >> 6) % nlegs.max(1);
                 let leg = (0..nlegs)
                     .map(|k| (start + k) % nlegs)
                     .find(|&g| layout.legs[g].columns[col].state == SyncState::InSync)?;
-                vec![leg]
+                (leg, 1)
             };
-            for g in legs {
+            for g in first..first + count {
                 let c = &mut layout.legs[g].columns[col];
                 if let SyncState::Stale(bm) = &mut c.state {
                     let (r0, r1) = rg.span(block + done, run);
@@ -167,19 +211,53 @@ impl Pool {
 
     /// Submits the pieces of a new request and registers it.
     fn launch(&mut self, tag: u64, vol: u32, block: u64, payload: Payload, pieces: Vec<Piece>) {
-        let pid = self.aio.next_parent;
-        self.aio.next_parent += 1;
-        self.aio.parents.insert(
-            pid,
-            Parent {
-                tag,
-                vol,
-                block,
-                payload,
-                left: pieces.len(),
-                failed: false,
-            },
-        );
+        // One piece that its device completes at once (a linear volume on a device without a
+        // queue of its own): answered at once, without the bookkeeping of pieces in flight.
+        if let [p] = pieces.as_slice()
+            && let Some(dev) = self.devs.get_mut(p.disk).and_then(Option::as_mut)
+        {
+            let t = self.aio.next_tag;
+            self.aio.next_tag += 1;
+            let req = payload.piece(p);
+            let whole = p.from == 0 && p.to == payload.len();
+            match dev.submit(t, req) {
+                Some(c) if c.result.is_ok() && whole => {
+                    self.aio.done.push(VolCompletion {
+                        tag,
+                        result: Ok(()),
+                        data: c.data,
+                    });
+                }
+                Some(c) => {
+                    let pid = self.register(tag, vol, block, payload, 1);
+                    self.aio.children.insert(
+                        t,
+                        Child {
+                            parent: pid,
+                            disk: p.disk,
+                            off: p.from,
+                        },
+                    );
+                    self.count_piece(p.disk);
+                    self.piece_done(c);
+                }
+                None => {
+                    let (disk, off) = (p.disk, p.from);
+                    let pid = self.register(tag, vol, block, payload, 1);
+                    self.aio.children.insert(
+                        t,
+                        Child {
+                            parent: pid,
+                            disk,
+                            off,
+                        },
+                    );
+                    self.count_piece(disk);
+                }
+            }
+            return;
+        }
+        let pid = self.register(tag, vol, block, payload, pieces.len());
         if pieces.is_empty() {
             self.aio.finished.push_back(pid);
             return;
@@ -187,16 +265,7 @@ impl Pool {
         for p in pieces {
             let t = self.aio.next_tag;
             self.aio.next_tag += 1;
-            let req = match &self.aio.parents[&pid].payload {
-                Payload::Write(d) => Request::Write {
-                    lba: p.lba,
-                    data: d.slice(p.from, p.to),
-                },
-                Payload::Read(_) => Request::Read {
-                    lba: p.lba,
-                    blocks: u((p.to - p.from) / BLOCK_SIZE),
-                },
-            };
+            let req = self.aio.parents[&pid].payload.piece(&p);
             self.aio.children.insert(
                 t,
                 Child {
@@ -205,10 +274,7 @@ impl Pool {
                     off: p.from,
                 },
             );
-            if self.aio.per_disk.len() <= p.disk {
-                self.aio.per_disk.resize(p.disk + 1, 0);
-            }
-            self.aio.per_disk[p.disk] += 1;
+            self.count_piece(p.disk);
             let now = match self.devs.get_mut(p.disk).and_then(Option::as_mut) {
                 Some(dev) => dev.submit(t, req),
                 None => Some(Completion {
@@ -221,6 +287,31 @@ impl Pool {
                 self.piece_done(c);
             }
         }
+    }
+
+    fn count_piece(&mut self, disk: usize) {
+        if self.aio.per_disk.len() <= disk {
+            self.aio.per_disk.resize(disk + 1, 0);
+        }
+        self.aio.per_disk[disk] += 1;
+    }
+
+    /// Registers a request with `pieces` pieces to come; returns its id.
+    fn register(&mut self, tag: u64, vol: u32, block: u64, payload: Payload, pieces: usize) -> u64 {
+        let pid = self.aio.next_parent;
+        self.aio.next_parent += 1;
+        self.aio.parents.insert(
+            pid,
+            Parent {
+                tag,
+                vol,
+                block,
+                payload,
+                left: pieces,
+                failed: false,
+            },
+        );
+        pid
     }
 
     fn piece_done(&mut self, c: Completion) {
@@ -297,8 +388,111 @@ impl Pool {
         }
     }
 
-    /// Waits until no piece is in flight (their requests are answered later, by the queue).
+    /// Sets the dirty-region bits `[r0, r1)` of `vid` in memory; true when they were durable
+    /// already (set, and no log write pending), so a write there may go at once.
+    fn drl_set(&mut self, vid: u32, nregions: u64, r0: u64, r1: u64) -> bool {
+        let bm = self.drl.entry(vid).or_insert_with(|| Bitmap::new(nregions));
+        if bm.len() < nregions {
+            bm.resize(nregions, false);
+        }
+        if bm.all_set(r0, r1) && self.aio.drl_wait.is_empty() {
+            return true;
+        }
+        bm.set_range(r0, r1);
+        false
+    }
+
+    /// Writes the dirty-region log once for every write waiting on it, then launches them (or,
+    /// if the log cannot be written, drives each synchronously, which reports why).
+    fn aio_release(&mut self) {
+        if self.aio.drl_wait.is_empty() {
+            return;
+        }
+        let logged = self.drl_write(true);
+        for w in core::mem::take(&mut self.aio.drl_wait) {
+            if logged.is_ok() {
+                self.launch(w.tag, w.vol, w.block, Payload::Write(w.data), w.pieces);
+            } else {
+                let result = self.write(w.vol, w.block, w.data.bytes());
+                self.aio.done.push(VolCompletion {
+                    tag: w.tag,
+                    result,
+                    data: Vec::new(),
+                });
+            }
+        }
+    }
+
+    /// Sends one request to each disk of `targets` at once and waits for all of them (pieces
+    /// of queued requests that complete meanwhile are taken in as usual) when the disks wait
+    /// on a medium ([`BlockDevice::waits_on_medium`]); otherwise performs it on each in turn.
+    /// Returns each disk's result, in the order of `targets`; an absent disk is `Gone`.
+    pub(super) fn each_disk(
+        &mut self,
+        targets: &[usize],
+        req: &Request,
+    ) -> Vec<Result<(), DevError>> {
+        // Tags from the top half never collide with pieces' tags (counted from 0).
+        const OWN: u64 = 1 << 63;
+        let overlap = targets.len() > 1
+            && targets.iter().all(|&i| {
+                self.devs
+                    .get(i)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|d| d.waits_on_medium())
+            });
+        if !overlap {
+            // One disk, or requests that complete in CPU time: nothing worth overlapping, so
+            // the synchronous calls, one disk after the other (no queue hand-off).
+            return targets
+                .iter()
+                .map(|&i| match self.devs.get_mut(i).and_then(Option::as_mut) {
+                    Some(d) => complete_now(&mut **d, 0, req.clone()).result,
+                    None => Err(DevError::Gone),
+                })
+                .collect();
+        }
+        let mut results: Vec<Option<Result<(), DevError>>> = vec![None; targets.len()];
+        let mut got = Vec::new();
+        for (k, &i) in targets.iter().enumerate() {
+            match self.devs.get_mut(i).and_then(Option::as_mut) {
+                Some(d) => {
+                    if let Some(c) = d.submit(OWN + u(k), req.clone()) {
+                        got.push(c);
+                    }
+                }
+                None => results[k] = Some(Err(DevError::Gone)),
+            }
+        }
+        loop {
+            for c in got.drain(..) {
+                if c.tag >= OWN {
+                    if let Some(r) = results.get_mut(us(c.tag - OWN)) {
+                        *r = Some(c.result);
+                    }
+                } else {
+                    self.piece_done(c);
+                }
+            }
+            let Some(k) = results.iter().position(Option::is_none) else {
+                break;
+            };
+            match self.devs.get_mut(targets[k]).and_then(Option::as_mut) {
+                Some(d) if d.queue_depth() > 0 => d.reap(&mut got, true),
+                // Nothing in flight there: it will never answer.
+                _ => results[k] = Some(Err(DevError::Gone)),
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or(Err(DevError::Gone)))
+            .collect()
+    }
+
+    /// Waits until no piece is in flight (their requests are answered later, by the queue);
+    /// writes waiting for the dirty-region log are launched first.
     pub(super) fn aio_quiesce(&mut self) {
+        self.aio_release();
         while !self.aio.children.is_empty() {
             self.aio_collect(true);
         }
@@ -339,7 +533,8 @@ impl IoQueue<'_> {
     /// Requests submitted whose completion [`IoQueue::poll`] has not returned yet.
     #[must_use]
     pub fn in_flight(&self) -> usize {
-        self.pool.aio.parents.len() + self.pool.aio.done.len()
+        let a = &self.pool.aio;
+        a.parents.len() + a.done.len() + a.drl_wait.len()
     }
 
     /// Pieces in flight on the disks now.
@@ -362,29 +557,28 @@ impl IoQueue<'_> {
         }
         let planned = if n > 0 && p.splits(vi, true) {
             let v = &p.meta.volumes[vi];
-            let drl = if needs_drl(v) {
+            let logged = if needs_drl(v) {
                 let rg = Regions::of(v);
                 let (r0, r1) = rg.span(block, n);
-                p.drl_mark(id, rg.n, r0, r1)
+                p.drl_set(id, rg.n, r0, r1)
             } else {
-                Ok(())
+                true
             };
-            match drl {
-                Ok(()) => p.plan(vi, block, n, true),
-                Err(e) => {
-                    p.aio.done.push(VolCompletion {
-                        tag,
-                        result: Err(e),
-                        data: Vec::new(),
-                    });
-                    return Ok(());
-                }
-            }
+            p.plan(vi, block, n, true).map(|pieces| (logged, pieces))
         } else {
             None
         };
         match planned {
-            Some(pieces) => p.launch(tag, id, block, Payload::Write(WriteData::new(buf)), pieces),
+            Some((false, pieces)) => p.aio.drl_wait.push(Waiting {
+                tag,
+                vol: id,
+                block,
+                data: WriteData::new(buf),
+                pieces,
+            }),
+            Some((true, pieces)) => {
+                p.launch(tag, id, block, Payload::Write(WriteData::new(buf)), pieces);
+            }
             None => {
                 let result = p.write(id, block, buf);
                 p.aio.done.push(VolCompletion {
@@ -437,6 +631,7 @@ impl IoQueue<'_> {
     /// (unless nothing is in flight).
     pub fn poll(&mut self, out: &mut Vec<VolCompletion>, wait: bool) {
         let p = &mut *self.pool;
+        p.aio_release();
         p.aio_collect(false);
         p.aio_answer();
         while wait && p.aio.done.is_empty() && !p.aio.parents.is_empty() {
@@ -469,6 +664,7 @@ impl Drop for IoQueue<'_> {
         // Nothing may stay in flight once the pool is handed back; unpolled answers are lost
         // (the writes themselves are done or were driven to their final result).
         let p = &mut *self.pool;
+        p.aio_release();
         while !p.aio.parents.is_empty() {
             p.aio_collect(true);
             p.aio_answer();

@@ -2,6 +2,7 @@
 //! taking failed disks out of service.
 
 use super::*;
+use crate::dev::{Request, WriteData};
 
 impl Pool {
     // ---------------------------------------------------------------------------------------
@@ -33,20 +34,20 @@ impl Pool {
                 });
             }
             let rec = encode_record(MD_MAGIC, self.meta.pool_id, self.meta.seq, &payload);
+            // Each phase goes to every disk at once; copy 1 only after copy 0 is durable
+            // everywhere, so one copy is always whole.
             let mut failed = None;
+            let data = WriteData::new(&rec);
             'phases: for slot in 0..2u64 {
-                for &i in &targets {
-                    let start = LABEL_BLOCKS + slot * u64::from(self.meta.md_blocks);
-                    let dev = self.devs[i].as_mut().ok_or(Error::NoValidMetadata)?;
-                    if dev.write(start, &rec).is_err() {
-                        failed = Some(i);
-                        break 'phases;
-                    }
-                }
-                for &i in &targets {
-                    let dev = self.devs[i].as_mut().ok_or(Error::NoValidMetadata)?;
-                    if dev.flush().is_err() {
-                        failed = Some(i);
+                let lba = LABEL_BLOCKS + slot * u64::from(self.meta.md_blocks);
+                let write = Request::Write {
+                    lba,
+                    data: data.clone(),
+                };
+                for req in [write, Request::Flush] {
+                    let res = self.each_disk(&targets, &req);
+                    if let Some(k) = res.iter().position(Result::is_err) {
+                        failed = Some(targets[k]);
                         break 'phases;
                     }
                 }
@@ -92,11 +93,21 @@ impl Pool {
             let start = LABEL_BLOCKS
                 + 2 * u64::from(self.meta.md_blocks)
                 + (self.drl_seq % 2) * u64::from(self.meta.drl_blocks);
+            // Every disk at once: the record, then (when asked) the flush.
             let mut failed = None;
-            for &i in &targets {
-                let dev = self.devs[i].as_mut().ok_or(Error::NoValidMetadata)?;
-                if dev.write(start, &bytes).is_err() || (flush && dev.flush().is_err()) {
-                    failed = Some(i);
+            let write = Request::Write {
+                lba: start,
+                data: WriteData::new(&bytes),
+            };
+            let reqs: &[Request] = if flush {
+                &[write, Request::Flush]
+            } else {
+                &[write]
+            };
+            for req in reqs {
+                let res = self.each_disk(&targets, req);
+                if let Some(k) = res.iter().position(Result::is_err) {
+                    failed = Some(targets[k]);
                     break;
                 }
             }
@@ -123,7 +134,8 @@ impl Pool {
         if bm.len() < nregions {
             bm.resize(nregions, false);
         }
-        if bm.all_set(r0, r1) {
+        // Bits set for queued writes still waiting on the log are not durable yet.
+        if bm.all_set(r0, r1) && self.aio.drl_waiting() == 0 {
             return Ok(());
         }
         bm.set_range(r0, r1);
