@@ -347,3 +347,81 @@ fn wrong_arguments_are_refused_at_submission() {
     assert!(q.read(1, 999, 0, 1).is_err());
     assert_eq!(q.in_flight(), 0);
 }
+
+#[test]
+fn thin_writes_in_place_and_mapped_reads_go_through_the_queue() {
+    let (_d, gates, mut p) = gated_pool(2);
+    p.create_thin_pool("tp", 64, LayoutSpec::Mirror { legs: 2 }, None, 4)
+        .unwrap();
+    let t = p.create_thin("t", "tp", 64).unwrap();
+    p.flush().unwrap();
+    for g in &gates {
+        g.set(false);
+    }
+    let mut out = Vec::new();
+    {
+        let mut q = p.queue();
+        // The first write allocates its chunk: the synchronous path, answered at once.
+        q.write(1, t, 5, &pattern(1)).unwrap();
+        assert_eq!(q.device_requests(), 0);
+        q.poll(&mut out, false);
+        assert_eq!(out.len(), 1);
+        assert!(out[0].result.is_ok());
+        // The chunk is this volume's alone now: a write into it goes to both legs of the pool's
+        // data volume, in flight.
+        q.write(2, t, 6, &pattern(2)).unwrap();
+        q.poll(&mut out, false);
+        assert_eq!(q.device_requests(), 2, "an in-place thin write is split");
+        // A read of the mapped chunk goes to one leg; an unmapped chunk needs no device.
+        q.read(3, t, 5, 1).unwrap();
+        assert_eq!(q.device_requests(), 3);
+        q.read(4, t, 40, 1).unwrap();
+        assert_eq!(q.device_requests(), 3);
+        for g in &gates {
+            g.set(true);
+        }
+        out.extend(q.finish());
+    }
+    assert_eq!(out.len(), 4);
+    for c in &out {
+        assert!(c.result.is_ok(), "{:?}", c.result);
+        match c.tag {
+            3 => assert_eq!(c.data, pattern(1)),
+            4 => assert_eq!(c.data, vec![0u8; BLOCK_SIZE]),
+            _ => {}
+        }
+    }
+    assert_eq!(read_block(&mut p, t, 6), pattern(2));
+    // A snapshot shares the chunk: the next write redirects it, synchronously, and the
+    // snapshot keeps the old data.
+    p.snapshot(
+        "t",
+        "s",
+        volmgr::pool::SnapshotKind::SpaceOptimized,
+        LayoutSpec::Concat,
+        None,
+    )
+    .unwrap();
+    let s = p.volume_id("s").unwrap();
+    for g in &gates {
+        g.set(false);
+    }
+    {
+        let mut q = p.queue();
+        q.write(5, t, 6, &pattern(5)).unwrap();
+        q.poll(&mut out, false);
+        assert_eq!(
+            q.device_requests(),
+            0,
+            "a shared chunk is not written in place"
+        );
+        for g in &gates {
+            g.set(true);
+        }
+        let rest = q.finish();
+        assert!(rest.iter().all(|c| c.result.is_ok()));
+    }
+    assert_eq!(read_block(&mut p, t, 6), pattern(5));
+    assert_eq!(read_block(&mut p, s, 6), pattern(2));
+    assert!(p.verify_mirrors().unwrap().is_empty());
+}

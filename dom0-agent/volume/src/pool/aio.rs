@@ -12,9 +12,13 @@
 //! A request that any piece failed is driven again, whole, through the synchronous path
 //! ([`Pool::read`] / [`Pool::write`]) once all its pieces are in: that path retries other
 //! legs, detaches failing ones, takes vanished disks out of service and commits before it
-//! answers, so failures have one implementation. Requests the queue does not split itself
-//! (thin volumes, volumes being filled, relaid out, tracked, or with snapshots that copy
-//! before write) run synchronously at submission and complete at once.
+//! answers, so failures have one implementation. A thin volume's request is split the same
+//! way through its pool's data volume when every chunk it touches is mapped and, for a write,
+//! written in place (no other reference to the chunk, now or committed); unmapped chunks read
+//! as zeroes without a device request. Requests the queue does not split (thin writes that
+//! allocate or redirect a chunk, reads of a thin snapshot's unmapped chunks, volumes being
+//! filled, relaid out, tracked, or with snapshots that copy before write) run synchronously
+//! at submission and complete at once.
 //!
 //! Invariants:
 //! * Requests are in flight only while an [`IoQueue`] borrows the pool; dropping or finishing
@@ -140,7 +144,7 @@ impl Pool {
         IoQueue { pool: self }
     }
 
-    /// Whether requests of volume `vi` are split into device pieces by the queue.
+    /// Whether requests of thick volume `vi` are split into device pieces by the queue.
     fn splits(&self, vi: usize, write: bool) -> bool {
         let v = &self.meta.volumes[vi];
         let VolKind::Thick {
@@ -154,10 +158,19 @@ impl Pool {
         !write || (v.tracking.is_none() && !self.dependents.contains(&v.id))
     }
 
-    /// Plans the pieces of a request on thick volume `vi`: for a write, every in-sync leg of
-    /// every column run (stale legs have their regions recorded now); for a read, one in-sync
-    /// leg per run. `None` when a piece has no device (the request then runs synchronously).
-    fn plan(&mut self, vi: usize, block: u64, n: u64, write: bool) -> Option<Vec<Piece>> {
+    /// Plans the pieces of `[block, block + n)` of thick volume `vi`, taking bytes from block
+    /// `base` of the request's buffer on: for a write, every in-sync leg of every column run
+    /// (stale legs have their regions recorded now); for a read, one in-sync leg per run.
+    /// `None` when a piece has no device (the request then runs synchronously).
+    fn plan_into(
+        &mut self,
+        vi: usize,
+        block: u64,
+        n: u64,
+        base: u64,
+        write: bool,
+        pieces: &mut Vec<Piece>,
+    ) -> Option<()> {
         let Pool {
             meta, devs, dirty, ..
         } = self;
@@ -167,7 +180,6 @@ impl Pool {
             return None;
         };
         let nlegs = layout.legs.len();
-        let mut pieces = Vec::new();
         let mut done = 0;
         while done < n {
             let (col, cblock, run) = layout.map(block + done, n - done);
@@ -198,15 +210,120 @@ impl Pool {
                     pieces.push(Piece {
                         disk,
                         lba: pb,
-                        from: us(done + k) * BLOCK_SIZE,
-                        to: us(done + k + r) * BLOCK_SIZE,
+                        from: us(base + done + k) * BLOCK_SIZE,
+                        to: us(base + done + k + r) * BLOCK_SIZE,
                     });
                     k += r;
                 }
             }
             done += run;
         }
-        Some(pieces)
+        Some(())
+    }
+
+    /// Plans a request on volume `vi`: its pieces, and whether the dirty-region bits of the
+    /// mirrored volumes it writes were durable already (else it waits for the log). `None`
+    /// when it runs synchronously instead: a thin volume's range that is not all mapped, a
+    /// write that would not be in place, or anything `splits` refuses.
+    fn plan(&mut self, vi: usize, block: u64, n: u64, write: bool) -> Option<(bool, Vec<Piece>)> {
+        let mut pieces = Vec::new();
+        // (thick volume index, its first block, blocks): what the request touches below.
+        let mut spans: Vec<(usize, u64, u64)> = Vec::new();
+        match &self.meta.volumes[vi].kind {
+            VolKind::Thick { .. } if self.splits(vi, write) => {
+                self.plan_into(vi, block, n, 0, write, &mut pieces)?;
+                spans.push((vi, block, n));
+            }
+            VolKind::Thin { pool, .. } => {
+                let v = &self.meta.volumes[vi];
+                if write && (v.tracking.is_some() || self.dependents.contains(&v.id)) {
+                    return None;
+                }
+                let (data, cb, _) = self.thin_params(*pool).ok()?;
+                let dvi = self.vidx(data).ok()?;
+                if !self.splits(dvi, write) {
+                    return None;
+                }
+                let runs = self.thin_runs(vi, *pool, block, n, cb, write)?;
+                for (done, run, dblock) in runs {
+                    if let Some(db) = dblock {
+                        self.plan_into(dvi, db, run, done, write, &mut pieces)?;
+                        spans.push((dvi, db, run));
+                    }
+                }
+            }
+            _ => return None,
+        }
+        let mut logged = true;
+        if write {
+            for (tvi, b, k) in spans {
+                let v = &self.meta.volumes[tvi];
+                if needs_drl(v) {
+                    let (id, rg) = (v.id, Regions::of(v));
+                    let (r0, r1) = rg.span(b, k);
+                    logged &= self.drl_set(id, rg.n, r0, r1);
+                }
+            }
+        }
+        Some((logged, pieces))
+    }
+
+    /// The chunk runs of `[block, block + n)` of thin volume `vi`: `(offset in the request,
+    /// blocks, block in the pool's data volume)`, `None` for an unmapped chunk that reads as
+    /// zeroes. `None` overall when a run needs the synchronous path: an unmapped chunk of a
+    /// snapshot of a thick volume (reads its origin), or for a write any chunk that is not
+    /// written in place (unmapped, shared, or committed elsewhere: allocation and redirect).
+    fn thin_runs(
+        &self,
+        vi: usize,
+        pool: u32,
+        block: u64,
+        n: u64,
+        cb: u64,
+        write: bool,
+    ) -> Option<Vec<(u64, u64, Option<u64>)>> {
+        let VolKind::Thin { map, origin, .. } = &self.meta.volumes[vi].kind else {
+            return None;
+        };
+        let rt = self.thin.get(&pool)?;
+        let id = self.meta.volumes[vi].id;
+        let cmap = self
+            .committed
+            .volumes
+            .iter()
+            .find(|c| c.id == id)
+            .and_then(|c| match &c.kind {
+                VolKind::Thin { map, .. } => Some(map),
+                _ => None,
+            });
+        let mut runs = Vec::new();
+        let mut done = 0;
+        while done < n {
+            let b = block + done;
+            let run = (cb - b % cb).min(n - done);
+            let vc = b / cb;
+            match map.get(&vc).copied() {
+                Some(m) => {
+                    if write {
+                        // The in-place rule of `thin_write`: nobody else refers to the chunk,
+                        // now or in the committed metadata.
+                        let i = us(u64::from(m));
+                        let alone = rt.refs.get(i) == Some(&1)
+                            && (rt.crefs.get(i) == Some(&0)
+                                || (rt.crefs.get(i) == Some(&1)
+                                    && cmap.and_then(|c| c.get(&vc)) == Some(&m)));
+                        if !alone {
+                            return None;
+                        }
+                    }
+                    runs.push((done, run, Some(u64::from(m) * cb + b % cb)));
+                }
+                None if write || origin.is_some() => return None,
+                None => runs.push((done, run, None)),
+            }
+            done += run;
+        }
+        Some(runs)
     }
 
     /// Submits the pieces of a new request and registers it.
@@ -555,16 +672,8 @@ impl IoQueue<'_> {
         if block.checked_add(n).is_none_or(|e| e > v.size) {
             return Err(Error::OutOfRange(v.name.clone()));
         }
-        let planned = if n > 0 && p.splits(vi, true) {
-            let v = &p.meta.volumes[vi];
-            let logged = if needs_drl(v) {
-                let rg = Regions::of(v);
-                let (r0, r1) = rg.span(block, n);
-                p.drl_set(id, rg.n, r0, r1)
-            } else {
-                true
-            };
-            p.plan(vi, block, n, true).map(|pieces| (logged, pieces))
+        let planned = if n > 0 {
+            p.plan(vi, block, n, true)
         } else {
             None
         };
@@ -607,13 +716,13 @@ impl IoQueue<'_> {
             )));
         }
         let buf = vec![0u8; us(blocks) * BLOCK_SIZE];
-        let planned = if blocks > 0 && p.splits(vi, false) {
+        let planned = if blocks > 0 {
             p.plan(vi, block, blocks, false)
         } else {
             None
         };
         match planned {
-            Some(pieces) => p.launch(tag, id, block, Payload::Read(buf), pieces),
+            Some((_, pieces)) => p.launch(tag, id, block, Payload::Read(buf), pieces),
             None => {
                 let mut buf = buf;
                 let result = p.read(id, block, &mut buf);
