@@ -107,6 +107,8 @@ pub(super) struct Aio {
     /// Writes whose dirty-region bits are set in memory but not yet durable: launched after
     /// the next log write.
     drl_wait: Vec<Waiting>,
+    /// Piece vectors of finished requests, kept for the next ones.
+    spare: Vec<Vec<Piece>>,
 }
 
 impl Aio {
@@ -226,46 +228,80 @@ impl Pool {
     /// when it runs synchronously instead: a thin volume's range that is not all mapped, a
     /// write that would not be in place, or anything `splits` refuses.
     fn plan(&mut self, vi: usize, block: u64, n: u64, write: bool) -> Option<(bool, Vec<Piece>)> {
-        let mut pieces = Vec::new();
-        // (thick volume index, its first block, blocks): what the request touches below.
-        let mut spans: Vec<(usize, u64, u64)> = Vec::new();
+        // A vector of an earlier request, when one is spare: no allocation per request.
+        let mut pieces = self.aio.spare.pop().unwrap_or_default();
+        let planned = self.plan_pieces(vi, block, n, write, &mut pieces);
+        match planned {
+            Some(logged) => Some((logged, pieces)),
+            None => {
+                self.recycle(pieces);
+                None
+            }
+        }
+    }
+
+    /// Gives a piece vector back for later requests.
+    fn recycle(&mut self, mut pieces: Vec<Piece>) {
+        if self.aio.spare.len() < 64 {
+            pieces.clear();
+            self.aio.spare.push(pieces);
+        }
+    }
+
+    fn plan_pieces(
+        &mut self,
+        vi: usize,
+        block: u64,
+        n: u64,
+        write: bool,
+        pieces: &mut Vec<Piece>,
+    ) -> Option<bool> {
         match &self.meta.volumes[vi].kind {
             VolKind::Thick { .. } if self.splits(vi, write) => {
-                self.plan_into(vi, block, n, 0, write, &mut pieces)?;
-                spans.push((vi, block, n));
+                self.plan_into(vi, block, n, 0, write, pieces)?;
+                Some(!write || self.logged(vi, block, n))
             }
             VolKind::Thin { pool, .. } => {
                 let v = &self.meta.volumes[vi];
                 if write && (v.tracking.is_some() || self.dependents.contains(&v.id)) {
                     return None;
                 }
-                let (data, cb, _) = self.thin_params(*pool).ok()?;
+                let pool = *pool;
+                let VolKind::ThinPool { data, chunk_blocks } =
+                    self.meta.volumes.iter().find(|p| p.id == pool)?.kind
+                else {
+                    return None;
+                };
                 let dvi = self.vidx(data).ok()?;
                 if !self.splits(dvi, write) {
                     return None;
                 }
-                let runs = self.thin_runs(vi, *pool, block, n, cb, write)?;
+                let runs = self.thin_runs(vi, pool, block, n, u64::from(chunk_blocks), write)?;
+                let mut logged = true;
                 for (done, run, dblock) in runs {
                     if let Some(db) = dblock {
-                        self.plan_into(dvi, db, run, done, write, &mut pieces)?;
-                        spans.push((dvi, db, run));
+                        self.plan_into(dvi, db, run, done, write, pieces)?;
+                        if write {
+                            logged &= self.logged(dvi, db, run);
+                        }
                     }
                 }
+                Some(logged)
             }
-            _ => return None,
+            _ => None,
         }
-        let mut logged = true;
-        if write {
-            for (tvi, b, k) in spans {
-                let v = &self.meta.volumes[tvi];
-                if needs_drl(v) {
-                    let (id, rg) = (v.id, Regions::of(v));
-                    let (r0, r1) = rg.span(b, k);
-                    logged &= self.drl_set(id, rg.n, r0, r1);
-                }
-            }
+    }
+
+    /// For a write to `[b, b + k)` of thick volume `vi`: sets its dirty-region bits if it
+    /// needs them and says whether they were durable already.
+    fn logged(&mut self, vi: usize, b: u64, k: u64) -> bool {
+        let v = &self.meta.volumes[vi];
+        if !needs_drl(v) {
+            return true;
         }
-        Some((logged, pieces))
+        let (id, rg) = (v.id, Regions::of(v));
+        let (r0, r1) = rg.span(b, k);
+        self.drl_set(id, rg.n, r0, r1)
     }
 
     /// The chunk runs of `[block, block + n)` of thin volume `vi`: `(offset in the request,
@@ -372,17 +408,19 @@ impl Pool {
                     self.count_piece(disk);
                 }
             }
+            self.recycle(pieces);
             return;
         }
         let pid = self.register(tag, vol, block, payload, pieces.len());
         if pieces.is_empty() {
             self.aio.finished.push_back(pid);
+            self.recycle(pieces);
             return;
         }
-        for p in pieces {
+        for p in &pieces {
             let t = self.aio.next_tag;
             self.aio.next_tag += 1;
-            let req = self.aio.parents[&pid].payload.piece(&p);
+            let req = self.aio.parents[&pid].payload.piece(p);
             self.aio.children.insert(
                 t,
                 Child {
@@ -404,6 +442,7 @@ impl Pool {
                 self.piece_done(c);
             }
         }
+        self.recycle(pieces);
     }
 
     fn count_piece(&mut self, disk: usize) {
