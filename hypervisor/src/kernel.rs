@@ -174,7 +174,7 @@ pub fn hypervisor_main(boot: Result<BootInfo, BootError>) -> ! {
     );
 
     enable_sse();
-    crate::vcpu::queue::TSC_PER_10MS.store(tsc_per_10ms.max(1000), Ordering::Relaxed);
+    crate::vcpu::queue::set_tsc_per_10ms(tsc_per_10ms);
     let vmx = detect::probe_this_cpu();
     *VMX_STATUS[0].lock() = vmx;
     report_vmx_at_boot(&vmx);
@@ -625,7 +625,7 @@ fn cmd_cpus() {
     let now = cpu::rdtsc().max(1);
     for (i, c) in CPUS.iter().enumerate().take(n) {
         // Idle share since boot: TSC ticks spent halted with nothing to run.
-        let idle = c.idle_tsc.load(Ordering::Relaxed) * 100 / now;
+        let idle = c.idle_until(now) * 100 / now;
         println!(
             "{i:<4} {:<5} {:<12} {:<6} {:<7} {:>3}%  {}",
             c.apic_id.load(Ordering::Relaxed),

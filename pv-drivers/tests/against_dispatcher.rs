@@ -57,8 +57,8 @@ impl Platform for Host {
     fn start_vcpu(&mut self, _index: u32, _rip: u64, _rsp: u64) -> bool {
         false
     }
-    fn tsc_per_us(&self) -> u64 {
-        1
+    fn tsc_khz(&self) -> u64 {
+        1000
     }
     fn with_io<R>(&mut self, f: impl FnOnce(&mut DomainIo) -> R) -> R {
         f(&mut DomainIo::standard())

@@ -286,7 +286,83 @@ pub fn virtqueue_figures(text: &str) -> Vec<Figure> {
 /// 30 ms slice).
 fn sched(extra: &[String]) -> Result<Vec<Figure>, String> {
     let text = run_program(release_run("hypervisor", &["--example", "sched_bench"]).args(extra))?;
-    Ok(sched_figures(&text))
+    let mut figs = sched_figures(&text);
+    if extra.iter().any(|a| a == "--quick") {
+        return Ok(figs);
+    }
+    crate::deps::ensure(&[crate::deps::BOCHS])?;
+    figs.extend(sched_bochs()?);
+    Ok(figs)
+}
+
+/// In Bochs (deterministic time): the worst 1 s window's share error of the 1:2:4 scenario
+/// (`bochs-sched-weights`), in % of the entitlement and in ms of CPU, and the ticker's
+/// lateness beside busy vCPUs (`bochs-sched-ticker`).
+fn sched_bochs() -> Result<Vec<Figure>, String> {
+    let mut figs = Vec::new();
+    let root = crate::root().join("tests").join("scenarios");
+    let weights = crate::scenario::load(&root.join("bochs-sched-weights.toml"))?;
+    let o = crate::scenario::run_on(&weights, crate::scenario::On::Named);
+    if !o.passed {
+        return Err(format!("bochs-sched-weights: {}", o.detail));
+    }
+    let text = std::fs::read_to_string(&o.log).map_err(|e| e.to_string())?;
+    let rates = weights
+        .rates
+        .as_ref()
+        .ok_or("bochs-sched-weights has no [rates]")?;
+    let mut worst = 0.0f64;
+    let mut worst_ms = 0.0f64;
+    for shares in rates.per_window(&text)? {
+        for (k, &e) in &rates.expect {
+            let v = shares.get(k).copied().unwrap_or(0.0);
+            worst = worst.max(((v - e) / e).abs());
+            // Shares are of the whole machine: 2 CPUs, 1000 ms each per window.
+            worst_ms = worst_ms.max((v - e).abs() * 2.0 * 1000.0);
+        }
+    }
+    println!(
+        "sched in Bochs: 1:2:4 on 2 CPUs, worst 1 s window: {:.1} % of entitlement, {worst_ms:.1} ms of CPU (target: one slice, 12 ms at most)",
+        worst * 100.0
+    );
+    figs.push(Figure::new(
+        "sched",
+        "Bochs 1:2:4 share error, worst 1 s window",
+        worst * 100.0,
+        "%",
+        Better::Lower,
+    ));
+    figs.push(Figure::new(
+        "sched",
+        "Bochs 1:2:4 share error, worst 1 s window, CPU time",
+        worst_ms,
+        "ms",
+        Better::Lower,
+    ));
+    let ticker = crate::scenario::load(&root.join("bochs-sched-ticker.toml"))?;
+    let o = crate::scenario::run_on(&ticker, crate::scenario::On::Named);
+    if !o.passed {
+        return Err(format!("bochs-sched-ticker: {}", o.detail));
+    }
+    let text = std::fs::read_to_string(&o.log).map_err(|e| e.to_string())?;
+    let re = Regex::new(r"ticker: lateness max (\d+) us, mean (\d+) us").expect("valid");
+    let c = re
+        .captures(&text)
+        .ok_or("bochs-sched-ticker: no lateness line")?;
+    let (max, mean): (f64, f64) = (c[1].parse().unwrap_or(0.0), c[2].parse().unwrap_or(0.0));
+    println!(
+        "sched in Bochs: ticker beside 4 busy vCPUs on 2 CPUs, lateness max {max} us, mean {mean} us (target: 1 ms)"
+    );
+    for (what, v) in [("max", max), ("mean", mean)] {
+        figs.push(Figure::new(
+            "sched",
+            &format!("Bochs ticker lateness beside busy vCPUs, {what}"),
+            v,
+            "us",
+            Better::Lower,
+        ));
+    }
+    Ok(figs)
 }
 
 /// The figures in `sched_bench`'s output.

@@ -64,6 +64,9 @@ pub struct Scenario {
     pub rates: Option<Rates>,
 }
 
+/// Key → value.
+pub type BTreeMapF = std::collections::BTreeMap<String, f64>;
+
 /// Rates in the serial output, compared with what they should be: `regex` captures a key, a
 /// window number, an amount and a time (in that order). The windows every key reported are
 /// taken in order, the first `skip` left out (start-up), the next `count` used; each key's rate
@@ -88,9 +91,39 @@ pub struct Rates {
 }
 
 impl Rates {
-    /// Judges `text`: every key measured in every window, each within bounds. Returns the
-    /// figures either way (for the report).
-    pub fn judge(&self, text: &str) -> Result<String, String> {
+    /// Each window's shares (or ratios), for the windows judged.
+    pub fn per_window(&self, text: &str) -> Result<Vec<BTreeMapF>, String> {
+        let (seen, windows) = self.windows(text)?;
+        let mut out = Vec::new();
+        for w in windows {
+            let rate = |k: &String| {
+                let (a, t) = seen[k][&w];
+                if t > 0.0 { a / t } else { 0.0 }
+            };
+            let base = match &self.reference {
+                Some(r) => rate(r),
+                None => seen.keys().map(rate).sum(),
+            };
+            if base <= 0.0 {
+                return Err(format!("rates: nothing measured in window {w}"));
+            }
+            out.push(seen.keys().map(|k| (k.clone(), rate(k) / base)).collect());
+        }
+        Ok(out)
+    }
+
+    /// The reports: key -> window -> (amount, time), and the windows judged.
+    #[allow(clippy::type_complexity)]
+    fn windows(
+        &self,
+        text: &str,
+    ) -> Result<
+        (
+            std::collections::BTreeMap<String, std::collections::BTreeMap<u64, (f64, f64)>>,
+            Vec<u64>,
+        ),
+        String,
+    > {
         use std::collections::{BTreeMap, BTreeSet};
         let re = Regex::new(&self.regex).map_err(|e| format!("rates: bad regex: {e}"))?;
         // key -> window -> (amount, time)
@@ -100,8 +133,14 @@ impl Rates {
             else {
                 return Err("rates: the regex must capture key, window, amount, time".into());
             };
-            let w: u64 = w.as_str().parse().map_err(|_| "rates: window not a number")?;
-            let a: f64 = a.as_str().parse().map_err(|_| "rates: amount not a number")?;
+            let w: u64 = w
+                .as_str()
+                .parse()
+                .map_err(|_| "rates: window not a number")?;
+            let a: f64 = a
+                .as_str()
+                .parse()
+                .map_err(|_| "rates: amount not a number")?;
             let t: f64 = t.as_str().parse().map_err(|_| "rates: time not a number")?;
             seen.entry(k.as_str().to_string())
                 .or_default()
@@ -140,6 +179,14 @@ impl Rates {
                 self.count
             ));
         }
+        Ok((seen, windows))
+    }
+
+    /// Judges `text`: every key measured in every window, each within bounds. Returns the
+    /// figures either way (for the report).
+    pub fn judge(&self, text: &str) -> Result<String, String> {
+        use std::collections::BTreeMap;
+        let (seen, windows) = self.windows(text)?;
         let mut sums: BTreeMap<String, (f64, f64)> = BTreeMap::new();
         for (k, ws) in &seen {
             let e = sums.entry(k.clone()).or_default();
@@ -169,7 +216,10 @@ impl Rates {
                 let err = (v - e) / e;
                 line += &format!(" (expected {e:.4}, {:+.1} %)", err * 100.0);
                 if err.abs() > self.tolerance {
-                    bad.push(format!("{k} is {v:.4}, not within {:.0} % of {e:.4}", self.tolerance * 100.0));
+                    bad.push(format!(
+                        "{k} is {v:.4}, not within {:.0} % of {e:.4}",
+                        self.tolerance * 100.0
+                    ));
                 }
             }
             if let Some(&m) = self.at_most.get(k)
@@ -700,7 +750,11 @@ mod tests {
 
     #[test]
     fn shares_within_tolerance_pass_and_outside_fail() {
-        let r = rates(None, &[("1", 1.0 / 7.0), ("2", 2.0 / 7.0), ("3", 4.0 / 7.0)], &[]);
+        let r = rates(
+            None,
+            &[("1", 1.0 / 7.0), ("2", 2.0 / 7.0), ("3", 4.0 / 7.0)],
+            &[],
+        );
         let ok = r.judge(OUT).unwrap();
         assert!(ok.contains("1: 0.14"), "{ok}");
         // Window 2 (skipped) does not count: with it key 1 would be far off.

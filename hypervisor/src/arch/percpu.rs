@@ -58,6 +58,14 @@ pub struct CpuRecord {
     /// TSC ticks spent halted with nothing to run, and how many times it halted.
     pub idle_tsc: AtomicU64,
     pub halts: AtomicU64,
+    /// TSC when it halted, while it is halted (0 when not): idle time not yet in `idle_tsc`.
+    pub idle_since: AtomicU64,
+    /// The TSC value this CPU's one-shot timer was armed for (0: not armed), and how late
+    /// past it the interrupts came: the largest and the sum over `timer_fired`.
+    pub timer_due: AtomicU64,
+    pub timer_late_max: AtomicU64,
+    pub timer_late_sum: AtomicU64,
+    pub timer_fired: AtomicU64,
 }
 
 /// The scheduler put work on this CPU that should run before what runs now.
@@ -66,6 +74,17 @@ pub const ATTN_RESCHED: u8 = 1;
 pub const ATTN_TIMER: u8 = 2;
 
 impl CpuRecord {
+    /// TSC ticks spent idle up to `now`, counting the current halt.
+    pub fn idle_until(&self, now: u64) -> u64 {
+        let since = self.idle_since.load(Ordering::Acquire);
+        let done = self.idle_tsc.load(Ordering::Acquire);
+        done + if since != 0 {
+            now.saturating_sub(since)
+        } else {
+            0
+        }
+    }
+
     const fn new() -> Self {
         CpuRecord {
             apic_id: AtomicU32::new(0),
@@ -75,6 +94,11 @@ impl CpuRecord {
             attention: AtomicU8::new(0),
             idle_tsc: AtomicU64::new(0),
             halts: AtomicU64::new(0),
+            idle_since: AtomicU64::new(0),
+            timer_due: AtomicU64::new(0),
+            timer_late_max: AtomicU64::new(0),
+            timer_late_sum: AtomicU64::new(0),
+            timer_fired: AtomicU64::new(0),
         }
     }
 

@@ -264,8 +264,14 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
         v if v == u64::from(TIMER_VECTOR) => {
             let me = percpu::this_cpu();
             me.ticks.fetch_add(1, Ordering::Relaxed);
-            me.attention
-                .fetch_or(percpu::ATTN_TIMER, Ordering::Relaxed);
+            let due = me.timer_due.swap(0, Ordering::Relaxed);
+            if due != 0 {
+                let late = crate::arch::cpu::rdtsc().saturating_sub(due);
+                me.timer_late_max.fetch_max(late, Ordering::Relaxed);
+                me.timer_late_sum.fetch_add(late, Ordering::Relaxed);
+                me.timer_fired.fetch_add(1, Ordering::Relaxed);
+            }
+            me.attention.fetch_or(percpu::ATTN_TIMER, Ordering::Relaxed);
             lapic::eoi();
         }
         // The kick only needed the exit it caused; the run loop does the rest.

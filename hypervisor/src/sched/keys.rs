@@ -158,7 +158,11 @@ mod tests {
         assert_eq!(c.set("weight", "512"), Ok(true));
         assert_eq!(c.set("cap", "25"), Ok(true));
         assert_eq!(c.set("pin", "1"), Ok(true));
-        assert_eq!(c.set("mem", "16"), Ok(false), "not ours: left to the caller");
+        assert_eq!(
+            c.set("mem", "16"),
+            Ok(false),
+            "not ours: left to the caller"
+        );
         let p = c.apply(Params::default());
         assert_eq!((p.weight, p.cap_pct, p.reserve_pct), (512, Some(25), 0));
         assert_eq!(c.pin, Some(0b10));

@@ -392,12 +392,19 @@ impl Scheduler {
         (u64::from(d.params.weight) * WEIGHT_UNIT / d.vcpus.len().max(1) as u64).max(1)
     }
 
-    /// Starts a new accounting period for domains whose period ended.
+    /// Starts a new accounting period for domains whose period ended. A capped domain's
+    /// overrun (a slice ends a little after its budget ran out: the exit and the decision are
+    /// charged too) is carried into the next periods as debt, so over time it never gets more
+    /// than its cap.
     fn roll_periods(&mut self, now: Ns) {
         for d in self.domains.values_mut() {
             if now >= d.period_start + PERIOD {
-                d.period_start = now - (now - d.period_start) % PERIOD;
-                d.used = 0;
+                let periods = (now - d.period_start) / PERIOD;
+                d.period_start += periods * PERIOD;
+                d.used = match d.budget() {
+                    Some(b) => d.used.saturating_sub(b.saturating_mul(periods)),
+                    None => 0,
+                };
             }
         }
     }
@@ -477,7 +484,9 @@ impl Scheduler {
         let _ = now; // wake time: for the latency statistics a caller keeps
         match self.queues[cpu].running {
             None => Some(cpu),
-            Some(r) if self.vcpus[r].vruntime > self.vcpus[v].vruntime + virt(WAKE_CREDIT) => {
+            // Preempt when the sleeper is clearly behind: a vCPU that slept long enough to be
+            // placed at the credit's limit always is, one that just blocked briefly is not.
+            Some(r) if self.vcpus[r].vruntime > self.vcpus[v].vruntime + virt(WAKE_CREDIT) / 2 => {
                 Some(cpu)
             }
             Some(_) => None,
@@ -847,7 +856,11 @@ mod tests {
         assert!(s.is_blocked(b));
         assert_eq!(s.pick(0, 0).run, Some(a));
         assert_eq!(s.pick(1, 0).run, None, "a parked vCPU is not picked");
-        assert_eq!(s.wake(b, 10), Some(1), "woken where it was: that CPU is idle");
+        assert_eq!(
+            s.wake(b, 10),
+            Some(1),
+            "woken where it was: that CPU is idle"
+        );
         assert_eq!(s.pick(1, 10).run, Some(b));
         // A running vCPU is not parked (it is stopped instead).
         s.park(b);

@@ -185,7 +185,9 @@ pub fn parse(line: &str) -> Result<Command, ParseError<'_>> {
             if change.is_empty() {
                 return Err(ParseError::BadSched(
                     None,
-                    KeyError("nothing to change (sched <id> weight=W cap=C|none reserve=R pin=CPUS)"),
+                    KeyError(
+                        "nothing to change (sched <id> weight=W cap=C|none reserve=R pin=CPUS)",
+                    ),
                 ));
             }
             Ok(Command::Sched(Some((id, change))))

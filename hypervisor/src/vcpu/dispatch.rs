@@ -76,8 +76,9 @@ pub trait Platform {
     fn vcpus_started(&self) -> u64;
     /// Asks for vCPU `index` to start at `rip` with `rsp`; false if it was already started.
     fn start_vcpu(&mut self, index: u32, rip: u64, rsp: u64) -> bool;
-    /// TSC ticks per microsecond (the paravirtual timer's unit).
-    fn tsc_per_us(&self) -> u64;
+    /// TSC frequency in kHz (the paravirtual timer counts in microseconds; whole MHz would be
+    /// off by up to 25 % on a slow TSC such as Bochs' 4.2 MHz).
+    fn tsc_khz(&self) -> u64;
     /// Runs `f` on the domain's I/O buses (shared by its vCPUs).
     fn with_io<R>(&mut self, f: impl FnOnce(&mut DomainIo) -> R) -> R;
 }
@@ -234,7 +235,7 @@ pub fn handle(
                 index: v.index,
                 xcr0_allowed: p.xcr0_supported(),
                 guest_osxsave: a.get(f::GUEST_CR4) & (1 << 18) != 0,
-                tsc_khz: (p.tsc_per_us() * 1000).min(u64::from(u32::MAX)) as u32,
+                tsc_khz: p.tsc_khz().min(u64::from(u32::MAX)) as u32,
             };
             let r = policy::cpuid(leaf, sub, p.cpuid(leaf, sub), pol);
             v.regs.rax = u64::from(r.eax);
@@ -356,8 +357,9 @@ fn vmcall(
             if period_us == 0 {
                 v.timer.off();
             } else {
-                v.timer
-                    .set(vector, period_us * p.tsc_per_us().max(1), p.rdtsc());
+                // Within u64: periods are at most 10 s, TSCs far below 2^44 kHz.
+                let ticks = (period_us * p.tsc_khz() / 1000).max(1);
+                v.timer.set(vector, ticks, p.rdtsc());
             }
             v.regs.rax = 0;
         }

@@ -27,13 +27,18 @@ use crate::arch::cpu;
 use crate::arch::percpu::{self, ATTN_RESCHED, CPUS};
 use crate::sched::keys::{Change, cpu_list};
 use crate::sched::policy::{DomId, MAX_SLICE, Ns, ParamError, Params, Scheduler, Stop, VcpuId};
-use crate::sched::timers::Sleepers;
+use crate::sched::timers::{Latency, Sleepers};
 use crate::sched::window::Window;
 
 /// CPUs whose run loop is up (VMX on): the only ones vCPUs are placed on.
 static RUN_CPUS: AtomicU64 = AtomicU64::new(0);
 /// TSC ticks per 10 ms, set at boot (the time base of slices and sleeps).
-pub static TSC_PER_10MS: AtomicU64 = AtomicU64::new(10_000_000);
+static TSC_PER_10MS: AtomicU64 = AtomicU64::new(10_000_000);
+/// Nanoseconds per TSC tick and TSC ticks per nanosecond, as 32.32 fixed point: conversions
+/// on the scheduling path are one multiplication (a 128-bit division is a library call of
+/// hundreds of instructions).
+static NS_PER_TSC: AtomicU64 = AtomicU64::new(1 << 32);
+static TSC_PER_NS: AtomicU64 = AtomicU64::new(1 << 32);
 
 static LIVE: Mutex<Option<Live>> = Mutex::new(None);
 
@@ -50,6 +55,11 @@ struct Live {
     /// Each domain's CPU time, and each CPU's idle time, over the last second.
     shares: Window,
     idle: Window,
+    /// The CPUs each domain's vCPUs have run on.
+    ran_on: BTreeMap<DomId, u64>,
+    /// Woken vCPUs not yet running: since when (TSC: their deadline, or the wake-up).
+    woke: BTreeMap<VcpuId, u64>,
+    latency: Latency,
 }
 
 impl Live {
@@ -63,6 +73,9 @@ impl Live {
             pending: BTreeSet::new(),
             shares: Window::new(SECOND, now),
             idle: Window::new(SECOND, now),
+            ran_on: BTreeMap::new(),
+            woke: BTreeMap::new(),
+            latency: Latency::default(),
         }
     }
 
@@ -72,13 +85,26 @@ impl Live {
             return;
         }
         self.sleepers.remove(v);
+        self.woke.insert(v, cpu::rdtsc());
         if let Some(c) = self.policy.wake(v, now) {
             kick(c);
         }
     }
 
+    /// Wakes the sleepers due: `cpu`'s own (its timer fired), and any other CPU's that are
+    /// overdue (that CPU is busy elsewhere, e.g. writing to the console, or its timer was
+    /// held), so a sleeper waits for whichever CPU looks first.
     fn wake_due(&mut self, cpu: usize, now_tsc: u64, now: Ns) {
-        for v in self.sleepers.take_due(cpu, now_tsc) {
+        for c in 0..self.policy.cpus() {
+            if c == cpu || self.sleepers.next(c).is_some_and(|d| d <= now_tsc) {
+                self.wake_due_on(c, now_tsc, now);
+            }
+        }
+    }
+
+    fn wake_due_on(&mut self, cpu: usize, now_tsc: u64, now: Ns) {
+        for (deadline, v) in self.sleepers.take_due(cpu, now_tsc) {
+            self.woke.insert(v, deadline);
             if let Some(c) = self.policy.wake(v, now) {
                 kick(c);
             }
@@ -86,13 +112,14 @@ impl Live {
     }
 
     fn roll(&mut self, now: Ns) {
+        let now_tsc = cpu::rdtsc();
         let policy = &self.policy;
         self.shares
             .roll(now, policy.domain_ids().map(|d| (d, policy.domain_time(d))));
         let cpus = policy.cpus();
         self.idle.roll(
             now,
-            (0..cpus).map(|c| (c as u32, tsc_to_ns(CPUS[c].idle_tsc.load(Ordering::Relaxed)))),
+            (0..cpus).map(|c| (c as u32, tsc_to_ns(CPUS[c].idle_until(now_tsc)))),
         );
     }
 }
@@ -104,18 +131,45 @@ fn with_live<R>(f: impl FnOnce(&mut Live, Ns) -> R) -> R {
     f(live, now)
 }
 
-/// TSC ticks per microsecond.
+/// TSC frequency in kHz, as calibrated at boot.
+pub fn tsc_khz() -> u64 {
+    (TSC_PER_10MS.load(Ordering::Relaxed) / 10).max(1)
+}
+
+/// TSC ticks per microsecond (whole: for log lines, not for timers).
 pub fn tsc_per_us() -> u64 {
     (TSC_PER_10MS.load(Ordering::Relaxed) / 10_000).max(1)
 }
 
+/// Records the TSC's rate, measured at boot.
+pub fn set_tsc_per_10ms(ticks: u64) {
+    let ticks = ticks.max(1000);
+    TSC_PER_10MS.store(ticks, Ordering::Relaxed);
+    NS_PER_TSC.store(
+        ((10_000_000u128 << 32) / u128::from(ticks)) as u64,
+        Ordering::Relaxed,
+    );
+    TSC_PER_NS.store(
+        ((u128::from(ticks) << 32) / 10_000_000) as u64,
+        Ordering::Relaxed,
+    );
+}
+
+/// TSC ticks per 10 ms.
+pub fn tsc_per_10ms() -> u64 {
+    TSC_PER_10MS.load(Ordering::Relaxed)
+}
+
+fn fixed(x: u64, per: &AtomicU64) -> u64 {
+    ((u128::from(x) * u128::from(per.load(Ordering::Relaxed))) >> 32) as u64
+}
+
 pub fn tsc_to_ns(tsc: u64) -> Ns {
-    (u128::from(tsc) * 10_000_000 / u128::from(TSC_PER_10MS.load(Ordering::Relaxed).max(1)))
-        as Ns
+    fixed(tsc, &NS_PER_TSC)
 }
 
 pub fn ns_to_tsc(ns: Ns) -> u64 {
-    (u128::from(ns) * u128::from(TSC_PER_10MS.load(Ordering::Relaxed)) / 10_000_000) as u64
+    fixed(ns, &TSC_PER_NS)
 }
 
 pub fn now_ns() -> Ns {
@@ -218,7 +272,13 @@ pub fn next(cpu: usize, back: Option<(Box<Vcpu>, Back)>) -> Next {
             let d = l.policy.pick(cpu, now);
             match d.run {
                 Some(v) => match l.slots.get_mut(v).and_then(Option::take) {
-                    Some(b) => return Next::Run(b, ns_to_tsc(d.slice).max(1)),
+                    Some(b) => {
+                        if let Some(since) = l.woke.remove(&v) {
+                            l.latency
+                                .record(cpu::rdtsc().saturating_sub(since) / tsc_per_us());
+                        }
+                        return Next::Run(b, ns_to_tsc(d.slice).max(1));
+                    }
                     None => {
                         log::error!("internal: scheduler picked vCPU {v}, which is not queued");
                         l.policy.stop(cpu, now, Stop::Blocked);
@@ -252,6 +312,7 @@ impl Live {
     fn put_back(&mut self, cpu: usize, v: Box<Vcpu>, how: Back, now: Ns) {
         let l = self;
         let id = v.sid;
+        *l.ran_on.entry(v.domain_id()).or_default() |= 1 << cpu;
         let woken = l.pending.remove(&id);
         match how {
             Back::Blocked(_) if woken => l.policy.stop(cpu, now, Stop::Preempted),
@@ -280,10 +341,12 @@ pub fn retire(cpu: usize, v: &Vcpu) {
         l.policy.remove_vcpu(id);
         l.sleepers.remove(id);
         l.pending.remove(&id);
+        l.woke.remove(&id);
         let dom = v.domain_id();
         l.ids.remove(&(dom, v.index()));
         if l.policy.domain_vcpus(dom).is_empty() {
             l.policy.remove_domain(dom);
+            l.ran_on.remove(&dom);
         }
     })
 }
@@ -363,10 +426,12 @@ pub fn report() -> Vec<String> {
         l.roll(now);
         let mut out = Vec::new();
         out.push(String::from(
-            "ID  WEIGHT CAP   RESERVE PIN      VCPUS CPU-MS   SHARE",
+            "ID  WEIGHT CAP   RESERVE PIN      VCPUS CPU-MS   SHARE  RAN-ON",
         ));
         for d in l.policy.domain_ids().collect::<Vec<_>>() {
-            let Some(p) = l.policy.params(d) else { continue };
+            let Some(p) = l.policy.params(d) else {
+                continue;
+            };
             let vs = l.policy.domain_vcpus(d);
             let mut pin = String::new();
             let mask = vs.first().map_or(0, |&v| l.policy.affinity(v));
@@ -374,20 +439,29 @@ pub fn report() -> Vec<String> {
             let cap = p
                 .cap_pct
                 .map_or(String::from("none"), |c| alloc::format!("{c}%"));
-            let share = l
-                .shares
-                .permille(d)
-                .map_or(String::from("-"), |m| alloc::format!("{}.{}%", m / 10, m % 10));
+            let share = l.shares.permille(d).map_or(String::from("-"), |m| {
+                alloc::format!("{}.{}%", m / 10, m % 10)
+            });
+            let mut ran = String::new();
+            let _ = cpu_list(l.ran_on.get(&d).copied().unwrap_or(0), &mut ran);
             out.push(alloc::format!(
-                "{d:<3} {:<6} {cap:<5} {:<7} {pin:<8} {:<5} {:<8} {share}",
+                "{d:<3} {:<6} {cap:<5} {:<7} {pin:<8} {:<5} {:<8} {share:<6} {ran}",
                 p.weight,
                 alloc::format!("{}%", p.reserve_pct),
                 vs.len(),
                 l.policy.domain_time(d) / 1_000_000,
             ));
         }
+        let lat = &l.latency;
+        out.push(alloc::format!(
+            "wake-to-run: {} wake-ups, mean {} us, p99 under {} us, max {} us",
+            lat.count,
+            lat.mean_us(),
+            lat.percentile_us(99),
+            lat.max_us
+        ));
         out.push(String::from("CPU WAITING RUNNING SLEEPING IDLE"));
-        for c in 0..l.policy.cpus() {
+        for (c, rec) in CPUS.iter().enumerate().take(l.policy.cpus()) {
             if RUN_CPUS.load(Ordering::Acquire) & (1 << c) == 0 {
                 continue;
             }
@@ -399,13 +473,15 @@ pub fn report() -> Vec<String> {
                 }
                 None => run.push('-'),
             }
-            let idle = l
-                .idle
-                .permille(c as u32)
-                .map_or(String::from("-"), |m| alloc::format!("{}.{}%", m / 10, m % 10));
+            let idle = l.idle.permille(c as u32).map_or(String::from("-"), |m| {
+                alloc::format!("{}.{}%", m / 10, m % 10)
+            });
+            let fired = rec.timer_fired.load(Ordering::Relaxed);
             out.push(alloc::format!(
-                "{c:<3} {waiting:<7} {run:<7} {:<8} {idle}",
-                l.sleepers.count(c)
+                "{c:<3} {waiting:<7} {run:<7} {:<8} {idle:<6} timer late: max {} us, mean {} us over {fired}",
+                l.sleepers.count(c),
+                rec.timer_late_max.load(Ordering::Relaxed) / tsc_per_us(),
+                rec.timer_late_sum.load(Ordering::Relaxed) / fired.max(1) / tsc_per_us(),
             ));
         }
         out

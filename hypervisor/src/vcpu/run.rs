@@ -229,8 +229,8 @@ impl Platform for HwPlatform<'_> {
         true
     }
 
-    fn tsc_per_us(&self) -> u64 {
-        tsc_per_us()
+    fn tsc_khz(&self) -> u64 {
+        queue::tsc_khz()
     }
 
     fn with_io<R>(&mut self, f: impl FnOnce(&mut DomainIo) -> R) -> R {
@@ -262,8 +262,8 @@ pub struct RunLoop {
     spec: Mitigations,
     /// The domain whose vCPU ran last here (IBPB when it changes).
     last_domain: u32,
-    /// LAPIC timer counts per 10 ms (its one-shot timer wakes sleepers).
-    lapic_per_10ms: u32,
+    /// LAPIC timer counts per TSC tick, 32.32 fixed point (its one-shot timer wakes sleepers).
+    lapic_per_tsc: u64,
     /// `EPT_GENERATION` when this CPU last dropped its cached EPT translations.
     ept_seen: u64,
     /// The vCPU that ran last, for the scheduler with the next decision.
@@ -289,7 +289,8 @@ impl RunLoop {
             phys,
             spec,
             last_domain: 0,
-            lapic_per_10ms,
+            lapic_per_tsc: ((u128::from(lapic_per_10ms) << 32)
+                / u128::from(queue::tsc_per_10ms().max(1))) as u64,
             ept_seen: EPT_GENERATION.load(Ordering::Acquire),
             returning: None,
         }
@@ -304,10 +305,12 @@ impl RunLoop {
     fn arm_timer(&self, at: Option<u64>) {
         let count = at.map_or(0, |t| {
             let ticks = t.saturating_sub(cpu::rdtsc());
-            let per = u128::from(self.lapic_per_10ms);
-            let count = u128::from(ticks) * per / u128::from(queue::ns_to_tsc(10_000_000).max(1));
+            let count = (u128::from(ticks) * u128::from(self.lapic_per_tsc)) >> 32;
             count.clamp(1, u128::from(u32::MAX)) as u32
         });
+        CPUS[self.cpu]
+            .timer_due
+            .store(at.unwrap_or(0), Ordering::Relaxed);
         lapic::arm_oneshot(count);
     }
 
@@ -333,9 +336,12 @@ impl RunLoop {
                 self.arm_timer(wake);
                 let me = &CPUS[self.cpu];
                 let t0 = cpu::rdtsc();
+                me.idle_since.store(t0, Ordering::Release);
                 cpu::wait_for_interrupt();
+                let t1 = cpu::rdtsc();
+                me.idle_since.store(0, Ordering::Release);
                 me.idle_tsc
-                    .fetch_add(cpu::rdtsc().wrapping_sub(t0), Ordering::Relaxed);
+                    .fetch_add(t1.wrapping_sub(t0), Ordering::Release);
                 me.halts.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -531,13 +537,26 @@ impl RunLoop {
         let start = cpu::rdtsc();
         // Bring the guest's timer up to date first, so its next deadline is in the future.
         v.core.timer.poll(start);
-        let budget = v
-            .core
-            .timer
-            .until_due(start)
-            .map_or(slice, |due| due.clamp(1, slice));
-        let timer = (budget >> caps.preemption_timer_rate()).min(u64::from(u32::MAX));
-        let _ = a.set(f::PREEMPTION_TIMER, timer);
+        // This CPU's first sleeper: the preemption timer stops the guest by then too, since an
+        // emulator (Bochs) may hold the host's timer interrupt while the guest has IF=0. Only
+        // this CPU adds sleepers here, so the value can only be early (harmless), never late.
+        let mut sleeper = queue::next_sleeper(cpu);
+        // The preemption timer: the end of the slice, the guest's timer or the first sleeper,
+        // whichever comes first.
+        let arm = |a: &mut ActiveVmcs, v: &Vcpu, sleeper: Option<u64>, now: u64| {
+            let left = slice.saturating_sub(now.wrapping_sub(start)).max(1);
+            let mut budget = v
+                .core
+                .timer
+                .until_due(now)
+                .map_or(left, |due| due.clamp(1, left));
+            if let Some(s) = sleeper {
+                budget = budget.min(s.saturating_sub(now).max(1));
+            }
+            let value = (budget >> caps.preemption_timer_rate()).min(u64::from(u32::MAX));
+            let _ = a.set(f::PREEMPTION_TIMER, value);
+        };
+        arm(a, v, sleeper, start);
         let end = loop {
             if !v.core.timer.idle()
                 && v.core.timer.poll(cpu::rdtsc())
@@ -555,11 +574,11 @@ impl RunLoop {
             if attention != 0 {
                 x86_64::instructions::interrupts::enable();
                 if attention & ATTN_TIMER != 0 {
-                    CPUS[cpu]
-                        .attention
-                        .fetch_and(!ATTN_TIMER, Ordering::AcqRel);
+                    CPUS[cpu].attention.fetch_and(!ATTN_TIMER, Ordering::AcqRel);
                     // Wakes may set ATTN_RESCHED here (seen on the next pass).
                     queue::wake_due(cpu);
+                    sleeper = queue::next_sleeper(cpu);
+                    arm(a, v, sleeper, cpu::rdtsc());
                     continue;
                 }
                 if attention & ATTN_RESCHED != 0 {
@@ -607,16 +626,13 @@ impl RunLoop {
             };
             match action {
                 Ok(Action::Resume) if exit.reason == ExitReason::PreemptionTimer => {
-                    // Woken for the guest's timer: run on until the slice ends or it is due again.
+                    // For the guest's timer or a sleeper: run on until the slice ends or the
+                    // next of them is due.
                     let now = cpu::rdtsc();
-                    let left = slice.saturating_sub(now.wrapping_sub(start)).max(1);
-                    let budget = v
-                        .core
-                        .timer
-                        .until_due(now)
-                        .map_or(left, |due| due.clamp(1, left));
-                    let value = (budget >> caps.preemption_timer_rate()).min(u64::from(u32::MAX));
-                    let _ = a.set(f::PREEMPTION_TIMER, value);
+                    if sleeper.is_some_and(|s| now >= s) {
+                        CPUS[cpu].attention.fetch_or(ATTN_TIMER, Ordering::AcqRel);
+                    }
+                    arm(a, v, sleeper, now);
                 }
                 Ok(Action::Resume) => {}
                 Ok(Action::Requeue) => break SliceEnd::Requeue,

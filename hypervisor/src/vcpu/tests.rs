@@ -90,8 +90,8 @@ impl Platform for FakePlatform {
         self.start_requests.push((index, rip, rsp));
         true
     }
-    fn tsc_per_us(&self) -> u64 {
-        100
+    fn tsc_khz(&self) -> u64 {
+        100_000
     }
 }
 
