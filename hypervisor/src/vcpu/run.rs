@@ -557,6 +557,8 @@ impl RunLoop {
             let _ = a.set(f::PREEMPTION_TIMER, value);
         };
         arm(a, v, sleeper, start);
+        // Indexed once: the check before each entry is one load.
+        let attn = &CPUS[cpu].attention;
         let end = loop {
             if !v.core.timer.idle()
                 && v.core.timer.poll(cpu::rdtsc())
@@ -570,11 +572,11 @@ impl RunLoop {
             x86_64::instructions::interrupts::disable();
             // Checked with interrupts off: a kick or timer after this stays pending and makes
             // the entry exit at once.
-            let attention = CPUS[cpu].attention.load(Ordering::Acquire);
+            let attention = attn.load(Ordering::Acquire);
             if attention != 0 {
                 x86_64::instructions::interrupts::enable();
                 if attention & ATTN_TIMER != 0 {
-                    CPUS[cpu].attention.fetch_and(!ATTN_TIMER, Ordering::AcqRel);
+                    attn.fetch_and(!ATTN_TIMER, Ordering::AcqRel);
                     // Wakes may set ATTN_RESCHED here (seen on the next pass).
                     queue::wake_due(cpu);
                     sleeper = queue::next_sleeper(cpu);
@@ -630,7 +632,7 @@ impl RunLoop {
                     // next of them is due.
                     let now = cpu::rdtsc();
                     if sleeper.is_some_and(|s| now >= s) {
-                        CPUS[cpu].attention.fetch_or(ATTN_TIMER, Ordering::AcqRel);
+                        attn.fetch_or(ATTN_TIMER, Ordering::AcqRel);
                     }
                     arm(a, v, sleeper, now);
                 }
