@@ -399,7 +399,12 @@ impl Scheduler {
     fn roll_periods(&mut self, now: Ns) {
         for d in self.domains.values_mut() {
             if now >= d.period_start + PERIOD {
-                let periods = (now - d.period_start) / PERIOD;
+                // Usually exactly one period ended: no division on the common path.
+                let periods = if now < d.period_start + 2 * PERIOD {
+                    1
+                } else {
+                    (now - d.period_start) / PERIOD
+                };
                 d.period_start += periods * PERIOD;
                 d.used = match d.budget() {
                     Some(b) => d.used.saturating_sub(b.saturating_mul(periods)),
