@@ -370,10 +370,14 @@ pub fn wake_domain(dom: DomId) {
     })
 }
 
-/// Wakes `cpu`'s due sleepers (its one-shot timer fired while a guest ran).
-pub fn wake_due(cpu: usize) {
+/// Wakes `cpu`'s due sleepers (its one-shot timer fired while a guest ran); returns its
+/// first sleeper's deadline after that.
+pub fn wake_due(cpu: usize) -> Option<u64> {
     let now_tsc = cpu::rdtsc();
-    with_live(|l, now| l.wake_due(cpu, now_tsc, now))
+    with_live(|l, now| {
+        l.wake_due(cpu, now_tsc, now);
+        l.sleepers.next(cpu)
+    })
 }
 
 /// `cpu`'s first sleeper's deadline.

@@ -469,7 +469,11 @@ impl RunLoop {
             crate::vmx::hw::invept_all();
             self.ept_seen = generation;
         }
-        self.arm_timer(queue::next_sleeper(self.cpu));
+        // This CPU's first sleeper: its one-shot timer, and the preemption timer below (an
+        // emulator such as Bochs may hold the host's timer interrupt while the guest has
+        // IF=0). Only this CPU adds sleepers here, so the value can only be early (harmless).
+        let sleeper = queue::next_sleeper(self.cpu);
+        self.arm_timer(sleeper);
         let end = {
             let RunLoop {
                 vmx,
@@ -488,7 +492,15 @@ impl RunLoop {
                     };
                 }
             };
-            Self::slice_inner(*cpu, fpu_owner, *spec, &mut active, &caps, v, slice)
+            Self::slice_inner(
+                *cpu,
+                fpu_owner,
+                *spec,
+                &mut active,
+                &caps,
+                v,
+                (slice, sleeper),
+            )
         };
         v.last_cpu = Some(self.cpu);
         // Every slice ends with VMCLEAR, so whichever CPU the scheduler picks next may load it.
@@ -510,7 +522,8 @@ impl RunLoop {
         a: &mut ActiveVmcs,
         caps: &VmxCaps,
         v: &mut Vcpu,
-        slice: u64,
+        // How long the slice may run, and this CPU's first sleeper (TSC).
+        (slice, mut sleeper): (u64, Option<u64>),
     ) -> SliceEnd {
         if !v.ready {
             // First entry: fill the VMCS on this CPU.
@@ -537,10 +550,6 @@ impl RunLoop {
         let start = cpu::rdtsc();
         // Bring the guest's timer up to date first, so its next deadline is in the future.
         v.core.timer.poll(start);
-        // This CPU's first sleeper: the preemption timer stops the guest by then too, since an
-        // emulator (Bochs) may hold the host's timer interrupt while the guest has IF=0. Only
-        // this CPU adds sleepers here, so the value can only be early (harmless), never late.
-        let mut sleeper = queue::next_sleeper(cpu);
         // The preemption timer: the end of the slice, the guest's timer or the first sleeper,
         // whichever comes first.
         let arm = |a: &mut ActiveVmcs, v: &Vcpu, sleeper: Option<u64>, now: u64| {
@@ -578,8 +587,7 @@ impl RunLoop {
                 if attention & ATTN_TIMER != 0 {
                     attn.fetch_and(!ATTN_TIMER, Ordering::AcqRel);
                     // Wakes may set ATTN_RESCHED here (seen on the next pass).
-                    queue::wake_due(cpu);
-                    sleeper = queue::next_sleeper(cpu);
+                    sleeper = queue::wake_due(cpu);
                     arm(a, v, sleeper, cpu::rdtsc());
                     continue;
                 }
