@@ -365,21 +365,60 @@ fn sched_bochs() -> Result<Vec<Figure>, String> {
     Ok(figs)
 }
 
-/// The figures in `sched_bench`'s output.
+/// The figures in `sched_bench`'s output: host decision costs, then the simulator's worst
+/// share error and wake-to-run latency percentiles per workload.
 pub fn sched_figures(text: &str) -> Vec<Figure> {
-    let re = Regex::new(r"(?m)^decision (\d+) CPU\(s\) x\s+(\d+) runnable vCPUs:\s+([\d.]+) ns")
-        .expect("valid");
-    re.captures_iter(text)
+    let decision =
+        Regex::new(r"(?m)^decision (\d+) CPU\(s\) x\s+(\d+) runnable vCPUs:\s+([\d.]+) ns")
+            .expect("valid");
+    let share = Regex::new(
+        r"(?m)^sim (.+?): worst window error ([\d.]+) % of entitlement, ([\d.]+) ms of CPU, ([\d.]+) slices per vCPU",
+    )
+    .expect("valid");
+    let wake = Regex::new(
+        r"(?m)^sim (.+?): wake-to-run p50 ([\d.]+) us, p99 ([\d.]+) us, max ([\d.]+) us",
+    )
+    .expect("valid");
+    let num = |s: &str| s.parse().unwrap_or(0.0);
+    let mut out: Vec<Figure> = decision
+        .captures_iter(text)
         .map(|c| {
             Figure::new(
                 "sched",
                 &format!("decision, {} CPU(s) x {} vCPUs", &c[1], &c[2]),
-                c[3].parse().unwrap_or(0.0),
+                num(&c[3]),
                 "ns",
                 Better::Lower,
             )
         })
-        .collect()
+        .collect();
+    for c in share.captures_iter(text) {
+        for (what, i, unit) in [
+            ("share error", 2, "%"),
+            ("share error, CPU time", 3, "ms"),
+            ("share error per vCPU", 4, "slices"),
+        ] {
+            out.push(Figure::new(
+                "sched",
+                &format!("sim {}, {what}", &c[1]),
+                num(&c[i]),
+                unit,
+                Better::Lower,
+            ));
+        }
+    }
+    for c in wake.captures_iter(text) {
+        for (what, i) in [("p50", 2), ("p99", 3), ("max", 4)] {
+            out.push(Figure::new(
+                "sched",
+                &format!("sim {}, wake-to-run {what}", &c[1]),
+                num(&c[i]),
+                "us",
+                Better::Lower,
+            ));
+        }
+    }
+    out
 }
 
 /// The volume manager on RAM-backed files (/dev/shm): 4 KiB random and 1 MiB sequential reads
@@ -602,11 +641,18 @@ block 4KiB qd1  event_idx=true  hv-virtio    1234567 req/s  virtio-queue    1000
     #[test]
     fn sched_output_gives_figures() {
         let f = sched_figures(
-            "decision 8 CPU(s) x 1000 runnable vCPUs:    244.2 ns  (x1.07 of 10 per CPU)\n",
+            "decision 8 CPU(s) x 1000 runnable vCPUs:    244.2 ns  (x1.07 of 10 per CPU)\n\
+sim 1:2:4, 2 CPUs: worst window error 2.00 % of entitlement, 6.86 ms of CPU, 0.86 slices per vCPU (slice 4.0 ms)\n\
+sim 16 sleepers: wake-to-run p50 0.0 us, p99 363.6 us, max 600.0 us over 33773 wake-ups\n",
         );
-        assert_eq!(f.len(), 1);
+        assert_eq!(f.len(), 7, "{f:?}");
         assert_eq!(f[0].name, "decision, 8 CPU(s) x 1000 vCPUs");
         assert_eq!(f[0].value, 244.2);
+        assert_eq!(f[1].name, "sim 1:2:4, 2 CPUs, share error");
+        assert_eq!(f[2].value, 6.86);
+        assert_eq!(f[3].value, 0.86);
+        assert_eq!(f[5].name, "sim 16 sleepers, wake-to-run p99");
+        assert_eq!(f[5].value, 363.6);
     }
 
     #[test]

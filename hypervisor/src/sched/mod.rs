@@ -26,5 +26,5 @@ pub mod policy;
 pub mod timers;
 pub mod window;
 
-#[cfg(test)]
-mod sim;
+#[cfg(not(target_os = "none"))]
+pub mod sim;
