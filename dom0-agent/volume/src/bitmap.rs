@@ -143,6 +143,21 @@ impl Bitmap {
         None
     }
 
+    /// First clear bit at or after `from`.
+    #[must_use]
+    pub fn next_clear(&self, from: u64) -> Option<u64> {
+        let mut i = from;
+        while i < self.len {
+            let w = !self.words[us(i / 64)] >> (i % 64);
+            if w != 0 {
+                let j = i + u64::from(w.trailing_zeros());
+                return (j < self.len).then_some(j);
+            }
+            i = (i / 64 + 1) * 64;
+        }
+        None
+    }
+
     /// Sets every bit set in `other` (up to this bitmap's length).
     pub fn union_with(&mut self, other: &Bitmap) {
         for i in other.ones() {
@@ -175,6 +190,8 @@ mod tests {
         assert_eq!(b.next_set(0), Some(3));
         assert_eq!(b.next_set(4), Some(129));
         assert_eq!(b.count(), 2);
+        assert_eq!(b.next_clear(3), Some(4));
+        assert_eq!(b.next_clear(129), None);
         b.resize(64, false);
         assert_eq!(b.count(), 1);
         b.resize(200, true);

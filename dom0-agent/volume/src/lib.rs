@@ -18,6 +18,7 @@
 //!   thin allocation, snapshots, resize, relayout, resync, split/reattach, checks.
 //! * [`multipath`]: one disk over several paths with an I/O policy.
 //! * [`bitmap`]: region bitmaps.
+//! * [`btree`]: copy-on-write B-trees of thin mappings (metadata version 3).
 //! * [`testdev`]: crashable and fault-injecting devices for tests and tools.
 //!
 //! A running dom0 calls [`pool::Pool::background_step`] from its idle loop to progress resync,
@@ -49,6 +50,7 @@
 extern crate alloc;
 
 pub mod bitmap;
+pub mod btree;
 pub mod dev;
 pub mod error;
 pub mod format;
