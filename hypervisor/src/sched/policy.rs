@@ -462,6 +462,14 @@ impl Scheduler {
     /// `v` wakes at `now` (an interrupt, its timer, an event). Returns the CPU to kick when it
     /// should preempt what runs there or the CPU is idle.
     pub fn wake(&mut self, v: VcpuId, now: Ns) -> Option<CpuId> {
+        self.wake_from(v, now, None)
+    }
+
+    /// [`wake`](Self::wake) by a CPU that is between two vCPUs (`deciding`: nothing runs there
+    /// and it picks next). A sleeper whose last CPU is busy goes there when its affinity
+    /// allows it: it runs at once, with no kick and no wait for the busy CPU's exit. Returns
+    /// the CPU to kick, never `deciding` itself.
+    pub fn wake_from(&mut self, v: VcpuId, now: Ns, deciding: Option<CpuId>) -> Option<CpuId> {
         if self
             .vcpus
             .get(v)
@@ -471,10 +479,18 @@ impl Scheduler {
         }
         let affinity = self.vcpus[v].affinity;
         // Back where it ran last (its caches, and no VMCS move) unless another allowed CPU is
-        // less loaded.
+        // less loaded, or that CPU is busy and a free one is deciding now.
         let prev = self.vcpus[v].cpu;
         let least = self.least_loaded(affinity);
-        let cpu = if affinity & (1 << prev) != 0 && self.load(prev) <= self.load(least) {
+        let free_here = deciding.filter(|&d| {
+            d != prev
+                && affinity & (1 << d) != 0
+                && self.queues[d].running.is_none()
+                && self.queues[prev].running.is_some()
+        });
+        let cpu = if let Some(d) = free_here {
+            d
+        } else if affinity & (1 << prev) != 0 && self.load(prev) <= self.load(least) {
             prev
         } else {
             least
@@ -486,8 +502,10 @@ impl Scheduler {
         x.state = State::Runnable;
         x.cpu = cpu;
         self.queues[cpu].ready.insert((x.vruntime, v));
-        let _ = now; // wake time: for the latency statistics a caller keeps
+        // What runs there is compared as of now, not as of its slice's start.
+        self.charge(cpu, now);
         match self.queues[cpu].running {
+            None if deciding == Some(cpu) => None,
             None => Some(cpu),
             // Preempt when the sleeper is clearly behind: a vCPU that slept long enough to be
             // placed at the credit's limit always is, one that just blocked briefly is not.
@@ -874,6 +892,44 @@ mod tests {
         // Both CPUs equally loaded (a runs on 0): it wakes on the CPU it ran on.
         s.wake(b, 30);
         assert_eq!(s.cpu_of(b), 1);
+    }
+
+    #[test]
+    fn a_deciding_cpu_takes_a_sleeper_whose_cpu_is_busy_and_is_not_kicked() {
+        let mut s = Scheduler::new(2);
+        s.add_domain(1, Params::default()).unwrap();
+        s.add_domain(2, Params::default()).unwrap();
+        let t = s.add_vcpu(1, 0b11, 0).unwrap();
+        let h0 = s.add_vcpu(2, 0b11, 0).unwrap();
+        let h1 = s.add_vcpu(2, 0b11, 0).unwrap();
+        // The sleeper ran on CPU 0 and blocked there.
+        assert_eq!(s.cpu_of(t), 0);
+        assert_eq!(s.pick(0, 0).run, Some(t));
+        s.stop(0, MS, Stop::Blocked);
+        let first = s.pick(0, MS).run.unwrap();
+        let second = s.pick(1, MS).run.unwrap();
+        assert_eq!([first, second].map(|v| v == h0 || v == h1), [true, true]);
+        // CPU 1's slice ends; it wakes the sleeper due on busy CPU 0 and takes it itself.
+        s.stop(1, 5 * MS, Stop::Preempted);
+        assert_eq!(
+            s.wake_from(t, 5 * MS, Some(1)),
+            None,
+            "no kick for the decider"
+        );
+        assert_eq!(s.cpu_of(t), 1);
+        assert_eq!(s.pick(1, 5 * MS).run, Some(t));
+        // Deciding where it ran last: it stays there, and there is no kick either.
+        s.stop(1, 6 * MS, Stop::Blocked);
+        assert_eq!(s.wake_from(t, 7 * MS, Some(1)), None);
+        assert_eq!(s.cpu_of(t), 1);
+        // Not allowed on the deciding CPU: it goes where it may run, and that CPU is kicked
+        // when the sleeper should preempt.
+        assert_eq!(s.pick(1, 7 * MS).run, Some(t));
+        s.stop(1, 8 * MS, Stop::Blocked);
+        s.set_affinity(t, 0b01).unwrap();
+        let k = s.wake_from(t, 30 * MS, Some(1));
+        assert_eq!(s.cpu_of(t), 0);
+        assert_eq!(k, Some(0), "it slept long: it preempts the hog on CPU 0");
     }
 
     #[test]

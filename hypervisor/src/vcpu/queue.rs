@@ -93,20 +93,18 @@ impl Live {
 
     /// Wakes the sleepers due: `cpu`'s own (its timer fired), and any other CPU's that are
     /// overdue (that CPU is busy elsewhere, e.g. writing to the console, or its timer was
-    /// held), so a sleeper waits for whichever CPU looks first.
-    fn wake_due(&mut self, cpu: usize, now_tsc: u64, now: Ns) {
+    /// held), so a sleeper waits for whichever CPU looks first. `deciding`: `cpu` runs
+    /// nothing now and picks next, so a sleeper may go there, and `cpu` is not kicked (its
+    /// first entry would only end the slice it is about to start).
+    fn wake_due(&mut self, cpu: usize, now_tsc: u64, now: Ns, deciding: bool) {
         for c in 0..self.policy.cpus() {
             if c == cpu || self.sleepers.next(c).is_some_and(|d| d <= now_tsc) {
-                self.wake_due_on(c, now_tsc, now);
-            }
-        }
-    }
-
-    fn wake_due_on(&mut self, cpu: usize, now_tsc: u64, now: Ns) {
-        for (deadline, v) in self.sleepers.take_due(cpu, now_tsc) {
-            self.woke.insert(v, deadline);
-            if let Some(c) = self.policy.wake(v, now) {
-                kick(c);
+                for (deadline, v) in self.sleepers.take_due(c, now_tsc) {
+                    self.woke.insert(v, deadline);
+                    if let Some(k) = self.policy.wake_from(v, now, deciding.then_some(cpu)) {
+                        kick(k);
+                    }
+                }
             }
         }
     }
@@ -266,7 +264,7 @@ pub fn next(cpu: usize, back: Option<(Box<Vcpu>, Back)>) -> Next {
         if let Some((v, how)) = back {
             l.put_back(cpu, v, how, now);
         }
-        l.wake_due(cpu, now_tsc, now);
+        l.wake_due(cpu, now_tsc, now, true);
         l.roll(now);
         loop {
             let d = l.policy.pick(cpu, now);
@@ -375,7 +373,7 @@ pub fn wake_domain(dom: DomId) {
 pub fn wake_due(cpu: usize) -> Option<u64> {
     let now_tsc = cpu::rdtsc();
     with_live(|l, now| {
-        l.wake_due(cpu, now_tsc, now);
+        l.wake_due(cpu, now_tsc, now, false);
         l.sleepers.next(cpu)
     })
 }

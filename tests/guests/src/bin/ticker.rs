@@ -59,6 +59,7 @@ fn run(args: &str, _ram: u64) {
     // that entry cost, so lateness below is an upper bound.
     let t0 = rdtsc();
     let r = hypercall(nr::SET_TIMER, 0x30, 10_000, 0);
+    let armed_in = rdtsc() - t0;
     // `warmup=N`: let N interrupts pass first (other domains starting up print to the
     // console, which is synchronous and stalls the CPUs that print).
     let warmup: u64 = args
@@ -88,7 +89,10 @@ fn run(args: &str, _ram: u64) {
     }
     let dt = rdtsc() - t1;
     // Printed only now: console output is slow and would make the first deadline late.
-    println!("ticker: timer armed: {r}");
+    println!(
+        "ticker: timer armed: {r} (the hypercall took {} us)",
+        armed_in * 1000 / tsc_khz
+    );
     println!(
         "ticker: 20 timer interrupts in HLT, {} TSC ticks apart on average",
         dt / 20
