@@ -285,6 +285,11 @@ enum VolOp {
     },
     /// Repair: rewrite stale metadata copies and damaged labels, replay the log, resynchronise.
     Repair,
+    /// Convert a pool made before metadata version 3 (thin mappings inside the metadata
+    /// record) to version 3 (mappings in copy-on-write B-trees in a metadata volume per thin
+    /// pool). Offline: refused while the pool is served or used. Crash-safe: the old pool
+    /// stays until the single commit that switches.
+    Upgrade,
     /// Run pending resyncs, snapshot fills and relayouts to completion.
     Resync,
     /// Import a raw or qcow2 image into volume NAME (--create makes a concat volume).
@@ -601,6 +606,7 @@ fn op_name(op: &VolOp) -> &'static str {
         VolOp::Remove { .. } => "remove",
         VolOp::Check { .. } => "check",
         VolOp::Repair => "repair",
+        VolOp::Upgrade => "upgrade",
         VolOp::Resync => "resync",
         VolOp::Import { .. } => "import",
         VolOp::Export { .. } => "export",
@@ -795,6 +801,26 @@ fn run(cli: Cli) -> Result<(), CliError> {
             nbd::serve(&mut s.pool, &cfg, &listener, ctl, bind)?;
             s.close()
         }
+        VolOp::Upgrade => forward_if_served(&cmd, |cmd| {
+            let mut s = open_session(cmd, false, false, "hvctl upgrade")?;
+            let before = s.pool.metadata_version();
+            match s.pool.upgrade() {
+                Ok(notes) => {
+                    for n in notes {
+                        println!("{n}");
+                    }
+                    println!(
+                        "pool upgraded from metadata version {before} to {}",
+                        s.pool.metadata_version()
+                    );
+                    s.close()
+                }
+                Err(e) => {
+                    let _ = s.close();
+                    Err(e.into())
+                }
+            }
+        }),
         op => forward_if_served(&cmd, |cmd| {
             let read_only = !ops::writes(op);
             let relabel = matches!(op, VolOp::Repair);

@@ -159,8 +159,9 @@ pub fn run_op(
             if problems.is_empty() {
                 writeln!(
                     out,
-                    "pool metadata sequence {}: consistent",
-                    pool.meta().seq
+                    "pool metadata sequence {}: consistent (metadata version {})",
+                    pool.meta().seq,
+                    pool.metadata_version()
                 )?;
             } else {
                 for p in &problems {
@@ -200,6 +201,7 @@ pub fn run_op(
         VolOp::Export { name, file, format } => export(pool, name, &cwd.join(file), *format)?,
         VolOp::CreatePool { .. }
         | VolOp::AddDisk { .. }
+        | VolOp::Upgrade
         | VolOp::Serve { .. }
         | VolOp::Bench { .. } => {
             return Err(CliError::Usage(

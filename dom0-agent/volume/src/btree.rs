@@ -228,8 +228,8 @@ pub enum TreeError {
     Corrupt(String),
     /// The metadata volume has no free block left.
     Full { store: u32, blocks: u64 },
-    /// Reading or writing a node failed (the message from the I/O layer).
-    Io(String),
+    /// No copy of block `block` of metadata volume `volume` could be read or written.
+    Io { volume: String, block: u64 },
 }
 
 /// Block I/O of the metadata volumes, by store (the metadata volume's id).
@@ -578,20 +578,24 @@ impl Forest {
             }
             match self.node(io, store, blk)? {
                 Node::Leaf(e) => {
-                    return Ok(e
-                        .binary_search_by_key(&key, |x| x.0)
-                        .ok()
-                        .map(|i| e[i].1));
+                    return Ok(e.binary_search_by_key(&key, |x| x.0).ok().map(|i| e[i].1));
                 }
                 Node::Internal { kids, .. } => blk = kids[child_index(kids, key)].1,
             }
         }
-        Err(TreeError::Corrupt("metadata tree deeper than allowed".into()))
+        Err(TreeError::Corrupt(
+            "metadata tree deeper than allowed".into(),
+        ))
     }
 
     /// Splits the full node `blk` (fresh) in two; returns the separator key and the new right
     /// node's block.
-    fn split(&mut self, io: &mut dyn NodeIo, store: u32, blk: u64) -> Result<(u64, u64), TreeError> {
+    fn split(
+        &mut self,
+        io: &mut dyn NodeIo,
+        store: u32,
+        blk: u64,
+    ) -> Result<(u64, u64), TreeError> {
         let node = self.node_mut(io, store, blk)?;
         let right = match node {
             Node::Leaf(e) => {
@@ -676,7 +680,9 @@ impl Forest {
             }
             cur = next;
         }
-        Err(TreeError::Corrupt("metadata tree deeper than allowed".into()))
+        Err(TreeError::Corrupt(
+            "metadata tree deeper than allowed".into(),
+        ))
     }
 
     /// Removes `key` from the tree at `root`; returns the new root and the old value. A key
@@ -698,7 +704,9 @@ impl Forest {
         let old;
         loop {
             if path.len() > usize::from(MAX_HEIGHT) {
-                return Err(TreeError::Corrupt("metadata tree deeper than allowed".into()));
+                return Err(TreeError::Corrupt(
+                    "metadata tree deeper than allowed".into(),
+                ));
             }
             let (i, child) = match self.node_mut(io, store, cur)? {
                 Node::Leaf(e) => {
@@ -781,7 +789,9 @@ impl Forest {
         depth: u8,
     ) -> Result<(), TreeError> {
         if depth > MAX_HEIGHT {
-            return Err(TreeError::Corrupt("metadata tree deeper than allowed".into()));
+            return Err(TreeError::Corrupt(
+                "metadata tree deeper than allowed".into(),
+            ));
         }
         let kids = match self.node(io, store, blk)? {
             Node::Leaf(e) => {
@@ -817,50 +827,11 @@ impl Forest {
         store: u32,
         entries: &mut dyn Iterator<Item = (u64, u32)>,
     ) -> Result<(u64, u64), TreeError> {
-        let mut w = BulkWriter::default();
-        let mut level: Vec<(u64, u64)> = Vec::new();
-        let mut leaf: Vec<(u64, u32)> = Vec::with_capacity(LEAF_CAP);
-        let mut count = 0u64;
-        let mut last: Option<u64> = None;
+        let mut b = Builder::new(store);
         for (k, v) in entries {
-            if last.is_some_and(|l| l >= k) {
-                return Err(TreeError::Corrupt("bulk build: keys not increasing".into()));
-            }
-            last = Some(k);
-            count += 1;
-            leaf.push((k, v));
-            if leaf.len() == LEAF_CAP {
-                let n = Node::Leaf(core::mem::replace(&mut leaf, Vec::with_capacity(LEAF_CAP)));
-                let first = n.first_key();
-                let b = self.alloc(store)?;
-                w.push(self, io, store, b, &n)?;
-                level.push((first, b));
-            }
+            b.push(self, io, k, v)?;
         }
-        if !leaf.is_empty() {
-            let n = Node::Leaf(leaf);
-            let first = n.first_key();
-            let b = self.alloc(store)?;
-            w.push(self, io, store, b, &n)?;
-            level.push((first, b));
-        }
-        let mut height = 0u8;
-        while level.len() > 1 {
-            height += 1;
-            let mut up = Vec::new();
-            for group in level.chunks(INT_CAP) {
-                let n = Node::Internal {
-                    height,
-                    kids: group.to_vec(),
-                };
-                let b = self.alloc(store)?;
-                w.push(self, io, store, b, &n)?;
-                up.push((group[0].0, b));
-            }
-            level = up;
-        }
-        w.finish(self, io, store)?;
-        Ok((level.first().map_or(0, |x| x.1), count))
+        b.finish(self, io)
     }
 
     /// Frees every node of the tree at `root`, calling `each` for every entry.
@@ -877,7 +848,9 @@ impl Forest {
         let mut stack = vec![(root, 0u8)];
         while let Some((blk, d)) = stack.pop() {
             if d > MAX_HEIGHT {
-                return Err(TreeError::Corrupt("metadata tree deeper than allowed".into()));
+                return Err(TreeError::Corrupt(
+                    "metadata tree deeper than allowed".into(),
+                ));
             }
             let n = match self.cache.get(&(store, blk)) {
                 Some(e) => e.node.clone(),
@@ -1010,15 +983,106 @@ impl Forest {
     /// The commit that wrote the dirty nodes is durable: frees what it stopped referencing and
     /// makes every node committed (shadowed before its next change).
     pub fn committed(&mut self) {
-        for s in self.spaces.values_mut() {
+        for (store, s) in &mut self.spaces {
             for b in s.pending.drain(..) {
                 if s.used.get(b) {
                     s.used.clear(b);
                     s.nused -= 1;
                 }
+                // The block will hold another node: forget the old one.
+                if let Some(e) = self.cache.remove(&(*store, b)) {
+                    self.lru.remove(&e.tick);
+                }
             }
             s.fresh.clear();
         }
+    }
+}
+
+/// Builds a tree from entries given one at a time in strictly increasing key order (packed
+/// leaves, written as they fill): see [`Forest::build`]. Only the leaf being filled and the
+/// first keys of the nodes written are held (8 + 8 bytes per leaf).
+pub struct Builder {
+    store: u32,
+    w: BulkWriter,
+    level: Vec<(u64, u64)>,
+    leaf: Vec<(u64, u32)>,
+    count: u64,
+    last: Option<u64>,
+}
+
+impl Builder {
+    /// A builder of a new tree in `store`.
+    #[must_use]
+    pub fn new(store: u32) -> Self {
+        Builder {
+            store,
+            w: BulkWriter::default(),
+            level: Vec::new(),
+            leaf: Vec::with_capacity(LEAF_CAP),
+            count: 0,
+            last: None,
+        }
+    }
+
+    fn emit(&mut self, f: &mut Forest, io: &mut dyn NodeIo, n: &Node) -> Result<u64, TreeError> {
+        let b = f.alloc(self.store)?;
+        if let Some(e) = f.cache.remove(&(self.store, b)) {
+            f.lru.remove(&e.tick);
+        }
+        self.w.push(f, io, self.store, b, n)?;
+        Ok(b)
+    }
+
+    /// Adds the next entry.
+    pub fn push(
+        &mut self,
+        f: &mut Forest,
+        io: &mut dyn NodeIo,
+        k: u64,
+        v: u32,
+    ) -> Result<(), TreeError> {
+        if self.last.is_some_and(|l| l >= k) {
+            return Err(TreeError::Corrupt("bulk build: keys not increasing".into()));
+        }
+        self.last = Some(k);
+        self.count += 1;
+        self.leaf.push((k, v));
+        if self.leaf.len() == LEAF_CAP {
+            let n = Node::Leaf(core::mem::replace(
+                &mut self.leaf,
+                Vec::with_capacity(LEAF_CAP),
+            ));
+            let b = self.emit(f, io, &n)?;
+            self.level.push((n.first_key(), b));
+        }
+        Ok(())
+    }
+
+    /// Writes the rest; returns the root (0 when empty) and the entry count.
+    pub fn finish(mut self, f: &mut Forest, io: &mut dyn NodeIo) -> Result<(u64, u64), TreeError> {
+        if !self.leaf.is_empty() {
+            let n = Node::Leaf(core::mem::take(&mut self.leaf));
+            let b = self.emit(f, io, &n)?;
+            self.level.push((n.first_key(), b));
+        }
+        let mut height = 0u8;
+        let mut level = core::mem::take(&mut self.level);
+        while level.len() > 1 {
+            height += 1;
+            let mut up = Vec::new();
+            for group in level.chunks(INT_CAP) {
+                let n = Node::Internal {
+                    height,
+                    kids: group.to_vec(),
+                };
+                let b = self.emit(f, io, &n)?;
+                up.push((group[0].0, b));
+            }
+            level = up;
+        }
+        self.w.finish(f, io, self.store)?;
+        Ok((level.first().map_or(0, |x| x.1), self.count))
     }
 }
 
@@ -1041,7 +1105,9 @@ impl BulkWriter {
         n: &Node,
     ) -> Result<(), TreeError> {
         let nblk = u(self.buf.len() / BLOCK_SIZE);
-        if !self.buf.is_empty() && (self.start + nblk != blk || self.buf.len() >= Self::MAX_RUN * BLOCK_SIZE) {
+        if !self.buf.is_empty()
+            && (self.start + nblk != blk || self.buf.len() >= Self::MAX_RUN * BLOCK_SIZE)
+        {
             self.finish(f, io, store)?;
         }
         if self.buf.is_empty() {
@@ -1052,7 +1118,12 @@ impl BulkWriter {
         Ok(())
     }
 
-    fn finish(&mut self, _f: &mut Forest, io: &mut dyn NodeIo, store: u32) -> Result<(), TreeError> {
+    fn finish(
+        &mut self,
+        _f: &mut Forest,
+        io: &mut dyn NodeIo,
+        store: u32,
+    ) -> Result<(), TreeError> {
         if !self.buf.is_empty() {
             io.write(store, self.start, &self.buf)?;
             self.buf.clear();

@@ -75,8 +75,12 @@ use crate::{u, us};
 
 /// Version of the label and of the dirty-region log records.
 pub const FORMAT_VERSION: u32 = 1;
-/// Version of metadata records written now (2 adds snapshot lineage); 1 is still read.
-pub const MD_VERSION: u32 = 2;
+/// Version of metadata records written by new pools: 3 keeps thin mappings in copy-on-write
+/// B-trees in metadata volumes ([`crate::btree`]); 2 (adds snapshot lineage to 1) keeps them
+/// in the record and is still written for pools that were not upgraded; 1 is still read.
+pub const MD_VERSION: u32 = 3;
+/// The newest record version with thin mappings inside the record.
+pub const MD_VERSION_INLINE: u32 = 2;
 /// Owner record magic.
 pub const OWNER_MAGIC: [u8; 8] = *b"HVVOLOW1";
 /// Byte offset of the owner record inside block 0.
@@ -294,10 +298,23 @@ fn le64(b: &[u8]) -> u64 {
 /// Frames `payload` as a record padded to whole blocks.
 #[must_use]
 pub fn encode_record(magic: [u8; 8], pool_id: u128, seq: u64, payload: &[u8]) -> Vec<u8> {
+    encode_record_version(magic, record_version(magic), pool_id, seq, payload)
+}
+
+/// [`encode_record`] with an explicit record version (metadata records of a pool that was
+/// not upgraded stay version 2).
+#[must_use]
+pub fn encode_record_version(
+    magic: [u8; 8],
+    version: u32,
+    pool_id: u128,
+    seq: u64,
+    payload: &[u8],
+) -> Vec<u8> {
     let total = (HEADER + payload.len()).div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
     let mut b = vec![0u8; total];
     b[0..8].copy_from_slice(&magic);
-    b[8..12].copy_from_slice(&record_version(magic).to_le_bytes());
+    b[8..12].copy_from_slice(&version.to_le_bytes());
     b[16..24].copy_from_slice(&seq.to_le_bytes());
     let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
     b[24..28].copy_from_slice(&len.to_le_bytes());
@@ -332,6 +349,17 @@ pub fn read_record(
     magic: [u8; 8],
     pool_id: u128,
 ) -> Result<Option<(u64, Vec<u8>)>, DevError> {
+    Ok(read_record_version(dev, start, slot_blocks, magic, pool_id)?.map(|(s, _, p)| (s, p)))
+}
+
+/// [`read_record`] that also returns the record's version: `(sequence, version, payload)`.
+pub fn read_record_version(
+    dev: &mut dyn BlockDevice,
+    start: u64,
+    slot_blocks: u32,
+    magic: [u8; 8],
+    pool_id: u128,
+) -> Result<Option<(u64, u32, Vec<u8>)>, DevError> {
     if start + u64::from(slot_blocks) > dev.num_blocks() {
         return Ok(None);
     }
@@ -346,6 +374,7 @@ pub fn read_record(
         return Ok(None);
     }
     let seq = le64(&h[16..24]);
+    let version = le32(&h[8..12]);
     let len = us(u64::from(le32(&h[24..28])));
     if len > slot_capacity(slot_blocks) {
         return Ok(None);
@@ -360,7 +389,7 @@ pub fn read_record(
     if crc32fast::hash(&payload) != le32(&h[28..32]) {
         return Ok(None);
     }
-    Ok(Some((seq, payload)))
+    Ok(Some((seq, version, payload)))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -454,15 +483,47 @@ pub enum VolKind {
         relayout: Option<Relayout>,
         fill: Option<Fill>,
     },
-    /// A thin pool: chunks of the internal thick volume `data`.
-    ThinPool { data: u32, chunk_blocks: u32 },
+    /// A thin pool: chunks of the internal thick volume `data`; in version-3 pools, the
+    /// mapping trees of its thin volumes live in the internal thick volume `md`.
+    ThinPool {
+        data: u32,
+        chunk_blocks: u32,
+        md: Option<u32>,
+    },
     /// A thin volume: virtual chunk → pool chunk. With an `origin` (a space-optimised
     /// snapshot of a thick volume), unmapped chunks read from the origin instead of zeroes.
     Thin {
         pool: u32,
-        map: BTreeMap<u64, u32>,
+        map: ThinMap,
         origin: Option<u32>,
     },
+}
+
+/// Where a thin volume's mappings are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ThinMap {
+    /// In the record itself (versions 1 and 2).
+    Inline(BTreeMap<u64, u32>),
+    /// In a B-tree of the pool's metadata volume (version 3): its root block (0 = empty) and
+    /// how many mappings it holds.
+    Tree { root: u64, count: u64 },
+}
+
+impl ThinMap {
+    /// Number of mapped chunks.
+    #[must_use]
+    pub fn len(&self) -> u64 {
+        match self {
+            ThinMap::Inline(m) => u(m.len()),
+            ThinMap::Tree { count, .. } => *count,
+        }
+    }
+
+    /// Whether nothing is mapped.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// One volume.
@@ -495,6 +556,9 @@ impl VolMeta {
 /// The whole pool configuration; one record of it is the metadata.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolMeta {
+    /// Record version this pool is written with: [`MD_VERSION`], or [`MD_VERSION_INLINE`] for
+    /// a pool made before version 3 and not upgraded (version-1 pools are written as 2).
+    pub version: u32,
     pub pool_id: u128,
     pub seq: u64,
     pub extent_blocks: u32,
@@ -669,7 +733,12 @@ fn dec_layout(d: &mut Dec<'_>) -> Result<Layout, DecodeError> {
 impl PoolMeta {
     /// Encodes the metadata payload.
     #[must_use]
+    ///
+    /// A version-3 record holds each thin pool's metadata volume and each thin volume's tree
+    /// root and count; the caller keeps maps inline exactly when the version is below 3
+    /// (`validate_meta` checks it).
     pub fn encode(&self) -> Vec<u8> {
+        let tree = self.version >= 3;
         let mut e = Enc::default();
         e.0.extend_from_slice(&self.pool_id.to_le_bytes());
         e.u64(self.seq);
@@ -738,18 +807,33 @@ impl PoolMeta {
                         }
                     }
                 }
-                VolKind::ThinPool { data, chunk_blocks } => {
+                VolKind::ThinPool {
+                    data,
+                    chunk_blocks,
+                    md,
+                } => {
                     e.u8(1);
                     e.u32(*data);
                     e.u32(*chunk_blocks);
+                    if tree {
+                        e.u32(md.unwrap_or(u32::MAX));
+                    }
                 }
                 VolKind::Thin { pool, map, origin } => {
                     e.u8(2);
                     e.u32(*pool);
-                    e.len(map.len());
-                    for (k, p) in map {
-                        e.u64(*k);
-                        e.u32(*p);
+                    match map {
+                        ThinMap::Inline(map) => {
+                            e.len(map.len());
+                            for (k, p) in map {
+                                e.u64(*k);
+                                e.u32(*p);
+                            }
+                        }
+                        ThinMap::Tree { root, count } => {
+                            e.u64(*root);
+                            e.u64(*count);
+                        }
                     }
                     match origin {
                         None => e.u8(0),
@@ -774,8 +858,20 @@ impl PoolMeta {
         e.0
     }
 
-    /// Decodes a metadata payload (structure only; see `Pool` for semantic validation).
+    /// Decodes a version 1 or 2 metadata payload (structure only; see `Pool` for semantic
+    /// validation).
     pub fn decode(b: &[u8]) -> Result<PoolMeta, DecodeError> {
+        Self::decode_version(b, MD_VERSION_INLINE)
+    }
+
+    /// Decodes a metadata payload of record version `version` (1 and 2 are told apart by the
+    /// lineage at the end).
+    pub fn decode_version(b: &[u8], version: u32) -> Result<PoolMeta, DecodeError> {
+        let tree = match version {
+            1 | 2 => false,
+            3 => true,
+            _ => return Err(DecodeError("unknown record version")),
+        };
         let mut d = Dec { b, pos: 0 };
         let pool_id = u128::from_le_bytes(d.take(16)?.try_into().map_err(|_| DecodeError("id"))?);
         let seq = d.u64()?;
@@ -852,15 +948,24 @@ impl PoolMeta {
                 1 => VolKind::ThinPool {
                     data: d.u32()?,
                     chunk_blocks: d.u32()?,
+                    md: if tree { Some(d.u32()?) } else { None },
                 },
                 2 => {
                     let pool = d.u32()?;
-                    let n = d.count(12)?;
-                    let mut map = BTreeMap::new();
-                    for _ in 0..n {
-                        let k = d.u64()?;
-                        map.insert(k, d.u32()?);
-                    }
+                    let map = if tree {
+                        ThinMap::Tree {
+                            root: d.u64()?,
+                            count: d.u64()?,
+                        }
+                    } else {
+                        let n = d.count(12)?;
+                        let mut map = BTreeMap::new();
+                        for _ in 0..n {
+                            let k = d.u64()?;
+                            map.insert(k, d.u32()?);
+                        }
+                        ThinMap::Inline(map)
+                    };
                     let origin = match d.u8()? {
                         0 => None,
                         1 => Some(d.u32()?),
@@ -882,7 +987,7 @@ impl PoolMeta {
                 snapshot_of: None,
             });
         }
-        if d.pos == d.b.len() {
+        if d.pos == d.b.len() && !tree {
             // A version-1 record: lineage is what the configuration still shows.
             for v in &mut volumes {
                 v.snapshot_of = match &v.kind {
@@ -904,6 +1009,7 @@ impl PoolMeta {
         }
         d.end()?;
         Ok(PoolMeta {
+            version: if tree { MD_VERSION } else { MD_VERSION_INLINE },
             pool_id,
             seq,
             extent_blocks,
@@ -980,6 +1086,7 @@ mod tests {
                 *byte = (x & 0xff) as u8;
             }
             let _ = PoolMeta::decode(&buf);
+            let _ = PoolMeta::decode_version(&buf, 3);
             let _ = DrlRecord::decode(&buf);
         }
     }

@@ -367,6 +367,7 @@ impl Server<'_> {
             VolOp::Serve { .. }
             | VolOp::CreatePool { .. }
             | VolOp::AddDisk { .. }
+            | VolOp::Upgrade
             | VolOp::Bench { .. } => {
                 return Err(CliError::Usage(
                     "the pool is being served by this process; stop the server for this command"

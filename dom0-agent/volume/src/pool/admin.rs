@@ -33,6 +33,15 @@ impl Pool {
         id
     }
 
+    /// Takes back a volume just made by [`Pool::new_volume`] (not committed yet) when the
+    /// operation that made it is refused.
+    pub(super) fn undo_new_volume(&mut self, id: u32) {
+        if let Ok(vi) = self.vidx(id) {
+            self.meta.volumes.remove(vi);
+        }
+        self.recompute_dependents();
+    }
+
     pub(super) fn check_new_name(&self, name: &str) -> Result<(), Error> {
         check_name(name)?;
         if self.meta.volumes.iter().any(|v| v.name == name) {
@@ -119,14 +128,50 @@ impl Pool {
                 fill: None,
             },
         );
+        // Version 3: the mapping trees' metadata volume, laid out like the data.
+        let md = if self.meta.version >= crate::format::MD_VERSION {
+            let mname = format!("{name}.tmeta");
+            if let Err(e) = self.check_new_name(&mname) {
+                self.undo_new_volume(data);
+                return Err(e);
+            }
+            let chunks = size / u64::from(chunk_blocks);
+            let blocks = round_up(md_blocks_for(chunks), u64::from(self.meta.extent_blocks));
+            let layout = match self.alloc_layout(spec, blocks, tier, &mut Vec::new()) {
+                Ok(l) => l,
+                Err(e) => {
+                    self.undo_new_volume(data);
+                    return Err(e);
+                }
+            };
+            let md = self.new_volume(
+                &mname,
+                blocks,
+                tier,
+                true,
+                VolKind::Thick {
+                    layout,
+                    relayout: None,
+                    fill: None,
+                },
+            );
+            self.forest.add_store(md, blocks);
+            Some(md)
+        } else {
+            None
+        };
         let id = self.new_volume(
             name,
             size,
             tier,
             false,
-            VolKind::ThinPool { data, chunk_blocks },
+            VolKind::ThinPool {
+                data,
+                chunk_blocks,
+                md,
+            },
         );
-        self.rebuild_thin();
+        self.thin_rt_add(id, size / u64::from(chunk_blocks));
         self.flush()?;
         Ok(id)
     }
@@ -156,7 +201,7 @@ impl Pool {
             false,
             VolKind::Thin {
                 pool: pid,
-                map: BTreeMap::new(),
+                map: self.empty_map(),
                 origin: None,
             },
         );
@@ -182,13 +227,9 @@ impl Pool {
         let oi = self.vidx(oid)?;
         let o = &self.meta.volumes[oi];
         match (kind, &o.kind) {
-            (SnapshotKind::SpaceOptimized, VolKind::Thin { pool, map, origin }) => {
-                let (pool, map, size, origin) = (*pool, map.clone(), o.size, *origin);
-                if let Some(rt) = self.thin.get_mut(&pool) {
-                    for c in map.values() {
-                        rt.refs[us(u64::from(*c))] += 1;
-                    }
-                }
+            (SnapshotKind::SpaceOptimized, VolKind::Thin { pool, origin, .. }) => {
+                let (pool, size, origin) = (*pool, o.size, *origin);
+                let map = self.map_copy(oi)?;
                 let id =
                     self.new_volume(name, size, None, false, VolKind::Thin { pool, map, origin });
                 let vi = self.vidx(id)?;
@@ -403,19 +444,12 @@ impl Pool {
             && p1 == p2
             && o1 == o2
         {
-            let (pool, newmap, ssize) = (*p2, map.clone(), self.meta.volumes[si].size);
-            let rt = self
-                .thin
-                .get_mut(&pool)
-                .ok_or_else(|| Error::Corrupt("thin pool runtime".into()))?;
-            for c in newmap.values() {
-                rt.refs[us(u64::from(*c))] += 1;
-            }
+            let _ = map;
+            let (pool, ssize) = (*p2, self.meta.volumes[si].size);
+            let newmap = self.map_copy(si)?;
             if let VolKind::Thin { map, .. } = &mut self.meta.volumes[vi].kind {
                 let old = core::mem::replace(map, newmap);
-                for c in old.values() {
-                    rt.refs[us(u64::from(*c))] -= 1;
-                }
+                self.map_drop(pool, old)?;
             }
             self.meta.volumes[vi].size = ssize;
             self.dirty = true;
@@ -432,7 +466,13 @@ impl Pool {
         } = &self.meta.volumes[si].kind
             && *o == vid
         {
-            let (chunks, pool): (Vec<u64>, u32) = (map.keys().copied().collect(), *pool);
+            let (nmapped, pool) = (map.len(), *pool);
+            let _ = nmapped;
+            let mut chunks = Vec::new();
+            self.map_each(si, |_, k, _| {
+                chunks.push(k);
+                Ok(())
+            })?;
             let (_, cb, _) = self.thin_params(pool)?;
             let ssize = self.meta.volumes[si].size;
             let mut buf = vec![0u8; us(cb) * BLOCK_SIZE];
@@ -503,16 +543,15 @@ impl Pool {
             }
         }
         match v.kind {
-            VolKind::Thin { pool, map, .. } => {
-                if let Some(rt) = self.thin.get_mut(&pool) {
-                    for c in map.values() {
-                        rt.refs[us(u64::from(*c))] -= 1;
-                    }
-                }
-            }
-            VolKind::ThinPool { data, .. } => {
+            VolKind::Thin { pool, map, .. } => self.map_drop(pool, map)?,
+            VolKind::ThinPool { data, md, .. } => {
                 let di = self.vidx(data)?;
                 self.meta.volumes.remove(di);
+                if let Some(md) = md {
+                    let mi = self.vidx(md)?;
+                    self.meta.volumes.remove(mi);
+                    self.forest.drop_store(md);
+                }
                 self.thin.remove(&id);
             }
             VolKind::Thick { .. } => {}
@@ -574,17 +613,35 @@ impl Pool {
             )));
         }
         match v.kind.clone() {
-            VolKind::ThinPool { data, chunk_blocks } => {
+            VolKind::ThinPool {
+                data,
+                chunk_blocks,
+                md,
+            } => {
                 if size < old {
                     return Err(Error::InvalidArgument("thin pools only grow".into()));
                 }
                 let size = round_up(size, u64::from(chunk_blocks));
+                let chunks = size / u64::from(chunk_blocks);
+                // The metadata volume grows with the pool (first: a refusal changes nothing).
+                if let Some(md) = md {
+                    let want = round_up(md_blocks_for(chunks), u64::from(self.meta.extent_blocks));
+                    let mi = self.vidx(md)?;
+                    if want > self.meta.volumes[mi].size {
+                        let mname = self.meta.volumes[mi].name.clone();
+                        self.resize_thick(&mname, want)?;
+                        self.forest.add_store(md, want);
+                    }
+                }
                 let dname = self.meta.volumes[self.vidx(data)?].name.clone();
                 self.resize_thick(&dname, size)?;
+                let vi = self.vidx(id)?;
                 self.meta.volumes[vi].size = size;
-                self.rebuild_thin();
+                if let Some(rt) = self.thin.get_mut(&id) {
+                    rt.resize(us(chunks));
+                }
             }
-            VolKind::Thin { pool, map, .. } => {
+            VolKind::Thin { pool, .. } => {
                 let cb = match self.meta.volumes[self.vidx(pool)?].kind {
                     VolKind::ThinPool { chunk_blocks, .. } => u64::from(chunk_blocks),
                     _ => 1,
@@ -595,18 +652,23 @@ impl Pool {
                 let end = old.min((size / cb + 1) * cb);
                 if size < old
                     && !size.is_multiple_of(cb)
-                    && map.contains_key(&(size / cb))
+                    && self.map_get(vi, size / cb)?.is_some()
                     && end > size
                 {
                     let zero = vec![0u8; us(end - size) * BLOCK_SIZE];
                     self.write(id, size, &zero)?;
                 }
                 let vi = self.vidx(id)?;
-                if let VolKind::Thin { map, .. } = &mut self.meta.volumes[vi].kind {
-                    let dropped = map.split_off(&size.div_ceil(cb));
-                    if let Some(rt) = self.thin.get_mut(&pool) {
-                        for c in dropped.values() {
-                            rt.refs[us(u64::from(*c))] -= 1;
+                loop {
+                    let batch = self.map_range(vi, size.div_ceil(cb), u64::MAX, 4096)?;
+                    if batch.is_empty() {
+                        break;
+                    }
+                    for (k, _) in batch {
+                        if let Some(c) = self.map_remove(vi, k)?
+                            && let Some(rt) = self.thin.get_mut(&pool)
+                        {
+                            rt.dec(us(u64::from(c)));
                         }
                     }
                 }
@@ -749,12 +811,24 @@ impl Pool {
     ) -> Result<(), Error> {
         self.begin_admin()?;
         let mut id = self.volume_id(name)?;
-        // A thin pool (with every thin volume and snapshot in it) moves by its data volume.
+        // A thin pool (with every thin volume and snapshot in it) moves by its data volume,
+        // and its metadata volume with it.
         let pool_vi = self.vidx(id)?;
-        if let VolKind::ThinPool { data, .. } = self.meta.volumes[pool_vi].kind {
+        let mut md_target = None;
+        if let VolKind::ThinPool { data, md, .. } = self.meta.volumes[pool_vi].kind {
             id = data;
-            if let Some(t) = tier {
-                self.meta.volumes[pool_vi].tier = Some(t.to_string());
+            if let Some(md) = md {
+                let mi = self.vidx(md)?;
+                let v = &self.meta.volumes[mi];
+                if !matches!(v.kind, VolKind::Thick { relayout: None, .. }) {
+                    return Err(Error::Busy(format!(
+                        "'{name}''s metadata volume is already being relaid out"
+                    )));
+                }
+                let size = v.size;
+                let mtier = tier.map(ToString::to_string).or_else(|| v.tier.clone());
+                let target = self.alloc_layout(spec, size, mtier.as_deref(), &mut Vec::new())?;
+                md_target = Some((mi, target, mtier));
             }
         }
         let vi = self.vidx(id)?;
@@ -771,7 +845,23 @@ impl Pool {
         }
         let size = v.size;
         let tier = tier.map(ToString::to_string).or_else(|| v.tier.clone());
-        let target = self.alloc_layout(spec, size, tier.as_deref(), &mut Vec::new())?;
+        let mut pending: Vec<Segment> = md_target
+            .as_ref()
+            .map(|(_, t, _)| t.segments().copied().collect())
+            .unwrap_or_default();
+        let target = self.alloc_layout(spec, size, tier.as_deref(), &mut pending)?;
+        if let Some((mi, target, mtier)) = md_target {
+            let m = &mut self.meta.volumes[mi];
+            m.tier = mtier;
+            if let VolKind::Thick { relayout, .. } = &mut m.kind {
+                *relayout = Some(Relayout { target, done: 0 });
+            }
+        }
+        if let (Some(t), VolKind::ThinPool { .. }) =
+            (tier.as_ref(), &self.meta.volumes[pool_vi].kind)
+        {
+            self.meta.volumes[pool_vi].tier = Some(t.clone());
+        }
         let v = &mut self.meta.volumes[vi];
         v.tier = tier;
         if let VolKind::Thick { relayout, .. } = &mut v.kind {
@@ -1250,25 +1340,32 @@ impl Pool {
 
     /// Checks metadata invariants and thin reference counts; returns problems found.
     #[must_use]
-    pub fn check(&self) -> Vec<String> {
+    pub fn check(&mut self) -> Vec<String> {
         let mut p = Vec::new();
         if let Err(e) = validate_meta(&self.meta) {
             p.push(e);
         }
-        for (pid, rt) in &self.thin {
-            let mut refs = vec![0u32; rt.refs.len()];
-            for v in &self.meta.volumes {
-                if let VolKind::Thin { pool, map, .. } = &v.kind
-                    && pool == pid
-                {
-                    for c in map.values() {
-                        if let Some(r) = refs.get_mut(us(u64::from(*c))) {
-                            *r += 1;
-                        }
+        let pools: Vec<(u32, usize)> = self.thin.iter().map(|(k, rt)| (*k, rt.len())).collect();
+        for (pid, n) in pools {
+            let mut refs = vec![0u32; n];
+            let thins: Vec<usize> = (0..self.meta.volumes.len())
+                .filter(|&i| matches!(&self.meta.volumes[i].kind, VolKind::Thin { pool, .. } if *pool == pid))
+                .collect();
+            for vi in thins {
+                let res = self.map_each(vi, |_, _, c| {
+                    if let Some(r) = refs.get_mut(us(u64::from(c))) {
+                        *r += 1;
                     }
+                    Ok(())
+                });
+                if let Err(e) = res {
+                    p.push(format!(
+                        "volume {}: mappings unreadable: {e}",
+                        self.meta.volumes[vi].name
+                    ));
                 }
             }
-            if refs != rt.refs {
+            if self.thin.get(&pid).is_none_or(|rt| refs != rt.refs) {
                 p.push(format!(
                     "thin pool #{pid}: reference counts disagree with mappings"
                 ));

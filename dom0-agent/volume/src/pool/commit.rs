@@ -18,6 +18,13 @@ impl Pool {
         if self.read_only {
             return Err(Error::InvalidArgument("pool is open read-only".into()));
         }
+        // Version 3: the changed tree nodes first, in blocks no committed root reaches, made
+        // durable before the record that points at them.
+        if self.forest.changed() {
+            let seq = self.meta.seq + 1;
+            self.write_nodes(seq)?;
+            self.flush_disks()?;
+        }
         for _ in 0..=self.devs.len() {
             let targets = self.present_active();
             if targets.is_empty() {
@@ -33,7 +40,13 @@ impl Pool {
                     capacity: cap,
                 });
             }
-            let rec = encode_record(MD_MAGIC, self.meta.pool_id, self.meta.seq, &payload);
+            let rec = encode_record_version(
+                MD_MAGIC,
+                self.meta.version,
+                self.meta.pool_id,
+                self.meta.seq,
+                &payload,
+            );
             // Each phase goes to every disk at once; copy 1 only after copy 0 is durable
             // everywhere, so one copy is always whole.
             let mut failed = None;
@@ -60,9 +73,9 @@ impl Pool {
             self.dirty = false;
             self.recompute_dependents();
             for rt in self.thin.values_mut() {
-                rt.crefs.clone_from(&rt.refs);
-                rt.free = u(rt.refs.iter().filter(|r| **r == 0).count());
+                rt.commit();
             }
+            self.forest.committed();
             return Ok(());
         }
         Err(Error::NoValidMetadata)

@@ -311,27 +311,20 @@ impl Pool {
         for &sid in snaps {
             let si = self.vidx(sid)?;
             let v = &self.meta.volumes[si];
-            let VolKind::Thin { pool, map, .. } = &v.kind else {
+            let VolKind::Thin { pool, .. } = &v.kind else {
                 continue;
             };
-            let (_, cb, _) = self.thin_params(*pool)?;
-            let last = (block + n - 1).min(v.size.saturating_sub(1));
-            if block >= v.size {
+            let pool = *pool;
+            let (_, cb, _) = self.thin_params(pool)?;
+            let size = self.meta.volumes[si].size;
+            let last = (block + n - 1).min(size.saturating_sub(1));
+            if block >= size {
                 continue;
             }
-            let cmap = self
-                .committed
-                .volumes
-                .iter()
-                .find(|c| c.id == sid)
-                .and_then(|c| match &c.kind {
-                    VolKind::Thin { map, .. } => Some(map),
-                    _ => None,
-                });
             for vc in block / cb..=last / cb {
-                if !map.contains_key(&vc) {
-                    todo.entry((*pool, vc)).or_default().push(si);
-                } else if cmap.is_none_or(|c| !c.contains_key(&vc)) {
+                if self.map_get(si, vc)?.is_none() {
+                    todo.entry((pool, vc)).or_default().push(si);
+                } else if self.cmap_get(sid, vc)?.is_none() {
                     uncommitted = true;
                 }
             }
@@ -355,7 +348,7 @@ impl Pool {
                 let (_, _, pname) = self.thin_params(*pool)?;
                 return Err(Error::ThinPoolFull {
                     pool: pname,
-                    chunks: u(rt.refs.len()),
+                    chunks: u(rt.len()),
                 });
             }
         }
@@ -371,11 +364,9 @@ impl Pool {
                 .thin
                 .get_mut(&pool)
                 .ok_or_else(|| Error::Corrupt("thin pool runtime".into()))?;
-            rt.refs[fresh] += u32::try_from(users.len()).unwrap_or(u32::MAX) - 1;
+            rt.add(fresh, u32::try_from(users.len()).unwrap_or(u32::MAX) - 1);
             for si in users {
-                if let VolKind::Thin { map, .. } = &mut self.meta.volumes[si].kind {
-                    map.insert(vc, fresh32);
-                }
+                self.map_insert(si, vc, fresh32)?;
             }
         }
         self.dirty = true;
@@ -389,17 +380,16 @@ impl Pool {
             .thin
             .get_mut(&pool)
             .ok_or_else(|| Error::Corrupt("thin pool runtime".into()))?;
-        let len = rt.refs.len();
+        let len = rt.len();
         let fresh = (0..len)
             .map(|k| (rt.hint + k) % len)
-            .find(|&i| rt.refs[i] == 0 && rt.crefs[i] == 0)
+            .find(|&i| rt.is_free(i))
             .ok_or_else(|| Error::ThinPoolFull {
                 pool: pname.to_string(),
                 chunks: u(len),
             })?;
         rt.hint = fresh + 1;
-        rt.refs[fresh] = 1;
-        rt.free -= 1;
+        rt.add(fresh, 1);
         Ok(fresh)
     }
 
@@ -450,7 +440,7 @@ impl Pool {
             false,
             VolKind::Thin {
                 pool: pid,
-                map: BTreeMap::new(),
+                map: self.empty_map(),
                 origin: Some(oid),
             },
         );
@@ -463,9 +453,9 @@ impl Pool {
     pub(super) fn thin_params(&self, pool: u32) -> Result<(u32, u64, String), Error> {
         let p = &self.meta.volumes[self.vidx(pool)?];
         match p.kind {
-            VolKind::ThinPool { data, chunk_blocks } => {
-                Ok((data, u64::from(chunk_blocks), p.name.clone()))
-            }
+            VolKind::ThinPool {
+                data, chunk_blocks, ..
+            } => Ok((data, u64::from(chunk_blocks), p.name.clone())),
             _ => Err(Error::Corrupt(
                 "thin volume's pool is not a thin pool".into(),
             )),
@@ -485,10 +475,8 @@ impl Pool {
         while done < n {
             let b = block + done;
             let run = (cb - b % cb).min(n - done);
-            let (mapped, origin) = match &self.meta.volumes[vi].kind {
-                VolKind::Thin { map, origin, .. } => (map.get(&(b / cb)).copied(), *origin),
-                _ => (None, None),
-            };
+            let mapped = self.map_get(vi, b / cb)?;
+            let origin = self.thin_origin(vi);
             let piece = sl_mut(buf, done, done + run);
             match (mapped, origin) {
                 (Some(p), _) => {
@@ -500,7 +488,7 @@ impl Pool {
             }
             done += run;
         }
-        Ok(())
+        self.md_settle()
     }
 
     pub(super) fn thin_write(
@@ -515,64 +503,39 @@ impl Pool {
         let n = u(buf.len() / BLOCK_SIZE);
         // Fast path: an overwrite inside one chunk this volume owns alone.
         if block % cb + n <= cb
-            && let VolKind::Thin { map, .. } = &self.meta.volumes[vi].kind
-            && let Some(&m) = map.get(&(block / cb))
-            && let Some(rt) = self.thin.get(&pool)
+            && let Some(m) = self.map_get(vi, block / cb)?
+            && self.in_place(pool, id, block / cb, m)?
         {
-            let i = us(u64::from(m));
-            let committed_same = || {
-                self.committed.volumes.iter().find(|v| v.id == id).is_some_and(|v| {
-                    matches!(&v.kind, VolKind::Thin { map, .. } if map.get(&(block / cb)) == Some(&m))
-                })
-            };
-            if rt.refs[i] == 1 && (rt.crefs[i] == 0 || (rt.crefs[i] == 1 && committed_same())) {
-                return self.thick_raw_write(data, u64::from(m) * cb + block % cb, buf);
-            }
+            return self.thick_raw_write(data, u64::from(m) * cb + block % cb, buf);
         }
         // Plan: which chunks can be written in place, which need a fresh chunk.
         let mut plan = Vec::new();
         let mut need = 0u64;
-        {
-            let VolKind::Thin { map, .. } = &self.meta.volumes[vi].kind else {
-                return Ok(());
+        let mut done = 0;
+        while done < n {
+            let b = block + done;
+            let run = (cb - b % cb).min(n - done);
+            let vc = b / cb;
+            let cur = self.map_get(vi, vc)?;
+            let in_place = match cur {
+                Some(m) => self.in_place(pool, id, vc, m)?,
+                None => false,
             };
-            let rt = self
-                .thin
-                .get(&pool)
-                .ok_or_else(|| Error::Corrupt("thin pool runtime".into()))?;
-            let cmap = self
-                .committed
-                .volumes
-                .iter()
-                .find(|v| v.id == id)
-                .and_then(|v| match &v.kind {
-                    VolKind::Thin { map, .. } => Some(map),
-                    _ => None,
-                });
-            let mut done = 0;
-            while done < n {
-                let b = block + done;
-                let run = (cb - b % cb).min(n - done);
-                let vc = b / cb;
-                let cur = map.get(&vc).copied();
-                let in_place = cur.is_some_and(|m| {
-                    let i = us(u64::from(m));
-                    rt.refs[i] == 1
-                        && (rt.crefs[i] == 0
-                            || (rt.crefs[i] == 1 && cmap.and_then(|c| c.get(&vc)) == Some(&m)))
-                });
-                if !in_place {
-                    need += 1;
-                }
-                plan.push((done, run, vc, cur, in_place));
-                done += run;
+            if !in_place {
+                need += 1;
             }
-            if need > rt.free {
-                return Err(Error::ThinPoolFull {
-                    pool: pname,
-                    chunks: u(rt.refs.len()),
-                });
-            }
+            plan.push((done, run, vc, cur, in_place));
+            done += run;
+        }
+        let rt = self
+            .thin
+            .get(&pool)
+            .ok_or_else(|| Error::Corrupt("thin pool runtime".into()))?;
+        if need > rt.free {
+            return Err(Error::ThinPoolFull {
+                pool: pname,
+                chunks: u(rt.len()),
+            });
         }
         for (done, run, vc, cur, in_place) in plan {
             let b = block + done;
@@ -586,10 +549,10 @@ impl Pool {
                 .thin
                 .get_mut(&pool)
                 .ok_or_else(|| Error::Corrupt("thin pool runtime".into()))?;
-            let len = rt.refs.len();
+            let len = rt.len();
             let fresh = (0..len)
                 .map(|k| (rt.hint + k) % len)
-                .find(|&i| rt.refs[i] == 0 && rt.crefs[i] == 0)
+                .find(|&i| rt.is_free(i))
                 .ok_or_else(|| Error::ThinPoolFull {
                     pool: pname.clone(),
                     chunks: u(len),
@@ -611,17 +574,28 @@ impl Pool {
                 .thin
                 .get_mut(&pool)
                 .ok_or_else(|| Error::Corrupt("thin pool runtime".into()))?;
-            rt.refs[fresh] += 1;
-            rt.free -= 1;
+            rt.add(fresh, 1);
             if let Some(old) = cur {
-                rt.refs[us(u64::from(old))] -= 1;
+                rt.dec(us(u64::from(old)));
             }
-            if let VolKind::Thin { map, .. } = &mut self.meta.volumes[vi].kind {
-                map.insert(vc, fresh32);
-            }
+            self.map_insert(vi, vc, fresh32)?;
             self.dirty = true;
         }
-        Ok(())
+        self.md_settle()
+    }
+
+    /// The in-place rule: chunk `m`, mapped at `vc` of volume `id`, may be overwritten when
+    /// no other mapping refers to it, now or in the committed metadata.
+    pub(super) fn in_place(&mut self, pool: u32, id: u32, vc: u64, m: u32) -> Result<bool, Error> {
+        let i = us(u64::from(m));
+        let Some(rt) = self.thin.get(&pool) else {
+            return Ok(false);
+        };
+        Ok(match (rt.get(i), rt.committed(i)) {
+            (Some(1), Some(0)) => true,
+            (Some(1), Some(1)) => self.cmap_get(id, vc)? == Some(m),
+            _ => false,
+        })
     }
 
     /// Reads `buf.len()` bytes at byte `offset` (any alignment).
@@ -681,18 +655,21 @@ impl Pool {
         let cbytes = cb * u(BLOCK_SIZE);
         let (first, last) = (offset.div_ceil(cbytes), (offset + len) / cbytes);
         let mut released = 0;
-        if first < last
-            && let VolKind::Thin { map, .. } = &mut self.meta.volumes[vi].kind
-        {
-            let gone: Vec<u64> = map.range(first..last).map(|(k, _)| *k).collect();
-            for vc in gone {
-                if let Some(c) = map.remove(&vc)
+        let mut from = first;
+        while from < last {
+            let gone = self.map_range(vi, from, last, 4096)?;
+            let Some(end) = gone.last().map(|x| x.0) else {
+                break;
+            };
+            for (vc, _) in gone {
+                if let Some(c) = self.map_remove(vi, vc)?
                     && let Some(rt) = self.thin.get_mut(&pool)
                 {
-                    rt.refs[us(u64::from(c))] -= 1;
+                    rt.dec(us(u64::from(c)));
                     released += 1;
                 }
             }
+            from = end + 1;
         }
         if released > 0 {
             self.dirty = true;

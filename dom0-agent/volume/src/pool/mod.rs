@@ -34,8 +34,8 @@ use crate::dev::{BLOCK_SIZE, BlockDevice, DevError};
 use crate::error::Error;
 use crate::format::{
     Column, DRL_MAGIC, DiskMeta, DiskState, DrlRecord, Fill, LABEL_BLOCKS, Label, Layout, Leg,
-    MAX_NAME, MD_MAGIC, Owner, PoolMeta, Relayout, Segment, SyncState, Tracking, VolKind, VolMeta,
-    encode_record, read_record, slot_capacity,
+    MAX_NAME, MD_MAGIC, Owner, PoolMeta, Relayout, Segment, SyncState, ThinMap, Tracking, VolKind,
+    VolMeta, encode_record, encode_record_version, read_record, read_record_version, slot_capacity,
 };
 use crate::layout::seg_lookup;
 use crate::multipath::{MultipathDisk, PathPolicy};
@@ -52,6 +52,10 @@ pub struct PoolConfig {
     pub md_blocks: u32,
     /// Blocks per dirty-region-log slot.
     pub drl_blocks: u32,
+    /// Metadata record version to create the pool with: [`crate::format::MD_VERSION`] (3,
+    /// thin mappings in B-trees), or [`crate::format::MD_VERSION_INLINE`] (2, mappings in
+    /// the record, as pools made before version 3; for tests of old pools).
+    pub md_version: u32,
 }
 
 impl PoolConfig {
@@ -63,6 +67,7 @@ impl PoolConfig {
             extent_blocks: 256,
             md_blocks: 512,
             drl_blocks: 32,
+            md_version: crate::format::MD_VERSION,
         }
     }
 
@@ -74,6 +79,7 @@ impl PoolConfig {
             extent_blocks: 16,
             md_blocks: 16,
             drl_blocks: 2,
+            md_version: crate::format::MD_VERSION,
         }
     }
 }
@@ -261,13 +267,6 @@ struct FastMap {
     size: u64,
 }
 
-struct ThinRt {
-    refs: Vec<u32>,
-    crefs: Vec<u32>,
-    free: u64,
-    hint: usize,
-}
-
 /// Outcome bookkeeping of one layout I/O.
 #[derive(Default)]
 struct IoOutcome {
@@ -321,6 +320,12 @@ pub struct Pool {
     aio: aio::Aio,
     /// Events worth telling the operator (detached legs, missing disks, repairs).
     pub events: Vec<String>,
+    /// Node cache and node-block allocation of the version-3 mapping trees.
+    forest: crate::btree::Forest,
+    /// Capacity of the node cache.
+    cache_nodes: usize,
+    /// Node I/O detached a metadata volume's leg: commit at the end of the operation.
+    md_commit_soon: bool,
 }
 
 fn dev_err(meta: &PoolMeta, disk: u32, err: DevError) -> Error {
@@ -361,6 +366,7 @@ mod io;
 mod layout_io;
 mod open;
 mod space;
+mod thinmap;
 mod validate;
 
 pub use aio::{IoQueue, VolCompletion};
@@ -369,6 +375,8 @@ use layout_io::{
     layout_write, mark_stale,
 };
 pub use open::NamedDevice;
+use thinmap::ThinRt;
+pub use thinmap::md_blocks_for;
 use validate::check_name;
 pub use validate::validate_meta;
 
@@ -567,7 +575,7 @@ impl Pool {
                             Some(o) => format!("thin snapshot of {} in {pname}", o.name),
                             None => format!("thin in {pname}"),
                         };
-                    (what, u(map.len()) * cb, Vec::new())
+                    (what, map.len() * cb, Vec::new())
                 }
             };
             if let Some(t) = &v.tracking {

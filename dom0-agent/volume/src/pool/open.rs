@@ -9,7 +9,8 @@ type PrioritizedPath = (Box<dyn BlockDevice>, u32);
 struct DiskFound {
     label: Label,
     dev: Box<dyn BlockDevice>,
-    best: Option<(u64, u32, Vec<u8>)>,
+    /// Newest valid record: sequence, payload CRC, payload, record version.
+    best: Option<(u64, u32, Vec<u8>, u32)>,
     copies_at_best: usize,
 }
 
@@ -26,7 +27,7 @@ pub struct NamedDevice {
 fn read_best_metadata(f: &mut DiskFound, pool_id: u128, name: &str) -> Result<(), Error> {
     let label = f.label;
     for slot in 0..2 {
-        let rec = read_record(
+        let rec = read_record_version(
             &mut *f.dev,
             label.md_slot(slot),
             label.md_blocks,
@@ -37,8 +38,10 @@ fn read_best_metadata(f: &mut DiskFound, pool_id: u128, name: &str) -> Result<()
             disk: name.to_string(),
             err,
         })?;
-        let Some((seq, payload)) = rec else { continue };
-        let Ok(m) = PoolMeta::decode(&payload) else {
+        let Some((seq, version, payload)) = rec else {
+            continue;
+        };
+        let Ok(m) = PoolMeta::decode_version(&payload, version) else {
             continue;
         };
         if m.seq != seq || validate_meta(&m).is_err() {
@@ -46,10 +49,10 @@ fn read_best_metadata(f: &mut DiskFound, pool_id: u128, name: &str) -> Result<()
         }
         let crc = crc32fast::hash(&payload);
         match &f.best {
-            Some((s, _, _)) if *s > seq => {}
-            Some((s, _, _)) if *s == seq => f.copies_at_best += 1,
+            Some((s, ..)) if *s > seq => {}
+            Some((s, ..)) if *s == seq => f.copies_at_best += 1,
             _ => {
-                f.best = Some((seq, crc, payload));
+                f.best = Some((seq, crc, payload, version));
                 f.copies_at_best = 1;
             }
         }
@@ -96,7 +99,15 @@ impl Pool {
                 )));
             }
         }
+        if !(crate::format::MD_VERSION_INLINE..=crate::format::MD_VERSION).contains(&cfg.md_version)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "metadata version {} cannot be created",
+                cfg.md_version
+            )));
+        }
         let mut meta = PoolMeta {
+            version: cfg.md_version,
             pool_id: cfg.pool_id,
             seq: 0,
             extent_blocks: cfg.extent_blocks,
@@ -158,8 +169,11 @@ impl Pool {
             aio: aio::Aio::default(),
             read_only,
             events: Vec::new(),
+            forest: crate::btree::Forest::new(0),
+            cache_nodes: crate::btree::DEFAULT_CACHE_NODES,
+            md_commit_soon: false,
         };
-        p.rebuild_thin();
+        p.forest = crate::btree::Forest::new(p.meta.pool_id);
         p.recompute_dependents();
         p
     }
@@ -393,12 +407,12 @@ impl Pool {
             found.insert(idx, f);
             names.insert(idx, name);
         }
-        let (widx, (wseq, wcrc, wpayload)) = found
+        let (widx, (wseq, wcrc, wpayload, wversion)) = found
             .iter()
             .filter_map(|(i, f)| f.best.as_ref().map(|b| (*i, b.clone())))
             .max_by_key(|(_, b)| b.0)
             .ok_or(Error::NoValidMetadata)?;
-        let mut meta = PoolMeta::decode(&wpayload)?;
+        let mut meta = PoolMeta::decode_version(&wpayload, wversion)?;
         // Identify the disks whose labels are damaged: by elimination among the disks of the
         // metadata that no labelled device stands for, and by size.
         for (name, mut f) in orphans {
@@ -448,7 +462,7 @@ impl Pool {
             }
         }
         for (i, f) in &found {
-            let Some((seq, crc, _)) = &f.best else {
+            let Some((seq, crc, ..)) = &f.best else {
                 continue;
             };
             let (wname, iname) = (&names[&widx], &names[i]);
@@ -534,6 +548,8 @@ impl Pool {
         meta.seq = wseq;
         let committed = meta.clone();
         let mut pool = Pool::assemble(meta, committed, devs, opts.read_only);
+        // Reference counts, and for version 3 every mapping tree walked and checked.
+        pool.rebuild_thin()?;
         for (i, n) in names {
             if let Some(slot) = pool.names.get_mut(us(u64::from(i))) {
                 *slot = Some(n);
@@ -802,47 +818,5 @@ impl Pool {
             self.dirty = true;
         }
         Ok(n)
-    }
-
-    pub(super) fn rebuild_thin(&mut self) {
-        self.thin.clear();
-        for p in &self.meta.volumes {
-            let VolKind::ThinPool { data, chunk_blocks } = p.kind else {
-                continue;
-            };
-            let size = self
-                .meta
-                .volumes
-                .iter()
-                .find(|v| v.id == data)
-                .map_or(0, |v| v.size);
-            let n = us(size / u64::from(chunk_blocks));
-            let mut rt = ThinRt {
-                refs: vec![0; n],
-                crefs: vec![0; n],
-                free: 0,
-                hint: 0,
-            };
-            for (m, refs) in [(&self.meta, &mut rt.refs), (&self.committed, &mut rt.crefs)] {
-                for v in &m.volumes {
-                    if let VolKind::Thin { pool, map, .. } = &v.kind
-                        && *pool == p.id
-                    {
-                        for c in map.values() {
-                            if let Some(r) = refs.get_mut(us(u64::from(*c))) {
-                                *r += 1;
-                            }
-                        }
-                    }
-                }
-            }
-            rt.free = u(rt
-                .refs
-                .iter()
-                .zip(&rt.crefs)
-                .filter(|(a, b)| **a == 0 && **b == 0)
-                .count());
-            self.thin.insert(p.id, rt);
-        }
     }
 }

@@ -126,13 +126,33 @@ pub fn validate_meta(m: &PoolMeta) -> Result<(), String> {
                     }
                 }
             }
-            VolKind::ThinPool { data, chunk_blocks } => {
+            VolKind::ThinPool {
+                data,
+                chunk_blocks,
+                md,
+            } => {
                 let ok = find(*data)
                     .is_some_and(|d| d.internal && matches!(d.kind, VolKind::Thick { .. }));
                 if !ok || *chunk_blocks == 0 || *chunk_blocks > 4096 {
                     return Err(format!(
                         "thin pool {}: bad data volume or chunk size",
                         v.name
+                    ));
+                }
+                let md_ok = match md {
+                    None => m.version < 3,
+                    Some(md) => {
+                        m.version >= 3
+                            && *md != *data
+                            && find(*md).is_some_and(|d| {
+                                d.internal && matches!(d.kind, VolKind::Thick { fill: None, .. })
+                            })
+                    }
+                };
+                if !md_ok {
+                    return Err(format!(
+                        "thin pool {}: metadata volume missing, or present in a version-{} record",
+                        v.name, m.version
                     ));
                 }
             }
@@ -147,16 +167,32 @@ pub fn validate_meta(m: &PoolMeta) -> Result<(), String> {
                 let Some(p) = find(*pool) else {
                     return Err(format!("thin volume {}: no pool", v.name));
                 };
-                let VolKind::ThinPool { data, chunk_blocks } = p.kind else {
+                let VolKind::ThinPool {
+                    data,
+                    chunk_blocks,
+                    md,
+                } = p.kind
+                else {
                     return Err(format!("thin volume {}: pool is not a thin pool", v.name));
                 };
                 let cb = u64::from(chunk_blocks);
                 let nchunks = find(data).map_or(0, |d| d.size / cb);
                 let vchunks = v.size.div_ceil(cb);
-                if map
-                    .iter()
-                    .any(|(k, p)| *k >= vchunks || u64::from(*p) >= nchunks)
-                {
+                let bad = match map {
+                    ThinMap::Inline(map) => {
+                        m.version >= 3
+                            || map
+                                .iter()
+                                .any(|(k, p)| *k >= vchunks || u64::from(*p) >= nchunks)
+                    }
+                    // The tree's nodes are checked when the pool opens (every node walked).
+                    ThinMap::Tree { root, count } => {
+                        m.version < 3
+                            || *count > vchunks
+                            || md.and_then(&find).is_none_or(|d| *root >= d.size)
+                    }
+                };
+                if bad {
                     return Err(format!(
                         "thin volume {}: mapping outside pool or volume",
                         v.name

@@ -131,8 +131,9 @@ impl Pool {
                     return None;
                 }
                 let pool = *pool;
-                let VolKind::ThinPool { data, chunk_blocks } =
-                    self.meta.volumes.iter().find(|p| p.id == pool)?.kind
+                let VolKind::ThinPool {
+                    data, chunk_blocks, ..
+                } = self.meta.volumes.iter().find(|p| p.id == pool)?.kind
                 else {
                     return None;
                 };
@@ -174,7 +175,7 @@ impl Pool {
     /// snapshot of a thick volume (reads its origin), or for a write any chunk that is not
     /// written in place (unmapped, shared, or committed elsewhere: allocation and redirect).
     fn thin_runs(
-        &self,
+        &mut self,
         vi: usize,
         pool: u32,
         block: u64,
@@ -182,39 +183,25 @@ impl Pool {
         cb: u64,
         write: bool,
     ) -> Option<Vec<(u64, u64, Option<u64>)>> {
-        let VolKind::Thin { map, origin, .. } = &self.meta.volumes[vi].kind else {
+        let VolKind::Thin { origin, .. } = &self.meta.volumes[vi].kind else {
             return None;
         };
-        let rt = self.thin.get(&pool)?;
+        let origin = *origin;
         let id = self.meta.volumes[vi].id;
-        let cmap = self
-            .committed
-            .volumes
-            .iter()
-            .find(|c| c.id == id)
-            .and_then(|c| match &c.kind {
-                VolKind::Thin { map, .. } => Some(map),
-                _ => None,
-            });
         let mut runs = Vec::new();
         let mut done = 0;
         while done < n {
             let b = block + done;
             let run = (cb - b % cb).min(n - done);
             let vc = b / cb;
-            match map.get(&vc).copied() {
+            // A mapping that cannot be read sends the request to the synchronous path, which
+            // reports the error.
+            match self.map_get(vi, vc).ok()? {
                 Some(m) => {
-                    if write {
-                        // The in-place rule of `thin_write`: nobody else refers to the chunk,
-                        // now or in the committed metadata.
-                        let i = us(u64::from(m));
-                        let alone = rt.refs.get(i) == Some(&1)
-                            && (rt.crefs.get(i) == Some(&0)
-                                || (rt.crefs.get(i) == Some(&1)
-                                    && cmap.and_then(|c| c.get(&vc)) == Some(&m)));
-                        if !alone {
-                            return None;
-                        }
+                    // The in-place rule of `thin_write`: nobody else refers to the chunk, now
+                    // or in the committed metadata.
+                    if write && !self.in_place(pool, id, vc, m).ok()? {
+                        return None;
                     }
                     runs.push((done, run, Some(u64::from(m) * cb + b % cb)));
                 }
