@@ -106,7 +106,8 @@ enum State {
 
 #[derive(Debug)]
 struct Vcpu {
-    dom: DomId,
+    /// Its domain's index in `Scheduler::doms`.
+    slot: usize,
     cpu: CpuId,
     affinity: u64,
     vruntime: u64,
@@ -122,6 +123,8 @@ struct Vcpu {
 
 #[derive(Debug)]
 struct Domain {
+    /// Removed: its vCPUs are gone and its settings are cleared (no cap, no reservation).
+    gone: bool,
     params: Params,
     vcpus: Vec<VcpuId>,
     /// Time used in the current period.
@@ -181,7 +184,15 @@ pub enum Stop {
 pub struct Scheduler {
     queues: Vec<Queue>,
     vcpus: Vec<Vcpu>,
-    domains: BTreeMap<DomId, Domain>,
+    /// Domain ids to their index in `doms`.
+    ids: BTreeMap<DomId, usize>,
+    /// The domains, by index: vCPUs reach theirs without a map lookup on the decision path.
+    /// A removed domain's entry stays (cleared), so indices never change.
+    doms: Vec<Domain>,
+    /// Whether any domain has a reservation (else a queue's first eligible vCPU is its best).
+    any_reserved: bool,
+    /// The earliest end of any domain's accounting period: until then no period rolls.
+    next_roll: Ns,
     /// The virtual clock never goes back (a machine that went idle keeps its time).
     floor: u64,
 }
@@ -193,7 +204,10 @@ impl Scheduler {
         Scheduler {
             queues: (0..cpus).map(|_| Queue::default()).collect(),
             vcpus: Vec::new(),
-            domains: BTreeMap::new(),
+            ids: BTreeMap::new(),
+            doms: Vec::new(),
+            any_reserved: false,
+            next_roll: 0,
             floor: 0,
         }
     }
@@ -229,10 +243,10 @@ impl Scheduler {
             });
         }
         let others: u32 = self
-            .domains
+            .ids
             .iter()
             .filter(|(id, _)| Some(**id) != dom)
-            .map(|(_, d)| d.params.reserve_pct)
+            .map(|(_, &i)| self.doms[i].params.reserve_pct)
             .sum();
         let machine = 100 * self.cpus() as u32;
         if others + p.reserve_pct > machine {
@@ -257,46 +271,58 @@ impl Scheduler {
 
     /// Adds a domain that will have `vcpus` vCPUs (what its reservation may use).
     pub fn add_domain_for(&mut self, id: DomId, p: Params, vcpus: usize) -> Result<(), ParamError> {
-        if self.domains.contains_key(&id) {
+        if self.ids.contains_key(&id) {
             return Err(ParamError::DomainExists(id));
         }
         self.check(None, &p, vcpus)?;
-        self.domains.insert(
-            id,
-            Domain {
-                params: p,
-                vcpus: Vec::new(),
-                used: 0,
-                granted: 0,
-                period_start: 0,
-                total: 0,
-            },
-        );
+        self.ids.insert(id, self.doms.len());
+        self.doms.push(Domain {
+            gone: false,
+            params: p,
+            vcpus: Vec::new(),
+            used: 0,
+            granted: 0,
+            period_start: 0,
+            total: 0,
+        });
+        self.settings_changed();
         Ok(())
     }
 
     /// Changes a domain's weight, cap or reservation; refused values change nothing.
     pub fn set_params(&mut self, id: DomId, p: Params) -> Result<(), ParamError> {
-        let n = self
-            .domains
-            .get(&id)
-            .ok_or(ParamError::NoSuchDomain(id))?
-            .vcpus
-            .len();
-        self.check(Some(id), &p, n)?;
-        if let Some(d) = self.domains.get_mut(&id) {
-            d.params = p;
-        }
+        let i = *self.ids.get(&id).ok_or(ParamError::NoSuchDomain(id))?;
+        self.check(Some(id), &p, self.doms[i].vcpus.len())?;
+        self.doms[i].params = p;
+        self.settings_changed();
         Ok(())
     }
 
+    /// After a domain came, went or changed its settings: look at every period again.
+    fn settings_changed(&mut self) {
+        self.any_reserved = self
+            .doms
+            .iter()
+            .any(|d| !d.gone && d.params.reserve_pct > 0);
+        self.next_roll = 0;
+    }
+
+    fn domain(&self, id: DomId) -> Option<&Domain> {
+        self.ids.get(&id).map(|&i| &self.doms[i])
+    }
+
+    /// The domain of vCPU `v`.
+    fn dom_of(&self, v: VcpuId) -> &Domain {
+        &self.doms[self.vcpus[v].slot]
+    }
+
     pub fn params(&self, id: DomId) -> Option<Params> {
-        self.domains.get(&id).map(|d| d.params)
+        self.domain(id).map(|d| d.params)
     }
 
     /// CPU time a domain has used in all.
     pub fn domain_time(&self, id: DomId) -> Ns {
-        self.domains.get(&id).map_or(0, |d| d.total)
+        self.domain(id).map_or(0, |d| d.total)
     }
 
     /// A new vCPU of `dom`, runnable at once, allowed on the CPUs in `affinity`; placed on the
@@ -317,9 +343,9 @@ impl Scheduler {
         if affinity == 0 {
             return Err(ParamError::Affinity(affinity));
         }
-        if !self.domains.contains_key(&dom) {
+        let Some(&slot) = self.ids.get(&dom) else {
             return Err(ParamError::NoSuchDomain(dom));
-        }
+        };
         let cpu = match cpu {
             Some(c) if c < MAX_CPUS && affinity & (1 << c) != 0 => c,
             _ => self.least_loaded(affinity),
@@ -327,7 +353,7 @@ impl Scheduler {
         let id = self.vcpus.len();
         let start = self.clock();
         self.vcpus.push(Vcpu {
-            dom,
+            slot,
             cpu,
             affinity,
             vruntime: start,
@@ -338,9 +364,7 @@ impl Scheduler {
             removed: false,
         });
         self.queues[cpu].ready.insert((start, id));
-        if let Some(d) = self.domains.get_mut(&dom) {
-            d.vcpus.push(id);
-        }
+        self.doms[slot].vcpus.push(id);
         Ok(id)
     }
 
@@ -350,7 +374,7 @@ impl Scheduler {
         if x.removed {
             return;
         }
-        let (cpu, vr, state, dom) = (x.cpu, x.vruntime, x.state, x.dom);
+        let (cpu, vr, state, slot) = (x.cpu, x.vruntime, x.state, x.slot);
         self.queues[cpu].ready.remove(&(vr, v));
         if let State::Running(c) = state
             && self.queues[c].running == Some(v)
@@ -359,21 +383,20 @@ impl Scheduler {
         }
         self.vcpus[v].removed = true;
         self.vcpus[v].state = State::Blocked;
-        if let Some(d) = self.domains.get_mut(&dom) {
-            d.vcpus.retain(|&x| x != v);
-        }
+        self.doms[slot].vcpus.retain(|&x| x != v);
     }
 
     pub fn remove_domain(&mut self, id: DomId) {
-        let vs = self
-            .domains
-            .get(&id)
-            .map(|d| d.vcpus.clone())
-            .unwrap_or_default();
-        for v in vs {
+        let Some(i) = self.ids.remove(&id) else {
+            return;
+        };
+        for v in core::mem::take(&mut self.doms[i].vcpus) {
             self.remove_vcpu(v);
         }
-        self.domains.remove(&id);
+        let d = &mut self.doms[i];
+        d.gone = true;
+        d.params = Params::default();
+        self.settings_changed();
     }
 
     fn load(&self, cpu: CpuId) -> usize {
@@ -388,7 +411,7 @@ impl Scheduler {
     }
 
     fn weight_of(&self, v: &Vcpu) -> u64 {
-        let d = &self.domains[&v.dom];
+        let d = &self.doms[v.slot];
         (u64::from(d.params.weight) * WEIGHT_UNIT / d.vcpus.len().max(1) as u64).max(1)
     }
 
@@ -397,7 +420,11 @@ impl Scheduler {
     /// charged too) is carried into the next periods as debt, so over time it never gets more
     /// than its cap.
     fn roll_periods(&mut self, now: Ns) {
-        for d in self.domains.values_mut() {
+        if now < self.next_roll {
+            return;
+        }
+        let mut next = Ns::MAX;
+        for d in self.doms.iter_mut().filter(|d| !d.gone) {
             if now >= d.period_start + PERIOD {
                 // Usually exactly one period ended: no division on the common path.
                 let periods = if now < d.period_start + 2 * PERIOD {
@@ -411,7 +438,9 @@ impl Scheduler {
                     None => 0,
                 };
             }
+            next = next.min(d.period_start + PERIOD);
         }
+        self.next_roll = next;
     }
 
     /// Charges the running vCPU of `cpu` up to `now`.
@@ -424,13 +453,11 @@ impl Scheduler {
         self.vcpus[v].ran += ran;
         let w = self.weight_of(&self.vcpus[v]);
         self.vcpus[v].vruntime += ran * WEIGHT_UNIT / w;
-        let dom = self.vcpus[v].dom;
         let granted = core::mem::take(&mut self.vcpus[v].granted);
-        if let Some(d) = self.domains.get_mut(&dom) {
-            d.used += ran;
-            d.total += ran;
-            d.granted = d.granted.saturating_sub(granted);
-        }
+        let d = &mut self.doms[self.vcpus[v].slot];
+        d.used += ran;
+        d.total += ran;
+        d.granted = d.granted.saturating_sub(granted);
     }
 
     /// The vCPU running on `cpu` stops at `now`.
@@ -517,7 +544,7 @@ impl Scheduler {
     }
 
     fn eligible(&self, v: VcpuId) -> bool {
-        !self.domains[&self.vcpus[v].dom].throttled()
+        !self.dom_of(v).throttled()
     }
 
     /// The best eligible vCPU in `cpu`'s queue: below-reservation domains first, then least
@@ -528,13 +555,13 @@ impl Scheduler {
             if !self.eligible(v) {
                 continue;
             }
-            if self.domains[&self.vcpus[v].dom].below_reservation() {
+            if self.dom_of(v).below_reservation() {
                 return Some(v);
             }
             if first.is_none() {
                 first = Some(v);
                 // A reserved domain further down still goes first; look a little further.
-                if self.domains.values().all(|d| d.params.reserve_pct == 0) {
+                if !self.any_reserved {
                     break;
                 }
             }
@@ -598,11 +625,11 @@ impl Scheduler {
         let own = self.best_in(cpu);
         let own_vr = own.map(|v| self.vcpus[v].vruntime);
         let mut better: Option<(u64, CpuId, VcpuId)> = None;
-        if own.is_none_or(|v| !self.domains[&self.vcpus[v].dom].below_reservation()) {
+        if own.is_none_or(|v| !self.dom_of(v).below_reservation()) {
             for c in (0..self.cpus()).filter(|&c| c != cpu) {
                 if let Some(v) = self.first_for(c, cpu) {
                     let vr = self.vcpus[v].vruntime;
-                    let reserved = self.domains[&self.vcpus[v].dom].below_reservation();
+                    let reserved = self.dom_of(v).below_reservation();
                     let beats = match own_vr {
                         None => true,
                         Some(o) => reserved || vr + virt(MIN_SLICE) < o,
@@ -623,8 +650,8 @@ impl Scheduler {
         let Some(v) = choice else {
             // Idle; ask again when the next throttled period ends.
             let next = self
-                .domains
-                .values()
+                .doms
+                .iter()
                 .filter(|d| d.throttled())
                 .map(|d| d.period_start + PERIOD)
                 .min()
@@ -643,8 +670,8 @@ impl Scheduler {
         x.state = State::Running(cpu);
         x.since = now;
         let mut slice = self.slice(cpu);
-        let dom = self.vcpus[v].dom;
-        let d = &self.domains[&dom];
+        let slot = self.vcpus[v].slot;
+        let d = &self.doms[slot];
         // A capped domain runs no further than what is left of its budget.
         if let Some(left) = d.budget_left() {
             slice = slice.min(left.max(1));
@@ -652,9 +679,7 @@ impl Scheduler {
         // Nor past the end of its period (so budgets and reservations roll on time).
         slice = slice.min((d.period_start + PERIOD).saturating_sub(now).max(MIN_SLICE));
         self.vcpus[v].granted = slice;
-        if let Some(d) = self.domains.get_mut(&dom) {
-            d.granted += slice;
-        }
+        self.doms[slot].granted += slice;
         Decision {
             run: Some(v),
             slice,
@@ -702,12 +727,12 @@ impl Scheduler {
 
     /// The vCPUs of a domain.
     pub fn domain_vcpus(&self, id: DomId) -> &[VcpuId] {
-        self.domains.get(&id).map_or(&[], |d| &d.vcpus)
+        self.domain(id).map_or(&[], |d| &d.vcpus)
     }
 
     /// The domains, in id order.
     pub fn domain_ids(&self) -> impl Iterator<Item = DomId> + '_ {
-        self.domains.keys().copied()
+        self.ids.keys().copied()
     }
 
     /// How many vCPUs wait on `cpu`'s queue, and whether one runs there.
