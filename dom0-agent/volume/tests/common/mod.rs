@@ -47,6 +47,27 @@ pub fn create_on(disks: &[SharedDisk], sched: Option<&Sched>) -> Pool {
     Pool::create(devs, PoolConfig::small(POOL_ID)).expect("create pool")
 }
 
+/// A pool over `disks` written with metadata record version `version` (2 makes a pool as
+/// before version 3, with thin mappings inside the record).
+pub fn create_version(disks: &[SharedDisk], version: u32) -> Pool {
+    let devs = devices(disks, None)
+        .into_iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let tier = if i % 2 == 0 { "fast" } else { "slow" };
+            (d, DiskSpec::new(&format!("d{i}"), tier))
+        })
+        .collect();
+    Pool::create(
+        devs,
+        PoolConfig {
+            md_version: version,
+            ..PoolConfig::small(POOL_ID)
+        },
+    )
+    .expect("create pool")
+}
+
 /// The pool on `disks`, reopened (queued under `sched` when given).
 pub fn reopen_on(disks: &[SharedDisk], sched: Option<&Sched>) -> Pool {
     Pool::open(devices(disks, sched), OpenOptions::default())
