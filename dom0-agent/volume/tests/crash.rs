@@ -63,8 +63,13 @@ impl Model {
 }
 
 fn base_images() -> Vec<Vec<u8>> {
+    base_images_version(volmgr::format::MD_VERSION)
+}
+
+/// The starting pool, written with metadata record version `version`.
+fn base_images_version(version: u32) -> Vec<Vec<u8>> {
     let d = disks(3, DISK_BLOCKS);
-    let mut p = create(&d);
+    let mut p = create_version(&d, version);
     p.create_volume("m", 64, LayoutSpec::Mirror { legs: 2 }, None)
         .unwrap();
     p.create_volume("c", 48, LayoutSpec::Concat, None).unwrap();
@@ -355,7 +360,135 @@ fn verify(images: Vec<Vec<u8>>, model: &Model, what: &str) {
 
 #[test]
 fn crash_at_every_write_boundary() {
-    let base = base_images();
+    crash_at_every_boundary_of(&base_images(), 4);
+}
+
+/// The same workload on a pool of the format before version 3 (thin mappings inside the
+/// record), every boundary with two survivor sets.
+#[test]
+fn crash_at_every_write_boundary_old_format() {
+    let base = base_images_version(volmgr::format::MD_VERSION_INLINE);
+    let (mut p, _) = open_images(base.clone()).unwrap();
+    assert_eq!(p.metadata_version(), volmgr::format::MD_VERSION_INLINE);
+    assert!(p.check().is_empty());
+    crash_at_every_boundary_of(&base, 2);
+}
+
+/// An old-format pool is upgraded with the power cut at every write boundary of the
+/// upgrade, and the survivors built with all, none or random subsets of the unflushed
+/// writes: each opens as the old pool or the new one, consistent and with every block as it
+/// was; an old one then upgrades to the end, and recovery crashed again at every boundary
+/// of its open still gives one of the two.
+#[test]
+fn upgrade_crashed_at_every_write_boundary_leaves_old_or_new_pool() {
+    let old = base_images_version(volmgr::format::MD_VERSION_INLINE);
+    // Content written and flushed before the upgrade: thin, snapshot, mirror, concat.
+    let prep = workload(&old, None);
+    assert!(prep.completed);
+    let base: Vec<Vec<u8>> = prep
+        .states
+        .iter()
+        .map(|st| st.borrow().image_after_crash(|_| true))
+        .collect();
+    let mut model = prep.model.clone();
+    model.flushed();
+    let upgrade = |crash_at: Option<u64>| {
+        let clock: Clock = Rc::new(RefCell::new(CrashClock {
+            ops: 0,
+            crash_at,
+            crashed: false,
+        }));
+        let mut states = Vec::new();
+        let devs: Vec<Box<dyn BlockDevice>> = base
+            .iter()
+            .map(|img| {
+                let (d, st) = CrashDisk::new(img.clone(), clock.clone());
+                states.push(st);
+                Box::new(d) as Box<dyn BlockDevice>
+            })
+            .collect();
+        let res = Pool::open(devs, volmgr::OpenOptions::default())
+            .map_err(|e| e.to_string())
+            .and_then(|(mut p, _)| p.upgrade().map_err(|e| e.to_string()));
+        (clock, states, res)
+    };
+    let (clock, _, res) = upgrade(None);
+    res.unwrap();
+    let total = clock.borrow().ops;
+    assert!(total > 4, "upgrade too small: {total}");
+    let (mut olds, mut news) = (0, 0);
+    let mut rng = Rng(4242);
+    for k in 0..total {
+        let (clock, states, _) = upgrade(Some(k));
+        assert!(clock.borrow().crashed);
+        for v in 0..4u64 {
+            let images: Vec<Vec<u8>> = states
+                .iter()
+                .map(|st| {
+                    st.borrow().image_after_crash(|_| match v {
+                        0 => true,
+                        1 => false,
+                        _ => rng.below(2) == 0,
+                    })
+                })
+                .collect();
+            let what = format!("upgrade crashed at {k} (survivors {v})");
+            let (p, _) = open_images(images.clone())
+                .unwrap_or_else(|e| panic!("{what}: reopen failed: {e}"));
+            let version = p.metadata_version();
+            drop(p);
+            verify(images.clone(), &model, &what);
+            if version == volmgr::format::MD_VERSION {
+                news += 1;
+                continue;
+            }
+            olds += 1;
+            // The old pool upgrades to the end afterwards.
+            let (mut p, _) = open_images(images.clone()).unwrap();
+            p.upgrade()
+                .unwrap_or_else(|e| panic!("{what}: upgrade after the crash: {e}"));
+            let after: Vec<Vec<u8>> = p
+                .into_devices()
+                .into_iter()
+                .map(|d| {
+                    let mut d = d.expect("disk");
+                    let mut img = vec![0u8; d.num_blocks() as usize * volmgr::BLOCK_SIZE];
+                    d.read(0, &mut img).unwrap();
+                    img
+                })
+                .collect();
+            verify(after, &model, &format!("{what}, upgraded again"));
+        }
+        // Recovery itself crashed at every boundary of its open, every 3rd upgrade point.
+        if k % 3 == 0 {
+            let crashed: Vec<Vec<u8>> = states
+                .iter()
+                .map(|st| st.borrow().image_after_crash(|_| true))
+                .collect();
+            let (open_ops, _) = open_crashing(&crashed, None, &mut rng);
+            for j in 0..open_ops {
+                let (_, imgs) = open_crashing(&crashed, Some(j), &mut rng);
+                verify(
+                    imgs,
+                    &model,
+                    &format!("upgrade crashed at {k}, recovery at {j}"),
+                );
+            }
+        }
+    }
+    println!(
+        "upgrade: {total} write boundaries, {olds} survivors opened as the old pool, {news} as the new"
+    );
+    assert!(
+        olds > 0 && news > 0,
+        "both outcomes occur: {olds} old, {news} new"
+    );
+}
+
+/// Every write boundary of the workload on `base`, with `variants` survivor sets each (all
+/// kept, all dropped, then random subsets).
+fn crash_at_every_boundary_of(base: &[Vec<u8>], variants: usize) {
+    let base = base.to_vec();
     let full = workload(&base, None);
     assert!(
         full.completed,
@@ -372,13 +505,17 @@ fn crash_at_every_write_boundary() {
         assert!(run.clock.borrow().crashed);
         points += 1;
         let mut rng = Rng(k * 7919 + 1);
-        let variants: Vec<(&str, u64)> = vec![
+        let all: Vec<(&str, u64)> = vec![
             ("all kept", 0),
             ("all dropped", 1),
             ("random subset", 2),
             ("random subset", 3),
         ];
-        for (name, v) in variants {
+        let mut pick = all.clone();
+        if variants == 2 {
+            pick = vec![all[0], all[2]];
+        }
+        for (name, v) in pick {
             let images: Vec<Vec<u8>> = run
                 .states
                 .iter()
