@@ -574,6 +574,7 @@ fn run_in(
         qd.push((name, paired_qd(&mut raw, &mut p, id, blocks, ops, 6)));
     }
     print_qd(&format!("4K rand W QD{DEPTH}"), &qd);
+    commit_costs(dir)?;
     // qemu-img bench as a peer on the raw file (qemu-img bench is sequential with a step).
     let rp = dir.join("raw.img").to_string_lossy().into_owned();
     let c4 = ops.to_string();
@@ -755,6 +756,115 @@ fn run_in(
     );
     if let Some(disk_dir) = disk_dir {
         qd_on_disk(disk_dir, size.min(64 << 20), scale, DEPTH as usize)?;
+    }
+    Ok(())
+}
+
+/// Counts the bytes and requests written through it (metadata commits in the bench).
+struct Counted(
+    Box<dyn BlockDevice>,
+    std::rc::Rc<std::cell::Cell<(u64, u64)>>,
+);
+
+impl BlockDevice for Counted {
+    fn num_blocks(&self) -> u64 {
+        self.0.num_blocks()
+    }
+    fn read(&mut self, lba: u64, buf: &mut [u8]) -> Result<(), volmgr::DevError> {
+        self.0.read(lba, buf)
+    }
+    fn write(&mut self, lba: u64, buf: &[u8]) -> Result<(), volmgr::DevError> {
+        let (b, w) = self.1.get();
+        self.1.set((b + buf.len() as u64, w + 1));
+        self.0.write(lba, buf)
+    }
+    fn flush(&mut self) -> Result<(), volmgr::DevError> {
+        self.0.flush()
+    }
+}
+
+/// Metadata commit cost against the number of thin mappings (issue 18): a thin pool of 4 KiB
+/// chunks on one sparse image file, a thin volume mapped in bulk with 10^3, 10^6 and 10^7
+/// chunks (every other virtual chunk), reopened (every tree node walked and checked), then
+/// commits of one allocating 4 KiB write each, timed from flush to flush; and the memory the
+/// pool holds for mappings and allocation after the reopen, per million mappings.
+fn commit_costs(dir: &Path) -> Result<(), CliError> {
+    const COMMITS: u64 = 400;
+    println!(
+        "{:<28} {:>12} {:>12} {:>14} {:>12} {:>12} {:>14}",
+        "metadata commit (v3 trees)",
+        "mappings",
+        "us/commit",
+        "bytes/commit",
+        "writes",
+        "reopen s",
+        "MiB/M mappings"
+    );
+    for n in [1_000u64, 1_000_000, 10_000_000] {
+        let path = dir.join(format!("commit{n}.img"));
+        let chunks = n + COMMITS + 1024;
+        let blocks = chunks + volmgr::pool::md_blocks_for(chunks) + 8192;
+        let _ = std::fs::remove_file(&path);
+        let d = FileDisk::open(&path, Some(blocks * 4096)).map_err(|err| CliError::File {
+            path: path.clone(),
+            err,
+        })?;
+        let mut p = Pool::create(
+            vec![(
+                Box::new(d) as Box<dyn BlockDevice>,
+                DiskSpec::new("d0", "ssd"),
+            )],
+            PoolConfig::new(0xc0de_0000 + u128::from(n)),
+        )?;
+        p.create_thin_pool("tp", chunks, LayoutSpec::Concat, None, 1)?;
+        p.create_thin("t", "tp", 2 * chunks)?;
+        p.bulk_map(
+            "t",
+            &mut (0..n).map(|k| (2 * k, u32::try_from(k).unwrap_or(u32::MAX))),
+        )?;
+        drop(p);
+        let counts = std::rc::Rc::new(std::cell::Cell::new((0u64, 0u64)));
+        let d = FileDisk::open(&path, None).map_err(|err| CliError::File {
+            path: path.clone(),
+            err,
+        })?;
+        let t0 = Instant::now();
+        let (mut p, _) = Pool::open(
+            vec![Box::new(Counted(Box::new(d), counts.clone())) as Box<dyn BlockDevice>],
+            volmgr::OpenOptions::default(),
+        )?;
+        let reopen = t0.elapsed().as_secs_f64();
+        let mem = p.mapping_memory();
+        let t = p.volume_id("t")?;
+        let buf = vec![0x5au8; 4096];
+        let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ n;
+        let (mut us, mut bytes, mut writes) = (0f64, 0u64, 0u64);
+        for _ in 0..COMMITS {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            p.write(t, 2 * (x % n) + 1, &buf)?;
+            let before = counts.get();
+            let t0 = Instant::now();
+            p.flush()?;
+            us += t0.elapsed().as_secs_f64() * 1e6;
+            let after = counts.get();
+            bytes += after.0 - before.0;
+            writes += after.1 - before.1;
+        }
+        let c = COMMITS as f64;
+        println!(
+            "{:<28} {:>12} {:>12.1} {:>14.0} {:>12.1} {:>12.2} {:>14.2}",
+            "  one 4K allocating write",
+            n,
+            us / c,
+            bytes as f64 / c,
+            writes as f64 / c,
+            reopen,
+            mem as f64 / (1 << 20) as f64 / (n as f64 / 1e6)
+        );
+        drop(p);
+        let _ = std::fs::remove_file(&path);
     }
     Ok(())
 }
