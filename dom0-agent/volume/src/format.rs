@@ -1,4 +1,5 @@
-//! On-disk format: labels version 1, metadata records version 2 (version 1 still read).
+//! On-disk format: labels version 1, metadata records version 3 (thin mappings in B-trees,
+//! [`crate::btree`]) for new pools, version 2 kept for pools not upgraded, version 1 read.
 //!
 //! Every pool disk starts with this fixed layout, in 4 KiB blocks:
 //!
@@ -27,13 +28,15 @@
 //!
 //! **Record** (metadata and dirty-region log share this framing): a 64-byte header, then the
 //! payload, padded to whole blocks, inside one slot. Header: magic (`HVVOLMD1` or `HVVOLDR1`),
-//! version u32 (metadata: 2, or 1 from older pools; log: 1), 4 reserved, sequence u64,
+//! version u32 (metadata: 3, or 2 or 1 from older pools; log: 1), 4 reserved, sequence u64,
 //! payload length u32, payload CRC-32, pool id u128,
 //! 12 reserved, CRC-32 of header bytes 0..60. A record is valid when both CRCs match, the magic,
 //! version and pool id are right and the length fits the slot. The newest valid record (highest
 //! sequence) over every slot of every disk wins.
 //!
-//! **Metadata commit**: sequence `n+1` is written to slot A of every disk, all disks are
+//! **Metadata commit**: (version 3: the tree nodes changed since the last commit are written
+//! first, into blocks no committed root reaches, and every disk flushed; see
+//! [`crate::btree`]) sequence `n+1` is written to slot A of every disk, all disks are
 //! flushed, then the same record to slot B, and all disks flushed again; a crash at any point
 //! leaves at least one valid copy of `n` or `n+1` on every disk that was written.
 //! **Dirty-region log**: records alternate between slots A and B by sequence parity.
@@ -53,8 +56,12 @@
 //!              tracking ?(peer u32, changed Bitmap), kind VolKind
 //! VolKind   := 0 thick: layout Layout, relayout ?(target Layout, done u64),
 //!                       fill ?(origin u32, copied Bitmap)
-//!            | 1 thin pool: data u32, chunk_blocks u32
-//!            | 2 thin: pool u32, map [(virtual chunk u64, pool chunk u32)], origin ?u32
+//!            | 1 thin pool: data u32, chunk_blocks u32,
+//!                         metadata volume u32                     (version 3 only)
+//!            | 2 thin: pool u32, map, origin ?u32
+//! map       := [(virtual chunk u64, pool chunk u32)]               (versions 1 and 2)
+//!            | root u64 (0 = empty), count u64                     (version 3: a B-tree in
+//!                                                                  the pool's metadata volume)
 //! Layout    := stripe_unit u32, legs [[Column]]
 //! Column    := segments [(disk u32, start u64, len u64)], state (0 in sync | 1 stale Bitmap)
 //! DrlRecord := [(volume u32, dirty regions Bitmap)]
