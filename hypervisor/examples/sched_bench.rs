@@ -157,7 +157,20 @@ fn simulated() {
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+    // `--count CPUS PER_CPU N`: only N decisions of one case, for an instruction counter
+    // (`cargo xtask bench sched` runs this under callgrind with two values of N: the
+    // difference is the decisions' own cost, without the setup).
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--count") {
+        let num = |k: usize| -> u64 {
+            args.get(i + k)
+                .and_then(|a| a.parse().ok())
+                .expect("--count CPUS PER_CPU N")
+        };
+        per_decision(num(1) as usize, num(2) as usize, num(3));
+        return;
+    }
+    let quick = args.iter().any(|a| a == "--quick");
     let n = if quick { 20_000 } else { 200_000 };
     println!("sched_bench: stop + pick on the host, release build, {n} decisions per case");
     let mut base = None;

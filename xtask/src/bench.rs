@@ -290,9 +290,64 @@ fn sched(extra: &[String]) -> Result<Vec<Figure>, String> {
     if extra.iter().any(|a| a == "--quick") {
         return Ok(figs);
     }
+    crate::deps::ensure(&[crate::deps::VALGRIND])?;
+    figs.extend(sched_instructions()?);
     crate::deps::ensure(&[crate::deps::BOCHS])?;
     figs.extend(sched_bochs()?);
     Ok(figs)
+}
+
+/// Instructions per decision (stop + pick), counted by callgrind on the host: each case runs
+/// with N and 2N decisions, and the difference over N is the decisions' own cost. The
+/// issue asks for instructions (they do not vary with the machine's load, as time does).
+fn sched_instructions() -> Result<Vec<Figure>, String> {
+    // Built by `sched`, which ran it just before.
+    let exe = root()
+        .join("target")
+        .join("release")
+        .join("examples")
+        .join("sched_bench");
+    let count = |cpus: usize, per_cpu: usize, n: u64| -> Result<u64, String> {
+        let out = std::process::Command::new("valgrind")
+            .args(["--tool=callgrind", "--callgrind-out-file=/dev/null"])
+            .arg(&exe)
+            .args(["--count", &cpus.to_string(), &per_cpu.to_string()])
+            .arg(n.to_string())
+            .output()
+            .map_err(|e| format!("valgrind: {e}"))?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        callgrind_refs(&err).ok_or_else(|| format!("valgrind printed no instruction count: {err}"))
+    };
+    let n = 4000;
+    let mut figs = Vec::new();
+    for cpus in [1usize, 8] {
+        for per_cpu in [10usize, 100, 1000] {
+            let (a, b) = (count(cpus, per_cpu, n)?, count(cpus, per_cpu, 2 * n)?);
+            let per = b.saturating_sub(a) as f64 / n as f64;
+            println!(
+                "decision {cpus} CPU(s) x {per_cpu:>4} runnable vCPUs: {per:>7.0} instructions (callgrind)"
+            );
+            figs.push(Figure::new(
+                "sched",
+                &format!("decision instructions, {cpus} CPU(s) x {per_cpu} vCPUs"),
+                per,
+                "instructions",
+                Better::Lower,
+            ));
+        }
+    }
+    Ok(figs)
+}
+
+/// The total in callgrind's "I refs" line.
+pub fn callgrind_refs(stderr: &str) -> Option<u64> {
+    let line = stderr.lines().find(|l| l.contains("I   refs:"))?;
+    line.rsplit(':')
+        .next()?
+        .trim()
+        .replace(',', "")
+        .parse()
+        .ok()
 }
 
 /// In Bochs (deterministic time): the worst 1 s window's share error of the 1:2:4 scenario
@@ -636,6 +691,15 @@ block 4KiB qd1  event_idx=true  hv-virtio    1234567 req/s  virtio-queue    1000
         assert_eq!(f[0].peer_value, Some(1_000_000.0));
         assert_eq!(f[1].value, 0.01);
         assert_eq!(f[1].peer_value, Some(1.0));
+    }
+
+    #[test]
+    fn callgrind_total_is_read() {
+        assert_eq!(
+            callgrind_refs("==1== Collected : 5\n==30200== I   refs:      166,925,955\n"),
+            Some(166_925_955)
+        );
+        assert_eq!(callgrind_refs("valgrind: not found"), None);
     }
 
     #[test]

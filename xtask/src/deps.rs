@@ -88,6 +88,12 @@ pub const QEMU_UTILS: &[Need] = &[
         package: "qemu-utils",
     },
 ];
+/// Valgrind's instruction counter (callgrind), for `bench sched`'s instructions per decision;
+/// not needed by the tests.
+pub const VALGRIND: &[Need] = &[Need {
+    path: "/usr/bin/valgrind",
+    package: "valgrind",
+}];
 pub const ALL: [&[Need]; 5] = [QEMU, BOCHS, ISO, UEFI, QEMU_UTILS];
 
 /// The packages providing a missing file, each once, in the order of `groups`.

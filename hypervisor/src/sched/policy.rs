@@ -111,6 +111,8 @@ struct Vcpu {
     cpu: CpuId,
     affinity: u64,
     vruntime: u64,
+    /// The weight it is counted with in the runnable average (0: not counted: blocked).
+    counted: u64,
     state: State,
     /// When it started running (Running only).
     since: Ns,
@@ -195,6 +197,10 @@ pub struct Scheduler {
     next_roll: Ns,
     /// The virtual clock never goes back (a machine that went idle keeps its time).
     floor: u64,
+    /// Sums over runnable vCPUs (waiting or running) of weight and of weight × virtual
+    /// time: their weighted average is the machine's virtual time, which lags are taken from.
+    sum_w: u128,
+    sum_wv: u128,
 }
 
 impl Scheduler {
@@ -209,6 +215,8 @@ impl Scheduler {
             any_reserved: false,
             next_roll: 0,
             floor: 0,
+            sum_w: 0,
+            sum_wv: 0,
         }
     }
 
@@ -295,6 +303,7 @@ impl Scheduler {
         self.check(Some(id), &p, self.doms[i].vcpus.len())?;
         self.doms[i].params = p;
         self.settings_changed();
+        self.recount(i);
         Ok(())
     }
 
@@ -305,6 +314,49 @@ impl Scheduler {
             .iter()
             .any(|d| !d.gone && d.params.reserve_pct > 0);
         self.next_roll = 0;
+    }
+
+    /// Counts `v` in the runnable average (it became runnable).
+    fn count_in(&mut self, v: VcpuId) {
+        if self.vcpus[v].counted == 0 {
+            let w = self.weight_of(&self.vcpus[v]);
+            let x = &mut self.vcpus[v];
+            x.counted = w;
+            self.sum_w += u128::from(w);
+            self.sum_wv += u128::from(w) * u128::from(x.vruntime);
+        }
+    }
+
+    /// Takes `v` out of the runnable average (it blocked or left).
+    fn count_out(&mut self, v: VcpuId) {
+        let x = &mut self.vcpus[v];
+        let w = core::mem::take(&mut x.counted);
+        self.sum_w -= u128::from(w);
+        self.sum_wv -= u128::from(w) * u128::from(x.vruntime);
+    }
+
+    /// Sets `v`'s virtual time, keeping the average in step.
+    fn set_vruntime(&mut self, v: VcpuId, vr: u64) {
+        let x = &mut self.vcpus[v];
+        let w = u128::from(x.counted);
+        self.sum_wv = self.sum_wv - w * u128::from(x.vruntime) + w * u128::from(vr);
+        x.vruntime = vr;
+    }
+
+    /// A domain's weight or vCPU count changed: count its runnable vCPUs again.
+    fn recount(&mut self, slot: usize) {
+        for i in 0..self.doms[slot].vcpus.len() {
+            let v = self.doms[slot].vcpus[i];
+            if self.vcpus[v].counted != 0 {
+                self.count_out(v);
+                self.count_in(v);
+            }
+        }
+    }
+
+    /// The weighted average virtual time of the runnable vCPUs (None when there are none).
+    fn average(&self) -> Option<u64> {
+        (self.sum_w != 0).then(|| (self.sum_wv / self.sum_w) as u64)
     }
 
     fn domain(&self, id: DomId) -> Option<&Domain> {
@@ -357,6 +409,7 @@ impl Scheduler {
             cpu,
             affinity,
             vruntime: start,
+            counted: 0,
             state: State::Runnable,
             since: now,
             ran: 0,
@@ -365,6 +418,9 @@ impl Scheduler {
         });
         self.queues[cpu].ready.insert((start, id));
         self.doms[slot].vcpus.push(id);
+        // Its domain's vCPUs now share its weight with one more.
+        self.recount(slot);
+        self.count_in(id);
         Ok(id)
     }
 
@@ -381,9 +437,11 @@ impl Scheduler {
         {
             self.queues[c].running = None;
         }
+        self.count_out(v);
         self.vcpus[v].removed = true;
         self.vcpus[v].state = State::Blocked;
         self.doms[slot].vcpus.retain(|&x| x != v);
+        self.recount(slot);
     }
 
     pub fn remove_domain(&mut self, id: DomId) {
@@ -452,7 +510,8 @@ impl Scheduler {
         self.vcpus[v].since = now;
         self.vcpus[v].ran += ran;
         let w = self.weight_of(&self.vcpus[v]);
-        self.vcpus[v].vruntime += ran * WEIGHT_UNIT / w;
+        let vr = self.vcpus[v].vruntime + ran * WEIGHT_UNIT / w;
+        self.set_vruntime(v, vr);
         let granted = core::mem::take(&mut self.vcpus[v].granted);
         let d = &mut self.doms[self.vcpus[v].slot];
         d.used += ran;
@@ -467,6 +526,20 @@ impl Scheduler {
         let Some(v) = self.queues[cpu].running.take() else {
             return;
         };
+        // Its lag (how far its virtual time is from the machine's, in its own real time) is
+        // kept within one longest slice either way. Competing fairly it stays within a slice
+        // of the average; beyond that it got time nothing else could use (it ran alone on
+        // its CPU, or its queue's rivals could not use more), which is neither held against
+        // it nor banked: either would let it, or its rivals, take a CPU for seconds when they
+        // meet.
+        if let Some(avg) = self.average() {
+            let w = self.weight_of(&self.vcpus[v]);
+            let most = MAX_SLICE * WEIGHT_UNIT / w;
+            let vr = self.vcpus[v]
+                .vruntime
+                .clamp(avg.saturating_sub(most), avg.saturating_add(most));
+            self.set_vruntime(v, vr);
+        }
         let x = &mut self.vcpus[v];
         match why {
             Stop::Preempted => {
@@ -482,7 +555,10 @@ impl Scheduler {
                 self.vcpus[v].cpu = to;
                 self.queues[to].ready.insert(key);
             }
-            Stop::Blocked => x.state = State::Blocked,
+            Stop::Blocked => {
+                x.state = State::Blocked;
+                self.count_out(v);
+            }
         }
     }
 
@@ -529,6 +605,7 @@ impl Scheduler {
         x.state = State::Runnable;
         x.cpu = cpu;
         self.queues[cpu].ready.insert((x.vruntime, v));
+        self.count_in(v);
         // What runs there is compared as of now, not as of its slice's start.
         self.charge(cpu, now);
         match self.queues[cpu].running {
@@ -697,6 +774,7 @@ impl Scheduler {
         let key = (x.vruntime, v);
         self.queues[x.cpu].ready.remove(&key);
         self.vcpus[v].state = State::Blocked;
+        self.count_out(v);
     }
 
     /// Allows `v` only on the CPUs in `mask`; a waiting vCPU on a CPU now disallowed moves to

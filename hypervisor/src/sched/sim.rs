@@ -28,6 +28,8 @@ struct V {
     next_wake: Option<Ns>,
     woke_at: Option<Ns>,
     ran_on: u64,
+    /// Its domain was removed: it never runs or wakes again.
+    gone: bool,
 }
 
 struct Cpu {
@@ -96,8 +98,37 @@ impl Sim {
             next_wake: None,
             woke_at: None,
             ran_on: 0,
+            gone: false,
         });
         self.vs.len() - 1
+    }
+
+    /// Removes domain `id` now: what of it runs stops (its time so far counted), and its
+    /// vCPUs never run again.
+    pub fn remove_domain(&mut self, id: DomId) {
+        let now = self.now;
+        for c in 0..self.cpus.len() {
+            if let Some((i, started, _)) = self.cpus[c].running
+                && self.vs[i].dom == id
+            {
+                self.cpus[c].running = None;
+                self.account(id, started, now);
+                self.s.stop(c, now, Stop::Blocked);
+                self.cpus[c].idle_until = now;
+            }
+        }
+        self.s.remove_domain(id);
+        for v in self.vs.iter_mut().filter(|v| v.dom == id) {
+            v.gone = true;
+            v.next_wake = None;
+            v.woke_at = None;
+        }
+    }
+
+    /// Simulated time now.
+    #[must_use]
+    pub fn now(&self) -> Ns {
+        self.now
     }
 
     fn account(&mut self, dom: DomId, from: Ns, to: Ns) {
@@ -514,5 +545,83 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Domains come and go over two simulated minutes on 4 CPUs (hogs, a capped domain, an
+    /// I/O-like sleeper): in every whole window not right after a change, each domain's
+    /// share is its entitlement among the domains present (the sleeper's demand counted as
+    /// its cap) within 2 % or one slice per vCPU, and the sleeper wakes to run within 1 ms.
+    #[test]
+    fn domains_come_and_go_over_two_simulated_minutes() {
+        // (id, weight, hogs, cap in % of a CPU, joins at s, leaves at s)
+        let plan: [(u32, u32, usize, Option<u32>, u64, u64); 4] = [
+            (1, 256, 4, None, 0, 50),
+            (2, 512, 2, None, 0, 120),
+            (3, 1024, 4, None, 20, 100),
+            (4, 256, 2, Some(50), 80, 120),
+        ];
+        // The sleeper: 0.4 ms of work every 4 ms (10 % of a CPU), there throughout.
+        let (period, burst) = (4 * MS, 2 * MS / 5);
+        let mut sim = Sim::new(4);
+        sim.domain(9, p(256));
+        sim.vcpu(9, Work::Sleeper { period, burst }, !0);
+        let mut changes: Vec<u64> = plan.iter().flat_map(|d| [d.4, d.5]).collect();
+        changes.sort_unstable();
+        changes.dedup();
+        for &t in &changes {
+            sim.run(t * SEC);
+            for &(id, w, n, cap, join, leave) in &plan {
+                if join == t {
+                    sim.domain(
+                        id,
+                        Params {
+                            weight: w,
+                            cap_pct: cap,
+                            reserve_pct: 0,
+                        },
+                    );
+                    for _ in 0..n {
+                        sim.vcpu(id, Work::Hog, !0);
+                    }
+                }
+                if leave == t && t < 120 {
+                    sim.remove_domain(id);
+                }
+            }
+        }
+        assert_eq!(sim.now(), 120 * SEC);
+        let mut checked = 0;
+        for w in 0..120u64 {
+            if changes.iter().any(|&c| c == w || c + 1 == w) || w + 1 > 120 {
+                continue;
+            }
+            let present: Vec<_> = plan.iter().filter(|d| d.4 <= w && w < d.5).collect();
+            let mut spec: Vec<(f64, usize, Option<f64>, f64)> = present
+                .iter()
+                .map(|d| (f64::from(d.1), d.2, d.3.map(|c| f64::from(c) / 100.0), 0.0))
+                .collect();
+            spec.push((256.0, 1, Some(0.1), 0.0));
+            let ent = entitlements(4.0, &spec);
+            let runnable: usize = present.iter().map(|d| d.2).sum::<usize>() + 1;
+            let per_cpu = runnable.div_ceil(4) as u64;
+            for (d, e) in present.iter().zip(&ent) {
+                let got = sim.share(d.0, w as usize);
+                let bound = (0.02 * e).max(d.2 as f64 * tolerance(0.0, per_cpu));
+                assert!(
+                    (got - e).abs() <= bound,
+                    "window {w}: domain {} got {got:.4} of a CPU, entitled to {e:.4} (bound {bound:.4})",
+                    d.0
+                );
+            }
+            let sleeper = sim.share(9, w as usize);
+            assert!(
+                (sleeper - 0.1).abs() <= 0.002,
+                "window {w}: the sleeper got {sleeper:.4}, asked for 0.1"
+            );
+            checked += 1;
+        }
+        assert!(checked >= 100, "{checked} windows checked");
+        let worst = *sim.wake_latencies().iter().max().unwrap();
+        assert!(worst <= MS, "worst wake-to-run latency {worst} ns");
     }
 }
