@@ -861,7 +861,7 @@ fn commit_costs(dir: &Path) -> Result<(), CliError> {
             bytes as f64 / c,
             writes as f64 / c,
             reopen,
-            mem as f64 / (1 << 20) as f64 / (n as f64 / 1e6)
+            mem as f64 / 1_048_576.0 / (n as f64 / 1e6)
         );
         drop(p);
         let _ = std::fs::remove_file(&path);

@@ -275,6 +275,8 @@ pub struct Forest {
     pool_id: u128,
     spaces: BTreeMap<u32, Space>,
     cache: BTreeMap<(u32, u64), Entry>,
+    /// The dirty entries of `cache`, so that a commit costs what changed, not the cache size.
+    dirty: BTreeSet<(u32, u64)>,
     lru: BTreeMap<u64, (u32, u64)>,
     tick: u64,
     cap: usize,
@@ -290,6 +292,7 @@ impl Forest {
             pool_id,
             spaces: BTreeMap::new(),
             cache: BTreeMap::new(),
+            dirty: BTreeSet::new(),
             lru: BTreeMap::new(),
             tick: 0,
             cap: DEFAULT_CACHE_NODES,
@@ -378,6 +381,7 @@ impl Forest {
             if let Some(e) = self.cache.remove(&k) {
                 self.lru.remove(&e.tick);
             }
+            self.dirty.remove(&k);
         }
     }
 
@@ -398,7 +402,7 @@ impl Forest {
     /// Whether anything changed since the last commit (dirty nodes or frees to release).
     #[must_use]
     pub fn changed(&self) -> bool {
-        self.cache.values().any(|e| e.dirty)
+        !self.dirty.is_empty()
             || self
                 .spaces
                 .values()
@@ -435,6 +439,7 @@ impl Forest {
             if let Some(e) = self.cache.remove(&(store, blk)) {
                 self.lru.remove(&e.tick);
             }
+            self.dirty.remove(&(store, blk));
         } else {
             s.pending.push(blk);
         }
@@ -476,6 +481,9 @@ impl Forest {
             self.lru.remove(&old.tick);
         }
         self.lru.insert(t, key);
+        if dirty {
+            self.dirty.insert(key);
+        }
         self.evict(io, Some(key))
     }
 
@@ -486,12 +494,13 @@ impl Forest {
                 break;
             };
             self.lru.remove(&t);
-            if let Some(e) = self.cache.remove(&key) {
-                if e.dirty {
-                    let b = e.node.encode(self.pool_id, key.1, self.seq);
-                    self.stats.writes += 1;
-                    io.write(key.0, key.1, &b)?;
-                }
+            if let Some(e) = self.cache.remove(&key)
+                && e.dirty
+            {
+                self.dirty.remove(&key);
+                let b = e.node.encode(self.pool_id, key.1, self.seq);
+                self.stats.writes += 1;
+                io.write(key.0, key.1, &b)?;
             }
         }
         Ok(())
@@ -541,6 +550,7 @@ impl Forest {
             .get_mut(&(store, blk))
             .ok_or_else(|| TreeError::Corrupt("node cache".into()))?;
         e.dirty = true;
+        self.dirty.insert((store, blk));
         Ok(&mut e.node)
     }
 
@@ -952,18 +962,16 @@ impl Forest {
     /// Writes every dirty node (before a commit record); returns how many.
     pub fn write_dirty(&mut self, io: &mut dyn NodeIo, seq: u64) -> Result<u64, TreeError> {
         self.seq = seq;
-        let keys: Vec<(u32, u64)> = self
-            .cache
-            .iter()
-            .filter(|(_, e)| e.dirty)
-            .map(|(k, _)| *k)
-            .collect();
+        let keys: Vec<(u32, u64)> = core::mem::take(&mut self.dirty).into_iter().collect();
         let mut w = BulkWriter::default();
         let mut n = 0;
         let mut cur_store = None;
         for key in keys {
-            if cur_store.is_some_and(|s| s != key.0) {
-                w.finish(self, io, key.0)?;
+            // A run of consecutive blocks never spans two stores.
+            if let Some(s) = cur_store
+                && s != key.0
+            {
+                w.finish(self, io, s)?;
             }
             cur_store = Some(key.0);
             let Some(e) = self.cache.get_mut(&key) else {
@@ -993,6 +1001,7 @@ impl Forest {
                 if let Some(e) = self.cache.remove(&(*store, b)) {
                     self.lru.remove(&e.tick);
                 }
+                self.dirty.remove(&(*store, b));
             }
             s.fresh.clear();
         }
@@ -1030,6 +1039,7 @@ impl Builder {
         if let Some(e) = f.cache.remove(&(self.store, b)) {
             f.lru.remove(&e.tick);
         }
+        f.dirty.remove(&(self.store, b));
         self.w.push(f, io, self.store, b, n)?;
         Ok(b)
     }
@@ -1205,7 +1215,7 @@ mod tests {
         let mut cmodel = Map::new();
         for step in 0..40_000u64 {
             let k = rng(&mut x) % 5000;
-            if rng(&mut x) % 3 == 0 {
+            if rng(&mut x).is_multiple_of(3) {
                 let (r, old) = f.remove(&mut io, 1, root, k).unwrap();
                 assert_eq!(old, model.remove(&k));
                 root = r;
@@ -1215,7 +1225,7 @@ mod tests {
                 assert_eq!(old, model.insert(k, v));
                 root = r;
             }
-            if step % 997 == 0 {
+            if step.is_multiple_of(997) {
                 // The committed tree is intact under the changes since.
                 let got = f.range(&mut io, 1, croot, 0, u64::MAX, usize::MAX).unwrap();
                 let want: Vec<(u64, u32)> = cmodel.iter().map(|(k, v)| (*k, *v)).collect();

@@ -872,11 +872,9 @@ impl Pool {
             ));
         }
         self.dirty = true;
-        if let Err(e) = self.flush() {
-            // Nothing of version 3 is durable unless the commit's first copy landed; the
-            // caller should reopen the pool to see which one it is.
-            return Err(e);
-        }
+        // On an error, nothing of version 3 is durable unless the commit's first copy
+        // landed; reopening the pool shows which one it is.
+        self.flush()?;
         notes.push(format!(
             "metadata record version {} -> {MD_VERSION} at sequence {}",
             before.version, self.meta.seq
