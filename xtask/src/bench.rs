@@ -551,6 +551,43 @@ pub fn volume_figures(text: &str) -> Vec<Figure> {
             out.push(f);
         }
     }
+    // Metadata commit cost by number of thin mappings (issue 18, part 1).
+    let commit = Regex::new(
+        r"^  one 4K allocating write\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+[\d.]+\s+([\d.]+)\s+([\d.]+)$",
+    )
+    .expect("valid");
+    for c in text.lines().filter_map(|l| commit.captures(l)) {
+        let n = &c[1];
+        let get = |i: usize| c[i].parse::<f64>().unwrap_or(0.0);
+        out.push(Figure::new(
+            "volume",
+            &format!("commit us, {n} mappings"),
+            get(2),
+            "us",
+            Better::Lower,
+        ));
+        out.push(Figure::new(
+            "volume",
+            &format!("commit bytes, {n} mappings"),
+            get(3),
+            "bytes",
+            Better::Lower,
+        ));
+        out.push(Figure::new(
+            "volume",
+            &format!("reopen s, {n} mappings"),
+            get(4),
+            "s",
+            Better::Lower,
+        ));
+        out.push(Figure::new(
+            "volume",
+            &format!("mapping memory per million, {n} mappings"),
+            get(5),
+            "MiB",
+            Better::Lower,
+        ));
+    }
     let snap = Regex::new(
         r"thin snapshot ([\d.]+) MiB/s; qcow2 overlay \(qemu-img bench\) ([\d.]+) MiB/s",
     )
