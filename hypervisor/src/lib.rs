@@ -26,6 +26,8 @@ extern crate alloc;
 
 pub mod cmdline;
 pub mod domain;
+#[cfg(not(target_os = "none"))]
+pub mod fuzzing;
 pub mod io;
 pub mod mm;
 pub mod sched;

@@ -42,8 +42,10 @@ commands:
                          bench (raw and qcow2 overlay) in the same run
   bench sched [--quick]  the scheduler policy's cost per decision, 10/100/1,000 vCPUs per CPU
   bench all              every benchmark, then one summary table (results: target/bench/)
-  fuzz [SECONDS]         coverage-guided fuzzing of the virtqueue and virtio-mmio parsing
-                         (cargo-fuzz, installed if missing; default 60 s)
+  fuzz [TARGET|all] [SECONDS] [--runs N]
+                         coverage-guided fuzzing of what guests and operators hand us: virtio,
+                         the MMIO decoder, the page walk, the ELF loader, hypercalls, domain
+                         lines (cargo-fuzz, installed if missing; default all, 60 s each)
   deps                   check (and as root install) the Debian packages the commands need
 ";
 

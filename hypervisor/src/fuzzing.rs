@@ -1,0 +1,231 @@
+//! The bodies of the fuzz targets for what guests and operators hand the hypervisor (issue 16):
+//! the guest page walk, the ELF loader, the hypercall dispatcher and the boot modules' domain
+//! lines. Each takes arbitrary bytes, runs the parser on them and checks what its callers rely
+//! on; a violated check panics, which is what the fuzzer looks for. `hypervisor/fuzz` wraps
+//! each in a cargo-fuzz target of the same name (`cargo xtask fuzz TARGET SECONDS`), and the
+//! tests below replay each target's seed corpus (`fuzz/corpus/TARGET`) plus mutations and
+//! pseudo-random inputs, so `cargo xtask test` runs them all without cargo-fuzz. Host only.
+//! The MMIO decoder's body is `vmx::decode::fuzz_one`.
+
+use alloc::vec;
+
+use crate::domain::config::{DomainConfig, MAX_MEM_MIB, MAX_VCPUS};
+use crate::domain::hypercall::{Caller, Outcome, dispatch};
+use crate::domain::loader;
+use crate::domain::memory::{GuestAddr, GuestMemory, VecGuestMemory, translate};
+use crate::domain::vtimer::{MAX_PERIOD_US, MIN_PERIOD_US};
+
+/// A fuzz target's body: arbitrary bytes in, a panic when a check fails.
+pub type Body = fn(&[u8]);
+
+/// The fuzz targets: (name, body). The names are the cargo-fuzz binaries and corpus folders.
+pub const TARGETS: &[(&str, Body)] = &[
+    ("page_walk", page_walk),
+    ("elf_loader", elf_loader),
+    ("hypercall", hypercall),
+    ("domain_line", domain_line),
+];
+
+fn word(data: &[u8], i: usize) -> u64 {
+    let mut w = [0u8; 8];
+    for (j, b) in w.iter_mut().enumerate() {
+        *b = data.get(i * 8 + j).copied().unwrap_or(0);
+    }
+    u64::from_le_bytes(w)
+}
+
+/// Guest page walk: CR3 and the address (16 bytes), then the guest's RAM from address 0 (the
+/// page tables the guest built). A translation keeps the address's offset within its page.
+pub fn page_walk(data: &[u8]) {
+    let (cr3, gva) = (word(data, 0), word(data, 1));
+    let ram = data.get(16..).unwrap_or(&[]);
+    let mem = VecGuestMemory::new(0, ram.len().max(4096).next_multiple_of(4096));
+    mem.write(GuestAddr(0), ram).expect("the image fits");
+    if let Some(gpa) = translate(&mem, cr3, gva) {
+        assert_eq!(gpa & 0xfff, gva & 0xfff, "{cr3:#x} {gva:#x} -> {gpa:#x}");
+        assert!(gpa < 1 << 52, "beyond MAXPHYADDR: {gpa:#x}");
+    }
+}
+
+/// RAM of the loader's test domain (the smallest a domain may have).
+const LOADER_RAM: u64 = 2 << 20;
+
+/// ELF loader: the image is the input. An accepted plan keeps every segment within
+/// `[1 MiB, RAM)`, inside the file, apart from the others, with the entry in an executable
+/// one; a load then leaves each segment's bytes in guest memory as in the file, zeros after.
+pub fn elf_loader(data: &[u8]) {
+    let Ok(plan) = loader::plan(data, LOADER_RAM) else {
+        return;
+    };
+    for (i, s) in plan.segments.iter().enumerate() {
+        assert!(
+            s.gpa >= loader::KERNEL_MIN && s.gpa + s.mem_size <= LOADER_RAM,
+            "{s:?}"
+        );
+        assert!(s.file_size <= s.mem_size && s.file_offset + s.file_size <= data.len() as u64);
+        for t in &plan.segments[i + 1..] {
+            assert!(
+                s.gpa + s.mem_size <= t.gpa || t.gpa + t.mem_size <= s.gpa,
+                "{s:?} {t:?}"
+            );
+        }
+    }
+    assert!(
+        plan.segments
+            .iter()
+            .any(|s| s.executable && (s.gpa..s.gpa + s.mem_size).contains(&plan.entry))
+    );
+    let mem = VecGuestMemory::new(0, LOADER_RAM as usize);
+    let boot = loader::load(data, &mem, "console=hvc0").expect("a checked plan loads");
+    assert_eq!(boot.rip, plan.entry);
+    assert_eq!(
+        (boot.rdx, boot.rsi),
+        (LOADER_RAM, "console=hvc0".len() as u64)
+    );
+    for s in &plan.segments {
+        let mut got = vec![0u8; s.mem_size as usize];
+        mem.read(GuestAddr(s.gpa), &mut got).expect("in RAM");
+        let file = &data[s.file_offset as usize..(s.file_offset + s.file_size) as usize];
+        assert_eq!(&got[..file.len()], file, "segment at {:#x}", s.gpa);
+        assert!(
+            got[file.len()..].iter().all(|&b| b == 0),
+            "bss at {:#x}",
+            s.gpa
+        );
+    }
+}
+
+/// Hypercall dispatch: the number and three arguments (32 bytes), the caller's vCPU count and
+/// started set (9 bytes), then 16 KiB of guest RAM at most. Whatever the arguments, an
+/// outcome is within what the exit handler may act on unchecked.
+pub fn hypercall(data: &[u8]) {
+    let (number, args) = (word(data, 0), [word(data, 1), word(data, 2), word(data, 3)]);
+    let started = word(data, 4) | 1;
+    let vcpus = u32::from(data.get(40).copied().unwrap_or(1) % 65);
+    let ram = data.get(41..).unwrap_or(&[]);
+    let ram = &ram[..ram.len().min(16 << 10)];
+    let mem = VecGuestMemory::new(0, 16 << 10);
+    mem.write(GuestAddr(0), ram).expect("fits");
+    match dispatch(number, args, &mem, Caller { vcpus, started }) {
+        Outcome::Console(bytes) => {
+            assert!(bytes.len() as u64 <= hv_abi::hypercall::CONSOLE_WRITE_MAX);
+            assert_eq!(bytes.len() as u64, args[1]);
+            let mut want = vec![0u8; bytes.len()];
+            mem.read(GuestAddr(args[0]), &mut want)
+                .expect("it was read");
+            assert_eq!(bytes, want);
+        }
+        Outcome::StartVcpu { index, .. } => {
+            assert!(index != 0 && index < vcpus && index < 64);
+            assert_eq!(started & (1 << index), 0, "vCPU {index} started twice");
+        }
+        Outcome::SetTimer { vector, period_us } => {
+            assert!(vector >= 32);
+            assert!(period_us == 0 || (MIN_PERIOD_US..=MAX_PERIOD_US).contains(&period_us));
+        }
+        Outcome::Return(_) | Outcome::Exit(_) | Outcome::Yield | Outcome::VcpuOff => {}
+    }
+}
+
+/// A boot module's domain line (`name=… mem=… -- guest line`), as text (invalid UTF-8 is
+/// refused before parsing, as the boot code does). An accepted line is within every bound,
+/// and the guest's part is a piece of the line.
+pub fn domain_line(data: &[u8]) {
+    let Ok(text) = core::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(c) = DomainConfig::parse(text) else {
+        return;
+    };
+    assert!(c.mem_mib >= 2 && c.mem_mib <= MAX_MEM_MIB && c.mem_mib % 2 == 0);
+    assert!((1..=MAX_VCPUS).contains(&c.vcpus));
+    assert!(!(c.cpu.is_some() && c.sched.pin.is_some()));
+    assert!(text.contains(c.guest_cmdline));
+    assert!(
+        c.name == "guest" || text.contains(c.name),
+        "name {:?}",
+        c.name
+    );
+    if let Some(p) = c.sched.pin {
+        assert_ne!(p, 0, "an empty CPU set");
+    }
+    if let Some(w) = c.sched.weight {
+        assert!((1..=65535).contains(&w));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    extern crate std;
+    use std::path::Path;
+
+    /// Replays `name`'s seeds, prefixes and one-byte changes of each (at up to 512 places,
+    /// evenly spread), then pseudo-random inputs of mixed lengths.
+    fn replay(name: &str, body: Body) {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/corpus")
+            .join(name);
+        let mut seeds = 0;
+        for e in std::fs::read_dir(&dir).expect("the seed corpus is in the repository") {
+            let data = std::fs::read(e.expect("readable").path()).expect("readable");
+            body(&data);
+            for k in (0..data.len()).step_by((data.len() / 512).max(1)) {
+                body(&data[..k]);
+                let mut m = data.clone();
+                m[k] ^= 0xff;
+                body(&m);
+                m[k] = m[k].wrapping_add(0x81);
+                body(&m);
+            }
+            seeds += 1;
+        }
+        assert!(seeds >= 3, "{seeds} seeds in {}", dir.display());
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..2000 {
+            let len = (next() % 600) as usize;
+            let data: alloc::vec::Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            body(&data);
+        }
+    }
+
+    #[test]
+    fn page_walk_corpus_replays() {
+        replay("page_walk", page_walk);
+    }
+
+    #[test]
+    fn elf_loader_corpus_replays() {
+        replay("elf_loader", elf_loader);
+    }
+
+    #[test]
+    fn hypercall_corpus_replays() {
+        replay("hypercall", hypercall);
+    }
+
+    #[test]
+    fn domain_line_corpus_replays() {
+        replay("domain_line", domain_line);
+    }
+
+    #[test]
+    fn every_target_has_a_cargo_fuzz_binary() {
+        let manifest =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/Cargo.toml"))
+                .expect("fuzz/Cargo.toml");
+        for (name, _) in TARGETS {
+            assert!(
+                manifest.contains(&alloc::format!("name = \"{name}\"")),
+                "{name} has no [[bin]] in fuzz/Cargo.toml"
+            );
+        }
+    }
+}
