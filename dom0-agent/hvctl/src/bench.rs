@@ -763,7 +763,7 @@ fn run_in(
 /// Counts the bytes and requests written through it (metadata commits in the bench).
 struct Counted(
     Box<dyn BlockDevice>,
-    std::rc::Rc<std::cell::Cell<(u64, u64)>>,
+    std::sync::Arc<std::sync::Mutex<(u64, u64)>>,
 );
 
 impl BlockDevice for Counted {
@@ -774,8 +774,12 @@ impl BlockDevice for Counted {
         self.0.read(lba, buf)
     }
     fn write(&mut self, lba: u64, buf: &[u8]) -> Result<(), volmgr::DevError> {
-        let (b, w) = self.1.get();
-        self.1.set((b + buf.len() as u64, w + 1));
+        let mut c = self
+            .1
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *c = (c.0 + buf.len() as u64, c.1 + 1);
+        drop(c);
         self.0.write(lba, buf)
     }
     fn flush(&mut self) -> Result<(), volmgr::DevError> {
@@ -823,7 +827,7 @@ fn commit_costs(dir: &Path) -> Result<(), CliError> {
             &mut (0..n).map(|k| (2 * k, u32::try_from(k).unwrap_or(u32::MAX))),
         )?;
         drop(p);
-        let counts = std::rc::Rc::new(std::cell::Cell::new((0u64, 0u64)));
+        let counts = std::sync::Arc::new(std::sync::Mutex::new((0u64, 0u64)));
         let d = FileDisk::open(&path, None).map_err(|err| CliError::File {
             path: path.clone(),
             err,
@@ -844,11 +848,15 @@ fn commit_costs(dir: &Path) -> Result<(), CliError> {
             x ^= x >> 7;
             x ^= x << 17;
             p.write(t, 2 * (x % n) + 1, &buf)?;
-            let before = counts.get();
+            let before = *counts
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             let t0 = Instant::now();
             p.flush()?;
             us += t0.elapsed().as_secs_f64() * 1e6;
-            let after = counts.get();
+            let after = *counts
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             bytes += after.0 - before.0;
             writes += after.1 - before.1;
         }

@@ -119,6 +119,11 @@ pub struct Completion {
     pub data: Vec<u8>,
 }
 
+/// What a device calls when a submitted request has completed on another thread (its
+/// completion is then ready for [`BlockDevice::reap`]), so that a caller can wait for
+/// completions without holding the device ([`BlockDevice::set_waker`]).
+pub type Waker = Arc<dyn Fn() + Send + Sync>;
+
 /// Performs `req` on `dev` with its synchronous calls and returns the completion.
 pub fn complete_now<D: BlockDevice + ?Sized>(dev: &mut D, tag: u64, req: Request) -> Completion {
     let (result, data) = match req {
@@ -142,7 +147,10 @@ pub fn complete_now<D: BlockDevice + ?Sized>(dev: &mut D, tag: u64, req: Request
 }
 
 /// A disk, a partition, an image file or one path to a multipath disk.
-pub trait BlockDevice {
+///
+/// Devices are `Send`: a pool (and its devices) may be handed to, and shared under a lock
+/// between, the threads that serve its volumes ([`crate::pool::SharedPool`]).
+pub trait BlockDevice: Send {
     /// Number of 4 KiB blocks.
     fn num_blocks(&self) -> u64;
     /// Reads `buf.len() / BLOCK_SIZE` blocks starting at `lba`.
@@ -170,6 +178,14 @@ pub trait BlockDevice {
     /// small writes (metadata, dirty-region log). Page-cache and in-memory devices say no:
     /// there a hand-off to a queue costs more than the request.
     fn waits_on_medium(&self) -> bool {
+        false
+    }
+    /// Asks the device to call `waker` after each submitted request that completes later
+    /// (once its completion can be reaped), from whichever thread completes it. Returns
+    /// whether it will: a device whose requests only complete inside `reap` or at submission
+    /// says no (the default), and a caller then waits inside `reap` itself.
+    fn set_waker(&mut self, waker: Waker) -> bool {
+        let _ = waker;
         false
     }
 }
@@ -269,5 +285,8 @@ impl<T: BlockDevice + ?Sized> BlockDevice for alloc::boxed::Box<T> {
     }
     fn waits_on_medium(&self) -> bool {
         (**self).waits_on_medium()
+    }
+    fn set_waker(&mut self, waker: Waker) -> bool {
+        (**self).set_waker(waker)
     }
 }

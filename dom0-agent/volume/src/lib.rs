@@ -45,7 +45,7 @@
 //!   tools add their own locks (`hvctl` uses `flock`); see `dom0-agent/VOLUMES.md`.
 //! * Bad on-disk data never panics: every length is bounded, every record is checksummed, and
 //!   decoded metadata is validated before use.
-#![cfg_attr(not(test), no_std)]
+#![cfg_attr(not(any(test, feature = "std")), no_std)]
 
 extern crate alloc;
 
@@ -57,13 +57,14 @@ pub mod format;
 pub mod layout;
 pub mod multipath;
 pub mod pool;
+mod sync;
 pub mod testdev;
 
 pub use dev::{BLOCK_SIZE, BlockDevice, DevError, MemDisk};
 pub use error::Error;
 pub use pool::{
-    IoQueue, LayoutSpec, NamedDevice, OpenOptions, Pool, PoolConfig, SnapshotKind, VolCompletion,
-    VolumeInfo,
+    IoQueue, LayoutSpec, NamedDevice, OpenOptions, Pool, PoolConfig, SharedPool, SnapshotKind,
+    VolCompletion, VolumeInfo,
 };
 
 /// Converts a block count or byte offset that is known to fit memory into `usize`.

@@ -234,6 +234,14 @@ impl BlockDevice for MultipathDisk {
     fn waits_on_medium(&self) -> bool {
         self.paths.iter().any(|p| p.dev.waits_on_medium())
     }
+    fn set_waker(&mut self, waker: crate::dev::Waker) -> bool {
+        // A completion on any path wakes the caller, who reaps this disk, which reaps the path.
+        let mut all = true;
+        for p in &mut self.paths {
+            all &= p.dev.set_waker(waker.clone());
+        }
+        all
+    }
     fn submit(&mut self, tag: u64, req: Request) -> Option<Completion> {
         match req {
             // Writes completed before the flush have been reaped from their paths, so flushing
@@ -299,10 +307,11 @@ mod tests {
     use super::*;
     use crate::MemDisk;
     use crate::dev::WriteData;
+    use crate::testdev::Shared;
     use crate::testdev::{FaultyDisk, Interleave, QueuedDisk, SharedDisk};
-    use alloc::rc::Rc;
+    use alloc::sync::Arc;
     use alloc::vec;
-    use core::cell::{Cell, RefCell};
+    use core::sync::atomic::{AtomicBool, Ordering};
 
     #[test]
     fn failed_path_is_retired_and_io_continues() {
@@ -360,7 +369,7 @@ mod tests {
     struct Stuck {
         disk: SharedDisk,
         queue: Vec<(u64, Request)>,
-        release: Rc<Cell<bool>>,
+        release: Arc<AtomicBool>,
     }
 
     impl BlockDevice for Stuck {
@@ -384,7 +393,7 @@ mod tests {
             None
         }
         fn reap(&mut self, out: &mut Vec<Completion>, _wait: bool) {
-            if self.release.get() {
+            if self.release.load(Ordering::SeqCst) {
                 for (tag, req) in core::mem::take(&mut self.queue) {
                     out.push(crate::dev::complete_now(&mut self.disk, tag, req));
                 }
@@ -396,13 +405,13 @@ mod tests {
     fn min_queue_sees_requests_in_flight_on_each_path() {
         for policy in [PathPolicy::MinQueue, PathPolicy::RoundRobin] {
             let disk = SharedDisk::new(16);
-            let release = Rc::new(Cell::new(false));
+            let release = Arc::new(AtomicBool::new(false));
             let stuck = Stuck {
                 disk: disk.clone(),
                 queue: Vec::new(),
                 release: release.clone(),
             };
-            let sched = Rc::new(RefCell::new(Interleave::new(5)));
+            let sched = Shared::new(Interleave::new(5));
             sched.borrow_mut().immediate_in_8 = 8;
             let quick = QueuedDisk::new(Box::new(disk.clone()), sched);
             let mut mp =
@@ -421,7 +430,7 @@ mod tests {
                 _ => assert_eq!(mp.issued(), vec![4, 4]),
             }
             assert!(mp.queue_depth() > 0);
-            release.set(true);
+            release.store(true, Ordering::SeqCst);
             while mp.queue_depth() > 0 {
                 mp.reap(&mut done, true);
             }
@@ -438,7 +447,7 @@ mod tests {
     #[test]
     fn a_request_failed_by_a_path_is_resubmitted_to_the_next() {
         let disk = SharedDisk::new(16);
-        let sched = Rc::new(RefCell::new(Interleave::new(9)));
+        let sched = Shared::new(Interleave::new(9));
         sched.borrow_mut().immediate_in_8 = 0;
         let (p0, f0) = FaultyDisk::new(Box::new(disk.clone()));
         let q0 = QueuedDisk::new(Box::new(p0), sched.clone());

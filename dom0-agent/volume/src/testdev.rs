@@ -6,14 +6,73 @@
 
 use alloc::boxed::Box;
 use alloc::collections::BTreeSet;
-use alloc::rc::Rc;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::cell::RefCell;
 
 use crate::dev::{
     BLOCK_SIZE, BlockDevice, Completion, DevError, Request, check_range, complete_now,
 };
 use crate::{u, us};
+
+/// State shared between a test and its devices (which may live in a pool served from several
+/// threads, so devices are `Send`): a reference-counted lock used like a `RefCell`.
+/// `borrow`/`borrow_mut` wait for another thread's borrow to end; a borrow that never ends
+/// (a nested `borrow_mut` on the same thread, which a `RefCell` would refuse) panics after
+/// about a second of waiting instead of hanging the test.
+pub struct Shared<T>(Arc<spin::RwLock<T>>);
+
+impl<T> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<T: core::fmt::Debug> core::fmt::Debug for Shared<T> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0.try_read() {
+            Some(g) => write!(f, "Shared({:?})", &*g),
+            None => write!(f, "Shared(<borrowed>)"),
+        }
+    }
+}
+
+impl<T: Default> Default for Shared<T> {
+    fn default() -> Self {
+        Self::new(T::default())
+    }
+}
+
+/// Spins of a borrow that waits before it is taken for a deadlock.
+const BORROW_SPINS: u64 = 1 << 28;
+
+impl<T> Shared<T> {
+    /// Shares `value`.
+    pub fn new(value: T) -> Self {
+        Self(Arc::new(spin::RwLock::new(value)))
+    }
+
+    /// Reads the value (many readers at once).
+    pub fn borrow(&self) -> spin::RwLockReadGuard<'_, T> {
+        for _ in 0..BORROW_SPINS {
+            if let Some(g) = self.0.try_read() {
+                return g;
+            }
+            core::hint::spin_loop();
+        }
+        panic!("Shared::borrow: value mutably borrowed for too long (nested borrow?)");
+    }
+
+    /// Changes the value (one at a time).
+    pub fn borrow_mut(&self) -> spin::RwLockWriteGuard<'_, T> {
+        for _ in 0..BORROW_SPINS {
+            if let Some(g) = self.0.try_write() {
+                return g;
+            }
+            core::hint::spin_loop();
+        }
+        panic!("Shared::borrow_mut: value borrowed for too long (nested borrow?)");
+    }
+}
 
 /// A shared counter of write boundaries (writes and flushes) across every disk of a test, so a
 /// crash happens at one instant for the whole machine.
@@ -28,7 +87,7 @@ pub struct CrashClock {
 }
 
 /// Shared handle to a [`CrashClock`].
-pub type Clock = Rc<RefCell<CrashClock>>;
+pub type Clock = Shared<CrashClock>;
 
 /// The contents of a crashable disk: what is durable, and the volatile cache on top.
 #[derive(Debug, Default)]
@@ -55,17 +114,17 @@ impl CrashState {
 
 /// A disk with a volatile write cache, crashing when the shared clock says so.
 pub struct CrashDisk {
-    state: Rc<RefCell<CrashState>>,
+    state: Shared<CrashState>,
     clock: Clock,
 }
 
 impl CrashDisk {
     /// A crashable disk over `image`; returns the disk and a handle to its state.
-    pub fn new(image: Vec<u8>, clock: Clock) -> (Self, Rc<RefCell<CrashState>>) {
-        let state = Rc::new(RefCell::new(CrashState {
+    pub fn new(image: Vec<u8>, clock: Clock) -> (Self, Shared<CrashState>) {
+        let state = Shared::new(CrashState {
             durable: image,
             cache: Vec::new(),
-        }));
+        });
         (
             Self {
                 state: state.clone(),
@@ -160,7 +219,7 @@ pub struct Faults {
 }
 
 /// Shared handle to [`Faults`].
-pub type FaultHandle = Rc<RefCell<Faults>>;
+pub type FaultHandle = Shared<Faults>;
 
 /// Wraps a device and fails the requests its [`Faults`] name.
 pub struct FaultyDisk {
@@ -171,7 +230,7 @@ pub struct FaultyDisk {
 impl FaultyDisk {
     /// Wraps `inner`; returns the device and the handle that controls its faults.
     pub fn new(inner: Box<dyn BlockDevice>) -> (Self, FaultHandle) {
-        let faults = Rc::new(RefCell::new(Faults::default()));
+        let faults = Shared::new(Faults::default());
         (
             Self {
                 inner,
@@ -232,13 +291,13 @@ impl BlockDevice for FaultyDisk {
 /// A [`MemDisk`](crate::MemDisk) whose bytes are shared with the test, so the test can take an
 /// image at any time (e.g. to present a stale copy of the disk later).
 #[derive(Clone)]
-pub struct SharedDisk(pub Rc<RefCell<crate::MemDisk>>);
+pub struct SharedDisk(pub Shared<crate::MemDisk>);
 
 impl SharedDisk {
     /// A zeroed shared disk of `blocks` blocks.
     #[must_use]
     pub fn new(blocks: u64) -> Self {
-        Self(Rc::new(RefCell::new(crate::MemDisk::new(blocks))))
+        Self(Shared::new(crate::MemDisk::new(blocks)))
     }
 
     /// A copy of the current bytes.
@@ -271,6 +330,9 @@ pub struct Interleave {
     state: u64,
     /// Out of 8: how likely a submitted request is performed at once (0: always queued).
     pub immediate_in_8: u64,
+    /// Out of 8: how likely a reap that does not wait completes nothing (0, the default:
+    /// any number; higher keeps requests in flight longer, for tests of concurrency).
+    pub idle_reap_in_8: u64,
     /// Requests performed so far, over every disk sharing this scheduler.
     pub performed: u64,
     /// The largest number of requests seen in flight on one disk.
@@ -284,6 +346,7 @@ impl Interleave {
         Self {
             state: seed | 1,
             immediate_in_8: 1,
+            idle_reap_in_8: 0,
             performed: 0,
             max_depth: 0,
         }
@@ -299,7 +362,7 @@ impl Interleave {
 }
 
 /// Shared handle to an [`Interleave`].
-pub type Sched = Rc<RefCell<Interleave>>;
+pub type Sched = Shared<Interleave>;
 
 /// Wraps a synchronous device and gives it a queue: submitted requests stay in flight until
 /// the shared [`Interleave`] picks them, in any order, at a later `reap` (or, sometimes, at
@@ -370,6 +433,13 @@ impl BlockDevice for QueuedDisk {
             return;
         }
         // How many complete now: any number, at least one when the caller waits.
+        if !wait {
+            let mut s = self.sched.borrow_mut();
+            let k = s.idle_reap_in_8;
+            if k > 0 && s.below(8) < k {
+                return;
+            }
+        }
         let len = u(self.queue.len());
         let mut n = self.sched.borrow_mut().below(len + 1);
         if wait {

@@ -12,9 +12,8 @@
 
 mod common;
 
-use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::rc::Rc;
+use volmgr::testdev::Shared;
 
 use common::*;
 use volmgr::pool::{LayoutSpec, SnapshotKind};
@@ -82,7 +81,7 @@ fn base_images_version(version: u32) -> Vec<Vec<u8>> {
 
 struct Run {
     model: Model,
-    states: Vec<Rc<RefCell<CrashState>>>,
+    states: Vec<Shared<CrashState>>,
     clock: Clock,
     completed: bool,
     error: Option<Error>,
@@ -95,13 +94,13 @@ fn workload(images: &[Vec<u8>], crash_at: Option<u64>) -> Run {
 
 /// The workload with its random choices drawn from `seed`.
 fn workload_seeded(images: &[Vec<u8>], crash_at: Option<u64>, seed: u64) -> Run {
-    let clock: Clock = Rc::new(RefCell::new(CrashClock {
+    let clock: Clock = Shared::new(CrashClock {
         ops: 0,
         crash_at,
         crashed: false,
-    }));
+    });
     let mut states = Vec::new();
-    let sched: Sched = Rc::new(RefCell::new(Interleave::new(seed ^ 0x5151)));
+    let sched: Sched = Shared::new(Interleave::new(seed ^ 0x5151));
     let devs: Vec<Box<dyn BlockDevice>> = images
         .iter()
         .map(|img| {
@@ -305,8 +304,8 @@ fn workload_seeded(images: &[Vec<u8>], crash_at: Option<u64>, seed: u64) -> Run 
 }
 
 thread_local! {
-    static WORK: RefCell<std::time::Duration> = const { RefCell::new(std::time::Duration::ZERO) };
-    static VER: RefCell<std::time::Duration> = const { RefCell::new(std::time::Duration::ZERO) };
+    static WORK: std::cell::RefCell<std::time::Duration> = const { std::cell::RefCell::new(std::time::Duration::ZERO) };
+    static VER: std::cell::RefCell<std::time::Duration> = const { std::cell::RefCell::new(std::time::Duration::ZERO) };
     static PATTERNS: Vec<Vec<u8>> = (0..4096).map(|t| if t == 0 { vec![0u8; 4096] } else { pattern(t) }).collect();
 }
 
@@ -393,11 +392,11 @@ fn upgrade_crashed_at_every_write_boundary_leaves_old_or_new_pool() {
     let mut model = prep.model.clone();
     model.flushed();
     let upgrade = |crash_at: Option<u64>| {
-        let clock: Clock = Rc::new(RefCell::new(CrashClock {
+        let clock: Clock = Shared::new(CrashClock {
             ops: 0,
             crash_at,
             crashed: false,
-        }));
+        });
         let mut states = Vec::new();
         let devs: Vec<Box<dyn BlockDevice>> = base
             .iter()
@@ -578,11 +577,11 @@ fn drl_resyncs_only_regions_written_near_the_crash() {
 /// itself (log replay, repairs, commits); returns the boundaries the open used (when it ran
 /// to the end) and the surviving images.
 fn open_crashing(images: &[Vec<u8>], crash_at: Option<u64>, keep: &mut Rng) -> (u64, Vec<Vec<u8>>) {
-    let clock: Clock = Rc::new(RefCell::new(CrashClock {
+    let clock: Clock = Shared::new(CrashClock {
         ops: 0,
         crash_at,
         crashed: false,
-    }));
+    });
     let mut states = Vec::new();
     let devs: Vec<Box<dyn BlockDevice>> = images
         .iter()

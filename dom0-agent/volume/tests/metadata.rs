@@ -4,10 +4,9 @@
 
 mod common;
 
-use std::cell::RefCell;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::rc::Rc;
+use volmgr::testdev::Shared;
 
 use common::*;
 use volmgr::format::{MD_VERSION, MD_VERSION_INLINE};
@@ -27,7 +26,7 @@ struct Counts {
 struct SparseFile {
     f: File,
     blocks: u64,
-    c: Rc<RefCell<Counts>>,
+    c: Shared<Counts>,
 }
 
 impl BlockDevice for SparseFile {
@@ -53,7 +52,7 @@ impl BlockDevice for SparseFile {
     }
 }
 
-fn sparse(path: &std::path::Path, blocks: u64) -> (SparseFile, Rc<RefCell<Counts>>) {
+fn sparse(path: &std::path::Path, blocks: u64) -> (SparseFile, Shared<Counts>) {
     let f = File::options()
         .read(true)
         .write(true)
@@ -62,7 +61,7 @@ fn sparse(path: &std::path::Path, blocks: u64) -> (SparseFile, Rc<RefCell<Counts
         .open(path)
         .unwrap();
     f.set_len(blocks * BLOCK_SIZE as u64).unwrap();
-    let c = Rc::new(RefCell::new(Counts::default()));
+    let c = Shared::new(Counts::default());
     (
         SparseFile {
             f,

@@ -344,7 +344,7 @@ fn queued_requests_in_flight_match_the_model() {
     let steps = 200;
     let mut deepest = 0;
     for seed in 1..=seeds {
-        let sched: Sched = std::rc::Rc::new(std::cell::RefCell::new(Interleave::new(seed)));
+        let sched: Sched = volmgr::testdev::Shared::new(Interleave::new(seed));
         run_on(seed * 0x9e37_79b9 + 7, steps, Some(sched.clone()));
         deepest = deepest.max(sched.borrow().max_depth);
     }

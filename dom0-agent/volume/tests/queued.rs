@@ -5,8 +5,8 @@
 
 mod common;
 
-use std::cell::{Cell, RefCell};
-use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::*;
 use volmgr::dev::{BLOCK_SIZE, Completion, DevError, Request, complete_now};
@@ -20,7 +20,7 @@ use volmgr::{BlockDevice, Error, Pool, PoolConfig};
 struct Gate {
     disk: SharedDisk,
     held: Vec<(u64, Request)>,
-    open: Rc<Cell<bool>>,
+    open: Arc<AtomicBool>,
 }
 
 /// Where volume data starts on a pool made with `PoolConfig::small`.
@@ -54,7 +54,7 @@ impl BlockDevice for Gate {
         }
     }
     fn reap(&mut self, out: &mut Vec<Completion>, _wait: bool) {
-        if self.open.get() {
+        if self.open.load(Ordering::SeqCst) {
             for (tag, req) in std::mem::take(&mut self.held) {
                 out.push(complete_now(&mut self.disk, tag, req));
             }
@@ -62,9 +62,9 @@ impl BlockDevice for Gate {
     }
 }
 
-fn gated_pool(n: usize) -> (Vec<SharedDisk>, Vec<Rc<Cell<bool>>>, Pool) {
+fn gated_pool(n: usize) -> (Vec<SharedDisk>, Vec<Arc<AtomicBool>>, Pool) {
     let d = disks(n, 1024);
-    let gates: Vec<Rc<Cell<bool>>> = (0..n).map(|_| Rc::new(Cell::new(true))).collect();
+    let gates: Vec<Arc<AtomicBool>> = (0..n).map(|_| Arc::new(AtomicBool::new(true))).collect();
     let devs = d
         .iter()
         .zip(&gates)
@@ -104,7 +104,7 @@ fn mirror_legs_are_written_in_parallel_and_a_write_waits_for_every_leg() {
         .unwrap();
     p.flush().unwrap();
     for g in &gates {
-        g.set(false);
+        g.store(false, Ordering::SeqCst);
     }
     let mut out = Vec::new();
     let mut q = p.queue();
@@ -118,17 +118,17 @@ fn mirror_legs_are_written_in_parallel_and_a_write_waits_for_every_leg() {
     );
     q.poll(&mut out, false);
     assert_eq!(q.device_requests(), 2, "both legs have the write at once");
-    gates[0].set(true);
+    gates[0].store(true, Ordering::SeqCst);
     q.poll(&mut out, false);
     assert!(out.is_empty(), "answered before the second leg had it");
     assert_eq!(q.device_requests(), 1);
-    gates[1].set(true);
+    gates[1].store(true, Ordering::SeqCst);
     q.poll(&mut out, true);
     assert_eq!(out.len(), 1);
     assert!(out[0].result.is_ok());
     // Eight blocks over two columns of four: both columns at once.
     for g in &gates {
-        g.set(false);
+        g.store(false, Ordering::SeqCst);
     }
     let data: Vec<u8> = (0..8).flat_map(|t| pattern(100 + t)).collect();
     q.write(2, s, 0, &data).unwrap();
@@ -137,7 +137,7 @@ fn mirror_legs_are_written_in_parallel_and_a_write_waits_for_every_leg() {
     q.read(3, m, 3, 1).unwrap();
     assert_eq!(q.device_requests(), 3);
     for g in &gates {
-        g.set(true);
+        g.store(true, Ordering::SeqCst);
     }
     let rest = q.finish();
     assert_eq!(rest.len(), 2);
@@ -155,7 +155,7 @@ fn mirror_legs_are_written_in_parallel_and_a_write_waits_for_every_leg() {
 
 fn queued_faulty_pool(n: usize, seed: u64) -> (Vec<SharedDisk>, Vec<FaultHandle>, Sched, Pool) {
     let d = disks(n, 2048);
-    let sched: Sched = Rc::new(RefCell::new(Interleave::new(seed)));
+    let sched: Sched = volmgr::testdev::Shared::new(Interleave::new(seed));
     let mut handles = Vec::new();
     let devs = d
         .iter()
@@ -356,7 +356,7 @@ fn thin_writes_in_place_and_mapped_reads_go_through_the_queue() {
     let t = p.create_thin("t", "tp", 64).unwrap();
     p.flush().unwrap();
     for g in &gates {
-        g.set(false);
+        g.store(false, Ordering::SeqCst);
     }
     let mut out = Vec::new();
     {
@@ -378,7 +378,7 @@ fn thin_writes_in_place_and_mapped_reads_go_through_the_queue() {
         q.read(4, t, 40, 1).unwrap();
         assert_eq!(q.device_requests(), 3);
         for g in &gates {
-            g.set(true);
+            g.store(true, Ordering::SeqCst);
         }
         out.extend(q.finish());
     }
@@ -404,7 +404,7 @@ fn thin_writes_in_place_and_mapped_reads_go_through_the_queue() {
     .unwrap();
     let s = p.volume_id("s").unwrap();
     for g in &gates {
-        g.set(false);
+        g.store(false, Ordering::SeqCst);
     }
     {
         let mut q = p.queue();
@@ -416,7 +416,7 @@ fn thin_writes_in_place_and_mapped_reads_go_through_the_queue() {
             "a shared chunk is not written in place"
         );
         for g in &gates {
-            g.set(true);
+            g.store(true, Ordering::SeqCst);
         }
         let rest = q.finish();
         assert!(rest.iter().all(|c| c.result.is_ok()));

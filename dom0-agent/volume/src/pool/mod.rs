@@ -19,7 +19,8 @@
 //! Files: `open` (create, open, recovery), `commit` (metadata commits, dirty-region log,
 //! flush, failed disks), `space` (extent allocation), `admin` (operations that change the
 //! configuration), `io` (volume reads and writes), `aio` (volume requests in flight through an
-//! [`IoQueue`]), `layout_io` (legs, columns, segments), `validate` (checks of decoded
+//! [`IoQueue`]), `shared` (the pool served from several threads: [`SharedPool`], region locks,
+//! group commit), `layout_io` (legs, columns, segments), `validate` (checks of decoded
 //! metadata).
 
 use alloc::boxed::Box;
@@ -365,6 +366,7 @@ mod commit;
 mod io;
 mod layout_io;
 mod open;
+pub mod shared;
 mod space;
 mod thinmap;
 mod validate;
@@ -375,6 +377,7 @@ use layout_io::{
     layout_write, mark_stale,
 };
 pub use open::NamedDevice;
+pub use shared::SharedPool;
 use thinmap::ThinRt;
 pub use thinmap::md_blocks_for;
 use validate::check_name;

@@ -471,45 +471,35 @@ impl Pool {
     }
 }
 
-impl IoQueue<'_> {
-    /// The pool (read-only view while requests are in flight).
-    #[must_use]
-    pub fn pool(&self) -> &Pool {
-        self.pool
-    }
-
-    /// Requests submitted whose completion [`IoQueue::poll`] has not returned yet.
-    #[must_use]
-    pub fn in_flight(&self) -> usize {
-        let a = &self.pool.aio;
+impl Pool {
+    /// Volume requests submitted to the queue whose completion has not been taken yet.
+    pub(super) fn q_in_flight(&self) -> usize {
+        let a = &self.aio;
         a.parents.len() + a.done.len() + a.drl_wait.len()
     }
 
-    /// Pieces in flight on the disks now.
-    #[must_use]
-    pub fn device_requests(&self) -> usize {
-        self.pool.aio.children.len()
-    }
-
-    /// Starts a write of whole blocks of volume `id` at `block`, answered under `tag`.
-    /// Arguments that are wrong (no such volume, beyond its end, not whole blocks, read-only
-    /// pool) are refused here; failures of the I/O come back in the completion.
-    pub fn write(&mut self, tag: u64, id: u32, block: u64, buf: &[u8]) -> Result<(), Error> {
-        let p = &mut *self.pool;
-        p.writable()?;
+    /// Starts a queued write (see [`IoQueue::write`]).
+    pub(super) fn q_write(
+        &mut self,
+        tag: u64,
+        id: u32,
+        block: u64,
+        buf: &[u8],
+    ) -> Result<(), Error> {
+        self.writable()?;
         let n = nblocks(buf)?;
-        let vi = p.vidx(id)?;
-        let v = &p.meta.volumes[vi];
+        let vi = self.vidx(id)?;
+        let v = &self.meta.volumes[vi];
         if block.checked_add(n).is_none_or(|e| e > v.size) {
             return Err(Error::OutOfRange(v.name.clone()));
         }
         let planned = if n > 0 {
-            p.plan(vi, block, n, true)
+            self.plan(vi, block, n, true)
         } else {
             None
         };
         match planned {
-            Some((false, pieces)) => p.aio.drl_wait.push(Waiting {
+            Some((false, pieces)) => self.aio.drl_wait.push(Waiting {
                 tag,
                 vol: id,
                 block,
@@ -517,11 +507,11 @@ impl IoQueue<'_> {
                 pieces,
             }),
             Some((true, pieces)) => {
-                p.launch(tag, id, block, Payload::Write(WriteData::new(buf)), pieces);
+                self.launch(tag, id, block, Payload::Write(WriteData::new(buf)), pieces);
             }
             None => {
-                let result = p.write(id, block, buf);
-                p.aio.done.push(VolCompletion {
+                let result = self.write(id, block, buf);
+                self.aio.done.push(VolCompletion {
                     tag,
                     result,
                     data: Vec::new(),
@@ -531,12 +521,16 @@ impl IoQueue<'_> {
         Ok(())
     }
 
-    /// Starts a read of `blocks` blocks of volume `id` at `block`, answered under `tag` with
-    /// the data.
-    pub fn read(&mut self, tag: u64, id: u32, block: u64, blocks: u64) -> Result<(), Error> {
-        let p = &mut *self.pool;
-        let vi = p.vidx(id)?;
-        let v = &p.meta.volumes[vi];
+    /// Starts a queued read (see [`IoQueue::read`]).
+    pub(super) fn q_read(
+        &mut self,
+        tag: u64,
+        id: u32,
+        block: u64,
+        blocks: u64,
+    ) -> Result<(), Error> {
+        let vi = self.vidx(id)?;
+        let v = &self.meta.volumes[vi];
         if block.checked_add(blocks).is_none_or(|e| e > v.size) {
             return Err(Error::OutOfRange(v.name.clone()));
         }
@@ -548,16 +542,16 @@ impl IoQueue<'_> {
         }
         let buf = vec![0u8; us(blocks) * BLOCK_SIZE];
         let planned = if blocks > 0 {
-            p.plan(vi, block, blocks, false)
+            self.plan(vi, block, blocks, false)
         } else {
             None
         };
         match planned {
-            Some((_, pieces)) => p.launch(tag, id, block, Payload::Read(buf), pieces),
+            Some((_, pieces)) => self.launch(tag, id, block, Payload::Read(buf), pieces),
             None => {
                 let mut buf = buf;
-                let result = p.read(id, block, &mut buf);
-                p.aio.done.push(VolCompletion {
+                let result = self.read(id, block, &mut buf);
+                self.aio.done.push(VolCompletion {
                     tag,
                     result,
                     data: buf,
@@ -567,18 +561,70 @@ impl IoQueue<'_> {
         Ok(())
     }
 
+    /// Moves finished queued requests into `out` (see [`IoQueue::poll`]).
+    pub(super) fn q_poll(&mut self, out: &mut Vec<VolCompletion>, wait: bool) {
+        self.aio_release();
+        self.aio_collect(false);
+        self.aio_answer();
+        while wait && self.aio.done.is_empty() && !self.aio.parents.is_empty() {
+            self.aio_collect(true);
+            self.aio_answer();
+        }
+        out.append(&mut self.aio.done);
+    }
+
+    /// Device pieces of queued requests in flight now.
+    pub(super) fn q_pieces(&self) -> usize {
+        self.aio.children.len()
+    }
+
+    /// Asks every present disk to call `waker` when a submitted request completes; whether
+    /// all of them will ([`BlockDevice::set_waker`]).
+    pub(super) fn set_wakers(&mut self, waker: &crate::dev::Waker) -> bool {
+        let mut all = true;
+        for d in self.devs.iter_mut().flatten() {
+            all &= d.set_waker(waker.clone());
+        }
+        all
+    }
+}
+
+impl IoQueue<'_> {
+    /// The pool (read-only view while requests are in flight).
+    #[must_use]
+    pub fn pool(&self) -> &Pool {
+        self.pool
+    }
+
+    /// Requests submitted whose completion [`IoQueue::poll`] has not returned yet.
+    #[must_use]
+    pub fn in_flight(&self) -> usize {
+        self.pool.q_in_flight()
+    }
+
+    /// Pieces in flight on the disks now.
+    #[must_use]
+    pub fn device_requests(&self) -> usize {
+        self.pool.q_pieces()
+    }
+
+    /// Starts a write of whole blocks of volume `id` at `block`, answered under `tag`.
+    /// Arguments that are wrong (no such volume, beyond its end, not whole blocks, read-only
+    /// pool) are refused here; failures of the I/O come back in the completion.
+    pub fn write(&mut self, tag: u64, id: u32, block: u64, buf: &[u8]) -> Result<(), Error> {
+        self.pool.q_write(tag, id, block, buf)
+    }
+
+    /// Starts a read of `blocks` blocks of volume `id` at `block`, answered under `tag` with
+    /// the data.
+    pub fn read(&mut self, tag: u64, id: u32, block: u64, blocks: u64) -> Result<(), Error> {
+        self.pool.q_read(tag, id, block, blocks)
+    }
+
     /// Moves finished requests into `out`; with `wait`, blocks until there is at least one
     /// (unless nothing is in flight).
     pub fn poll(&mut self, out: &mut Vec<VolCompletion>, wait: bool) {
-        let p = &mut *self.pool;
-        p.aio_release();
-        p.aio_collect(false);
-        p.aio_answer();
-        while wait && p.aio.done.is_empty() && !p.aio.parents.is_empty() {
-            p.aio_collect(true);
-            p.aio_answer();
-        }
-        out.append(&mut p.aio.done);
+        self.pool.q_poll(out, wait);
     }
 
     /// Waits for every request in flight, then flushes the pool ([`Pool::flush`]): every write
