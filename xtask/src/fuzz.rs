@@ -16,6 +16,7 @@ pub const TARGETS: &[(&str, &str)] = &[
     ("hypervisor", "elf_loader"),
     ("hypervisor", "hypercall"),
     ("hypervisor", "domain_line"),
+    ("dom0-agent/volume", "metadata"),
 ];
 
 /// What the command line asks for.
@@ -113,6 +114,15 @@ pub fn run(args: &[String]) -> Result<(), String> {
             eprintln!("{l}");
         }
         if !out.status.success() {
+            // The panic's message and the saved input, which the tail may have scrolled past.
+            let lines: Vec<&str> = text.lines().collect();
+            for (i, l) in lines.iter().enumerate() {
+                if l.contains("panicked at") || l.contains("Test unit written") {
+                    for m in &lines[i..(i + 4).min(lines.len())] {
+                        eprintln!("{m}");
+                    }
+                }
+            }
             return Err(format!(
                 "fuzz: {target} failed ({}); the input that failed is named above",
                 out.status
