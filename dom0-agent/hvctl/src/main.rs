@@ -490,21 +490,34 @@ fn human(blocks: u64) -> String {
 /// The pool as one command owns it: the image locks and the open pool. Dropping it clears
 /// the owner record (the locks go with the files).
 struct Session {
-    pool: Pool,
+    /// The open pool; taken by `serve`, which shares it between threads and clears the owner
+    /// record itself.
+    pool: Option<Pool>,
     _lock: lock::PoolLock,
 }
 
 impl Session {
+    /// The open pool.
+    fn pool(&mut self) -> Result<&mut Pool, CliError> {
+        self.pool
+            .as_mut()
+            .ok_or_else(|| CliError::Usage("the pool was handed to the server".into()))
+    }
+
     /// Clears the owner record, reporting a failure to do so.
     fn close(mut self) -> Result<(), CliError> {
-        self.pool.release()?;
+        if let Some(p) = self.pool.as_mut() {
+            p.release()?;
+        }
         Ok(())
     }
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
-        if let Err(e) = self.pool.release() {
+        if let Some(p) = self.pool.as_mut()
+            && let Err(e) = p.release()
+        {
             eprintln!("hvctl: could not clear the pool's owner record: {e}");
         }
     }
@@ -583,7 +596,10 @@ fn open_session(
             }
         );
     }
-    Ok(Session { pool, _lock: lock })
+    Ok(Session {
+        pool: Some(pool),
+        _lock: lock,
+    })
 }
 
 /// The subcommand's name, for the owner record and messages.
@@ -740,7 +756,7 @@ fn add_disk(cmd: &VolumeCmd, member: &str, disk_size: Option<&str>) -> Result<()
     let name = path
         .file_name()
         .map_or_else(|| "disk".into(), |n| n.to_string_lossy().replace(' ', "_"));
-    s.pool.add_disk(Box::new(d), DiskSpec { name, tier })?;
+    s.pool()?.add_disk(Box::new(d), DiskSpec { name, tier })?;
     undo.done = true;
     s.close()
 }
@@ -798,20 +814,24 @@ fn run(cli: Cli) -> Result<(), CliError> {
             let listener = std::net::TcpListener::bind((bind.as_str(), *port))?;
             let first = disk_paths(&cmd)?.remove(0).0;
             let ctl = control::Listener::bind(&first);
-            nbd::serve(&mut s.pool, &cfg, &listener, ctl, bind)?;
+            let pool = s
+                .pool
+                .take()
+                .ok_or_else(|| CliError::Usage("no pool".into()))?;
+            nbd::serve(pool, &cfg, &listener, ctl, bind)?;
             s.close()
         }
         VolOp::Upgrade => forward_if_served(&cmd, |cmd| {
             let mut s = open_session(cmd, false, false, "hvctl upgrade")?;
-            let before = s.pool.metadata_version();
-            match s.pool.upgrade() {
+            let before = s.pool()?.metadata_version();
+            match s.pool()?.upgrade() {
                 Ok(notes) => {
                     for n in notes {
                         println!("{n}");
                     }
                     println!(
                         "pool upgraded from metadata version {before} to {}",
-                        s.pool.metadata_version()
+                        s.pool()?.metadata_version()
                     );
                     s.close()
                 }
@@ -826,7 +846,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             let relabel = matches!(op, VolOp::Repair);
             let mut s = open_session(cmd, read_only, relabel, &format!("hvctl {}", op_name(op)))?;
             let cwd = std::env::current_dir()?;
-            ops::run_op(op, &mut s.pool, &mut std::io::stdout(), &cwd)?;
+            ops::run_op(op, s.pool()?, &mut std::io::stdout(), &cwd)?;
             s.close()
         }),
     }

@@ -3,16 +3,23 @@
 //! through its control socket.
 //!
 //! Threads: one accepts TCP connections and starts a [`session`] thread per client; one
-//! accepts control connections; the calling thread is the **pool thread**, the only one that
-//! touches the [`Pool`]. Sessions and control connections send it [`Msg`]s and wait for the
-//! answer, so requests from all clients and admin commands are applied one at a time, in the
-//! order they arrive, to the one open pool. While no message arrives the pool thread runs
-//! background work (resync, snapshot fill, relayout) in small steps.
+//! accepts control connections; the calling thread is the **pool thread**. The pool is a
+//! [`SharedPool`]: every session thread sends its client's reads, writes, trims, zeroing and
+//! flushes to it **directly and at the same time as the others** (region locks order
+//! overlapping requests to one volume, requests to other ranges and volumes run in parallel,
+//! flushes and FUA writes share group commits; see `volmgr::pool::shared`). The pool thread
+//! handles what changes the set of exports or the pool's configuration: it attaches sessions
+//! to exports, runs admin commands from other `hvctl` processes, and runs background work
+//! (resync, snapshot fill, relayout) in small steps while no message arrives; each of those
+//! runs with the whole pool ([`SharedPool::with_pool`]: client requests already submitted
+//! finish first, new ones wait until it is done).
 //!
 //! Rules the pool thread enforces: a session is attached to one export and its volume id
 //! (ids are never reused, so a removed volume's late writes cannot land in another one);
 //! removing, shrinking or rolling back a volume with attached sessions is refused unless
-//! `--force`, which first disconnects them; a session that ends gets the pool flushed.
+//! `--force`, which first disconnects them (their gate is closed before the command waits
+//! for the requests in flight, so none of theirs lands after it); a session that ends gets
+//! the pool flushed.
 
 mod session;
 
@@ -20,11 +27,13 @@ use std::collections::BTreeMap;
 use std::io;
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use clap::Parser as _;
 use volmgr::format::VolKind;
-use volmgr::{Error, Pool};
+use volmgr::pool::shared::Op;
+use volmgr::{Error, Pool, SharedPool};
 
 use crate::{Cli, CliError, Top, VolOp, control, ops, size_blocks};
 
@@ -77,18 +86,12 @@ pub enum Msg {
         name: String,
         reply: Sender<Option<u64>>,
     },
-    /// Attaches a session to an export; answers its size, or `None` for an unknown name.
+    /// Attaches a session to an export; answers the export, or `None` for an unknown name.
     Attach {
         session: u64,
         name: String,
         stream: TcpStream,
-        reply: Sender<Option<u64>>,
-    },
-    /// A request of an attached session: data read, or an NBD error number.
-    Io {
-        session: u64,
-        io: Io,
-        reply: Sender<Result<Vec<u8>, u32>>,
+        reply: Sender<Option<Export>>,
     },
     /// A connection ended (attached or not).
     Done { session: u64 },
@@ -96,14 +99,29 @@ pub enum Msg {
     Control(control::Request),
 }
 
+/// Whether a session may still send requests to its volume. A session holds it while it
+/// checks and submits a request; the pool thread closes it (to disconnect the session) before
+/// a forced command waits for the requests in flight.
+pub type Gate = Arc<Mutex<bool>>;
+
+/// What a session is attached to.
+pub struct Export {
+    /// Size in bytes.
+    pub size: u64,
+    /// The volume's id.
+    pub vol: u32,
+    pub gate: Gate,
+    pub pool: Arc<SharedPool>,
+}
+
 struct Attachment {
     export: String,
-    vol: u32,
+    gate: Gate,
     stream: TcpStream,
 }
 
 struct Server<'a> {
-    pool: &'a mut Pool,
+    pool: Arc<SharedPool>,
     cfg: &'a ServeConfig,
     sessions: BTreeMap<u64, Attachment>,
     finished: usize,
@@ -111,9 +129,23 @@ struct Server<'a> {
 }
 
 /// Serves `pool` on `listener` (and commands on `ctl`) until `cfg.max_clients` connections
-/// have come and gone, or forever.
+/// have come and gone, or forever. At the end (or on an error) the pool is flushed and its
+/// owner record cleared.
 pub fn serve(
-    pool: &mut Pool,
+    pool: Pool,
+    cfg: &ServeConfig,
+    listener: &TcpListener,
+    ctl: Option<control::Listener>,
+    bind: &str,
+) -> io::Result<()> {
+    let pool = Arc::new(SharedPool::new(pool));
+    let r = serve_shared(&pool, cfg, listener, ctl, bind);
+    let end = pool.with_pool(|p| p.flush().and_then(|()| p.release()));
+    r.and(end.map_err(io::Error::other))
+}
+
+fn serve_shared(
+    pool: &Arc<SharedPool>,
     cfg: &ServeConfig,
     listener: &TcpListener,
     ctl: Option<control::Listener>,
@@ -121,13 +153,14 @@ pub fn serve(
 ) -> io::Result<()> {
     if let Some(names) = &cfg.exports {
         for n in names {
-            pool.volume_id(n).map_err(io::Error::other)?;
+            pool.peek(|p| p.volume_id(n).map(|_| ()))
+                .map_err(io::Error::other)?;
         }
     }
     let (tx, rx) = channel();
     let port = listener.local_addr()?.port();
     let mut server = Server {
-        pool,
+        pool: pool.clone(),
         cfg,
         sessions: BTreeMap::new(),
         finished: 0,
@@ -181,21 +214,104 @@ pub fn serve(
     Ok(())
 }
 
+/// The NBD error number for a volume manager error.
+fn errno(e: &Error) -> u32 {
+    match e {
+        Error::ThinPoolFull { .. } | Error::NoSpace(_) => ENOSPC,
+        Error::OutOfRange(_) | Error::Misaligned | Error::InvalidArgument(_) => EINVAL,
+        _ => EIO,
+    }
+}
+
+/// Performs one request of a session attached to `ex`, from the session's thread, beside
+/// every other session's: data read, or an NBD error number.
+pub fn io(ex: &Export, io: Io) -> Result<Vec<u8>, u32> {
+    let vol = ex.vol;
+    let (op, fua, what, at) = match io {
+        Io::Read { offset, len } => (
+            Op::Read {
+                vol,
+                offset,
+                len: u64::from(len),
+            },
+            false,
+            "read",
+            offset,
+        ),
+        Io::Write { offset, data, fua } => (Op::Write { vol, offset, data }, fua, "write", offset),
+        Io::Trim { offset, len, fua } => (
+            Op::Discard {
+                vol,
+                offset,
+                len: u64::from(len),
+            },
+            fua,
+            "trim",
+            offset,
+        ),
+        Io::Zeroes { offset, len, fua } => (
+            Op::Zeroes {
+                vol,
+                offset,
+                len: u64::from(len),
+            },
+            fua,
+            "write zeroes",
+            offset,
+        ),
+        Io::Flush => {
+            return ex.pool.flush().map(|()| Vec::new()).map_err(|e| {
+                eprintln!("nbd: flush: {e}");
+                errno(&e)
+            });
+        }
+    };
+    // Checked and submitted under the gate, so a session disconnected by a forced command
+    // either got its request in before that command waited for the requests in flight, or
+    // does not reach the pool at all.
+    let ticket = loop {
+        let open = ex.gate.lock().unwrap_or_else(PoisonError::into_inner);
+        if !*open {
+            // Disconnected by an admin command: nothing more reaches the pool.
+            return Err(EIO);
+        }
+        match ex.pool.submit(op.clone()) {
+            Ok(t) => break t,
+            // An admin command has the pool: try again once it is done.
+            Err(_) => {
+                drop(open);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    };
+    let r = ex.pool.wait(ticket);
+    let r = match r {
+        Ok(data) if fua => ex.pool.flush().map(|()| data),
+        r => r,
+    };
+    r.map_err(|e| {
+        eprintln!("nbd: {what} at {at}: {e}");
+        errno(&e)
+    })
+}
+
 impl Server<'_> {
     /// The export names, in the pool's order.
     fn exports(&self) -> Vec<String> {
-        let meta = self.pool.meta();
-        meta.volumes
-            .iter()
-            .filter(|v| !v.internal && !matches!(v.kind, VolKind::ThinPool { .. }))
-            .filter(|v| {
-                self.cfg
-                    .exports
-                    .as_ref()
-                    .is_none_or(|l| l.contains(&v.name))
-            })
-            .map(|v| v.name.clone())
-            .collect()
+        self.pool.peek(|p| {
+            p.meta()
+                .volumes
+                .iter()
+                .filter(|v| !v.internal && !matches!(v.kind, VolKind::ThinPool { .. }))
+                .filter(|v| {
+                    self.cfg
+                        .exports
+                        .as_ref()
+                        .is_none_or(|l| l.contains(&v.name))
+                })
+                .map(|v| v.name.clone())
+                .collect()
+        })
     }
 
     /// The export `name` refers to ("" = the only one), as (name, volume id, size in bytes).
@@ -206,8 +322,10 @@ impl Server<'_> {
             ("", _) => return None,
             (n, _) => names.iter().find(|e| *e == n)?.clone(),
         };
-        let id = self.pool.volume_id(&name).ok()?;
-        let size = self.pool.volume_size(id).ok()? * 4096;
+        let (id, size) = self.pool.peek(|p| {
+            let id = p.volume_id(&name).ok()?;
+            Some((id, p.volume_size(id).ok()? * 4096))
+        })?;
         Some((name, id, size))
     }
 
@@ -221,7 +339,7 @@ impl Server<'_> {
             let msg = match rx.recv_timeout(wait) {
                 Ok(m) => m,
                 Err(RecvTimeoutError::Timeout) => {
-                    self.background = match self.pool.background_step(16) {
+                    self.background = match self.pool.with_pool(|p| p.background_step(16)) {
                         Ok(more) => more,
                         Err(e) => {
                             // Background work failing must not cost the clients their sessions.
@@ -246,26 +364,24 @@ impl Server<'_> {
                     stream,
                     reply,
                 } => {
-                    let found = self.lookup(&name);
-                    if let Some((export, vol, _)) = &found {
+                    let found = self.lookup(&name).map(|(export, vol, size)| {
+                        let gate: Gate = Arc::new(Mutex::new(true));
                         self.sessions.insert(
                             session,
                             Attachment {
-                                export: export.clone(),
-                                vol: *vol,
+                                export,
+                                gate: gate.clone(),
                                 stream,
                             },
                         );
-                    }
-                    let _ = reply.send(found.map(|e| e.2));
-                }
-                Msg::Io { session, io, reply } => {
-                    let r = match self.sessions.get(&session) {
-                        Some(a) => self.io(a.vol, io),
-                        // Disconnected by an admin command: nothing more reaches the pool.
-                        None => Err(EIO),
-                    };
-                    let _ = reply.send(r);
+                        Export {
+                            size,
+                            vol,
+                            gate,
+                            pool: self.pool.clone(),
+                        }
+                    });
+                    let _ = reply.send(found);
                 }
                 Msg::Done { session } => {
                     self.sessions.remove(&session);
@@ -284,43 +400,6 @@ impl Server<'_> {
             }
         }
         self.pool.flush().map_err(io::Error::other)
-    }
-
-    fn io(&mut self, vol: u32, io: Io) -> Result<Vec<u8>, u32> {
-        let errno = |e: &Error| match e {
-            Error::ThinPoolFull { .. } | Error::NoSpace(_) => ENOSPC,
-            Error::OutOfRange(_) | Error::Misaligned | Error::InvalidArgument(_) => EINVAL,
-            _ => EIO,
-        };
-        let pool = &mut *self.pool;
-        let (r, fua, at) = match io {
-            Io::Read { offset, len } => {
-                let mut buf = vec![0u8; len as usize];
-                return match pool.read_bytes(vol, offset, &mut buf) {
-                    Ok(()) => Ok(buf),
-                    Err(e) => {
-                        eprintln!("nbd: read at {offset}: {e}");
-                        Err(errno(&e))
-                    }
-                };
-            }
-            Io::Write { offset, data, fua } => (pool.write_bytes(vol, offset, &data), fua, offset),
-            Io::Trim { offset, len, fua } => (
-                pool.discard(vol, offset, u64::from(len)).map(|_| ()),
-                fua,
-                offset,
-            ),
-            Io::Zeroes { offset, len, fua } => {
-                (pool.write_zeroes(vol, offset, u64::from(len)), fua, offset)
-            }
-            Io::Flush => (pool.flush(), false, 0),
-        };
-        let r = if r.is_ok() && fua { pool.flush() } else { r };
-        self.background = true;
-        r.map(|()| Vec::new()).map_err(|e| {
-            eprintln!("nbd: write at {at}: {e}");
-            errno(&e)
-        })
     }
 
     /// Runs a command sent by another hvctl and answers it.
@@ -346,12 +425,22 @@ impl Server<'_> {
                 .unwrap_or_default();
             (1, format!("hvctl: error: {e}\n{hint}"))
         };
-        if let Err(e) = self.check_clients(&cmd.op) {
-            let (c, m) = fail(e);
-            return (c, Vec::new(), m);
-        }
+        let forced = match self.check_clients(&cmd.op) {
+            Ok(f) => f,
+            Err(e) => {
+                let (c, m) = fail(e);
+                return (c, Vec::new(), m);
+            }
+        };
         let mut out = Vec::new();
-        match ops::run_op(&cmd.op, self.pool, &mut out, &req.cwd) {
+        // With the whole pool: client requests already submitted finish first.
+        let r = self.pool.with_pool(|pool| {
+            if forced {
+                pool.flush()?;
+            }
+            ops::run_op(&cmd.op, pool, &mut out, &req.cwd)
+        });
+        match r {
             Ok(()) => (0, out, String::new()),
             Err(e) => {
                 let (c, m) = fail(e);
@@ -361,8 +450,8 @@ impl Server<'_> {
     }
 
     /// Refuses commands that would pull a volume from under its clients, unless forced; when
-    /// forced, disconnects those clients first.
-    fn check_clients(&mut self, op: &VolOp) -> Result<(), CliError> {
+    /// forced, disconnects those clients first (whether it did).
+    fn check_clients(&mut self, op: &VolOp) -> Result<bool, CliError> {
         let (name, force, what) = match op {
             VolOp::Serve { .. }
             | VolOp::CreatePool { .. }
@@ -377,13 +466,15 @@ impl Server<'_> {
             VolOp::Remove { name, force } => (name, *force, "remove"),
             VolOp::Rollback { name, force, .. } => (name, *force, "roll back"),
             VolOp::Resize { name, size, force } => {
-                let id = self.pool.volume_id(name)?;
-                if size_blocks(size)? >= self.pool.volume_size(id)? {
-                    return Ok(());
+                let now = self
+                    .pool
+                    .peek(|p| p.volume_id(name).and_then(|id| p.volume_size(id)))?;
+                if size_blocks(size)? >= now {
+                    return Ok(false);
                 }
                 (name, *force, "shrink")
             }
-            _ => return Ok(()),
+            _ => return Ok(false),
         };
         let users: Vec<u64> = self
             .sessions
@@ -392,7 +483,7 @@ impl Server<'_> {
             .map(|(s, _)| *s)
             .collect();
         if users.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         if !force {
             return Err(CliError::Usage(format!(
@@ -404,11 +495,13 @@ impl Server<'_> {
         }
         for s in users {
             if let Some(a) = self.sessions.remove(&s) {
+                // Closed before the command waits for the requests in flight: whatever the
+                // session submits from now on is refused.
+                *a.gate.lock().unwrap_or_else(PoisonError::into_inner) = false;
                 let _ = a.stream.shutdown(Shutdown::Both);
                 eprintln!("nbd: disconnected a client of '{name}' to {what} it (--force)");
             }
         }
-        self.pool.flush()?;
-        Ok(())
+        Ok(true)
     }
 }

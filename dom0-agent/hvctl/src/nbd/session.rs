@@ -14,7 +14,7 @@ use std::net::TcpStream;
 use std::sync::mpsc::{Sender, channel};
 use std::time::{Duration, Instant};
 
-use super::{Io, Msg};
+use super::{Export, Io, Msg};
 
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
@@ -85,7 +85,7 @@ fn opt_reply(s: &mut impl Write, opt: u32, kind: u32, data: &[u8]) -> io::Result
 
 /// What a session was told about its export when it attached.
 pub struct Attached {
-    pub size: u64,
+    pub export: Export,
 }
 
 fn invalid(what: &'static str) -> io::Error {
@@ -116,7 +116,7 @@ pub fn run(
     };
     s.set_read_timeout(idle)?;
     s.set_write_timeout(idle)?;
-    transmission(s, session, tx, att.size, idle)
+    transmission(s, &att.export, idle)
 }
 
 fn handshake_phase(
@@ -144,7 +144,7 @@ fn handshake_phase(
     arm(s)?;
     let client_flags = rd_u32(s)?;
     let tflags = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES;
-    let attach = |name: String, stream: &TcpStream| -> io::Result<Option<u64>> {
+    let attach = |name: String, stream: &TcpStream| -> io::Result<Option<Export>> {
         let stream = stream.try_clone()?;
         ask(tx, |reply| Msg::Attach {
             session,
@@ -170,10 +170,11 @@ fn handshake_phase(
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data).into_owned();
                 // No error reply exists for this option: an unknown name closes the connection.
-                let Some(size) = attach(name.clone(), s)? else {
+                let Some(export) = attach(name.clone(), s)? else {
                     eprintln!("nbd: client asked for unknown export '{name}'; closed");
                     return Ok(None);
                 };
+                let size = export.size;
                 let mut b = Vec::new();
                 b.extend_from_slice(&size.to_be_bytes());
                 b.extend_from_slice(&tflags.to_be_bytes());
@@ -181,7 +182,7 @@ fn handshake_phase(
                     b.extend_from_slice(&[0u8; 124]);
                 }
                 s.write_all(&b)?;
-                return Ok(Some(Attached { size }));
+                return Ok(Some(Attached { export }));
             }
             OPT_ABORT => {
                 opt_reply(s, opt, REP_ACK, &[])?;
@@ -210,13 +211,15 @@ fn handshake_phase(
                     opt_reply(s, opt, REP_ERR_UNKNOWN, b"malformed option")?;
                     continue;
                 };
-                let size = if opt == OPT_GO {
-                    attach(want.clone(), s)?
+                let (size, export) = if opt == OPT_GO {
+                    let e = attach(want.clone(), s)?;
+                    (e.as_ref().map(|e| e.size), e)
                 } else {
-                    ask(tx, |reply| Msg::Lookup {
+                    let size = ask(tx, |reply| Msg::Lookup {
                         name: want.clone(),
                         reply,
-                    })?
+                    })?;
+                    (size, None)
                 };
                 let Some(size) = size else {
                     opt_reply(s, opt, REP_ERR_UNKNOWN, b"no such export")?;
@@ -227,8 +230,8 @@ fn handshake_phase(
                 info.extend_from_slice(&tflags.to_be_bytes());
                 opt_reply(s, opt, REP_INFO, &info)?;
                 opt_reply(s, opt, REP_ACK, &[])?;
-                if opt == OPT_GO {
-                    return Ok(Some(Attached { size }));
+                if let Some(export) = export {
+                    return Ok(Some(Attached { export }));
                 }
             }
             _ => opt_reply(s, opt, REP_ERR_UNSUP, &[])?,
@@ -236,13 +239,8 @@ fn handshake_phase(
     }
 }
 
-fn transmission(
-    s: &mut TcpStream,
-    session: u64,
-    tx: &Sender<Msg>,
-    size: u64,
-    idle: Option<Duration>,
-) -> io::Result<()> {
+fn transmission(s: &mut TcpStream, export: &Export, idle: Option<Duration>) -> io::Result<()> {
+    let size = export.size;
     loop {
         let magic = match rd_u32(s) {
             Ok(m) => m,
@@ -306,7 +304,8 @@ fn transmission(
                 continue;
             }
         };
-        match ask(tx, |reply| Msg::Io { session, io, reply })? {
+        // Straight to the shared pool, from this thread, beside every other session.
+        match super::io(export, io) {
             Ok(data) => reply(s, 0, &data)?,
             Err(errno) => reply(s, errno, &[])?,
         }
