@@ -8,6 +8,10 @@
 //! multi-consumer work queue that std's `mpsc` does not offer). Dropping the disk closes the
 //! work queue and joins the workers after the requests already queued.
 //!
+//! `HVCTL_DISK_DELAY_US=N` in the environment makes every worker wait N microseconds before
+//! each submitted request, like a disk with that latency: a testing aid (the NBD tests use it
+//! to show requests of several clients in flight at once on image files in RAM).
+//!
 //! [`FileDisk::open_direct`] opens with `O_DIRECT` (the page cache bypassed, so every request
 //! waits for the device), going through 4 KiB-aligned bounce buffers as `O_DIRECT` requires.
 
@@ -50,6 +54,10 @@ pub struct FileDisk {
     blocks: u64,
     workers: usize,
     pool: Option<Workers>,
+    /// Called after each submitted request completes ([`BlockDevice::set_waker`]).
+    waker: Arc<std::sync::Mutex<Option<volmgr::dev::Waker>>>,
+    /// Latency added to each submitted request (`HVCTL_DISK_DELAY_US`).
+    delay: Option<std::time::Duration>,
 }
 
 /// Buffer alignment `O_DIRECT` asks for (offsets and lengths are whole blocks already).
@@ -151,12 +159,18 @@ impl FileDisk {
 
     fn of(file: File, direct: bool) -> Self {
         let blocks = file.metadata().map_or(0, |m| m.len()) / BLOCK;
+        let delay = std::env::var("HVCTL_DISK_DELAY_US")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(std::time::Duration::from_micros);
         Self {
             file: Arc::new(file),
             direct,
             blocks,
             workers: DEFAULT_WORKERS,
             pool: None,
+            waker: Arc::default(),
+            delay,
         }
     }
 
@@ -170,17 +184,30 @@ impl FileDisk {
 
     fn workers(&mut self) -> &mut Workers {
         let (file, direct, blocks, n) = (&self.file, self.direct, self.blocks, self.workers);
+        let (waker, delay) = (&self.waker, self.delay);
         self.pool.get_or_insert_with(|| {
             let (work, jobs) = crossbeam_channel::unbounded::<(u64, Request)>();
             let (done_tx, done) = crossbeam_channel::unbounded();
             let threads = (0..n)
                 .map(|_| {
                     let (jobs, done_tx, file) = (jobs.clone(), done_tx.clone(), file.clone());
+                    let waker = waker.clone();
                     std::thread::spawn(move || {
                         for (tag, req) in jobs {
+                            if let Some(d) = delay {
+                                std::thread::sleep(d);
+                            }
                             let c = perform(&file, direct, blocks, tag, req);
                             if done_tx.send(c).is_err() {
                                 break;
+                            }
+                            // After the send: whoever wakes finds the completion.
+                            let w = waker
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .clone();
+                            if let Some(w) = w {
+                                w();
                             }
                         }
                     })
@@ -236,6 +263,13 @@ impl BlockDevice for FileDisk {
                 data: Vec::new(),
             }),
         }
+    }
+    fn set_waker(&mut self, waker: volmgr::dev::Waker) -> bool {
+        *self
+            .waker
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(waker);
+        true
     }
     fn reap(&mut self, out: &mut Vec<Completion>, wait: bool) {
         let Some(w) = self.pool.as_mut() else {

@@ -384,9 +384,22 @@ impl Server<'_> {
                     let _ = reply.send(found);
                 }
                 Msg::Done { session } => {
-                    self.sessions.remove(&session);
+                    let attached = self.sessions.remove(&session).is_some();
                     // A client that goes away without flushing gets its writes flushed anyway.
                     self.pool.flush().map_err(io::Error::other)?;
+                    if attached {
+                        let st = self.pool.stats();
+                        eprintln!(
+                            "nbd: client done; pool so far: {} requests, at most {} in the pool \
+                             at once, {} waited for an overlapping one, {} commits for {} \
+                             flush tickets",
+                            st.requests,
+                            st.max_unfinished,
+                            st.range_waits,
+                            st.commits,
+                            st.flush_tickets
+                        );
+                    }
                     self.finished += 1;
                     self.background = true;
                     if self.cfg.max_clients.is_some_and(|m| self.finished >= m) {
