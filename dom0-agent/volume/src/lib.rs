@@ -4,7 +4,8 @@
 //! admin see: pools of disks, RAID layouts (concatenated, striped, mirrored, striped-mirror),
 //! thin pools and thin volumes, full and space-optimised snapshots, online grow/shrink and
 //! relayout, dirty-region logging and smart resynchronisation, tiers, and multipath. It is
-//! `no_std + alloc` so that dom0 can link it on bare metal; the same code is tested on the host
+//! `no_std + alloc` so that dom0 can link it on bare metal (the `std` feature makes
+//! [`pool::SharedPool`]'s waiting threads sleep on std's `Condvar` instead of spinning); the same code is tested on the host
 //! and used offline by `hvctl` on disk-image files.
 //!
 //! # Map
@@ -15,7 +16,10 @@
 //! * [`layout`]: address mapping of concatenated / striped / mirrored layouts.
 //! * [`pool`]: the pool: open/create, commits, the dirty-region log, volume I/O (synchronous,
 //!   and queued through [`pool::IoQueue`] with mirror legs and stripe columns in parallel),
-//!   thin allocation, snapshots, resize, relayout, resync, split/reattach, checks.
+//!   thin allocation, snapshots, resize, relayout, resync, split/reattach, checks; and
+//!   [`pool::SharedPool`], the pool served from several threads at once (a pool lock held only
+//!   for bookkeeping, synchronous paths, commits and admin; per-volume region locks in
+//!   submission order; group commit of flushes).
 //! * [`multipath`]: one disk over several paths with an I/O policy.
 //! * [`bitmap`]: region bitmaps.
 //! * [`btree`]: copy-on-write B-trees of thin mappings (metadata version 3).
@@ -38,6 +42,10 @@
 //!   shared thin chunks are redirected on write.
 //! * Before a mirrored (or change-tracked) region is written, its bit is durable in the
 //!   dirty-region log, so after a crash only logged regions are resynchronised.
+//! * **Concurrency**: a [`Pool`] is used through `&mut` by one thread at a time; to serve it
+//!   from several, wrap it in a [`pool::SharedPool`]. Overlapping requests to one volume then
+//!   take effect in submission order, and a flush returns only after a commit that started
+//!   after it (covering every write acknowledged before it). Devices are `Send`.
 //! * **One owner**: a pool is changed by one process (or domain) at a time. A caller that
 //!   opens it to write passes [`pool::OpenOptions::owner`]; the owner record
 //!   ([`format::Owner`]) is written on every disk before the first other write and cleared by

@@ -9,7 +9,7 @@
 //!   completions, thin allocation and the other requests that run synchronously (allocating or
 //!   redirecting thin writes, unaligned byte ranges, discards, snapshots that copy before
 //!   write), metadata commits and admin commands. It is never held while a thread waits for a
-//!   device request of a split volume request: waiting threads sleep on an [`Event`] that the
+//!   device request of a split volume request: waiting threads sleep on an event that the
 //!   disks' completion threads signal ([`crate::dev::BlockDevice::set_waker`]). (A disk that
 //!   cannot signal is waited for inside `reap`, under the lock: correct, but serial.)
 //! * **Region locks, per volume.** Every request holds the block range it covers on its
