@@ -12,6 +12,10 @@
 //! files on a real disk opened with `O_DIRECT`, where each request waits for the device and
 //! mirror legs in flight together overlap their waits.
 //!
+//! A fourth figure serves two volumes at once through a [`SharedPool`](volmgr::SharedPool)
+//! (one thread per volume, 4 KiB random writes one at a time, as two NBD clients do) against
+//! one volume alone, in RAM and, when a disk directory is given, with `O_DIRECT`.
+//!
 //! Every volume is measured alternately with the raw file (six rounds, best of each), so
 //! that noise from other work on the machine hits both sides of a ratio alike. Image files
 //! are written through once before timing so that first-touch page allocation of the
@@ -574,6 +578,7 @@ fn run_in(
         qd.push((name, paired_qd(&mut raw, &mut p, id, blocks, ops, 6)));
     }
     print_qd(&format!("4K rand W QD{DEPTH}"), &qd);
+    served_at_once(dir, "in RAM", false, workers.max(1), ops / 4)?;
     commit_costs(dir)?;
     // qemu-img bench as a peer on the raw file (qemu-img bench is sequential with a step).
     let rp = dir.join("raw.img").to_string_lossy().into_owned();
@@ -756,7 +761,88 @@ fn run_in(
     );
     if let Some(disk_dir) = disk_dir {
         qd_on_disk(disk_dir, size.min(64 << 20), scale, DEPTH as usize)?;
+        let d = disk_dir.join(format!("hvctl-bench-shared-{}", std::process::id()));
+        if std::fs::create_dir_all(&d).is_ok() {
+            let r = served_at_once(&d, "with O_DIRECT", true, 4, 2000 * scale);
+            let _ = std::fs::remove_dir_all(&d);
+            r?;
+        }
     }
+    Ok(())
+}
+
+/// Two linear volumes of one pool (one image file in `dir`) served at once through a
+/// [`volmgr::SharedPool`], one thread each doing `ops` 4 KiB random writes one at a time,
+/// against one volume alone (the best of three rounds each, alternating). Prints the figure.
+fn served_at_once(
+    dir: &Path,
+    label: &str,
+    direct: bool,
+    workers: usize,
+    ops: u64,
+) -> Result<(), CliError> {
+    let blocks = 16384u64;
+    let prefix = "shared";
+    let mut p = pool_on(dir, prefix, 1, 2 * blocks * 4096 + (64 << 20))?;
+    let a = p.create_volume("a", blocks, LayoutSpec::Concat, None)?;
+    let b = p.create_volume("b", blocks, LayoutSpec::Concat, None)?;
+    p.flush()?;
+    drop(p);
+    let path = dir.join(format!("{prefix}0.img"));
+    let d = if direct {
+        FileDisk::open_direct(&path)
+    } else {
+        FileDisk::open(&path, None)
+    };
+    let mut d = match d {
+        Ok(d) => d,
+        Err(e) => {
+            println!("two volumes served at once {label}: unavailable ({e})");
+            return Ok(());
+        }
+    };
+    d.set_workers(workers);
+    let (p, _) = Pool::open(
+        vec![Box::new(d) as Box<dyn BlockDevice>],
+        volmgr::OpenOptions::default(),
+    )?;
+    let sp = volmgr::SharedPool::new(p);
+    let run = |vols: &[u32]| -> Result<f64, volmgr::Error> {
+        let t0 = Instant::now();
+        std::thread::scope(|s| {
+            let hs: Vec<_> = vols
+                .iter()
+                .enumerate()
+                .map(|(k, &v)| {
+                    let sp = &sp;
+                    s.spawn(move || -> Result<(), volmgr::Error> {
+                        let mut rng = Rng(0x5eed_0000 + k as u64);
+                        let buf = vec![0x3cu8; 4096];
+                        for _ in 0..ops {
+                            sp.write(v, rng.next() % blocks * 4096, &buf, false)?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .try_for_each(|h| h.join().unwrap_or(Err(volmgr::Error::NoValidMetadata)))
+        })?;
+        sp.flush()?;
+        Ok(mibs(
+            ops * vols.len() as u64 * 4096,
+            t0.elapsed().as_secs_f64(),
+        ))
+    };
+    let (mut one, mut two) = (0f64, 0f64);
+    for _ in 0..3 {
+        one = one.max(run(&[a])?);
+        two = two.max(run(&[a, b])?);
+    }
+    println!(
+        "two volumes served at once {label} (SharedPool, a thread per volume, 4K rand W one at a time, {ops} per thread, {workers} workers per file): one volume {one:.0} MiB/s, two at once {two:.0} MiB/s ({:.2}x)",
+        two / one.max(1e-9)
+    );
     Ok(())
 }
 
