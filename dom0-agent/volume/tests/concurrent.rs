@@ -10,7 +10,8 @@
 //!   locks) and others in any order, so every read returns the model as of its submission and
 //!   the volumes end as the model that applies every request in submission order; with
 //!   aligned and unaligned reads and writes, zeroing, discards and flushes on mirrored,
-//!   striped, concatenated, thin and thin-snapshot volumes;
+//!   striped, concatenated, thin and thin-snapshot volumes, and admin commands (a thin
+//!   snapshot, a grow) in the middle, which must wait for every request submitted before them;
 //! * **crashes** at every write boundary of a concurrent workload: no write acknowledged before
 //!   a flush ticket that was then served is lost, and every survivor opens consistent with
 //!   identical mirror legs;
@@ -182,6 +183,18 @@ fn describe(op: &Op) -> String {
 /// Drives `clients` on `sp` until every script is done, in an order drawn from `seed`:
 /// requests are applied to `model` when submitted, reads checked when answered.
 fn drive(sp: &SharedPool, clients: &mut [Client], model: &mut Model, seed: u64) {
+    drive_with(sp, clients, model, seed, &mut |_, _, _| {});
+}
+
+/// [`drive`], calling `admin` before every step (it may run an admin command, which waits
+/// for every request submitted so far).
+fn drive_with(
+    sp: &SharedPool,
+    clients: &mut [Client],
+    model: &mut Model,
+    seed: u64,
+    admin: &mut dyn FnMut(u64, &SharedPool, &mut Model),
+) {
     let mut rng = Rng(seed ^ 0x00c1_1e47);
     let n = clients.len() as u64;
     for step in 0..200_000u64 {
@@ -191,6 +204,7 @@ fn drive(sp: &SharedPool, clients: &mut [Client], model: &mut Model, seed: u64) 
         {
             return;
         }
+        admin(step, sp, model);
         // The disks take a step now and then; otherwise a client does.
         if rng.below(12) == 0 {
             sp.step();
@@ -330,7 +344,43 @@ fn model_run(seed: u64, clients: usize, ops: usize) -> volmgr::pool::shared::Sha
         })
         .collect();
     let sp = SharedPool::new(p);
-    drive(&sp, &mut cl, &mut model, seed);
+    // Admin commands in the middle, with clients' requests in flight: each waits for every
+    // request submitted before it (the model has applied them all), then runs alone. A thin
+    // snapshot of u, and c grown (zeroes beyond its old end).
+    let u = sp.peek(|p| p.volume_id("u")).unwrap();
+    let c = sp.peek(|p| p.volume_id("c")).unwrap();
+    let at = 100 + rng.below(300);
+    let mut ran = false;
+    drive_with(&sp, &mut cl, &mut model, seed, &mut |step, sp, model| {
+        if step != at {
+            return;
+        }
+        ran = true;
+        let (us, in_flight) = sp.with_pool(|p| {
+            let busy = p.queue().in_flight();
+            p.snapshot(
+                "u",
+                "us",
+                SnapshotKind::SpaceOptimized,
+                LayoutSpec::Concat,
+                None,
+            )
+            .unwrap();
+            p.resize("c", 48).unwrap();
+            (p.volume_id("us").unwrap(), busy)
+        });
+        assert_eq!(
+            in_flight, 0,
+            "seed {seed:#x}: admin ran beside requests in flight"
+        );
+        let copy = model.vols[&u].clone();
+        model.vols.insert(us, copy);
+        model.vols.get_mut(&c).unwrap().resize(48 * BLOCK_SIZE, 0);
+    });
+    assert!(
+        ran,
+        "seed {seed:#x}: the clients finished before the admin commands"
+    );
     sp.flush().unwrap();
     let stats = sp.stats();
     let mut p = sp.into_pool();
