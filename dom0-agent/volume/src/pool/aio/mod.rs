@@ -24,8 +24,9 @@
 //! at submission and complete at once.
 //!
 //! Invariants:
-//! * Requests are in flight only while an [`IoQueue`] borrows the pool; dropping or finishing
-//!   it waits for all of them. Configuration changes, background steps and admin commands need
+//! * Requests are in flight only while an [`IoQueue`] borrows the pool, or while a
+//!   [`super::SharedPool`] holds them (its admin calls wait for all of them first); dropping
+//!   or finishing the queue waits for all of them. Configuration changes, background steps and admin commands need
 //!   the pool itself, so they never run with a request in flight.
 //! * [`Pool::flush`] first waits for every piece in flight (without answering their requests
 //!   yet), so the dirty-region log is never cleared under a mirrored write in flight, and a
