@@ -296,3 +296,69 @@ fn two_qemu_io_clients_on_two_volumes_at_once() {
         }
     }
 }
+
+/// One qemu-io client with asynchronous writes (16 x 64 KiB `aio_write`, then `aio_flush`):
+/// its session submits each request as it arrives and answers them in order, so several are
+/// in the pool at once; every pattern reads back with `read -P`.
+#[test]
+fn one_qemu_io_client_keeps_requests_in_flight() {
+    common::require_qemu_io();
+    let p = Pool::new("srv-aio");
+    ok(&p.args(&["create", "m", "8M", "--layout", "mirror"]));
+    let s = Server::start(
+        &p,
+        &["m", "--clients", "1"],
+        &[("HVCTL_DISK_DELAY_US", "3000")],
+    );
+    let mut c = Command::new("qemu-io");
+    c.args([
+        "-f",
+        "raw",
+        "-t",
+        "writeback",
+        &format!("nbd://127.0.0.1:{}/m", s.port),
+    ]);
+    for k in 0..16u32 {
+        c.args([
+            "-c",
+            &format!("aio_write -P 0x{:x} {}k 64k", 0x40 + k, 64 * k),
+        ]);
+    }
+    c.args(["-c", "aio_flush"]);
+    for k in 0..16u32 {
+        c.args(["-c", &format!("read -P 0x{:x} {}k 64k", 0x40 + k, 64 * k)]);
+    }
+    let o = c.output().expect("run qemu-io");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        o.status.success() && !text.to_lowercase().contains("fail"),
+        "{text}"
+    );
+    assert_eq!(text.matches("read 65536/65536 bytes").count(), 16, "{text}");
+    let line = (0..500)
+        .find_map(|_| {
+            std::thread::sleep(Duration::from_millis(10));
+            s.log()
+                .lines()
+                .find(|l| l.contains("nbd: client done"))
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| panic!("no figures from the server: {}", s.log()));
+    let most: usize = line
+        .split("at most ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    println!("one client, aio_write: {line}");
+    assert!(
+        most >= 4,
+        "one client's requests were not in flight together: {line}"
+    );
+    drop(s);
+    ok(&p.args(&["check", "--deep"]));
+}

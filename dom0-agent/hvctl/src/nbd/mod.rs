@@ -5,7 +5,8 @@
 //! Threads: one accepts TCP connections and starts a [`session`] thread per client; one
 //! accepts control connections; the calling thread is the **pool thread**. The pool is a
 //! [`SharedPool`]: every session thread sends its client's reads, writes, trims, zeroing and
-//! flushes to it **directly and at the same time as the others** (region locks order
+//! flushes to it **directly and at the same time as the others** (and keeps up to 16 of its
+//! own client's requests in flight, answered in order by a second thread of the session) (region locks order
 //! overlapping requests to one volume, requests to other ranges and volumes run in parallel,
 //! flushes and FUA writes share group commits; see `volmgr::pool::shared`). The pool thread
 //! handles what changes the set of exports or the pool's configuration: it attaches sessions
@@ -223,9 +224,24 @@ fn errno(e: &Error) -> u32 {
     }
 }
 
-/// Performs one request of a session attached to `ex`, from the session's thread, beside
-/// every other session's: data read, or an NBD error number.
-pub fn io(ex: &Export, io: Io) -> Result<Vec<u8>, u32> {
+/// A request of a session, started ([`start`]) and not yet answered ([`finish`]).
+pub enum Started {
+    /// In the pool under this ticket.
+    Ticket {
+        ticket: u64,
+        fua: bool,
+        what: &'static str,
+        at: u64,
+    },
+    /// A flush: performed when it is answered, after every earlier request of the session.
+    Flush,
+    /// Refused at once with this NBD error number.
+    Failed(u32),
+}
+
+/// Starts one request of a session attached to `ex`, from the session's thread, beside every
+/// other session's: submitted to the shared pool, not waited for.
+pub fn start(ex: &Export, io: Io) -> Started {
     let vol = ex.vol;
     let (op, fua, what, at) = match io {
         Io::Read { offset, len } => (
@@ -259,33 +275,54 @@ pub fn io(ex: &Export, io: Io) -> Result<Vec<u8>, u32> {
             "write zeroes",
             offset,
         ),
-        Io::Flush => {
-            return ex.pool.flush().map(|()| Vec::new()).map_err(|e| {
-                eprintln!("nbd: flush: {e}");
-                errno(&e)
-            });
-        }
+        Io::Flush => return Started::Flush,
     };
     // Checked and submitted under the gate, so a session disconnected by a forced command
     // either got its request in before that command waited for the requests in flight, or
     // does not reach the pool at all.
-    let ticket = loop {
+    loop {
         let open = ex.gate.lock().unwrap_or_else(PoisonError::into_inner);
         if !*open {
             // Disconnected by an admin command: nothing more reaches the pool.
-            return Err(EIO);
+            return Started::Failed(EIO);
         }
         match ex.pool.submit(op.clone()) {
-            Ok(t) => break t,
+            Ok(ticket) => {
+                return Started::Ticket {
+                    ticket,
+                    fua,
+                    what,
+                    at,
+                };
+            }
             // An admin command has the pool: try again once it is done.
             Err(_) => {
                 drop(open);
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
+    }
+}
+
+/// Waits for a started request (a flush is performed now: it covers every write answered
+/// before it): data read, or an NBD error number.
+pub fn finish(ex: &Export, st: Started) -> Result<Vec<u8>, u32> {
+    let (ticket, fua, what, at) = match st {
+        Started::Failed(e) => return Err(e),
+        Started::Flush => {
+            return ex.pool.flush().map(|()| Vec::new()).map_err(|e| {
+                eprintln!("nbd: flush: {e}");
+                errno(&e)
+            });
+        }
+        Started::Ticket {
+            ticket,
+            fua,
+            what,
+            at,
+        } => (ticket, fua, what, at),
     };
-    let r = ex.pool.wait(ticket);
-    let r = match r {
+    let r = match ex.pool.wait(ticket) {
         Ok(data) if fua => ex.pool.flush().map(|()| data),
         r => r,
     };

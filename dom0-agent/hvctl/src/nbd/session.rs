@@ -239,8 +239,71 @@ fn handshake_phase(
     }
 }
 
+/// Requests of one client in flight at once: its reader submits them to the pool as they
+/// arrive, its replier answers them in order.
+const DEPTH: usize = 16;
+
+/// An answer the replier sends, in the order the requests came.
+enum Answer {
+    Now(u32),
+    Started(super::Started),
+}
+
+fn send_reply(s: &mut TcpStream, handle: u64, err: u32, data: &[u8]) -> io::Result<()> {
+    let mut b = Vec::with_capacity(16 + data.len());
+    b.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    b.extend_from_slice(&err.to_be_bytes());
+    b.extend_from_slice(&handle.to_be_bytes());
+    b.extend_from_slice(data);
+    s.write_all(&b)
+}
+
+/// The transmission phase: this thread reads requests and submits them to the shared pool at
+/// once (up to [`DEPTH`] in flight), a second thread waits for each in turn and replies in
+/// the order they came. A flush is performed when its turn to be answered comes, so it
+/// covers every write answered before it (NBD's rule).
 fn transmission(s: &mut TcpStream, export: &Export, idle: Option<Duration>) -> io::Result<()> {
+    let mut out = s.try_clone()?;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Answer)>(DEPTH);
+    std::thread::scope(|sc| {
+        let replier = sc.spawn(move || -> io::Result<()> {
+            for (handle, a) in rx {
+                let r = match a {
+                    Answer::Now(e) => Err(e),
+                    Answer::Started(st) => super::finish(export, st),
+                };
+                let sent = match r {
+                    Ok(data) => send_reply(&mut out, handle, 0, &data),
+                    Err(errno) => send_reply(&mut out, handle, errno, &[]),
+                };
+                if let Err(e) = sent {
+                    // The reader is then told by its socket.
+                    let _ = out.shutdown(std::net::Shutdown::Both);
+                    return Err(e);
+                }
+            }
+            Ok(())
+        });
+        let r = read_requests(s, export, idle, &tx);
+        drop(tx);
+        let w = replier
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("replier panicked")));
+        r.and(w)
+    })
+}
+
+fn read_requests(
+    s: &mut TcpStream,
+    export: &Export,
+    idle: Option<Duration>,
+    tx: &std::sync::mpsc::SyncSender<(u64, Answer)>,
+) -> io::Result<()> {
     let size = export.size;
+    let answer = |handle: u64, a: Answer| {
+        tx.send((handle, a))
+            .map_err(|_| io::Error::other("the replier stopped"))
+    };
     loop {
         let magic = match rd_u32(s) {
             Ok(m) => m,
@@ -270,14 +333,6 @@ fn transmission(s: &mut TcpStream, export: &Export, idle: Option<Duration>) -> i
             .checked_add(u64::from(len))
             .is_some_and(|e| e <= size);
         let in_range = len <= MAX_REQUEST && fits;
-        let reply = |s: &mut TcpStream, err: u32, data: &[u8]| -> io::Result<()> {
-            let mut b = Vec::with_capacity(16 + data.len());
-            b.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-            b.extend_from_slice(&err.to_be_bytes());
-            b.extend_from_slice(&handle.to_be_bytes());
-            b.extend_from_slice(data);
-            s.write_all(&b)
-        };
         let fua = flags & CMD_FLAG_FUA != 0;
         let io = match cmd {
             CMD_READ if in_range => Io::Read { offset, len },
@@ -288,7 +343,7 @@ fn transmission(s: &mut TcpStream, export: &Export, idle: Option<Duration>) -> i
                 let mut data = vec![0u8; len as usize];
                 s.read_exact(&mut data)?;
                 if !in_range {
-                    reply(s, EINVAL, &[])?;
+                    answer(handle, Answer::Now(EINVAL))?;
                     continue;
                 }
                 Io::Write { offset, data, fua }
@@ -300,14 +355,12 @@ fn transmission(s: &mut TcpStream, export: &Export, idle: Option<Duration>) -> i
             CMD_FLUSH => Io::Flush,
             CMD_DISC => return Ok(()),
             _ => {
-                reply(s, EINVAL, &[])?;
+                answer(handle, Answer::Now(EINVAL))?;
                 continue;
             }
         };
-        // Straight to the shared pool, from this thread, beside every other session.
-        match super::io(export, io) {
-            Ok(data) => reply(s, 0, &data)?,
-            Err(errno) => reply(s, errno, &[])?,
-        }
+        // Straight to the shared pool, from this thread, beside every other session; the
+        // replier waits for it.
+        answer(handle, Answer::Started(super::start(export, io)))?;
     }
 }
