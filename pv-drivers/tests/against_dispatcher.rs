@@ -41,6 +41,10 @@ impl Platform for Host {
     fn xcr0_supported(&self) -> u64 {
         3
     }
+    fn spec_msrs(&self) -> hypervisor::vmx::policy::SpecMsrs {
+        hypervisor::vmx::policy::SpecMsrs::default()
+    }
+    fn spec_barrier(&mut self, _: hypervisor::vmx::policy::SpecMsr) {}
     fn load_xcr0(&mut self, _value: u64) {}
     fn console_window(&self) -> u64 {
         0

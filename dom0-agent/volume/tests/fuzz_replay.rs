@@ -30,8 +30,8 @@ fn metadata_corpus_replays() {
             x ^= x << 17;
             x
         };
-        let len = (next() % 700) as usize;
-        let data: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        let len = usize::try_from(next() % 700).expect("small");
+        let data: Vec<u8> = (0..len).map(|_| next().to_le_bytes()[0]).collect();
         body::metadata(&data);
     }
 }

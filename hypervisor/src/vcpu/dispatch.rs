@@ -37,6 +37,10 @@ pub struct VcpuCore {
     pub window_exiting: bool,
     /// The guest's XCR0 (loaded while it runs, when XSAVE is in use).
     pub xcr0: u64,
+    /// The guest's IA32_SPEC_CTRL: in the MSR while it runs, 0 in the hypervisor.
+    pub spec_ctrl: u64,
+    /// The MSR-load areas that switch it (the VMCS points here; see `SpecCtrlAreas`).
+    pub spec_areas: policy::SpecCtrlAreas,
     /// Its console (UART port and console hypercall): lines, rate-limited.
     pub console: DomainConsole,
 }
@@ -50,6 +54,8 @@ impl VcpuCore {
             timer: VirtTimer::default(),
             window_exiting: false,
             xcr0,
+            spec_ctrl: 0,
+            spec_areas: policy::SpecCtrlAreas::default(),
             console: DomainConsole::default(),
         }
     }
@@ -81,6 +87,10 @@ pub trait Platform {
     fn tsc_khz(&self) -> u64;
     /// Runs `f` on the domain's I/O buses (shared by its vCPUs).
     fn with_io<R>(&mut self, f: impl FnOnce(&mut DomainIo) -> R) -> R;
+    /// The speculation-control MSRs this CPU has (guests see them in CPUID as they are).
+    fn spec_msrs(&self) -> policy::SpecMsrs;
+    /// Issues a barrier a guest asked for: [`policy::SpecMsr::Ibpb`] or `L1dFlush`.
+    fn spec_barrier(&mut self, what: policy::SpecMsr);
 }
 
 /// What the run loop does after an exit. Plain and `Copy`: it is matched on every exit.
@@ -376,6 +386,29 @@ fn msr(
     let msr = v.regs.rcx as u32;
     let write = exit.reason == ExitReason::Wrmsr;
     let value = (v.regs.rdx << 32) | (v.regs.rax & 0xffff_ffff);
+    match policy::spec_msr(msr, write, value, p.spec_msrs(), v.spec_ctrl) {
+        policy::SpecMsr::NotSpec => {}
+        policy::SpecMsr::Refuse => return inject_gp(a),
+        policy::SpecMsr::Read(x) => {
+            v.regs.rax = x & 0xffff_ffff;
+            v.regs.rdx = x >> 32;
+            return skip(a, exit);
+        }
+        policy::SpecMsr::SetSpecCtrl(x) => {
+            // The CPU loads it at each entry and 0 at each exit while it is not 0.
+            v.spec_ctrl = x;
+            v.spec_areas.entry[1] = x;
+            let n = u64::from(x != 0);
+            a.set(f::ENTRY_MSR_LOAD_COUNT, n)?;
+            a.set(f::EXIT_MSR_LOAD_COUNT, n)?;
+            return skip(a, exit);
+        }
+        policy::SpecMsr::Nothing => return skip(a, exit),
+        what @ (policy::SpecMsr::Ibpb | policy::SpecMsr::L1dFlush) => {
+            p.spec_barrier(what);
+            return skip(a, exit);
+        }
+    }
     // EFER: LMA is the processor's to set; the guest may change NXE and SCE only.
     const EFER_GUEST: u64 = (1 << 11) | 1;
     let result = match (policy::msr_rule(msr), write) {

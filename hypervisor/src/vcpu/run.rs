@@ -171,6 +171,9 @@ fn since_request(d: &Domain) -> Option<u64> {
     (asked != 0).then(|| cpu::rdtsc().saturating_sub(asked) / tsc_per_us())
 }
 
+/// The speculation-control MSRs of this machine's CPUs (read once: they are alike).
+static SPEC_MSRS: spin::Once<crate::vmx::policy::SpecMsrs> = spin::Once::new();
+
 /// The dispatcher's view of this machine and of the vCPU's domain.
 struct HwPlatform<'a> {
     cpu: usize,
@@ -193,6 +196,22 @@ impl Platform for HwPlatform<'_> {
 
     fn xcr0_supported(&self) -> u64 {
         fpu::allowed()
+    }
+
+    fn spec_msrs(&self) -> crate::vmx::policy::SpecMsrs {
+        *SPEC_MSRS.call_once(|| {
+            let c = crate::vmx::hw::cpu_bugs();
+            crate::vmx::policy::SpecMsrs::from_cpuid(c.cpuid7_edx, c.arch_cap)
+        })
+    }
+
+    fn spec_barrier(&mut self, what: crate::vmx::policy::SpecMsr) {
+        // Only what `spec_msr` allowed: the CPU has the MSR (CPUID said so).
+        match what {
+            crate::vmx::policy::SpecMsr::Ibpb => crate::vmx::hw::ibpb(),
+            crate::vmx::policy::SpecMsr::L1dFlush => crate::vmx::hw::flush_l1d(),
+            _ => {}
+        }
     }
 
     fn load_xcr0(&mut self, value: u64) {
@@ -529,6 +548,14 @@ impl RunLoop {
             // First entry: fill the VMCS on this CPU.
             v.setup.rsb_fill = spec.rsb_fill;
             if let Err(e) = setup_vmcs(a, caps, &v.setup) {
+                return SliceEnd::Stop {
+                    why: alloc::format!("cannot set up the VMCS: {e}"),
+                    dump: false,
+                };
+            }
+            // The vCPU is boxed: its MSR-load areas stay where they are for as long as its
+            // VMCS exists (they are freed together).
+            if let Err(e) = a.set_spec_ctrl_areas(&v.core.spec_areas) {
                 return SliceEnd::Stop {
                     why: alloc::format!("cannot set up the VMCS: {e}"),
                     dump: false,

@@ -24,6 +24,7 @@ struct FakePlatform {
     started: u64,
     start_requests: Vec<(u32, u64, u64)>,
     tsc: u64,
+    barriers: Vec<crate::vmx::policy::SpecMsr>,
 }
 
 impl Default for FakePlatform {
@@ -34,6 +35,7 @@ impl Default for FakePlatform {
             xcr0_loaded: None,
             started: 0,
             start_requests: Vec::new(),
+            barriers: Vec::new(),
             tsc: 0,
         }
     }
@@ -64,6 +66,12 @@ impl Platform for FakePlatform {
     }
     fn xcr0_supported(&self) -> u64 {
         0b111
+    }
+    fn spec_msrs(&self) -> crate::vmx::policy::SpecMsrs {
+        crate::vmx::policy::SpecMsrs::from_cpuid(1 << 26, 0)
+    }
+    fn spec_barrier(&mut self, what: crate::vmx::policy::SpecMsr) {
+        self.barriers.push(what);
     }
     fn load_xcr0(&mut self, value: u64) {
         self.xcr0_loaded = Some(value);
@@ -300,6 +308,54 @@ fn msrs_allowed_stored_vmcs_backed_and_refused() {
     r.v.regs.rax = 0x801;
     r.exit(ExitReason::Wrmsr, 2, 0, 0).unwrap();
     assert_eq!(r.a.field(f::GUEST_EFER), 0xd01);
+}
+
+#[test]
+fn speculation_msrs_are_the_guests_own_where_the_cpu_has_them() {
+    use crate::vmx::policy::SpecMsr;
+    // The fake CPU has IBRS/IBPB only (no STIBP, SSBD, L1D_FLUSH, ARCH_CAPABILITIES).
+    let msr = |r: &mut Rig, write: bool, msr: u32, value: u64| {
+        r.v.regs.rcx = u64::from(msr);
+        r.v.regs.rax = value & 0xffff_ffff;
+        r.v.regs.rdx = value >> 32;
+        let reason = if write {
+            ExitReason::Wrmsr
+        } else {
+            ExitReason::Rdmsr
+        };
+        r.exit(reason, 2, 0, 0).unwrap();
+        (r.v.regs.rdx << 32) | r.v.regs.rax
+    };
+    let mut r = Rig::new();
+    msr(&mut r, true, 0x48, 1);
+    assert_eq!((r.v.spec_ctrl, r.rip()), (1, RIP + 2), "IBRS set");
+    // The CPU loads it at entry and 0 at exit: one entry in each MSR-load area.
+    assert_eq!(r.v.spec_areas.entry, [0x48, 1]);
+    assert_eq!(r.v.spec_areas.exit, [0x48, 0]);
+    assert_eq!(r.a.field(f::ENTRY_MSR_LOAD_COUNT), 1);
+    assert_eq!(r.a.field(f::EXIT_MSR_LOAD_COUNT), 1);
+    assert_eq!(msr(&mut r, false, 0x48, 0), 1);
+    // Back to 0: nothing to switch.
+    let mut r0 = Rig::new();
+    msr(&mut r0, true, 0x48, 1);
+    msr(&mut r0, true, 0x48, 0);
+    assert_eq!(r0.a.field(f::ENTRY_MSR_LOAD_COUNT), 0);
+    assert_eq!(r0.a.field(f::EXIT_MSR_LOAD_COUNT), 0);
+    msr(&mut r, true, 0x49, 1);
+    assert_eq!(r.p.barriers, vec![SpecMsr::Ibpb]);
+    for (write, m, value) in [
+        (true, 0x48, 0b10),   // STIBP: not on this CPU
+        (true, 0x48, 1 << 7), // reserved
+        (false, 0x49, 0),     // PRED_CMD is write-only
+        (true, 0x49, 2),      // only bit 0 is a command
+        (true, 0x10b, 1),     // no L1D_FLUSH here
+        (false, 0x10a, 0),    // no ARCH_CAPABILITIES here
+    ] {
+        let mut r = Rig::new();
+        msr(&mut r, write, m, value);
+        assert!(r.gp_injected(), "{m:#x} {value:#x}");
+        assert_eq!((r.v.spec_ctrl, r.rip()), (0, RIP));
+    }
 }
 
 #[test]

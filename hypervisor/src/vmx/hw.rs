@@ -368,6 +368,18 @@ impl ActiveVmcs<'_> {
         self.vmwrite(x86::vmx::vmcs::control::EPTP_FULL, eptp.value())
     }
 
+    /// The VM-entry and VM-exit MSR-load areas that switch IA32_SPEC_CTRL (their counts, 0
+    /// or 1, are ordinary fields the exit dispatcher sets). The hypervisor's memory is
+    /// identity-mapped, so the areas' addresses are their physical addresses.
+    pub fn set_spec_ctrl_areas(
+        &mut self,
+        areas: &super::policy::SpecCtrlAreas,
+    ) -> Result<(), VmxError> {
+        use x86::vmx::vmcs::control as c;
+        self.vmwrite(c::VMENTRY_MSR_LOAD_ADDR_FULL, areas.entry.as_ptr() as u64)?;
+        self.vmwrite(c::VMEXIT_MSR_LOAD_ADDR_FULL, areas.exit.as_ptr() as u64)
+    }
+
     /// No shadow VMCS: the link pointer's "none" value (SDM Vol. 3C §25.4.2).
     pub fn set_no_vmcs_link(&mut self) -> Result<(), VmxError> {
         self.vmwrite(x86::vmx::vmcs::guest::LINK_PTR_FULL, u64::MAX)

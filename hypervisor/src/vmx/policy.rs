@@ -238,9 +238,173 @@ impl StoredMsrs {
     }
 }
 
+/// The speculation-control MSRs this CPU has (CPUID.(EAX=7,ECX=0):EDX, which guests see as
+/// it is): where CPUID says one exists, a guest's access must work as on the bare CPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpecMsrs {
+    /// IA32_SPEC_CTRL.IBRS and IA32_PRED_CMD.IBPB (EDX bit 26).
+    pub ibrs: bool,
+    /// IA32_SPEC_CTRL.STIBP (bit 27).
+    pub stibp: bool,
+    /// IA32_SPEC_CTRL.SSBD (bit 31).
+    pub ssbd: bool,
+    /// IA32_FLUSH_CMD.L1D_FLUSH (bit 28).
+    pub l1d_flush: bool,
+    /// IA32_ARCH_CAPABILITIES (bit 29): the CPU's value, which guests read.
+    pub arch_cap: Option<u64>,
+}
+
+impl SpecMsrs {
+    /// From CPUID.7.EDX and, when bit 29 says it exists, IA32_ARCH_CAPABILITIES.
+    #[must_use]
+    pub fn from_cpuid(edx: u32, arch_cap: u64) -> SpecMsrs {
+        SpecMsrs {
+            ibrs: edx & (1 << 26) != 0,
+            stibp: edx & (1 << 27) != 0,
+            ssbd: edx & (1 << 31) != 0,
+            l1d_flush: edx & (1 << 28) != 0,
+            arch_cap: (edx & (1 << 29) != 0).then_some(arch_cap),
+        }
+    }
+
+    /// The IA32_SPEC_CTRL bits a guest may set.
+    #[must_use]
+    pub fn spec_ctrl_bits(&self) -> u64 {
+        u64::from(self.ibrs) | u64::from(self.stibp) << 1 | u64::from(self.ssbd) << 2
+    }
+}
+
+/// The VM-entry and VM-exit MSR-load areas that switch IA32_SPEC_CTRL (SDM Vol. 3C §25.7.2,
+/// §25.8.2: entries of MSR index, reserved, value; 16-byte aligned): the guest's value is
+/// loaded by each VM entry and 0 by each VM exit, while the guest's value is not 0 (the VMCS
+/// counts are 1 then, else 0). The CPU does it, so an exit path that does not need it pays
+/// nothing. It lives in the vCPU, whose VMCS points at it.
+#[repr(C, align(16))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpecCtrlAreas {
+    pub entry: [u64; 2],
+    pub exit: [u64; 2],
+}
+
+impl Default for SpecCtrlAreas {
+    fn default() -> Self {
+        SpecCtrlAreas {
+            entry: [0x48, 0],
+            exit: [0x48, 0],
+        }
+    }
+}
+
+/// What a guest's access to a speculation-control MSR does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpecMsr {
+    /// Not one of them: the general rules apply.
+    NotSpec,
+    /// #GP: the CPU has no such MSR (or bit), or it is write-only / read-only.
+    Refuse,
+    /// The read returns this.
+    Read(u64),
+    /// IA32_SPEC_CTRL becomes this while the guest runs (0 in the hypervisor).
+    SetSpecCtrl(u64),
+    /// Issue an indirect-branch prediction barrier now.
+    Ibpb,
+    /// Flush the L1 data cache now.
+    L1dFlush,
+    /// Accepted, nothing to do (a command MSR written with 0).
+    Nothing,
+}
+
+/// The rule for a guest's RDMSR (`write` false) or WRMSR of `value` to `msr`, given what the
+/// CPU has and the guest's current IA32_SPEC_CTRL.
+#[must_use]
+pub fn spec_msr(msr: u32, write: bool, value: u64, cpu: SpecMsrs, spec_ctrl: u64) -> SpecMsr {
+    match (msr, write) {
+        (0x48, _) if cpu.spec_ctrl_bits() == 0 => SpecMsr::Refuse,
+        (0x48, false) => SpecMsr::Read(spec_ctrl),
+        (0x48, true) if value & !cpu.spec_ctrl_bits() != 0 => SpecMsr::Refuse,
+        (0x48, true) => SpecMsr::SetSpecCtrl(value),
+        (0x49, true) if cpu.ibrs && value == 1 => SpecMsr::Ibpb,
+        (0x49, true) if cpu.ibrs && value == 0 => SpecMsr::Nothing,
+        (0x10b, true) if cpu.l1d_flush && value == 1 => SpecMsr::L1dFlush,
+        (0x10b, true) if cpu.l1d_flush && value == 0 => SpecMsr::Nothing,
+        (0x49 | 0x10b, _) => SpecMsr::Refuse,
+        (0x10a, false) => cpu.arch_cap.map_or(SpecMsr::Refuse, SpecMsr::Read),
+        (0x10a, true) => SpecMsr::Refuse,
+        _ => SpecMsr::NotSpec,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn speculation_msrs_work_where_cpuid_says_they_exist() {
+        let none = SpecMsrs::default();
+        for (msr, write) in [
+            (0x48, false),
+            (0x48, true),
+            (0x49, true),
+            (0x10b, true),
+            (0x10a, false),
+        ] {
+            assert_eq!(
+                spec_msr(msr, write, 1, none, 0),
+                SpecMsr::Refuse,
+                "{msr:#x}"
+            );
+        }
+        let tgl = SpecMsrs::from_cpuid(
+            (1 << 26) | (1 << 27) | (1 << 28) | (1 << 29) | (1 << 31),
+            0x2b,
+        );
+        assert_eq!(tgl.spec_ctrl_bits(), 0b111);
+        assert_eq!(spec_msr(0x48, false, 0, tgl, 5), SpecMsr::Read(5));
+        assert_eq!(
+            spec_msr(0x48, true, 0b101, tgl, 0),
+            SpecMsr::SetSpecCtrl(0b101)
+        );
+        assert_eq!(
+            spec_msr(0x48, true, 1 << 3, tgl, 0),
+            SpecMsr::Refuse,
+            "reserved bit"
+        );
+        assert_eq!(spec_msr(0x49, true, 1, tgl, 0), SpecMsr::Ibpb);
+        assert_eq!(spec_msr(0x49, true, 0, tgl, 0), SpecMsr::Nothing);
+        assert_eq!(spec_msr(0x49, true, 2, tgl, 0), SpecMsr::Refuse);
+        assert_eq!(
+            spec_msr(0x49, false, 0, tgl, 0),
+            SpecMsr::Refuse,
+            "write-only"
+        );
+        assert_eq!(spec_msr(0x10b, true, 1, tgl, 0), SpecMsr::L1dFlush);
+        assert_eq!(
+            spec_msr(0x10b, false, 0, tgl, 0),
+            SpecMsr::Refuse,
+            "write-only"
+        );
+        assert_eq!(spec_msr(0x10a, false, 0, tgl, 0), SpecMsr::Read(0x2b));
+        assert_eq!(
+            spec_msr(0x10a, true, 0, tgl, 0),
+            SpecMsr::Refuse,
+            "read-only"
+        );
+        assert_eq!(spec_msr(0x10, false, 0, tgl, 0), SpecMsr::NotSpec);
+        // IBRS without STIBP or SSBD: only bit 0 may be set.
+        let ibrs = SpecMsrs::from_cpuid(1 << 26, 0);
+        assert_eq!(spec_msr(0x48, true, 0b10, ibrs, 0), SpecMsr::Refuse);
+        assert_eq!(spec_msr(0x48, true, 1, ibrs, 0), SpecMsr::SetSpecCtrl(1));
+        assert_eq!(
+            spec_msr(0x10a, false, 0, ibrs, 0),
+            SpecMsr::Refuse,
+            "no ARCH_CAPABILITIES"
+        );
+        assert_eq!(
+            spec_msr(0x10b, true, 1, ibrs, 0),
+            SpecMsr::Refuse,
+            "no L1D_FLUSH"
+        );
+    }
 
     const P: CpuidPolicy = CpuidPolicy {
         vcpus: 4,

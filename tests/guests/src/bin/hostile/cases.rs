@@ -395,8 +395,8 @@ pub fn run(ram: u64) -> (u32, u32) {
         ("rdmsr IA32_DEBUGCTL", 0x1d9),
         ("rdmsr last-branch TOS", 0x1c9),
         ("rdmsr last-branch record", 0x680),
-        ("rdmsr IA32_SPEC_CTRL", 0x48),
         ("rdmsr IA32_PRED_CMD (write-only)", 0x49),
+        ("rdmsr IA32_FLUSH_CMD (write-only)", 0x10b),
         ("rdmsr x2APIC ID", 0x802),
         ("rdmsr MTRR physbase 0", 0x200),
         ("rdmsr AMD VM_CR", 0xc001_0114),
@@ -412,9 +412,8 @@ pub fn run(ram: u64) -> (u32, u32) {
         ("wrmsr IA32_SMRR_PHYSMASK", 0x1f3, 0),
         ("wrmsr microcode update trigger", 0x79, 0x1000),
         ("wrmsr IA32_DEBUGCTL", 0x1d9, 1),
-        ("wrmsr IA32_SPEC_CTRL", 0x48, 1),
-        ("wrmsr IA32_PRED_CMD", 0x49, 1),
-        ("wrmsr IA32_FLUSH_CMD", 0x10b, 1),
+        ("wrmsr IA32_SPEC_CTRL reserved bit 7", 0x48, 1 << 7),
+        ("wrmsr IA32_PRED_CMD bit 1 (not a command)", 0x49, 2),
         ("wrmsr x2APIC ICR: INIT", 0x830, 0x4500),
         ("wrmsr x2APIC ICR: SIPI", 0x830, 0x4601),
         ("wrmsr MTRRdefType", 0x2ff, 0),
@@ -483,6 +482,58 @@ pub fn run(ram: u64) -> (u32, u32) {
         },
     );
     t.case("wrmsr TSC (ignored)", Want::Survives, 2, || wrmsr(0x10, 0));
+
+    // Speculation controls: the guest's own where CPUID says the CPU has them, #GP where not.
+    let edx7 = cpuid(7, 0)[3];
+    let has = |bit: u32| edx7 & (1 << bit) != 0;
+    let or_gp = |on: bool, want: Want| if on { want } else { Want::Fault(13) };
+    t.case(
+        "rdmsr IA32_SPEC_CTRL",
+        or_gp(has(26), Want::Value(0)),
+        2,
+        || rdmsr(0x48),
+    );
+    for (name, bit, cpuid_bit) in [
+        ("IA32_SPEC_CTRL.IBRS set and read back", 0u32, 26u32),
+        ("IA32_SPEC_CTRL.STIBP set and read back", 1, 27),
+        ("IA32_SPEC_CTRL.SSBD set and read back", 2, 31),
+    ] {
+        t.case(
+            name,
+            or_gp(has(cpuid_bit), Want::Value(1 << bit)),
+            2,
+            || {
+                wrmsr(0x48, 1 << bit);
+                let v = rdmsr(0x48);
+                wrmsr(0x48, 0);
+                v
+            },
+        );
+    }
+    t.case(
+        "wrmsr IA32_PRED_CMD.IBPB",
+        or_gp(has(26), Want::Survives),
+        2,
+        || wrmsr(0x49, 1),
+    );
+    t.case(
+        "wrmsr IA32_FLUSH_CMD.L1D_FLUSH",
+        or_gp(has(28), Want::Survives),
+        2,
+        || wrmsr(0x10b, 1),
+    );
+    t.case(
+        "rdmsr IA32_ARCH_CAPABILITIES",
+        or_gp(has(29), Want::Survives),
+        2,
+        || rdmsr(0x10a),
+    );
+    t.case(
+        "wrmsr IA32_ARCH_CAPABILITIES (read-only)",
+        Want::Fault(13),
+        2,
+        || wrmsr(0x10a, 0),
+    );
 
     // Control registers: what VMX or long mode forbids is refused; CLTS and LMSW are emulated.
     let (c0, c4) = (cr0(), cr4());
