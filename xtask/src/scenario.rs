@@ -42,7 +42,8 @@ pub struct Scenario {
     #[serde(default)]
     pub modules: Vec<String>,
     pub timeout_s: u64,
-    /// Lines typed at successive prompts; `@wait MS` pauses instead (no prompt consumed).
+    /// Lines typed at successive prompts; `@wait MS` pauses instead, and `@until REGEX` holds
+    /// the next line until the output so far matches (neither consumes a prompt).
     #[serde(default)]
     pub input: Vec<String>,
     /// Regexes that must all appear, in this order (any order with `unordered = true`, for
@@ -507,12 +508,19 @@ fn run_inner(s: &Scenario, work: &Path, log: &Path, on: On) -> Result<String, St
         let paused = paused_until.is_some_and(|t| Instant::now() < t);
         if sent < s.input.len() && prompts > typed && !paused {
             let line = &s.input[sent];
-            if let Some(ms) = line.strip_prefix("@wait ") {
+            let advance = if let Some(ms) = line.strip_prefix("@wait ") {
                 let ms: u64 = ms
                     .trim()
                     .parse()
                     .map_err(|_| format!("bad input line '{line}'"))?;
                 paused_until = Some(Instant::now() + Duration::from_millis(ms));
+                true
+            } else if let Some(re) = line.strip_prefix("@until ") {
+                // Holds the next input until the output so far matches (e.g. until guests
+                // have reported enough windows that a command's output cannot fall in them).
+                regex::Regex::new(re)
+                    .map_err(|e| format!("bad input line '{line}': {e}"))?
+                    .is_match(&text)
             } else {
                 use std::io::Write;
                 running
@@ -520,8 +528,11 @@ fn run_inner(s: &Scenario, work: &Path, log: &Path, on: On) -> Result<String, St
                     .write_all(format!("{line}\r").as_bytes())
                     .map_err(|e| format!("serial write: {e}"))?;
                 typed += 1;
+                true
+            };
+            if advance {
+                sent += 1;
             }
-            sent += 1;
         }
         if next_expect == expect.len() && sent == s.input.len() && done_at.is_none() {
             done_at = Some(Instant::now());
