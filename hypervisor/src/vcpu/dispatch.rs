@@ -395,10 +395,11 @@ fn msr(
             return skip(a, exit);
         }
         policy::SpecMsr::SetSpecCtrl(x) => {
-            // The CPU loads it at each entry and 0 at each exit while it is not 0.
+            // The CPU loads it at each entry, and the hypervisor's value (the exit area's) at
+            // each exit, while the two differ.
             v.spec_ctrl = x;
             v.spec_areas.entry[1] = x;
-            let n = u64::from(x != 0);
+            let n = u64::from(x != v.spec_areas.exit[1]);
             a.set(f::ENTRY_MSR_LOAD_COUNT, n)?;
             a.set(f::EXIT_MSR_LOAD_COUNT, n)?;
             return skip(a, exit);

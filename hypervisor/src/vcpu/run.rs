@@ -300,6 +300,11 @@ impl RunLoop {
         lapic_per_10ms: u32,
     ) -> RunLoop {
         lapic::start_oneshot_timer(crate::arch::trap::TIMER_VECTOR);
+        if spec.host_ibrs {
+            // SAFETY: `host_ibrs` is chosen only where CPUID says IBRS exists (IA32_SPEC_CTRL
+            // bit 0); setting it only restricts indirect-branch prediction.
+            unsafe { cpu::wrmsr(0x48, spec.host_spec_ctrl()) };
+        }
         queue::cpu_ready(cpu);
         RunLoop {
             vmx,
@@ -554,8 +559,16 @@ impl RunLoop {
                 };
             }
             // The vCPU is boxed: its MSR-load areas stay where they are for as long as its
-            // VMCS exists (they are freed together).
-            if let Err(e) = a.set_spec_ctrl_areas(&v.core.spec_areas) {
+            // VMCS exists (they are freed together). Each exit loads the hypervisor's value
+            // while the guest's differs.
+            let host = spec.host_spec_ctrl();
+            v.core.spec_areas.exit[1] = host;
+            let n = u64::from(v.core.spec_ctrl != host);
+            if let Err(e) = a
+                .set_spec_ctrl_areas(&v.core.spec_areas)
+                .and_then(|()| a.set(f::ENTRY_MSR_LOAD_COUNT, n))
+                .and_then(|()| a.set(f::EXIT_MSR_LOAD_COUNT, n))
+            {
                 return SliceEnd::Stop {
                     why: alloc::format!("cannot set up the VMCS: {e}"),
                     dump: false,

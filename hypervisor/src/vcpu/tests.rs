@@ -341,6 +341,20 @@ fn speculation_msrs_are_the_guests_own_where_the_cpu_has_them() {
     msr(&mut r0, true, 0x48, 0);
     assert_eq!(r0.a.field(f::ENTRY_MSR_LOAD_COUNT), 0);
     assert_eq!(r0.a.field(f::EXIT_MSR_LOAD_COUNT), 0);
+    // A hypervisor running with IBRS (eIBRS CPUs): a guest that sets IBRS too needs no
+    // switch; one that clears it does.
+    let mut rh = Rig::new();
+    rh.v.spec_areas.exit[1] = 1;
+    msr(&mut rh, true, 0x48, 1);
+    assert_eq!(rh.a.field(f::ENTRY_MSR_LOAD_COUNT), 0);
+    msr(&mut rh, true, 0x48, 0);
+    assert_eq!(rh.a.field(f::ENTRY_MSR_LOAD_COUNT), 1);
+    assert_eq!(rh.a.field(f::EXIT_MSR_LOAD_COUNT), 1);
+    assert_eq!(
+        rh.v.spec_areas.exit,
+        [0x48, 1],
+        "the exit area keeps the hypervisor's value"
+    );
     msr(&mut r, true, 0x49, 1);
     assert_eq!(r.p.barriers, vec![SpecMsr::Ibpb]);
     for (write, m, value) in [

@@ -13,6 +13,11 @@
 //! - L1D flush before VM entry: L1TF lets a guest read the L1 data cache; needed where the CPU
 //!   is not RDCL_NO and does not flush on VM entry itself (SKIP_L1DFL_VMENTRY); with SMT, a
 //!   sibling can still fill it (documented risk).
+//! - IBRS in the hypervisor on eIBRS CPUs (IBRS_ALL): set in IA32_SPEC_CTRL while the
+//!   hypervisor runs, predictions made in guest mode cannot steer its indirect branches. The
+//!   CPU's VM-exit MSR-load area sets it at every exit where the guest's own value differs
+//!   (`vmx::policy::SpecCtrlAreas`). Legacy IBRS (no IBRS_ALL) would need the same write and
+//!   slows everything while set; there the RSB fill and IBPB are what is used, as in Linux.
 
 /// CPUID.(EAX=7,ECX=0):EDX bits.
 pub mod cpuid7 {
@@ -73,13 +78,23 @@ pub struct Mitigations {
     pub ibpb_on_switch: bool,
     pub verw: bool,
     pub l1d_flush: bool,
+    /// IA32_SPEC_CTRL.IBRS set while the hypervisor runs.
+    pub host_ibrs: bool,
+}
+
+impl Mitigations {
+    /// The hypervisor's IA32_SPEC_CTRL value.
+    #[must_use]
+    pub fn host_spec_ctrl(&self) -> u64 {
+        u64::from(self.host_ibrs)
+    }
 }
 
 /// [`Mitigations`] and, for each, why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Decision {
     pub m: Mitigations,
-    pub why: [&'static str; 4],
+    pub why: [&'static str; 5],
 }
 
 /// Decides the mitigations for a CPU.
@@ -92,7 +107,7 @@ pub fn choose(c: CpuBugs, choice: Choice) -> Decision {
     match choice {
         Choice::Off => Decision {
             m: Mitigations::default(),
-            why: ["off (hv.spec-ctrl=off)"; 4],
+            why: ["off (hv.spec-ctrl=off)"; 5],
         },
         Choice::On => Decision {
             m: Mitigations {
@@ -102,6 +117,7 @@ pub fn choose(c: CpuBugs, choice: Choice) -> Decision {
                 // clears nothing, but costs what it costs, for the benchmark).
                 verw: true,
                 l1d_flush: can_l1d,
+                host_ibrs: can_ibpb,
             },
             why: [
                 "on (hv.spec-ctrl=on)",
@@ -116,6 +132,11 @@ pub fn choose(c: CpuBugs, choice: Choice) -> Decision {
                 } else {
                     "unavailable: no L1D_FLUSH (CPUID.7.EDX[28])"
                 },
+                if can_ibpb {
+                    "on (hv.spec-ctrl=on)"
+                } else {
+                    "unavailable: no IBRS (CPUID.7.EDX[26])"
+                },
             ],
         },
         Choice::Auto => {
@@ -128,12 +149,14 @@ pub fn choose(c: CpuBugs, choice: Choice) -> Decision {
                 !(cap(arch_cap::SBDR_SSDP_NO) && cap(arch_cap::FBSDP_NO) && cap(arch_cap::PSDP_NO));
             let verw_needed = mds || taa || mmio;
             let l1tf = !cap(arch_cap::RDCL_NO) && !cap(arch_cap::SKIP_L1DFL_VMENTRY);
+            let eibrs = cap(arch_cap::IBRS_ALL) && can_ibpb;
             Decision {
                 m: Mitigations {
                     rsb_fill: rsb,
                     ibpb_on_switch: can_ibpb,
                     verw: verw_needed && can_verw,
                     l1d_flush: l1tf && can_l1d,
+                    host_ibrs: eibrs,
                 },
                 why: [
                     if rsb {
@@ -159,6 +182,11 @@ pub fn choose(c: CpuBugs, choice: Choice) -> Decision {
                         (true, true) => "on: L1TF",
                         (true, false) => "unavailable: L1TF but no L1D_FLUSH (update microcode)",
                     },
+                    if eibrs {
+                        "on: eIBRS (IBRS_ALL): guest-mode predictions cannot steer it"
+                    } else {
+                        "off: no eIBRS (the RSB fill and IBPB cover Spectre v2 here)"
+                    },
                 ],
             }
         }
@@ -166,12 +194,13 @@ pub fn choose(c: CpuBugs, choice: Choice) -> Decision {
 }
 
 /// The `vmx` console's lines for a decision.
-pub fn report(d: &Decision) -> [(&'static str, bool, &'static str); 4] {
+pub fn report(d: &Decision) -> [(&'static str, bool, &'static str); 5] {
     [
         ("RSB fill on VM exit", d.m.rsb_fill, d.why[0]),
         ("IBPB between domains", d.m.ibpb_on_switch, d.why[1]),
         ("VERW before VM entry", d.m.verw, d.why[2]),
         ("L1D flush before VM entry", d.m.l1d_flush, d.why[3]),
+        ("IBRS in the hypervisor", d.m.host_ibrs, d.why[4]),
     ]
 }
 
@@ -195,7 +224,8 @@ mod tests {
                 rsb_fill: true,
                 ibpb_on_switch: true,
                 verw: true,
-                l1d_flush: true
+                l1d_flush: true,
+                host_ibrs: false,
             }
         );
         assert!(d.why[3].contains("SMT"));
@@ -221,9 +251,11 @@ mod tests {
                 rsb_fill: false,
                 ibpb_on_switch: true,
                 verw: false,
-                l1d_flush: false
+                l1d_flush: false,
+                host_ibrs: true,
             }
         );
+        assert!(d.why[4].contains("eIBRS"));
         // RSBA brings the RSB fill back.
         let rsba = CpuBugs {
             arch_cap: c.arch_cap | arch_cap::RSBA,
@@ -252,6 +284,15 @@ mod tests {
         assert!(d.why[2].contains("no MD_CLEAR") && d.why[3].contains("no L1D_FLUSH"));
         let on = choose(bare, Choice::On);
         assert!(on.m.rsb_fill && on.m.verw && !on.m.ibpb_on_switch && !on.m.l1d_flush);
+        assert!(!on.m.host_ibrs && on.why[4].contains("no IBRS"));
+        assert!(
+            choose(OLD, Choice::On).m.host_ibrs,
+            "forced where the CPU has IBRS"
+        );
+        assert!(
+            !choose(OLD, Choice::Auto).m.host_ibrs,
+            "no eIBRS: not by default"
+        );
         assert_eq!(choose(OLD, Choice::Off).m, Mitigations::default());
         assert_eq!(Choice::parse(Some("on")), Ok(Choice::On));
         assert_eq!(Choice::parse(None), Ok(Choice::Auto));
