@@ -22,6 +22,7 @@
 //! for the requests in flight, so none of theirs lands after it); a session that ends gets
 //! the pool flushed.
 
+pub mod proto;
 mod session;
 
 use std::collections::BTreeMap;

@@ -14,12 +14,12 @@ use std::net::TcpStream;
 use std::sync::mpsc::{Sender, channel};
 use std::time::{Duration, Instant};
 
+use super::proto::{self, MAX_OPTION, Verdict};
 use super::{Export, Io, Msg};
 
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
 const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
 const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 
 const FLAG_FIXED_NEWSTYLE: u16 = 1;
@@ -45,23 +45,8 @@ const TF_SEND_FUA: u16 = 8;
 const TF_SEND_TRIM: u16 = 32;
 const TF_SEND_WRITE_ZEROES: u16 = 64;
 
-const CMD_READ: u16 = 0;
-const CMD_WRITE: u16 = 1;
-const CMD_DISC: u16 = 2;
-const CMD_FLUSH: u16 = 3;
-const CMD_TRIM: u16 = 4;
-const CMD_WRITE_ZEROES: u16 = 6;
-const CMD_FLAG_FUA: u16 = 1;
-
 const EINVAL: u32 = 22;
-const MAX_REQUEST: u32 = 32 << 20;
-const MAX_OPTION: u32 = 64 << 10;
 
-fn rd_u16(s: &mut impl Read) -> io::Result<u16> {
-    let mut b = [0u8; 2];
-    s.read_exact(&mut b)?;
-    Ok(u16::from_be_bytes(b))
-}
 fn rd_u32(s: &mut impl Read) -> io::Result<u32> {
     let mut b = [0u8; 4];
     s.read_exact(&mut b)?;
@@ -200,14 +185,7 @@ fn handshake_phase(
                 opt_reply(s, opt, REP_ACK, &[])?;
             }
             OPT_INFO | OPT_GO => {
-                let nlen = data
-                    .get(0..4)
-                    .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-                    as usize;
-                let Some(want) = data
-                    .get(4..4 + nlen)
-                    .map(|b| String::from_utf8_lossy(b).into_owned())
-                else {
+                let Some(want) = proto::info_name(&data) else {
                     opt_reply(s, opt, REP_ERR_UNKNOWN, b"malformed option")?;
                     continue;
                 };
@@ -321,40 +299,30 @@ fn read_requests(
             }
             Err(e) => return Err(e),
         };
-        if magic != REQUEST_MAGIC {
-            return Err(invalid("bad request magic"));
-        }
-        let flags = rd_u16(s)?;
-        let cmd = rd_u16(s)?;
-        let handle = rd_u64(s)?;
-        let offset = rd_u64(s)?;
-        let len = rd_u32(s)?;
-        let fits = offset
-            .checked_add(u64::from(len))
-            .is_some_and(|e| e <= size);
-        let in_range = len <= MAX_REQUEST && fits;
-        let fua = flags & CMD_FLAG_FUA != 0;
-        let io = match cmd {
-            CMD_READ if in_range => Io::Read { offset, len },
-            CMD_WRITE => {
-                if len > MAX_REQUEST {
-                    return Err(invalid("write too long"));
-                }
+        let mut b = [0u8; 28];
+        b[..4].copy_from_slice(&magic.to_be_bytes());
+        s.read_exact(&mut b[4..])?;
+        let h = proto::header(&b).map_err(invalid)?;
+        let handle = h.handle;
+        let io = match proto::judge(&h, size) {
+            Verdict::Read { offset, len } => Io::Read { offset, len },
+            Verdict::Write { offset, len, fua } => {
                 let mut data = vec![0u8; len as usize];
                 s.read_exact(&mut data)?;
-                if !in_range {
-                    answer(handle, Answer::Now(EINVAL))?;
-                    continue;
-                }
                 Io::Write { offset, data, fua }
             }
-            // Zeroing and trimming carry no payload, so their length is bounded only by the
-            // export.
-            CMD_TRIM if fits => Io::Trim { offset, len, fua },
-            CMD_WRITE_ZEROES if fits => Io::Zeroes { offset, len, fua },
-            CMD_FLUSH => Io::Flush,
-            CMD_DISC => return Ok(()),
-            _ => {
+            Verdict::WriteOutside { len } => {
+                let mut data = vec![0u8; len as usize];
+                s.read_exact(&mut data)?;
+                answer(handle, Answer::Now(EINVAL))?;
+                continue;
+            }
+            Verdict::Trim { offset, len, fua } => Io::Trim { offset, len, fua },
+            Verdict::Zeroes { offset, len, fua } => Io::Zeroes { offset, len, fua },
+            Verdict::Flush => Io::Flush,
+            Verdict::Disconnect => return Ok(()),
+            Verdict::Close(why) => return Err(invalid(why)),
+            Verdict::Invalid => {
                 answer(handle, Answer::Now(EINVAL))?;
                 continue;
             }
