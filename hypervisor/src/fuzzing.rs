@@ -1,6 +1,6 @@
 //! The bodies of the fuzz targets for what guests and operators hand the hypervisor (issue 16):
-//! the guest page walk, the ELF loader, the hypercall dispatcher and the boot modules' domain
-//! lines. Each takes arbitrary bytes, runs the parser on them and checks what its callers rely
+//! the guest page walk, the ELF loader, the hypercall dispatcher, the boot modules' domain
+//! lines and the serial console (line editor and command parser). Each takes arbitrary bytes, runs the parser on them and checks what its callers rely
 //! on; a violated check panics, which is what the fuzzer looks for. `hypervisor/fuzz` wraps
 //! each in a cargo-fuzz target of the same name (`cargo xtask fuzz TARGET SECONDS`), and the
 //! tests below replay each target's seed corpus (`fuzz/corpus/TARGET`) plus mutations and
@@ -24,6 +24,7 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("elf_loader", elf_loader),
     ("hypercall", hypercall),
     ("domain_line", domain_line),
+    ("console", console),
 ];
 
 fn word(data: &[u8], i: usize) -> u64 {
@@ -154,6 +155,28 @@ pub fn domain_line(data: &[u8]) {
     }
 }
 
+/// The serial console: bytes typed at it (escape sequences, history keys, control
+/// characters, anything) go through the line editor, and every line it completes is parsed as
+/// a command. A completed line holds no line ends; whatever the parser says can be printed.
+pub fn console(data: &[u8]) {
+    let mut editor = crate::shell::LineEditor::new();
+    let mut echo = alloc::vec::Vec::new();
+    for &b in data {
+        if let Some(line) = editor.feed(b, &mut echo) {
+            assert!(!line.contains('\r') && !line.contains('\n'), "{line:?}");
+            assert!(line.len() <= crate::shell::MAX_LINE, "{} bytes", line.len());
+            match crate::shell::parse(&line) {
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = alloc::format!("{e}");
+                }
+            }
+        }
+        echo.clear();
+    }
+    assert!(editor.history().all(|h| !h.contains('\n')));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,6 +237,11 @@ mod tests {
     #[test]
     fn domain_line_corpus_replays() {
         replay("domain_line", domain_line);
+    }
+
+    #[test]
+    fn console_corpus_replays() {
+        replay("console", console);
     }
 
     #[test]

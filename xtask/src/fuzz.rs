@@ -16,6 +16,7 @@ pub const TARGETS: &[(&str, &str)] = &[
     ("hypervisor", "elf_loader"),
     ("hypervisor", "hypercall"),
     ("hypervisor", "domain_line"),
+    ("hypervisor", "console"),
     ("dom0-agent/volume", "metadata"),
     ("dom0-agent/hvctl", "nbd"),
 ];

@@ -6,7 +6,7 @@
 
 mod editor;
 
-pub use editor::LineEditor;
+pub use editor::{LineEditor, MAX_LINE};
 
 use crate::cmdline::{LevelError, parse_level};
 use crate::sched::keys::{Change, KeyError};
