@@ -1,6 +1,7 @@
 //! The bodies of the fuzz targets for what guests and operators hand the hypervisor (issue 16):
 //! the guest page walk, the ELF loader, the hypercall dispatcher, the boot modules' domain
-//! lines and the serial console (line editor and command parser). Each takes arbitrary bytes, runs the parser on them and checks what its callers rely
+//! lines, the serial console (line editor and command parser) and guests' port and MMIO
+//! accesses to their devices. Each takes arbitrary bytes, runs the parser on them and checks what its callers rely
 //! on; a violated check panics, which is what the fuzzer looks for. `hypervisor/fuzz` wraps
 //! each in a cargo-fuzz target of the same name (`cargo xtask fuzz TARGET SECONDS`), and the
 //! tests below replay each target's seed corpus (`fuzz/corpus/TARGET`) plus mutations and
@@ -25,6 +26,7 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("hypercall", hypercall),
     ("domain_line", domain_line),
     ("console", console),
+    ("guest_io", guest_io),
 ];
 
 fn word(data: &[u8], i: usize) -> u64 {
@@ -177,6 +179,71 @@ pub fn console(data: &[u8]) {
     assert!(editor.history().all(|h| !h.contains('\n')));
 }
 
+/// A guest's port and MMIO accesses to its devices (the 16550 UART, the test exit port, the
+/// MMIO hole): 16 bytes per access (kind, size, port or address, value). A read gives exactly
+/// `size` bytes; an unclaimed port or MMIO-hole address reads all ones; only the UART
+/// produces console bytes and only the exit port an exit.
+pub fn guest_io(data: &[u8]) {
+    use crate::io::{DomainIo, IoEvent, ports::PortAction};
+    let mut io = DomainIo::standard();
+    let mem = VecGuestMemory::new(0, 4096);
+    let uart = hv_abi::ports::UART;
+    for op in data.chunks_exact(16) {
+        let size = [1u8, 2, 4, 8][usize::from(op[1] & 3)];
+        let value = u64::from_le_bytes(op[8..16].try_into().expect("8 bytes"));
+        let mask = if size == 8 {
+            u64::MAX
+        } else {
+            (1u64 << (8 * size)) - 1
+        };
+        if op[0] & 1 == 0 {
+            // Ports: near the UART and the exit port mostly, anywhere sometimes.
+            let size = size.min(4);
+            let port = match op[0] >> 1 & 3 {
+                0 => uart.wrapping_add(u16::from(op[2] & 7)),
+                1 => hv_abi::ports::TEST_EXIT.wrapping_add(u16::from(op[2] & 1)),
+                _ => u16::from_le_bytes([op[2], op[3]]),
+            };
+            let input = op[0] & 0x10 != 0;
+            match io.ports.access(port, size, input, value as u32) {
+                PortAction::Read(v) => {
+                    assert_eq!(
+                        u64::from(v) & !mask,
+                        0,
+                        "port {port:#x}: {v:#x} in {size} bytes"
+                    );
+                    let claimed =
+                        (uart..uart + 8).contains(&port) || port == hv_abi::ports::TEST_EXIT;
+                    if !claimed && u32::from(port) + u32::from(size) <= u32::from(uart) {
+                        assert_eq!(u64::from(v), mask.min(u64::from(u32::MAX)));
+                    }
+                }
+                PortAction::Wrote(IoEvent::Console(_)) => {
+                    assert!(
+                        (uart..uart + 8).contains(&port),
+                        "console byte from {port:#x}"
+                    );
+                }
+                PortAction::Wrote(IoEvent::Exit(_)) => {
+                    assert_eq!(port, hv_abi::ports::TEST_EXIT);
+                }
+                PortAction::Wrote(IoEvent::None) => {}
+            }
+        } else {
+            let gpa = 0xc000_0000u64
+                + (u64::from(u32::from_le_bytes(op[4..8].try_into().expect("4"))) & 0x3fff_ffff);
+            if op[0] & 0x10 != 0 {
+                let v = io.mmio.read(gpa, size).expect("inside the hole");
+                assert_eq!(v, mask, "an empty hole reads all ones");
+            } else {
+                io.mmio
+                    .write(&mem, gpa, size, value)
+                    .expect("inside the hole");
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,6 +309,11 @@ mod tests {
     #[test]
     fn console_corpus_replays() {
         replay("console", console);
+    }
+
+    #[test]
+    fn guest_io_corpus_replays() {
+        replay("guest_io", guest_io);
     }
 
     #[test]

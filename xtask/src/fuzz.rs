@@ -17,6 +17,7 @@ pub const TARGETS: &[(&str, &str)] = &[
     ("hypervisor", "hypercall"),
     ("hypervisor", "domain_line"),
     ("hypervisor", "console"),
+    ("hypervisor", "guest_io"),
     ("dom0-agent/volume", "metadata"),
     ("dom0-agent/hvctl", "nbd"),
 ];
