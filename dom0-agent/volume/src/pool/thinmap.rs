@@ -14,49 +14,67 @@ struct MdIo<'a> {
     out: IoOutcome,
 }
 
+/// The metadata volume `store`, checked to hold blocks `blk..blk + n`: its layout, the
+/// relayout in progress if any (blocks below its `done` live in its target), its regions and
+/// name, and how many of the blocks lie below `done`.
+struct MdTarget<'v> {
+    layout: &'v mut Layout,
+    relayout: Option<&'v mut Layout>,
+    rg: Regions,
+    name: String,
+    split: u64,
+}
+
+fn md_target<'v>(
+    vols: &'v mut [VolMeta],
+    store: u32,
+    blk: u64,
+    n: u64,
+) -> Result<MdTarget<'v>, TreeError> {
+    let v = vols
+        .iter_mut()
+        .find(|v| v.id == store)
+        .ok_or_else(|| TreeError::Corrupt(format!("no metadata volume #{store}")))?;
+    if blk.checked_add(n).is_none_or(|e| e > v.size) {
+        return Err(TreeError::Corrupt(format!(
+            "metadata node {blk} outside metadata volume {}",
+            v.name
+        )));
+    }
+    let rg = Regions::of(v);
+    let name = v.name.clone();
+    let VolKind::Thick {
+        layout, relayout, ..
+    } = &mut v.kind
+    else {
+        return Err(TreeError::Corrupt(format!(
+            "{name} is not a metadata volume"
+        )));
+    };
+    let split = relayout.as_ref().map_or(0, |r| r.done).clamp(blk, blk + n) - blk;
+    Ok(MdTarget {
+        layout,
+        relayout: relayout.as_mut().map(|r| &mut r.target),
+        rg,
+        name,
+        split,
+    })
+}
+
 impl NodeIo for MdIo<'_> {
     fn read(&mut self, store: u32, blk: u64, buf: &mut [u8]) -> Result<(), TreeError> {
         let n = u(buf.len() / BLOCK_SIZE);
-        let devs: &mut Vec<Option<Box<dyn BlockDevice>>> = self.devs;
-        let v = self
-            .vols
-            .iter_mut()
-            .find(|v| v.id == store)
-            .ok_or_else(|| TreeError::Corrupt(format!("no metadata volume #{store}")))?;
-        if blk.checked_add(n).is_none_or(|e| e > v.size) {
-            return Err(TreeError::Corrupt(format!(
-                "metadata node {blk} outside metadata volume {}",
-                v.name
-            )));
-        }
-        let rg = Regions::of(v);
-        let name = v.name.clone();
-        let VolKind::Thick {
-            layout, relayout, ..
-        } = &mut v.kind
-        else {
-            return Err(TreeError::Corrupt(format!(
-                "{name} is not a metadata volume"
-            )));
-        };
-        // During a relayout, blocks below `done` live in the target.
-        let split = relayout.as_ref().map_or(0, |r| r.done).clamp(blk, blk + n) - blk;
+        let t = md_target(self.vols, store, blk, n)?;
+        let (devs, rg, split) = (&mut *self.devs, t.rg, t.split);
         let mut res = Ok(());
         if split > 0
-            && let Some(r) = relayout
+            && let Some(target) = t.relayout
         {
-            res = layout_read(
-                &mut r.target,
-                devs,
-                blk,
-                sl_mut(buf, 0, split),
-                rg,
-                &mut self.out,
-            );
+            res = layout_read(target, devs, blk, sl_mut(buf, 0, split), rg, &mut self.out);
         }
         if res.is_ok() && split < n {
             res = layout_read(
-                layout,
+                t.layout,
                 devs,
                 blk + split,
                 sl_mut(buf, split, n),
@@ -65,54 +83,26 @@ impl NodeIo for MdIo<'_> {
             );
         }
         res.map_err(|block| TreeError::Io {
-            volume: name,
+            volume: t.name,
             block,
         })
     }
 
     fn write(&mut self, store: u32, blk: u64, buf: &[u8]) -> Result<(), TreeError> {
         let n = u(buf.len() / BLOCK_SIZE);
-        let devs: &mut Vec<Option<Box<dyn BlockDevice>>> = self.devs;
-        let v = self
-            .vols
-            .iter_mut()
-            .find(|v| v.id == store)
-            .ok_or_else(|| TreeError::Corrupt(format!("no metadata volume #{store}")))?;
-        if blk.checked_add(n).is_none_or(|e| e > v.size) {
-            return Err(TreeError::Corrupt(format!(
-                "metadata node {blk} outside metadata volume {}",
-                v.name
-            )));
-        }
-        let rg = Regions::of(v);
-        let name = v.name.clone();
-        let VolKind::Thick {
-            layout, relayout, ..
-        } = &mut v.kind
-        else {
-            return Err(TreeError::Corrupt(format!(
-                "{name} is not a metadata volume"
-            )));
-        };
+        let t = md_target(self.vols, store, blk, n)?;
+        let (devs, rg, split) = (&mut *self.devs, t.rg, t.split);
         // No dirty-region log: a node is only ever written while no committed root reaches
         // it, so legs may differ only on blocks that nothing reads before rewriting them.
-        let split = relayout.as_ref().map_or(0, |r| r.done).clamp(blk, blk + n) - blk;
         let mut res = Ok(());
         if split > 0
-            && let Some(r) = relayout
+            && let Some(target) = t.relayout
         {
-            res = layout_write(
-                &mut r.target,
-                devs,
-                blk,
-                sl(buf, 0, split),
-                rg,
-                &mut self.out,
-            );
+            res = layout_write(target, devs, blk, sl(buf, 0, split), rg, &mut self.out);
         }
         if res.is_ok() && split < n {
             res = layout_write(
-                layout,
+                t.layout,
                 devs,
                 blk + split,
                 sl(buf, split, n),
@@ -121,7 +111,7 @@ impl NodeIo for MdIo<'_> {
             );
         }
         res.map_err(|block| TreeError::Io {
-            volume: name,
+            volume: t.name,
             block,
         })
     }
