@@ -164,6 +164,12 @@ fn skip(a: &mut impl VmcsAccess, exit: &Exit) -> Result<Action> {
 }
 
 /// Hardware exception 13 with an error code of 0 (SDM Vol. 3C §24.8.3).
+/// #UD (a hardware exception without an error code).
+fn inject_ud(a: &mut impl VmcsAccess) -> Result<Action> {
+    a.set(f::ENTRY_INTERRUPTION, 6 | (3 << 8) | (1 << 31))?;
+    Ok(Action::Resume)
+}
+
 fn inject_gp(a: &mut impl VmcsAccess) -> Result<Action> {
     let info = 13 | (3 << 8) | (1 << 11) | (1 << 31);
     a.set(f::ENTRY_INTERRUPTION, info)?;
@@ -319,9 +325,10 @@ pub fn handle(
                 inject_gp(a)
             }
         }
-        // VMX instructions are not available to guests: #UD would be exact, #GP is what the
-        // allow-list gives for everything it does not offer.
-        ExitReason::VmxInstruction(_) | ExitReason::Invlpg | ExitReason::Rdtsc => inject_gp(a),
+        // VMX is not offered (CPUID.1:ECX.VMX clear, CR4.VMXE refused): its instructions are
+        // #UD, as on a CPU without it.
+        ExitReason::VmxInstruction(_) => inject_ud(a),
+        ExitReason::Invlpg | ExitReason::Rdtsc => inject_gp(a),
         other => fail(ExitError::Unsupported(alloc::format!(
             "unhandled VM exit: {} ({:?})",
             other.name(),
