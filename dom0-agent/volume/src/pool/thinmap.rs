@@ -61,58 +61,51 @@ fn md_target<'v>(
     })
 }
 
+impl MdTarget<'_> {
+    /// Runs `io` on the relayout target for the blocks below the split, then on the layout
+    /// for the rest: `io(layout, first block, first and end block index within the request)`.
+    /// A failed block becomes an error naming the volume.
+    fn each(
+        self,
+        blk: u64,
+        n: u64,
+        mut io: impl FnMut(&mut Layout, u64, u64, u64) -> Result<(), u64>,
+    ) -> Result<(), TreeError> {
+        let split = self.split;
+        let mut res = Ok(());
+        if split > 0
+            && let Some(target) = self.relayout
+        {
+            res = io(target, blk, 0, split);
+        }
+        if res.is_ok() && split < n {
+            res = io(self.layout, blk + split, split, n);
+        }
+        res.map_err(|block| TreeError::Io {
+            volume: self.name,
+            block,
+        })
+    }
+}
+
 impl NodeIo for MdIo<'_> {
     fn read(&mut self, store: u32, blk: u64, buf: &mut [u8]) -> Result<(), TreeError> {
         let n = u(buf.len() / BLOCK_SIZE);
         let t = md_target(self.vols, store, blk, n)?;
-        let (devs, rg, split) = (&mut *self.devs, t.rg, t.split);
-        let mut res = Ok(());
-        if split > 0
-            && let Some(target) = t.relayout
-        {
-            res = layout_read(target, devs, blk, sl_mut(buf, 0, split), rg, &mut self.out);
-        }
-        if res.is_ok() && split < n {
-            res = layout_read(
-                t.layout,
-                devs,
-                blk + split,
-                sl_mut(buf, split, n),
-                rg,
-                &mut self.out,
-            );
-        }
-        res.map_err(|block| TreeError::Io {
-            volume: t.name,
-            block,
+        let (devs, out, rg) = (&mut *self.devs, &mut self.out, t.rg);
+        t.each(blk, n, |layout, at, from, to| {
+            layout_read(layout, devs, at, sl_mut(buf, from, to), rg, out)
         })
     }
 
     fn write(&mut self, store: u32, blk: u64, buf: &[u8]) -> Result<(), TreeError> {
         let n = u(buf.len() / BLOCK_SIZE);
         let t = md_target(self.vols, store, blk, n)?;
-        let (devs, rg, split) = (&mut *self.devs, t.rg, t.split);
+        let (devs, out, rg) = (&mut *self.devs, &mut self.out, t.rg);
         // No dirty-region log: a node is only ever written while no committed root reaches
         // it, so legs may differ only on blocks that nothing reads before rewriting them.
-        let mut res = Ok(());
-        if split > 0
-            && let Some(target) = t.relayout
-        {
-            res = layout_write(target, devs, blk, sl(buf, 0, split), rg, &mut self.out);
-        }
-        if res.is_ok() && split < n {
-            res = layout_write(
-                t.layout,
-                devs,
-                blk + split,
-                sl(buf, split, n),
-                rg,
-                &mut self.out,
-            );
-        }
-        res.map_err(|block| TreeError::Io {
-            volume: t.name,
-            block,
+        t.each(blk, n, |layout, at, from, to| {
+            layout_write(layout, devs, at, sl(buf, from, to), rg, out)
         })
     }
 }
