@@ -69,7 +69,31 @@ pub mod hypercall {
     pub const SET_TIMER: u64 = 7;
     /// Largest CONSOLE_WRITE.
     pub const CONSOLE_WRITE_MAX: u64 = 4096;
+
+    // dom0's calls: any other domain gets [`crate::Status::PermissionDenied`].
+
+    /// dom0 only. `(ring_gpa, data_gpa)`: registers the block request ring (one 4 KiB page at
+    /// `ring_gpa`, laid out as [`crate::ioring`] says) and its data area
+    /// ([`crate::ioring::DATA_BYTES`] at `data_gpa`), both in dom0's RAM and page-aligned.
+    /// Registering again (dom0 restarted) fails every request still in flight with an I/O
+    /// error and starts the ring afresh.
+    pub const IO_RING_SETUP: u64 = 16;
+    /// dom0 only. `(name_gpa, name_len, sectors | ro << 63)`: offers a volume, named
+    /// `pool/volume` (at most [`crate::ioring::NAME_MAX`] bytes), of `sectors` 512-byte
+    /// sectors to guests; read-only when bit 63 is set. Returns the disk's handle, which
+    /// requests name. Offering a name again updates its size.
+    pub const DISK_OFFER: u64 = 17;
+    /// dom0 only. Every volume is offered: the hypervisor starts the guests waiting for
+    /// their disks (or refuses those that name a volume dom0 does not have).
+    pub const IO_READY: u64 = 18;
+    /// dom0 only. Responses were added to the ring: the hypervisor completes them.
+    pub const IO_KICK: u64 = 19;
+    /// dom0 only. Completes what the ring holds, then waits until a request arrives (or
+    /// returns at once if one is already there). Returns 0.
+    pub const IO_WAIT: u64 = 20;
 }
+
+pub mod ioring;
 
 /// I/O ports every domain has.
 pub mod ports {

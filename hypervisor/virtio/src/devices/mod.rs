@@ -7,3 +7,4 @@ pub mod balloon;
 pub mod block;
 pub mod console;
 pub mod net;
+pub mod remote_block;
