@@ -7,6 +7,7 @@
 //! from the guest and are checked by the device.
 
 pub mod bus;
+pub mod ioring;
 pub mod mmio;
 pub mod ports;
 pub mod uart;
