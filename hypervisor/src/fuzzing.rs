@@ -109,7 +109,13 @@ pub fn hypercall(data: &[u8]) {
     let ram = &ram[..ram.len().min(16 << 10)];
     let mem = VecGuestMemory::new(0, 16 << 10);
     mem.write(GuestAddr(0), ram).expect("fits");
-    match dispatch(number, args, &mem, Caller { vcpus, started }) {
+    let privileged = data.get(40).copied().unwrap_or(0) & 0x80 != 0;
+    let caller = Caller {
+        vcpus,
+        started,
+        privileged,
+    };
+    match dispatch(number, args, &mem, caller) {
         Outcome::Console(bytes) => {
             assert!(bytes.len() as u64 <= hv_abi::hypercall::CONSOLE_WRITE_MAX);
             assert_eq!(bytes.len() as u64, args[1]);
@@ -125,6 +131,13 @@ pub fn hypercall(data: &[u8]) {
         Outcome::SetTimer { vector, period_us } => {
             assert!(vector >= 32);
             assert!(period_us == 0 || (MIN_PERIOD_US..=MAX_PERIOD_US).contains(&period_us));
+        }
+        Outcome::Dom0(call) => {
+            assert!(privileged, "dom0's call {call:?} for an unprivileged caller");
+            if let crate::domain::hypercall::Dom0Call::DiskOffer { name, sectors, .. } = call {
+                assert!(crate::domain::hypercall::valid_volume_name(&name));
+                assert!(sectors > 0 && name.len() as u64 <= hv_abi::ioring::NAME_MAX);
+            }
         }
         Outcome::Return(_) | Outcome::Exit(_) | Outcome::Yield | Outcome::VcpuOff => {}
     }

@@ -255,7 +255,15 @@ fn enter_vmx(index: usize, status: &VmxStatus) -> Option<crate::vcpu::run::RunLo
     }
 }
 
-/// Creates a domain for every boot module (`module2 FILE name=NAME mem=MIB cpu=N -- ARGS`).
+/// Boot modules waiting for dom0's volumes (their indices), and the capabilities to start
+/// them with once dom0 is ready.
+static WAITING: spin::Mutex<Vec<usize>> = spin::Mutex::new(Vec::new());
+static CAPS: spin::Once<crate::vmx::caps::VmxCaps> = spin::Once::new();
+/// The last dom0 readiness the console task acted on.
+static READY_SEEN: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
+
+/// Creates a domain for every boot module (`module2 FILE name=NAME mem=MIB cpu=N -- ARGS`):
+/// dom0 (`role=dom0`) first; guests with a disk wait until dom0 offered its volumes.
 fn start_boot_domains(vmx: &VmxStatus) {
     let modules = with_info(|i| i.modules.clone());
     if modules.is_empty() {
@@ -268,40 +276,116 @@ fn start_boot_domains(vmx: &VmxStatus) {
         );
         return;
     };
-    for (i, m) in modules.iter().enumerate() {
-        let cfg = match crate::domain::config::DomainConfig::parse(m.cmdline.as_str()) {
-            Ok(c) => c,
-            Err(e) => {
-                error!("module {i} ('{}'): {e}; not started", m.cmdline);
-                continue;
-            }
-        };
-        // SAFETY: the loader placed the module at [start, end), which is identity-mapped and
-        // reserved from the frame allocator for the whole run; it is only read.
-        let image = unsafe {
-            core::slice::from_raw_parts(m.start as *const u8, (m.end - m.start) as usize)
-        };
-        if let Err(e) = crate::vcpu::queue::admits(&cfg.sched, cfg.vcpus) {
-            error!("module {i} ('{}'): {e}; not started", cfg.name);
+    CAPS.call_once(|| *caps);
+    let role = |m: &bootloader::info::Module| {
+        crate::domain::config::DomainConfig::parse(m.cmdline.as_str())
+            .map(|c| (c.dom0, c.disk.is_some()))
+            .unwrap_or((false, false))
+    };
+    let has_dom0 = modules.iter().any(|m| role(m).0);
+    let order = (0..modules.len())
+        .filter(|&i| role(&modules[i]).0)
+        .chain((0..modules.len()).filter(|&i| !role(&modules[i]).0));
+    for i in order {
+        let (_, wants_disk) = role(&modules[i]);
+        if wants_disk && has_dom0 {
+            info!("module {i}: waiting for dom0 to offer its volumes");
+            WAITING.lock().push(i);
             continue;
         }
-        match crate::domain::table::create(&DOMAINS, &FRAMES, image, &cfg, caps) {
-            Ok(new) => {
-                let d = new.domain.clone();
-                match crate::vcpu::run::spawn(new) {
-                    Ok(()) => info!(
-                        "domain {} ({}) created: {} MiB on CPU {}",
-                        d.id, d.name, d.mem_mib, d.cpu
-                    ),
-                    Err(e) => {
-                        // Checked just above; only a bug gets here. Its vCPUs were dropped.
-                        error!("module {i} ('{}'): {e}; not started", cfg.name);
-                        d.finish(e);
+        start_module(i, &modules[i], caps, has_dom0);
+    }
+}
+
+/// Starts the guests that waited for their disks, once dom0 says it is ready (from the
+/// console task).
+fn start_waiting_guests() {
+    let generation = crate::domain::dom0::ready_generation();
+    if READY_SEEN.swap(generation, core::sync::atomic::Ordering::AcqRel) == generation {
+        return;
+    }
+    let waiting = core::mem::take(&mut *WAITING.lock());
+    let Some(caps) = CAPS.get() else { return };
+    let modules = with_info(|i| i.modules.clone());
+    for i in waiting {
+        start_module(i, &modules[i], caps, true);
+    }
+}
+
+fn start_module(
+    i: usize,
+    m: &bootloader::info::Module,
+    caps: &crate::vmx::caps::VmxCaps,
+    has_dom0: bool,
+) {
+    let cfg = match crate::domain::config::DomainConfig::parse(m.cmdline.as_str()) {
+        Ok(c) => c,
+        Err(e) => {
+            error!("module {i} ('{}'): {e}; not started", m.cmdline);
+            return;
+        }
+    };
+    // The disk's volume, checked before anything is built.
+    let disk = match cfg.disk {
+        None => None,
+        Some(d) if !has_dom0 => {
+            error!(
+                "module {i} ('{}'): disk={}: no dom0 (a module with role=dom0) serves disks; not started",
+                cfg.name, d.volume
+            );
+            return;
+        }
+        Some(d) => match crate::domain::dom0::find_volume(d.volume) {
+            Ok((handle, sectors, ro)) => Some((handle, sectors, ro || d.read_only)),
+            Err(names) => {
+                error!(
+                    "module {i} ('{}'): disk={}: dom0 has no such volume (it offers: {}); not started",
+                    cfg.name,
+                    d.volume,
+                    if names.is_empty() { String::from("none") } else { names.join(", ") }
+                );
+                return;
+            }
+        },
+    };
+    // SAFETY: the loader placed the module at [start, end), which is identity-mapped and
+    // reserved from the frame allocator for the whole run; it is only read.
+    let image =
+        unsafe { core::slice::from_raw_parts(m.start as *const u8, (m.end - m.start) as usize) };
+    if let Err(e) = crate::vcpu::queue::admits(&cfg.sched, cfg.vcpus) {
+        error!("module {i} ('{}'): {e}; not started", cfg.name);
+        return;
+    }
+    match crate::domain::table::create(&DOMAINS, &FRAMES, image, &cfg, caps) {
+        Ok(new) => {
+            let d = new.domain.clone();
+            if let Some((handle, sectors, ro)) = disk
+                && let Err(e) = crate::domain::dom0::attach_disk(&d, handle, sectors, ro)
+            {
+                error!("module {i} ('{}'): {e}; not started", cfg.name);
+                d.finish(e);
+                return;
+            }
+            match crate::vcpu::run::spawn(new) {
+                Ok(()) => info!(
+                    "domain {} ({}) created: {} MiB on CPU {}{}",
+                    d.id,
+                    d.name,
+                    d.mem_mib,
+                    d.cpu,
+                    match cfg.disk {
+                        Some(disk) => alloc::format!(", disk {}", disk.volume),
+                        None => String::new(),
                     }
+                ),
+                Err(e) => {
+                    // Checked just above; only a bug gets here. Its vCPUs were dropped.
+                    error!("module {i} ('{}'): {e}; not started", cfg.name);
+                    d.finish(e);
                 }
             }
-            Err(e) => error!("module {i} ('{}'): {e}; not started", cfg.name),
         }
+        Err(e) => error!("module {i} ('{}'): {e}; not started", cfg.name),
     }
 }
 
@@ -514,6 +598,7 @@ fn console_task(mut run_loop: Option<crate::vcpu::run::RunLoop>) -> ! {
     let mut echo = Vec::new();
     print!("{PROMPT}");
     loop {
+        start_waiting_guests();
         while let Some(byte) = serial::try_read() {
             let line = editor.feed(byte, &mut echo);
             if !echo.is_empty() {

@@ -95,6 +95,14 @@ pub mod hypercall {
 
 pub mod ioring;
 
+/// Where a guest's virtio-mmio devices sit in its MMIO hole (3–4 GiB guest-physical).
+pub mod devices {
+    /// The first device's register window; device `i` is at `VIRTIO_MMIO_BASE + i * STRIDE`.
+    pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+    /// Distance between two devices' windows.
+    pub const VIRTIO_MMIO_STRIDE: u64 = 0x1000;
+}
+
 /// I/O ports every domain has.
 pub mod ports {
     /// A 16550-compatible UART; output appears on the host console as `[domN] ...`.

@@ -1,5 +1,6 @@
 //! A domain's settings, from its boot module's command line:
-//! `name=NAME mem=MIB cpu=N vcpus=N weight=W cap=C reserve=R pin=CPUS -- GUEST COMMAND LINE`
+//! `name=NAME mem=MIB cpu=N vcpus=N weight=W cap=C reserve=R pin=CPUS role=dom0 disk=pool/VOLUME[,ro]
+//! -- GUEST COMMAND LINE`
 //! (everything after ` -- ` is the guest's own command line). `cpu=N` puts vCPU i on CPU N+i
 //! for good; without it the scheduler places and moves them, within `pin=CPUS` when given.
 //! The scheduling keys (`sched::keys`) say how much CPU it gets.
@@ -29,7 +30,38 @@ pub struct DomainConfig<'a> {
     pub cpu: Option<usize>,
     /// Weight, cap, reservation and pinning; what is not given keeps the defaults.
     pub sched: Change,
+    /// `role=dom0`: the privileged domain (domain 0), which serves the guests' disks.
+    pub dom0: bool,
+    /// `disk=pool/VOLUME[,ro]`: a virtio disk served by dom0 from that volume.
+    pub disk: Option<DiskSpec<'a>>,
     pub guest_cmdline: &'a str,
+}
+
+/// A guest's disk: a volume of dom0's pools.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiskSpec<'a> {
+    pub volume: &'a str,
+    pub read_only: bool,
+}
+
+impl<'a> DiskSpec<'a> {
+    fn parse(text: &'a str) -> Result<DiskSpec<'a>, String> {
+        let (volume, read_only) = match text.split_once(',') {
+            None => (text, false),
+            Some((v, "ro")) => (v, true),
+            Some((_, opt)) => {
+                return Err(alloc::format!(
+                    "disk={text}: unknown option '{opt}' (disk=pool/VOLUME or disk=pool/VOLUME,ro)"
+                ));
+            }
+        };
+        if !super::hypercall::valid_volume_name(volume) {
+            return Err(alloc::format!(
+                "disk={text}: not a volume name (pool/VOLUME, letters, digits, '.', '_', '-')"
+            ));
+        }
+        Ok(DiskSpec { volume, read_only })
+    }
 }
 
 impl<'a> DomainConfig<'a> {
@@ -84,7 +116,20 @@ impl<'a> DomainConfig<'a> {
                 "cpu= and pin= both given: cpu=N keeps each vCPU on one CPU, pin=CPUS lets the scheduler move them within a set; choose one",
             ));
         }
+        let dom0 = match c.get("role") {
+            None | Some("guest") => false,
+            Some("dom0") => true,
+            Some(r) => return Err(alloc::format!("role={r}: must be dom0 or guest")),
+        };
+        let disk = c.get("disk").map(DiskSpec::parse).transpose()?;
+        if dom0 && disk.is_some() {
+            return Err(String::from(
+                "role=dom0 with disk=: dom0 owns the physical disks; it has no virtual disk",
+            ));
+        }
         Ok(DomainConfig {
+            dom0,
+            disk,
             name: c.get("name").unwrap_or("guest"),
             mem_mib,
             vcpus,
@@ -135,5 +180,26 @@ mod tests {
         assert_eq!(e("weight=0"), "weight=0: weight: must be 1..65535");
         assert!(e("pin=9-2").starts_with("pin=9-2: pin: not a CPU list"));
         assert!(e("cpu=1 pin=0-1").contains("choose one"));
+        assert_eq!(e("role=king"), "role=king: must be dom0 or guest");
+        assert!(e("disk=data").contains("not a volume name"));
+        assert!(e("disk=pool/data,rw").contains("unknown option 'rw'"));
+        assert!(e("role=dom0 disk=p/v").contains("owns the physical disks"));
+    }
+
+    #[test]
+    fn roles_and_disks() {
+        let c = DomainConfig::parse("role=dom0 name=dom0").unwrap();
+        assert!(c.dom0 && c.disk.is_none());
+        let c = DomainConfig::parse("disk=pool0/web-1").unwrap();
+        assert!(!c.dom0);
+        assert_eq!(
+            c.disk,
+            Some(DiskSpec {
+                volume: "pool0/web-1",
+                read_only: false
+            })
+        );
+        let c = DomainConfig::parse("disk=pool0/base,ro").unwrap();
+        assert!(c.disk.unwrap().read_only);
     }
 }

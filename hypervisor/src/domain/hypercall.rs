@@ -2,6 +2,7 @@
 //! the guest's registers and memory, and acts on the returned [`Outcome`]. Every argument is an
 //! allegation: lengths are bounded and guest buffers are copied only after a range check.
 
+use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 
@@ -27,6 +28,34 @@ pub enum Outcome {
     VcpuOff,
     /// Arm (or, with a period of 0, stop) the calling vCPU's timer; values already checked.
     SetTimer { vector: u8, period_us: u64 },
+    /// One of dom0's calls (the caller is privileged; arguments decoded and checked here,
+    /// addresses checked against dom0's RAM by the backend).
+    Dom0(Dom0Call),
+}
+
+/// dom0's calls (`hv_abi::hypercall::IO_RING_SETUP` and after).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Dom0Call {
+    RingSetup { ring: u64, data: u64 },
+    /// A volume offered to guests: its name (`pool/volume`), size and whether read-only.
+    DiskOffer { name: String, sectors: u64, read_only: bool },
+    Ready,
+    Kick,
+    Wait,
+}
+
+/// Whether `name` is an acceptable volume name: `pool/volume`, each part 1+ characters of
+/// `[A-Za-z0-9._-]`.
+pub fn valid_volume_name(name: &str) -> bool {
+    let part = |p: &str| {
+        !p.is_empty()
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    };
+    match name.split_once('/') {
+        Some((pool, vol)) => part(pool) && part(vol),
+        None => false,
+    }
 }
 
 /// Who is calling: the domain's vCPU count and which vCPUs have started.
@@ -35,6 +64,8 @@ pub struct Caller {
     pub vcpus: u32,
     /// Bit i set when vCPU i has been started (vCPU 0 always has).
     pub started: u64,
+    /// dom0: may make dom0's calls.
+    pub privileged: bool,
 }
 
 /// Dispatches hypercall `number` with arguments `args` (RDI, RSI, RDX). Inlined into the exit
@@ -85,7 +116,39 @@ pub fn dispatch(number: u64, args: [u64; 3], mem: &impl GuestMemory, caller: Cal
                 period_us,
             }
         }
+        nr::IO_RING_SETUP..=nr::IO_WAIT if !caller.privileged => {
+            Outcome::Return(Status::PermissionDenied as i64)
+        }
+        nr::IO_RING_SETUP => Outcome::Dom0(Dom0Call::RingSetup {
+            ring: args[0],
+            data: args[1],
+        }),
+        nr::DISK_OFFER => disk_offer(args, mem),
+        nr::IO_READY => Outcome::Dom0(Dom0Call::Ready),
+        nr::IO_KICK => Outcome::Dom0(Dom0Call::Kick),
+        nr::IO_WAIT => Outcome::Dom0(Dom0Call::Wait),
         _ => Outcome::Return(Status::UnknownCall as i64),
+    }
+}
+
+#[cold]
+fn disk_offer(args: [u64; 3], mem: &impl GuestMemory) -> Outcome {
+    let (gpa, len, size) = (args[0], args[1], args[2]);
+    let sectors = size & !hv_abi::ioring::OFFER_RO;
+    if len == 0 || len > hv_abi::ioring::NAME_MAX || sectors == 0 {
+        return Outcome::Return(Status::InvalidArgument as i64);
+    }
+    let mut buf = vec![0u8; len as usize];
+    if mem.read(GuestAddr(gpa), &mut buf).is_err() {
+        return Outcome::Return(Status::BadAddress as i64);
+    }
+    match String::from_utf8(buf) {
+        Ok(name) if valid_volume_name(&name) => Outcome::Dom0(Dom0Call::DiskOffer {
+            name,
+            sectors,
+            read_only: size & hv_abi::ioring::OFFER_RO != 0,
+        }),
+        _ => Outcome::Return(Status::InvalidArgument as i64),
     }
 }
 
@@ -97,7 +160,70 @@ mod tests {
     const ONE: Caller = Caller {
         vcpus: 1,
         started: 1,
+        privileged: false,
     };
+    const DOM0: Caller = Caller {
+        privileged: true,
+        ..ONE
+    };
+
+    #[test]
+    fn dom0_calls_need_the_right() {
+        let m = VecGuestMemory::new(0, 8192);
+        m.write(GuestAddr(64), b"pool/data").unwrap();
+        for n in [
+            nr::IO_RING_SETUP,
+            nr::DISK_OFFER,
+            nr::IO_READY,
+            nr::IO_KICK,
+            nr::IO_WAIT,
+        ] {
+            assert_eq!(
+                dispatch(n, [64, 9, 100], &m, ONE),
+                Outcome::Return(Status::PermissionDenied as i64),
+                "call {n}"
+            );
+        }
+        assert_eq!(
+            dispatch(nr::IO_RING_SETUP, [0x1000, 0x2000, 0], &m, DOM0),
+            Outcome::Dom0(Dom0Call::RingSetup {
+                ring: 0x1000,
+                data: 0x2000
+            })
+        );
+        assert_eq!(
+            dispatch(nr::DISK_OFFER, [64, 9, 100 | (1 << 63)], &m, DOM0),
+            Outcome::Dom0(Dom0Call::DiskOffer {
+                name: String::from("pool/data"),
+                sectors: 100,
+                read_only: true
+            })
+        );
+        assert_eq!(dispatch(nr::IO_WAIT, [0; 3], &m, DOM0), Outcome::Dom0(Dom0Call::Wait));
+    }
+
+    #[test]
+    fn disk_offers_are_checked() {
+        let m = VecGuestMemory::new(0, 8192);
+        m.write(GuestAddr(64), b"pool/da ta").unwrap();
+        m.write(GuestAddr(128), b"nopool").unwrap();
+        m.write(GuestAddr(256), &[0xff, 0xfe, b'/', b'a']).unwrap();
+        let bad = Outcome::Return(Status::InvalidArgument as i64);
+        assert_eq!(dispatch(nr::DISK_OFFER, [64, 10, 8], &m, DOM0), bad);
+        assert_eq!(dispatch(nr::DISK_OFFER, [128, 6, 8], &m, DOM0), bad);
+        assert_eq!(dispatch(nr::DISK_OFFER, [256, 4, 8], &m, DOM0), bad);
+        assert_eq!(dispatch(nr::DISK_OFFER, [64, 0, 8], &m, DOM0), bad);
+        assert_eq!(dispatch(nr::DISK_OFFER, [64, 65, 8], &m, DOM0), bad);
+        assert_eq!(dispatch(nr::DISK_OFFER, [64, 4, 0], &m, DOM0), bad, "no sectors");
+        assert_eq!(
+            dispatch(nr::DISK_OFFER, [8190, 9, 8], &m, DOM0),
+            Outcome::Return(Status::BadAddress as i64)
+        );
+        assert!(valid_volume_name("p-1/v_2.img"));
+        assert!(!valid_volume_name("p/"));
+        assert!(!valid_volume_name("/v"));
+        assert!(!valid_volume_name("p/v/w"));
+    }
 
     #[test]
     fn calls() {
@@ -122,6 +248,7 @@ mod tests {
         let c = Caller {
             vcpus: 4,
             started: 0b0011,
+            privileged: false,
         };
         assert_eq!(
             dispatch(nr::VCPU_START, [2, 0x10_0000, 0x7_0000], &m, c),

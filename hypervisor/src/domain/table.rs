@@ -40,6 +40,8 @@ pub enum DomainState {
 /// What the console shows of a domain; shared between CPUs.
 pub struct Domain {
     pub id: u32,
+    /// dom0 (`role=dom0`): it may make dom0's calls, and its end ends the block backend.
+    pub privileged: bool,
     pub name: String,
     pub mem_mib: u64,
     /// The CPU vCPU 0 started on (the scheduler may move it; `vcpu::queue::cpu_of`).
@@ -89,6 +91,9 @@ impl Domain {
             return;
         }
         println!("[dom{}] stopped: {why}", self.id);
+        if self.privileged {
+            crate::domain::dom0::gone(&why);
+        }
         info!(
             "domain {} ({}) stopped after {} exits ({} VMREADs, {} VMWRITEs): {why}",
             self.id,
@@ -128,9 +133,11 @@ impl DomainTable {
     }
 
     fn find(&self, id: u32) -> Result<Arc<Domain>, String> {
+        // The newest of that id (a restarted dom0 is domain 0 again).
         self.domains
             .lock()
             .iter()
+            .rev()
             .find(|d| d.id == id)
             .cloned()
             .ok_or_else(|| alloc::format!("no domain {id}; 'domains' lists them"))
@@ -267,6 +274,11 @@ pub struct DomainMem {
 }
 
 impl Domain {
+    /// Its memory, while any vCPU holds it.
+    pub(crate) fn memory(&self) -> Option<Arc<DomainMem>> {
+        self.mem.lock().upgrade()
+    }
+
     /// Audits this domain's EPT (see `vmx::audit`): the number of leaves and what is wrong.
     /// `None` once its memory is gone (all vCPUs retired).
     pub fn audit_ept(&self) -> Option<(usize, Vec<crate::vmx::audit::Violation>)> {
@@ -383,13 +395,24 @@ pub fn create(
     if online.is_empty() {
         return Err(String::from("no CPU online"));
     }
-    let id = table.next_id.fetch_add(1, Ordering::Relaxed);
+    let id = if cfg.dom0 {
+        let running = table
+            .list()
+            .iter()
+            .any(|d| d.privileged && d.state() != DomainState::Stopped);
+        if running {
+            return Err(String::from("role=dom0: dom0 is already running"));
+        }
+        0
+    } else {
+        table.next_id.fetch_add(1, Ordering::Relaxed)
+    };
     let first = match cfg.cpu {
         Some(c) => online
             .iter()
             .position(|&o| o == c)
             .ok_or_else(|| alloc::format!("cpu={c}: no such CPU online"))?,
-        None => (id as usize - 1) % online.len(),
+        None => (id as usize).saturating_sub(1) % online.len(),
     };
     let placement: Vec<usize> = (0..cfg.vcpus as usize)
         .map(|i| online[(first + i) % online.len()])
@@ -495,6 +518,7 @@ pub fn create(
 
     let domain = Arc::new(Domain {
         id,
+        privileged: cfg.dom0,
         name: String::from(cfg.name),
         mem_mib: cfg.mem_mib,
         cpu: placement[0],

@@ -12,7 +12,7 @@ use core::arch::x86_64::CpuidResult;
 
 use super::exit::Exit;
 use crate::domain::console::DomainConsole;
-use crate::domain::hypercall::{self, Outcome};
+use crate::domain::hypercall::{self, Dom0Call, Outcome};
 use crate::domain::memory::{GuestAddr, GuestMemory, translate};
 use crate::domain::vtimer::{self, VirtTimer};
 use crate::io::{DomainIo, IoEvent, PortAction};
@@ -91,6 +91,24 @@ pub trait Platform {
     fn spec_msrs(&self) -> policy::SpecMsrs;
     /// Issues a barrier a guest asked for: [`policy::SpecMsr::Ibpb`] or `L1dFlush`.
     fn spec_barrier(&mut self, what: policy::SpecMsr);
+    /// Whether the domain is dom0 (it may make dom0's calls).
+    fn privileged(&self) -> bool {
+        false
+    }
+    /// Performs one of dom0's calls (only asked when [`Platform::privileged`]).
+    fn dom0_call(&mut self, call: Dom0Call) -> Dom0Reply {
+        let _ = call;
+        Dom0Reply::Return(hv_abi::Status::UnknownCall as i64)
+    }
+}
+
+/// What one of dom0's calls gives back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dom0Reply {
+    /// Resume with this in RAX.
+    Return(i64),
+    /// Resume with RAX = 0 once woken (IO_WAIT with nothing to do).
+    Wait,
 }
 
 /// What the run loop does after an exit. Plain and `Copy`: it is matched on every exit.
@@ -349,6 +367,7 @@ fn vmcall(
     let caller = hypercall::Caller {
         vcpus: p.vcpus(),
         started: p.vcpus_started(),
+        privileged: p.privileged(),
     };
     match hypercall::dispatch(v.regs.rax, args, mem, caller) {
         Outcome::Return(x) => v.regs.rax = x as u64,
@@ -380,6 +399,14 @@ fn vmcall(
             }
             v.regs.rax = 0;
         }
+        Outcome::Dom0(call) => match p.dom0_call(call) {
+            Dom0Reply::Return(x) => v.regs.rax = x as u64,
+            Dom0Reply::Wait => {
+                v.regs.rax = 0;
+                skip(a, exit)?;
+                return Ok(Action::Halt);
+            }
+        },
     }
     skip(a, exit)
 }

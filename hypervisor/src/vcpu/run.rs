@@ -255,6 +255,17 @@ impl Platform for HwPlatform<'_> {
     fn with_io<R>(&mut self, f: impl FnOnce(&mut DomainIo) -> R) -> R {
         f(&mut self.domain.io.lock())
     }
+
+    fn privileged(&self) -> bool {
+        self.domain.privileged
+    }
+
+    fn dom0_call(
+        &mut self,
+        call: crate::domain::hypercall::Dom0Call,
+    ) -> crate::vcpu::dispatch::Dom0Reply {
+        crate::domain::dom0::call(self.domain, call)
+    }
 }
 
 /// How a slice of guest execution ended.

@@ -1,0 +1,338 @@
+//! The link between guests' virtio disks and dom0's block backend (bare metal).
+//!
+//! dom0 registers its request ring (`IO_RING_SETUP`), offers its volumes by name
+//! (`DISK_OFFER`) and says when it is ready (`IO_READY`); the console task then starts the
+//! guests that were waiting for their disks. A guest's disk is a [`RemoteBlock`] on its MMIO
+//! bus whose port publishes requests into dom0's ring ([`RingHost`]) and wakes dom0; dom0's
+//! `IO_KICK` and `IO_WAIT` take its responses, and each goes back to the guest's device,
+//! which writes the data and the status into the guest's buffers.
+//!
+//! Locks, always in this order and never the other way: a guest disk's device lock, then the
+//! link's. Completions are collected under the link's lock and delivered after it is
+//! dropped. When dom0 ends, every request in flight fails with IOERR and guests' new requests
+//! wait in their rings until a dom0 registers again.
+//!
+//! What dom0 is trusted with: the physical disks and the data of guests' requests while they
+//! are in its slots, nothing else; it never reaches guest memory, and what it writes in its
+//! ring is checked ([`RingHost`]).
+
+use alloc::boxed::Box;
+use alloc::string::String;
+use alloc::sync::{Arc, Weak};
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU32, Ordering};
+
+use hv_abi::ioring::{self, Request};
+use hv_virtio::devices::remote_block::{BlockPort, Busy, Op, PortRequest, RemoteBlock, Token};
+use hv_virtio::{MmioTransport, TransportOptions};
+use spin::Mutex;
+
+use super::hypercall::Dom0Call;
+use super::table::{Domain, DomainMem};
+use crate::io::ioring::{Done, RingHost, SubmitError};
+use crate::io::mmio::MmioDevice;
+use crate::println;
+use crate::vcpu::dispatch::Dom0Reply;
+use hv_guest_mem::GuestMemory;
+
+/// Where a completion goes: the guest's disk and the request's token there.
+struct Route {
+    disk: Weak<GuestDisk>,
+    token: Token,
+}
+
+/// A volume dom0 offered.
+struct Offer {
+    name: String,
+    sectors: u64,
+    read_only: bool,
+}
+
+/// dom0 while its ring is registered.
+struct Dom0 {
+    mem: Arc<DomainMem>,
+    ring: RingHost<Route>,
+    /// dom0 is in IO_WAIT: the next request wakes it.
+    waiting: bool,
+}
+
+struct Link {
+    dom0: Option<Dom0>,
+    offers: Vec<Offer>,
+    /// Every guest disk, to start again what waited while dom0 was away.
+    disks: Vec<Weak<GuestDisk>>,
+}
+
+static LINK: Mutex<Link> = Mutex::new(Link {
+    dom0: None,
+    offers: Vec::new(),
+    disks: Vec::new(),
+});
+
+/// Bumped by each IO_READY: the console task starts the guests waiting for their disks.
+static READY: AtomicU32 = AtomicU32::new(0);
+
+/// How many times dom0 said it was ready.
+pub fn ready_generation() -> u32 {
+    READY.load(Ordering::Acquire)
+}
+
+/// The volume `name`'s size in sectors and whether it is read-only, if dom0 offered it; else
+/// the names it did offer.
+pub fn find_volume(name: &str) -> Result<(u32, u64, bool), Vec<String>> {
+    let l = LINK.lock();
+    match l.offers.iter().position(|o| o.name == name) {
+        Some(i) => Ok((i as u32 + 1, l.offers[i].sectors, l.offers[i].read_only)),
+        None => Err(l.offers.iter().map(|o| o.name.clone()).collect()),
+    }
+}
+
+/// A guest's virtio disk, shared by its MMIO bus and the completions that come back.
+pub struct GuestDisk {
+    dev: Mutex<MmioTransport<RemoteBlock<Dom0Port>>>,
+    domain: Mutex<Weak<Domain>>,
+}
+
+/// The disk's port: publishes into dom0's ring.
+pub struct Dom0Port {
+    handle: u32,
+    me: Weak<GuestDisk>,
+}
+
+impl BlockPort for Dom0Port {
+    fn submit(&mut self, req: PortRequest<'_>) -> Result<(), Busy> {
+        let op = match req.op {
+            Op::Read => ioring::op::READ,
+            Op::Write => ioring::op::WRITE,
+            Op::Flush => ioring::op::FLUSH,
+            Op::GetId => ioring::op::GET_ID,
+            Op::Discard => ioring::op::DISCARD,
+            Op::WriteZeroes => ioring::op::WRITE_ZEROES,
+        };
+        let r = Request {
+            op,
+            disk: self.handle,
+            sector: req.sector,
+            sectors: req.sectors,
+            ..Request::default()
+        };
+        let route = Route {
+            disk: self.me.clone(),
+            token: req.token,
+        };
+        let wake = {
+            let mut l = LINK.lock();
+            let Some(d) = l.dom0.as_mut() else {
+                return Err(Busy);
+            };
+            match d.ring.submit(d.mem.ram.mem(), r, req.data, route) {
+                Ok(()) => core::mem::replace(&mut d.waiting, false),
+                Err(SubmitError::Full | SubmitError::Memory) => return Err(Busy),
+                // The model checked the size against the slot; count it as the port's
+                // refusal rather than trusting it further.
+                Err(SubmitError::TooLarge) => return Err(Busy),
+            }
+        };
+        if wake {
+            crate::vcpu::queue::wake_vcpu(0, 0);
+        }
+        Ok(())
+    }
+}
+
+impl GuestDisk {
+    fn complete(&self, token: Token, status: u8, data: &[u8]) {
+        let Some(domain) = self.domain.lock().upgrade() else {
+            return;
+        };
+        let Some(mem) = domain.memory() else {
+            return;
+        };
+        let mut dev = self.dev.lock();
+        dev.with_device(mem.ram.mem(), |d, q, m| d.complete(token, status, data, q, m));
+    }
+
+    /// Pops again what waited in the ring (dom0 was away).
+    fn retry(&self) {
+        let Some(domain) = self.domain.lock().upgrade() else {
+            return;
+        };
+        let Some(mem) = domain.memory() else {
+            return;
+        };
+        // A notification of queue 0, as the driver would write it.
+        self.dev.lock().write(mem.ram.mem(), 0x50, 4, 0);
+    }
+}
+
+/// The disk's window on the guest's MMIO bus.
+struct DiskWindow(Arc<GuestDisk>);
+
+impl MmioDevice for DiskWindow {
+    fn read(&mut self, offset: u64, size: u8) -> u64 {
+        self.0.dev.lock().read(offset, size)
+    }
+
+    fn write(&mut self, mem: &dyn GuestMemory, offset: u64, size: u8, value: u64) {
+        self.0.dev.lock().write(mem, offset, size, value);
+    }
+}
+
+/// Gives `domain` a virtio disk on volume `handle` (from [`find_volume`]) at its first
+/// virtio-mmio window.
+pub fn attach_disk(
+    domain: &Arc<Domain>,
+    handle: u32,
+    sectors: u64,
+    read_only: bool,
+) -> Result<(), String> {
+    let disk = Arc::new_cyclic(|me| GuestDisk {
+        dev: Mutex::new(MmioTransport::new(
+            RemoteBlock::new(
+                Dom0Port {
+                    handle,
+                    me: me.clone(),
+                },
+                sectors,
+                read_only,
+                ioring::SLOT_BYTES,
+            ),
+            TransportOptions::default(),
+        )),
+        domain: Mutex::new(Arc::downgrade(domain)),
+    });
+    let base = hv_abi::devices::VIRTIO_MMIO_BASE;
+    domain
+        .io
+        .lock()
+        .mmio
+        .register(
+            base..base + crate::io::virtio::WINDOW,
+            Box::new(DiskWindow(disk.clone())),
+        )
+        .map_err(|e| alloc::format!("virtio disk window: {e:?}"))?;
+    let mut l = LINK.lock();
+    l.disks.retain(|d| d.strong_count() > 0);
+    l.disks.push(Arc::downgrade(&disk));
+    Ok(())
+}
+
+fn deliver(done: Vec<Done<Route>>) {
+    for d in done {
+        if let Some(disk) = d.route.disk.upgrade() {
+            disk.complete(d.route.token, d.status, &d.data);
+        }
+    }
+}
+
+/// Takes dom0's responses and completes them.
+fn reap() {
+    let done = {
+        let mut l = LINK.lock();
+        match l.dom0.as_mut() {
+            Some(d) => d.ring.reap(d.mem.ram.mem()),
+            None => Vec::new(),
+        }
+    };
+    deliver(done);
+}
+
+/// dom0 ended: every request in flight fails; guests' new requests wait for the next dom0.
+pub fn gone(why: &str) {
+    let (done, in_flight) = {
+        let mut l = LINK.lock();
+        match l.dom0.take() {
+            Some(mut d) => {
+                let done = d.ring.fail_all();
+                let n = done.len();
+                (done, n)
+            }
+            None => (Vec::new(), 0),
+        }
+    };
+    println!(
+        "dom0 stopped ({why}): {in_flight} guest disk request(s) in flight failed with I/O errors"
+    );
+    deliver(done);
+}
+
+/// One of dom0's calls, made by `domain` (privileged: the dispatcher checked).
+pub fn call(domain: &Domain, call: Dom0Call) -> Dom0Reply {
+    use hv_abi::Status;
+    let ret = |s: Status| Dom0Reply::Return(s as i64);
+    match call {
+        Dom0Call::RingSetup { ring, data } => {
+            let Some(mem) = domain.memory() else {
+                return ret(Status::NoResources);
+            };
+            let host = match RingHost::setup(mem.ram.mem(), ring, data) {
+                Ok(h) => h,
+                Err(e) => {
+                    println!("[dom{}] IO_RING_SETUP refused: {e}", domain.id);
+                    return ret(Status::BadAddress);
+                }
+            };
+            let (old, disks) = {
+                let mut l = LINK.lock();
+                let old = l.dom0.replace(Dom0 {
+                    mem,
+                    ring: host,
+                    waiting: false,
+                });
+                let disks: Vec<Arc<GuestDisk>> =
+                    l.disks.iter().filter_map(Weak::upgrade).collect();
+                (old, disks)
+            };
+            if let Some(mut old) = old {
+                deliver(old.ring.fail_all());
+            }
+            for d in disks {
+                d.retry();
+            }
+            ret(Status::Ok)
+        }
+        Dom0Call::DiskOffer {
+            name,
+            sectors,
+            read_only,
+        } => {
+            let mut l = LINK.lock();
+            let handle = match l.offers.iter().position(|o| o.name == name) {
+                Some(i) => {
+                    l.offers[i].sectors = sectors;
+                    l.offers[i].read_only = read_only;
+                    i + 1
+                }
+                None => {
+                    l.offers.push(Offer {
+                        name,
+                        sectors,
+                        read_only,
+                    });
+                    l.offers.len()
+                }
+            };
+            Dom0Reply::Return(handle as i64)
+        }
+        Dom0Call::Ready => {
+            READY.fetch_add(1, Ordering::AcqRel);
+            ret(Status::Ok)
+        }
+        Dom0Call::Kick => {
+            reap();
+            ret(Status::Ok)
+        }
+        Dom0Call::Wait => {
+            reap();
+            let mut l = LINK.lock();
+            match l.dom0.as_mut() {
+                Some(d) if !d.ring.unread(d.mem.ram.mem()) && !d.ring.responses_waiting(d.mem.ram.mem()) => {
+                    d.waiting = true;
+                    Dom0Reply::Wait
+                }
+                Some(_) => ret(Status::Ok),
+                None => ret(Status::InvalidArgument),
+            }
+        }
+    }
+}
