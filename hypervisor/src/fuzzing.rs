@@ -133,7 +133,10 @@ pub fn hypercall(data: &[u8]) {
             assert!(period_us == 0 || (MIN_PERIOD_US..=MAX_PERIOD_US).contains(&period_us));
         }
         Outcome::Dom0(call) => {
-            assert!(privileged, "dom0's call {call:?} for an unprivileged caller");
+            assert!(
+                privileged,
+                "dom0's call {call:?} for an unprivileged caller"
+            );
             if let crate::domain::hypercall::Dom0Call::DiskOffer { name, sectors, .. } = call {
                 assert!(crate::domain::hypercall::valid_volume_name(&name));
                 assert!(sectors > 0 && name.len() as u64 <= hv_abi::ioring::NAME_MAX);

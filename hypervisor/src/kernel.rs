@@ -342,7 +342,11 @@ fn start_module(
                     "module {i} ('{}'): disk={}: dom0 has no such volume (it offers: {}); not started",
                     cfg.name,
                     d.volume,
-                    if names.is_empty() { String::from("none") } else { names.join(", ") }
+                    if names.is_empty() {
+                        String::from("none")
+                    } else {
+                        names.join(", ")
+                    }
                 );
                 return;
             }

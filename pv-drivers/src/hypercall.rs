@@ -116,6 +116,51 @@ impl<H: Hypervisor> Hypercalls<H> {
         check(self.hv.call(hypercall::NOP, 0, 0, 0)).map(|_| ())
     }
 
+    /// dom0: registers the block ring page and data area (guest-physical, page-aligned).
+    pub fn io_ring_setup(&mut self, ring_gpa: u64, data_gpa: u64) -> Result<(), HypercallError> {
+        check(
+            self.hv
+                .call(hypercall::IO_RING_SETUP, ring_gpa, data_gpa, 0),
+        )
+        .map(|_| ())
+    }
+
+    /// dom0: offers volume `name` (`pool/volume`, its bytes at guest-physical `name_gpa`) of
+    /// `sectors` sectors to guests; returns its handle.
+    pub fn disk_offer(
+        &mut self,
+        name_gpa: u64,
+        name_len: u64,
+        sectors: u64,
+        read_only: bool,
+    ) -> Result<u32, HypercallError> {
+        let ro = if read_only {
+            hv_abi::ioring::OFFER_RO
+        } else {
+            0
+        };
+        let h = check(
+            self.hv
+                .call(hypercall::DISK_OFFER, name_gpa, name_len, sectors | ro),
+        )?;
+        u32::try_from(h).map_err(|_| HypercallError::Unknown(-1))
+    }
+
+    /// dom0: every volume is offered.
+    pub fn io_ready(&mut self) -> Result<(), HypercallError> {
+        check(self.hv.call(hypercall::IO_READY, 0, 0, 0)).map(|_| ())
+    }
+
+    /// dom0: responses were published.
+    pub fn io_kick(&mut self) -> Result<(), HypercallError> {
+        check(self.hv.call(hypercall::IO_KICK, 0, 0, 0)).map(|_| ())
+    }
+
+    /// dom0: completes published responses, then waits for the next request.
+    pub fn io_wait(&mut self) -> Result<(), HypercallError> {
+        check(self.hv.call(hypercall::IO_WAIT, 0, 0, 0)).map(|_| ())
+    }
+
     /// Stops the domain with `code` (returns only if the hypervisor refused).
     pub fn exit(&mut self, code: u64) -> HypercallError {
         match check(self.hv.call(hypercall::EXIT, code, 0, 0)) {

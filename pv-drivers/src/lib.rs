@@ -18,6 +18,7 @@ extern crate alloc;
 pub mod devices;
 pub mod hal;
 pub mod hypercall;
+pub mod ioring;
 pub mod transport;
 
 pub use virtio_drivers::{Error, Hal};

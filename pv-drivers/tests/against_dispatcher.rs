@@ -5,9 +5,10 @@
 use core::arch::x86_64::CpuidResult;
 
 use hv_abi::Status;
+use hypervisor::domain::hypercall::Dom0Call;
 use hypervisor::domain::memory::{GuestAddr, GuestMemory, VecGuestMemory};
 use hypervisor::io::DomainIo;
-use hypervisor::vcpu::dispatch::{Action, Platform, VcpuCore, handle};
+use hypervisor::vcpu::dispatch::{Action, Dom0Reply, Platform, VcpuCore, handle};
 use hypervisor::vcpu::exit::Exit;
 use hypervisor::vmx::exit::ExitReason;
 use hypervisor::vmx::vmcs::{FakeVmcs, FixedBits, GuestRegs, fields as f};
@@ -16,6 +17,9 @@ use pv_drivers::hypercall::{HypercallError, Hypercalls, Hypervisor};
 #[derive(Default)]
 struct Host {
     lines: Vec<String>,
+    /// dom0: may make dom0's calls, which are recorded here.
+    privileged: bool,
+    dom0_calls: Vec<Dom0Call>,
 }
 
 impl Platform for Host {
@@ -67,6 +71,18 @@ impl Platform for Host {
     fn with_io<R>(&mut self, f: impl FnOnce(&mut DomainIo) -> R) -> R {
         f(&mut DomainIo::standard())
     }
+    fn privileged(&self) -> bool {
+        self.privileged
+    }
+    fn dom0_call(&mut self, call: Dom0Call) -> Dom0Reply {
+        let reply = match call {
+            Dom0Call::DiskOffer { .. } => Dom0Reply::Return(1),
+            Dom0Call::Wait => Dom0Reply::Wait,
+            _ => Dom0Reply::Return(0),
+        };
+        self.dom0_calls.push(call);
+        reply
+    }
 }
 
 /// A guest whose VMCALLs are VM exits handled by the real dispatcher.
@@ -114,6 +130,33 @@ impl Hypervisor for Guest {
         self.last = Some(action);
         i64::from_ne_bytes(self.vcpu.regs.rax.to_ne_bytes())
     }
+}
+
+#[test]
+fn dom0_calls_need_the_right_and_reach_the_backend_decoded() {
+    let mut h = Hypercalls::new(Guest::new());
+    let denied = Err(HypercallError::Status(Status::PermissionDenied));
+    assert_eq!(h.io_ring_setup(0x1000, 0x2000), denied);
+    assert_eq!(h.io_ready(), denied);
+    assert_eq!(h.io_kick(), denied);
+    assert_eq!(h.io_wait(), denied);
+    assert_eq!(
+        h.disk_offer(0x4000, 9, 64, false),
+        Err(HypercallError::Status(Status::PermissionDenied))
+    );
+
+    let mut g = Guest::new();
+    g.host.privileged = true;
+    g.mem.write(GuestAddr(0x4000), b"pool/data").unwrap();
+    let mut h = Hypercalls::new(g);
+    assert_eq!(h.io_ring_setup(0x1000, 0x2000), Ok(()));
+    assert_eq!(h.disk_offer(0x4000, 9, 64, true), Ok(1));
+    assert_eq!(h.io_wait(), Ok(()));
+    assert_eq!(
+        h.disk_offer(0x4000, 4, 64, false),
+        Err(HypercallError::Status(Status::InvalidArgument)),
+        "'pool' is not pool/volume"
+    );
 }
 
 #[test]

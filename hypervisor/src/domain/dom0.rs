@@ -149,7 +149,9 @@ impl GuestDisk {
             return;
         };
         let mut dev = self.dev.lock();
-        dev.with_device(mem.ram.mem(), |d, q, m| d.complete(token, status, data, q, m));
+        dev.with_device(mem.ram.mem(), |d, q, m| {
+            d.complete(token, status, data, q, m)
+        });
     }
 
     /// Pops again what waited in the ring (dom0 was away).
@@ -279,8 +281,7 @@ pub fn call(domain: &Domain, call: Dom0Call) -> Dom0Reply {
                     ring: host,
                     waiting: false,
                 });
-                let disks: Vec<Arc<GuestDisk>> =
-                    l.disks.iter().filter_map(Weak::upgrade).collect();
+                let disks: Vec<Arc<GuestDisk>> = l.disks.iter().filter_map(Weak::upgrade).collect();
                 (old, disks)
             };
             if let Some(mut old) = old {
@@ -326,7 +327,10 @@ pub fn call(domain: &Domain, call: Dom0Call) -> Dom0Reply {
             reap();
             let mut l = LINK.lock();
             match l.dom0.as_mut() {
-                Some(d) if !d.ring.unread(d.mem.ram.mem()) && !d.ring.responses_waiting(d.mem.ram.mem()) => {
+                Some(d)
+                    if !d.ring.unread(d.mem.ram.mem())
+                        && !d.ring.responses_waiting(d.mem.ram.mem()) =>
+                {
                     d.waiting = true;
                     Dom0Reply::Wait
                 }

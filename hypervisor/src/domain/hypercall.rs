@@ -36,9 +36,16 @@ pub enum Outcome {
 /// dom0's calls (`hv_abi::hypercall::IO_RING_SETUP` and after).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Dom0Call {
-    RingSetup { ring: u64, data: u64 },
+    RingSetup {
+        ring: u64,
+        data: u64,
+    },
     /// A volume offered to guests: its name (`pool/volume`), size and whether read-only.
-    DiskOffer { name: String, sectors: u64, read_only: bool },
+    DiskOffer {
+        name: String,
+        sectors: u64,
+        read_only: bool,
+    },
     Ready,
     Kick,
     Wait,
@@ -199,7 +206,10 @@ mod tests {
                 read_only: true
             })
         );
-        assert_eq!(dispatch(nr::IO_WAIT, [0; 3], &m, DOM0), Outcome::Dom0(Dom0Call::Wait));
+        assert_eq!(
+            dispatch(nr::IO_WAIT, [0; 3], &m, DOM0),
+            Outcome::Dom0(Dom0Call::Wait)
+        );
     }
 
     #[test]
@@ -214,7 +224,11 @@ mod tests {
         assert_eq!(dispatch(nr::DISK_OFFER, [256, 4, 8], &m, DOM0), bad);
         assert_eq!(dispatch(nr::DISK_OFFER, [64, 0, 8], &m, DOM0), bad);
         assert_eq!(dispatch(nr::DISK_OFFER, [64, 65, 8], &m, DOM0), bad);
-        assert_eq!(dispatch(nr::DISK_OFFER, [64, 4, 0], &m, DOM0), bad, "no sectors");
+        assert_eq!(
+            dispatch(nr::DISK_OFFER, [64, 4, 0], &m, DOM0),
+            bad,
+            "no sectors"
+        );
         assert_eq!(
             dispatch(nr::DISK_OFFER, [8190, 9, 8], &m, DOM0),
             Outcome::Return(Status::BadAddress as i64)

@@ -192,7 +192,10 @@ impl<T> RingHost<T> {
         for _ in 0..ahead {
             let mut b = [0u8; ioring::RSP_BYTES as usize];
             if mem
-                .read(GuestAddr(self.ring + ioring::rsp_offset(self.rsp_cons)), &mut b)
+                .read(
+                    GuestAddr(self.ring + ioring::rsp_offset(self.rsp_cons)),
+                    &mut b,
+                )
                 .is_err()
             {
                 return out;
@@ -275,16 +278,22 @@ mod tests {
         let mut rsp_prod = m.read_u32(GuestAddr(RING + field::RSP_PROD)).unwrap();
         while cons != prod {
             let mut b = [0u8; 32];
-            m.read(GuestAddr(RING + ioring::req_offset(cons)), &mut b).unwrap();
+            m.read(GuestAddr(RING + ioring::req_offset(cons)), &mut b)
+                .unwrap();
             let r = Request::from_bytes(&b);
             let rsp = f(&r, m);
-            m.write(GuestAddr(RING + ioring::rsp_offset(rsp_prod)), &rsp.to_bytes())
-                .unwrap();
+            m.write(
+                GuestAddr(RING + ioring::rsp_offset(rsp_prod)),
+                &rsp.to_bytes(),
+            )
+            .unwrap();
             rsp_prod = rsp_prod.wrapping_add(1);
             cons = cons.wrapping_add(1);
         }
-        m.write_u32(GuestAddr(RING + field::REQ_CONS), cons).unwrap();
-        m.write_u32(GuestAddr(RING + field::RSP_PROD), rsp_prod).unwrap();
+        m.write_u32(GuestAddr(RING + field::REQ_CONS), cons)
+            .unwrap();
+        m.write_u32(GuestAddr(RING + field::RSP_PROD), rsp_prod)
+            .unwrap();
     }
 
     fn read_req(sectors: u32) -> Request {
@@ -301,9 +310,15 @@ mod tests {
     fn setup_checks_the_registration() {
         let m = mem();
         assert!(RingHost::<u32>::setup(&m, RING + 1, DATA).is_err());
-        assert!(RingHost::<u32>::setup(&m, RING, 8 << 20).is_err(), "data outside RAM");
+        assert!(
+            RingHost::<u32>::setup(&m, RING, 8 << 20).is_err(),
+            "data outside RAM"
+        );
         assert!(RingHost::<u32>::setup(&m, (8 << 20) - 4096 + 4096, DATA).is_err());
-        assert!(RingHost::<u32>::setup(&m, DATA + 4096, DATA).is_err(), "overlap");
+        assert!(
+            RingHost::<u32>::setup(&m, DATA + 4096, DATA).is_err(),
+            "overlap"
+        );
         let _h = RingHost::<u32>::setup(&m, RING, DATA).unwrap();
         assert_eq!(m.read_u32(GuestAddr(RING)).unwrap(), ioring::MAGIC);
         assert_eq!(m.read_u32(GuestAddr(RING + field::SLOTS)).unwrap(), SLOTS);
@@ -392,15 +407,18 @@ mod tests {
         h.submit(&m, read_req(8), &[], 1u32).unwrap();
         h.submit(&m, read_req(8), &[], 2u32).unwrap();
         // An index far ahead: nothing taken.
-        m.write_u32(GuestAddr(RING + field::RSP_PROD), 1000).unwrap();
+        m.write_u32(GuestAddr(RING + field::RSP_PROD), 1000)
+            .unwrap();
         assert!(h.reap(&m).is_empty());
         assert_eq!(h.faults.bad_index, 1);
         m.write_u32(GuestAddr(RING + field::RSP_PROD), 0).unwrap();
         // A forged tag, a duplicate, and a read claiming more data than asked for.
         let mut b = [0u8; 32];
-        m.read(GuestAddr(RING + ioring::req_offset(0)), &mut b).unwrap();
+        m.read(GuestAddr(RING + ioring::req_offset(0)), &mut b)
+            .unwrap();
         let first = Request::from_bytes(&b);
-        m.read(GuestAddr(RING + ioring::req_offset(1)), &mut b).unwrap();
+        m.read(GuestAddr(RING + ioring::req_offset(1)), &mut b)
+            .unwrap();
         let second = Request::from_bytes(&b);
         let answers = [
             Response {
@@ -425,14 +443,24 @@ mod tests {
             },
         ];
         for (i, a) in answers.iter().enumerate() {
-            m.write(GuestAddr(RING + ioring::rsp_offset(i as u32)), &a.to_bytes())
-                .unwrap();
+            m.write(
+                GuestAddr(RING + ioring::rsp_offset(i as u32)),
+                &a.to_bytes(),
+            )
+            .unwrap();
         }
         m.write_u32(GuestAddr(RING + field::RSP_PROD), 4).unwrap();
         let done = h.reap(&m);
         assert_eq!(done.len(), 2);
-        assert_eq!((done[0].route, done[0].status, done[0].data.len()), (1, 0, 4096));
-        assert_eq!((done[1].route, done[1].status), (2, 1), "over-long read fails");
+        assert_eq!(
+            (done[0].route, done[0].status, done[0].data.len()),
+            (1, 0, 4096)
+        );
+        assert_eq!(
+            (done[1].route, done[1].status),
+            (2, 1),
+            "over-long read fails"
+        );
         assert_eq!(h.faults.bad_tag, 2);
         assert_eq!(h.faults.bad_len, 1);
     }
