@@ -300,7 +300,7 @@ fn start_boot_domains(vmx: &VmxStatus) {
 /// Starts the guests that waited for their disks, once dom0 says it is ready (from the
 /// console task).
 fn start_waiting_guests() {
-    let generation = crate::domain::dom0::ready_generation();
+    let generation = crate::vcpu::dom0::ready_generation();
     if READY_SEEN.swap(generation, core::sync::atomic::Ordering::AcqRel) == generation {
         return;
     }
@@ -335,7 +335,7 @@ fn start_module(
             );
             return;
         }
-        Some(d) => match crate::domain::dom0::find_volume(d.volume) {
+        Some(d) => match crate::vcpu::dom0::find_volume(d.volume) {
             Ok((handle, sectors, ro)) => Some((handle, sectors, ro || d.read_only)),
             Err(names) => {
                 error!(
@@ -364,10 +364,10 @@ fn start_module(
         Ok(new) => {
             let d = new.domain.clone();
             if let Some((handle, sectors, ro)) = disk
-                && let Err(e) = crate::domain::dom0::attach_disk(&d, handle, sectors, ro)
+                && let Err(e) = crate::vcpu::dom0::attach_disk(&d, handle, sectors, ro)
             {
                 error!("module {i} ('{}'): {e}; not started", cfg.name);
-                d.finish(e);
+                let _ = d.finish(e);
                 return;
             }
             match crate::vcpu::run::spawn(new) {
@@ -385,7 +385,7 @@ fn start_module(
                 Err(e) => {
                     // Checked just above; only a bug gets here. Its vCPUs were dropped.
                     error!("module {i} ('{}'): {e}; not started", cfg.name);
-                    d.finish(e);
+                    let _ = d.finish(e);
                 }
             }
         }
@@ -641,6 +641,11 @@ fn run_command(line: &str) {
             println!("log level set to {level}");
         }
         Ok(Command::Domains) => cmd_domains(),
+        Ok(Command::Disks) => {
+            for line in crate::vcpu::dom0::report() {
+                println!("{line}");
+            }
+        }
         Ok(Command::Destroy(id)) => match DOMAINS.destroy(id) {
             Ok(()) => {
                 // Halted and paused vCPUs too must look again, to stop.

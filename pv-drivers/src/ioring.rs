@@ -69,7 +69,7 @@ impl<M: RingMemory> BackendRing<M> {
 
     /// The next request, if the hypervisor published one we have not taken. A request whose
     /// slot or length does not fit is answered with IOERR here and skipped.
-    pub fn next(&mut self) -> Option<Request> {
+    pub fn take(&mut self) -> Option<Request> {
         loop {
             let prod = load_u32(&self.ring, field::REQ_PROD);
             if prod == self.req_cons {
@@ -77,7 +77,7 @@ impl<M: RingMemory> BackendRing<M> {
             }
             // The index before the entry it covers.
             self.ring.fence();
-            let mut b = [0u8; ioring::REQ_BYTES as usize];
+            let mut b = [0u8; ioring::REQ_BYTES];
             self.ring.read(ioring::req_offset(self.req_cons), &mut b);
             self.req_cons = self.req_cons.wrapping_add(1);
             let r = Request::from_bytes(&b);

@@ -2,6 +2,9 @@
 //! (`hypervisor::io::ioring::RingHost`) over one shared memory: if the two disagree on the
 //! layout, these fail.
 
+// Test sizes and patterns are small integers; the casts are intended.
+#![allow(clippy::cast_possible_truncation)]
+
 use std::rc::Rc;
 
 use hv_abi::ioring::{self, Request, op};
@@ -93,7 +96,7 @@ fn requests_and_data_cross_in_both_directions() {
     .unwrap();
     // dom0 serves all three in order.
     let mut served = 0;
-    while let Some(r) = ring.next() {
+    while let Some(r) = ring.take() {
         let range = r.sector as usize * 512..(r.sector + u64::from(r.sectors)) as usize * 512;
         match r.op {
             op::WRITE => {
@@ -139,7 +142,7 @@ fn many_rounds_wrap_the_indices() {
             };
             host.submit(&*mem, r, &[], round * 100 + i).unwrap();
         }
-        while let Some(r) = ring.next() {
+        while let Some(r) = ring.take() {
             ring.write_slot(&r, &[r.sector as u8; 512]);
             ring.respond(r.tag, ioring::S_OK, 512);
         }
@@ -175,7 +178,7 @@ fn a_request_that_does_not_fit_is_answered_with_an_error() {
     let mut r = Request::from_bytes(&b);
     r.sectors = 1 << 20;
     mem.write(GuestAddr(at), &r.to_bytes()).unwrap();
-    assert!(ring.next().is_none());
+    assert!(ring.take().is_none());
     assert_eq!(ring.bad_requests, 1);
     ring.publish();
     let done = host.reap(&*mem);

@@ -64,6 +64,7 @@ pub const TEST_GUESTS: &[&str] = &[
     "ticker",
     "fpu",
     "worker",
+    "blkcheck",
 ];
 
 /// Builds the test guests (release) and returns the folder holding their ELF files.
@@ -82,6 +83,26 @@ pub fn build_guests() -> Result<PathBuf, String> {
     Ok(root().join("target").join(TARGET).join("release"))
 }
 
+/// Builds dom0 (release, bare metal) and returns its ELF file.
+pub fn build_dom0() -> Result<PathBuf, String> {
+    ensure_target()?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run_checked(Command::new(cargo).current_dir(root()).args([
+        "build",
+        "--quiet",
+        "--release",
+        "-p",
+        "dom0",
+        "--target",
+        TARGET,
+    ]))?;
+    Ok(root()
+        .join("target")
+        .join(TARGET)
+        .join("release")
+        .join("dom0"))
+}
+
 /// A boot module given as `NAME_OR_FILE[:ARGS]`: a test guest's name (built on demand) or a
 /// path to any ELF64 guest kernel. ARGS is the module line (`name=.. mem=.. -- guest args`);
 /// without it the guest is named after the file.
@@ -90,6 +111,8 @@ pub fn guest_module(spec: &str) -> Result<(PathBuf, String), String> {
     let builtin = what.replace('-', "_");
     let path = if TEST_GUESTS.contains(&builtin.as_str()) {
         build_guests()?.join(&builtin)
+    } else if builtin == "dom0" {
+        build_dom0()?
     } else {
         PathBuf::from(what)
     };

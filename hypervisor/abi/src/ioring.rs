@@ -70,13 +70,13 @@ pub mod field {
 /// Where request entries start.
 pub const REQ_OFFSET: u64 = 64;
 /// Bytes per request entry.
-pub const REQ_BYTES: u64 = 32;
+pub const REQ_BYTES: usize = 32;
 /// Where response entries start.
-pub const RSP_OFFSET: u64 = REQ_OFFSET + SLOTS as u64 * REQ_BYTES;
+pub const RSP_OFFSET: u64 = REQ_OFFSET + SLOTS as u64 * REQ_BYTES as u64;
 /// Bytes per response entry.
-pub const RSP_BYTES: u64 = 16;
+pub const RSP_BYTES: usize = 16;
 
-const _: () = assert!(RSP_OFFSET + SLOTS as u64 * RSP_BYTES <= RING_BYTES);
+const _: () = assert!(RSP_OFFSET + SLOTS as u64 * RSP_BYTES as u64 <= RING_BYTES);
 const _: () = assert!(SLOTS.is_power_of_two());
 const _: () = assert!(SLOT_BYTES.is_multiple_of(4096));
 
@@ -99,12 +99,12 @@ pub const S_UNSUPP: u32 = 2;
 
 /// Offset of request entry `index` (any free-running index) in the ring page.
 pub fn req_offset(index: u32) -> u64 {
-    REQ_OFFSET + u64::from(index % SLOTS) * REQ_BYTES
+    REQ_OFFSET + u64::from(index % SLOTS) * REQ_BYTES as u64
 }
 
 /// Offset of response entry `index` in the ring page.
 pub fn rsp_offset(index: u32) -> u64 {
-    RSP_OFFSET + u64::from(index % SLOTS) * RSP_BYTES
+    RSP_OFFSET + u64::from(index % SLOTS) * RSP_BYTES as u64
 }
 
 /// Offset of slot `slot`'s data in the data area.
@@ -127,8 +127,8 @@ pub struct Request {
 }
 
 impl Request {
-    pub fn to_bytes(&self) -> [u8; REQ_BYTES as usize] {
-        let mut b = [0u8; REQ_BYTES as usize];
+    pub fn to_bytes(&self) -> [u8; REQ_BYTES] {
+        let mut b = [0u8; REQ_BYTES];
         b[0..8].copy_from_slice(&self.tag.to_le_bytes());
         b[8] = self.op;
         b[12..16].copy_from_slice(&self.disk.to_le_bytes());
@@ -138,7 +138,7 @@ impl Request {
         b
     }
 
-    pub fn from_bytes(b: &[u8; REQ_BYTES as usize]) -> Request {
+    pub fn from_bytes(b: &[u8; REQ_BYTES]) -> Request {
         let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
         let u64_at = |o: usize| u64::from(u32_at(o)) | (u64::from(u32_at(o + 4)) << 32);
         Request {
@@ -167,15 +167,15 @@ pub struct Response {
 }
 
 impl Response {
-    pub fn to_bytes(&self) -> [u8; RSP_BYTES as usize] {
-        let mut b = [0u8; RSP_BYTES as usize];
+    pub fn to_bytes(&self) -> [u8; RSP_BYTES] {
+        let mut b = [0u8; RSP_BYTES];
         b[0..8].copy_from_slice(&self.tag.to_le_bytes());
         b[8..12].copy_from_slice(&self.status.to_le_bytes());
         b[12..16].copy_from_slice(&self.len.to_le_bytes());
         b
     }
 
-    pub fn from_bytes(b: &[u8; RSP_BYTES as usize]) -> Response {
+    pub fn from_bytes(b: &[u8; RSP_BYTES]) -> Response {
         let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
         Response {
             tag: u64::from(u32_at(0)) | (u64::from(u32_at(4)) << 32),

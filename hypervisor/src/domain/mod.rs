@@ -5,8 +5,6 @@
 
 pub mod config;
 pub mod console;
-#[cfg(target_os = "none")]
-pub mod dom0;
 pub mod hypercall;
 pub mod loader;
 pub mod memory;

@@ -40,7 +40,8 @@ pub enum DomainState {
 /// What the console shows of a domain; shared between CPUs.
 pub struct Domain {
     pub id: u32,
-    /// dom0 (`role=dom0`): it may make dom0's calls, and its end ends the block backend.
+    /// dom0 (`role=dom0`): it may make dom0's calls, and its end ends the block backend
+    /// (`vcpu::dom0::gone`, called by the run loop).
     pub privileged: bool,
     pub name: String,
     pub mem_mib: u64,
@@ -83,17 +84,15 @@ impl Domain {
     }
 
     /// Ends the domain with `why` unless it already ended; says so on the console once.
-    pub(crate) fn finish(&self, why: String) {
+    /// Returns whether this call ended it.
+    pub(crate) fn finish(&self, why: String) -> bool {
         let prev = self
             .state
             .swap(DomainState::Stopped as u8, Ordering::AcqRel);
         if prev == DomainState::Stopped as u8 {
-            return;
+            return false;
         }
         println!("[dom{}] stopped: {why}", self.id);
-        if self.privileged {
-            crate::domain::dom0::gone(&why);
-        }
         info!(
             "domain {} ({}) stopped after {} exits ({} VMREADs, {} VMWRITEs): {why}",
             self.id,
@@ -103,6 +102,7 @@ impl Domain {
             self.vmwrites.load(Ordering::Relaxed)
         );
         *self.stop_reason.lock() = why;
+        true
     }
 }
 

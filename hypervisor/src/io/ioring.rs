@@ -12,7 +12,7 @@ use alloc::vec::Vec;
 
 use hv_abi::ioring::{self, Request, Response, SLOT_BYTES, SLOTS, field, op};
 
-use crate::domain::memory::{GuestAddr, GuestMemory};
+use hv_guest_mem::{GuestAddr, GuestMemory};
 
 /// A request waiting in dom0's ring, with the caller's route back to the guest.
 struct Pending<T> {
@@ -71,7 +71,7 @@ pub struct RingHost<T> {
 impl<T> RingHost<T> {
     /// Checks dom0's registration (page-aligned, inside its RAM) and writes a fresh header.
     pub fn setup(mem: &impl GuestMemory, ring: u64, data: u64) -> Result<Self, &'static str> {
-        if ring % 4096 != 0 || data % 4096 != 0 {
+        if !ring.is_multiple_of(4096) || !data.is_multiple_of(4096) {
             return Err("ring and data area must be page-aligned");
         }
         mem.check(GuestAddr(ring), ioring::RING_BYTES)
@@ -112,13 +112,13 @@ impl<T> RingHost<T> {
     /// Whether dom0 has requests it has not taken yet (it reads `req_cons` from its page).
     pub fn unread(&self, mem: &impl GuestMemory) -> bool {
         mem.read_u32(GuestAddr(self.ring + field::REQ_CONS))
-            .map_or(false, |c| c != self.req_prod)
+            .is_ok_and(|c| c != self.req_prod)
     }
 
     /// Whether dom0 has responses waiting for [`RingHost::reap`].
     pub fn responses_waiting(&self, mem: &impl GuestMemory) -> bool {
         mem.read_u32(GuestAddr(self.ring + field::RSP_PROD))
-            .map_or(false, |p| p != self.rsp_cons)
+            .is_ok_and(|p| p != self.rsp_cons)
     }
 
     /// Publishes a request: `data` (a write's bytes) goes into its slot first. `op` and the
@@ -190,7 +190,7 @@ impl<T> RingHost<T> {
             return out;
         }
         for _ in 0..ahead {
-            let mut b = [0u8; ioring::RSP_BYTES as usize];
+            let mut b = [0u8; ioring::RSP_BYTES];
             if mem
                 .read(
                     GuestAddr(self.ring + ioring::rsp_offset(self.rsp_cons)),
@@ -262,7 +262,7 @@ impl<T> RingHost<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::memory::VecGuestMemory;
+    use hv_guest_mem::VecGuestMemory;
 
     const RING: u64 = 0x1000;
     const DATA: u64 = 0x10_0000;
@@ -422,7 +422,7 @@ mod tests {
         let second = Request::from_bytes(&b);
         let answers = [
             Response {
-                tag: 0xdead_00,
+                tag: 0x00de_ad00,
                 status: 0,
                 len: 0,
             },

@@ -32,6 +32,10 @@ pub const COMMANDS: &[(&str, &str)] = &[
         "domains",
         "every domain: state, memory, CPU, exits by reason",
     ),
+    (
+        "disks",
+        "dom0's block ring and every guest disk: requests, errors, state",
+    ),
     ("destroy", "destroy <id>: stop a domain and free its memory"),
     (
         "pause",
@@ -61,6 +65,7 @@ pub enum Command {
     /// `log` alone shows the level; `log LEVEL` sets it.
     Log(Option<LevelFilter>),
     Domains,
+    Disks,
     Destroy(u32),
     Pause(u32),
     Resume(u32),
@@ -137,6 +142,7 @@ pub fn parse(line: &str) -> Result<Command, ParseError<'_>> {
         "vmx" => no_args("vmx", Command::Vmx),
         "reboot" => no_args("reboot", Command::Reboot),
         "domains" => no_args("domains", Command::Domains),
+        "disks" => no_args("disks", Command::Disks),
         "audit" => no_args("audit", Command::Audit),
         "destroy" | "pause" | "resume" => {
             let (command, make): (&'static str, fn(u32) -> Command) = match name {

@@ -157,6 +157,16 @@ pub fn spawn(new: NewDomain) -> Result<(), String> {
     queue::add(domain.id, &sched, &placement, fixed_cpu, vcpus)
 }
 
+/// Ends `d` with `why`; when it is dom0, its block ring goes too (guests' requests in flight
+/// fail with I/O errors).
+fn end_domain(d: &Domain, why: String) {
+    let dom0 = d.privileged;
+    let note = if dom0 { why.clone() } else { String::new() };
+    if d.finish(why) && dom0 {
+        super::dom0::gone(&note);
+    }
+}
+
 /// The stop reason of a domain the operator destroyed, with how long its vCPU took to stop.
 fn destroyed(d: &Domain) -> String {
     match since_request(d) {
@@ -264,7 +274,7 @@ impl Platform for HwPlatform<'_> {
         &mut self,
         call: crate::domain::hypercall::Dom0Call,
     ) -> crate::vcpu::dispatch::Dom0Reply {
-        crate::domain::dom0::call(self.domain, call)
+        super::dom0::call(self.domain, call)
     }
 }
 
@@ -387,7 +397,7 @@ impl RunLoop {
     fn take(&mut self, mut v: Box<Vcpu>, slice: u64) {
         match v.domain.state() {
             DomainState::Destroying => {
-                v.domain.finish(destroyed(&v.domain));
+                end_domain(&v.domain, destroyed(&v.domain));
                 self.teardown(v);
                 return;
             }
@@ -438,7 +448,9 @@ impl RunLoop {
             }
         }
         if v.state == VcpuState::Blocked {
-            if let Some(until) = v.halted_until() {
+            // dom0 waiting in IO_WAIT wakes for a request; any halt wakes for its timer.
+            let event = v.core.index == 0 && super::dom0::take_event(&v.domain);
+            if !event && let Some(until) = v.halted_until() {
                 self.give_back(v, Back::Blocked(until));
                 return;
             }
@@ -476,7 +488,7 @@ impl RunLoop {
                 if dump {
                     self.dump(&mut v, &why);
                 }
-                v.domain.finish(why);
+                end_domain(&v.domain, why);
                 self.teardown(v);
             }
         }
@@ -801,7 +813,7 @@ impl RunLoop {
         crate::vmx::hw::invept_all();
         queue::retire(self.cpu, &v);
         if v.domain.alive.fetch_sub(1, Ordering::AcqRel) == 1 {
-            v.domain.finish(String::from("all vCPUs are off"));
+            end_domain(&v.domain, String::from("all vCPUs are off"));
         }
     }
 }

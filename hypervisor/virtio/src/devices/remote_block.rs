@@ -85,6 +85,10 @@ pub struct RemoteStats {
     pub max_in_flight: u64,
 }
 
+/// A checked request to forward: its operation, range and the bytes the backend may put
+/// into the chain; or the status it is answered with at once.
+type Classified = Result<(Op, u64, u32, u32), u8>;
+
 /// What a chain in flight waits for.
 struct InFlight {
     chain: Chain,
@@ -176,7 +180,7 @@ impl<P: BlockPort> RemoteBlock<P> {
         &self,
         chain: &Chain,
         mem: &M,
-    ) -> Result<Result<(Op, u64, u32, u32), u8>, DeviceError> {
+    ) -> Result<Classified, DeviceError> {
         // virtio 1.2 §5.2.6: a 16-byte device-readable header, a 1-byte writable status.
         let mut hdr = [0u8; 16];
         chain
@@ -225,7 +229,7 @@ impl<P: BlockPort> RemoteBlock<P> {
         mem: &M,
         len: u32,
         op: Op,
-    ) -> Result<Result<(Op, u64, u32, u32), u8>, DeviceError> {
+    ) -> Result<Classified, DeviceError> {
         if len != 16 {
             return Ok(Err(S_IOERR));
         }
@@ -351,7 +355,8 @@ impl<P: BlockPort> RemoteBlock<P> {
                 return self.finish(f, token.head, S_IOERR, 0, queues, mem);
             }
             f.chain.write_at(mem, 0, &data[..n])?;
-            written = n as u32;
+            // At most `f.want`, a u32.
+            written = u32::try_from(n).unwrap_or(f.want);
         }
         self.finish(f, token.head, status, written, queues, mem)
     }

@@ -118,11 +118,18 @@ unsafe impl Hal for ArenaHal {
 pub struct RegTransport<D: VirtioDevice> {
     pub dev: Rc<RefCell<MmioTransport<D>>>,
     pub mem: Rc<RawGuestMemory>,
+    /// Runs after each queue notification: a backend on "another CPU" serving what the
+    /// notification handed it, so the driver's blocking calls can complete.
+    pub after_notify: Option<Rc<dyn Fn()>>,
 }
 
 impl<D: VirtioDevice> RegTransport<D> {
     pub fn new(dev: Rc<RefCell<MmioTransport<D>>>, mem: Rc<RawGuestMemory>) -> Self {
-        RegTransport { dev, mem }
+        RegTransport {
+            dev,
+            mem,
+            after_notify: None,
+        }
     }
     fn r32(&self, off: u64) -> u32 {
         u32::try_from(self.dev.borrow_mut().read(off, 4)).unwrap()
@@ -159,6 +166,9 @@ impl<D: VirtioDevice> Transport for RegTransport<D> {
     }
     fn notify(&mut self, queue: u16) {
         self.w32(reg::QUEUE_NOTIFY, u32::from(queue));
+        if let Some(f) = &self.after_notify {
+            f();
+        }
     }
     fn get_status(&self) -> DeviceStatus {
         DeviceStatus::from_bits_truncate(self.r32(reg::STATUS))

@@ -20,19 +20,19 @@ use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::sync::{Arc, Weak};
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use hv_abi::ioring::{self, Request};
 use hv_virtio::devices::remote_block::{BlockPort, Busy, Op, PortRequest, RemoteBlock, Token};
 use hv_virtio::{MmioTransport, TransportOptions};
 use spin::Mutex;
 
-use super::hypercall::Dom0Call;
-use super::table::{Domain, DomainMem};
+use super::dispatch::Dom0Reply;
+use crate::domain::hypercall::Dom0Call;
+use crate::domain::table::{Domain, DomainMem};
 use crate::io::ioring::{Done, RingHost, SubmitError};
 use crate::io::mmio::MmioDevice;
 use crate::println;
-use crate::vcpu::dispatch::Dom0Reply;
 use hv_guest_mem::GuestMemory;
 
 /// Where a completion goes: the guest's disk and the request's token there.
@@ -58,6 +58,10 @@ struct Dom0 {
 
 struct Link {
     dom0: Option<Dom0>,
+    /// Requests refused because dom0 was away or its ring full (they wait in the guests'
+    /// rings), and wake-ups sent to dom0.
+    busy: u64,
+    wakes: u64,
     offers: Vec<Offer>,
     /// Every guest disk, to start again what waited while dom0 was away.
     disks: Vec<Weak<GuestDisk>>,
@@ -65,9 +69,20 @@ struct Link {
 
 static LINK: Mutex<Link> = Mutex::new(Link {
     dom0: None,
+    busy: 0,
+    wakes: 0,
     offers: Vec::new(),
     disks: Vec::new(),
 });
+
+/// A request arrived for dom0 while it waited: its IO_WAIT ends (the run loop takes the flag
+/// when it picks dom0's halted vCPU; a halt without a timer otherwise lasts).
+static EVENT: AtomicBool = AtomicBool::new(false);
+
+/// Whether `domain` is dom0 and an event ends its wait now (the flag is taken).
+pub fn take_event(domain: &Domain) -> bool {
+    domain.privileged && EVENT.swap(false, Ordering::AcqRel)
+}
 
 /// Bumped by each IO_READY: the console task starts the guests waiting for their disks.
 static READY: AtomicU32 = AtomicU32::new(0);
@@ -122,19 +137,28 @@ impl BlockPort for Dom0Port {
         };
         let wake = {
             let mut l = LINK.lock();
+            let l = &mut *l;
             let Some(d) = l.dom0.as_mut() else {
+                l.busy += 1;
                 return Err(Busy);
             };
             match d.ring.submit(d.mem.ram.mem(), r, req.data, route) {
-                Ok(()) => core::mem::replace(&mut d.waiting, false),
-                Err(SubmitError::Full | SubmitError::Memory) => return Err(Busy),
-                // The model checked the size against the slot; count it as the port's
-                // refusal rather than trusting it further.
-                Err(SubmitError::TooLarge) => return Err(Busy),
+                Ok(()) => {
+                    let wake = core::mem::replace(&mut d.waiting, false);
+                    l.wakes += u64::from(wake);
+                    wake
+                }
+                // Full, or dom0's memory is going; a size beyond the slot cannot come from
+                // the model (it checked), but is refused the same way rather than trusted.
+                Err(SubmitError::Full | SubmitError::Memory | SubmitError::TooLarge) => {
+                    l.busy += 1;
+                    return Err(Busy);
+                }
             }
         };
         if wake {
-            crate::vcpu::queue::wake_vcpu(0, 0);
+            EVENT.store(true, Ordering::Release);
+            super::queue::wake_vcpu(0, 0);
         }
         Ok(())
     }
@@ -237,6 +261,62 @@ fn reap() {
         }
     };
     deliver(done);
+}
+
+/// The `disks` console command: the ring's state and each guest disk's.
+pub fn report() -> Vec<String> {
+    let mut out = Vec::new();
+    let disks: Vec<Arc<GuestDisk>> = {
+        let l = LINK.lock();
+        match &l.dom0 {
+            Some(d) => out.push(alloc::format!(
+                "dom0 ring: {} published, {} completed, {} in flight, dom0 {}; {} busy, {} wake-ups; faults: {} bad index, {} bad tag, {} bad length",
+                d.ring.published,
+                d.ring.completed,
+                d.ring.in_flight(),
+                if d.waiting { "waiting" } else { "working" },
+                l.busy,
+                l.wakes,
+                d.ring.faults.bad_index,
+                d.ring.faults.bad_tag,
+                d.ring.faults.bad_len
+            )),
+            None => out.push(String::from("dom0 ring: not registered (no dom0 running)")),
+        }
+        for o in &l.offers {
+            out.push(alloc::format!(
+                "volume {}: {} sectors{}",
+                o.name,
+                o.sectors,
+                if o.read_only { ", read-only" } else { "" }
+            ));
+        }
+        l.disks.iter().filter_map(Weak::upgrade).collect()
+    };
+    for disk in disks {
+        let dom = disk
+            .domain
+            .lock()
+            .upgrade()
+            .map_or(String::from("?"), |d| alloc::format!("dom{}", d.id));
+        let dev = disk.dev.lock();
+        let s = dev.device().stats();
+        let t = dev.stats();
+        out.push(alloc::format!(
+            "{dom} disk: {} submitted, {} completed, {} in flight, {} I/O errors, {} unsupported, {} busy, {} stale; {} notifies, {} interrupts{}",
+            s.submitted,
+            s.completed,
+            dev.device().in_flight(),
+            s.io_errors,
+            s.unsupported,
+            s.busy,
+            s.stale,
+            t.notifies,
+            t.interrupts,
+            if dev.needs_reset() { "; NEEDS_RESET" } else { "" }
+        ));
+    }
+    out
 }
 
 /// dom0 ended: every request in flight fails; guests' new requests wait for the next dom0.

@@ -1,0 +1,210 @@
+//! dom0: the privileged domain. The hypervisor starts it first, as domain 0; it owns the
+//! physical disks, runs the volume manager over them and serves guests' virtio disks from
+//! volumes through the hypervisor's block ring ([`backend`]).
+//!
+//! Boot: heap, the ring registered with `IO_RING_SETUP`, the pool opened (or created on first
+//! use) and its volumes offered with `DISK_OFFER`, then `IO_READY`; from then on a loop serves
+//! what the ring holds and waits in `IO_WAIT` when it is empty.
+//!
+//! Today the pool lives on a RAM disk in dom0's memory (`ramdisk=MIB`, default 16): the
+//! physical disk drivers (ATA with bus-master DMA) come next, and the pool moves onto them.
+//!
+//! Command line (after ` -- ` on its module line): `ramdisk=MIB volume=NAME:MIB` (the volume
+//! created in a new pool, default `data:8`).
+#![cfg_attr(target_os = "none", no_std, no_main)]
+// Register-width and size casts are deliberate in the runtime.
+#![allow(clippy::cast_possible_truncation)]
+
+#[cfg(not(target_os = "none"))]
+fn main() {
+    eprintln!(
+        "dom0: build it for x86_64-unknown-none (cargo xtask build); `cargo test -p dom0` runs its backend's tests"
+    );
+}
+
+#[cfg(target_os = "none")]
+extern crate alloc;
+
+#[cfg(target_os = "none")]
+mod rt {
+    use alloc::boxed::Box;
+    use alloc::format;
+    use alloc::string::String;
+    use alloc::vec::Vec;
+    use core::fmt::Write;
+
+    use linked_list_allocator::LockedHeap;
+    use pv_drivers::hypercall::{Hypercalls, Vmcall};
+    use pv_drivers::ioring::{BackendRing, RawRegion};
+    use volmgr::dev::MemDisk;
+    use volmgr::pool::{DiskSpec, LayoutSpec, Pool, PoolConfig};
+
+    use dom0::backend::{Backend, Served};
+
+    /// Page-aligned storage shared with the hypervisor or handed to the allocator.
+    #[repr(C, align(4096))]
+    struct Area<const N: usize>([u8; N]);
+
+    const HEAP_BYTES: usize = 40 << 20;
+    const DATA_BYTES: usize = hv_abi::ioring::DATA_BYTES as usize;
+
+    static mut HEAP: Area<HEAP_BYTES> = Area([0; HEAP_BYTES]);
+    static mut RING_PAGE: Area<4096> = Area([0; 4096]);
+    static mut DATA_AREA: Area<DATA_BYTES> = Area([0; DATA_BYTES]);
+
+    #[global_allocator]
+    static ALLOCATOR: LockedHeap = LockedHeap::empty();
+
+    /// The virtual 16550 on COM1; the hypervisor shows each line as `[dom0] ...`.
+    struct Uart;
+
+    impl Write for Uart {
+        fn write_str(&mut self, s: &str) -> core::fmt::Result {
+            for b in s.bytes() {
+                // SAFETY: port I/O from a guest exits to the hypervisor, which emulates the UART.
+                unsafe {
+                    core::arch::asm!("out dx, al", in("dx") hv_abi::ports::UART, in("al") b, options(nomem, nostack));
+                }
+            }
+            Ok(())
+        }
+    }
+
+    macro_rules! say {
+        ($($arg:tt)*) => {{
+            let _ = writeln!(Uart, $($arg)*);
+        }};
+    }
+
+    fn hypercalls() -> Hypercalls<Vmcall> {
+        // SAFETY: dom0 only ever runs as domain 0 of this hypervisor (its module line says
+        // role=dom0; the hypervisor loads it).
+        Hypercalls::new(unsafe { Vmcall::new() })
+    }
+
+    fn stop(code: u64) -> ! {
+        let _ = hypercalls().exit(code);
+        loop {
+            core::hint::spin_loop();
+        }
+    }
+
+    #[panic_handler]
+    fn panic(info: &core::panic::PanicInfo) -> ! {
+        say!("dom0 panic: {info}");
+        stop(101)
+    }
+
+    #[unsafe(no_mangle)]
+    extern "C" fn _start(cmdline: *const u8, len: usize, ram: u64) -> ! {
+        // SAFETY: the loader copied the command line here (at most 4 KiB), and nothing else uses
+        // the heap area.
+        let args = unsafe {
+            ALLOCATOR
+                .lock()
+                .init((&raw mut HEAP).cast::<u8>(), HEAP_BYTES);
+            let bytes = core::slice::from_raw_parts(cmdline, len.min(4095));
+            core::str::from_utf8(bytes).unwrap_or("")
+        };
+        match run(args, ram) {
+            Ok(()) => stop(0),
+            Err(e) => {
+                say!("dom0: {e}; stopping");
+                stop(1)
+            }
+        }
+    }
+
+    fn arg<'a>(args: &'a str, key: &str) -> Option<&'a str> {
+        args.split_ascii_whitespace()
+            .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+    }
+
+    fn mib(args: &str, key: &str, default: u64) -> Result<u64, String> {
+        match arg(args, key) {
+            None => Ok(default),
+            Some(v) => v
+                .parse()
+                .map_err(|_| format!("{key}={v}: not a number of MiB")),
+        }
+    }
+
+    fn run(args: &str, ram: u64) -> Result<(), String> {
+        let mut hc = hypercalls();
+        if !hc.compatible() {
+            return Err(String::from("the hypervisor speaks another ABI version"));
+        }
+        say!("dom0 starting: {} MiB of RAM, args '{args}'", ram >> 20);
+
+        // The ring first: the hypervisor writes its header.
+        let ring_gpa = (&raw mut RING_PAGE) as u64;
+        let data_gpa = (&raw mut DATA_AREA) as u64;
+        hc.io_ring_setup(ring_gpa, data_gpa)
+            .map_err(|e| format!("IO_RING_SETUP refused: {e:?}"))?;
+        // SAFETY: both areas are ours for the whole run and only reached through these regions
+        // (the hypervisor shares them through the ring protocol).
+        let (ring_mem, data_mem) = unsafe {
+            (
+                RawRegion::new(ring_gpa as *mut u8, 4096),
+                RawRegion::new(data_gpa as *mut u8, DATA_BYTES),
+            )
+        };
+        let mut ring = BackendRing::new(ring_mem, data_mem)
+            .map_err(|e| format!("the ring page is not set up: {e:?}"))?;
+
+        // The pool: a RAM disk for now.
+        let disk_mib = mib(args, "ramdisk", 16)?;
+        let (vol_name, vol_mib) = match arg(args, "volume") {
+            None => ("data", 8),
+            Some(v) => {
+                let (n, m) = v
+                    .split_once(':')
+                    .ok_or_else(|| format!("volume={v}: want NAME:MIB"))?;
+                let m: u64 = m
+                    .parse()
+                    .map_err(|_| format!("volume={v}: {m} is not a number of MiB"))?;
+                (n, m)
+            }
+        };
+        let disk = MemDisk::new(disk_mib * 256);
+        let mut pool = Pool::create(
+            alloc::vec![(
+                Box::new(disk) as Box<dyn volmgr::dev::BlockDevice>,
+                DiskSpec::new("ram0", "fast")
+            )],
+            PoolConfig::small(0x0d0_0001),
+        )
+        .map_err(|e| format!("cannot create the pool: {e}"))?;
+        let id = pool
+            .create_volume(vol_name, vol_mib * 256, LayoutSpec::Concat, None)
+            .map_err(|e| format!("cannot create volume {vol_name}: {e}"))?;
+        say!("pool 'pool' created on a {disk_mib} MiB RAM disk; volume {vol_name}: {vol_mib} MiB");
+
+        let mut backend = Backend::new(pool);
+        let mut offered = Vec::new();
+        for v in backend.pool.list() {
+            let name = format!("pool/{}", v.name);
+            let sectors = v.size_blocks * 8;
+            let handle = hc
+                .disk_offer(name.as_ptr() as u64, name.len() as u64, sectors, false)
+                .map_err(|e| format!("DISK_OFFER {name} refused: {e:?}"))?;
+            offered.push(name.clone());
+            backend.served.push(Served {
+                name,
+                handle,
+                id: if v.id == id { id } else { v.id },
+                blocks: v.size_blocks,
+                read_only: false,
+            });
+        }
+        hc.io_ready()
+            .map_err(|e| format!("IO_READY refused: {e:?}"))?;
+        say!("ready: serving {}", offered.join(", "));
+
+        loop {
+            backend.serve(&mut ring);
+            // Completes what we published, then waits for the next request.
+            let _ = hc.io_wait();
+        }
+    }
+}
