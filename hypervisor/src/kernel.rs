@@ -363,6 +363,20 @@ fn start_module(
     match crate::domain::table::create(&DOMAINS, &FRAMES, image, &cfg, caps) {
         Ok(new) => {
             let d = new.domain.clone();
+            if cfg.dom0 {
+                match crate::vcpu::dom0::give_devices(&d) {
+                    Ok(what) => {
+                        for w in what {
+                            info!("dom0 owns {w}");
+                        }
+                    }
+                    Err(e) => {
+                        error!("module {i} ('{}'): {e}; not started", cfg.name);
+                        let _ = d.finish(e);
+                        return;
+                    }
+                }
+            }
             if let Some((handle, sectors, ro)) = disk
                 && let Err(e) = crate::vcpu::dom0::attach_disk(&d, handle, sectors, ro)
             {

@@ -161,6 +161,12 @@ impl<H: Hypervisor> Hypercalls<H> {
         check(self.hv.call(hypercall::IO_WAIT, 0, 0, 0)).map(|_| ())
     }
 
+    /// dom0: the host-physical (bus) address of its buffer `gpa..gpa + len` (one
+    /// host-contiguous piece of its RAM), for its devices' DMA.
+    pub fn dma_map(&mut self, gpa: u64, len: u64) -> Result<u64, HypercallError> {
+        check(self.hv.call(hypercall::DMA_MAP, gpa, len, 0))
+    }
+
     /// Stops the domain with `code` (returns only if the hypervisor refused).
     pub fn exit(&mut self, code: u64) -> HypercallError {
         match check(self.hv.call(hypercall::EXIT, code, 0, 0)) {

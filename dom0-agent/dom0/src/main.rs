@@ -26,7 +26,11 @@ fn main() {
 extern crate alloc;
 
 #[cfg(target_os = "none")]
+mod hw;
+
+#[cfg(target_os = "none")]
 mod rt {
+    use crate::hw;
     use alloc::boxed::Box;
     use alloc::format;
     use alloc::string::String;
@@ -129,6 +133,173 @@ mod rt {
         }
     }
 
+    /// The volume to create in a new pool: `volume=NAME:MIB[:mirror]` (default `data:8`).
+    fn volume_arg(args: &str) -> Result<(&str, u64, bool), String> {
+        let Some(v) = arg(args, "volume") else {
+            return Ok(("data", 8, false));
+        };
+        let mut parts = v.split(':');
+        let name = parts.next().unwrap_or("");
+        let m = parts
+            .next()
+            .ok_or_else(|| format!("volume={v}: want NAME:MIB[:mirror]"))?;
+        let m: u64 = m
+            .parse()
+            .map_err(|_| format!("volume={v}: {m} is not a number of MiB"))?;
+        let mirror = match parts.next() {
+            None => false,
+            Some("mirror") => true,
+            Some(o) => return Err(format!("volume={v}: unknown layout '{o}' (mirror)")),
+        };
+        Ok((name, m, mirror))
+    }
+
+    /// The ATA disks on the machine's PCI IDE controller (bus 0), master and slave of both
+    /// channels, with a name each (`ata0s` = first channel's slave).
+    fn ata_disks() -> Vec<(String, Box<dyn volmgr::dev::BlockDevice>)> {
+        use dom0_drivers::ata::{Channel, ChannelPorts, Config, IdeChannel};
+        use dom0_drivers::hw::PollClock;
+        use dom0_drivers::pci::{self, Mechanism1, PciAddr};
+        let mut cfg = Mechanism1::new(hw::Ports);
+        let mut found = Vec::new();
+        let mut ide = None;
+        for dev in 0..32u8 {
+            for func in 0..8u8 {
+                let Some(at) = PciAddr::new(0, dev, func) else {
+                    continue;
+                };
+                let Some(d) = pci::read_device(&mut cfg, at) else {
+                    if func == 0 {
+                        break;
+                    }
+                    continue;
+                };
+                let multi = d.multifunction;
+                if d.class == 0x01 && d.subclass == 0x01 && ide.is_none() {
+                    ide = Some(d);
+                }
+                if func == 0 && !multi {
+                    break;
+                }
+            }
+        }
+        let Some(ide) = ide else {
+            say!("no PCI IDE controller");
+            return found;
+        };
+        pci::enable(
+            &mut cfg,
+            ide.addr,
+            pci::reg::CMD_IO | pci::reg::CMD_BUS_MASTER,
+        );
+        for (n, channel) in [(0, Channel::Primary), (1, Channel::Secondary)] {
+            let Some(ports) = ChannelPorts::from_pci(&ide, channel) else {
+                continue;
+            };
+            let mut ch = IdeChannel::new(
+                hw::Ports,
+                hw::DmaArea,
+                PollClock::new(1),
+                ports,
+                Config::default(),
+            );
+            let probed = ch.probe();
+            for (pos, r) in probed.iter().enumerate() {
+                if let Ok(info) = r {
+                    say!(
+                        "ata{n}{}: {} sectors, '{}' serial '{}', {}",
+                        if pos == 0 { "m" } else { "s" },
+                        info.sectors,
+                        info.model,
+                        info.serial,
+                        if ch.dma_unavailable().is_some() {
+                            "PIO"
+                        } else {
+                            "bus-master DMA"
+                        }
+                    );
+                }
+            }
+            for (pos, d) in ch.into_disks().into_iter().enumerate() {
+                if let Some(d) = d {
+                    let name = format!("ata{n}{}", if pos == 0 { "m" } else { "s" });
+                    found.push((name, Box::new(d) as Box<dyn volmgr::dev::BlockDevice>));
+                }
+            }
+        }
+        found
+    }
+
+    /// Opens the pool on the machine's disks, or creates it there on first use (disks without
+    /// a pool label); with no disk, a RAM disk (`ramdisk=MIB`, nothing survives).
+    fn open_pool(args: &str, hc: &mut Hypercalls<Vmcall>) -> Result<Pool, String> {
+        let (vol_name, vol_mib, mirror) = volume_arg(args)?;
+        let bus = hw::init(hc).map_err(|e| format!("DMA_MAP refused: {e:?}"))?;
+        say!("DMA area at bus address {bus:#x}");
+        let disks = ata_disks();
+        if disks.is_empty() {
+            let disk_mib = mib(args, "ramdisk", 16)?;
+            let disk = MemDisk::new(disk_mib * 256);
+            let mut pool = Pool::create(
+                alloc::vec![(
+                    Box::new(disk) as Box<dyn volmgr::dev::BlockDevice>,
+                    DiskSpec::new("ram0", "fast")
+                )],
+                PoolConfig::small(0x0d0_0001),
+            )
+            .map_err(|e| format!("cannot create the pool: {e}"))?;
+            pool.create_volume(vol_name, vol_mib * 256, LayoutSpec::Concat, None)
+                .map_err(|e| format!("cannot create volume {vol_name}: {e}"))?;
+            say!(
+                "pool 'pool' created on a {disk_mib} MiB RAM disk; volume {vol_name}: {vol_mib} MiB"
+            );
+            return Ok(pool);
+        }
+        let names: Vec<String> = disks.iter().map(|(n, _)| n.clone()).collect();
+        let devs: Vec<Box<dyn volmgr::dev::BlockDevice>> =
+            disks.into_iter().map(|(_, d)| d).collect();
+        // Recovery of an existing pool runs in `open` (dirty-region log, stale copies).
+        match Pool::open(devs, volmgr::pool::OpenOptions::default()) {
+            Ok((pool, report)) => {
+                say!(
+                    "pool opened on {}: metadata sequence {}, {} mirror region(s) resynchronised",
+                    names.join(", "),
+                    report.seq,
+                    report.drl_regions_recovered
+                );
+                for n in report.notes {
+                    say!("pool: {n}");
+                }
+                Ok(pool)
+            }
+            Err(volmgr::Error::NotAPoolDisk(what)) => {
+                say!("no pool on the disks ({what}): creating one");
+                // `open` consumed the devices: probe them again.
+                let disks = ata_disks();
+                let specs = disks
+                    .into_iter()
+                    .map(|(n, d)| (d, DiskSpec::new(&n, "slow")))
+                    .collect();
+                let mut pool = Pool::create(specs, PoolConfig::new(0x0d0_0001))
+                    .map_err(|e| format!("cannot create the pool: {e}"))?;
+                let layout = if mirror {
+                    LayoutSpec::Mirror { legs: 2 }
+                } else {
+                    LayoutSpec::Concat
+                };
+                pool.create_volume(vol_name, vol_mib * 256, layout, None)
+                    .map_err(|e| format!("cannot create volume {vol_name}: {e}"))?;
+                say!(
+                    "pool 'pool' created on {}; volume {vol_name}: {vol_mib} MiB{}",
+                    names.join(", "),
+                    if mirror { ", mirrored" } else { "" }
+                );
+                Ok(pool)
+            }
+            Err(e) => Err(format!("cannot open the pool on {}: {e}", names.join(", "))),
+        }
+    }
+
     fn run(args: &str, ram: u64) -> Result<(), String> {
         let mut hc = hypercalls();
         if !hc.compatible() {
@@ -152,33 +323,7 @@ mod rt {
         let mut ring = BackendRing::new(ring_mem, data_mem)
             .map_err(|e| format!("the ring page is not set up: {e:?}"))?;
 
-        // The pool: a RAM disk for now.
-        let disk_mib = mib(args, "ramdisk", 16)?;
-        let (vol_name, vol_mib) = match arg(args, "volume") {
-            None => ("data", 8),
-            Some(v) => {
-                let (n, m) = v
-                    .split_once(':')
-                    .ok_or_else(|| format!("volume={v}: want NAME:MIB"))?;
-                let m: u64 = m
-                    .parse()
-                    .map_err(|_| format!("volume={v}: {m} is not a number of MiB"))?;
-                (n, m)
-            }
-        };
-        let disk = MemDisk::new(disk_mib * 256);
-        let mut pool = Pool::create(
-            alloc::vec![(
-                Box::new(disk) as Box<dyn volmgr::dev::BlockDevice>,
-                DiskSpec::new("ram0", "fast")
-            )],
-            PoolConfig::small(0x0d0_0001),
-        )
-        .map_err(|e| format!("cannot create the pool: {e}"))?;
-        let id = pool
-            .create_volume(vol_name, vol_mib * 256, LayoutSpec::Concat, None)
-            .map_err(|e| format!("cannot create volume {vol_name}: {e}"))?;
-        say!("pool 'pool' created on a {disk_mib} MiB RAM disk; volume {vol_name}: {vol_mib} MiB");
+        let pool = open_pool(args, &mut hc)?;
 
         let mut backend = Backend::new(pool);
         let mut offered = Vec::new();
@@ -192,7 +337,7 @@ mod rt {
             backend.served.push(Served {
                 name,
                 handle,
-                id: if v.id == id { id } else { v.id },
+                id: v.id,
                 blocks: v.size_blocks,
                 read_only: false,
             });

@@ -91,6 +91,11 @@ pub mod hypercall {
     /// dom0 only. Completes what the ring holds, then waits until a request arrives (or
     /// returns at once if one is already there). Returns 0.
     pub const IO_WAIT: u64 = 20;
+    /// dom0 only. `(gpa, len)`: the host-physical (bus) address of dom0's buffer
+    /// `gpa..gpa + len`, which must lie in one host-contiguous piece of its RAM (an aligned
+    /// 2 MiB chunk); dom0 programs its devices' DMA with it. dom0's RAM stays where it is for
+    /// dom0's life (never moved, ballooned or shared), so the address stays valid.
+    pub const DMA_MAP: u64 = 21;
 }
 
 pub mod ioring;

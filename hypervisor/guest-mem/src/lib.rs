@@ -422,6 +422,14 @@ impl RegionRam {
         &self.regions
     }
 
+    /// The host address of `addr..addr + len` when the whole range lies in one region (one
+    /// host-contiguous piece): what a device doing DMA for the guest's owner needs.
+    pub fn host_contiguous(&self, addr: GuestAddr, len: u64) -> Option<u64> {
+        let r = self.region(addr.0)?;
+        let off = addr.0 - r.gpa;
+        (len != 0 && off.checked_add(len)? <= r.len).then(|| r.host as u64 + off)
+    }
+
     /// The region holding `addr`, if any.
     fn region(&self, addr: u64) -> Option<&Region> {
         let i = self.regions.partition_point(|r| r.gpa <= addr);
@@ -653,6 +661,27 @@ mod tests {
             adj.read_u32(GuestAddr(4094)).unwrap(),
             u32::from_le_bytes([1, 2, 3, 4])
         );
+        // DMA needs one host-contiguous piece: inside a region, never across two.
+        assert_eq!(
+            adj.host_contiguous(GuestAddr(100), 3996),
+            Some(p as u64 + 100)
+        );
+        assert_eq!(
+            adj.host_contiguous(GuestAddr(4000), 200),
+            None,
+            "spans two regions"
+        );
+        assert_eq!(
+            adj.host_contiguous(GuestAddr(4096), 4096),
+            Some(p as u64 + 8192)
+        );
+        assert_eq!(adj.host_contiguous(GuestAddr(4096), 4097), None);
+        assert_eq!(
+            adj.host_contiguous(GuestAddr(8192), 1),
+            None,
+            "beyond the RAM"
+        );
+        assert_eq!(adj.host_contiguous(GuestAddr(0), 0), None);
         ram.set_dirty_log(std::boxed::Box::new(Log(Default::default())));
     }
 

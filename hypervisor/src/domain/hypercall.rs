@@ -49,6 +49,10 @@ pub enum Dom0Call {
     Ready,
     Kick,
     Wait,
+    DmaMap {
+        gpa: u64,
+        len: u64,
+    },
 }
 
 /// Whether `name` is an acceptable volume name: `pool/volume`, each part 1+ characters of
@@ -123,7 +127,7 @@ pub fn dispatch(number: u64, args: [u64; 3], mem: &impl GuestMemory, caller: Cal
                 period_us,
             }
         }
-        nr::IO_RING_SETUP..=nr::IO_WAIT if !caller.privileged => {
+        nr::IO_RING_SETUP..=nr::DMA_MAP if !caller.privileged => {
             Outcome::Return(Status::PermissionDenied as i64)
         }
         nr::IO_RING_SETUP => Outcome::Dom0(Dom0Call::RingSetup {
@@ -134,6 +138,13 @@ pub fn dispatch(number: u64, args: [u64; 3], mem: &impl GuestMemory, caller: Cal
         nr::IO_READY => Outcome::Dom0(Dom0Call::Ready),
         nr::IO_KICK => Outcome::Dom0(Dom0Call::Kick),
         nr::IO_WAIT => Outcome::Dom0(Dom0Call::Wait),
+        nr::DMA_MAP if args[1] == 0 || args[0].checked_add(args[1]).is_none() => {
+            Outcome::Return(Status::InvalidArgument as i64)
+        }
+        nr::DMA_MAP => Outcome::Dom0(Dom0Call::DmaMap {
+            gpa: args[0],
+            len: args[1],
+        }),
         _ => Outcome::Return(Status::UnknownCall as i64),
     }
 }
@@ -184,6 +195,7 @@ mod tests {
             nr::IO_READY,
             nr::IO_KICK,
             nr::IO_WAIT,
+            nr::DMA_MAP,
         ] {
             assert_eq!(
                 dispatch(n, [64, 9, 100], &m, ONE),

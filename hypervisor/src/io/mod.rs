@@ -9,6 +9,7 @@
 pub mod bus;
 pub mod ioring;
 pub mod mmio;
+pub mod passthrough;
 pub mod ports;
 pub mod uart;
 pub mod virtio;

@@ -32,6 +32,7 @@ use crate::domain::hypercall::Dom0Call;
 use crate::domain::table::{Domain, DomainMem};
 use crate::io::ioring::{Done, RingHost, SubmitError};
 use crate::io::mmio::MmioDevice;
+use crate::io::passthrough::{Bdf, HostPorts, PciFilter, PortPassthrough, owned};
 use crate::println;
 use hv_guest_mem::GuestMemory;
 
@@ -338,6 +339,142 @@ pub fn gone(why: &str) {
     deliver(done);
 }
 
+/// The machine's ports, for what dom0 owns. Configuration accesses hold [`PCI_LOCK`] so
+/// that the address and data ports stay one pair.
+#[derive(Clone, Copy)]
+struct MachinePorts;
+
+static PCI_LOCK: Mutex<()> = Mutex::new(());
+
+impl HostPorts for MachinePorts {
+    fn read(&mut self, port: u16, size: u8) -> u32 {
+        // SAFETY: only ports the hypervisor passed through to dom0 (its disk and NIC
+        // controllers) get here; reading them has no effect on the hypervisor's own devices.
+        unsafe {
+            match size {
+                1 => u32::from(x86_64::instructions::port::Port::<u8>::new(port).read()),
+                2 => u32::from(x86_64::instructions::port::Port::<u16>::new(port).read()),
+                _ => x86_64::instructions::port::Port::<u32>::new(port).read(),
+            }
+        }
+    }
+
+    fn write(&mut self, port: u16, size: u8, value: u32) {
+        // SAFETY: as in `read`: a port of a controller dom0 owns.
+        unsafe {
+            match size {
+                1 => x86_64::instructions::port::Port::<u8>::new(port).write(value as u8),
+                2 => x86_64::instructions::port::Port::<u16>::new(port).write(value as u16),
+                _ => x86_64::instructions::port::Port::<u32>::new(port).write(value),
+            }
+        }
+    }
+
+    fn config(&mut self, address: u32, offset: u8, size: u8, write: Option<u32>) -> u32 {
+        let _pair = PCI_LOCK.lock();
+        let data = 0xcfc + u16::from(offset & 3);
+        self.write(0xcf8, 4, address);
+        match write {
+            Some(v) => {
+                self.write(data, size, v);
+                0
+            }
+            None => self.read(data, size),
+        }
+    }
+}
+
+/// Gives dom0 the machine's disk and network controllers: PCI configuration through the
+/// filter, and the I/O ports of every function it owns (its I/O BARs on bus 0, and the legacy
+/// IDE ports of an IDE controller in compatibility mode). Returns what it got, for the log.
+/// The BARs keep the firmware's assignment: the ranges passed are those found now.
+pub fn give_devices(domain: &Domain) -> Result<Vec<String>, String> {
+    let mut io = domain.io.lock();
+    let mut what = Vec::new();
+    io.ports
+        .register(0xcf8, 8, Box::new(PciFilter::new(MachinePorts)))
+        .map_err(|e| alloc::format!("PCI configuration ports: {e:?}"))?;
+    let mut m = MachinePorts;
+    let mut ranges: Vec<(u16, u16)> = Vec::new();
+    for dev in 0..32u8 {
+        for func in 0..8u8 {
+            let f = Bdf { bus: 0, dev, func };
+            let at = |reg: u8| {
+                (1u32 << 31) | (u32::from(dev) << 11) | (u32::from(func) << 8) | u32::from(reg)
+            };
+            let id = m.config(at(0), 0, 4, None);
+            if id == u32::MAX || id == 0 {
+                if func == 0 {
+                    break;
+                }
+                continue;
+            }
+            let class = m.config(at(0x08), 0, 4, None);
+            if owned(class) {
+                let mut ports = Vec::new();
+                if class >> 16 == 0x0101 {
+                    // Compatibility mode (prog-if bits 0 and 2 clear): the legacy ports.
+                    if class & (1 << 8) == 0 {
+                        ranges.extend([(0x1f0, 8), (0x3f6, 1)]);
+                        ports.push(String::from("0x1f0-0x1f7, 0x3f6"));
+                    }
+                    if class & (1 << 10) == 0 {
+                        ranges.extend([(0x170, 8), (0x376, 1)]);
+                        ports.push(String::from("0x170-0x177, 0x376"));
+                    }
+                }
+                for bar in 0..6u8 {
+                    let v = m.config(at(0x10 + bar * 4), 0, 4, None);
+                    if v & 1 == 1 && v & !3 != 0 {
+                        // An I/O BAR: its size from the bits that stick after writing ones.
+                        let reg = at(0x10 + bar * 4);
+                        m.config(reg, 0, 4, Some(u32::MAX));
+                        let mask = m.config(reg, 0, 4, None) & 0xffff_fffc;
+                        m.config(reg, 0, 4, Some(v));
+                        let size = (!mask).wrapping_add(1) & 0xffff;
+                        let base = (v & 0xfffc) as u16;
+                        if size != 0 && size <= 256 {
+                            ranges.push((base, size as u16));
+                            ports.push(alloc::format!(
+                                "{:#x}-{:#x}",
+                                base,
+                                u32::from(base) + size - 1
+                            ));
+                        }
+                    }
+                }
+                what.push(alloc::format!(
+                    "PCI {:02x}:{:02x}.{} ({:04x}:{:04x}, class {:06x}): ports {}",
+                    f.bus,
+                    f.dev,
+                    f.func,
+                    id & 0xffff,
+                    id >> 16,
+                    class >> 8,
+                    if ports.is_empty() {
+                        String::from("none")
+                    } else {
+                        ports.join(", ")
+                    }
+                ));
+            }
+            if func == 0 && m.config(at(0x0c), 0, 4, None) & (1 << 23) == 0 {
+                break;
+            }
+        }
+    }
+    for (base, count) in ranges {
+        io.ports
+            .register(
+                base,
+                count,
+                Box::new(PortPassthrough::new(base, MachinePorts)),
+            )
+            .map_err(|e| alloc::format!("ports {base:#x}+{count}: {e:?}"))?;
+    }
+    Ok(what)
+}
+
 /// One of dom0's calls, made by `domain` (privileged: the dispatcher checked).
 pub fn call(domain: &Domain, call: Dom0Call) -> Dom0Reply {
     use hv_abi::Status;
@@ -394,6 +531,19 @@ pub fn call(domain: &Domain, call: Dom0Call) -> Dom0Reply {
                 }
             };
             Dom0Reply::Return(handle as i64)
+        }
+        Dom0Call::DmaMap { gpa, len } => {
+            let Some(mem) = domain.memory() else {
+                return ret(Status::NoResources);
+            };
+            match mem
+                .ram
+                .mem()
+                .host_contiguous(hv_guest_mem::GuestAddr(gpa), len)
+            {
+                Some(hpa) => Dom0Reply::Return(hpa as i64),
+                None => ret(Status::BadAddress),
+            }
         }
         Dom0Call::Ready => {
             READY.fetch_add(1, Ordering::AcqRel);
