@@ -6,11 +6,14 @@
 //! use) and its volumes offered with `DISK_OFFER`, then `IO_READY`; from then on a loop serves
 //! what the ring holds and waits in `IO_WAIT` when it is empty.
 //!
-//! Today the pool lives on a RAM disk in dom0's memory (`ramdisk=MIB`, default 16): the
-//! physical disk drivers (ATA with bus-master DMA) come next, and the pool moves onto them.
+//! The pool lives on the machine's ATA disks (the PCI IDE controller, bus-master DMA; the
+//! hypervisor passes the controller through and gives bus addresses with `DMA_MAP`): opened
+//! with recovery when they hold it, created on first use when they carry no pool label. A
+//! machine without disks gets a RAM disk in dom0's memory, which nothing outlives.
 //!
-//! Command line (after ` -- ` on its module line): `ramdisk=MIB volume=NAME:MIB` (the volume
-//! created in a new pool, default `data:8`).
+//! Command line (after ` -- ` on its module line): `ramdisk=MIB` (the RAM disk's size when
+//! the machine has no disk) and `volume=NAME:MIB[:mirror]`, once per volume to create in a
+//! new pool (default `data:8`; `mirror` puts two copies on two disks).
 #![cfg_attr(target_os = "none", no_std, no_main)]
 // Register-width and size casts are deliberate in the runtime.
 #![allow(clippy::cast_possible_truncation)]
@@ -133,25 +136,64 @@ mod rt {
         }
     }
 
-    /// The volume to create in a new pool: `volume=NAME:MIB[:mirror]` (default `data:8`).
-    fn volume_arg(args: &str) -> Result<(&str, u64, bool), String> {
-        let Some(v) = arg(args, "volume") else {
-            return Ok(("data", 8, false));
-        };
-        let mut parts = v.split(':');
-        let name = parts.next().unwrap_or("");
-        let m = parts
-            .next()
-            .ok_or_else(|| format!("volume={v}: want NAME:MIB[:mirror]"))?;
-        let m: u64 = m
-            .parse()
-            .map_err(|_| format!("volume={v}: {m} is not a number of MiB"))?;
-        let mirror = match parts.next() {
-            None => false,
-            Some("mirror") => true,
-            Some(o) => return Err(format!("volume={v}: unknown layout '{o}' (mirror)")),
-        };
-        Ok((name, m, mirror))
+    /// A volume to create in a new pool: `volume=NAME:MIB[:mirror]`.
+    struct NewVolume<'a> {
+        name: &'a str,
+        mib: u64,
+        mirror: bool,
+    }
+
+    /// The volumes to create in a new pool: every `volume=NAME:MIB[:mirror]` (default
+    /// `data:8`).
+    fn volume_args(args: &str) -> Result<Vec<NewVolume<'_>>, String> {
+        let mut out = Vec::new();
+        for v in args
+            .split_ascii_whitespace()
+            .filter_map(|w| w.strip_prefix("volume="))
+        {
+            let mut parts = v.split(':');
+            let name = parts.next().unwrap_or("");
+            let m = parts
+                .next()
+                .ok_or_else(|| format!("volume={v}: want NAME:MIB[:mirror]"))?;
+            let mib: u64 = m
+                .parse()
+                .map_err(|_| format!("volume={v}: {m} is not a number of MiB"))?;
+            let mirror = match parts.next() {
+                None => false,
+                Some("mirror") => true,
+                Some(o) => return Err(format!("volume={v}: unknown layout '{o}' (mirror)")),
+            };
+            out.push(NewVolume { name, mib, mirror });
+        }
+        if out.is_empty() {
+            out.push(NewVolume {
+                name: "data",
+                mib: 8,
+                mirror: false,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Creates `vols` in a new pool and says so.
+    fn create_volumes(pool: &mut Pool, vols: &[NewVolume<'_>], on: &str) -> Result<(), String> {
+        for v in vols {
+            let layout = if v.mirror {
+                LayoutSpec::Mirror { legs: 2 }
+            } else {
+                LayoutSpec::Concat
+            };
+            pool.create_volume(v.name, v.mib * 256, layout, None)
+                .map_err(|e| format!("cannot create volume {}: {e}", v.name))?;
+            say!(
+                "pool 'pool' created on {on}; volume {}: {} MiB{}",
+                v.name,
+                v.mib,
+                if v.mirror { ", mirrored" } else { "" }
+            );
+        }
+        Ok(())
     }
 
     /// The ATA disks on the machine's PCI IDE controller (bus 0), master and slave of both
@@ -233,7 +275,7 @@ mod rt {
     /// Opens the pool on the machine's disks, or creates it there on first use (disks without
     /// a pool label); with no disk, a RAM disk (`ramdisk=MIB`, nothing survives).
     fn open_pool(args: &str, hc: &mut Hypercalls<Vmcall>) -> Result<Pool, String> {
-        let (vol_name, vol_mib, mirror) = volume_arg(args)?;
+        let vols = volume_args(args)?;
         let bus = hw::init(hc).map_err(|e| format!("DMA_MAP refused: {e:?}"))?;
         say!("DMA area at bus address {bus:#x}");
         let disks = ata_disks();
@@ -248,11 +290,7 @@ mod rt {
                 PoolConfig::small(0x0d0_0001),
             )
             .map_err(|e| format!("cannot create the pool: {e}"))?;
-            pool.create_volume(vol_name, vol_mib * 256, LayoutSpec::Concat, None)
-                .map_err(|e| format!("cannot create volume {vol_name}: {e}"))?;
-            say!(
-                "pool 'pool' created on a {disk_mib} MiB RAM disk; volume {vol_name}: {vol_mib} MiB"
-            );
+            create_volumes(&mut pool, &vols, &format!("a {disk_mib} MiB RAM disk"))?;
             return Ok(pool);
         }
         let names: Vec<String> = disks.iter().map(|(n, _)| n.clone()).collect();
@@ -282,18 +320,7 @@ mod rt {
                     .collect();
                 let mut pool = Pool::create(specs, PoolConfig::new(0x0d0_0001))
                     .map_err(|e| format!("cannot create the pool: {e}"))?;
-                let layout = if mirror {
-                    LayoutSpec::Mirror { legs: 2 }
-                } else {
-                    LayoutSpec::Concat
-                };
-                pool.create_volume(vol_name, vol_mib * 256, layout, None)
-                    .map_err(|e| format!("cannot create volume {vol_name}: {e}"))?;
-                say!(
-                    "pool 'pool' created on {}; volume {vol_name}: {vol_mib} MiB{}",
-                    names.join(", "),
-                    if mirror { ", mirrored" } else { "" }
-                );
+                create_volumes(&mut pool, &vols, &names.join(", "))?;
                 Ok(pool)
             }
             Err(e) => Err(format!("cannot open the pool on {}: {e}", names.join(", "))),
