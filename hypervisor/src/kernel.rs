@@ -259,6 +259,11 @@ fn enter_vmx(index: usize, status: &VmxStatus) -> Option<crate::vcpu::run::RunLo
 /// them with once dom0 is ready.
 static WAITING: spin::Mutex<Vec<usize>> = spin::Mutex::new(Vec::new());
 static CAPS: spin::Once<crate::vmx::caps::VmxCaps> = spin::Once::new();
+/// dom0's boot module, to start it again when it ends.
+static DOM0_MODULE: spin::Once<usize> = spin::Once::new();
+/// dom0 restarts so far; after [`MAX_DOM0_RESTARTS`] it stays down (it keeps failing).
+static DOM0_RESTARTS: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
+const MAX_DOM0_RESTARTS: u32 = 5;
 /// The last dom0 readiness the console task acted on.
 static READY_SEEN: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
 
@@ -293,8 +298,42 @@ fn start_boot_domains(vmx: &VmxStatus) {
             WAITING.lock().push(i);
             continue;
         }
+        if role(&modules[i]).0 {
+            DOM0_MODULE.call_once(|| i);
+        }
         start_module(i, &modules[i], caps, has_dom0);
     }
+}
+
+/// Starts dom0 again when it ended (it stopped or faulted: `vcpu::dom0::gone` asked), at most
+/// [`MAX_DOM0_RESTARTS`] times. Its command line gets `restart=N`, so it knows. From the
+/// console task.
+fn restart_dom0() {
+    if !crate::vcpu::dom0::take_restart() {
+        return;
+    }
+    let (Some(&i), Some(caps)) = (DOM0_MODULE.get(), CAPS.get()) else {
+        return;
+    };
+    let n = DOM0_RESTARTS.fetch_add(1, core::sync::atomic::Ordering::AcqRel) + 1;
+    if n > MAX_DOM0_RESTARTS {
+        error!("dom0 ended {n} times; not restarted again (guests' disks fail until the machine restarts)");
+        return;
+    }
+    let modules = with_info(|info| info.modules.clone());
+    let mut m = modules[i].clone();
+    let line = if m.cmdline.split_ascii_whitespace().any(|w| w == "--") {
+        alloc::format!("{} restart={n}", m.cmdline)
+    } else {
+        alloc::format!("{} -- restart={n}", m.cmdline)
+    };
+    m.cmdline.clear();
+    if m.cmdline.push_str(&line).is_err() {
+        error!("dom0's command line is too long to add restart={n}; not restarted");
+        return;
+    }
+    warn!("restarting dom0 (restart {n} of at most {MAX_DOM0_RESTARTS})");
+    start_module(i, &m, caps, true);
 }
 
 /// Starts the guests that waited for their disks, once dom0 says it is ready (from the
@@ -617,6 +656,7 @@ fn console_task(mut run_loop: Option<crate::vcpu::run::RunLoop>) -> ! {
     print!("{PROMPT}");
     loop {
         start_waiting_guests();
+        restart_dom0();
         while let Some(byte) = serial::try_read() {
             let line = editor.feed(byte, &mut echo);
             if !echo.is_empty() {

@@ -13,7 +13,9 @@
 //!
 //! Command line (after ` -- ` on its module line): `ramdisk=MIB` (the RAM disk's size when
 //! the machine has no disk) and `volume=NAME:MIB[:mirror]`, once per volume to create in a
-//! new pool (default `data:8`; `mirror` puts two copies on two disks).
+//! new pool (default `data:8`; `mirror` puts two copies on two disks). For tests,
+//! `fault_after=N` makes dom0 fault after serving N requests, on its first boot only (the
+//! hypervisor adds `restart=N` when it starts dom0 again).
 #![cfg_attr(target_os = "none", no_std, no_main)]
 // Register-width and size casts are deliberate in the runtime.
 #![allow(clippy::cast_possible_truncation)]
@@ -373,8 +375,29 @@ mod rt {
             .map_err(|e| format!("IO_READY refused: {e:?}"))?;
         say!("ready: serving {}", offered.join(", "));
 
+        // Fault injection for tests of dom0's restart: after serving this many requests, dom0
+        // writes outside its RAM (the hypervisor stops it). Only on its first boot.
+        let restart = arg(args, "restart");
+        let fault_after: Option<u64> = match (restart, arg(args, "fault_after")) {
+            (None, Some(n)) => Some(
+                n.parse()
+                    .map_err(|_| format!("fault_after={n}: not a number"))?,
+            ),
+            _ => None,
+        };
+        if let Some(n) = restart {
+            say!("restarted by the hypervisor ({n})");
+        }
+        let mut served = 0u64;
         loop {
-            backend.serve(&mut ring);
+            served += backend.serve(&mut ring) as u64;
+            if fault_after.is_some_and(|f| served >= f) {
+                say!("fault injection: writing outside my RAM after {served} requests");
+                // SAFETY: the write never completes: the address is past the end of dom0's
+                // RAM, which its EPT does not map, so the hypervisor stops dom0 at this
+                // instruction; no Rust object lives there.
+                unsafe { (ram as *mut u64).write_volatile(0xdead) };
+            }
             // Completes what we published, then waits for the next request.
             let _ = hc.io_wait();
         }

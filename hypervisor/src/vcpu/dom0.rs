@@ -85,6 +85,14 @@ pub fn take_event(domain: &Domain) -> bool {
     domain.privileged && EVENT.swap(false, Ordering::AcqRel)
 }
 
+/// dom0 ended: the console task starts it again.
+static RESTART: AtomicBool = AtomicBool::new(false);
+
+/// Whether dom0 ended since the last call (the console task restarts it).
+pub fn take_restart() -> bool {
+    RESTART.swap(false, Ordering::AcqRel)
+}
+
 /// Bumped by each IO_READY: the console task starts the guests waiting for their disks.
 static READY: AtomicU32 = AtomicU32::new(0);
 
@@ -334,9 +342,10 @@ pub fn gone(why: &str) {
         }
     };
     println!(
-        "dom0 stopped ({why}): {in_flight} guest disk request(s) in flight failed with I/O errors"
+        "dom0 stopped ({why}): {in_flight} guest disk request(s) in flight failed with I/O errors; new ones wait for dom0's restart"
     );
     deliver(done);
+    RESTART.store(true, Ordering::Release);
 }
 
 /// The machine's ports, for what dom0 owns. Configuration accesses hold [`PCI_LOCK`] so

@@ -65,6 +65,64 @@ fn pattern(seed: u64, sector: u64, sectors: usize) -> Vec<u8> {
     (0..sectors * 512).map(|i| byte(seed, sector, i)).collect()
 }
 
+/// `mode=survive`: rounds of write, flush and read-back while dom0 fails and comes back; a
+/// round may fail with I/O errors (dom0 went away with requests in flight) and ends at its
+/// first error, but never returns wrong data (what a completed flush covered survives dom0's
+/// restart on a real disk), and rounds after dom0's return succeed.
+fn survive<T: pv_drivers::transport::RegisterBus>(
+    blk: &mut Block<IdentityHal, RegisterTransport<T>>,
+    seed: u64,
+    capacity: u64,
+) {
+    const ROUNDS: u64 = 12;
+    let (mut failed, mut wrong, mut last_ok) = (0, 0, 0);
+    for round in 0..ROUNDS {
+        let s = seed + round;
+        let mut ok = true;
+        for &(sector, sectors) in EXTENTS {
+            if sector + sectors as u64 > capacity {
+                continue;
+            }
+            ok = blk
+                .write_blocks(sector as usize, &pattern(s, sector, sectors))
+                .is_ok();
+            if !ok {
+                break;
+            }
+        }
+        ok = ok && blk.flush().is_ok();
+        if ok {
+            for &(sector, sectors) in EXTENTS {
+                if sector + sectors as u64 > capacity {
+                    continue;
+                }
+                let mut back = vec![0u8; sectors * 512];
+                match blk.read_blocks(sector as usize, &mut back) {
+                    Ok(()) if back == pattern(s, sector, sectors) => {}
+                    Ok(()) => wrong += 1,
+                    Err(_) => {
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+        }
+        if ok {
+            last_ok = round + 1;
+        } else {
+            failed += 1;
+            println!("blkcheck: survive: round {round} failed with I/O errors");
+        }
+    }
+    println!(
+        "blkcheck: survive: {ROUNDS} rounds, {failed} failed with I/O errors, {wrong} wrong reads, last good round {last_ok}"
+    );
+    if wrong != 0 || last_ok != ROUNDS {
+        println!("blkcheck: FAILED: survive");
+        test_guests::exit(1);
+    }
+}
+
 fn run(args: &str, _ram: u64) {
     heap::init();
     let arg = |k: &str| {
@@ -100,6 +158,10 @@ fn run(args: &str, _ram: u64) {
         blk.readonly()
     );
     let mut requests = 0u64;
+    if mode == "survive" {
+        survive(&mut blk, seed, capacity);
+        return;
+    }
     if mode == "write" || mode == "both" {
         for &(sector, sectors) in EXTENTS {
             if sector + sectors as u64 > capacity {
