@@ -218,6 +218,8 @@ fn vmcall_run(append: &str) -> Result<(u64, f64, f64), String> {
         deterministic: true,
         uefi: false,
         kvm: false,
+        disks: Vec::new(),
+        tag: String::new(),
     };
     let stopped =
         Regex::new(r"stopped after (\d+) exits \((\d+) VMREADs, (\d+) VMWRITEs\)").expect("valid");
@@ -637,6 +639,8 @@ fn boot() -> Result<Vec<Figure>, String> {
             deterministic: true,
             uefi: false,
             kvm: false,
+            disks: Vec::new(),
+            tag: String::new(),
         };
         let (text, wall) = to_prompt(&m, Duration::from_secs(120))?;
         let c = tsc
@@ -689,6 +693,8 @@ fn boot() -> Result<Vec<Figure>, String> {
                     deterministic: false,
                     uefi: false,
                     kvm: false,
+                    disks: Vec::new(),
+                    tag: String::new(),
                 };
                 walls.push(to_prompt(&m, Duration::from_secs(60))?.1.as_secs_f64());
             }

@@ -53,6 +53,17 @@ pub fn build_kernel() -> Result<PathBuf, String> {
         .join("hypervisor"))
 }
 
+/// Builds the admin CLI `hvctl` for this host (debug) and returns its executable.
+pub fn build_hvctl() -> Result<PathBuf, String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run_checked(
+        Command::new(cargo)
+            .current_dir(root())
+            .args(["build", "--quiet", "-p", "hvctl"]),
+    )?;
+    Ok(root().join("target").join("debug").join("hvctl"))
+}
+
 /// The test guests in `tests/guests` (built for bare metal).
 pub const TEST_GUESTS: &[&str] = &[
     "hello",

@@ -57,6 +57,179 @@ pub struct Machine {
     /// QEMU: run on KVM with the host's CPU model (`-accel kvm -cpu host`), which offers VMX
     /// to the hypervisor where the host allows nested virtualization.
     pub kvm: bool,
+    /// Hard disks on the PIIX IDE controller, each at its own position (ISO boot only).
+    pub disks: Vec<Disk>,
+    /// Inserted into the names of the emulator's files in `work_dir` (`bochsrc{tag}`,
+    /// `bochs{tag}.log`, `emulator{tag}.out`), so that later boots of one scenario keep the
+    /// earlier boots' files: "" for the first boot, ".2" for the second, ...
+    pub tag: String,
+}
+
+impl Machine {
+    /// The emulator's file `STEM{tag}EXT` in the work folder, e.g. `bochs.2.log`.
+    pub fn file(&self, stem: &str, ext: &str) -> PathBuf {
+        self.work_dir.join(format!("{stem}{}{ext}", self.tag))
+    }
+}
+
+/// Where a hard disk sits on the i440FX/PIIX3 machine's two ATA channels. The boot CD-ROM is
+/// ata0-master; disks take the other three positions, in this order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AtaPosition {
+    /// 0: the primary channel (ports 0x1f0-0x1f7, control 0x3f6, IRQ 14); 1: the secondary
+    /// (0x170-0x177, 0x376, IRQ 15).
+    pub channel: u8,
+    pub slave: bool,
+}
+
+/// The positions disks take, in the order they are listed: ata0-slave, ata1-master, ata1-slave.
+pub const DISK_POSITIONS: [AtaPosition; 3] = [
+    AtaPosition {
+        channel: 0,
+        slave: true,
+    },
+    AtaPosition {
+        channel: 1,
+        slave: false,
+    },
+    AtaPosition {
+        channel: 1,
+        slave: true,
+    },
+];
+
+impl AtaPosition {
+    /// Bochs' name: `ata0-slave`, `ata1-master`, ...
+    pub fn bochs_name(self) -> String {
+        format!(
+            "ata{}-{}",
+            self.channel,
+            if self.slave { "slave" } else { "master" }
+        )
+    }
+
+    /// QEMU's `-drive if=ide,index=N`: channel * 2 + unit.
+    pub fn qemu_index(self) -> u8 {
+        self.channel * 2 + u8::from(self.slave)
+    }
+
+    /// The channel's command block base (data register; status/command at +7), its control
+    /// block base as Bochs' `ioaddr2` gives it (alternate status/device control at +6) and
+    /// its IRQ: the legacy ISA compatibility mode the PIIX3 starts in.
+    pub fn ports(self) -> (u16, u16, u8) {
+        if self.channel == 0 {
+            (0x1f0, 0x3f0, 14)
+        } else {
+            (0x170, 0x370, 15)
+        }
+    }
+}
+
+/// Heads and sectors per track of every disk image; cylinders follow from the size.
+pub const DISK_HEADS: u64 = 16;
+pub const DISK_SPT: u64 = 63;
+/// Bytes per cylinder (16 heads x 63 sectors x 512 bytes): image sizes are a multiple of it,
+/// so that the CHS geometry Bochs wants covers the whole file.
+pub const CYLINDER_BYTES: u64 = DISK_HEADS * DISK_SPT * 512;
+/// The most cylinders an ATA disk's CHS geometry has (16383 x 16 x 63: 8,422 MB).
+pub const MAX_CYLINDERS: u64 = 16383;
+
+/// The cylinders of a disk of at least `mib` MiB: its image is `cylinders * CYLINDER_BYTES`
+/// bytes, the smallest such size not below `mib` MiB.
+pub fn disk_cylinders(mib: u64) -> u64 {
+    (mib << 20).div_ceil(CYLINDER_BYTES)
+}
+
+/// A raw (flat) disk image attached to the machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Disk {
+    pub path: PathBuf,
+    pub position: AtaPosition,
+    /// Its size in cylinders of [`CYLINDER_BYTES`] (the file is exactly that long).
+    pub cylinders: u64,
+}
+
+impl Disk {
+    /// Bochs' lock file beside the image (`IMAGE.lock`), which a killed Bochs leaves behind
+    /// and which makes the next Bochs refuse the image ("image locked").
+    pub fn bochs_lock(&self) -> PathBuf {
+        let mut p = self.path.clone().into_os_string();
+        p.push(".lock");
+        PathBuf::from(p)
+    }
+}
+
+/// Creates (or truncates to) a fresh sparse raw image of `cylinders` cylinders.
+pub fn create_disk_image(path: &std::path::Path, cylinders: u64) -> Result<(), String> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let f = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    f.set_len(cylinders * CYLINDER_BYTES)
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The `bochsrc` lines of both ATA channels (Bochs' defaults, said outright): the PIIX3 IDE
+/// function's two channels at their legacy ports and IRQs.
+fn bochs_channel_lines() -> String {
+    let mut out = String::new();
+    for p in [DISK_POSITIONS[0], DISK_POSITIONS[1]] {
+        let (cmd, ctl, irq) = p.ports();
+        out += &format!(
+            "ata{}: enabled=1, ioaddr1={cmd:#x}, ioaddr2={ctl:#x}, irq={irq}\n",
+            p.channel
+        );
+    }
+    out
+}
+
+/// The `bochsrc` lines of the disks, one per disk at its position.
+fn bochs_disk_lines(disks: &[Disk]) -> String {
+    let mut out = String::new();
+    for d in disks {
+        out += &format!(
+            "{}: type=disk, path={}, mode=flat, cylinders={}, heads={DISK_HEADS}, spt={DISK_SPT}\n",
+            d.position.bochs_name(),
+            d.path.display(),
+            d.cylinders
+        );
+    }
+    out
+}
+
+/// QEMU's arguments for the boot CD-ROM and the disks. Without disks, `-cdrom` as always;
+/// with disks the CD-ROM moves to ide0-master (`-cdrom` is index 2, ide1-master) so that
+/// every disk sits where it does in Bochs, and `-nodefaults` keeps QEMU from putting its
+/// empty default CD-ROM at ide1-master when no disk is there (serial, monitor and network
+/// are given outright; the VGA card and floppy controller go, which nothing here uses).
+fn qemu_iso_args(iso: &std::path::Path, disks: &[Disk]) -> Vec<String> {
+    if disks.is_empty() {
+        return vec![
+            "-cdrom".into(),
+            iso.display().to_string(),
+            "-boot".into(),
+            "d".into(),
+        ];
+    }
+    let mut a = vec![
+        "-nodefaults".into(),
+        "-drive".into(),
+        format!(
+            "file={},if=ide,index=0,media=cdrom,readonly=on",
+            iso.display()
+        ),
+    ];
+    for d in disks {
+        a.push("-drive".into());
+        a.push(format!(
+            "file={},if=ide,index={},media=disk,format=raw",
+            d.path.display(),
+            d.position.qemu_index()
+        ));
+    }
+    a.push("-boot".into());
+    a.push("d".into());
+    a
 }
 
 /// A started emulator and its serial connection.
@@ -91,12 +264,22 @@ fn free_port() -> Result<u16, String> {
 }
 
 fn bochsrc(m: &Machine, iso: &std::path::Path, port: u16) -> String {
+    // With disks, Bochs' own messages (INFO and ERROR too) go to its log: what it made of
+    // each disk at start-up, and what its ATA model says about the driver's commands.
+    let (info, error) = if m.disks.is_empty() {
+        ("ignore", "ignore")
+    } else {
+        ("report", "report")
+    };
     format!(
         "megs: {mem}\n\
          cpu: model=tigerlake, count={cpus}, quantum=32, reset_on_triple_fault=1\n\
          romimage: file=/usr/share/bochs/BIOS-bochs-latest\n\
          vgaromimage: file=/usr/share/vgabios/vgabios.bin\n\
+         pci: enabled=1, chipset=i440fx\n\
+         {channels}\
          ata0-master: type=cdrom, path={iso}, status=inserted\n\
+         {disks}\
          boot: cdrom\n\
          clock: sync={sync}, time0=1\n\
          display_library: sdl2\n\
@@ -104,24 +287,35 @@ fn bochsrc(m: &Machine, iso: &std::path::Path, port: u16) -> String {
          port_e9_hack: enabled=1\n\
          log: {log}\n\
          debug: action=ignore\n\
-         info: action=ignore\n\
-         error: action=ignore\n\
+         info: action={info}\n\
+         error: action={error}\n\
          panic: action=fatal\n",
         mem = m.mem_mib,
         cpus = m.cpus,
         iso = iso.display(),
+        channels = bochs_channel_lines(),
+        disks = bochs_disk_lines(&m.disks),
         sync = if m.deterministic { "none" } else { "realtime" },
         port = port,
-        log = m.work_dir.join("bochs.log").display(),
+        log = m.file("bochs", ".log").display(),
     )
 }
 
 /// Starts the machine and connects to its serial port.
 pub fn start(m: &Machine) -> Result<Running, String> {
     std::fs::create_dir_all(&m.work_dir).map_err(|e| e.to_string())?;
+    if !m.disks.is_empty() && !matches!(m.boot, Boot::Iso(_)) {
+        return Err("disks need an ISO boot (they sit beside its CD-ROM)".into());
+    }
+    if !m.disks.is_empty() && m.uefi {
+        return Err("disks need the BIOS machine (i440FX with PIIX3 IDE), not UEFI's q35".into());
+    }
+    for d in &m.disks {
+        // A killed Bochs leaves its lock; this work folder is ours alone.
+        let _ = std::fs::remove_file(d.bochs_lock());
+    }
     let port = free_port()?;
-    let stdout =
-        std::fs::File::create(m.work_dir.join("emulator.out")).map_err(|e| e.to_string())?;
+    let stdout = std::fs::File::create(m.file("emulator", ".out")).map_err(|e| e.to_string())?;
     let stderr = stdout.try_clone().map_err(|e| e.to_string())?;
     let mut cmd = match m.emulator {
         Emulator::Qemu => {
@@ -156,7 +350,7 @@ pub fn start(m: &Machine) -> Result<Running, String> {
             }
             match &m.boot {
                 Boot::Iso(iso) => {
-                    c.arg("-cdrom").arg(iso).args(["-boot", "d"]);
+                    c.args(qemu_iso_args(iso, &m.disks));
                 }
                 Boot::Kernel { elf, append } => {
                     c.arg("-kernel").arg(elf).arg("-append").arg(append);
@@ -169,7 +363,7 @@ pub fn start(m: &Machine) -> Result<Running, String> {
             let Boot::Iso(iso) = &m.boot else {
                 return Err("Bochs boots only ISOs".into());
             };
-            let rc = m.work_dir.join("bochsrc");
+            let rc = m.file("bochsrc", "");
             std::fs::write(&rc, bochsrc(m, iso, port)).map_err(|e| e.to_string())?;
             let cont = m.work_dir.join("debugger.rc");
             std::fs::write(&cont, "c\n").map_err(|e| e.to_string())?;
@@ -201,7 +395,7 @@ pub fn start(m: &Machine) -> Result<Running, String> {
             });
         }
         if let Ok(Some(status)) = child.try_wait() {
-            let log = std::fs::read_to_string(m.work_dir.join("emulator.out")).unwrap_or_default();
+            let log = std::fs::read_to_string(m.file("emulator", ".out")).unwrap_or_default();
             return Err(format!(
                 "{} exited before its serial port opened ({status}):\n{log}",
                 m.emulator.name()
@@ -396,6 +590,8 @@ pub fn run_command(args: &[String]) -> Result<(), String> {
         deterministic: false,
         uefi: false,
         kvm: choice.kvm,
+        disks: Vec::new(),
+        tag: String::new(),
     };
     eprintln!("xtask: machine: {}", choice.why);
     eprintln!(
@@ -540,6 +736,7 @@ fn scripted(r: &mut Running) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     const KVM_OK: KvmProbe = KvmProbe {
         dev_kvm: true,
@@ -586,6 +783,148 @@ mod tests {
         let e = choose(Want::Kvm, none).unwrap_err();
         assert!(e.contains("--kvm") && e.contains("/dev/kvm"), "{e}");
         assert!(choose(Want::Kvm, KVM_OK).unwrap().kvm);
+    }
+
+    fn machine(disks: Vec<Disk>, tag: &str) -> Machine {
+        Machine {
+            emulator: Emulator::Bochs,
+            cpus: 2,
+            mem_mib: 256,
+            boot: Boot::Iso(PathBuf::from("/t/x.iso")),
+            work_dir: PathBuf::from("/w"),
+            deterministic: true,
+            uefi: false,
+            kvm: false,
+            disks,
+            tag: tag.into(),
+        }
+    }
+
+    fn disk(name: &str, position: usize, cylinders: u64) -> Disk {
+        Disk {
+            path: PathBuf::from(format!("/w/disks/{name}.img")),
+            position: DISK_POSITIONS[position],
+            cylinders,
+        }
+    }
+
+    #[test]
+    fn disk_geometry_covers_the_whole_image() {
+        // 64 MiB: 130.03 cylinders of 516,096 bytes, so 131 (64.48 MiB).
+        assert_eq!(CYLINDER_BYTES, 516_096);
+        let c = disk_cylinders(64);
+        assert_eq!(c, 131);
+        assert!(c * CYLINDER_BYTES >= 64 << 20 && (c - 1) * CYLINDER_BYTES < 64 << 20);
+        assert_eq!(disk_cylinders(1), 3);
+        // Exactly whole cylinders stay as they are: 63 MiB = 128 cylinders.
+        assert_eq!(disk_cylinders(63), 128);
+        assert_eq!(128 * CYLINDER_BYTES, 63 << 20);
+        // The largest scenario disk still has an ATA CHS geometry; one MiB more does not.
+        assert_eq!(disk_cylinders(8063), 16382);
+        assert!(disk_cylinders(8064) > MAX_CYLINDERS);
+        // Whole 4 KiB blocks (the volume manager's), whatever the size.
+        assert_eq!(CYLINDER_BYTES % 4096, 0);
+    }
+
+    #[test]
+    fn ata_positions_names_indexes_and_ports() {
+        let p: Vec<(String, u8, (u16, u16, u8))> = DISK_POSITIONS
+            .iter()
+            .map(|p| (p.bochs_name(), p.qemu_index(), p.ports()))
+            .collect();
+        assert_eq!(
+            p,
+            [
+                ("ata0-slave".into(), 1, (0x1f0, 0x3f0, 14)),
+                ("ata1-master".into(), 2, (0x170, 0x370, 15)),
+                ("ata1-slave".into(), 3, (0x170, 0x370, 15)),
+            ]
+        );
+        assert_eq!(
+            disk("d0", 0, 3).bochs_lock(),
+            PathBuf::from("/w/disks/d0.img.lock")
+        );
+    }
+
+    #[test]
+    fn bochsrc_attaches_disks_at_their_positions() {
+        // d1 (ata1-master) detached: d2 keeps ata1-slave.
+        let m = machine(vec![disk("d0", 0, 131), disk("d2", 2, 3)], ".2");
+        let rc = bochsrc(&m, Path::new("/t/x.iso"), 4321);
+        for line in [
+            "pci: enabled=1, chipset=i440fx\n",
+            "ata0: enabled=1, ioaddr1=0x1f0, ioaddr2=0x3f0, irq=14\n",
+            "ata1: enabled=1, ioaddr1=0x170, ioaddr2=0x370, irq=15\n",
+            "ata0-master: type=cdrom, path=/t/x.iso, status=inserted\n\
+             ata0-slave: type=disk, path=/w/disks/d0.img, mode=flat, cylinders=131, heads=16, spt=63\n\
+             ata1-slave: type=disk, path=/w/disks/d2.img, mode=flat, cylinders=3, heads=16, spt=63\n\
+             boot: cdrom\n",
+            "log: /w/bochs.2.log\n",
+            "info: action=report\nerror: action=report\npanic: action=fatal\n",
+        ] {
+            assert!(rc.contains(line), "no {line:?} in\n{rc}");
+        }
+        assert!(!rc.contains("ata1-master"), "{rc}");
+        // Without disks: the same machine, Bochs' messages below panics not logged.
+        let rc = bochsrc(&machine(vec![], ""), Path::new("/t/x.iso"), 4321);
+        assert!(!rc.contains("type=disk"), "{rc}");
+        assert!(rc.contains("pci: enabled=1, chipset=i440fx\n"), "{rc}");
+        assert!(rc.contains("log: /w/bochs.log\n"), "{rc}");
+        assert!(
+            rc.contains("info: action=ignore\nerror: action=ignore\n"),
+            "{rc}"
+        );
+        assert_eq!(
+            m.file("emulator", ".out"),
+            PathBuf::from("/w/emulator.2.out")
+        );
+    }
+
+    #[test]
+    fn qemu_puts_the_cdrom_first_when_there_are_disks() {
+        let iso = Path::new("/t/x.iso");
+        assert_eq!(
+            qemu_iso_args(iso, &[]),
+            ["-cdrom", "/t/x.iso", "-boot", "d"]
+        );
+        assert_eq!(
+            qemu_iso_args(iso, &[disk("d0", 0, 3), disk("d2", 2, 3)]),
+            [
+                "-nodefaults",
+                "-drive",
+                "file=/t/x.iso,if=ide,index=0,media=cdrom,readonly=on",
+                "-drive",
+                "file=/w/disks/d0.img,if=ide,index=1,media=disk,format=raw",
+                "-drive",
+                "file=/w/disks/d2.img,if=ide,index=3,media=disk,format=raw",
+                "-boot",
+                "d",
+            ]
+        );
+    }
+
+    #[test]
+    fn disk_images_are_fresh_sparse_files() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::env::temp_dir().join(format!("xtask-disk-test-{}", std::process::id()));
+        let path = dir.join("disks").join("d0.img");
+        create_disk_image(&path, 3).unwrap();
+        std::fs::write(&path, b"old data").unwrap();
+        create_disk_image(&path, 131).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.len(), 131 * CYLINDER_BYTES);
+        assert!(
+            meta.blocks() * 512 < meta.len() / 2,
+            "not sparse: {} blocks",
+            meta.blocks()
+        );
+        let mut head = [0xffu8; 8];
+        std::fs::File::open(&path)
+            .unwrap()
+            .read_exact(&mut head)
+            .unwrap();
+        assert_eq!(head, [0; 8]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
