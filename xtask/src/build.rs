@@ -76,6 +76,7 @@ pub const TEST_GUESTS: &[&str] = &[
     "fpu",
     "worker",
     "blkcheck",
+    "blkhostile",
 ];
 
 /// Builds the test guests (release) and returns the folder holding their ELF files.
