@@ -354,6 +354,19 @@ mod rt {
 
         let pool = open_pool(args, &mut hc)?;
 
+        for v in pool.list() {
+            say!(
+                "volume {}: {}, {} MiB, {}",
+                v.name,
+                v.layout,
+                v.size_blocks / 256,
+                v.state
+            );
+        }
+        let stale = pool.stale_regions();
+        if stale > 0 {
+            say!("resync: {stale} stale mirror region(s) to copy, while serving");
+        }
         let mut backend = Backend::new(pool);
         let mut offered = Vec::new();
         for v in backend.pool.list() {
@@ -389,6 +402,7 @@ mod rt {
             say!("restarted by the hypervisor ({n})");
         }
         let mut served = 0u64;
+        let mut stalled = false;
         loop {
             served += backend.serve(&mut ring) as u64;
             if fault_after.is_some_and(|f| served >= f) {
@@ -397,6 +411,26 @@ mod rt {
                 // RAM, which its EPT does not map, so the hypervisor stops dom0 at this
                 // instruction; no Rust object lives there.
                 unsafe { (ram as *mut u64).write_volatile(0xdead) };
+            }
+            // Resync, snapshot fill and relayout progress between requests; while there is
+            // some, dom0 publishes its completions without waiting.
+            if backend.pool.stale_regions() > 0 && !stalled {
+                match backend.pool.background_step(64) {
+                    Ok(_) if backend.pool.stale_regions() == 0 => {
+                        say!("resync done: every mirror leg in sync");
+                    }
+                    Ok(true) => {}
+                    // No progress (a leg's disk is away): wait for requests instead.
+                    Ok(false) => stalled = true,
+                    Err(e) => {
+                        say!("resync stopped: {e}");
+                        stalled = true;
+                    }
+                }
+                if !stalled {
+                    let _ = hc.io_kick();
+                    continue;
+                }
             }
             // Completes what we published, then waits for the next request.
             let _ = hc.io_wait();

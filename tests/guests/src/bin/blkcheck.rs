@@ -3,7 +3,8 @@
 //! checks every byte; then reads past the end of the disk, which must fail cleanly.
 //!
 //! Arguments: `seed=N` (the patterns' seed), `mode=write|verify|both` (default both: a later
-//! boot on the same disk can verify what an earlier one wrote).
+//! boot on the same disk can verify what an earlier one wrote), `mode=rounds|checkrounds
+//! rounds=N` (flushed rounds, for power cuts) and `mode=survive` (rounds while dom0 fails).
 #![cfg_attr(target_os = "none", no_std, no_main)]
 // Sector numbers of a test disk fit usize on this 64-bit target.
 #![allow(clippy::cast_possible_truncation)]
@@ -123,6 +124,46 @@ fn survive<T: pv_drivers::transport::RegisterBus>(
     }
 }
 
+/// `mode=rounds rounds=N`: round r writes 64 sectors at sector 64·r with seed + r, flushes,
+/// and says so; the harness may cut the power at any point. `mode=checkrounds rounds=N`: a
+/// later boot checks that rounds 0..N read back intact (every one of them was flushed).
+fn rounds<T: pv_drivers::transport::RegisterBus>(
+    blk: &mut Block<IdentityHal, RegisterTransport<T>>,
+    seed: u64,
+    n: u64,
+    check: bool,
+) {
+    for r in 0..n {
+        let sector = 64 * r;
+        if check {
+            let mut back = vec![0u8; 64 * 512];
+            if blk.read_blocks(sector as usize, &mut back).is_err()
+                || back != pattern(seed + r, sector, 64)
+            {
+                println!(
+                    "blkcheck: FAILED: round {r} (flushed before the power cut) is not intact"
+                );
+                test_guests::exit(1);
+            }
+        } else {
+            if blk
+                .write_blocks(sector as usize, &pattern(seed + r, sector, 64))
+                .is_err()
+                || blk.flush().is_err()
+            {
+                println!("blkcheck: FAILED: round {r}: I/O error");
+                test_guests::exit(1);
+            }
+            println!("blkcheck: round {r} flushed");
+        }
+    }
+    if check {
+        println!("blkcheck: rounds 0..{n} intact (seed {seed})");
+    } else {
+        println!("blkcheck: {n} rounds written and flushed (seed {seed})");
+    }
+}
+
 fn run(args: &str, _ram: u64) {
     heap::init();
     let arg = |k: &str| {
@@ -160,6 +201,11 @@ fn run(args: &str, _ram: u64) {
     let mut requests = 0u64;
     if mode == "survive" {
         survive(&mut blk, seed, capacity);
+        return;
+    }
+    if mode == "rounds" || mode == "checkrounds" {
+        let n: u64 = arg("rounds").and_then(|s| s.parse().ok()).unwrap_or(8);
+        rounds(&mut blk, seed, n, mode == "checkrounds");
         return;
     }
     if mode == "write" || mode == "both" {
