@@ -525,9 +525,40 @@ pub fn choose(want: Want, probe: KvmProbe) -> Result<Choice, String> {
 /// The domains `cargo xtask run` boots when no `--guest` or `--module` is given: one that says
 /// hello and exits, and one that stays running.
 pub const DEFAULT_GUESTS: &[&str] = &[
+    "dom0:name=dom0 role=dom0 mem=64 -- volume=data:64:mirror",
+    "blkcheck:name=disk-demo disk=pool/data -- mode=both seed=1",
     "hello:name=hello -- from cargo xtask run",
     "ticker:name=ticker mem=8 -- stay",
 ];
+
+/// The disks `cargo xtask run` gives the machine (dom0 makes its pool on them on first use
+/// and reopens it on later runs), in `target/run/disks`.
+pub const RUN_DISKS: &[(&str, u64)] = &[("d0", 256), ("d1", 256)];
+
+/// The run disks, created when missing (kept otherwise: the pool on them persists).
+fn run_disks() -> Result<Vec<Disk>, String> {
+    let dir = root().join("target").join("run").join("disks");
+    let mut out = Vec::new();
+    for (i, &(name, mib)) in RUN_DISKS.iter().enumerate() {
+        let path = dir.join(format!("{name}.img"));
+        let cylinders = disk_cylinders(mib);
+        let right_size = std::fs::metadata(&path)
+            .map(|m| m.len() == cylinders * CYLINDER_BYTES)
+            .unwrap_or(false);
+        if !right_size {
+            create_disk_image(&path, cylinders)?;
+        }
+        let disk = Disk {
+            path,
+            position: DISK_POSITIONS[i],
+            cylinders,
+        };
+        // A killed Bochs leaves a lock file that makes the next one refuse the image.
+        let _ = std::fs::remove_file(disk.bochs_lock());
+        out.push(disk);
+    }
+    Ok(out)
+}
 
 /// `cargo xtask run ...`.
 pub fn run_command(args: &[String]) -> Result<(), String> {
@@ -590,10 +621,18 @@ pub fn run_command(args: &[String]) -> Result<(), String> {
         deterministic: false,
         uefi: false,
         kvm: choice.kvm,
-        disks: Vec::new(),
+        disks: run_disks()?,
         tag: String::new(),
     };
     eprintln!("xtask: machine: {}", choice.why);
+    eprintln!(
+        "xtask: disks {} (dom0's pool; delete them to start afresh)",
+        m.disks
+            .iter()
+            .map(|d| d.path.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     eprintln!(
         "xtask: booting with {cpus} CPU(s), {mem} MiB and {} domain(s){}",
         options.modules.len(),
@@ -681,6 +720,9 @@ fn scripted(r: &mut Running) -> Result<(), String> {
     let mut eof = false;
     let mut last_output = Instant::now();
     let mut buf = [0u8; 4096];
+    // Everything seen, for `@until REGEX` lines (held until the output matches; as in
+    // scenario input, they consume no prompt).
+    let mut all = String::new();
     loop {
         while let Ok(msg) = rx.try_recv() {
             match msg {
@@ -694,6 +736,7 @@ fn scripted(r: &mut Running) -> Result<(), String> {
                 let _ = out.write_all(&buf[..n]);
                 let _ = out.flush();
                 seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+                all.push_str(&String::from_utf8_lossy(&buf[..n]));
                 last_output = Instant::now();
                 // Count prompts without rescanning: keep only a tail that may hold a partial one.
                 prompts += seen.matches(PROMPT).count();
@@ -710,7 +753,16 @@ fn scripted(r: &mut Running) -> Result<(), String> {
                 ) => {}
             Err(e) => return Err(format!("serial connection: {e}")),
         }
-        if prompts > sent {
+        let mut held = false;
+        if let Some(re) = pending.front().and_then(|l| l.strip_prefix("@until ")) {
+            let re = regex::Regex::new(re).map_err(|e| format!("@until {re}: {e}"))?;
+            if re.is_match(&all) {
+                pending.pop_front();
+            } else {
+                held = true;
+            }
+        }
+        if !held && prompts > sent {
             if let Some(line) = pending.pop_front() {
                 r.serial
                     .write_all(format!("{line}\r").as_bytes())
