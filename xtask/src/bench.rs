@@ -13,7 +13,7 @@ use crate::root;
 
 use crate::history::{self, Better, Figure};
 
-const BENCHES: &str = "boot, vmcall, virtqueue, volume, sched, all";
+const BENCHES: &str = "boot, vmcall, virtqueue, volume, sched, io, all";
 
 /// The most one benchmark may run in `bench all` (each emulator run has its own limit too).
 const LIMIT: Duration = Duration::from_secs(900);
@@ -27,6 +27,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             "virtqueue" => virtqueue(extra)?,
             "volume" => volume()?,
             "sched" => sched(extra)?,
+            "io" => io()?,
             other => {
                 return Err(format!(
                     "bench: unknown benchmark '{other}' (have: {BENCHES})"
@@ -42,7 +43,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     }
     let mut all = Vec::new();
     let mut failed = Vec::new();
-    for name in ["boot", "vmcall", "virtqueue", "volume", "sched"] {
+    for name in ["boot", "vmcall", "virtqueue", "volume", "sched", "io"] {
         match one(name, &[]) {
             Ok(f) => all.extend(f),
             Err(e) => {
@@ -143,6 +144,170 @@ fn until(m: &Machine, done: &Regex, limit: Duration) -> Result<(String, Duration
             ));
         }
     }
+}
+
+/// A guest's disk through the whole path (virtio-blk → hypervisor → dom0 → volume → ATA disk
+/// with bus-master DMA), in Bochs with deterministic time, against dom0's own requests to an
+/// identical ATA disk in the same run (the physical limit here): requests per million TSC
+/// ticks (instructions), their ratio, and the guest's exits per request.
+fn io() -> Result<Vec<Figure>, String> {
+    println!("io benchmark (figures, not a test)");
+    let text = io_run("-- ops=256", "")?;
+    let mut figs = io_figures(&text)?;
+    // Exits per request at depth 32: two runs of only those tests, differenced, so the
+    // guest's start-up and console output cancel out.
+    let count = |t: &str| -> Result<f64, String> {
+        Regex::new(r"domain \d+ \(bench\) stopped after (\d+) exits")
+            .expect("valid")
+            .captures(t)
+            .and_then(|c| c[1].parse().ok())
+            .ok_or_else(|| String::from("no stop line for the bench guest"))
+    };
+    let a = count(&io_run("-- ops=256 only=qd32", "-qd32-a")?)?;
+    let b = count(&io_run("-- ops=768 only=qd32", "-qd32-b")?)?;
+    let per = (b - a) / (2.0 * 512.0);
+    println!(
+        "  guest exits per request at depth 32 (runs of 2x256 and 2x768 requests, differenced): {per:.3}"
+    );
+    figs.push(Figure::new(
+        "io",
+        "guest exits per request, depth 32",
+        per,
+        "exits",
+        Better::Lower,
+    ));
+    Ok(figs)
+}
+
+/// One `bench io` boot: dom0 (its raw-disk figures on ata1m, its pool on ata0s) and the
+/// bench guest with `args`; returns the console text.
+fn io_run(args: &str, tag: &str) -> Result<String, String> {
+    let modules = vec![
+        build::guest_module("dom0:name=dom0 role=dom0 mem=64 -- volume=data:16 rawbench=ata1m")?,
+        build::guest_module(&format!("blkbench:name=bench disk=pool/data {args}"))?,
+    ];
+    let iso = build::image_named(
+        &ImageOptions {
+            append: String::from("loglevel=info"),
+            modules,
+        },
+        &format!("bench-io{tag}"),
+    )?;
+    let work = root().join(format!("target/bench/io{tag}"));
+    let mut disks = Vec::new();
+    for (i, name) in ["d0", "d1"].iter().enumerate() {
+        let path = work.join("disks").join(format!("{name}.img"));
+        let cylinders = emu::disk_cylinders(64);
+        emu::create_disk_image(&path, cylinders)?;
+        disks.push(emu::Disk {
+            path,
+            position: emu::DISK_POSITIONS[i],
+            cylinders,
+        });
+    }
+    let m = Machine {
+        emulator: Emulator::Bochs,
+        cpus: 2,
+        mem_mib: 256,
+        boot: Boot::Iso(iso),
+        work_dir: work,
+        deterministic: true,
+        uefi: false,
+        kvm: false,
+        disks,
+        tag: String::new(),
+    };
+    let stopped = Regex::new(r"domain \d+ \(bench\) stopped after (\d+) exits").expect("valid");
+    let (text, _) = until(&m, &stopped, Duration::from_secs(900))?;
+    let log = m.work_dir.join("serial.log");
+    std::fs::write(&log, &text).map_err(|e| format!("{}: {e}", log.display()))?;
+    if text.contains("blkbench: FAILED") {
+        return Err(format!("the benchmark guest failed; see {}", log.display()));
+    }
+    Ok(text)
+}
+
+/// The figures in a `bench io` run's console output.
+pub fn io_figures(text: &str) -> Result<Vec<Figure>, String> {
+    let line = |re: &str| -> Option<(f64, f64, f64)> {
+        let c = Regex::new(re).expect("valid").captures(text)?;
+        Some((c[1].parse().ok()?, c[2].parse().ok()?, c[3].parse().ok()?))
+    };
+    let exits: f64 = Regex::new(r"domain \d+ \(bench\) stopped after (\d+) exits")
+        .expect("valid")
+        .captures(text)
+        .and_then(|c| c[1].parse().ok())
+        .ok_or("no stop line for the bench guest")?;
+    let mut figs = Vec::new();
+    let mut requests = 0.0;
+    for (guest, raw, label) in [
+        (
+            "randread-4k-qd1",
+            "randread-4k",
+            "4 KiB random read, depth 1",
+        ),
+        (
+            "randwrite-4k-qd1",
+            "randwrite-4k",
+            "4 KiB random write, depth 1",
+        ),
+        (
+            "randread-4k-qd32",
+            "randread-4k",
+            "4 KiB random read, depth 32",
+        ),
+        (
+            "randwrite-4k-qd32",
+            "randwrite-4k",
+            "4 KiB random write, depth 32",
+        ),
+        (
+            "seqread-1m",
+            "seqread-1m",
+            "1 MiB sequential read (128 KiB requests, 8 in flight)",
+        ),
+        (
+            "seqwrite-1m",
+            "seqwrite-1m",
+            "1 MiB sequential write (128 KiB requests, 8 in flight)",
+        ),
+    ] {
+        let (n, bytes, ticks) = line(&format!(
+            r"blkbench: {guest}: (\d+) requests, (\d+) bytes, (\d+) ticks"
+        ))
+        .ok_or(format!("no blkbench line for {guest}"))?;
+        let depth = Regex::new(&format!(r"blkbench: {guest}: .* depth reached (\d+)"))
+            .expect("valid")
+            .captures(text)
+            .map_or(String::from("?"), |c| c[1].to_string());
+        let (rn, rbytes, rticks) = line(&format!(
+            r"rawbench ata1m: {raw}: (\d+) requests, (\d+) bytes, (\d+) ticks"
+        ))
+        .ok_or(format!("no rawbench line for {raw}"))?;
+        requests += n;
+        let per_m = |count: f64, t: f64| count / t * 1e6;
+        let (value, peer, unit) = if label.starts_with("1 MiB") {
+            (
+                per_m(bytes / 1048576.0, ticks),
+                per_m(rbytes / 1048576.0, rticks),
+                "MiB per Mtick",
+            )
+        } else {
+            (per_m(n, ticks), per_m(rn, rticks), "requests per Mtick")
+        };
+        println!(
+            "  {label} (depth reached {depth}): guest {value:.2}, dom0 raw on the same kind of disk {peer:.2} {unit}: ratio {:.2}",
+            value / peer
+        );
+        figs.push(
+            Figure::new("io", label, value, unit, Better::Higher)
+                .peer("dom0's raw ATA disk, same run", peer),
+        );
+    }
+    // Every exit of the guest, its start-up and console included, over its requests.
+    let per = exits / requests;
+    println!("  guest exits per request, whole run (start-up and console included): {per:.3}");
+    Ok(figs)
 }
 
 /// The cost of a VMCALL round trip in Bochs with deterministic time: TSC ticks (instructions)

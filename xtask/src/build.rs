@@ -77,6 +77,7 @@ pub const TEST_GUESTS: &[&str] = &[
     "worker",
     "blkcheck",
     "blkhostile",
+    "blkbench",
 ];
 
 /// Builds the test guests (release) and returns the folder holding their ELF files.

@@ -274,13 +274,70 @@ mod rt {
         found
     }
 
+    /// The raw disk's own figures for `cargo xtask bench io` (`rawbench=DISK`, a disk kept
+    /// out of the pool): the guest's tests, issued by dom0 straight to the ATA driver (which
+    /// has one command in flight: depth 32 is depth 1 here).
+    fn rawbench(name: &str, d: &mut dyn volmgr::dev::BlockDevice) {
+        let tsc = || {
+            // SAFETY: RDTSC only reads a counter.
+            unsafe { core::arch::x86_64::_rdtsc() }
+        };
+        let ops = 256u64;
+        let span = d.num_blocks().clamp(1, 1024);
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % span
+        };
+        let mut buf = alloc::vec![0x5au8; 128 << 10];
+        for i in 0..32 {
+            let _ = d.write(i * 32, &buf);
+        }
+        for (test, write, len, count) in [
+            ("randread-4k", false, 4096usize, ops),
+            ("randwrite-4k", true, 4096, ops),
+            ("seqread-1m", false, 128 << 10, 32),
+            ("seqwrite-1m", true, 128 << 10, 32),
+        ] {
+            let start = tsc();
+            let mut errors = 0;
+            for i in 0..count {
+                let lba = if len == 4096 { rnd() } else { i * 32 };
+                let r = if write {
+                    d.write(lba, &buf[..len])
+                } else {
+                    d.read(lba, &mut buf[..len])
+                };
+                errors += u64::from(r.is_err());
+            }
+            let ticks = tsc() - start;
+            say!(
+                "rawbench {name}: {test}: {count} requests, {} bytes, {ticks} ticks, {errors} errors",
+                count * len as u64
+            );
+        }
+        let _ = d.flush();
+    }
+
     /// Opens the pool on the machine's disks, or creates it there on first use (disks without
     /// a pool label); with no disk, a RAM disk (`ramdisk=MIB`, nothing survives).
     fn open_pool(args: &str, hc: &mut Hypercalls<Vmcall>) -> Result<Pool, String> {
         let vols = volume_args(args)?;
         let bus = hw::init(hc).map_err(|e| format!("DMA_MAP refused: {e:?}"))?;
         say!("DMA area at bus address {bus:#x}");
-        let disks = ata_disks();
+        let raw = arg(args, "rawbench");
+        let mut disks = ata_disks();
+        if let Some(name) = raw {
+            match disks.iter().position(|(n, _)| n == name) {
+                Some(i) => {
+                    let (_, mut d) = disks.remove(i);
+                    rawbench(name, d.as_mut());
+                }
+                None => say!("rawbench={name}: no such disk"),
+            }
+        }
         if disks.is_empty() {
             let disk_mib = mib(args, "ramdisk", 16)?;
             let disk = MemDisk::new(disk_mib * 256);
@@ -315,9 +372,9 @@ mod rt {
             Err(volmgr::Error::NotAPoolDisk(what)) => {
                 say!("no pool on the disks ({what}): creating one");
                 // `open` consumed the devices: probe them again.
-                let disks = ata_disks();
-                let specs = disks
+                let specs = ata_disks()
                     .into_iter()
+                    .filter(|(n, _)| Some(n.as_str()) != raw)
                     .map(|(n, d)| (d, DiskSpec::new(&n, "slow")))
                     .collect();
                 let mut pool = Pool::create(specs, PoolConfig::new(0x0d0_0001))

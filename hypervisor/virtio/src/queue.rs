@@ -589,6 +589,23 @@ impl SplitQueue {
         Ok(())
     }
 
+    /// Asks the driver not to notify at all for now (the device will look at the ring again
+    /// by itself, e.g. at its next completion). Without EVENT_IDX that is the NO_NOTIFY flag;
+    /// with it, `avail_event` half the index space ahead, which every driver's check reads as
+    /// "not yet" (a stale `avail_event`, as [`SplitQueue::disable_notifications`] leaves, still
+    /// lets drivers that compare `idx >= avail_event + 1` notify).
+    pub fn suppress_notifications<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+    ) -> Result<(), QueueError> {
+        if self.features.event_idx {
+            mem.write_u16(self.avail_event_addr(), self.next_avail.wrapping_add(0x8000))?;
+        } else {
+            mem.write_u16(self.used, VIRTQ_USED_F_NO_NOTIFY)?;
+        }
+        Ok(())
+    }
+
     /// Asks the driver to notify for the next buffer, then re-checks the ring; `Ok(true)`
     /// means buffers arrived meanwhile and the caller must keep processing.
     pub fn enable_notifications<M: GuestMemory + ?Sized>(

@@ -12,4 +12,5 @@ pub type Net<H, T, const N: usize> = virtio_drivers::device::net::VirtIONet<H, T
 /// Console driver (virtio 1.2 §5.3), single port.
 pub type Console<H, T> = virtio_drivers::device::console::VirtIOConsole<H, T>;
 pub use balloon::Balloon;
+pub use virtio_drivers::device::blk::{BlkReq, BlkResp};
 pub use virtio_drivers::device::net::{RxBuffer, TxBuffer};

@@ -10,7 +10,9 @@
 //! driver. A guest vCPU never waits for the disk inside an exit.
 //!
 //! When the port has no room, the chain goes back to the available ring (`undo_pop`) and is
-//! popped again after the next completion. A reset forgets every chain in flight: each
+//! popped again after the next completion. While requests are in flight the driver is asked
+//! not to notify (virtio 1.2 §2.7.10): every completion looks at the available ring again, so
+//! a busy queue costs no exit per request; notifications go back on when nothing is in flight. A reset forgets every chain in flight: each
 //! request carries the device's *generation*, and a completion from before the reset is
 //! dropped (its buffers may already belong to a new request).
 
@@ -317,6 +319,13 @@ impl<P: BlockPort> RemoteBlock<P> {
                     }
                 }
             }
+            // While requests are in flight, their completions look at the ring again
+            // (`finish`), so the driver need not notify: notifications stay off, and a busy
+            // queue costs no exit per request. They go back on once nothing is in flight.
+            if !self.in_flight.is_empty() {
+                q.suppress_notifications(mem)?;
+                return Ok(());
+            }
             if !q.enable_notifications(mem)? {
                 return Ok(());
             }
@@ -380,10 +389,9 @@ impl<P: BlockPort> RemoteBlock<P> {
             .write_at(mem, f.chain.writable_len() - 1, &[status])?;
         // virtio 1.2 §2.7.8.1: `len` counts the bytes written, status included.
         queues.get(0)?.add_used(mem, head, written + 1)?;
-        if self.stalled {
-            self.drain(queues, mem)?;
-        }
-        Ok(())
+        // New requests the driver made available while this one was in flight (it was not
+        // asked to notify), or ones the port had no room for.
+        self.drain(queues, mem)
     }
 }
 
