@@ -423,6 +423,13 @@ fn start_module(
                 let _ = d.finish(e);
                 return;
             }
+            if let Some(nic) = &cfg.nic
+                && let Err(e) = crate::vcpu::net::attach_nic(&d, nic)
+            {
+                error!("module {i} ('{}'): {e}; not started", cfg.name);
+                let _ = d.finish(e);
+                return;
+            }
             match crate::vcpu::run::spawn(new) {
                 Ok(()) => info!(
                     "domain {} ({}) created: {} MiB on CPU {}{}",
@@ -697,6 +704,11 @@ fn run_command(line: &str) {
         Ok(Command::Domains) => cmd_domains(),
         Ok(Command::Disks) => {
             for line in crate::vcpu::dom0::report() {
+                println!("{line}");
+            }
+        }
+        Ok(Command::Net) => {
+            for line in crate::vcpu::net::report() {
                 println!("{line}");
             }
         }

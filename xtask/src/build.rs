@@ -78,6 +78,7 @@ pub const TEST_GUESTS: &[&str] = &[
     "blkcheck",
     "blkhostile",
     "blkbench",
+    "netcheck",
 ];
 
 /// Builds the test guests (release) and returns the folder holding their ELF files.

@@ -101,6 +101,11 @@ pub mod hypercall {
 pub mod ioring;
 
 /// Where a guest's virtio-mmio devices sit in its MMIO hole (3–4 GiB guest-physical).
+///
+/// Each device has a fixed window: its disk (`disk=` on its module line) at the first,
+/// `VIRTIO_MMIO_BASE`, its NIC (`nic=`) at the second, `VIRTIO_MMIO_BASE +
+/// VIRTIO_MMIO_STRIDE`, whether or not it has a disk. A window with no device answers like an
+/// empty bus (all ones; no virtio magic).
 pub mod devices {
     /// The first device's register window; device `i` is at `VIRTIO_MMIO_BASE + i * STRIDE`.
     pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;

@@ -1,12 +1,14 @@
 //! A domain's settings, from its boot module's command line:
 //! `name=NAME mem=MIB cpu=N vcpus=N weight=W cap=C reserve=R pin=CPUS role=dom0 disk=pool/VOLUME[,ro]
-//! -- GUEST COMMAND LINE`
+//! nic=NETWORK[,vlan=N][,mac=MAC] -- GUEST COMMAND LINE`
 //! (everything after ` -- ` is the guest's own command line). `cpu=N` puts vCPU i on CPU N+i
 //! for good; without it the scheduler places and moves them, within `pin=CPUS` when given.
 //! The scheduling keys (`sched::keys`) say how much CPU it gets.
 //! Values are checked here; a bad line names what is wrong.
 
 use alloc::string::String;
+
+use hv_vswitch::{MacAddr, VlanId};
 
 use crate::cmdline::CommandLine;
 use crate::sched::keys::{Change, KEYS};
@@ -34,6 +36,8 @@ pub struct DomainConfig<'a> {
     pub dom0: bool,
     /// `disk=pool/VOLUME[,ro]`: a virtio disk served by dom0 from that volume.
     pub disk: Option<DiskSpec<'a>>,
+    /// `nic=NETWORK[,vlan=N][,mac=MAC]`: a virtio NIC on that network's switch.
+    pub nic: Option<NicSpec<'a>>,
     pub guest_cmdline: &'a str,
 }
 
@@ -61,6 +65,92 @@ impl<'a> DiskSpec<'a> {
             ));
         }
         Ok(DiskSpec { volume, read_only })
+    }
+}
+
+/// Longest network name.
+pub const NETWORK_NAME_MAX: usize = 32;
+
+/// A guest's NIC: an access port of network `network`'s switch on `vlan`, bound to `mac`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NicSpec<'a> {
+    /// `[a-z0-9_-]+`, at most [`NETWORK_NAME_MAX`] bytes.
+    pub network: &'a str,
+    /// Default 1.
+    pub vlan: VlanId,
+    /// A station (unicast, non-zero) address; `None`: [`default_mac`] of the domain's id.
+    pub mac: Option<MacAddr>,
+}
+
+/// The MAC of a NIC given none: locally administered, unicast, the domain id in the last
+/// four bytes (`02:00:00:00:00:01` for domain 1), so no two domains share one.
+pub fn default_mac(domain_id: u32) -> MacAddr {
+    let [a, b, c, d] = domain_id.to_be_bytes();
+    MacAddr([0x02, 0x00, a, b, c, d])
+}
+
+/// `xx:xx:xx:xx:xx:xx` (hex digits, either case).
+fn parse_mac(text: &str) -> Option<MacAddr> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let p = parts.next()?;
+        if p.len() != 2 || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        *byte = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(MacAddr(mac))
+}
+
+impl<'a> NicSpec<'a> {
+    fn parse(text: &'a str) -> Result<NicSpec<'a>, String> {
+        let mut words = text.split(',');
+        let network = words.next().unwrap_or("");
+        if network.is_empty()
+            || network.len() > NETWORK_NAME_MAX
+            || !network
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'))
+        {
+            return Err(alloc::format!(
+                "nic={text}: '{network}' is not a network name (1..{NETWORK_NAME_MAX} of a-z, 0-9, '_', '-')"
+            ));
+        }
+        let (mut vlan, mut mac) = (None, None);
+        for w in words {
+            match w.split_once('=') {
+                Some(("vlan", v)) if vlan.is_none() => {
+                    vlan = Some(v.parse().ok().and_then(VlanId::new).ok_or_else(|| {
+                        alloc::format!("nic={text}: vlan={v}: must be a VLAN id, 1..4094")
+                    })?);
+                }
+                Some(("mac", m)) if mac.is_none() => {
+                    let a = parse_mac(m).ok_or_else(|| {
+                        alloc::format!("nic={text}: mac={m}: not a MAC address (xx:xx:xx:xx:xx:xx)")
+                    })?;
+                    if !a.is_station() {
+                        return Err(alloc::format!(
+                            "nic={text}: mac={m}: a multicast or all-zero address; a NIC needs a unicast one"
+                        ));
+                    }
+                    mac = Some(a);
+                }
+                Some(("vlan" | "mac", _)) => {
+                    return Err(alloc::format!("nic={text}: '{w}': given twice"));
+                }
+                _ => {
+                    return Err(alloc::format!(
+                        "nic={text}: unknown option '{w}' (nic=NETWORK[,vlan=N][,mac=MAC])"
+                    ));
+                }
+            }
+        }
+        Ok(NicSpec {
+            network,
+            vlan: vlan.unwrap_or(VlanId::MIN),
+            mac,
+        })
     }
 }
 
@@ -127,9 +217,16 @@ impl<'a> DomainConfig<'a> {
                 "role=dom0 with disk=: dom0 owns the physical disks; it has no virtual disk",
             ));
         }
+        let nic = c.get("nic").map(NicSpec::parse).transpose()?;
+        if dom0 && nic.is_some() {
+            return Err(String::from(
+                "role=dom0 with nic=: dom0 owns the physical NICs; it has no virtual NIC (yet)",
+            ));
+        }
         Ok(DomainConfig {
             dom0,
             disk,
+            nic,
             name: c.get("name").unwrap_or("guest"),
             mem_mib,
             vcpus,
@@ -184,6 +281,73 @@ mod tests {
         assert!(e("disk=data").contains("not a volume name"));
         assert!(e("disk=pool/data,rw").contains("unknown option 'rw'"));
         assert!(e("role=dom0 disk=p/v").contains("owns the physical disks"));
+        assert!(e("role=dom0 nic=lan").contains("owns the physical NICs"));
+    }
+
+    #[test]
+    fn nics() {
+        assert_eq!(DomainConfig::parse("").unwrap().nic, None);
+        let c = DomainConfig::parse("name=web nic=lan").unwrap();
+        assert_eq!(
+            c.nic,
+            Some(NicSpec {
+                network: "lan",
+                vlan: VlanId::MIN,
+                mac: None
+            })
+        );
+        let n = DomainConfig::parse("nic=dmz-2_b,vlan=4094,mac=02:AB:00:00:0a:ff")
+            .unwrap()
+            .nic
+            .unwrap();
+        assert_eq!(
+            (n.network, n.vlan.get(), n.mac),
+            ("dmz-2_b", 4094, Some(MacAddr([2, 0xab, 0, 0, 0x0a, 0xff])))
+        );
+        let n = DomainConfig::parse("nic=lan,mac=52:54:00:12:34:56,vlan=10")
+            .unwrap()
+            .nic
+            .unwrap();
+        assert_eq!(n.vlan.get(), 10);
+        assert_eq!(default_mac(1), MacAddr([2, 0, 0, 0, 0, 1]));
+        assert_eq!(default_mac(0x0102_0304), MacAddr([2, 0, 1, 2, 3, 4]));
+        assert!(default_mac(7).is_station());
+    }
+
+    #[test]
+    fn bad_nics_say_what_is_wrong() {
+        let e = |t| DomainConfig::parse(t).unwrap_err();
+        assert!(e("nic=").contains("'' is not a network name"));
+        assert!(e("nic=LAN").contains("'LAN' is not a network name"));
+        assert!(e("nic=a.b").contains("not a network name"));
+        let long = alloc::format!("nic={}", "n".repeat(33));
+        assert!(
+            DomainConfig::parse(&long)
+                .unwrap_err()
+                .contains("not a network name")
+        );
+        assert!(DomainConfig::parse(&long[..long.len() - 1]).is_ok());
+        assert_eq!(
+            e("nic=lan,vlan=0"),
+            "nic=lan,vlan=0: vlan=0: must be a VLAN id, 1..4094"
+        );
+        assert!(e("nic=lan,vlan=4095").contains("vlan=4095: must be a VLAN id"));
+        assert!(e("nic=lan,vlan=ten").contains("vlan=ten: must be a VLAN id"));
+        assert!(e("nic=lan,vlan=").contains("vlan=: must be a VLAN id"));
+        assert!(e("nic=lan,mac=02:00:00:00:00").contains("mac=02:00:00:00:00: not a MAC address"));
+        assert!(e("nic=lan,mac=02:00:00:00:00:01:02").contains("not a MAC address"));
+        assert!(e("nic=lan,mac=02:00:00:00:00:1").contains("not a MAC address"));
+        assert!(e("nic=lan,mac=02:00:00:00:00:+1").contains("not a MAC address"));
+        assert!(e("nic=lan,mac=0g:00:00:00:00:01").contains("not a MAC address"));
+        assert!(e("nic=lan,mac=01:00:5e:00:00:01").contains("needs a unicast one"));
+        assert!(e("nic=lan,mac=ff:ff:ff:ff:ff:ff").contains("needs a unicast one"));
+        assert!(e("nic=lan,mac=00:00:00:00:00:00").contains("needs a unicast one"));
+        assert!(e("nic=lan,vlan=2,vlan=3").contains("'vlan=3': given twice"));
+        assert_eq!(
+            e("nic=lan,speed=10"),
+            "nic=lan,speed=10: unknown option 'speed=10' (nic=NETWORK[,vlan=N][,mac=MAC])"
+        );
+        assert!(e("nic=lan,").contains("unknown option ''"));
     }
 
     #[test]

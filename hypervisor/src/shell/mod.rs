@@ -36,6 +36,10 @@ pub const COMMANDS: &[(&str, &str)] = &[
         "disks",
         "dom0's block ring and every guest disk: requests, errors, state",
     ),
+    (
+        "net",
+        "every network and its guests' ports: VLAN, MAC, frames, drops by reason",
+    ),
     ("destroy", "destroy <id>: stop a domain and free its memory"),
     (
         "pause",
@@ -66,6 +70,7 @@ pub enum Command {
     Log(Option<LevelFilter>),
     Domains,
     Disks,
+    Net,
     Destroy(u32),
     Pause(u32),
     Resume(u32),
@@ -143,6 +148,7 @@ pub fn parse(line: &str) -> Result<Command, ParseError<'_>> {
         "reboot" => no_args("reboot", Command::Reboot),
         "domains" => no_args("domains", Command::Domains),
         "disks" => no_args("disks", Command::Disks),
+        "net" => no_args("net", Command::Net),
         "audit" => no_args("audit", Command::Audit),
         "destroy" | "pause" | "resume" => {
             let (command, make): (&'static str, fn(u32) -> Command) = match name {
@@ -236,6 +242,8 @@ mod tests {
         assert_eq!(parse(""), Ok(Command::Empty));
         assert_eq!(parse("   "), Ok(Command::Empty));
         assert_eq!(parse("log"), Ok(Command::Log(None)));
+        assert_eq!(parse("net"), Ok(Command::Net));
+        assert!(parse("net lan").is_err());
         assert_eq!(
             parse("log debug"),
             Ok(Command::Log(Some(LevelFilter::Debug)))

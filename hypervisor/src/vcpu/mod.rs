@@ -11,6 +11,8 @@ pub mod dispatch;
 pub mod dom0;
 pub mod exit;
 #[cfg(target_os = "none")]
+pub mod net;
+#[cfg(target_os = "none")]
 pub mod queue;
 #[cfg(target_os = "none")]
 pub mod run;

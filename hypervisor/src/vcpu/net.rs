@@ -1,0 +1,414 @@
+//! The net path between guests (bare metal): each guest NIC (`nic=NETWORK[,vlan=N][,mac=MAC]`
+//! on its module line) is a virtio-net [`NetDevice`] at the guest's second virtio-mmio window
+//! (`VIRTIO_MMIO_BASE + VIRTIO_MMIO_STRIDE`; the first is the disk's), plugged into an access
+//! port of its network's [`Switch`] on its VLAN, bound to its MAC (a frame with another source
+//! is dropped and counted as spoofed by the switch). Every network has a switch of its own,
+//! made when the first NIC names it, so two networks never see each other's frames; VLANs
+//! separate guests within one.
+//!
+//! A frame a guest transmits goes into the switch from inside its TX notification (the
+//! device's [`NetBackend`]), which queues copies for the ports it goes to. The queued frames
+//! move into the receivers' RX rings ([`GuestNic::pump`]) right after the transmitting
+//! device's lock is released, and whenever a guest posts RX buffers (its RX notification). A
+//! frame is taken from the switch only when a buffer waits for it: frames for a guest with no
+//! buffer stay in the switch's bounded queue (its overflow is counted as `dropped`). Guests
+//! poll their used rings (no virtio interrupt injection yet).
+//!
+//! Locks, always in this order and never the other way: the domain's I/O bus lock (held by the
+//! exit path around a register access), then a NIC's device lock, then its network's lock
+//! (the switch and its ports). Never two NICs' device locks at once: the TX path releases the
+//! sender's before it delivers to the others. The registry's lock ([`NETWORKS`]) is held
+//! alone.
+//!
+//! A domain that stopped loses its port the next time a frame is queued for it, a guest joins
+//! the network, or the `net` command runs; its last counters are kept for the report (the
+//! latest [`DEPARTED_KEPT`] per network). Its queued frames are freed with the port.
+
+use alloc::boxed::Box;
+use alloc::collections::VecDeque;
+use alloc::string::String;
+use alloc::sync::{Arc, Weak};
+use alloc::vec::Vec;
+
+use hv_virtio::devices::net::{NetBackend, NetDevice, RX_QUEUE, TX_QUEUE};
+use hv_virtio::transport::reg::QUEUE_NOTIFY;
+use hv_virtio::{DeviceError, GuestMemory, MmioTransport, QueueSet, TransportOptions};
+use hv_vswitch::{MacAddr, PortConfig, PortId, PortStats, Switch, SwitchConfig, VlanId};
+use log::info;
+use spin::Mutex;
+
+use crate::domain::config::{NicSpec, default_mac};
+use crate::domain::table::{Domain, DomainState};
+use crate::io::mmio::MmioDevice;
+
+/// Stopped guests' last counters kept per network, for the report.
+pub const DEPARTED_KEPT: usize = 16;
+
+/// Each network's switch. Its queues live on the hypervisor's heap, so they are bounded to
+/// what the heap can spare even when every guest stops reading while another floods
+/// broadcasts: at most `max_ports * queue_bytes` = 2 MiB of frames per network.
+const SWITCH: SwitchConfig = SwitchConfig {
+    max_frame_len: 1514,
+    mac_capacity: 1024,
+    // 802.1Q's default aging time, 300 s, in the nanoseconds of `now_ns`.
+    mac_age: 300_000_000_000,
+    queue_frames: 128,
+    queue_bytes: 64 * 1024,
+    max_ports: 32,
+};
+
+/// Most frames one pump moves: twice a switch queue, so a guest that keeps posting buffers
+/// while others keep sending cannot hold a CPU here.
+const MAX_PER_PUMP: usize = 512;
+
+/// Every network, by name; its lock is held alone.
+static NETWORKS: Mutex<Vec<Arc<Network>>> = Mutex::new(Vec::new());
+
+/// One network: a switch of its own.
+struct Network {
+    name: String,
+    seg: Mutex<Segment>,
+}
+
+/// The switch and what the hypervisor knows of its ports.
+struct Segment {
+    switch: Switch,
+    ports: Vec<Attached>,
+    departed: VecDeque<Departed>,
+}
+
+/// A guest's port.
+struct Attached {
+    id: PortId,
+    nic: Weak<GuestNic>,
+    domain: Weak<Domain>,
+    dom_id: u32,
+    name: String,
+    vlan: VlanId,
+    mac: MacAddr,
+}
+
+/// A stopped guest's port, after its removal.
+struct Departed {
+    dom_id: u32,
+    name: String,
+    vlan: VlanId,
+    mac: MacAddr,
+    stats: PortStats,
+}
+
+impl Attached {
+    /// Whether its domain stopped (or is gone).
+    fn gone(&self) -> bool {
+        self.domain
+            .upgrade()
+            .is_none_or(|d| d.state() == DomainState::Stopped)
+    }
+}
+
+impl Segment {
+    /// Removes port `id` (its domain stopped), keeping its last counters.
+    fn depart(&mut self, id: PortId) {
+        let Some(i) = self.ports.iter().position(|a| a.id == id) else {
+            return;
+        };
+        let a = self.ports.swap_remove(i);
+        let stats = self.switch.port_stats(id).unwrap_or_default();
+        // The port exists: it is removed only here, with its entry.
+        let _ = self.switch.remove_port(id);
+        if self.departed.len() == DEPARTED_KEPT {
+            self.departed.pop_front();
+        }
+        self.departed.push_back(Departed {
+            dom_id: a.dom_id,
+            name: a.name,
+            vlan: a.vlan,
+            mac: a.mac,
+            stats,
+        });
+    }
+
+    /// Removes the ports of every stopped domain.
+    fn prune(&mut self) {
+        let gone: Vec<PortId> = self
+            .ports
+            .iter()
+            .filter(|a| a.gone())
+            .map(|a| a.id)
+            .collect();
+        for id in gone {
+            self.depart(id);
+        }
+    }
+}
+
+impl Network {
+    /// Moves what the switch queued into the RX rings of the guests it is for; the ports of
+    /// stopped guests among them are removed.
+    fn deliver(&self) {
+        let waiting: Vec<(PortId, Option<Arc<GuestNic>>)> = {
+            let seg = self.seg.lock();
+            seg.ports
+                .iter()
+                .filter(|a| seg.switch.queue_depth(a.id).is_some_and(|d| d.frames > 0))
+                .map(|a| (a.id, a.nic.upgrade()))
+                .collect()
+        };
+        for (id, nic) in waiting {
+            if !nic.is_some_and(|n| n.pump()) {
+                self.seg.lock().depart(id);
+            }
+        }
+    }
+}
+
+/// The device's backend: its port on the switch.
+pub struct SwitchPort {
+    net: Arc<Network>,
+    port: PortId,
+}
+
+impl NetBackend for SwitchPort {
+    fn transmit(&mut self, frame: &[u8]) {
+        let now = super::queue::now_ns();
+        // What became of the frame is counted by the switch, on this port or the receivers'.
+        let _ = self.net.seg.lock().switch.send(self.port, frame, now);
+    }
+}
+
+/// A guest's virtio NIC, shared by its MMIO window and the deliveries of other guests' frames.
+pub struct GuestNic {
+    dev: Mutex<MmioTransport<NetDevice<SwitchPort>>>,
+    domain: Weak<Domain>,
+    net: Arc<Network>,
+    port: PortId,
+}
+
+impl GuestNic {
+    /// Moves frames queued for this NIC into its RX ring while it has buffers. False if its
+    /// domain stopped (nothing was delivered).
+    fn pump(&self) -> bool {
+        let Some(domain) = self.domain.upgrade() else {
+            return false;
+        };
+        if domain.state() == DomainState::Stopped {
+            return false;
+        }
+        let Some(mem) = domain.memory() else {
+            return false;
+        };
+        let mut dev = self.dev.lock();
+        // `None`: the driver has not finished setting the device up (the frames wait), or it
+        // broke a ring, which the transport answered with NEEDS_RESET.
+        let _ = dev.with_device(mem.ram.mem(), |d, q, m| {
+            fill_rx(d, q, m, &self.net, self.port)
+        });
+        true
+    }
+}
+
+/// Delivers frames from `port`'s switch queue into the RX ring: one frame per buffer the
+/// driver made available, none taken without a buffer for it. When buffers run out, asks the
+/// driver to notify when it adds one (virtio 1.2 §2.7.10.2), so frames left waiting move then.
+/// Returns how many were delivered.
+fn fill_rx<B: NetBackend, M: GuestMemory + ?Sized>(
+    dev: &mut NetDevice<B>,
+    queues: &mut QueueSet<'_>,
+    mem: &M,
+    net: &Network,
+    port: PortId,
+) -> Result<usize, DeviceError> {
+    if !queues.is_ready(RX_QUEUE) {
+        return Ok(0);
+    }
+    let mut moved = 0;
+    while moved < MAX_PER_PUMP {
+        while moved < MAX_PER_PUMP && queues.get(RX_QUEUE)?.has_pending(mem)? {
+            let Some(frame) = net.seg.lock().switch.recv(port) else {
+                return Ok(moved);
+            };
+            // Dropped by the device (a buffer too small for it, counted there): stop, so a
+            // guest posting tiny buffers does not drain its whole queue here.
+            if !dev.receive(queues, mem, frame.bytes())? {
+                return Ok(moved);
+            }
+            moved += 1;
+        }
+        // Buffers that arrived meanwhile: keep going (the re-check after the store).
+        if !queues.get(RX_QUEUE)?.enable_notifications(mem)? {
+            break;
+        }
+    }
+    Ok(moved)
+}
+
+/// The NIC's window on the guest's MMIO bus.
+struct NicWindow(Arc<GuestNic>);
+
+impl MmioDevice for NicWindow {
+    fn read(&mut self, offset: u64, size: u8) -> u64 {
+        self.0.dev.lock().read(offset, size)
+    }
+
+    fn write(&mut self, mem: &dyn GuestMemory, offset: u64, size: u8, value: u64) {
+        self.0.dev.lock().write(mem, offset, size, value);
+        // The device's lock is released: deliver.
+        if offset == QUEUE_NOTIFY && size == 4 {
+            match usize::try_from(value) {
+                Ok(TX_QUEUE) => self.0.net.deliver(),
+                Ok(RX_QUEUE) => {
+                    self.0.pump();
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// The network `name`, made on first use.
+fn network(name: &str) -> Result<Arc<Network>, String> {
+    let mut all = NETWORKS.lock();
+    if let Some(n) = all.iter().find(|n| n.name == name) {
+        return Ok(n.clone());
+    }
+    let switch = Switch::new(SWITCH).map_err(|e| alloc::format!("network {name}: switch: {e}"))?;
+    let n = Arc::new(Network {
+        name: String::from(name),
+        seg: Mutex::new(Segment {
+            switch,
+            ports: Vec::new(),
+            departed: VecDeque::new(),
+        }),
+    });
+    all.push(n.clone());
+    Ok(n)
+}
+
+/// Gives `domain` a virtio NIC on `spec`'s network at its second virtio-mmio window. Its MAC
+/// must be unique on the network.
+pub fn attach_nic(domain: &Arc<Domain>, spec: &NicSpec<'_>) -> Result<(), String> {
+    let net = network(spec.network)?;
+    let mac = spec.mac.unwrap_or_else(|| default_mac(domain.id));
+    let nic = {
+        let mut seg = net.seg.lock();
+        seg.prune();
+        seg.switch.age(super::queue::now_ns());
+        if let Some(a) = seg.ports.iter().find(|a| a.mac == mac) {
+            return Err(alloc::format!(
+                "nic={}: MAC {mac} is already dom{}'s on network {}",
+                spec.network,
+                a.dom_id,
+                net.name
+            ));
+        }
+        let port = seg
+            .switch
+            .add_port(PortConfig::access(spec.vlan).with_mac(mac))
+            .map_err(|e| alloc::format!("nic={}: switch port: {e}", spec.network))?;
+        let nic = Arc::new(GuestNic {
+            dev: Mutex::new(MmioTransport::new(
+                NetDevice::new(
+                    SwitchPort {
+                        net: net.clone(),
+                        port,
+                    },
+                    mac.0,
+                ),
+                TransportOptions::default(),
+            )),
+            domain: Arc::downgrade(domain),
+            net: net.clone(),
+            port,
+        });
+        seg.ports.push(Attached {
+            id: port,
+            nic: Arc::downgrade(&nic),
+            domain: Arc::downgrade(domain),
+            dom_id: domain.id,
+            name: domain.name.clone(),
+            vlan: spec.vlan,
+            mac,
+        });
+        nic
+    };
+    let base = hv_abi::devices::VIRTIO_MMIO_BASE + hv_abi::devices::VIRTIO_MMIO_STRIDE;
+    let registered = domain.io.lock().mmio.register(
+        base..base + crate::io::virtio::WINDOW,
+        Box::new(NicWindow(nic.clone())),
+    );
+    if let Err(e) = registered {
+        net.seg.lock().depart(nic.port);
+        return Err(alloc::format!("virtio NIC window: {e:?}"));
+    }
+    info!(
+        "domain {} ({}): NIC {mac} on network {}, VLAN {}",
+        domain.id, domain.name, net.name, spec.vlan
+    );
+    Ok(())
+}
+
+fn port_line(
+    dom_id: u32,
+    name: &str,
+    state: &str,
+    vlan: VlanId,
+    mac: MacAddr,
+    s: &PortStats,
+) -> String {
+    alloc::format!(
+        "  dom{dom_id} {name}{state}: vlan {vlan}, mac {mac}, rx {} tx {} frames, spoofed {}, dropped {}, vlan_denied {}, malformed {}",
+        s.tx_frames,
+        s.rx_frames,
+        s.spoofed,
+        s.dropped_full,
+        s.vlan_denied,
+        s.malformed
+    )
+}
+
+/// The `net` console command: every network and each of its ports, from the guest's side
+/// (`rx`: frames delivered to it, `tx`: frames it sent that the switch accepted; `spoofed`,
+/// `vlan_denied`, `malformed`: frames it sent that were refused; `dropped`: frames for it lost
+/// because its queue was full).
+pub fn report() -> Vec<String> {
+    let nets: Vec<Arc<Network>> = NETWORKS.lock().clone();
+    if nets.is_empty() {
+        return alloc::vec![String::from("no networks (no guest has nic=)")];
+    }
+    let mut out = Vec::new();
+    for net in nets {
+        let mut seg = net.seg.lock();
+        seg.prune();
+        seg.switch.age(super::queue::now_ns());
+        let st = seg.switch.stats();
+        out.push(alloc::format!(
+            "network {}: {} ports, {} stopped; {} MAC entries, {} evicted, {} moves",
+            net.name,
+            seg.ports.len(),
+            seg.departed.len(),
+            st.mac_entries,
+            st.mac_evicted,
+            st.mac_moves
+        ));
+        for a in &seg.ports {
+            let s = seg.switch.port_stats(a.id).unwrap_or_default();
+            let queued = seg.switch.queue_depth(a.id).map_or(0, |d| d.frames);
+            let mut line = port_line(a.dom_id, &a.name, "", a.vlan, a.mac, &s);
+            if queued != 0 {
+                line.push_str(&alloc::format!(", {queued} queued"));
+            }
+            out.push(line);
+        }
+        for d in &seg.departed {
+            out.push(port_line(
+                d.dom_id,
+                &d.name,
+                " (stopped)",
+                d.vlan,
+                d.mac,
+                &d.stats,
+            ));
+        }
+    }
+    out
+}

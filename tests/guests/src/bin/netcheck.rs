@@ -1,0 +1,531 @@
+//! `netcheck`: drives its virtio NIC (at the second virtio-mmio window) with `pv-drivers`' net
+//! driver, in one of four roles on the hypervisor's virtual switch:
+//!
+//! - `role=ping peer=MAC count=N`: sends N requests to `peer` (even sequence numbers
+//!   unicast, odd ones broadcast, of many sizes), each answered before the next is sent
+//!   (resent after `wait=POLLS` polls without the answer, at most `tries=T` times).
+//! - `role=pong peer=MAC count=N`: answers every request from `peer`, until it has answered N
+//!   different ones.
+//! - `role=listen polls=P [expect=N]`: counts the frames that arrive during P polls and
+//!   reports them; fails if `expect` is given and the count differs.
+//! - `role=spoof forge=MAC peer=MAC count=N [hop=VLAN] [polls=P]`: waits (at most P polls)
+//!   until it hears a frame from ping (flooded to it while ping's peer is not learned yet, or
+//!   broadcast), so that ping and pong are up; then sends N frames whose source is the forged
+//!   MAC (half to `peer`, half broadcast), and N frames tagged for VLAN `hop` (its own
+//!   source, broadcast). The switch must drop them all.
+//!
+//! Every frame carries the sender's role, its kind, a sequence number, a body derived from
+//! them and a checksum; ping and pong check each other's, and any other frame arriving
+//! (a forged one, one from another VLAN) counts as unexpected and fails them. Waits are
+//! bounded poll counts, each poll giving up the CPU (YIELD) when nothing came; results are
+//! printed as `netcheck: ROLE: ...` lines, exit code 0 on success, 1 on failure.
+#![cfg_attr(target_os = "none", no_std, no_main)]
+// Frame fields are narrow by definition.
+#![allow(clippy::cast_possible_truncation)]
+
+extern crate alloc;
+
+use alloc::vec::Vec;
+use core::ptr::NonNull;
+
+use pv_drivers::devices::Net;
+use pv_drivers::hal::IdentityHal;
+use pv_drivers::transport::{MmioBus, RegisterTransport};
+use test_guests::println;
+
+test_guests::guest_main!(run);
+
+#[cfg(target_os = "none")]
+mod heap {
+    use linked_list_allocator::LockedHeap;
+
+    const SIZE: usize = 1 << 20;
+
+    #[repr(C, align(4096))]
+    struct Area([u8; SIZE]);
+    static mut AREA: Area = Area([0; SIZE]);
+
+    #[global_allocator]
+    static ALLOCATOR: LockedHeap = LockedHeap::empty();
+
+    pub fn init() {
+        // SAFETY: called once, first thing; nothing else uses the area.
+        unsafe { ALLOCATOR.lock().init((&raw mut AREA).cast::<u8>(), SIZE) };
+    }
+}
+
+#[cfg(not(target_os = "none"))]
+mod heap {
+    pub fn init() {}
+}
+
+/// Receive (and transmit) buffers the driver keeps posted.
+const QUEUE: usize = 16;
+/// Each receive buffer: a 12-byte header and the largest frame, rounded up.
+const RX_BUF: usize = 2048;
+/// The EtherType of our frames (IEEE 802 local experimental 1).
+const ETHERTYPE: u16 = 0x88b5;
+const MAGIC: &[u8; 4] = b"HVNT";
+/// Header: addresses, EtherType, magic, role, kind, sequence, body length.
+const HEAD: usize = 26;
+/// Longest body: the frame stays within 1514 bytes.
+const MAX_BODY: usize = 1514 - HEAD - 4;
+
+const BROADCAST: [u8; 6] = [0xff; 6];
+
+/// Who sent a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Role {
+    Ping = 1,
+    Pong = 2,
+    Spoof = 3,
+}
+
+/// What a frame is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Kind {
+    Request = 1,
+    Reply = 2,
+    Forged = 3,
+    Hop = 4,
+}
+
+type Nic = Net<IdentityHal, RegisterTransport<MmioBus>, QUEUE>;
+
+fn body_len(role: Role, seq: u32) -> usize {
+    1 + (seq as usize * 211 + role as usize * 17) % MAX_BODY
+}
+
+fn body_byte(role: Role, seq: u32, i: usize) -> u8 {
+    let x = (u64::from(seq) << 20 | i as u64)
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        .wrapping_add((role as u64).wrapping_mul(0x632b_e59b_d9b4_e019));
+    (x >> 56) as u8
+}
+
+/// FNV-1a, 32 bits.
+fn checksum(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5, |h, &b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+/// A frame from `src` to `dst`, tagged for `vlan` when given.
+fn frame(
+    dst: [u8; 6],
+    src: [u8; 6],
+    vlan: Option<u16>,
+    role: Role,
+    kind: Kind,
+    seq: u32,
+) -> Vec<u8> {
+    let n = body_len(role, seq);
+    let mut f = Vec::with_capacity(HEAD + 4 + n + 4);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    if let Some(v) = vlan {
+        f.extend_from_slice(&0x8100u16.to_be_bytes());
+        f.extend_from_slice(&v.to_be_bytes());
+    }
+    let start = f.len() + 2;
+    f.extend_from_slice(&ETHERTYPE.to_be_bytes());
+    f.extend_from_slice(MAGIC);
+    f.push(role as u8);
+    f.push(kind as u8);
+    f.extend_from_slice(&seq.to_le_bytes());
+    f.extend_from_slice(&(n as u16).to_le_bytes());
+    f.extend((0..n).map(|i| body_byte(role, seq, i)));
+    let sum = checksum(&f[start..]);
+    f.extend_from_slice(&sum.to_le_bytes());
+    f
+}
+
+/// A frame checked from end to end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Msg {
+    src: [u8; 6],
+    dst: [u8; 6],
+    role: u8,
+    kind: u8,
+    seq: u32,
+}
+
+/// Checks a received frame: our EtherType (untagged), magic, lengths, body and checksum.
+fn parse(f: &[u8]) -> Result<Msg, &'static str> {
+    if f.len() < HEAD + 4 {
+        return Err("too short");
+    }
+    if u16::from_be_bytes([f[12], f[13]]) != ETHERTYPE || &f[14..18] != MAGIC {
+        return Err("not a netcheck frame");
+    }
+    let n = usize::from(u16::from_le_bytes([f[24], f[25]]));
+    if f.len() != HEAD + n + 4 {
+        return Err("length differs from the header's");
+    }
+    let sum = u32::from_le_bytes([
+        f[HEAD + n],
+        f[HEAD + n + 1],
+        f[HEAD + n + 2],
+        f[HEAD + n + 3],
+    ]);
+    if checksum(&f[14..HEAD + n]) != sum {
+        return Err("bad checksum");
+    }
+    let role = match f[18] {
+        1 => Role::Ping,
+        2 => Role::Pong,
+        3 => Role::Spoof,
+        _ => return Err("unknown sender role"),
+    };
+    let seq = u32::from_le_bytes([f[20], f[21], f[22], f[23]]);
+    if n != body_len(role, seq) || (0..n).any(|i| f[HEAD + i] != body_byte(role, seq, i)) {
+        return Err("body differs from its pattern");
+    }
+    let mut src = [0; 6];
+    let mut dst = [0; 6];
+    dst.copy_from_slice(&f[0..6]);
+    src.copy_from_slice(&f[6..12]);
+    Ok(Msg {
+        src,
+        dst,
+        role: f[18],
+        kind: f[19],
+        seq,
+    })
+}
+
+fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for b in &mut mac {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+struct Mac([u8; 6]);
+
+impl core::fmt::Display for Mac {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
+fn fail(role: &str, why: core::fmt::Arguments<'_>) -> ! {
+    println!("netcheck: {role}: FAILED: {why}");
+    test_guests::exit(1)
+}
+
+/// Gives the CPU to others while waiting.
+fn yield_cpu() {
+    test_guests::hypercall(test_guests::hv_abi::hypercall::YIELD, 0, 0, 0);
+}
+
+fn send(nic: &mut Nic, role: &str, bytes: &[u8]) {
+    let mut tx = nic.new_tx_buffer(bytes.len());
+    tx.packet_mut().copy_from_slice(bytes);
+    if let Err(e) = nic.send(tx) {
+        fail(role, format_args!("send: {e:?}"));
+    }
+}
+
+/// The next frame, if one arrived (its buffer goes straight back to the device).
+fn poll(nic: &mut Nic, role: &str) -> Option<Vec<u8>> {
+    let rx = nic.receive().ok()?;
+    let bytes = rx.packet().to_vec();
+    if let Err(e) = nic.recycle_rx_buffer(rx) {
+        fail(role, format_args!("recycle: {e:?}"));
+    }
+    Some(bytes)
+}
+
+/// Counts frames that are not what the role expects, printing the first few.
+struct Unexpected {
+    role: &'static str,
+    count: u32,
+}
+
+impl Unexpected {
+    fn note(&mut self, bytes: &[u8], why: &str) {
+        self.count += 1;
+        if self.count <= 4 {
+            let src = bytes.get(6..12).map_or([0; 6], |s| {
+                let mut m = [0; 6];
+                m.copy_from_slice(s);
+                m
+            });
+            println!(
+                "netcheck: {}: unexpected frame of {} bytes from {}: {why}",
+                self.role,
+                bytes.len(),
+                Mac(src)
+            );
+        }
+    }
+}
+
+fn ping(nic: &mut Nic, me: [u8; 6], peer: [u8; 6], count: u32, wait: u32, tries: u32) {
+    let role = "ping";
+    let mut bad = Unexpected { role, count: 0 };
+    let (mut resent, mut stale) = (0u32, 0u32);
+    for seq in 0..count {
+        let dst = if seq % 2 == 0 { peer } else { BROADCAST };
+        let request = frame(dst, me, None, Role::Ping, Kind::Request, seq);
+        let mut answered = false;
+        for attempt in 0..tries {
+            if attempt > 0 {
+                resent += 1;
+            }
+            send(nic, role, &request);
+            let mut polls = 0;
+            while polls < wait && !answered {
+                let Some(bytes) = poll(nic, role) else {
+                    polls += 1;
+                    yield_cpu();
+                    continue;
+                };
+                match parse(&bytes) {
+                    Ok(m) if m.role == Role::Pong as u8 && m.kind == Kind::Reply as u8 => {
+                        if m.src != peer || m.dst != me {
+                            bad.note(&bytes, "a reply with the wrong addresses");
+                        } else if m.seq == seq {
+                            answered = true;
+                        } else if m.seq < seq {
+                            stale += 1;
+                        } else {
+                            bad.note(&bytes, "a reply to a request not sent yet");
+                        }
+                    }
+                    Ok(_) => bad.note(&bytes, "not a reply from pong"),
+                    Err(why) => bad.note(&bytes, why),
+                }
+            }
+            if answered {
+                break;
+            }
+        }
+        if !answered {
+            fail(
+                role,
+                format_args!("request {seq} not answered after {tries} tries of {wait} polls"),
+            );
+        }
+    }
+    // Late duplicates of answers to resent requests, and anything else still arriving.
+    for _ in 0..wait.min(2000) {
+        match poll(nic, role) {
+            Some(bytes) => match parse(&bytes) {
+                Ok(m) if m.role == Role::Pong as u8 && m.kind == Kind::Reply as u8 => stale += 1,
+                Ok(_) => bad.note(&bytes, "not a reply from pong"),
+                Err(why) => bad.note(&bytes, why),
+            },
+            None => yield_cpu(),
+        }
+    }
+    println!(
+        "netcheck: ping: {count} requests answered, every reply's payload checked; {} unexpected frames, {resent} resent, {stale} stale replies",
+        bad.count
+    );
+    if bad.count != 0 {
+        fail(role, format_args!("{} unexpected frames", bad.count));
+    }
+    println!("netcheck: ping: done");
+}
+
+fn pong(nic: &mut Nic, me: [u8; 6], peer: [u8; 6], count: u32, patience: u32) {
+    let role = "pong";
+    let mut bad = Unexpected { role, count: 0 };
+    let mut seen = alloc::vec![false; count as usize];
+    let (mut distinct, mut replies, mut idle) = (0u32, 0u32, 0u32);
+    while distinct < count {
+        let Some(bytes) = poll(nic, role) else {
+            idle += 1;
+            if idle > patience {
+                fail(
+                    role,
+                    format_args!(
+                        "{distinct} of {count} requests came, then none for {patience} polls"
+                    ),
+                );
+            }
+            yield_cpu();
+            continue;
+        };
+        idle = 0;
+        match parse(&bytes) {
+            Ok(m) if m.role == Role::Ping as u8 && m.kind == Kind::Request as u8 => {
+                let to_me = m.dst == me || m.dst == BROADCAST;
+                if m.src != peer || !to_me || m.seq >= count {
+                    bad.note(&bytes, "a request with the wrong addresses or sequence");
+                    continue;
+                }
+                send(
+                    nic,
+                    role,
+                    &frame(peer, me, None, Role::Pong, Kind::Reply, m.seq),
+                );
+                replies += 1;
+                if !core::mem::replace(&mut seen[m.seq as usize], true) {
+                    distinct += 1;
+                }
+            }
+            Ok(_) => bad.note(&bytes, "not a request from ping"),
+            Err(why) => bad.note(&bytes, why),
+        }
+    }
+    println!(
+        "netcheck: pong: {count} requests answered ({replies} replies), every request's payload checked; {} unexpected frames",
+        bad.count
+    );
+    if bad.count != 0 {
+        fail(role, format_args!("{} unexpected frames", bad.count));
+    }
+    println!("netcheck: pong: done");
+}
+
+fn listen(nic: &mut Nic, polls: u32, expect: Option<u32>) {
+    let role = "listen";
+    let mut heard = Unexpected { role, count: 0 };
+    for _ in 0..polls {
+        match poll(nic, role) {
+            Some(bytes) => heard.note(&bytes, "heard"),
+            None => yield_cpu(),
+        }
+    }
+    println!(
+        "netcheck: listen: {} frames received in {polls} polls",
+        heard.count
+    );
+    if let Some(n) = expect
+        && n != heard.count
+    {
+        fail(role, format_args!("expected {n} frames"));
+    }
+}
+
+fn spoof(
+    nic: &mut Nic,
+    me: [u8; 6],
+    forge: [u8; 6],
+    peer: [u8; 6],
+    count: u32,
+    hop: Option<u16>,
+    polls: u32,
+) {
+    let role = "spoof";
+    let mut heard = false;
+    for _ in 0..polls {
+        match poll(nic, role) {
+            Some(bytes) => {
+                if parse(&bytes).is_ok_and(|m| m.role == Role::Ping as u8) {
+                    heard = true;
+                    break;
+                }
+            }
+            None => yield_cpu(),
+        }
+    }
+    if !heard {
+        fail(
+            role,
+            format_args!("heard nothing from ping in {polls} polls"),
+        );
+    }
+    for seq in 0..count {
+        let dst = if seq % 2 == 0 { peer } else { BROADCAST };
+        send(
+            nic,
+            role,
+            &frame(dst, forge, None, Role::Spoof, Kind::Forged, seq),
+        );
+    }
+    if let Some(v) = hop {
+        for seq in 0..count {
+            send(
+                nic,
+                role,
+                &frame(BROADCAST, me, Some(v), Role::Spoof, Kind::Hop, seq),
+            );
+        }
+    }
+    println!(
+        "netcheck: spoof: done: {count} frames sent from forged MAC {}, {} tagged for VLAN {}",
+        Mac(forge),
+        if hop.is_some() { count } else { 0 },
+        hop.unwrap_or(0)
+    );
+}
+
+fn run(args: &str, _ram: u64) {
+    heap::init();
+    let arg = |k: &str| {
+        args.split_ascii_whitespace()
+            .find_map(|w| w.strip_prefix(k)?.strip_prefix('='))
+    };
+    let num = |k: &str, default: u32| arg(k).and_then(|v| v.parse().ok()).unwrap_or(default);
+    let role: &'static str = match arg("role") {
+        Some("ping") => "ping",
+        Some("pong") => "pong",
+        Some("listen") => "listen",
+        Some("spoof") => "spoof",
+        other => {
+            println!("netcheck: FAILED: role={other:?}: must be ping, pong, listen or spoof");
+            test_guests::exit(1);
+        }
+    };
+    let mac_arg = |k: &str| match arg(k).map(parse_mac) {
+        Some(Some(m)) => m,
+        _ => fail(
+            role,
+            format_args!("{k}=MAC missing or not xx:xx:xx:xx:xx:xx"),
+        ),
+    };
+    let base = hv_abi::devices::VIRTIO_MMIO_BASE + hv_abi::devices::VIRTIO_MMIO_STRIDE;
+    // SAFETY: the hypervisor puts this domain's NIC at the second virtio-mmio window; the page
+    // is identity-mapped by the loader (the first 4 GiB), and nothing else in this guest
+    // touches it.
+    let bus = unsafe { MmioBus::new(NonNull::new(base as *mut u8).expect("not null"), 0x200) };
+    let transport = match RegisterTransport::new(bus) {
+        Ok(t) => t,
+        Err(e) => fail(role, format_args!("no virtio device at {base:#x}: {e:?}")),
+    };
+    let mut nic: Nic = match Net::new(transport, RX_BUF) {
+        Ok(n) => n,
+        Err(e) => fail(role, format_args!("the NIC did not initialise: {e:?}")),
+    };
+    let me = nic.mac_address();
+    println!("netcheck: {role}: NIC up, MAC {}", Mac(me));
+    let count = num("count", 20);
+    match role {
+        "ping" => ping(
+            &mut nic,
+            me,
+            mac_arg("peer"),
+            count,
+            num("wait", 20_000),
+            num("tries", 5),
+        ),
+        "pong" => pong(&mut nic, me, mac_arg("peer"), count, num("polls", 200_000)),
+        "listen" => listen(
+            &mut nic,
+            num("polls", 20_000),
+            arg("expect").and_then(|v| v.parse().ok()),
+        ),
+        _ => spoof(
+            &mut nic,
+            me,
+            mac_arg("forge"),
+            mac_arg("peer"),
+            count,
+            arg("hop").and_then(|v| v.parse().ok()),
+            num("polls", 200_000),
+        ),
+    }
+}
