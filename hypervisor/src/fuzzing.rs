@@ -1,7 +1,7 @@
 //! The bodies of the fuzz targets for what guests and operators hand the hypervisor (issue 16):
 //! the guest page walk, the ELF loader, the hypercall dispatcher, the boot modules' domain
 //! lines, the serial console (line editor and command parser) and guests' port and MMIO
-//! accesses to their devices. Each takes arbitrary bytes, runs the parser on them and checks what its callers rely
+//! accesses to their devices, and what dom0 writes into its block ring. Each takes arbitrary bytes, runs the parser on them and checks what its callers rely
 //! on; a violated check panics, which is what the fuzzer looks for. `hypervisor/fuzz` wraps
 //! each in a cargo-fuzz target of the same name (`cargo xtask fuzz TARGET SECONDS`), and the
 //! tests below replay each target's seed corpus (`fuzz/corpus/TARGET`) plus mutations and
@@ -27,6 +27,7 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("domain_line", domain_line),
     ("console", console),
     ("guest_io", guest_io),
+    ("block_ring", block_ring),
 ];
 
 fn word(data: &[u8], i: usize) -> u64 {
@@ -260,6 +261,111 @@ pub fn guest_io(data: &[u8]) {
     }
 }
 
+/// dom0's block ring, as the hypervisor reads it: the input is a script of operations. Each
+/// byte pair picks one: submit a request (op and size from the input), let "dom0" write bytes
+/// of the input anywhere in the ring page or the data area (a hostile dom0), answer a request
+/// honestly, or reap. Whatever dom0 writes, every finished request is one that was submitted
+/// and not finished before, a read's data is exactly its length (or empty after an error), at
+/// most `SLOTS` are in flight, and `fail_all` finishes exactly the rest.
+pub fn block_ring(data: &[u8]) {
+    use crate::io::ioring::RingHost;
+    use hv_abi::ioring::{self, Request, Response, field, op};
+
+    const RING: u64 = 0;
+    const DATA: u64 = 4096;
+    let mem = VecGuestMemory::new(0, 4096 + ioring::DATA_BYTES as usize);
+    let Ok(mut host) = RingHost::<u64>::setup(&mem, RING, DATA) else {
+        panic!("setup of a well-formed registration failed");
+    };
+    let mut next_route = 0u64;
+    // Routes in flight, with the bytes a read of each must return.
+    let mut open: alloc::collections::BTreeMap<u64, Option<u32>> = Default::default();
+    let check = |done: alloc::vec::Vec<crate::io::ioring::Done<u64>>,
+                 open: &mut alloc::collections::BTreeMap<u64, Option<u32>>| {
+        for d in done {
+            let want = open
+                .remove(&d.route)
+                .unwrap_or_else(|| panic!("route {} finished twice or never submitted", d.route));
+            assert!(d.status <= 2);
+            match (want, d.status) {
+                (Some(len), 0) => assert_eq!(d.data.len(), len as usize),
+                _ => assert!(d.data.is_empty(), "data with a failed request or a write"),
+            }
+        }
+    };
+    let mut i = 0;
+    while i + 1 < data.len() {
+        let (what, arg) = (data[i], data[i + 1]);
+        i += 2;
+        match what % 4 {
+            0 => {
+                let sectors = u32::from(arg % 9) * 32;
+                let (opc, want, bytes) = match arg % 3 {
+                    0 => (op::READ, Some(sectors * 512), alloc::vec::Vec::new()),
+                    1 => (op::WRITE, None, vec![arg; sectors as usize * 512]),
+                    _ => (op::FLUSH, None, alloc::vec::Vec::new()),
+                };
+                let r = Request {
+                    op: opc,
+                    disk: 1,
+                    sector: u64::from(arg),
+                    sectors,
+                    ..Request::default()
+                };
+                if host.submit(&mem, r, &bytes, next_route).is_ok() {
+                    open.insert(next_route, want);
+                }
+                next_route += 1;
+            }
+            1 => {
+                // dom0 writes up to 16 bytes of the input at an offset it picks.
+                let Some(&o) = data.get(i) else { break };
+                let n = usize::from(arg % 17).min(data.len() - i - 1);
+                let at = if o & 1 == 0 {
+                    RING + u64::from(o) * 16
+                } else {
+                    DATA + u64::from(o) * 4096 + u64::from(arg)
+                };
+                let _ = mem.write(GuestAddr(at), &data[i + 1..i + 1 + n]);
+                i += 1 + n;
+            }
+            2 => {
+                // An honest dom0: answer every request it has not taken.
+                let prod = mem.read_u32(GuestAddr(RING + field::REQ_PROD)).unwrap_or(0);
+                let mut cons = mem.read_u32(GuestAddr(RING + field::REQ_CONS)).unwrap_or(0);
+                let mut rsp = mem.read_u32(GuestAddr(RING + field::RSP_PROD)).unwrap_or(0);
+                let mut n = 0;
+                while cons != prod && n < ioring::SLOTS {
+                    let mut b = [0u8; ioring::REQ_BYTES];
+                    let _ = mem.read(GuestAddr(RING + ioring::req_offset(cons)), &mut b);
+                    let q = Request::from_bytes(&b);
+                    let len = if q.op == op::READ { q.sectors * 512 } else { 0 };
+                    let a = Response {
+                        tag: q.tag,
+                        status: u32::from(arg % 3),
+                        len,
+                    };
+                    let _ = mem.write(GuestAddr(RING + ioring::rsp_offset(rsp)), &a.to_bytes());
+                    cons = cons.wrapping_add(1);
+                    rsp = rsp.wrapping_add(1);
+                    n += 1;
+                }
+                let _ = mem.write_u32(GuestAddr(RING + field::REQ_CONS), cons);
+                let _ = mem.write_u32(GuestAddr(RING + field::RSP_PROD), rsp);
+            }
+            _ => check(host.reap(&mem), &mut open),
+        }
+        assert!(host.in_flight() <= ioring::SLOTS as usize);
+        assert_eq!(host.in_flight(), open.len());
+    }
+    check(host.fail_all(), &mut open);
+    assert!(
+        open.is_empty(),
+        "fail_all left {} requests unfinished",
+        open.len()
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,6 +436,11 @@ mod tests {
     #[test]
     fn guest_io_corpus_replays() {
         replay("guest_io", guest_io);
+    }
+
+    #[test]
+    fn block_ring_corpus_replays() {
+        replay("block_ring", block_ring);
     }
 
     #[test]

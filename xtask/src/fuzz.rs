@@ -18,6 +18,7 @@ pub const TARGETS: &[(&str, &str)] = &[
     ("hypervisor", "domain_line"),
     ("hypervisor", "console"),
     ("hypervisor", "guest_io"),
+    ("hypervisor", "block_ring"),
     ("dom0-agent/volume", "metadata"),
     ("dom0-agent/hvctl", "nbd"),
 ];
