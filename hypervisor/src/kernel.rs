@@ -317,7 +317,9 @@ fn restart_dom0() {
     };
     let n = DOM0_RESTARTS.fetch_add(1, core::sync::atomic::Ordering::AcqRel) + 1;
     if n > MAX_DOM0_RESTARTS {
-        error!("dom0 ended {n} times; not restarted again (guests' disks fail until the machine restarts)");
+        error!(
+            "dom0 ended {n} times; not restarted again (guests' disks fail until the machine restarts)"
+        );
         return;
     }
     let modules = with_info(|info| info.modules.clone());
@@ -432,13 +434,17 @@ fn start_module(
             }
             match crate::vcpu::run::spawn(new) {
                 Ok(()) => info!(
-                    "domain {} ({}) created: {} MiB on CPU {}{}",
+                    "domain {} ({}) created: {} MiB on CPU {}{}{}",
                     d.id,
                     d.name,
                     d.mem_mib,
                     d.cpu,
                     match cfg.disk {
                         Some(disk) => alloc::format!(", disk {}", disk.volume),
+                        None => String::new(),
+                    },
+                    match &cfg.nic {
+                        Some(nic) => alloc::format!(", nic on network {}", nic.network),
                         None => String::new(),
                     }
                 ),

@@ -526,7 +526,7 @@ pub fn choose(want: Want, probe: KvmProbe) -> Result<Choice, String> {
 /// hello and exits, and one that stays running.
 pub const DEFAULT_GUESTS: &[&str] = &[
     "dom0:name=dom0 role=dom0 mem=64 -- volume=data:64:mirror",
-    "blkcheck:name=disk-demo disk=pool/data -- mode=both seed=1",
+    "blkcheck:name=disk-demo disk=pool/data nic=lan -- mode=both seed=1",
     "hello:name=hello -- from cargo xtask run",
     "ticker:name=ticker mem=8 -- stay",
 ];
