@@ -599,7 +599,10 @@ impl SplitQueue {
         mem: &M,
     ) -> Result<(), QueueError> {
         if self.features.event_idx {
-            mem.write_u16(self.avail_event_addr(), self.next_avail.wrapping_add(0x8000))?;
+            mem.write_u16(
+                self.avail_event_addr(),
+                self.next_avail.wrapping_add(0x8000),
+            )?;
         } else {
             mem.write_u16(self.used, VIRTQ_USED_F_NO_NOTIFY)?;
         }

@@ -99,12 +99,20 @@ fn requests_complete_out_of_order_with_the_right_data() {
     // The first is forwarded at its notification; while it is in flight the driver was told
     // not to notify, so the other three wait in the ring: one exit for four requests.
     assert_eq!(seen.borrow().len(), 1);
-    assert_eq!(dev.borrow().stats().notifies, 1, "one notification for four requests");
+    assert_eq!(
+        dev.borrow().stats().notifies,
+        1,
+        "one notification for four requests"
+    );
     assert!(blk.peek_used().is_none(), "nothing completes by itself");
     // Its completion takes the other three from the ring; they complete in reverse order.
     let first = seen.borrow_mut().remove(0);
     serve(&dev, &first, &mut disk, 0);
-    assert_eq!(seen.borrow().len(), 3, "the completion picked up the waiting three");
+    assert_eq!(
+        seen.borrow().len(),
+        3,
+        "the completion picked up the waiting three"
+    );
     let rest = seen.borrow().clone();
     for s in rest.iter().rev() {
         assert_eq!(s.op, Op::Write);
