@@ -88,6 +88,9 @@ pub fn owned(class_dword: u32) -> bool {
     matches!(class_dword >> 24, 0x01 | 0x02)
 }
 
+/// Functions whose ownership [`PciFilter`] remembers.
+const MAX_CACHED: usize = 256;
+
 /// dom0's view of configuration mechanism #1, on ports 0xCF8..0xCFF (register it there with
 /// 8 ports).
 pub struct PciFilter<H> {
@@ -117,19 +120,24 @@ impl<H: HostPorts> PciFilter<H> {
         let class = self.host.config(f.address(0x08), 0, 4, None);
         // An absent function reads all ones (class 0xff): not owned.
         let o = class != u32::MAX && owned(class);
-        self.owned.push((f, o));
+        // The cache is bounded (dom0 may probe every function of every bus); beyond it the
+        // class is read again each time, which costs a configuration access, not memory.
+        if self.owned.len() < MAX_CACHED {
+            self.owned.push((f, o));
+        }
         o
     }
 
     /// Whether `f` is function 0 of a device with a function dom0 owns.
     fn is_parent(&mut self, f: Bdf) -> bool {
-        f.func == 0
-            && (1..8).any(|func| {
-                let g = Bdf { func, ..f };
-                // Only look further when function 0 says multifunction (header type bit 7).
-                let header = self.host.config(f.address(0x0c), 0, 4, None);
-                header != u32::MAX && header & (1 << 23) != 0 && self.is_owned(g)
-            })
+        if f.func != 0 {
+            return false;
+        }
+        // Only look further when function 0 says multifunction (header type bit 7).
+        let header = self.host.config(f.address(0x0c), 0, 4, None);
+        header != u32::MAX
+            && header & (1 << 23) != 0
+            && (1..8).any(|func| self.is_owned(Bdf { func, ..f }))
     }
 
     fn data(&mut self, offset: u16, size: u8, write: Option<u32>) -> u32 {

@@ -42,6 +42,9 @@ struct Route {
     token: Token,
 }
 
+/// The most volumes dom0 may offer.
+const MAX_OFFERS: usize = 256;
+
 /// A volume dom0 offered.
 struct Offer {
     name: String,
@@ -530,6 +533,8 @@ pub fn call(domain: &Domain, call: Dom0Call) -> Dom0Reply {
                     l.offers[i].read_only = read_only;
                     i + 1
                 }
+                // Bounded: the hypervisor's heap is not dom0's to fill.
+                None if l.offers.len() >= MAX_OFFERS => return ret(Status::NoResources),
                 None => {
                     l.offers.push(Offer {
                         name,
