@@ -33,8 +33,8 @@ pub fn ensure_target() -> Result<(), String> {
     .map_err(|e| format!("{e}\nthe hypervisor needs it: run `rustup target add {TARGET}`"))
 }
 
-/// Builds the hypervisor (release) and returns the ELF's path.
-pub fn build_kernel() -> Result<PathBuf, String> {
+/// Builds `package` in release mode for bare metal (the target installed first if missing).
+fn build_release(package: &str) -> Result<(), String> {
     ensure_target()?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     run_checked(Command::new(cargo).current_dir(root()).args([
@@ -42,10 +42,15 @@ pub fn build_kernel() -> Result<PathBuf, String> {
         "--quiet",
         "--release",
         "-p",
-        "hypervisor",
+        package,
         "--target",
         TARGET,
-    ]))?;
+    ]))
+}
+
+/// Builds the hypervisor (release) and returns the ELF's path.
+pub fn build_kernel() -> Result<PathBuf, String> {
+    build_release("hypervisor")?;
     Ok(root()
         .join("target")
         .join(TARGET)
@@ -83,33 +88,13 @@ pub const TEST_GUESTS: &[&str] = &[
 
 /// Builds the test guests (release) and returns the folder holding their ELF files.
 pub fn build_guests() -> Result<PathBuf, String> {
-    ensure_target()?;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run_checked(Command::new(cargo).current_dir(root()).args([
-        "build",
-        "--quiet",
-        "--release",
-        "-p",
-        "test-guests",
-        "--target",
-        TARGET,
-    ]))?;
+    build_release("test-guests")?;
     Ok(root().join("target").join(TARGET).join("release"))
 }
 
 /// Builds dom0 (release, bare metal) and returns its ELF file.
 pub fn build_dom0() -> Result<PathBuf, String> {
-    ensure_target()?;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run_checked(Command::new(cargo).current_dir(root()).args([
-        "build",
-        "--quiet",
-        "--release",
-        "-p",
-        "dom0",
-        "--target",
-        TARGET,
-    ]))?;
+    build_release("dom0")?;
     Ok(root()
         .join("target")
         .join(TARGET)
