@@ -111,6 +111,10 @@ pub mod devices {
     pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
     /// Distance between two devices' windows.
     pub const VIRTIO_MMIO_STRIDE: u64 = 0x1000;
+    /// Device `i`'s used-buffer interrupt arrives on vCPU 0 as vector `VIRTIO_VECTOR_BASE + i`
+    /// (a paravirtual interrupt, injected when the vCPU has interrupts enabled, like the
+    /// timer's; the device's InterruptStatus says why, and the driver acknowledges it there).
+    pub const VIRTIO_VECTOR_BASE: u8 = 0x50;
 }
 
 /// I/O ports every domain has.

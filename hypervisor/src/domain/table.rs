@@ -61,6 +61,9 @@ pub struct Domain {
     /// TSC of the operator's last destroy or pause request (0: none yet).
     pub(crate) request_tsc: AtomicU64,
     pub exits: [AtomicU64; REASON_SLOTS],
+    /// Device interrupts raised for vCPU 0 (bit i: virtio device i), taken by its run loop
+    /// before the next entry; a halted vCPU 0 wakes for them.
+    pub(crate) irqs: AtomicU64,
     /// Its port and MMIO buses, shared by its vCPUs.
     pub(crate) io: Mutex<DomainIo>,
     /// Its memory while any vCPU holds it (for the EPT audit; the vCPUs own it).
@@ -531,6 +534,7 @@ pub fn create(
         state: AtomicU8::new(DomainState::Running as u8),
         request_tsc: AtomicU64::new(0),
         exits: Default::default(),
+        irqs: AtomicU64::new(0),
         io: Mutex::new(DomainIo::standard()),
         mem: Mutex::new(alloc::sync::Weak::new()),
         stop_reason: Mutex::new(String::new()),

@@ -64,6 +64,11 @@ impl VirtTimer {
         self.pending
     }
 
+    /// Whether an interrupt is pending (due, not yet injected).
+    pub fn is_pending(&self) -> bool {
+        self.pending
+    }
+
     /// The vector to inject now, if one is pending; the caller injects it.
     pub fn take(&mut self) -> Option<u8> {
         if self.pending {

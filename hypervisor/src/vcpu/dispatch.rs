@@ -35,6 +35,9 @@ pub struct VcpuCore {
     pub timer: VirtTimer,
     /// Whether interrupt-window exiting is on (a timer interrupt waits for RFLAGS.IF).
     pub window_exiting: bool,
+    /// Device interrupts waiting to be injected: bit i is virtio device i, injected on vector
+    /// `hv_abi::devices::VIRTIO_VECTOR_BASE + i` (vCPU 0 takes them).
+    pub irqs: u64,
     /// The guest's XCR0 (loaded while it runs, when XSAVE is in use).
     pub xcr0: u64,
     /// The guest's IA32_SPEC_CTRL: in the MSR while it runs, 0 in the hypervisor.
@@ -53,6 +56,7 @@ impl VcpuCore {
             msrs: StoredMsrs::default(),
             timer: VirtTimer::default(),
             window_exiting: false,
+            irqs: 0,
             xcr0,
             spec_ctrl: 0,
             spec_areas: policy::SpecCtrlAreas::default(),
@@ -626,26 +630,40 @@ fn emulate_mmio<M: GuestMemory>(
     Ok(Action::Resume)
 }
 
-/// Before an entry: injects the pending timer interrupt if the guest can take it now, else asks
-/// for an exit as soon as it can (interrupt-window exiting, SDM Vol. 3C §25.2).
+/// Before an entry: injects the pending timer interrupt, or else the lowest pending device
+/// interrupt, if the guest can take one now; while one still waits (the guest cannot take it,
+/// or more are pending), asks for an exit as soon as it can (interrupt-window exiting, SDM
+/// Vol. 3C §25.2).
 pub fn deliver_timer(v: &mut VcpuCore, a: &mut impl VmcsAccess) -> Result<()> {
     if a.get(f::ENTRY_INTERRUPTION) & (1 << 31) != 0 {
         return Ok(()); // another event (an exception) goes first
     }
     let ready = vtimer::can_inject(a.get(f::GUEST_RFLAGS), a.get(f::GUEST_INTERRUPTIBILITY));
-    if ready && let Some(vector) = v.timer.take() {
-        // External interrupt, vector as asked (SDM Vol. 3C §24.8.3).
-        a.set(f::ENTRY_INTERRUPTION, u64::from(vector) | (1 << 31))?;
+    if ready {
+        let vector = match v.timer.take() {
+            Some(vector) => Some(vector),
+            None if v.irqs != 0 => {
+                let i = v.irqs.trailing_zeros();
+                v.irqs &= !(1 << i);
+                Some(hv_abi::devices::VIRTIO_VECTOR_BASE.saturating_add(i as u8))
+            }
+            None => None,
+        };
+        if let Some(vector) = vector {
+            // External interrupt, vector as asked (SDM Vol. 3C §24.8.3).
+            a.set(f::ENTRY_INTERRUPTION, u64::from(vector) | (1 << 31))?;
+        }
     }
-    if ready == v.window_exiting {
+    let waiting = !ready || v.timer.is_pending() || v.irqs != 0;
+    if waiting != v.window_exiting {
         let procbased = a.get(f::PROCBASED);
-        let want = if ready {
-            procbased & !(1 << 2)
-        } else {
+        let want = if waiting {
             procbased | (1 << 2)
+        } else {
+            procbased & !(1 << 2)
         };
         a.set(f::PROCBASED, want)?;
-        v.window_exiting = !ready;
+        v.window_exiting = waiting;
     }
     Ok(())
 }

@@ -176,6 +176,14 @@ impl BlockPort for Dom0Port {
     }
 }
 
+/// Raises device `index`'s interrupt for `domain`'s vCPU 0 and makes sure it is seen: a halted
+/// vCPU 0 is woken, one running on another CPU is kicked.
+pub fn raise_irq(domain: &Domain, index: u32) {
+    domain.irqs.fetch_or(1 << (index % 64), Ordering::AcqRel);
+    super::queue::wake_vcpu(domain.id, 0);
+    crate::domain::table::kick_cpus_running(domain.id);
+}
+
 impl GuestDisk {
     fn complete(&self, token: Token, status: u8, data: &[u8]) {
         let Some(domain) = self.domain.lock().upgrade() else {
@@ -184,10 +192,17 @@ impl GuestDisk {
         let Some(mem) = domain.memory() else {
             return;
         };
-        let mut dev = self.dev.lock();
-        dev.with_device(mem.ram.mem(), |d, q, m| {
-            d.complete(token, status, data, q, m)
-        });
+        let raised = {
+            let mut dev = self.dev.lock();
+            let before = dev.stats().interrupts;
+            dev.with_device(mem.ram.mem(), |d, q, m| {
+                d.complete(token, status, data, q, m)
+            });
+            dev.stats().interrupts != before
+        };
+        if raised {
+            raise_irq(&domain, 0);
+        }
     }
 
     /// Pops again what waited in the ring (dom0 was away).
@@ -212,7 +227,17 @@ impl MmioDevice for DiskWindow {
     }
 
     fn write(&mut self, mem: &dyn GuestMemory, offset: u64, size: u8, value: u64) {
-        self.0.dev.lock().write(mem, offset, size, value);
+        let raised = {
+            let mut dev = self.0.dev.lock();
+            let before = dev.stats().interrupts;
+            dev.write(mem, offset, size, value);
+            dev.stats().interrupts != before
+        };
+        // Answered in-band during the guest's own exit: its run loop sees the bit before
+        // the next entry.
+        if raised && let Some(d) = self.0.domain.lock().upgrade() {
+            d.irqs.fetch_or(1, Ordering::AcqRel);
+        }
     }
 }
 

@@ -20,7 +20,7 @@ use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU16, Ordering};
+use core::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 
 use crate::arch::percpu::{ATTN_RESCHED, ATTN_TIMER, CPUS};
 use crate::arch::{cpu, lapic};
@@ -449,7 +449,10 @@ impl RunLoop {
         }
         if v.state == VcpuState::Blocked {
             // dom0 waiting in IO_WAIT wakes for a request; any halt wakes for its timer.
-            let event = v.core.index == 0 && super::dom0::take_event(&v.domain);
+            let event = v.core.index == 0
+                && (super::dom0::take_event(&v.domain)
+                    || v.core.irqs != 0
+                    || v.domain.irqs.load(Ordering::Acquire) != 0);
             if !event && let Some(until) = v.halted_until() {
                 self.give_back(v, Back::Blocked(until));
                 return;
@@ -631,9 +634,21 @@ impl RunLoop {
         arm(a, v, sleeper, start);
         // Indexed once: the check before each entry is one load.
         let attn = &CPUS[cpu].attention;
+        // Device interrupts go to vCPU 0 (raised by other CPUs, or by this vCPU's own exit);
+        // the other vCPUs look at a word that stays 0.
+        static NONE: AtomicU64 = AtomicU64::new(0);
+        let domain = v.domain.clone();
+        let irqs = if v.core.index == 0 {
+            &domain.irqs
+        } else {
+            &NONE
+        };
         let end = loop {
-            if !v.core.timer.idle()
-                && v.core.timer.poll(cpu::rdtsc())
+            if irqs.load(Ordering::Relaxed) != 0 {
+                v.core.irqs |= irqs.swap(0, Ordering::AcqRel);
+            }
+            let timer_due = !v.core.timer.idle() && v.core.timer.poll(cpu::rdtsc());
+            if (timer_due || v.core.irqs != 0)
                 && let Err(e) = dispatch::deliver_timer(&mut v.core, a)
             {
                 break SliceEnd::Stop {
@@ -709,6 +724,10 @@ impl RunLoop {
                 }
                 Ok(Action::Resume) => {}
                 Ok(Action::Requeue) => break SliceEnd::Requeue,
+                // A device interrupt is waiting (raised while interrupts were off): HLT
+                // ends at once, as on hardware; the entry injects it.
+                Ok(Action::Halt)
+                    if v.core.irqs != 0 || v.domain.irqs.load(Ordering::Acquire) != 0 => {}
                 Ok(Action::Halt) => break SliceEnd::Halt,
                 Ok(Action::Retire) => break SliceEnd::Retire,
                 Ok(Action::Exit(code)) => {

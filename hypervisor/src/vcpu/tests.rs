@@ -577,6 +577,35 @@ fn a_due_timer_is_injected_when_the_guest_can_take_it_else_a_window_is_asked_for
     assert!(!r.v.window_exiting);
 }
 
+#[test]
+fn device_interrupts_wait_behind_the_timer_and_for_if() {
+    let mut r = Rig::new();
+    r.v.irqs = 0b101;
+    r.v.timer.set(0x30, 100, 0);
+    assert!(r.v.timer.poll(200));
+    // IF clear: a window is asked for, nothing injected.
+    deliver_timer(&mut r.v, &mut r.a).unwrap();
+    assert_eq!(r.a.field(f::ENTRY_INTERRUPTION), 0);
+    assert!(r.v.window_exiting);
+    // IF set: the timer first, and the window stays on for the device interrupts.
+    r.a = core::mem::take(&mut r.a).with(f::GUEST_RFLAGS, 1 << 9);
+    deliver_timer(&mut r.v, &mut r.a).unwrap();
+    assert_eq!(r.a.field(f::ENTRY_INTERRUPTION), 0x30 | (1 << 31));
+    assert!(r.v.window_exiting);
+    // The next entries take device 0, then device 2, on their vectors; then the window closes.
+    r.a = core::mem::take(&mut r.a).with(f::ENTRY_INTERRUPTION, 0);
+    deliver_timer(&mut r.v, &mut r.a).unwrap();
+    let base = u64::from(hv_abi::devices::VIRTIO_VECTOR_BASE);
+    assert_eq!(r.a.field(f::ENTRY_INTERRUPTION), base | (1 << 31));
+    assert!(r.v.window_exiting);
+    r.a = core::mem::take(&mut r.a).with(f::ENTRY_INTERRUPTION, 0);
+    deliver_timer(&mut r.v, &mut r.a).unwrap();
+    assert_eq!(r.a.field(f::ENTRY_INTERRUPTION), (base + 2) | (1 << 31));
+    assert_eq!(r.v.irqs, 0);
+    assert!(!r.v.window_exiting);
+    assert_eq!(r.a.field(f::PROCBASED) & (1 << 2), 0);
+}
+
 /// A device that remembers the last store and answers loads with a fixed pattern.
 struct Probe(alloc::sync::Arc<spin::Mutex<Vec<(u64, u8, u64)>>>);
 
