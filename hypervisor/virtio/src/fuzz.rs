@@ -20,6 +20,7 @@ use crate::devices::balloon::{BalloonDevice, BalloonLog};
 use crate::devices::block::{BlockDevice, MemDisk};
 use crate::devices::console::ConsoleDevice;
 use crate::devices::net::{FrameSink, NetDevice};
+use crate::devices::remote_block::{BlockPort, Busy, PortRequest, RemoteBlock, Token};
 use crate::mem::{GuestAddr, GuestMemory, VecGuestMemory};
 use crate::transport::{MmioTransport, TransportOptions, reg, status};
 
@@ -43,7 +44,7 @@ pub struct Outcome {
 
 /// Runs one fuzz case. Never panics for any input (that is the property being fuzzed).
 pub fn run(data: &[u8]) -> Outcome {
-    let kind = data.first().copied().unwrap_or(0) % 4;
+    let kind = data.first().copied().unwrap_or(0) % 5;
     match kind {
         0 => drive(BlockDevice::new(MemDisk::new(64, false)), data),
         1 => drive(
@@ -51,7 +52,44 @@ pub fn run(data: &[u8]) -> Outcome {
             data,
         ),
         2 => drive(ConsoleDevice::new(Vec::new(), 80, 25), data),
-        _ => drive(BalloonDevice::new(BalloonLog::default()), data),
+        3 => drive(BalloonDevice::new(BalloonLog::default()), data),
+        _ => drive(RemoteBlock::new(FuzzPort::default(), 64, false, 8192), data),
+    }
+}
+
+/// The remote disk's backend in a fuzz case: keeps up to 8 requests, completed by events
+/// (in order, with a status and a length the input chooses, right or wrong).
+#[derive(Default)]
+pub struct FuzzPort {
+    pending: alloc::collections::VecDeque<Token>,
+}
+
+impl BlockPort for FuzzPort {
+    fn submit(&mut self, req: PortRequest<'_>) -> Result<(), Busy> {
+        if self.pending.len() >= 8 {
+            return Err(Busy);
+        }
+        self.pending.push_back(req.token);
+        Ok(())
+    }
+}
+
+impl FuzzEvents for RemoteBlock<FuzzPort> {
+    fn event<M: GuestMemory + ?Sized>(t: &mut MmioTransport<Self>, mem: &M, arg: u8) {
+        let Some(token) = t.device_mut().port_mut().pending.pop_front() else {
+            return;
+        };
+        // A stale or forged token now and then, a short or long read, any status.
+        let token = if arg & 0xe0 == 0xe0 {
+            Token {
+                head: token.head.wrapping_add(1),
+                ..token
+            }
+        } else {
+            token
+        };
+        let data = alloc::vec![arg; usize::from(arg) * 32];
+        t.with_device(mem, |d, qs, m| d.complete(token, arg % 4, &data, qs, m));
     }
 }
 
