@@ -1,7 +1,8 @@
 //! The bodies of the fuzz targets for what guests and operators hand the hypervisor (issue 16):
 //! the guest page walk, the ELF loader, the hypercall dispatcher, the boot modules' domain
 //! lines, the serial console (line editor and command parser) and guests' port and MMIO
-//! accesses to their devices, and what dom0 writes into its block ring. Each takes arbitrary bytes, runs the parser on them and checks what its callers rely
+//! accesses to their devices, what dom0 writes into its block ring, and the frames guests
+//! send into the virtual switch. Each takes arbitrary bytes, runs the parser on them and checks what its callers rely
 //! on; a violated check panics, which is what the fuzzer looks for. `hypervisor/fuzz` wraps
 //! each in a cargo-fuzz target of the same name (`cargo xtask fuzz TARGET SECONDS`), and the
 //! tests below replay each target's seed corpus (`fuzz/corpus/TARGET`) plus mutations and
@@ -28,6 +29,7 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("console", console),
     ("guest_io", guest_io),
     ("block_ring", block_ring),
+    ("switch", switch),
 ];
 
 fn word(data: &[u8], i: usize) -> u64 {
@@ -366,6 +368,111 @@ pub fn block_ring(data: &[u8]) {
     );
 }
 
+/// The virtual switch, fed frames guests write (any bytes, any length) from four guest ports
+/// on two VLANs (each bound to its MAC) and a trunk: whatever the frames, nothing is
+/// delivered to the port it came from or to a port that does not carry its VLAN, an access
+/// port gets no frame tagged with a VLAN id from a guest, a guest port's accepted frames carry
+/// its own source MAC,
+/// queues stay within their bounds, and every frame offered is counted once.
+pub fn switch(data: &[u8]) {
+    use hv_vswitch::{
+        MacAddr, PortConfig, SendResult, Switch, SwitchConfig, TPID_8021Q, VlanId, VlanSet,
+    };
+    let cfg = SwitchConfig {
+        queue_frames: 8,
+        queue_bytes: 8 * 1518,
+        ..SwitchConfig::default()
+    };
+    let Ok(mut sw) = Switch::new(cfg) else {
+        panic!("a valid configuration was refused");
+    };
+    let vlan = |v| VlanId::new(v).expect("valid VLAN");
+    let mac = |i: u8| MacAddr([2, 0, 0, 0, 0, i + 1]);
+    let mut ports = alloc::vec::Vec::new();
+    for i in 0..4u8 {
+        let c = PortConfig::access(vlan(10 + u16::from(i % 2))).with_mac(mac(i));
+        ports.push((sw.add_port(c).expect("room for five ports"), Some(i)));
+    }
+    let mut allowed = VlanSet::empty();
+    allowed.insert(vlan(10));
+    allowed.insert(vlan(11));
+    let trunk = sw
+        .add_port(PortConfig::trunk(allowed, Some(vlan(10))))
+        .expect("room");
+    ports.push((trunk, None));
+    let mut now = 0u64;
+    let mut offered = [0u64; 5];
+    let mut i = 0;
+    while i + 2 < data.len() {
+        let (who, len_byte) = (usize::from(data[i]) % 5, data[i + 1]);
+        i += 2;
+        let len = usize::from(len_byte) * 8 % 1600;
+        let mut frame = alloc::vec![0u8; len];
+        for (k, b) in frame.iter_mut().enumerate() {
+            *b = data.get(i + k).copied().unwrap_or(k as u8);
+        }
+        i += len.min(data.len() - i);
+        // Mostly well-formed: a destination among the guests (or broadcast), the sender's
+        // own source (unless the input says forge), maybe a tag.
+        if frame.len() >= 14 && len_byte & 1 == 0 {
+            let dst = if len_byte & 2 == 0 {
+                [0xff; 6]
+            } else {
+                mac(len_byte % 4).0
+            };
+            frame[..6].copy_from_slice(&dst);
+            if let (Some(me), false) = (ports[who].1, len_byte & 4 != 0) {
+                frame[6..12].copy_from_slice(&mac(me).0);
+            }
+            if len_byte & 8 != 0 && frame.len() >= 18 {
+                frame[12..14].copy_from_slice(&TPID_8021Q.to_be_bytes());
+            }
+        }
+        now += 1_000_000;
+        offered[who] += 1;
+        if let SendResult::Accepted { .. } = sw.send(ports[who].0, &frame, now)
+            && let Some(me) = ports[who].1
+        {
+            assert_eq!(&frame[6..12], &mac(me).0, "a forged source was accepted");
+        }
+        // Drain every port and check what it gets.
+        for (to, (port, guest)) in ports.iter().enumerate() {
+            while let Some(f) = sw.recv(*port) {
+                assert_ne!(f.source(), *port, "delivered back to its ingress port");
+                let b = f.bytes();
+                assert!(b.len() >= 14);
+                // A tag with a VLAN id (a priority tag, VID 0, names no VLAN: it may pass).
+                let tagged = b[12..14] == TPID_8021Q.to_be_bytes()
+                    && b.len() >= 16
+                    && u16::from_be_bytes([b[14], b[15]]) & 0xfff != 0;
+                if let Some(g) = guest {
+                    // Access ports refuse tagged frames, so what one sent never arrives
+                    // tagged; a double-tagged frame from the trunk keeps its inner tag
+                    // (same VLAN traffic, as on a hardware switch).
+                    assert!(
+                        !tagged || f.source() == trunk,
+                        "a tagged frame from a guest reached access port {to}"
+                    );
+                    assert_eq!(f.vlan(), vlan(10 + u16::from(g % 2)), "crossed VLANs");
+                }
+            }
+        }
+        for (port, _) in &ports {
+            if let Some(q) = sw.queue_depth(*port) {
+                assert!(q.frames <= 8);
+            }
+        }
+    }
+    for (k, (port, _)) in ports.iter().enumerate() {
+        let s = sw.port_stats(*port).expect("the port exists");
+        let counted = s.rx_frames + s.spoofed + s.malformed + s.vlan_denied;
+        assert_eq!(
+            counted, offered[k],
+            "port {k}: every offered frame counted once"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -436,6 +543,11 @@ mod tests {
     #[test]
     fn guest_io_corpus_replays() {
         replay("guest_io", guest_io);
+    }
+
+    #[test]
+    fn switch_corpus_replays() {
+        replay("switch", switch);
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub const TARGETS: &[(&str, &str)] = &[
     ("hypervisor", "console"),
     ("hypervisor", "guest_io"),
     ("hypervisor", "block_ring"),
+    ("hypervisor", "switch"),
     ("dom0-agent/volume", "metadata"),
     ("dom0-agent/hvctl", "nbd"),
 ];

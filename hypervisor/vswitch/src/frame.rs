@@ -17,6 +17,8 @@ pub const ETH_HEADER_LEN: usize = 14;
 pub const VLAN_TAG_LEN: usize = 4;
 /// The 802.1Q tag protocol identifier (IEEE 802.1Q §9.5, the C-VLAN tag).
 pub const TPID_8021Q: u16 = 0x8100;
+/// The 802.1ad service tag's TPID (the outer tag of stacked "QinQ" tags).
+pub const TPID_8021AD: u16 = 0x88a8;
 /// The TCI's VLAN id bits (the low 12); the top 4 are the priority (PCP) and DEI.
 const TCI_VID_MASK: u16 = 0x0fff;
 
@@ -73,6 +75,9 @@ pub(crate) struct Header {
     pub src: MacAddr,
     /// The 802.1Q TCI, if the frame is tagged (TPID 0x8100 at offset 12).
     pub tci: Option<u16>,
+    /// A second VLAN tag follows the first, or the frame's first tag is an 802.1ad service
+    /// tag: stacked tags, with which a sender could reach another VLAN beyond the next switch.
+    pub stacked: bool,
 }
 
 /// Why a frame's bytes cannot be an Ethernet frame here.
@@ -92,13 +97,18 @@ pub(crate) fn parse(frame: &[u8], max_untagged: usize) -> Result<Header, Malform
         return Err(Malformed::TooShort);
     };
     let tagged = u16::from_be_bytes([head[TYPE_OFFSET], head[TYPE_OFFSET + 1]]) == TPID_8021Q;
-    let tci = if tagged {
+    let first = u16::from_be_bytes([head[TYPE_OFFSET], head[TYPE_OFFSET + 1]]);
+    let (tci, stacked) = if tagged {
         let Some(tag) = frame.get(ETH_HEADER_LEN..ETH_HEADER_LEN + VLAN_TAG_LEN) else {
             return Err(Malformed::TruncatedTag);
         };
-        Some(u16::from_be_bytes([tag[0], tag[1]]))
+        let inner = u16::from_be_bytes([tag[2], tag[3]]);
+        (
+            Some(u16::from_be_bytes([tag[0], tag[1]])),
+            matches!(inner, TPID_8021Q | TPID_8021AD),
+        )
     } else {
-        None
+        (None, first == TPID_8021AD)
     };
     let max = if tagged {
         max_untagged.saturating_add(VLAN_TAG_LEN)
@@ -116,6 +126,7 @@ pub(crate) fn parse(frame: &[u8], max_untagged: usize) -> Result<Header, Malform
         dst: MacAddr(dst),
         src: MacAddr(src),
         tci,
+        stacked,
     })
 }
 

@@ -284,7 +284,11 @@ impl Switch {
             port.stats.spoofed += 1;
             return SendResult::Dropped(DropReason::Spoofed);
         }
-        let Some((vlan, priority)) = port.config.kind.classify(header.tci) else {
+        // An access port's frames belong to its VLAN alone: stacked tags behind a priority
+        // tag (or an 802.1ad tag) would name another VLAN to the switches beyond a trunk.
+        let stacked = header.stacked && matches!(port.config.kind, PortKind::Access(_));
+        let Some((vlan, priority)) = port.config.kind.classify(header.tci).filter(|_| !stacked)
+        else {
             port.stats.vlan_denied += 1;
             return SendResult::Dropped(DropReason::VlanDenied);
         };

@@ -231,6 +231,39 @@ fn an_access_port_refuses_tagged_frames() {
 }
 
 #[test]
+fn stacked_tags_from_an_access_port_are_refused() {
+    // A priority tag (VID 0) hiding a tag for VLAN 20, and an 802.1ad service tag: both would
+    // reach VLAN 20 beyond the next switch once the trunk's tag is stripped there.
+    let mut sw = switch();
+    let a = access(&mut sw, 10);
+    let up = trunk(&mut sw, &[10, 20], None);
+    let mut hidden = tagged(MacAddr::BROADCAST, mac(1), 0, b"");
+    hidden.splice(16..18, [0x81, 0x00, 0x00, 20]);
+    assert_eq!(
+        sw.send(a, &hidden, 0),
+        SendResult::Dropped(DropReason::VlanDenied)
+    );
+    let mut service = eth(MacAddr::BROADCAST, mac(1), &[0x00, 20, 0x08, 0x00]);
+    service[12..14].copy_from_slice(&0x88a8u16.to_be_bytes());
+    assert_eq!(
+        sw.send(a, &service, 0),
+        SendResult::Dropped(DropReason::VlanDenied)
+    );
+    assert!(drain(&mut sw, up).is_empty());
+    assert_eq!(sw.port_stats(a).unwrap().vlan_denied, 2);
+    // A plain priority-tagged frame is still the port's own VLAN's.
+    let plain = tagged(MacAddr::BROADCAST, mac(1), 0, b"");
+    assert_eq!(sw.send(a, &plain, 0), accepted(1));
+    // The trunk (dom0's uplink) may carry stacked tags.
+    let mut double = tagged(MacAddr::BROADCAST, mac(2), 10, b"");
+    double.splice(16..18, [0x81, 0x00, 0x00, 20]);
+    assert!(matches!(
+        sw.send(up, &double, 0),
+        SendResult::Accepted { .. }
+    ));
+}
+
+#[test]
 fn forged_and_group_sources_are_dropped_and_counted() {
     let mut sw = switch();
     let a = sw

@@ -78,7 +78,13 @@ fn model_decision(cfg: &PortConfig, frame: &[u8]) -> Result<VlanId, DropReason> 
     } else {
         0
     };
+    let stacked = if tagged {
+        matches!(u16::from_be_bytes([frame[16], frame[17]]), 0x8100 | 0x88a8)
+    } else {
+        frame[12..14] == [0x88, 0xa8]
+    };
     let vlan = match &cfg.kind {
+        PortKind::Access(_) if stacked => None,
         PortKind::Access(v) if vid_in == 0 => Some(*v),
         PortKind::Access(_) => None,
         PortKind::Trunk { native, .. } if vid_in == 0 => *native,
