@@ -10,6 +10,7 @@
 use core::fmt::Write;
 
 pub use hv_abi;
+pub use linked_list_allocator;
 
 /// One VMCALL: number in RAX, arguments in RDI, RSI, RDX; result in RAX.
 #[cfg(target_arch = "x86_64")]
@@ -81,6 +82,37 @@ pub unsafe fn args<'a>(ptr: *const u8, len: usize) -> &'a str {
     // SAFETY: forwarded from this function's contract; the loader copied a `&str` there.
     let bytes = unsafe { core::slice::from_raw_parts(ptr, len.min(4095)) };
     core::str::from_utf8(bytes).unwrap_or("")
+}
+
+/// Declares a guest's heap of `$bytes` (a page-aligned static, its global allocator) as a
+/// module `heap` whose `init()` the guest calls first thing; on the host `init` does nothing.
+#[macro_export]
+macro_rules! guest_heap {
+    ($bytes:expr) => {
+        #[cfg(target_os = "none")]
+        mod heap {
+            use $crate::linked_list_allocator::LockedHeap;
+
+            const SIZE: usize = $bytes;
+
+            #[repr(C, align(4096))]
+            struct Area([u8; SIZE]);
+            static mut AREA: Area = Area([0; SIZE]);
+
+            #[global_allocator]
+            static ALLOCATOR: LockedHeap = LockedHeap::empty();
+
+            pub fn init() {
+                // SAFETY: called once, first thing; nothing else uses the area.
+                unsafe { ALLOCATOR.lock().init((&raw mut AREA).cast::<u8>(), SIZE) };
+            }
+        }
+
+        #[cfg(not(target_os = "none"))]
+        mod heap {
+            pub fn init() {}
+        }
+    };
 }
 
 /// Declares the guest's entry: `guest_main!(run)` with `fn run(args: &str, ram: u64)`.

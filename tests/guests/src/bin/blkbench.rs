@@ -88,27 +88,7 @@ use test_guests::println;
 
 test_guests::guest_main!(run);
 
-#[cfg(target_os = "none")]
-mod heap {
-    use linked_list_allocator::LockedHeap;
-
-    #[repr(C, align(4096))]
-    struct Area([u8; 8 << 20]);
-    static mut AREA: Area = Area([0; 8 << 20]);
-
-    #[global_allocator]
-    static ALLOCATOR: LockedHeap = LockedHeap::empty();
-
-    pub fn init() {
-        // SAFETY: called once, first thing; nothing else uses the area.
-        unsafe { ALLOCATOR.lock().init((&raw mut AREA).cast::<u8>(), 8 << 20) };
-    }
-}
-
-#[cfg(not(target_os = "none"))]
-mod heap {
-    pub fn init() {}
-}
+test_guests::guest_heap!(8 << 20);
 
 type Disk = Block<IdentityHal, RegisterTransport<MmioBus>>;
 

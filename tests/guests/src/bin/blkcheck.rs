@@ -22,27 +22,7 @@ use test_guests::println;
 
 test_guests::guest_main!(run);
 
-#[cfg(target_os = "none")]
-mod heap {
-    use linked_list_allocator::LockedHeap;
-
-    #[repr(C, align(4096))]
-    struct Area([u8; 4 << 20]);
-    static mut AREA: Area = Area([0; 4 << 20]);
-
-    #[global_allocator]
-    static ALLOCATOR: LockedHeap = LockedHeap::empty();
-
-    pub fn init() {
-        // SAFETY: called once, first thing; nothing else uses the area.
-        unsafe { ALLOCATOR.lock().init((&raw mut AREA).cast::<u8>(), 4 << 20) };
-    }
-}
-
-#[cfg(not(target_os = "none"))]
-mod heap {
-    pub fn init() {}
-}
+test_guests::guest_heap!(4 << 20);
 
 /// Where each pattern goes: (first sector, sectors).
 const EXTENTS: &[(u64, usize)] = &[

@@ -35,29 +35,7 @@ use test_guests::println;
 
 test_guests::guest_main!(run);
 
-#[cfg(target_os = "none")]
-mod heap {
-    use linked_list_allocator::LockedHeap;
-
-    const SIZE: usize = 1 << 20;
-
-    #[repr(C, align(4096))]
-    struct Area([u8; SIZE]);
-    static mut AREA: Area = Area([0; SIZE]);
-
-    #[global_allocator]
-    static ALLOCATOR: LockedHeap = LockedHeap::empty();
-
-    pub fn init() {
-        // SAFETY: called once, first thing; nothing else uses the area.
-        unsafe { ALLOCATOR.lock().init((&raw mut AREA).cast::<u8>(), SIZE) };
-    }
-}
-
-#[cfg(not(target_os = "none"))]
-mod heap {
-    pub fn init() {}
-}
+test_guests::guest_heap!(1 << 20);
 
 /// Receive (and transmit) buffers the driver keeps posted.
 const QUEUE: usize = 16;
