@@ -401,11 +401,18 @@ fn start_module(
         error!("module {i} ('{}'): {e}; not started", cfg.name);
         return;
     }
-    match crate::domain::table::create(&DOMAINS, &FRAMES, image, &cfg, caps) {
+    // dom0's devices, found before its EPT is built: their memory BARs are mapped in it.
+    let owned = if cfg.dom0 {
+        crate::vcpu::dom0::scan_devices()
+    } else {
+        alloc::vec::Vec::new()
+    };
+    let mmio = crate::vcpu::dom0::mmio_windows(&owned, cfg.mem_mib);
+    match crate::domain::table::create(&DOMAINS, &FRAMES, image, &cfg, caps, &mmio) {
         Ok(new) => {
             let d = new.domain.clone();
             if cfg.dom0 {
-                match crate::vcpu::dom0::give_devices(&d) {
+                match crate::vcpu::dom0::give_devices(&d, &owned) {
                     Ok(what) => {
                         for w in what {
                             info!("dom0 owns {w}");

@@ -161,6 +161,29 @@ impl<H: Hypervisor> Hypercalls<H> {
         check(self.hv.call(hypercall::IO_WAIT, 0, 0, 0)).map(|_| ())
     }
 
+    /// dom0: as [`Self::io_wait`], but returns after at most `timeout_us` microseconds
+    /// (0: no bound), or as soon as a frame waits on one of its uplinks.
+    pub fn io_wait_bounded(&mut self, timeout_us: u64) -> Result<(), HypercallError> {
+        check(self.hv.call(hypercall::IO_WAIT, timeout_us, 0, 0)).map(|_| ())
+    }
+
+    /// dom0: attaches its uplink to the network whose name is at guest-physical `name_gpa`
+    /// (`name_len` bytes); returns the uplink's handle.
+    pub fn net_uplink(&mut self, name_gpa: u64, name_len: u64) -> Result<u64, HypercallError> {
+        check(self.hv.call(hypercall::NET_UPLINK, name_gpa, name_len, 0))
+    }
+
+    /// dom0: a frame from the physical NIC (`len` bytes at `gpa`) into uplink `handle`.
+    pub fn net_send(&mut self, handle: u64, gpa: u64, len: u64) -> Result<(), HypercallError> {
+        check(self.hv.call(hypercall::NET_SEND, handle, gpa, len)).map(|_| ())
+    }
+
+    /// dom0: the next frame for uplink `handle` into `cap` bytes at `gpa`; its length, 0 if
+    /// none waits.
+    pub fn net_recv(&mut self, handle: u64, gpa: u64, cap: u64) -> Result<u64, HypercallError> {
+        check(self.hv.call(hypercall::NET_RECV, handle, gpa, cap))
+    }
+
     /// dom0: the host-physical (bus) address of its buffer `gpa..gpa + len` (one
     /// host-contiguous piece of its RAM), for its devices' DMA.
     pub fn dma_map(&mut self, gpa: u64, len: u64) -> Result<u64, HypercallError> {

@@ -77,7 +77,7 @@ impl Platform for Host {
     fn dom0_call(&mut self, call: Dom0Call) -> Dom0Reply {
         let reply = match call {
             Dom0Call::DiskOffer { .. } => Dom0Reply::Return(1),
-            Dom0Call::Wait => Dom0Reply::Wait,
+            Dom0Call::Wait { .. } => Dom0Reply::Wait,
             _ => Dom0Reply::Return(0),
         };
         self.dom0_calls.push(call);
@@ -140,6 +140,11 @@ fn dom0_calls_need_the_right_and_reach_the_backend_decoded() {
     assert_eq!(h.io_ready(), denied);
     assert_eq!(h.io_kick(), denied);
     assert_eq!(h.io_wait(), denied);
+    assert_eq!(h.io_wait_bounded(1000), denied);
+    let denied_value = Err(HypercallError::Status(Status::PermissionDenied));
+    assert_eq!(h.net_uplink(0x4000, 3), denied_value);
+    assert_eq!(h.net_send(1, 0x4000, 60), denied);
+    assert_eq!(h.net_recv(1, 0x4000, 2048), denied_value);
     assert_eq!(
         h.disk_offer(0x4000, 9, 64, false),
         Err(HypercallError::Status(Status::PermissionDenied))
@@ -152,6 +157,20 @@ fn dom0_calls_need_the_right_and_reach_the_backend_decoded() {
     assert_eq!(h.io_ring_setup(0x1000, 0x2000), Ok(()));
     assert_eq!(h.disk_offer(0x4000, 9, 64, true), Ok(1));
     assert_eq!(h.io_wait(), Ok(()));
+    assert_eq!(h.io_wait_bounded(250), Ok(()));
+    assert_eq!(h.net_uplink(0x4000, 4), Ok(0), "'pool' is a network name");
+    assert_eq!(
+        h.net_uplink(0x4000, 9),
+        Err(HypercallError::Status(Status::InvalidArgument)),
+        "'pool/data' is not"
+    );
+    assert_eq!(h.net_send(1, 0x4000, 60), Ok(()));
+    assert_eq!(
+        h.net_send(1, 0x4000, 2000),
+        Err(HypercallError::Status(Status::InvalidArgument)),
+        "longer than a tagged frame"
+    );
+    assert_eq!(h.net_recv(1, 0x4000, 1518), Ok(0));
     assert_eq!(
         h.disk_offer(0x4000, 4, 64, false),
         Err(HypercallError::Status(Status::InvalidArgument)),

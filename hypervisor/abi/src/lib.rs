@@ -88,14 +88,32 @@ pub mod hypercall {
     pub const IO_READY: u64 = 18;
     /// dom0 only. Responses were added to the ring: the hypervisor completes them.
     pub const IO_KICK: u64 = 19;
-    /// dom0 only. Completes what the ring holds, then waits until a request arrives (or
-    /// returns at once if one is already there). Returns 0.
+    /// dom0 only. `(timeout_us)`: completes what the ring holds, then waits until a request
+    /// arrives or a frame waits on one of its uplinks (or returns at once if one already
+    /// does), or `timeout_us` microseconds pass (0: no bound; dom0 polls its NICs between
+    /// waits with a bound). Returns 0.
     pub const IO_WAIT: u64 = 20;
     /// dom0 only. `(gpa, len)`: the host-physical (bus) address of dom0's buffer
     /// `gpa..gpa + len`, which must lie in one host-contiguous piece of its RAM (an aligned
     /// 2 MiB chunk); dom0 programs its devices' DMA with it. dom0's RAM stays where it is for
     /// dom0's life (never moved, ballooned or shared), so the address stays valid.
     pub const DMA_MAP: u64 = 21;
+    /// dom0 only. `(name_gpa, name_len)`: attaches dom0's uplink (the bridge to a physical
+    /// NIC) to the network named there (`[a-z0-9_-]`, 1..=32 bytes; made if no guest named it
+    /// yet): a trunk port of its switch carrying every VLAN tagged, and untagged frames on
+    /// VLAN 1 (the guests' default). Returns the uplink's handle (1 or more). Attaching again
+    /// (dom0 restarted) replaces the old port.
+    pub const NET_UPLINK: u64 = 22;
+    /// dom0 only. `(handle, gpa, len)`: a frame that arrived on the physical NIC goes into the
+    /// switch through the uplink (14..=1518 bytes, with its VLAN tag if it has one). Returns 0
+    /// whether the switch delivered it or counted it as refused.
+    pub const NET_SEND: u64 = 23;
+    /// dom0 only. `(handle, gpa, cap)`: takes the next frame the switch queued for the
+    /// uplink into dom0's buffer (`cap` at least [`NET_FRAME_MAX`]). Returns its length, or 0
+    /// when none waits.
+    pub const NET_RECV: u64 = 24;
+    /// Largest frame through an uplink: 1514 bytes and an 802.1Q tag.
+    pub const NET_FRAME_MAX: u64 = 1518;
 }
 
 pub mod ioring;

@@ -82,6 +82,15 @@ pub struct NicSpec<'a> {
     pub mac: Option<MacAddr>,
 }
 
+/// Whether `name` is a network name: 1..=[`NETWORK_NAME_MAX`] of `[a-z0-9_-]`.
+pub fn valid_network_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= NETWORK_NAME_MAX
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'))
+}
+
 /// The MAC of a NIC given none: locally administered, unicast, the domain id in the last
 /// four bytes (`02:00:00:00:00:01` for domain 1), so no two domains share one.
 pub fn default_mac(domain_id: u32) -> MacAddr {
@@ -107,12 +116,7 @@ impl<'a> NicSpec<'a> {
     fn parse(text: &'a str) -> Result<NicSpec<'a>, String> {
         let mut words = text.split(',');
         let network = words.next().unwrap_or("");
-        if network.is_empty()
-            || network.len() > NETWORK_NAME_MAX
-            || !network
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'))
-        {
+        if !valid_network_name(network) {
             return Err(alloc::format!(
                 "nic={text}: '{network}' is not a network name (1..{NETWORK_NAME_MAX} of a-z, 0-9, '_', '-')"
             ));

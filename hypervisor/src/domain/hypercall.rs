@@ -48,7 +48,26 @@ pub enum Dom0Call {
     },
     Ready,
     Kick,
-    Wait,
+    /// IO_WAIT, bounded to `timeout_us` (0: unbounded).
+    Wait {
+        timeout_us: u64,
+    },
+    /// An uplink for the network named.
+    Uplink {
+        network: String,
+    },
+    /// A frame from the physical NIC: uplink `handle`, `len` bytes at `gpa`.
+    NetSend {
+        handle: u64,
+        gpa: u64,
+        len: u64,
+    },
+    /// The next frame for uplink `handle`, into `cap` bytes at `gpa`.
+    NetRecv {
+        handle: u64,
+        gpa: u64,
+        cap: u64,
+    },
     DmaMap {
         gpa: u64,
         len: u64,
@@ -127,7 +146,7 @@ pub fn dispatch(number: u64, args: [u64; 3], mem: &impl GuestMemory, caller: Cal
                 period_us,
             }
         }
-        nr::IO_RING_SETUP..=nr::DMA_MAP if !caller.privileged => {
+        nr::IO_RING_SETUP..=nr::NET_RECV if !caller.privileged => {
             Outcome::Return(Status::PermissionDenied as i64)
         }
         nr::IO_RING_SETUP => Outcome::Dom0(Dom0Call::RingSetup {
@@ -137,7 +156,9 @@ pub fn dispatch(number: u64, args: [u64; 3], mem: &impl GuestMemory, caller: Cal
         nr::DISK_OFFER => disk_offer(args, mem),
         nr::IO_READY => Outcome::Dom0(Dom0Call::Ready),
         nr::IO_KICK => Outcome::Dom0(Dom0Call::Kick),
-        nr::IO_WAIT => Outcome::Dom0(Dom0Call::Wait),
+        nr::IO_WAIT => Outcome::Dom0(Dom0Call::Wait {
+            timeout_us: args[0],
+        }),
         nr::DMA_MAP if args[1] == 0 || args[0].checked_add(args[1]).is_none() => {
             Outcome::Return(Status::InvalidArgument as i64)
         }
@@ -145,7 +166,42 @@ pub fn dispatch(number: u64, args: [u64; 3], mem: &impl GuestMemory, caller: Cal
             gpa: args[0],
             len: args[1],
         }),
+        nr::NET_UPLINK => uplink(args, mem),
+        nr::NET_SEND if !(14..=nr::NET_FRAME_MAX).contains(&args[2]) => {
+            Outcome::Return(Status::InvalidArgument as i64)
+        }
+        nr::NET_SEND => Outcome::Dom0(Dom0Call::NetSend {
+            handle: args[0],
+            gpa: args[1],
+            len: args[2],
+        }),
+        nr::NET_RECV if args[2] < nr::NET_FRAME_MAX => {
+            Outcome::Return(Status::InvalidArgument as i64)
+        }
+        nr::NET_RECV => Outcome::Dom0(Dom0Call::NetRecv {
+            handle: args[0],
+            gpa: args[1],
+            cap: args[2],
+        }),
         _ => Outcome::Return(Status::UnknownCall as i64),
+    }
+}
+
+#[cold]
+fn uplink(args: [u64; 3], mem: &impl GuestMemory) -> Outcome {
+    let (gpa, len) = (args[0], args[1]);
+    if len == 0 || len > super::config::NETWORK_NAME_MAX as u64 {
+        return Outcome::Return(Status::InvalidArgument as i64);
+    }
+    let mut buf = vec![0u8; len as usize];
+    if mem.read(GuestAddr(gpa), &mut buf).is_err() {
+        return Outcome::Return(Status::BadAddress as i64);
+    }
+    match String::from_utf8(buf) {
+        Ok(network) if super::config::valid_network_name(&network) => {
+            Outcome::Dom0(Dom0Call::Uplink { network })
+        }
+        _ => Outcome::Return(Status::InvalidArgument as i64),
     }
 }
 
@@ -195,6 +251,9 @@ mod tests {
             nr::IO_READY,
             nr::IO_KICK,
             nr::IO_WAIT,
+            nr::NET_UPLINK,
+            nr::NET_SEND,
+            nr::NET_RECV,
             nr::DMA_MAP,
         ] {
             assert_eq!(
@@ -220,7 +279,54 @@ mod tests {
         );
         assert_eq!(
             dispatch(nr::IO_WAIT, [0; 3], &m, DOM0),
-            Outcome::Dom0(Dom0Call::Wait)
+            Outcome::Dom0(Dom0Call::Wait { timeout_us: 0 })
+        );
+    }
+
+    #[test]
+    fn uplink_calls_are_checked() {
+        let m = VecGuestMemory::new(0, 8192);
+        m.write(GuestAddr(64), b"lan").unwrap();
+        m.write(GuestAddr(128), b"LAN!").unwrap();
+        let bad = Outcome::Return(Status::InvalidArgument as i64);
+        assert_eq!(
+            dispatch(nr::NET_UPLINK, [64, 3, 0], &m, DOM0),
+            Outcome::Dom0(Dom0Call::Uplink {
+                network: String::from("lan")
+            })
+        );
+        // Not a network name, empty, too long, outside dom0's memory.
+        assert_eq!(dispatch(nr::NET_UPLINK, [128, 4, 0], &m, DOM0), bad);
+        assert_eq!(dispatch(nr::NET_UPLINK, [64, 0, 0], &m, DOM0), bad);
+        assert_eq!(dispatch(nr::NET_UPLINK, [64, 33, 0], &m, DOM0), bad);
+        assert_eq!(
+            dispatch(nr::NET_UPLINK, [8190, 3, 0], &m, DOM0),
+            Outcome::Return(Status::BadAddress as i64)
+        );
+        // Frames: 14..=1518 bytes out; a receive buffer must hold the largest.
+        assert_eq!(
+            dispatch(nr::NET_SEND, [1, 0x100, 60], &m, DOM0),
+            Outcome::Dom0(Dom0Call::NetSend {
+                handle: 1,
+                gpa: 0x100,
+                len: 60
+            })
+        );
+        for len in [0, 13, 1519, u64::MAX] {
+            assert_eq!(dispatch(nr::NET_SEND, [1, 0x100, len], &m, DOM0), bad);
+        }
+        assert_eq!(dispatch(nr::NET_RECV, [1, 0x100, 1517], &m, DOM0), bad);
+        assert_eq!(
+            dispatch(nr::NET_RECV, [1, 0x100, 2048], &m, DOM0),
+            Outcome::Dom0(Dom0Call::NetRecv {
+                handle: 1,
+                gpa: 0x100,
+                cap: 2048
+            })
+        );
+        assert_eq!(
+            dispatch(nr::IO_WAIT, [500, 0, 0], &m, DOM0),
+            Outcome::Dom0(Dom0Call::Wait { timeout_us: 500 })
         );
     }
 

@@ -384,13 +384,15 @@ pub struct NewDomain {
 
 /// Builds a domain from an ELF image: RAM from `phys`, the image loaded into it, its EPT and one
 /// VMCS per vCPU; adds it to `table`. Takes the frame allocator's lock itself (never call it
-/// with the lock held).
+/// with the lock held). `mmio` are device register windows (base, length; 4 KiB-aligned)
+/// mapped at their own addresses, uncached: dom0's controllers, empty for every other domain.
 pub fn create(
     table: &DomainTable,
     phys: &'static PhysMem,
     image: &[u8],
     cfg: &DomainConfig,
     caps: &VmxCaps,
+    mmio: &[(u64, u64)],
 ) -> Result<NewDomain, String> {
     let online: Vec<usize> = (0..percpu::cpu_count())
         .filter(|&i| CPUS[i].state() == percpu::CpuState::Online)
@@ -489,6 +491,11 @@ pub fn create(
                     Perm::RWX,
                     MemType::WriteBack,
                 )?;
+            }
+            // Device registers passed through (dom0's controllers): at their own addresses,
+            // uncached, never executable.
+            for &(base, len) in mmio {
+                ept.map(&mut tf, base, base, len, Perm::RW, MemType::Uncached)?;
             }
             Ok(ept)
         })

@@ -73,7 +73,7 @@ impl Bdf {
         }
     }
 
-    fn address(self, reg: u8) -> u32 {
+    pub fn address(self, reg: u8) -> u32 {
         (1 << 31)
             | (u32::from(self.bus) << 16)
             | (u32::from(self.dev) << 11)
@@ -86,6 +86,116 @@ impl Bdf {
 /// (0x01) and network (0x02) controllers.
 pub fn owned(class_dword: u32) -> bool {
     matches!(class_dword >> 24, 0x01 | 0x02)
+}
+
+/// A function dom0 owns, as [`scan`] found it: where its registers are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwnedFunction {
+    pub bdf: Bdf,
+    /// Vendor (low 16 bits) and device (high 16 bits).
+    pub id: u32,
+    /// The class register (class, subclass, prog-if, revision).
+    pub class: u32,
+    /// Port ranges (base, count): its I/O BARs, and the legacy ports of an IDE controller in
+    /// compatibility mode.
+    pub ports: Vec<(u16, u16)>,
+    /// Memory BARs (base, size in bytes), as the firmware placed them; a BAR that is not
+    /// placed (base 0) is left out.
+    pub mmio: Vec<(u64, u64)>,
+}
+
+/// Largest I/O BAR passed through (a PC's devices have at most 256 ports per BAR).
+const MAX_IO_BAR: u32 = 256;
+
+/// Finds every function of bus 0 dom0 owns ([`owned`]) and sizes its BARs (each BAR is
+/// sized with decode switched off in the command register, then restored, so a device never
+/// decodes at the all-ones address meanwhile). Run once, before dom0 starts, while nothing
+/// drives these devices.
+pub fn scan(host: &mut impl HostPorts) -> Vec<OwnedFunction> {
+    let mut found = Vec::new();
+    for dev in 0..32u8 {
+        for func in 0..8u8 {
+            let f = Bdf { bus: 0, dev, func };
+            let id = host.config(f.address(0), 0, 4, None);
+            if id == u32::MAX || id == 0 {
+                if func == 0 {
+                    break;
+                }
+                continue;
+            }
+            let class = host.config(f.address(0x08), 0, 4, None);
+            let header = host.config(f.address(0x0c), 0, 4, None);
+            // Only ordinary functions (header type 0) have six BARs; bridges are never owned.
+            if owned(class) && (header >> 16) & 0x7f == 0 {
+                found.push(size_bars(host, f, id, class));
+            }
+            if func == 0 && header & (1 << 23) == 0 {
+                break;
+            }
+        }
+    }
+    found
+}
+
+/// The BARs of one function (header type 0).
+fn size_bars(host: &mut impl HostPorts, f: Bdf, id: u32, class: u32) -> OwnedFunction {
+    let mut ports = Vec::new();
+    if class >> 16 == 0x0101 {
+        // Compatibility mode (prog-if bits 0 and 2 clear): the legacy ports.
+        if class & (1 << 8) == 0 {
+            ports.extend([(0x1f0, 8), (0x3f6, 1)]);
+        }
+        if class & (1 << 10) == 0 {
+            ports.extend([(0x170, 8), (0x376, 1)]);
+        }
+    }
+    let mut mmio = Vec::new();
+    let cmd = host.config(f.address(0x04), 0, 2, None);
+    host.config(f.address(0x04), 0, 2, Some(cmd & !0b11));
+    let mut bar = 0u8;
+    while bar < 6 {
+        let reg = 0x10 + bar * 4;
+        let v = host.config(f.address(reg), 0, 4, None);
+        host.config(f.address(reg), 0, 4, Some(u32::MAX));
+        let mask = host.config(f.address(reg), 0, 4, None);
+        host.config(f.address(reg), 0, 4, Some(v));
+        bar += 1;
+        if v & 1 == 1 {
+            let size = (!(mask & 0xffff_fffc)).wrapping_add(1) & 0xffff;
+            let base = v & 0xfffc;
+            if base != 0 && size != 0 && size <= MAX_IO_BAR {
+                ports.push((base as u16, size as u16));
+            }
+            continue;
+        }
+        let wide = (v >> 1) & 3 == 2;
+        let (mut base, mut lanes) = (u64::from(v & !0xf), u64::from(mask & !0xf));
+        if wide && bar < 6 {
+            let hreg = 0x10 + bar * 4;
+            let hv = host.config(f.address(hreg), 0, 4, None);
+            host.config(f.address(hreg), 0, 4, Some(u32::MAX));
+            let hmask = host.config(f.address(hreg), 0, 4, None);
+            host.config(f.address(hreg), 0, 4, Some(hv));
+            bar += 1;
+            base |= u64::from(hv) << 32;
+            lanes |= u64::from(hmask) << 32;
+        } else {
+            // A 32-bit BAR decodes nothing above 4 GiB.
+            lanes |= 0xffff_ffff_0000_0000;
+        }
+        let size = (!lanes).wrapping_add(1);
+        if base != 0 && lanes != 0 && size != 0 && size.is_power_of_two() {
+            mmio.push((base, size));
+        }
+    }
+    host.config(f.address(0x04), 0, 2, Some(cmd));
+    OwnedFunction {
+        bdf: f,
+        id,
+        class,
+        ports,
+        mmio,
+    }
 }
 
 /// Functions whose ownership [`PciFilter`] remembers.
@@ -194,6 +304,9 @@ mod tests {
     #[derive(Default)]
     struct Machine {
         config: BTreeMap<(Bdf, u8), u32>,
+        /// BAR registers with writable address bits (this mask); the other bits keep their
+        /// value (the type bits, and the zeros that give the size).
+        bar_masks: BTreeMap<(Bdf, u8), u32>,
         ports: Vec<(u16, u8, Option<u32>)>,
     }
 
@@ -220,8 +333,11 @@ mod tests {
                     2 => 0xffff,
                     _ => u32::MAX,
                 } << shift;
-                m.config
-                    .insert((f, reg), (d & !mask) | ((v << shift) & mask));
+                let mut stored = (d & !mask) | ((v << shift) & mask);
+                if let Some(&writable) = m.bar_masks.get(&(f, reg)) {
+                    stored = (stored & writable) | (d & !writable);
+                }
+                m.config.insert((f, reg), stored);
                 return 0;
             }
             let v = d >> (u32::from(offset) * 8);
@@ -267,6 +383,9 @@ mod tests {
             m.config.insert((f, 0x08), class);
             m.config.insert((f, 0x0c), header);
             m.config.insert((f, 0x04), 0);
+            for bar in 0..6 {
+                m.config.insert((f, 0x10 + bar * 4), 0);
+            }
             m.config.insert((f, 0x20), 0xc001);
         }
         drop(m);
@@ -364,6 +483,67 @@ mod tests {
             b.access(0xcfd, 2, true, 0),
             crate::io::PortAction::Read(0x0180)
         );
+    }
+
+    #[test]
+    fn scan_finds_owned_functions_and_sizes_their_bars() {
+        let h = machine();
+        {
+            let mut m = h.0.lock();
+            // The NIC: a 128 KiB memory BAR and a 64-port I/O BAR, decoding on.
+            m.config.insert((NIC, 0x04), 0x0007);
+            m.config.insert((NIC, 0x10), 0xfebc_0000);
+            m.bar_masks.insert((NIC, 0x10), !(0x2_0000 - 1));
+            m.config.insert((NIC, 0x14), 0xc041);
+            m.bar_masks.insert((NIC, 0x14), !(0x40 - 1));
+            m.config.insert((NIC, 0x20), 0);
+            // The IDE controller: its bus-master BAR (16 ports) at BAR 4.
+            m.bar_masks.insert((IDE, 0x20), !(0x10 - 1));
+            m.config.insert((IDE, 0x20), 0xc001);
+        }
+        let found = scan(&mut h.clone());
+        let bdfs: Vec<Bdf> = found.iter().map(|o| o.bdf).collect();
+        assert_eq!(bdfs, vec![IDE, NIC], "bridges are not owned");
+        assert_eq!(
+            found[0].ports,
+            vec![
+                (0x1f0, 8),
+                (0x3f6, 1),
+                (0x170, 8),
+                (0x376, 1),
+                (0xc000, 0x10)
+            ]
+        );
+        assert!(found[0].mmio.is_empty());
+        assert_eq!(found[1].ports, vec![(0xc040, 0x40)]);
+        assert_eq!(found[1].mmio, vec![(0xfebc_0000, 0x2_0000)]);
+        assert_eq!(found[1].id, 0x100e_8086);
+        // Sizing left every BAR and the command register as they were.
+        let m = h.0.lock();
+        assert_eq!(m.config.get(&(NIC, 0x10)), Some(&0xfebc_0000));
+        assert_eq!(m.config.get(&(NIC, 0x14)), Some(&0xc041));
+        assert_eq!(m.config.get(&(NIC, 0x04)), Some(&0x0007));
+    }
+
+    #[test]
+    fn scan_reads_64_bit_bars_as_one() {
+        let h = machine();
+        {
+            let mut m = h.0.lock();
+            m.config.insert((NIC, 0x20), 0);
+            // A 64-bit prefetchable BAR of 16 KiB at 0x1_8000_0000, in BARs 0 and 1.
+            m.config.insert((NIC, 0x10), 0x8000_000c);
+            m.config.insert((NIC, 0x14), 0x1);
+            m.bar_masks.insert((NIC, 0x10), !(0x4000 - 1));
+            m.bar_masks.insert((NIC, 0x14), u32::MAX);
+            // An unplaced 32-bit BAR (base 0) is left out.
+            m.config.insert((NIC, 0x18), 0);
+            m.bar_masks.insert((NIC, 0x18), !(0x1000 - 1));
+        }
+        let found = scan(&mut h.clone());
+        let nic = found.iter().find(|o| o.bdf == NIC).expect("the NIC");
+        assert_eq!(nic.mmio, vec![(0x1_8000_0000, 0x4000)]);
+        assert!(nic.ports.is_empty());
     }
 
     #[test]

@@ -46,6 +46,8 @@ pub struct VcpuCore {
     pub spec_areas: policy::SpecCtrlAreas,
     /// Its console (UART port and console hypercall): lines, rate-limited.
     pub console: DomainConsole,
+    /// When a bounded IO_WAIT ends (TSC), while this vCPU waits in one.
+    pub wake_at: Option<u64>,
 }
 
 impl VcpuCore {
@@ -61,6 +63,16 @@ impl VcpuCore {
             spec_ctrl: 0,
             spec_areas: policy::SpecCtrlAreas::default(),
             console: DomainConsole::default(),
+            wake_at: None,
+        }
+    }
+
+    /// When a halt of this vCPU ends by itself (TSC): its timer's next tick, or the bound of
+    /// the IO_WAIT it waits in, whichever comes first; `None`: only a wake-up ends it.
+    pub fn halt_deadline(&self) -> Option<u64> {
+        match (self.timer.deadline(), self.wake_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 }
@@ -403,14 +415,25 @@ fn vmcall(
             }
             v.regs.rax = 0;
         }
-        Outcome::Dom0(call) => match p.dom0_call(call) {
-            Dom0Reply::Return(x) => v.regs.rax = x as u64,
-            Dom0Reply::Wait => {
-                v.regs.rax = 0;
-                skip(a, exit)?;
-                return Ok(Action::Halt);
+        Outcome::Dom0(call) => {
+            let bound = match call {
+                Dom0Call::Wait { timeout_us } if timeout_us > 0 => Some(timeout_us),
+                _ => None,
+            };
+            match p.dom0_call(call) {
+                Dom0Reply::Return(x) => v.regs.rax = x as u64,
+                Dom0Reply::Wait => {
+                    v.regs.rax = 0;
+                    // At most 10 s, like a timer period, so the product stays in u64.
+                    v.wake_at = bound.map(|us| {
+                        let ticks = (us.min(10_000_000) * p.tsc_khz() / 1000).max(1);
+                        p.rdtsc().saturating_add(ticks)
+                    });
+                    skip(a, exit)?;
+                    return Ok(Action::Halt);
+                }
             }
-        },
+        }
     }
     skip(a, exit)
 }

@@ -32,7 +32,7 @@ use crate::domain::hypercall::Dom0Call;
 use crate::domain::table::{Domain, DomainMem};
 use crate::io::ioring::{Done, RingHost, SubmitError};
 use crate::io::mmio::MmioDevice;
-use crate::io::passthrough::{Bdf, HostPorts, PciFilter, PortPassthrough, owned};
+use crate::io::passthrough::{HostPorts, OwnedFunction, PciFilter, PortPassthrough};
 use crate::println;
 use hv_guest_mem::GuestMemory;
 
@@ -79,7 +79,7 @@ static LINK: Mutex<Link> = Mutex::new(Link {
     disks: Vec::new(),
 });
 
-/// A request arrived for dom0 while it waited: its IO_WAIT ends (the run loop takes the flag
+/// A request arrived for dom0 while it waited, or a frame for one of its uplinks: its IO_WAIT ends (the run loop takes the flag
 /// when it picks dom0's halted vCPU; a halt without a timer otherwise lasts).
 static EVENT: AtomicBool = AtomicBool::new(false);
 
@@ -421,99 +421,120 @@ impl HostPorts for MachinePorts {
     }
 }
 
-/// Gives dom0 the machine's disk and network controllers: PCI configuration through the
-/// filter, and the I/O ports of every function it owns (its I/O BARs on bus 0, and the legacy
-/// IDE ports of an IDE controller in compatibility mode). Returns what it got, for the log.
-/// The BARs keep the firmware's assignment: the ranges passed are those found now.
-pub fn give_devices(domain: &Domain) -> Result<Vec<String>, String> {
+/// The functions of bus 0 dom0 owns, with their BARs sized (run before dom0 starts, while
+/// nothing drives them).
+pub fn scan_devices() -> Vec<OwnedFunction> {
+    crate::io::passthrough::scan(&mut MachinePorts)
+}
+
+/// Guest-physical addresses dom0's EPT never maps devices at: its RAM (below `mem_mib`), the
+/// virtio windows, and the IOAPIC and LAPIC page range the hypervisor keeps.
+fn reserved(base: u64, end: u64, mem_mib: u64) -> bool {
+    let virtio = hv_abi::devices::VIRTIO_MMIO_BASE;
+    let overlaps = |lo: u64, hi: u64| base < hi && lo < end;
+    overlaps(0, mem_mib << 20)
+        || overlaps(virtio, virtio + 0x10_0000)
+        || overlaps(0xfec0_0000, 0xff00_0000)
+        || end > 1 << 39
+}
+
+/// The memory BARs of `owned` as 4 KiB-aligned windows to map in dom0's EPT, without those
+/// that are empty, overlap one another or land on [`reserved`] addresses (each left out is
+/// logged: dom0 then cannot reach that BAR).
+pub fn mmio_windows(owned: &[OwnedFunction], mem_mib: u64) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for o in owned {
+        for &(base, size) in &o.mmio {
+            let lo = base & !0xfff;
+            let Some(hi) = base
+                .checked_add(size)
+                .and_then(|e| e.checked_next_multiple_of(4096))
+            else {
+                continue;
+            };
+            if reserved(lo, hi, mem_mib) || out.iter().any(|&(b, l)| lo < b + l && b < hi) {
+                log::warn!(
+                    "PCI {:02x}:{:02x}.{}: memory BAR {base:#x}+{size:#x} not passed to dom0 (overlaps its RAM, another BAR or the hypervisor's devices)",
+                    o.bdf.bus,
+                    o.bdf.dev,
+                    o.bdf.func
+                );
+                continue;
+            }
+            out.push((lo, hi - lo));
+        }
+    }
+    out
+}
+
+/// Gives dom0 the machine's disk and network controllers `owned` ([`scan_devices`]): PCI
+/// configuration through the filter, and the I/O ports of every function (its I/O BARs, and
+/// the legacy IDE ports of an IDE controller in compatibility mode); their memory BARs are
+/// already in its EPT ([`mmio_windows`]). Returns what it got, for the log. The BARs keep the
+/// firmware's assignment: dom0 is trusted not to move them (a moved BAR is no longer
+/// reachable through its EPT, and its I/O ports no longer passed).
+pub fn give_devices(domain: &Domain, owned: &[OwnedFunction]) -> Result<Vec<String>, String> {
     let mut io = domain.io.lock();
     let mut what = Vec::new();
     io.ports
         .register(0xcf8, 8, Box::new(PciFilter::new(MachinePorts)))
         .map_err(|e| alloc::format!("PCI configuration ports: {e:?}"))?;
-    let mut m = MachinePorts;
-    let mut ranges: Vec<(u16, u16)> = Vec::new();
-    for dev in 0..32u8 {
-        for func in 0..8u8 {
-            let f = Bdf { bus: 0, dev, func };
-            let at = |reg: u8| {
-                (1u32 << 31) | (u32::from(dev) << 11) | (u32::from(func) << 8) | u32::from(reg)
-            };
-            let id = m.config(at(0), 0, 4, None);
-            if id == u32::MAX || id == 0 {
-                if func == 0 {
-                    break;
-                }
-                continue;
+    for o in owned {
+        let mut parts: Vec<String> = o
+            .ports
+            .iter()
+            .map(|&(b, n)| alloc::format!("ports {:#x}-{:#x}", b, u32::from(b) + u32::from(n) - 1))
+            .collect();
+        parts.extend(
+            o.mmio
+                .iter()
+                .map(|&(b, n)| alloc::format!("memory {:#x}-{:#x}", b, b + n - 1)),
+        );
+        what.push(alloc::format!(
+            "PCI {:02x}:{:02x}.{} ({:04x}:{:04x}, class {:06x}): {}",
+            o.bdf.bus,
+            o.bdf.dev,
+            o.bdf.func,
+            o.id & 0xffff,
+            o.id >> 16,
+            o.class >> 8,
+            if parts.is_empty() {
+                String::from("nothing")
+            } else {
+                parts.join(", ")
             }
-            let class = m.config(at(0x08), 0, 4, None);
-            if owned(class) {
-                let mut ports = Vec::new();
-                if class >> 16 == 0x0101 {
-                    // Compatibility mode (prog-if bits 0 and 2 clear): the legacy ports.
-                    if class & (1 << 8) == 0 {
-                        ranges.extend([(0x1f0, 8), (0x3f6, 1)]);
-                        ports.push(String::from("0x1f0-0x1f7, 0x3f6"));
-                    }
-                    if class & (1 << 10) == 0 {
-                        ranges.extend([(0x170, 8), (0x376, 1)]);
-                        ports.push(String::from("0x170-0x177, 0x376"));
-                    }
-                }
-                for bar in 0..6u8 {
-                    let v = m.config(at(0x10 + bar * 4), 0, 4, None);
-                    if v & 1 == 1 && v & !3 != 0 {
-                        // An I/O BAR: its size from the bits that stick after writing ones.
-                        let reg = at(0x10 + bar * 4);
-                        m.config(reg, 0, 4, Some(u32::MAX));
-                        let mask = m.config(reg, 0, 4, None) & 0xffff_fffc;
-                        m.config(reg, 0, 4, Some(v));
-                        let size = (!mask).wrapping_add(1) & 0xffff;
-                        let base = (v & 0xfffc) as u16;
-                        if size != 0 && size <= 256 {
-                            ranges.push((base, size as u16));
-                            ports.push(alloc::format!(
-                                "{:#x}-{:#x}",
-                                base,
-                                u32::from(base) + size - 1
-                            ));
-                        }
-                    }
-                }
-                what.push(alloc::format!(
-                    "PCI {:02x}:{:02x}.{} ({:04x}:{:04x}, class {:06x}): ports {}",
-                    f.bus,
-                    f.dev,
-                    f.func,
-                    id & 0xffff,
-                    id >> 16,
-                    class >> 8,
-                    if ports.is_empty() {
-                        String::from("none")
-                    } else {
-                        ports.join(", ")
-                    }
-                ));
-            }
-            if func == 0 && m.config(at(0x0c), 0, 4, None) & (1 << 23) == 0 {
-                break;
-            }
+        ));
+        for &(base, count) in &o.ports {
+            io.ports
+                .register(
+                    base,
+                    count,
+                    Box::new(PortPassthrough::new(base, MachinePorts)),
+                )
+                .map_err(|e| alloc::format!("ports {base:#x}+{count}: {e:?}"))?;
         }
-    }
-    for (base, count) in ranges {
-        io.ports
-            .register(
-                base,
-                count,
-                Box::new(PortPassthrough::new(base, MachinePorts)),
-            )
-            .map_err(|e| alloc::format!("ports {base:#x}+{count}: {e:?}"))?;
     }
     Ok(what)
 }
 
+/// A call's result: a value (0 or more) or a status.
+fn ret_value(r: Result<u64, hv_abi::Status>) -> Dom0Reply {
+    Dom0Reply::Return(match r {
+        Ok(v) => v as i64,
+        Err(s) => s as i64,
+    })
+}
+
+/// Frames wait for dom0 on an uplink: its IO_WAIT ends (or returns at once).
+pub fn frames_for_dom0() {
+    // One wake-up per wait: the flag stays set until dom0's halted vCPU takes it.
+    if !EVENT.swap(true, Ordering::AcqRel) {
+        super::queue::wake_vcpu(0, 0);
+    }
+}
+
 /// One of dom0's calls, made by `domain` (privileged: the dispatcher checked).
-pub fn call(domain: &Domain, call: Dom0Call) -> Dom0Reply {
+pub fn call(domain: &Arc<Domain>, call: Dom0Call) -> Dom0Reply {
     use hv_abi::Status;
     let ret = |s: Status| Dom0Reply::Return(s as i64);
     match call {
@@ -592,12 +613,22 @@ pub fn call(domain: &Domain, call: Dom0Call) -> Dom0Reply {
             reap();
             ret(Status::Ok)
         }
-        Dom0Call::Wait => {
+        Dom0Call::Uplink { network } => ret_value(super::net::attach_uplink(domain, &network)),
+        Dom0Call::NetSend { handle, gpa, len } => {
+            ret_value(super::net::uplink_send(domain, handle, gpa, len).map(|()| 0))
+        }
+        Dom0Call::NetRecv { handle, gpa, cap } => {
+            ret_value(super::net::uplink_recv(domain, handle, gpa, cap))
+        }
+        Dom0Call::Wait { .. } => {
             reap();
+            // Before the link's lock: the networks' locks are never taken under it.
+            let frames = super::net::uplink_pending();
             let mut l = LINK.lock();
             match l.dom0.as_mut() {
                 Some(d)
-                    if !d.ring.unread(d.mem.ram.mem())
+                    if !frames
+                        && !d.ring.unread(d.mem.ram.mem())
                         && !d.ring.responses_waiting(d.mem.ram.mem()) =>
                 {
                     d.waiting = true;

@@ -30,10 +30,11 @@ use alloc::string::String;
 use alloc::sync::{Arc, Weak};
 use alloc::vec::Vec;
 
+use hv_abi::Status;
 use hv_virtio::devices::net::{NetBackend, NetDevice, RX_QUEUE, TX_QUEUE};
 use hv_virtio::transport::reg::QUEUE_NOTIFY;
 use hv_virtio::{DeviceError, GuestMemory, MmioTransport, QueueSet, TransportOptions};
-use hv_vswitch::{MacAddr, PortConfig, PortId, PortStats, Switch, SwitchConfig, VlanId};
+use hv_vswitch::{MacAddr, PortConfig, PortId, PortStats, Switch, SwitchConfig, VlanId, VlanSet};
 use log::info;
 use spin::Mutex;
 
@@ -77,10 +78,12 @@ struct Segment {
     departed: VecDeque<Departed>,
 }
 
-/// A guest's port.
+/// A guest's port, or dom0's uplink (a trunk with no NIC of its own here: dom0 takes its
+/// frames with NET_RECV).
 struct Attached {
     id: PortId,
     nic: Weak<GuestNic>,
+    uplink: bool,
     domain: Weak<Domain>,
     dom_id: u32,
     name: String,
@@ -128,6 +131,13 @@ impl Segment {
         });
     }
 
+    /// Whether `id` is the uplink of a dom0 that still runs.
+    fn uplink_alive(&self, id: PortId) -> bool {
+        self.ports
+            .iter()
+            .any(|a| a.id == id && a.uplink && !a.gone())
+    }
+
     /// Removes the ports of every stopped domain.
     fn prune(&mut self) {
         let gone: Vec<PortId> = self
@@ -155,8 +165,11 @@ impl Network {
                 .collect()
         };
         for (id, nic) in waiting {
-            if !nic.is_some_and(|n| n.pump()) {
-                self.seg.lock().depart(id);
+            match nic {
+                Some(n) if n.pump() => {}
+                // dom0's uplink: dom0 takes its frames, woken if it waits.
+                None if self.seg.lock().uplink_alive(id) => super::dom0::frames_for_dom0(),
+                _ => self.seg.lock().depart(id),
             }
         }
     }
@@ -323,6 +336,7 @@ pub fn attach_nic(domain: &Arc<Domain>, spec: &NicSpec<'_>) -> Result<(), String
         seg.ports.push(Attached {
             id: port,
             nic: Arc::downgrade(&nic),
+            uplink: false,
             domain: Arc::downgrade(domain),
             dom_id: domain.id,
             name: domain.name.clone(),
@@ -345,6 +359,152 @@ pub fn attach_nic(domain: &Arc<Domain>, spec: &NicSpec<'_>) -> Result<(), String
         domain.id, domain.name, net.name, spec.vlan
     );
     Ok(())
+}
+
+/// Most networks dom0 may attach uplinks to (each may make a network).
+pub const MAX_UPLINKS: usize = 16;
+
+/// dom0's uplinks, by handle (index + 1); the lock is held alone.
+static UPLINKS: Mutex<Vec<Uplink>> = Mutex::new(Vec::new());
+
+/// One uplink: a trunk port on a network's switch.
+struct Uplink {
+    net: Arc<Network>,
+    port: PortId,
+}
+
+/// The uplink `handle` of `domain` (dom0).
+fn uplink(handle: u64) -> Result<(Arc<Network>, PortId), Status> {
+    let all = UPLINKS.lock();
+    let i = usize::try_from(handle)
+        .ok()
+        .and_then(|h| h.checked_sub(1))
+        .ok_or(Status::InvalidArgument)?;
+    all.get(i)
+        .map(|u| (u.net.clone(), u.port))
+        .ok_or(Status::InvalidArgument)
+}
+
+/// NET_UPLINK: dom0's uplink on network `name`, a trunk carrying every VLAN (tagged) and
+/// VLAN 1 untagged; an uplink dom0 had there before (it restarted) is replaced. Returns the
+/// handle.
+pub fn attach_uplink(domain: &Arc<Domain>, name: &str) -> Result<u64, Status> {
+    let mut all = UPLINKS.lock();
+    let known = all.iter().position(|u| u.net.name == name);
+    if known.is_none() && all.len() == MAX_UPLINKS {
+        log::warn!(
+            "dom{} NET_UPLINK {name}: at most {MAX_UPLINKS} uplinks",
+            domain.id
+        );
+        return Err(Status::NoResources);
+    }
+    let net = network(name).map_err(|e| {
+        log::warn!("dom{} NET_UPLINK refused: {e}", domain.id);
+        Status::NoResources
+    })?;
+    let port = {
+        let mut seg = net.seg.lock();
+        seg.prune();
+        let old: Vec<PortId> = seg
+            .ports
+            .iter()
+            .filter(|a| a.uplink)
+            .map(|a| a.id)
+            .collect();
+        for id in old {
+            seg.depart(id);
+        }
+        let port = seg
+            .switch
+            .add_port(PortConfig::trunk(VlanSet::all(), Some(VlanId::MIN)))
+            .map_err(|e| {
+                log::warn!("dom{} NET_UPLINK {name}: switch port: {e}", domain.id);
+                Status::NoResources
+            })?;
+        seg.ports.push(Attached {
+            id: port,
+            nic: Weak::new(),
+            uplink: true,
+            domain: Arc::downgrade(domain),
+            dom_id: domain.id,
+            name: domain.name.clone(),
+            vlan: VlanId::MIN,
+            mac: MacAddr([0; 6]),
+        });
+        port
+    };
+    let handle = match known {
+        Some(i) => {
+            all[i].port = port;
+            i + 1
+        }
+        None => {
+            all.push(Uplink {
+                net: net.clone(),
+                port,
+            });
+            all.len()
+        }
+    };
+    info!("dom0's uplink {handle}: network {name}, trunk of every VLAN (VLAN 1 untagged)");
+    Ok(handle as u64)
+}
+
+/// NET_SEND: a frame from the physical NIC, `len` bytes (checked: 14..=1518) at dom0's `gpa`,
+/// into the switch through uplink `handle`; then delivered to the guests it is for.
+pub fn uplink_send(domain: &Domain, handle: u64, gpa: u64, len: u64) -> Result<(), Status> {
+    let (net, port) = uplink(handle)?;
+    let mem = domain.memory().ok_or(Status::NoResources)?;
+    let mut buf = [0u8; hv_abi::hypercall::NET_FRAME_MAX as usize];
+    let frame = buf.get_mut(..len as usize).ok_or(Status::InvalidArgument)?;
+    mem.ram
+        .mem()
+        .read(hv_virtio::GuestAddr(gpa), frame)
+        .map_err(|_| Status::BadAddress)?;
+    // Refused frames are counted on the uplink's port by the switch.
+    let _ = net
+        .seg
+        .lock()
+        .switch
+        .send(port, frame, super::queue::now_ns());
+    net.deliver();
+    Ok(())
+}
+
+/// NET_RECV: the next frame queued for uplink `handle`, into `cap` (at least 1518) bytes at
+/// dom0's `gpa`. Returns its length, 0 if none waits. A frame dom0's buffer cannot take (an
+/// address outside its RAM) is lost, and the call says `BadAddress`.
+pub fn uplink_recv(domain: &Domain, handle: u64, gpa: u64, cap: u64) -> Result<u64, Status> {
+    let (net, port) = uplink(handle)?;
+    let mem = domain.memory().ok_or(Status::NoResources)?;
+    let Some(frame) = net.seg.lock().switch.recv(port) else {
+        return Ok(0);
+    };
+    let bytes = frame.bytes();
+    if bytes.len() as u64 > cap {
+        return Err(Status::InvalidArgument);
+    }
+    mem.ram
+        .mem()
+        .write(hv_virtio::GuestAddr(gpa), bytes)
+        .map_err(|_| Status::BadAddress)?;
+    Ok(bytes.len() as u64)
+}
+
+/// Whether a frame waits on any of dom0's uplinks.
+pub fn uplink_pending() -> bool {
+    let ups: Vec<(Arc<Network>, PortId)> = UPLINKS
+        .lock()
+        .iter()
+        .map(|u| (u.net.clone(), u.port))
+        .collect();
+    ups.iter().any(|(net, port)| {
+        net.seg
+            .lock()
+            .switch
+            .queue_depth(*port)
+            .is_some_and(|d| d.frames > 0)
+    })
 }
 
 fn port_line(
@@ -393,7 +553,19 @@ pub fn report() -> Vec<String> {
         for a in &seg.ports {
             let s = seg.switch.port_stats(a.id).unwrap_or_default();
             let queued = seg.switch.queue_depth(a.id).map_or(0, |d| d.frames);
-            let mut line = port_line(a.dom_id, &a.name, "", a.vlan, a.mac, &s);
+            let mut line = if a.uplink {
+                alloc::format!(
+                    "  dom{} {} uplink: trunk (every VLAN, VLAN 1 untagged), to the NIC {} frames, from it {}, malformed {}, dropped {}",
+                    a.dom_id,
+                    a.name,
+                    s.tx_frames,
+                    s.rx_frames,
+                    s.malformed,
+                    s.dropped_full
+                )
+            } else {
+                port_line(a.dom_id, &a.name, "", a.vlan, a.mac, &s)
+            };
             if queued != 0 {
                 line.push_str(&alloc::format!(", {queued} queued"));
             }

@@ -79,7 +79,7 @@ impl Vcpu {
     /// next interrupt, `Some(None)` for good (no timer: only an event ends it), `None` when
     /// its timer is due.
     fn halted_until(&self) -> Option<Option<u64>> {
-        match self.core.timer.deadline() {
+        match self.core.halt_deadline() {
             Some(d) if cpu::rdtsc() >= d => None,
             d => Some(d),
         }
@@ -187,7 +187,7 @@ static SPEC_MSRS: spin::Once<crate::vmx::policy::SpecMsrs> = spin::Once::new();
 /// The dispatcher's view of this machine and of the vCPU's domain.
 struct HwPlatform<'a> {
     cpu: usize,
-    domain: &'a Domain,
+    domain: &'a Arc<Domain>,
 }
 
 impl Platform for HwPlatform<'_> {
@@ -458,6 +458,7 @@ impl RunLoop {
                 return;
             }
             v.go(Event::Wake);
+            v.core.wake_at = None;
         }
         if !v.state.runnable() {
             self.give_back(v, Back::Blocked(None));
@@ -483,7 +484,7 @@ impl RunLoop {
             }
             SliceEnd::Halt => {
                 v.go(Event::Halt);
-                let until = v.core.timer.deadline();
+                let until = v.core.halt_deadline();
                 self.give_back(v, Back::Blocked(until));
             }
             SliceEnd::Retire => self.teardown(v),
