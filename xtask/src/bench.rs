@@ -227,6 +227,8 @@ fn io_run(args: &str, tag: &str) -> Result<String, String> {
         uefi: false,
         kvm: false,
         disks,
+        nic: None,
+        com2: false,
         tag: String::new(),
     };
     let stopped = Regex::new(r"domain \d+ \(bench\) stopped after (\d+) exits").expect("valid");
@@ -396,6 +398,8 @@ fn vmcall_run(append: &str) -> Result<(u64, f64, f64), String> {
         uefi: false,
         kvm: false,
         disks: Vec::new(),
+        nic: None,
+        com2: false,
         tag: String::new(),
     };
     let stopped =
@@ -817,6 +821,8 @@ fn boot() -> Result<Vec<Figure>, String> {
             uefi: false,
             kvm: false,
             disks: Vec::new(),
+            nic: None,
+            com2: false,
             tag: String::new(),
         };
         let (text, wall) = to_prompt(&m, Duration::from_secs(120))?;
@@ -871,6 +877,8 @@ fn boot() -> Result<Vec<Figure>, String> {
                     uefi: false,
                     kvm: false,
                     disks: Vec::new(),
+                    nic: None,
+                    com2: false,
                     tag: String::new(),
                 };
                 walls.push(to_prompt(&m, Duration::from_secs(60))?.1.as_secs_f64());

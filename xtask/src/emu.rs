@@ -59,11 +59,29 @@ pub struct Machine {
     pub kvm: bool,
     /// Hard disks on the PIIX IDE controller, each at its own position (ISO boot only).
     pub disks: Vec<Disk>,
+    /// An e1000 NIC (dom0's physical NIC) on a user-mode network of this machine only.
+    pub nic: Option<Nic>,
+    /// A second serial port (COM2, 0x2f8, dom0's), written to `com2{tag}.log`.
+    pub com2: bool,
     /// Inserted into the names of the emulator's files in `work_dir` (`bochsrc{tag}`,
     /// `bochs{tag}.log`, `emulator{tag}.out`), so that later boots of one scenario keep the
     /// earlier boots' files: "" for the first boot, ".2" for the second, ...
     pub tag: String,
 }
+
+/// The machine's NIC: an Intel 82540EM (e1000) on the PCI bus, on a user-mode (slirp)
+/// network restricted to this machine: no route out; the network's host, 10.0.2.2, answers
+/// ARP and ICMP echo (it is the network's gateway and DNS at 10.0.2.3); guests are
+/// 10.0.2.15 and up. Bochs logs every frame on the wire to `slirp{tag}.log` (its
+/// "packetmover" log); QEMU (the `--kvm` reruns) gets `-nic user,restrict=on,model=e1000`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Nic {
+    /// The NIC's own address (`xx:xx:xx:xx:xx:xx`).
+    pub mac: String,
+}
+
+/// The NIC's MAC unless a scenario names another: QEMU's default prefix, 52:54:00.
+pub const NIC_MAC: &str = "52:54:00:12:34:56";
 
 impl Machine {
     /// The emulator's file `STEM{tag}EXT` in the work folder, e.g. `bochs.2.log`.
@@ -284,6 +302,7 @@ fn bochsrc(m: &Machine, iso: &std::path::Path, port: u16) -> String {
          clock: sync={sync}, time0=1\n\
          display_library: sdl2\n\
          com1: enabled=1, mode=socket-server, dev=127.0.0.1:{port}\n\
+         {extra}\
          port_e9_hack: enabled=1\n\
          log: {log}\n\
          debug: action=ignore\n\
@@ -297,7 +316,36 @@ fn bochsrc(m: &Machine, iso: &std::path::Path, port: u16) -> String {
         disks = bochs_disk_lines(&m.disks),
         sync = if m.deterministic { "none" } else { "realtime" },
         port = port,
+        extra = bochs_nic_and_com2(m),
         log = m.file("bochs", ".log").display(),
+    )
+}
+
+/// The `bochsrc` lines of the NIC and COM2, when the machine has them.
+fn bochs_nic_and_com2(m: &Machine) -> String {
+    let mut out = String::new();
+    if let Some(nic) = &m.nic {
+        out.push_str(&format!(
+            "e1000: enabled=1, mac={}, ethmod=slirp, script={}\n",
+            nic.mac,
+            m.file("slirp", ".conf").display()
+        ));
+    }
+    if m.com2 {
+        out.push_str(&format!(
+            "com2: enabled=1, mode=file, dev={}\n",
+            m.file("com2", ".log").display()
+        ));
+    }
+    out
+}
+
+/// Bochs' slirp configuration: restricted (no route out of this machine) and every frame
+/// logged.
+fn slirp_conf(m: &Machine) -> String {
+    format!(
+        "# slirp config\nrestricted = 1\npktlog = {}\n",
+        m.file("slirp", ".log").display()
     )
 }
 
@@ -322,7 +370,14 @@ pub fn start(m: &Machine) -> Result<Running, String> {
             deps::ensure(&[deps::QEMU])?;
             let mut c = Command::new("qemu-system-x86_64");
             c.args(["-m", &m.mem_mib.to_string(), "-smp", &m.cpus.to_string()]);
-            c.args(["-display", "none", "-nic", "none", "-monitor", "none"]);
+            c.args(["-display", "none", "-monitor", "none"]);
+            match &m.nic {
+                Some(nic) => c.args([
+                    "-nic",
+                    &format!("user,model=e1000,restrict=on,mac={}", nic.mac),
+                ]),
+                None => c.args(["-nic", "none"]),
+            };
             if m.kvm {
                 c.args(["-accel", "kvm", "-cpu", "host"]);
             }
@@ -330,6 +385,10 @@ pub fn start(m: &Machine) -> Result<Running, String> {
                 "-serial",
                 &format!("tcp:127.0.0.1:{port},server=on,wait=on"),
             ]);
+            if m.com2 {
+                c.arg("-serial")
+                    .arg(format!("file:{}", m.file("com2", ".log").display()));
+            }
             if m.uefi {
                 deps::ensure(&[deps::UEFI])?;
                 // OVMF's variable store is written by the firmware: each run gets its own copy.
@@ -365,6 +424,14 @@ pub fn start(m: &Machine) -> Result<Running, String> {
             };
             let rc = m.file("bochsrc", "");
             std::fs::write(&rc, bochsrc(m, iso, port)).map_err(|e| e.to_string())?;
+            if m.nic.is_some() {
+                let conf = m.file("slirp", ".conf");
+                std::fs::write(&conf, slirp_conf(m)).map_err(|e| e.to_string())?;
+            }
+            if m.com2 {
+                // Bochs appends; each boot's file starts empty.
+                std::fs::write(m.file("com2", ".log"), b"").map_err(|e| e.to_string())?;
+            }
             let cont = m.work_dir.join("debugger.rc");
             std::fs::write(&cont, "c\n").map_err(|e| e.to_string())?;
             let mut c = Command::new("bochs-bin");
@@ -622,6 +689,10 @@ pub fn run_command(args: &[String]) -> Result<(), String> {
         uefi: false,
         kvm: choice.kvm,
         disks: run_disks()?,
+        nic: Some(Nic {
+            mac: NIC_MAC.into(),
+        }),
+        com2: true,
         tag: String::new(),
     };
     eprintln!("xtask: machine: {}", choice.why);
@@ -848,6 +919,8 @@ mod tests {
             uefi: false,
             kvm: false,
             disks,
+            nic: None,
+            com2: false,
             tag: tag.into(),
         }
     }

@@ -29,6 +29,13 @@
 //!   to every boot, `rates` to the first only. Boot N's serial output is `serial.log` (N = 1)
 //!   or `serial.N.log`, Bochs' files `bochsrc.N`, `bochs.N.log`, `emulator.N.out`. A failing
 //!   boot fails the scenario, naming the boot.
+//! * `nic = true`: the machine gets an e1000 NIC (PCI; dom0's physical NIC) on a user-mode
+//!   (slirp) network restricted to this machine: the network's host 10.0.2.2 answers ARP
+//!   and ICMP echo, nothing leaves the machine, and Bochs logs every frame on the wire to
+//!   `slirp.log` (`slirp.N.log` for boot N).
+//! * `com2_expect = ['...']`: the machine gets a second serial port (COM2, 0x2f8, passed to
+//!   dom0), written to `com2.log` (`com2.N.log`); once a boot has passed, every regex must
+//!   match that file's text, in order.
 //! * `after = [{ hvctl = ["volume", "-d", "{d0}", "check"], expect = ['...'] }]`: once every
 //!   boot passed, the project's `hvctl` (built on demand) runs with each `{DISK}` replaced by
 //!   that disk image's path; it must exit with status 0 and every regex must match its
@@ -107,6 +114,12 @@ pub struct Scenario {
     /// `hvctl` runs on the images after the last boot.
     #[serde(default)]
     pub after: Vec<AfterCheck>,
+    /// An e1000 NIC on a user-mode network of this machine only.
+    #[serde(default)]
+    pub nic: bool,
+    /// A second serial port, and what each boot must have written to it (in order).
+    #[serde(default)]
+    pub com2_expect: Vec<String>,
 }
 
 /// The most disks a scenario has: the ATA positions beside the boot CD-ROM.
@@ -499,9 +512,11 @@ pub fn parse(name: &str, text: &str) -> Result<Scenario, String> {
             || !s.boots.is_empty()
             || !s.after.is_empty()
             || s.kill_on.is_some()
+            || s.nic
+            || !s.com2_expect.is_empty()
         {
             return Err(format!(
-                "{}: emulator 'xtask-run' runs `cargo xtask run` as a user would: no modules, boot, firmware, append, disks, boots, after or kill_on",
+                "{}: emulator 'xtask-run' runs `cargo xtask run` as a user would: no modules, boot, firmware, append, disks, boots, after, kill_on, nic or com2_expect",
                 s.name
             ));
         }
@@ -535,8 +550,20 @@ pub fn parse(name: &str, text: &str) -> Result<Scenario, String> {
     if s.boot == "kernel" && s.emulator()? == Emulator::Bochs {
         return Err(format!("{}: Bochs boots only 'iso'", s.name));
     }
-    for r in s.expect.iter().chain(&s.reject).chain(&s.once) {
+    for r in s
+        .expect
+        .iter()
+        .chain(&s.reject)
+        .chain(&s.once)
+        .chain(&s.com2_expect)
+    {
         Regex::new(r).map_err(|e| format!("{}: bad pattern '{r}': {e}", s.name))?;
+    }
+    if (s.nic || !s.com2_expect.is_empty()) && s.boot != "iso" {
+        return Err(format!(
+            "{}: nic and com2_expect need boot = 'iso' (the machine of the ISO boot)",
+            s.name
+        ));
     }
     if let Some(r) = &s.rates {
         Regex::new(&r.regex).map_err(|e| format!("{}: bad rates regex: {e}", s.name))?;
@@ -799,6 +826,10 @@ fn run_inner(s: &Scenario, work: &Path, on: On, log: &mut PathBuf) -> Result<Str
             uefi: s.firmware == "uefi",
             kvm: on == On::Kvm,
             disks: s.machine_disks(work, plan.detach),
+            nic: s.nic.then(|| emu::Nic {
+                mac: emu::NIC_MAC.into(),
+            }),
+            com2: !s.com2_expect.is_empty(),
             tag: plan.tag(),
         };
         let detail = run_boot(s, plan, &m, log, on).map_err(which)?;
@@ -865,7 +896,29 @@ fn run_boot(
         // The emulator was killed: Bochs' lock files stay behind.
         let _ = std::fs::remove_file(d.bochs_lock());
     }
-    result
+    let detail = result?;
+    if m.com2 {
+        let path = m.file("com2", ".log");
+        let text = std::fs::read(&path)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .map_err(|e| format!("COM2 {}: {e}", path.display()))?;
+        check_in_order(&s.com2_expect, &text)
+            .map_err(|e| format!("COM2 ({}): {e}", path.display()))?;
+    }
+    Ok(detail)
+}
+
+/// Every regex of `patterns` matches `text`, each after the previous one's match.
+fn check_in_order(patterns: &[String], text: &str) -> Result<(), String> {
+    let mut at = 0;
+    for p in patterns {
+        let r = Regex::new(p).map_err(|e| format!("/{p}/: {e}"))?;
+        match r.find(&text[at..]) {
+            Some(m) => at += m.end(),
+            None => return Err(format!("/{p}/ did not appear (in order)")),
+        }
+    }
+    Ok(())
 }
 
 fn judge_boot(

@@ -8,8 +8,8 @@
 //! only for a function [`owned`] by dom0 (mass storage or network controllers). For every
 //! other function reads give all ones and writes are dropped, except that dom0 sees the
 //! identity and header type of function 0 of a device with an owned function, so that it can
-//! find the others (multifunction bit). The hypervisor keeps COM1, the PIT, the PICs, the
-//! LAPICs, the IOAPIC and every other device.
+//! find the others (multifunction bit). COM2 goes to dom0 too (its management line). The
+//! hypervisor keeps COM1, the PIT, the PICs, the LAPICs, the IOAPIC and every other device.
 //!
 //! The real accesses go through [`HostPorts`]: the port instructions on bare metal, a model in
 //! host tests. The address register and the data port are one pair on the machine; a lock

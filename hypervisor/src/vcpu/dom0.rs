@@ -468,8 +468,8 @@ pub fn mmio_windows(owned: &[OwnedFunction], mem_mib: u64) -> Vec<(u64, u64)> {
 }
 
 /// Gives dom0 the machine's disk and network controllers `owned` ([`scan_devices`]): PCI
-/// configuration through the filter, and the I/O ports of every function (its I/O BARs, and
-/// the legacy IDE ports of an IDE controller in compatibility mode); their memory BARs are
+/// configuration through the filter, the I/O ports of every function (its I/O BARs, and
+/// the legacy IDE ports of an IDE controller in compatibility mode), and COM2; their memory BARs are
 /// already in its EPT ([`mmio_windows`]). Returns what it got, for the log. The BARs keep the
 /// firmware's assignment: dom0 is trusted not to move them (a moved BAR is no longer
 /// reachable through its EPT, and its I/O ports no longer passed).
@@ -514,8 +514,16 @@ pub fn give_devices(domain: &Domain, owned: &[OwnedFunction]) -> Result<Vec<Stri
                 .map_err(|e| alloc::format!("ports {base:#x}+{count}: {e:?}"))?;
         }
     }
+    // The second serial port: dom0's out-of-band management line (the hypervisor keeps COM1).
+    io.ports
+        .register(COM2, 8, Box::new(PortPassthrough::new(COM2, MachinePorts)))
+        .map_err(|e| alloc::format!("COM2 ports: {e:?}"))?;
+    what.push(String::from("COM2: ports 0x2f8-0x2ff"));
     Ok(what)
 }
+
+/// The second serial port's I/O base.
+const COM2: u16 = 0x2f8;
 
 /// A call's result: a value (0 or more) or a status.
 fn ret_value(r: Result<u64, hv_abi::Status>) -> Dom0Reply {

@@ -13,6 +13,11 @@
 //!   broadcast), so that ping and pong are up; then sends N frames whose source is the forged
 //!   MAC (half to `peer`, half broadcast), and N frames tagged for VLAN `hop` (its own
 //!   source, broadcast). The switch must drop them all.
+//! - `role=echo ip=A.B.C.D gw=A.B.C.D count=N`: a host beyond dom0's uplink (the machine's
+//!   NIC): asks for `gw`'s MAC by ARP (broadcast), then sends it N ICMP echo requests (of
+//!   many sizes, each answered before the next, resent after `wait` polls at most `tries`
+//!   times) and checks every reply (addresses, identifier, sequence, payload, checksums). It
+//!   answers ARP requests for its own `ip` meanwhile.
 //!
 //! Every frame carries the sender's role, its kind, a sequence number, a body derived from
 //! them and a checksum; ping and pong check each other's, and any other frame arriving
@@ -58,6 +63,7 @@ enum Role {
     Ping = 1,
     Pong = 2,
     Spoof = 3,
+    Echo = 4,
 }
 
 /// What a frame is.
@@ -441,6 +447,242 @@ fn spoof(
     );
 }
 
+/// The Internet checksum (RFC 1071) of `bytes`.
+fn inet_sum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn parse_ip(text: &str) -> Option<[u8; 4]> {
+    let mut ip = [0u8; 4];
+    let mut parts = text.split('.');
+    for b in &mut ip {
+        *b = parts.next()?.parse().ok()?;
+    }
+    parts.next().is_none().then_some(ip)
+}
+
+const ETH_ARP: u16 = 0x0806;
+const ETH_IP: u16 = 0x0800;
+/// Our ICMP echo identifier ("HV").
+const ECHO_ID: u16 = 0x4856;
+
+/// An ARP packet (Ethernet, IPv4): `op` 1 request, 2 reply.
+fn arp(
+    op: u16,
+    dst: [u8; 6],
+    me: [u8; 6],
+    ip: [u8; 4],
+    target_mac: [u8; 6],
+    target_ip: [u8; 4],
+) -> Vec<u8> {
+    let mut f = Vec::with_capacity(60);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&me);
+    f.extend_from_slice(&ETH_ARP.to_be_bytes());
+    f.extend_from_slice(&[0, 1, 8, 0, 6, 4]);
+    f.extend_from_slice(&op.to_be_bytes());
+    f.extend_from_slice(&me);
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&target_mac);
+    f.extend_from_slice(&target_ip);
+    f.resize(60, 0);
+    f
+}
+
+/// The payload of echo request `seq`: 8..=1400 bytes of a pattern.
+fn echo_payload(seq: u16) -> Vec<u8> {
+    let n = 8 + (usize::from(seq) * 331) % 1393;
+    (0..n)
+        .map(|i| body_byte(Role::Echo, u32::from(seq), i))
+        .collect()
+}
+
+/// An ICMP echo request from `me`/`ip` to `gw_mac`/`gw`.
+fn echo_request(me: [u8; 6], ip: [u8; 4], gw_mac: [u8; 6], gw: [u8; 4], seq: u16) -> Vec<u8> {
+    let payload = echo_payload(seq);
+    let mut icmp = Vec::with_capacity(8 + payload.len());
+    icmp.extend_from_slice(&[8, 0, 0, 0]);
+    icmp.extend_from_slice(&ECHO_ID.to_be_bytes());
+    icmp.extend_from_slice(&seq.to_be_bytes());
+    icmp.extend_from_slice(&payload);
+    let sum = inet_sum(&icmp);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    let total = (20 + icmp.len()) as u16;
+    let mut iph = [0u8; 20];
+    iph[0] = 0x45;
+    iph[2..4].copy_from_slice(&total.to_be_bytes());
+    iph[4..6].copy_from_slice(&seq.to_be_bytes());
+    iph[8] = 64;
+    iph[9] = 1;
+    iph[12..16].copy_from_slice(&ip);
+    iph[16..20].copy_from_slice(&gw);
+    let sum = inet_sum(&iph);
+    iph[10..12].copy_from_slice(&sum.to_be_bytes());
+    let mut f = Vec::with_capacity(14 + total as usize);
+    f.extend_from_slice(&gw_mac);
+    f.extend_from_slice(&me);
+    f.extend_from_slice(&ETH_IP.to_be_bytes());
+    f.extend_from_slice(&iph);
+    f.extend_from_slice(&icmp);
+    f
+}
+
+/// What an arriving frame is, to the echo role.
+enum Heard {
+    /// An ARP reply: who has which address.
+    ArpReply([u8; 6], [u8; 4]),
+    /// An ARP request for our address, from (MAC, IP).
+    ArpAsk([u8; 6], [u8; 4]),
+    /// A checked echo reply to us, with its sequence number.
+    EchoReply(u16),
+    /// Anything else, and why it is not one of the above.
+    Other(&'static str),
+}
+
+fn hear(f: &[u8], me: [u8; 6], ip: [u8; 4], gw: [u8; 4]) -> Heard {
+    if f.len() < 14 {
+        return Heard::Other("too short");
+    }
+    let ty = u16::from_be_bytes([f[12], f[13]]);
+    let mac = |b: &[u8]| -> [u8; 6] { b.try_into().unwrap_or([0; 6]) };
+    let ip4 = |b: &[u8]| -> [u8; 4] { b.try_into().unwrap_or([0; 4]) };
+    if ty == ETH_ARP && f.len() >= 42 && f[14..22] == [0, 1, 8, 0, 6, 4, 0, 2] {
+        return Heard::ArpReply(mac(&f[22..28]), ip4(&f[28..32]));
+    }
+    if ty == ETH_ARP && f.len() >= 42 && f[14..22] == [0, 1, 8, 0, 6, 4, 0, 1] {
+        if f[38..42] == ip {
+            return Heard::ArpAsk(mac(&f[22..28]), ip4(&f[28..32]));
+        }
+        return Heard::Other("an ARP request for another address");
+    }
+    if ty != ETH_IP || f.len() < 14 + 20 + 8 {
+        return Heard::Other("neither ARP nor IPv4");
+    }
+    if f[0..6] != me {
+        return Heard::Other("IPv4 for another MAC");
+    }
+    let iph = &f[14..34];
+    let total = usize::from(u16::from_be_bytes([iph[2], iph[3]]));
+    if iph[0] != 0x45 || inet_sum(iph) != 0 || total < 28 || 14 + total > f.len() {
+        return Heard::Other("a bad IPv4 header");
+    }
+    if iph[9] != 1 || iph[12..16] != gw || iph[16..20] != ip {
+        return Heard::Other("IPv4 that is not ICMP from the gateway to us");
+    }
+    let icmp = &f[34..14 + total];
+    if inet_sum(icmp) != 0 {
+        return Heard::Other("a bad ICMP checksum");
+    }
+    let id = u16::from_be_bytes([icmp[4], icmp[5]]);
+    let seq = u16::from_be_bytes([icmp[6], icmp[7]]);
+    if icmp[0] != 0 || icmp[1] != 0 || id != ECHO_ID {
+        return Heard::Other("ICMP that is not our echo reply");
+    }
+    if icmp[8..] != echo_payload(seq)[..] {
+        return Heard::Other("an echo reply whose payload differs");
+    }
+    Heard::EchoReply(seq)
+}
+
+fn echo(nic: &mut Nic, me: [u8; 6], ip: [u8; 4], gw: [u8; 4], count: u32, wait: u32, tries: u32) {
+    let role = "echo";
+    let mut bad = Unexpected { role, count: 0 };
+    let (mut resent, mut arp_answered, mut stale) = (0u32, 0u32, 0u32);
+    let ipf = |a: [u8; 4]| {
+        let [a, b, c, d] = a;
+        alloc::format!("{a}.{b}.{c}.{d}")
+    };
+    // The gateway's MAC, by ARP.
+    let mut gw_mac = None;
+    'ask: for attempt in 0..tries * 4 {
+        if attempt > 0 {
+            resent += 1;
+        }
+        send(nic, role, &arp(1, BROADCAST, me, ip, [0; 6], gw));
+        for _ in 0..wait {
+            let Some(bytes) = poll(nic, role) else {
+                yield_cpu();
+                continue;
+            };
+            match hear(&bytes, me, ip, gw) {
+                Heard::ArpReply(m, who) if who == gw => {
+                    gw_mac = Some(m);
+                    break 'ask;
+                }
+                Heard::ArpAsk(m, who) => {
+                    send(nic, role, &arp(2, m, me, ip, m, who));
+                    arp_answered += 1;
+                }
+                // Before the uplink is up, frames of the boot (other guests' broadcasts) may
+                // pass: only frames that claim to be for us count against us.
+                Heard::ArpReply(..) | Heard::Other(_) => {}
+                Heard::EchoReply(_) => bad.note(&bytes, "an echo reply before any request"),
+            }
+        }
+    }
+    let Some(gw_mac) = gw_mac else {
+        fail(
+            role,
+            format_args!("no ARP reply from {} after {} tries", ipf(gw), tries * 4),
+        );
+    };
+    println!("netcheck: echo: {} is at {}", ipf(gw), Mac(gw_mac));
+    for seq in 0..count as u16 {
+        let request = echo_request(me, ip, gw_mac, gw, seq);
+        let mut answered = false;
+        for attempt in 0..tries {
+            if attempt > 0 {
+                resent += 1;
+            }
+            send(nic, role, &request);
+            let mut polls = 0;
+            while polls < wait && !answered {
+                let Some(bytes) = poll(nic, role) else {
+                    polls += 1;
+                    yield_cpu();
+                    continue;
+                };
+                match hear(&bytes, me, ip, gw) {
+                    Heard::EchoReply(s) if s == seq => answered = true,
+                    Heard::EchoReply(s) if s < seq => stale += 1,
+                    Heard::EchoReply(_) => bad.note(&bytes, "a reply to a request not sent yet"),
+                    Heard::ArpAsk(m, who) => {
+                        send(nic, role, &arp(2, m, me, ip, m, who));
+                        arp_answered += 1;
+                    }
+                    Heard::ArpReply(..) => {}
+                    Heard::Other(why) => bad.note(&bytes, why),
+                }
+            }
+            if answered {
+                break;
+            }
+        }
+        if !answered {
+            fail(
+                role,
+                format_args!("echo {seq} not answered after {tries} tries of {wait} polls"),
+            );
+        }
+    }
+    println!(
+        "netcheck: echo: {count} echo replies from {}, every payload checked; {} unexpected frames, {resent} resent, {stale} stale, {arp_answered} ARP requests answered",
+        ipf(gw),
+        bad.count
+    );
+    if bad.count != 0 {
+        fail(role, format_args!("{} unexpected frames", bad.count));
+    }
+    println!("netcheck: echo: done");
+}
+
 fn run(args: &str, _ram: u64) {
     heap::init();
     let arg = |k: &str| {
@@ -453,8 +695,9 @@ fn run(args: &str, _ram: u64) {
         Some("pong") => "pong",
         Some("listen") => "listen",
         Some("spoof") => "spoof",
+        Some("echo") => "echo",
         other => {
-            println!("netcheck: FAILED: role={other:?}: must be ping, pong, listen or spoof");
+            println!("netcheck: FAILED: role={other:?}: must be ping, pong, listen, spoof or echo");
             test_guests::exit(1);
         }
     };
@@ -491,6 +734,24 @@ fn run(args: &str, _ram: u64) {
             num("tries", 5),
         ),
         "pong" => pong(&mut nic, me, mac_arg("peer"), count, num("polls", 200_000)),
+        "echo" => {
+            let ip_arg = |k: &str| match arg(k).map(parse_ip) {
+                Some(Some(a)) => a,
+                _ => fail(
+                    role,
+                    format_args!("{k}=A.B.C.D missing or not an IPv4 address"),
+                ),
+            };
+            echo(
+                &mut nic,
+                me,
+                ip_arg("ip"),
+                ip_arg("gw"),
+                count,
+                num("wait", 20_000),
+                num("tries", 5),
+            );
+        }
         "listen" => listen(
             &mut nic,
             num("polls", 20_000),
