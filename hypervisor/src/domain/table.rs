@@ -274,6 +274,8 @@ pub struct DomainMem {
     pub(crate) ept: Option<Ept>,
     /// The EPT's table frames, owned here (the EPT builder itself keeps plain addresses).
     tables: Vec<FrameRun>,
+    /// Device register windows mapped at their own addresses (dom0's controllers).
+    devices: Vec<(u64, u64)>,
 }
 
 impl Domain {
@@ -296,6 +298,7 @@ impl Domain {
                 chunk: CHUNK,
                 chunks: &chunks,
                 tables: &tables,
+                devices: &mem.devices,
             },
         );
         Some((leaves.len(), v))
@@ -461,6 +464,7 @@ pub fn create(
         ram,
         ept: None,
         tables: Vec::new(),
+        devices: mmio.to_vec(),
     };
     let boot: BootState = mem
         .ram

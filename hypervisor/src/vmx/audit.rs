@@ -1,7 +1,8 @@
 //! The EPT audit: checks that a domain's EPT maps exactly what it should — its own RAM chunks at
-//! their guest-physical places, write-back — and nothing else: no hypervisor memory, no other
-//! domain's frames, no page-table frame, nothing outside RAM (there are no device windows in
-//! EPT yet: MMIO reaches devices through EPT violations). Pure over the leaves of
+//! their guest-physical places, write-back, and the device windows it was given (dom0's
+//! controllers' memory BARs: at their own addresses, uncached, never executable) — and nothing
+//! else: no hypervisor memory, no other domain's frames, no page-table frame, nothing outside
+//! RAM (other MMIO reaches devices through EPT violations). Pure over the leaves of
 //! [`super::ept::Ept::leaves`]; the console's `audit` runs it over every live domain and every
 //! Bochs scenario ends with it.
 
@@ -10,11 +11,13 @@ use alloc::vec::Vec;
 use super::ept::Leaf;
 
 /// What a domain owns: its RAM as host chunks of `chunk` bytes, chunk i at guest-physical
-/// `i * chunk`, and the frames of its EPT tables.
+/// `i * chunk`, the frames of its EPT tables, and device register windows (base, length)
+/// passed through to it.
 pub struct Owned<'a> {
     pub chunk: u64,
     pub chunks: &'a [u64],
     pub tables: &'a [u64],
+    pub devices: &'a [(u64, u64)],
 }
 
 /// Something the EPT maps that it should not, or does not map that it should.
@@ -28,6 +31,8 @@ pub enum Violation {
     CacheType { gpa: u64, mem_type: u8 },
     /// Guest RAM the EPT does not map (a hole in what the domain was given).
     Unmapped { gpa: u64 },
+    /// A device window mapped elsewhere than its own address, cached, or executable.
+    Device { gpa: u64 },
 }
 
 impl core::fmt::Display for Violation {
@@ -52,6 +57,10 @@ impl core::fmt::Display for Violation {
             Violation::Unmapped { gpa } => {
                 write!(f, "RAM at guest-physical {gpa:#x} is not mapped")
             }
+            Violation::Device { gpa } => write!(
+                f,
+                "device window at guest-physical {gpa:#x} is not an uncached, non-executable identity mapping"
+            ),
         }
     }
 }
@@ -62,6 +71,24 @@ pub fn audit(leaves: &[Leaf], owned: &Owned<'_>) -> Vec<Violation> {
     let ram_end = owned.chunks.len() as u64 * owned.chunk;
     let mut covered = 0u64;
     for l in leaves {
+        let device = owned
+            .devices
+            .iter()
+            .any(|&(b, n)| l.gpa >= b && l.gpa + l.len <= b + n);
+        if device {
+            let own = owned
+                .chunks
+                .iter()
+                .any(|&c| l.hpa < c + owned.chunk && c < l.hpa + l.len)
+                || owned
+                    .tables
+                    .iter()
+                    .any(|&t| t >= l.hpa && t < l.hpa + l.len);
+            if l.hpa != l.gpa || l.mem_type != 0 || !l.ignore_pat || l.perm.execute || own {
+                out.push(Violation::Device { gpa: l.gpa });
+            }
+            continue;
+        }
         let first = l.gpa / owned.chunk;
         let expected = owned
             .chunks
@@ -147,9 +174,81 @@ mod tests {
                 chunk: MB2,
                 chunks: &chunks,
                 tables: &tables,
+                devices: &[],
             },
         );
         assert!(v.is_empty(), "{v:?}");
+    }
+
+    #[test]
+    fn device_windows_pass_only_as_uncached_identity_maps() {
+        let chunks = [0x1000_0000];
+        let (mut f, mut ept) = domain(&chunks);
+        // A NIC's 128 KiB BAR, as dom0 gets it; and a second window mapped wrongly: cached,
+        // executable, and elsewhere than its own address.
+        ept.map(
+            &mut f,
+            0xc000_0000,
+            0xc000_0000,
+            0x2_0000,
+            Perm::RW,
+            MemType::Uncached,
+        )
+        .unwrap();
+        ept.map(
+            &mut f,
+            0xc010_0000,
+            0xc010_0000,
+            4096,
+            Perm::RWX,
+            MemType::Uncached,
+        )
+        .unwrap();
+        ept.map(
+            &mut f,
+            0xc020_0000,
+            0x1000_0000,
+            4096,
+            Perm::RW,
+            MemType::Uncached,
+        )
+        .unwrap();
+        let tables: Vec<u64> = f.tables.keys().copied().collect();
+        let devices = [
+            (0xc000_0000, 0x2_0000),
+            (0xc010_0000, 0x1000),
+            (0xc020_0000, 0x1000),
+        ];
+        let v = audit(
+            &ept.leaves(&mut f),
+            &Owned {
+                chunk: MB2,
+                chunks: &chunks,
+                tables: &tables,
+                devices: &devices,
+            },
+        );
+        assert_eq!(
+            v,
+            vec![
+                Violation::Device { gpa: 0xc010_0000 },
+                Violation::Device { gpa: 0xc020_0000 }
+            ]
+        );
+        // Without the windows declared, the BAR is a foreign, uncached mapping.
+        let v = audit(
+            &ept.leaves(&mut f),
+            &Owned {
+                chunk: MB2,
+                chunks: &chunks,
+                tables: &tables,
+                devices: &[],
+            },
+        );
+        assert!(v.contains(&Violation::CacheType {
+            gpa: 0xc000_0000,
+            mem_type: 0
+        }));
     }
 
     #[test]
@@ -185,6 +284,7 @@ mod tests {
                 chunk: MB2,
                 chunks: &chunks,
                 tables: &tables,
+                devices: &[],
             },
         );
         assert!(
@@ -221,6 +321,7 @@ mod tests {
                 chunk: MB2,
                 chunks: &three,
                 tables: &[],
+                devices: &[],
             },
         );
         assert_eq!(v, vec![Violation::Unmapped { gpa: 2 * MB2 }]);
@@ -232,6 +333,7 @@ mod tests {
                 chunk: MB2,
                 chunks: &swapped,
                 tables: &[],
+                devices: &[],
             },
         );
         assert_eq!(v.len(), 2, "{v:?}");
