@@ -149,3 +149,41 @@ impl Dma for DmaArea {
         (bus != 0 && off.checked_add(len as u64)? <= AREA_BYTES as u64).then(|| bus + off)
     }
 }
+
+/// COM2, the machine's second 16550 (0x2f8, passed through to dom0): dom0's management port.
+/// Output only for now; each byte waits (a bounded number of polls) for the transmitter.
+pub struct Com2;
+
+impl Com2 {
+    const BASE: u16 = 0x2f8;
+
+    /// Programs 115200 baud, 8N1, FIFOs on, interrupts off.
+    pub fn init() -> Com2 {
+        let mut p = Ports;
+        p.outb(Self::BASE + 1, 0x00);
+        p.outb(Self::BASE + 3, 0x80);
+        p.outb(Self::BASE, 0x01);
+        p.outb(Self::BASE + 1, 0x00);
+        p.outb(Self::BASE + 3, 0x03);
+        p.outb(Self::BASE + 2, 0xc7);
+        p.outb(Self::BASE + 4, 0x03);
+        Com2
+    }
+}
+
+impl core::fmt::Write for Com2 {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        let mut p = Ports;
+        for b in s.bytes() {
+            // Transmit holding register empty (LSR bit 5); a port with no UART reads 0xff.
+            for _ in 0..100_000 {
+                if p.inb(Self::BASE + 5) & 0x20 != 0 {
+                    break;
+                }
+                core::hint::spin_loop();
+            }
+            p.outb(Self::BASE, b);
+        }
+        Ok(())
+    }
+}

@@ -4,7 +4,9 @@
 //!
 //! Boot: heap, the ring registered with `IO_RING_SETUP`, the pool opened (or created on first
 //! use) and its volumes offered with `DISK_OFFER`, then `IO_READY`; from then on a loop serves
-//! what the ring holds and waits in `IO_WAIT` when it is empty.
+//! what the ring holds and waits in `IO_WAIT` when it is empty. With `uplink=NETWORK`, dom0
+//! also bridges the machine's NIC to that network's switch ([`net`]), polling the NIC between
+//! waits of at most a millisecond. A line on COM2 (dom0's management port) says it is up.
 //!
 //! The pool lives on the machine's ATA disks (the PCI IDE controller, bus-master DMA; the
 //! hypervisor passes the controller through and gives bus addresses with `DMA_MAP`): opened
@@ -32,6 +34,9 @@ extern crate alloc;
 
 #[cfg(target_os = "none")]
 mod hw;
+
+#[cfg(target_os = "none")]
+mod net;
 
 #[cfg(target_os = "none")]
 mod rt {
@@ -392,6 +397,12 @@ mod rt {
             return Err(String::from("the hypervisor speaks another ABI version"));
         }
         say!("dom0 starting: {} MiB of RAM, args '{args}'", ram >> 20);
+        let _ = writeln!(
+            hw::Com2::init(),
+            "dom0 {}: management port up ({} MiB of RAM)\r",
+            env!("CARGO_PKG_VERSION"),
+            ram >> 20
+        );
 
         // The ring first: the hypervisor writes its header.
         let ring_gpa = (&raw mut RING_PAGE) as u64;
@@ -445,6 +456,31 @@ mod rt {
             .map_err(|e| format!("IO_READY refused: {e:?}"))?;
         say!("ready: serving {}", offered.join(", "));
 
+        // The uplink: the machine's NIC bridged to a network's switch (`uplink=NETWORK`).
+        let mut bridge = match arg(args, "uplink") {
+            None => None,
+            Some(network) => match crate::net::Bridge::start(&mut hc, network) {
+                Ok(Some((b, line))) => {
+                    say!("{line}");
+                    Some(b)
+                }
+                Ok(None) => {
+                    say!("uplink={network}: the machine has no NIC dom0 drives; not bridged");
+                    None
+                }
+                Err(e) => {
+                    say!("uplink={network}: {e}; not bridged");
+                    None
+                }
+            },
+        };
+        // While bridging, waits are bounded: the NIC is polled.
+        let wait_us = if bridge.is_some() {
+            crate::net::POLL_US
+        } else {
+            0
+        };
+
         // Fault injection for tests of dom0's restart: after serving this many requests, dom0
         // writes outside its RAM (the hypervisor stops it). Only on its first boot.
         let restart = arg(args, "restart");
@@ -462,6 +498,13 @@ mod rt {
         let mut stalled = false;
         loop {
             served += backend.serve(&mut ring) as u64;
+            if let Some(b) = bridge.as_mut()
+                && b.pump(&mut hc) > 0
+            {
+                // Frames moved: publish completions and look again without waiting.
+                let _ = hc.io_kick();
+                continue;
+            }
             if fault_after.is_some_and(|f| served >= f) {
                 say!("fault injection: writing outside my RAM after {served} requests");
                 // SAFETY: the write never completes: the address is past the end of dom0's
@@ -489,8 +532,8 @@ mod rt {
                     continue;
                 }
             }
-            // Completes what we published, then waits for the next request.
-            let _ = hc.io_wait();
+            // Completes what we published, then waits for the next request (or frame).
+            let _ = hc.io_wait_bounded(wait_us);
         }
     }
 }

@@ -7,6 +7,9 @@
 //! or DRQ, touch the data port without DRQ, a PRD region crossing 64 KiB, a PRD table shorter
 //! than the transfer, DMA outside the driver's buffers, a 48-bit command without each
 //! register written twice, the wrong engine direction) panics, which fails the test.
+//!
+//! `e1000` is the model of the 8254x NIC, `mem` the fake physical memory both models do their
+//! DMA in.
 
 #![allow(dead_code)]
 // each test binary uses a different part of the model
@@ -14,6 +17,7 @@
 // only their low bits.
 #![allow(clippy::cast_possible_truncation)]
 
+pub mod e1000;
 pub mod mem;
 
 use std::collections::{HashMap, HashSet};

@@ -542,6 +542,8 @@ enum Heard {
     ArpAsk([u8; 6], [u8; 4]),
     /// A checked echo reply to us, with its sequence number.
     EchoReply(u16),
+    /// Another host's broadcast ARP request (other guests on the network ask too).
+    OthersArp,
     /// Anything else, and why it is not one of the above.
     Other(&'static str),
 }
@@ -560,7 +562,7 @@ fn hear(f: &[u8], me: [u8; 6], ip: [u8; 4], gw: [u8; 4]) -> Heard {
         if f[38..42] == ip {
             return Heard::ArpAsk(mac(&f[22..28]), ip4(&f[28..32]));
         }
-        return Heard::Other("an ARP request for another address");
+        return Heard::OthersArp;
     }
     if ty != ETH_IP || f.len() < 14 + 20 + 8 {
         return Heard::Other("neither ARP nor IPv4");
@@ -622,7 +624,7 @@ fn echo(nic: &mut Nic, me: [u8; 6], ip: [u8; 4], gw: [u8; 4], count: u32, wait: 
                 }
                 // Before the uplink is up, frames of the boot (other guests' broadcasts) may
                 // pass: only frames that claim to be for us count against us.
-                Heard::ArpReply(..) | Heard::Other(_) => {}
+                Heard::ArpReply(..) | Heard::OthersArp | Heard::Other(_) => {}
                 Heard::EchoReply(_) => bad.note(&bytes, "an echo reply before any request"),
             }
         }
@@ -657,7 +659,7 @@ fn echo(nic: &mut Nic, me: [u8; 6], ip: [u8; 4], gw: [u8; 4], count: u32, wait: 
                         send(nic, role, &arp(2, m, me, ip, m, who));
                         arp_answered += 1;
                     }
-                    Heard::ArpReply(..) => {}
+                    Heard::ArpReply(..) | Heard::OthersArp => {}
                     Heard::Other(why) => bad.note(&bytes, why),
                 }
             }
