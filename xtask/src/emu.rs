@@ -589,13 +589,16 @@ pub fn choose(want: Want, probe: KvmProbe) -> Result<Choice, String> {
     }
 }
 
-/// The domains `cargo xtask run` boots when no `--guest` or `--module` is given: one that says
-/// hello and exits, and one that stays running.
+/// The domains `cargo xtask run` boots when no `--guest` or `--module` is given: dom0 (its
+/// pool on the run disks, the machine's NIC bridged to network `lan`), a guest with a disk
+/// and a NIC that writes and checks patterns on a mirrored volume, one that says hello and
+/// exits, one that stays running, and one that pings the host beyond dom0's NIC.
 pub const DEFAULT_GUESTS: &[&str] = &[
-    "dom0:name=dom0 role=dom0 mem=64 -- volume=data:64:mirror",
+    "dom0:name=dom0 role=dom0 mem=64 -- volume=data:64:mirror uplink=lan",
     "blkcheck:name=disk-demo disk=pool/data nic=lan -- mode=both seed=1",
     "hello:name=hello -- from cargo xtask run",
     "ticker:name=ticker mem=8 -- stay",
+    "netcheck:name=net-demo mem=16 nic=lan -- role=echo ip=10.0.2.15 gw=10.0.2.2 count=4",
 ];
 
 /// The disks `cargo xtask run` gives the machine (dom0 makes its pool on them on first use
