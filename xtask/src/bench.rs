@@ -13,7 +13,7 @@ use crate::root;
 
 use crate::history::{self, Better, Figure};
 
-const BENCHES: &str = "boot, vmcall, virtqueue, volume, sched, io, all";
+const BENCHES: &str = "boot, vmcall, virtqueue, volume, sched, io, net, all";
 
 /// The most one benchmark may run in `bench all` (each emulator run has its own limit too).
 const LIMIT: Duration = Duration::from_secs(900);
@@ -28,6 +28,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             "volume" => volume()?,
             "sched" => sched(extra)?,
             "io" => io()?,
+            "net" => net()?,
             other => {
                 return Err(format!(
                     "bench: unknown benchmark '{other}' (have: {BENCHES})"
@@ -43,7 +44,15 @@ pub fn run(args: &[String]) -> Result<(), String> {
     }
     let mut all = Vec::new();
     let mut failed = Vec::new();
-    for name in ["boot", "vmcall", "virtqueue", "volume", "sched", "io"] {
+    for name in [
+        "boot",
+        "vmcall",
+        "virtqueue",
+        "volume",
+        "sched",
+        "io",
+        "net",
+    ] {
         match one(name, &[]) {
             Ok(f) => all.extend(f),
             Err(e) => {
@@ -189,6 +198,105 @@ fn io() -> Result<Vec<Figure>, String> {
         ));
     }
     Ok(figs)
+}
+
+/// Frames guest to guest through the hypervisor's switch, in Bochs with deterministic time:
+/// `blast` sends 1514-byte frames to `sink` on one network, in bursts of 32 that `sink`
+/// acknowledges. Figures: frames per million ticks (instructions) at the receiver, and exits
+/// per frame of both guests together (two runs of N and 3N frames, differenced, so start-up
+/// and the console cancel out).
+fn net() -> Result<Vec<Figure>, String> {
+    println!("net benchmark (figures, not a test)");
+    let exits = |t: &str, who: &str| -> Result<f64, String> {
+        Regex::new(&format!(r"domain \d+ \({who}\) stopped after (\d+) exits"))
+            .expect("valid")
+            .captures(t)
+            .and_then(|c| c[1].parse().ok())
+            .ok_or_else(|| format!("no stop line for {who}"))
+    };
+    let (n1, n2) = (256u32, 768u32);
+    let a = net_run(n1, "-a")?;
+    let b = net_run(n2, "-b")?;
+    let c = Regex::new(r"netcheck: sink: (\d+) frames, (\d+) bytes in (\d+) ticks, (\d+) lost")
+        .expect("valid")
+        .captures(&b)
+        .ok_or("no sink line")?;
+    let (frames, bytes, ticks, lost): (f64, f64, f64, f64) = (
+        c[1].parse().map_err(|_| "sink frames")?,
+        c[2].parse().map_err(|_| "sink bytes")?,
+        c[3].parse().map_err(|_| "sink ticks")?,
+        c[4].parse().map_err(|_| "sink lost")?,
+    );
+    let per_m = frames / ticks * 1e6;
+    let mib = bytes / 1048576.0 / ticks * 1e6;
+    let per_frame =
+        (exits(&b, "blast")? + exits(&b, "sink")? - exits(&a, "blast")? - exits(&a, "sink")?)
+            / f64::from(n2 - n1);
+    println!(
+        "  bochs tigerlake, sync=none: {frames} frames of 1514 bytes guest to guest ({lost} lost): {per_m:.2} frames per Mtick ({mib:.3} MiB per Mtick)"
+    );
+    println!(
+        "  exits per frame, both guests ({n1} and {n2} frames, differenced): {per_frame:.3} (target 0.05)"
+    );
+    Ok(vec![
+        Figure::new(
+            "net",
+            "frames guest to guest, 1514 bytes",
+            per_m,
+            "frames per Mtick",
+            Better::Higher,
+        ),
+        Figure::new(
+            "net",
+            "exits per frame guest to guest, both guests",
+            per_frame,
+            "exits",
+            Better::Lower,
+        ),
+    ])
+}
+
+/// One `bench net` boot: blast sends `count` frames to sink; returns the console text.
+fn net_run(count: u32, tag: &str) -> Result<String, String> {
+    let (blast, sink) = ("02:00:00:00:0b:01", "02:00:00:00:0b:02");
+    let modules = vec![
+        build::guest_module(&format!(
+            "netcheck:name=sink mem=16 nic=bench,mac={sink} -- role=sink peer={blast} count={count}"
+        ))?,
+        build::guest_module(&format!(
+            "netcheck:name=blast mem=16 nic=bench,mac={blast} -- role=blast peer={sink} count={count}"
+        ))?,
+    ];
+    let iso = build::image_named(
+        &ImageOptions {
+            append: String::from("loglevel=info"),
+            modules,
+        },
+        &format!("bench-net{tag}"),
+    )?;
+    let m = Machine {
+        emulator: Emulator::Bochs,
+        cpus: 2,
+        mem_mib: 128,
+        boot: Boot::Iso(iso),
+        work_dir: root().join(format!("target/bench/net{tag}")),
+        deterministic: true,
+        uefi: false,
+        kvm: false,
+        disks: Vec::new(),
+        nic: None,
+        com2: false,
+        tag: String::new(),
+    };
+    let both = Regex::new(r"(?s)(\(blast\) stopped after.*\(sink\) stopped after \d+|\(sink\) stopped after.*\(blast\) stopped after \d+) exits")
+        .expect("valid");
+    let (text, _) = until(&m, &both, Duration::from_secs(900))?;
+    let log = m.work_dir.join("serial.log");
+    std::fs::write(&log, &text).map_err(|e| format!("{}: {e}", log.display()))?;
+    if text.contains("FAILED") {
+        return Err(format!("a benchmark guest failed; see {}", log.display()));
+    }
+    Ok(text)
 }
 
 /// One `bench io` boot: dom0 (its raw-disk figures on ata1m, its pool on ata0s) and the

@@ -18,6 +18,10 @@
 //!   many sizes, each answered before the next, resent after `wait` polls at most `tries`
 //!   times) and checks every reply (addresses, identifier, sequence, payload, checksums). It
 //!   answers ARP requests for its own `ip` meanwhile.
+//! - `role=blast peer=MAC count=N [size=B] [window=W]` and `role=sink peer=MAC count=N`, the
+//!   benchmark pair: blast sends N frames of B bytes (default 1514) to sink in bursts of W
+//!   (default 32), each burst acknowledged by sink before the next; both print the TSC ticks
+//!   from the first frame to the last acknowledgement (`cargo xtask bench net`).
 //!
 //! Every frame carries the sender's role, its kind, a sequence number, a body derived from
 //! them and a checksum; ping and pong check each other's, and any other frame arriving
@@ -64,6 +68,8 @@ enum Role {
     Pong = 2,
     Spoof = 3,
     Echo = 4,
+    Blast = 5,
+    Sink = 6,
 }
 
 /// What a frame is.
@@ -685,6 +691,107 @@ fn echo(nic: &mut Nic, me: [u8; 6], ip: [u8; 4], gw: [u8; 4], count: u32, wait: 
     println!("netcheck: echo: done");
 }
 
+/// A benchmark frame: our EtherType and magic, the sender's role, a sequence number, padding
+/// to `size` bytes.
+fn bench_frame(dst: [u8; 6], src: [u8; 6], role: Role, seq: u32, size: usize) -> Vec<u8> {
+    let mut f = Vec::with_capacity(size.max(64));
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&ETHERTYPE.to_be_bytes());
+    f.extend_from_slice(MAGIC);
+    f.push(role as u8);
+    f.push(0);
+    f.extend_from_slice(&seq.to_le_bytes());
+    f.resize(size.max(64), 0x5a);
+    f
+}
+
+/// The role and sequence number of a benchmark frame from `peer`.
+fn bench_parse(f: &[u8], peer: [u8; 6]) -> Option<(u8, u32)> {
+    if f.len() < 24 || f[6..12] != peer || u16::from_be_bytes([f[12], f[13]]) != ETHERTYPE {
+        return None;
+    }
+    if &f[14..18] != MAGIC {
+        return None;
+    }
+    Some((f[18], u32::from_le_bytes([f[20], f[21], f[22], f[23]])))
+}
+
+fn blast(nic: &mut Nic, me: [u8; 6], peer: [u8; 6], count: u32, size: usize, window: u32) {
+    let role = "blast";
+    let (mut sent, mut start, mut waits) = (0u32, 0u64, 0u64);
+    while sent < count {
+        let burst = window.min(count - sent);
+        for i in 0..burst {
+            send(
+                nic,
+                role,
+                &bench_frame(peer, me, Role::Blast, sent + i, size),
+            );
+        }
+        if sent == 0 {
+            start = test_guests::rdtsc();
+        }
+        sent += burst;
+        // The acknowledgement of everything sent so far.
+        let mut polls = 0u32;
+        loop {
+            match poll(nic, role) {
+                Some(f) => {
+                    if bench_parse(&f, peer)
+                        .is_some_and(|(r, n)| r == Role::Sink as u8 && n >= sent)
+                    {
+                        break;
+                    }
+                }
+                None => {
+                    polls += 1;
+                    waits += 1;
+                    if polls > 2_000_000 {
+                        fail(role, format_args!("no acknowledgement of {sent} frames"));
+                    }
+                    core::hint::spin_loop();
+                }
+            }
+        }
+    }
+    let ticks = test_guests::rdtsc() - start;
+    println!(
+        "netcheck: blast: {count} frames of {size} bytes in {ticks} ticks (bursts of {window}, {waits} empty polls)"
+    );
+    println!("netcheck: blast: done");
+}
+
+fn sink(nic: &mut Nic, me: [u8; 6], peer: [u8; 6], count: u32, window: u32) {
+    let role = "sink";
+    let (mut got, mut bytes, mut start, mut lost) = (0u32, 0u64, 0u64, 0u32);
+    while got < count {
+        let Some(f) = poll(nic, role) else {
+            core::hint::spin_loop();
+            continue;
+        };
+        let Some((r, seq)) = bench_parse(&f, peer) else {
+            continue;
+        };
+        if r != Role::Blast as u8 {
+            continue;
+        }
+        if got == 0 {
+            start = test_guests::rdtsc();
+        }
+        // Frames are numbered; a gap is a frame the switch dropped.
+        lost += seq.saturating_sub(got);
+        got = got.max(seq + 1);
+        bytes += f.len() as u64;
+        if got % window == 0 || got == count {
+            send(nic, role, &bench_frame(peer, me, Role::Sink, got, 64));
+        }
+    }
+    let ticks = test_guests::rdtsc() - start;
+    println!("netcheck: sink: {got} frames, {bytes} bytes in {ticks} ticks, {lost} lost");
+    println!("netcheck: sink: done");
+}
+
 fn run(args: &str, _ram: u64) {
     heap::init();
     let arg = |k: &str| {
@@ -698,8 +805,12 @@ fn run(args: &str, _ram: u64) {
         Some("listen") => "listen",
         Some("spoof") => "spoof",
         Some("echo") => "echo",
+        Some("blast") => "blast",
+        Some("sink") => "sink",
         other => {
-            println!("netcheck: FAILED: role={other:?}: must be ping, pong, listen, spoof or echo");
+            println!(
+                "netcheck: FAILED: role={other:?}: must be ping, pong, listen, spoof, echo, blast or sink"
+            );
             test_guests::exit(1);
         }
     };
@@ -736,6 +847,21 @@ fn run(args: &str, _ram: u64) {
             num("tries", 5),
         ),
         "pong" => pong(&mut nic, me, mac_arg("peer"), count, num("polls", 200_000)),
+        "blast" => blast(
+            &mut nic,
+            me,
+            mac_arg("peer"),
+            count,
+            (num("size", 1514) as usize).clamp(64, 1514),
+            num("window", 32).max(1),
+        ),
+        "sink" => sink(
+            &mut nic,
+            me,
+            mac_arg("peer"),
+            count,
+            num("window", 32).max(1),
+        ),
         "echo" => {
             let ip_arg = |k: &str| match arg(k).map(parse_ip) {
                 Some(Some(a)) => a,
