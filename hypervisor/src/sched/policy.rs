@@ -13,6 +13,12 @@ pub const PERIOD: Ns = 10 * MS;
 pub const TARGET_LATENCY: Ns = 12 * MS;
 pub const MIN_SLICE: Ns = MS;
 pub const MAX_SLICE: Ns = 30 * MS;
+/// The slice of a vCPU picked while no vCPU waits on any CPU, whose domain has no cap or
+/// reservation: nothing competes, so the slice only bounds how long the CPU goes without a
+/// decision. As soon as a vCPU waits anywhere, every CPU running alone is to be kicked
+/// ([`Scheduler::alone_kicks`], and a wake-up onto such a CPU kicks it), so this costs no
+/// latency and no fairness; it saves the guest an exit every [`TARGET_LATENCY`].
+pub const ALONE_SLICE: Ns = 1000 * MS;
 /// A waking vCPU is placed at most this far behind its queue's least virtual time.
 pub const WAKE_CREDIT: Ns = MIN_SLICE / 2;
 /// Virtual time advances by `ran * WEIGHT_UNIT / weight`.
@@ -160,6 +166,8 @@ struct Queue {
     /// Runnable vCPUs (not running), by virtual time.
     ready: BTreeSet<(u64, VcpuId)>,
     running: Option<VcpuId>,
+    /// The running vCPU was picked alone, with [`ALONE_SLICE`]: a wake-up here kicks it.
+    alone: bool,
 }
 
 /// What a CPU is to do now.
@@ -201,6 +209,8 @@ pub struct Scheduler {
     /// time: their weighted average is the machine's virtual time, which lags are taken from.
     sum_w: u128,
     sum_wv: u128,
+    /// CPUs whose running vCPU was picked alone ([`ALONE_SLICE`]).
+    alone: usize,
 }
 
 impl Scheduler {
@@ -217,6 +227,7 @@ impl Scheduler {
             floor: 0,
             sum_w: 0,
             sum_wv: 0,
+            alone: 0,
         }
     }
 
@@ -523,6 +534,9 @@ impl Scheduler {
     pub fn stop(&mut self, cpu: CpuId, now: Ns, why: Stop) {
         self.roll_periods(now);
         self.charge(cpu, now);
+        if core::mem::take(&mut self.queues[cpu].alone) {
+            self.alone -= 1;
+        }
         let Some(v) = self.queues[cpu].running.take() else {
             return;
         };
@@ -611,6 +625,8 @@ impl Scheduler {
         match self.queues[cpu].running {
             None if deciding == Some(cpu) => None,
             None => Some(cpu),
+            // It runs alone on a long slice: it decides again now, with a rival.
+            Some(_) if self.queues[cpu].alone => Some(cpu),
             // Preempt when the sleeper is clearly behind: a vCPU that slept long enough to be
             // placed at the credit's limit always is, one that just blocked briefly is not.
             Some(r) if self.vcpus[r].vruntime > self.vcpus[v].vruntime + virt(WAKE_CREDIT) / 2 => {
@@ -749,18 +765,48 @@ impl Scheduler {
         let mut slice = self.slice(cpu);
         let slot = self.vcpus[v].slot;
         let d = &self.doms[slot];
+        let alone = d.params.cap_pct.is_none()
+            && d.params.reserve_pct == 0
+            && self.queues[cpu].ready.is_empty()
+            && self.queues.iter().all(|q| q.ready.is_empty());
+        if alone {
+            slice = ALONE_SLICE;
+        }
         // A capped domain runs no further than what is left of its budget.
         if let Some(left) = d.budget_left() {
             slice = slice.min(left.max(1));
         }
-        // Nor past the end of its period (so budgets and reservations roll on time).
-        slice = slice.min((d.period_start + PERIOD).saturating_sub(now).max(MIN_SLICE));
+        // Nor past the end of its period (so budgets and reservations roll on time), unless
+        // it has neither and nothing else is ready here.
+        if !alone {
+            slice = slice.min((d.period_start + PERIOD).saturating_sub(now).max(MIN_SLICE));
+        }
+        self.queues[cpu].alone = alone;
+        self.alone += usize::from(alone);
         self.vcpus[v].granted = slice;
         self.doms[slot].granted += slice;
         Decision {
             run: Some(v),
             slice,
         }
+    }
+
+    /// The CPUs to kick because a vCPU waits somewhere while they run a vCPU picked alone
+    /// (on [`ALONE_SLICE`]): each decides again (it may take the waiting vCPU, or share its
+    /// CPU with it), as it would have at its next ordinary slice end. A bit mask; each CPU is
+    /// given once. Cheap while no CPU runs alone.
+    pub fn alone_kicks(&mut self) -> u64 {
+        if self.alone == 0 || self.queues.iter().all(|q| q.ready.is_empty()) {
+            return 0;
+        }
+        let mut mask = 0;
+        for (c, q) in self.queues.iter_mut().enumerate() {
+            if core::mem::take(&mut q.alone) {
+                mask |= 1 << c;
+            }
+        }
+        self.alone = 0;
+        mask
     }
 
     /// Takes a waiting vCPU off its queue without it having run (a vCPU not yet started, or
@@ -969,6 +1015,47 @@ mod tests {
             s.add_domain(1, Params::default()),
             Err(ParamError::DomainExists(1))
         );
+    }
+
+    #[test]
+    fn a_vcpu_alone_gets_a_long_slice_until_another_waits() {
+        let mut s = Scheduler::new(2);
+        s.add_domain(1, Params::default()).unwrap();
+        s.add_domain(2, Params::default()).unwrap();
+        let a = s.add_vcpu(1, 0b01, 0).unwrap();
+        let b = s.add_vcpu(2, 0b01, 0).unwrap();
+        s.park(b);
+        // Nothing else waits anywhere: a long slice, and nobody to kick.
+        let d = s.pick(0, 0);
+        assert_eq!((d.run, d.slice), (Some(a), ALONE_SLICE));
+        assert_eq!(s.alone_kicks(), 0);
+        // A vCPU waking onto its CPU kicks it, even one not far behind, and it then shares.
+        assert_eq!(s.wake(b, MS), Some(0));
+        s.stop(0, MS, Stop::Preempted);
+        let d = s.pick(0, MS);
+        assert!(d.slice <= TARGET_LATENCY, "{d:?}");
+        s.stop(0, 2 * MS, Stop::Blocked);
+        // Alone again on CPU 0; then a vCPU waits on CPU 1's queue (CPU 1 has not picked
+        // yet): CPU 0 is kicked once, so that it decides again (and may take it).
+        let d = s.pick(0, 2 * MS);
+        assert_eq!(d.slice, ALONE_SLICE);
+        let c = s.add_vcpu(2, 0b10, 2 * MS).unwrap();
+        assert_eq!(s.cpu_of(c), 1);
+        assert_eq!(s.alone_kicks(), 0b01);
+        assert_eq!(s.alone_kicks(), 0, "each CPU is kicked once");
+        // A capped domain alone keeps ordinary slices (its budget must be enforced).
+        let mut s = Scheduler::new(1);
+        s.add_domain(
+            3,
+            Params {
+                cap_pct: Some(50),
+                ..Params::default()
+            },
+        )
+        .unwrap();
+        s.add_vcpu(3, 0b1, 0).unwrap();
+        let d = s.pick(0, 0);
+        assert!(d.slice <= PERIOD, "{d:?}");
     }
 
     #[test]

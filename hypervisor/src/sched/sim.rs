@@ -171,6 +171,17 @@ impl Sim {
         self.s.stop(cpu, now, why);
     }
 
+    /// Kicks the CPUs running alone once a vCPU waits somewhere (as the hypervisor does).
+    fn kick_alone(&mut self, now: Ns) {
+        let mask = self.s.alone_kicks();
+        for c in 0..self.cpus.len() {
+            if mask & (1 << c) != 0 {
+                self.end_run(c, now);
+                self.cpus[c].idle_until = now;
+            }
+        }
+    }
+
     /// Runs the machine until simulated time `until`.
     ///
     /// # Panics
@@ -235,6 +246,7 @@ impl Sim {
                     }
                 }
             }
+            self.kick_alone(now);
         }
     }
 

@@ -126,7 +126,14 @@ fn with_live<R>(f: impl FnOnce(&mut Live, Ns) -> R) -> R {
     let now = now_ns();
     let mut g = LIVE.lock();
     let live = g.get_or_insert_with(|| Live::new(now));
-    f(live, now)
+    let r = f(live, now);
+    // A vCPU waits somewhere now: the CPUs running one alone on a long slice decide again.
+    let mut alone = live.policy.alone_kicks();
+    while alone != 0 {
+        kick(alone.trailing_zeros() as usize);
+        alone &= alone - 1;
+    }
+    r
 }
 
 /// TSC frequency in kHz, as calibrated at boot.
