@@ -936,6 +936,11 @@ fn cmd_domains() {
             d.total_exits(),
             by_reason
         );
+        println!(
+            "    time: {} ticks running, {} of them handling its exits",
+            crate::vcpu::queue::domain_ticks(d.id),
+            d.hv_ticks.load(Ordering::Relaxed)
+        );
         let why = d.stop_reason.lock();
         if !why.is_empty() {
             println!("    stopped: {why}");

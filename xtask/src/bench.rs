@@ -128,6 +128,18 @@ fn to_prompt(m: &Machine, limit: Duration) -> Result<(String, Duration), String>
 /// Boots `m` and reads serial output until `done` matches (or the limit passes); returns the
 /// text and the wall time from the emulator's start.
 fn until(m: &Machine, done: &Regex, limit: Duration) -> Result<(String, Duration), String> {
+    until_then(m, done, None, limit)
+}
+
+/// As [`until`]; then, when `then` is given, types that console command and reads on until
+/// the prompt comes back after its answer.
+fn until_then(
+    m: &Machine,
+    done: &Regex,
+    then: Option<&str>,
+    limit: Duration,
+) -> Result<(String, Duration), String> {
+    use std::io::Write as _;
     let mut r = emu::start(m)?;
     r.serial
         .set_read_timeout(Some(Duration::from_millis(20)))
@@ -141,10 +153,33 @@ fn until(m: &Machine, done: &Regex, limit: Duration) -> Result<(String, Duration
             Err(_) => {}
         }
         let text = String::from_utf8_lossy(&raw);
-        if done.is_match(&text) {
+        if let Some(m) = done.find(&text) {
             let wall = r.started.elapsed();
+            if let Some(cmd) = then {
+                let from = m.end();
+                r.serial
+                    .write_all(format!("{cmd}\r").as_bytes())
+                    .map_err(|e| format!("typing '{cmd}': {e}"))?;
+                let deadline = std::time::Instant::now() + Duration::from_secs(60);
+                loop {
+                    match r.serial.read(&mut buf) {
+                        Ok(0) => return Err("serial closed".into()),
+                        Ok(n) => raw.extend_from_slice(&buf[..n]),
+                        Err(_) => {}
+                    }
+                    let t = String::from_utf8_lossy(&raw);
+                    // The answer, then the prompt again.
+                    if t[from..].contains(cmd) && t[from..].trim_end().ends_with(PROMPT.trim_end())
+                    {
+                        break;
+                    }
+                    if std::time::Instant::now() > deadline {
+                        return Err(format!("no answer to '{cmd}' within 60 s"));
+                    }
+                }
+            }
             r.stop();
-            return Ok((text.into_owned(), wall));
+            return Ok((String::from_utf8_lossy(&raw).into_owned(), wall));
         }
         if r.started.elapsed() > limit {
             return Err(format!(
@@ -177,15 +212,24 @@ fn io() -> Result<Vec<Figure>, String> {
         ("polling its used ring", "", "poll"),
         ("waiting for the disk's interrupt in HLT", " irq=1", "irq"),
     ] {
-        let a = count(&io_run(
+        let ta = io_run(
             &format!("-- ops=256 only=qd32{extra}"),
             &format!("-{tag}-a"),
-        )?)?;
-        let b = count(&io_run(
+        )?;
+        let tb = io_run(
             &format!("-- ops=768 only=qd32{extra}"),
             &format!("-{tag}-b"),
-        )?)?;
+        )?;
+        let (a, b) = (count(&ta)?, count(&tb)?);
         let per = (b - a) / (2.0 * 512.0);
+        if tag == "poll" {
+            figs.extend(io_split(
+                &ta,
+                &tb,
+                2.0 * 512.0,
+                raw_ticks_per_request(&text),
+            )?);
+        }
         println!(
             "  guest exits per request at depth 32, {how} (2x256 and 2x768 requests, differenced): {per:.3}"
         );
@@ -299,6 +343,68 @@ fn net_run(count: u32, tag: &str) -> Result<String, String> {
     Ok(text)
 }
 
+/// A domain's running ticks and the hypervisor's ticks handling its exits, from `domains`.
+fn domain_time(text: &str, id: u32, name: &str) -> Result<(f64, f64), String> {
+    let re = Regex::new(&format!(
+        r"(?m)^{id} +{name} .*\r?\n +time: (\d+) ticks running, (\d+) of them handling its exits"
+    ))
+    .expect("valid");
+    let c = re
+        .captures(text)
+        .ok_or_else(|| format!("no time line for domain {id} ({name})"))?;
+    Ok((
+        c[1].parse().map_err(|_| "running ticks")?,
+        c[2].parse().map_err(|_| "handling ticks")?,
+    ))
+}
+
+/// dom0's ticks per 4 KiB random request on its raw disk (read and write averaged).
+fn raw_ticks_per_request(text: &str) -> Option<f64> {
+    let re = Regex::new(r"rawbench ata1m: randread-4k: (\d+) requests, \d+ bytes, (\d+) ticks")
+        .expect("valid");
+    let c = re.captures(text)?;
+    let (n, t): (f64, f64) = (c[1].parse().ok()?, c[2].parse().ok()?);
+    Some(t / n)
+}
+
+/// Instructions (ticks) per request spent in the hypervisor (handling the guest's and dom0's
+/// exits) and in dom0 (its running time less the hypervisor's part), from two runs `a` and `b`
+/// of the depth-32 tests that differ by `requests` requests.
+fn io_split(a: &str, b: &str, requests: f64, raw: Option<f64>) -> Result<Vec<Figure>, String> {
+    let (d0a, h0a) = domain_time(a, 0, "dom0")?;
+    let (d0b, h0b) = domain_time(b, 0, "dom0")?;
+    let (_, hga) = domain_time(a, 1, "bench")?;
+    let (_, hgb) = domain_time(b, 1, "bench")?;
+    let hv = ((h0b - h0a) + (hgb - hga)) / requests;
+    let dom0 = ((d0b - h0b) - (d0a - h0a)) / requests;
+    println!(
+        "  instructions per request at depth 32: hypervisor {hv:.0} (the guest's exits and dom0's), dom0 {dom0:.0}{}",
+        raw.map_or(String::new(), |r| format!(
+            " (dom0's raw request to the ATA driver: {r:.0})"
+        ))
+    );
+    let mut dom0_fig = Figure::new(
+        "io",
+        "dom0 instructions per request, depth 32",
+        dom0,
+        "ticks",
+        Better::Lower,
+    );
+    if let Some(r) = raw {
+        dom0_fig = dom0_fig.peer("dom0's raw 4 KiB read to its ATA driver, same run", r);
+    }
+    Ok(vec![
+        Figure::new(
+            "io",
+            "hypervisor instructions per request, depth 32",
+            hv,
+            "ticks",
+            Better::Lower,
+        ),
+        dom0_fig,
+    ])
+}
+
 /// One `bench io` boot: dom0 (its raw-disk figures on ata1m, its pool on ata0s) and the
 /// bench guest with `args`; returns the console text.
 fn io_run(args: &str, tag: &str) -> Result<String, String> {
@@ -340,7 +446,8 @@ fn io_run(args: &str, tag: &str) -> Result<String, String> {
         tag: String::new(),
     };
     let stopped = Regex::new(r"domain \d+ \(bench\) stopped after (\d+) exits").expect("valid");
-    let (text, _) = until(&m, &stopped, Duration::from_secs(900))?;
+    // `domains` then: each domain's running time and the hypervisor's part of it.
+    let (text, _) = until_then(&m, &stopped, Some("domains"), Duration::from_secs(900))?;
     let log = m.work_dir.join("serial.log");
     std::fs::write(&log, &text).map_err(|e| format!("{}: {e}", log.display()))?;
     if text.contains("blkbench: FAILED") {

@@ -57,6 +57,8 @@ pub struct Domain {
     pub(crate) alive: AtomicU32,
     pub(crate) vmreads: AtomicU64,
     pub(crate) vmwrites: AtomicU64,
+    /// TSC ticks the hypervisor spent handling this domain's exits.
+    pub(crate) hv_ticks: AtomicU64,
     pub(crate) state: AtomicU8,
     /// TSC of the operator's last destroy or pause request (0: none yet).
     pub(crate) request_tsc: AtomicU64,
@@ -542,6 +544,7 @@ pub fn create(
         alive: AtomicU32::new(cfg.vcpus),
         vmreads: AtomicU64::new(0),
         vmwrites: AtomicU64::new(0),
+        hv_ticks: AtomicU64::new(0),
         state: AtomicU8::new(DomainState::Running as u8),
         request_tsc: AtomicU64::new(0),
         exits: Default::default(),

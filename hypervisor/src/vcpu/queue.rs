@@ -390,6 +390,11 @@ pub fn next_sleeper(cpu: usize) -> Option<u64> {
     LIVE.lock().as_ref().and_then(|l| l.sleepers.next(cpu))
 }
 
+/// The CPU time domain `dom` has used, in TSC ticks, as of its vCPUs' last stops.
+pub fn domain_ticks(dom: DomId) -> u64 {
+    with_live(|l, _| ns_to_tsc(l.policy.domain_time(dom)))
+}
+
 /// The CPU where a domain's vCPU 0 runs or waits.
 pub fn cpu_of(dom: DomId) -> Option<usize> {
     let g = LIVE.lock();

@@ -615,6 +615,8 @@ impl RunLoop {
         }
         Self::swap_fpu(cpu, fpu_owner, v);
         let start = cpu::rdtsc();
+        // TSC ticks spent handling this slice's exits (from each exit to the loop's end).
+        let mut handling = 0u64;
         // Bring the guest's timer up to date first, so its next deadline is in the future.
         v.core.timer.poll(start);
         // The preemption timer: the end of the slice, the guest's timer or the first sleeper,
@@ -685,6 +687,7 @@ impl RunLoop {
                 }
             }
             let entered = a.run(&mut v.core.regs);
+            let exited = cpu::rdtsc();
             // Let the host take the interrupt that caused an exit, if any.
             x86_64::instructions::interrupts::enable();
             if let Err(e) = entered {
@@ -759,10 +762,13 @@ impl RunLoop {
                     DomainState::Paused => break SliceEnd::Requeue,
                 }
             }
-            if cpu::rdtsc().wrapping_sub(start) > slice {
+            let now = cpu::rdtsc();
+            handling = handling.wrapping_add(now.wrapping_sub(exited));
+            if now.wrapping_sub(start) > slice {
                 break SliceEnd::Requeue;
             }
         };
+        v.domain.hv_ticks.fetch_add(handling, Ordering::Relaxed);
         fpu::save(&mut v.fpu);
         let (reads, writes) = (
             core::mem::take(&mut a.reads),
