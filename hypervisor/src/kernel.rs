@@ -408,7 +408,12 @@ fn start_module(
         alloc::vec::Vec::new()
     };
     let mmio = crate::vcpu::dom0::mmio_windows(&owned, cfg.mem_mib);
-    match crate::domain::table::create(&DOMAINS, &FRAMES, image, &cfg, caps, &mmio) {
+    let direct = if cfg.dom0 {
+        crate::vcpu::dom0::direct_ports(&owned)
+    } else {
+        alloc::vec::Vec::new()
+    };
+    match crate::domain::table::create(&DOMAINS, &FRAMES, image, &cfg, caps, &mmio, &direct) {
         Ok(new) => {
             let d = new.domain.clone();
             if cfg.dom0 {

@@ -5,6 +5,7 @@
 //! Other CPUs only flip a domain's state (`destroy`) and read its counters; the CPU running a
 //! vCPU notices at its next exit (the preemption timer bounds the wait) and tears it down.
 
+use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
@@ -25,6 +26,7 @@ use crate::vmx::caps::VmxCaps;
 use crate::vmx::ept::{Ept, MemType, PageSizes, Perm, TableFrames};
 use crate::vmx::exit::REASON_SLOTS;
 use crate::vmx::hw::Vmcs;
+use crate::vmx::iobitmap::{ALL_EXIT, IoBitmaps};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -59,6 +61,9 @@ pub struct Domain {
     pub(crate) vmwrites: AtomicU64,
     /// TSC ticks the hypervisor spent handling this domain's exits.
     pub(crate) hv_ticks: AtomicU64,
+    /// Its I/O bitmaps when some ports reach the hardware directly (dom0's devices); `None`:
+    /// every port exits ([`ALL_EXIT`]).
+    io_bitmaps: Option<Box<IoBitmaps>>,
     pub(crate) state: AtomicU8,
     /// TSC of the operator's last destroy or pause request (0: none yet).
     pub(crate) request_tsc: AtomicU64,
@@ -281,6 +286,11 @@ pub struct DomainMem {
 }
 
 impl Domain {
+    /// The I/O bitmaps its vCPUs run with.
+    pub(crate) fn io_bitmaps(&self) -> &IoBitmaps {
+        self.io_bitmaps.as_deref().unwrap_or(&ALL_EXIT)
+    }
+
     /// Its memory, while any vCPU holds it.
     pub(crate) fn memory(&self) -> Option<Arc<DomainMem>> {
         self.mem.lock().upgrade()
@@ -390,7 +400,8 @@ pub struct NewDomain {
 /// Builds a domain from an ELF image: RAM from `phys`, the image loaded into it, its EPT and one
 /// VMCS per vCPU; adds it to `table`. Takes the frame allocator's lock itself (never call it
 /// with the lock held). `mmio` are device register windows (base, length; 4 KiB-aligned)
-/// mapped at their own addresses, uncached: dom0's controllers, empty for every other domain.
+/// mapped at their own addresses, uncached: dom0's controllers, empty for every other domain;
+/// `direct_ports` are port ranges its accesses reach without an exit (dom0's devices' ports).
 pub fn create(
     table: &DomainTable,
     phys: &'static PhysMem,
@@ -398,6 +409,7 @@ pub fn create(
     cfg: &DomainConfig,
     caps: &VmxCaps,
     mmio: &[(u64, u64)],
+    direct_ports: &[(u16, u16)],
 ) -> Result<NewDomain, String> {
     let online: Vec<usize> = (0..percpu::cpu_count())
         .filter(|&i| CPUS[i].state() == percpu::CpuState::Online)
@@ -545,6 +557,13 @@ pub fn create(
         vmreads: AtomicU64::new(0),
         vmwrites: AtomicU64::new(0),
         hv_ticks: AtomicU64::new(0),
+        io_bitmaps: (!direct_ports.is_empty()).then(|| {
+            let mut b = Box::new(IoBitmaps::ALL_EXIT);
+            for &(base, count) in direct_ports {
+                b.pass(base, count);
+            }
+            b
+        }),
         state: AtomicU8::new(DomainState::Running as u8),
         request_tsc: AtomicU64::new(0),
         exits: Default::default(),

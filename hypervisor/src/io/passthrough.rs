@@ -198,6 +198,26 @@ fn size_bars(host: &mut impl HostPorts, f: Bdf, id: u32, class: u32) -> OwnedFun
     }
 }
 
+/// Ports the hypervisor keeps whatever a BAR says: the first 256 (PICs, PIT, keyboard
+/// controller, CMOS), COM1, and PCI configuration (always through [`PciFilter`]).
+const KEPT_PORTS: [(u32, u32); 3] = [(0, 0x100), (0x3f8, 0x400), (0xcf8, 0xd00)];
+
+/// The port ranges of `owned` and `extra` that may reach the hardware without an exit: each
+/// range overlapping [`KEPT_PORTS`] is left out (it keeps exiting), so a firmware's odd BAR
+/// never hands dom0 the hypervisor's own devices.
+pub fn direct_ports(owned: &[OwnedFunction], extra: &[(u16, u16)]) -> Vec<(u16, u16)> {
+    let mut out: Vec<(u16, u16)> = owned
+        .iter()
+        .flat_map(|o| o.ports.iter().copied())
+        .chain(extra.iter().copied())
+        .collect();
+    out.retain(|&(b, n)| {
+        let (lo, hi) = (u32::from(b), u32::from(b) + u32::from(n));
+        KEPT_PORTS.iter().all(|&(klo, khi)| hi <= klo || lo >= khi)
+    });
+    out
+}
+
 /// Functions whose ownership [`PciFilter`] remembers.
 const MAX_CACHED: usize = 256;
 
@@ -544,6 +564,26 @@ mod tests {
         let nic = found.iter().find(|o| o.bdf == NIC).expect("the NIC");
         assert_eq!(nic.mmio, vec![(0x1_8000_0000, 0x4000)]);
         assert!(nic.ports.is_empty());
+    }
+
+    #[test]
+    fn direct_ports_never_include_the_hypervisors_own() {
+        let f = |ports: Vec<(u16, u16)>| OwnedFunction {
+            bdf: NIC,
+            id: 0,
+            class: 0x0200_0000,
+            ports,
+            mmio: Vec::new(),
+        };
+        let owned = [
+            f(vec![(0x1f0, 8), (0x3f6, 1), (0xc000, 0x40)]),
+            // Odd BARs: over COM1, over PCI configuration, over the PIT.
+            f(vec![(0x3f0, 0x10), (0xcf0, 0x10), (0x40, 4)]),
+        ];
+        assert_eq!(
+            direct_ports(&owned, &[(0x2f8, 8)]),
+            vec![(0x1f0, 8), (0x3f6, 1), (0xc000, 0x40), (0x2f8, 8)]
+        );
     }
 
     #[test]

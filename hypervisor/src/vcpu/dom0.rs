@@ -525,6 +525,13 @@ pub fn give_devices(domain: &Domain, owned: &[OwnedFunction]) -> Result<Vec<Stri
 /// The second serial port's I/O base.
 const COM2: u16 = 0x2f8;
 
+/// The port ranges dom0's accesses reach without an exit (its I/O bitmaps): every port of
+/// the functions it owns ([`give_devices`] registers the same ranges on its port bus too) and
+/// COM2, less any the hypervisor keeps ([`crate::io::passthrough::direct_ports`]).
+pub fn direct_ports(owned: &[OwnedFunction]) -> Vec<(u16, u16)> {
+    crate::io::passthrough::direct_ports(owned, &[(COM2, 8)])
+}
+
 /// A call's result: a value (0 or more) or a status.
 fn ret_value(r: Result<u64, hv_abi::Status>) -> Dom0Reply {
     Dom0Reply::Return(match r {

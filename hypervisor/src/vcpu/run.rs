@@ -579,7 +579,7 @@ impl RunLoop {
         if !v.ready {
             // First entry: fill the VMCS on this CPU.
             v.setup.rsb_fill = spec.rsb_fill;
-            if let Err(e) = setup_vmcs(a, caps, &v.setup) {
+            if let Err(e) = setup_vmcs(a, caps, &v.setup, v.domain.io_bitmaps()) {
                 return SliceEnd::Stop {
                     why: alloc::format!("cannot set up the VMCS: {e}"),
                     dump: false,

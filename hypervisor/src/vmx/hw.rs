@@ -368,6 +368,15 @@ impl ActiveVmcs<'_> {
         self.vmwrite(x86::vmx::vmcs::control::EPTP_FULL, eptp.value())
     }
 
+    /// The I/O bitmaps (A, then B in the next page). The hypervisor's memory is
+    /// identity-mapped, so their address is their physical address; `b` must outlive every
+    /// entry with this VMCS (a domain's own, or the static all-exit pair).
+    pub fn set_io_bitmaps(&mut self, b: &super::iobitmap::IoBitmaps) -> Result<(), VmxError> {
+        use x86::vmx::vmcs::control as c;
+        self.vmwrite(c::IO_BITMAP_A_ADDR_FULL, b.address())?;
+        self.vmwrite(c::IO_BITMAP_B_ADDR_FULL, b.address() + 4096)
+    }
+
     /// The VM-entry and VM-exit MSR-load areas that switch IA32_SPEC_CTRL (their counts, 0
     /// or 1, are ordinary fields the exit dispatcher sets). The hypervisor's memory is
     /// identity-mapped, so the areas' addresses are their physical addresses.

@@ -11,6 +11,7 @@ pub mod exit;
 pub mod fpu;
 #[cfg(target_os = "none")]
 pub mod hw;
+pub mod iobitmap;
 pub mod policy;
 #[cfg(target_os = "none")]
 pub mod setup;

@@ -64,7 +64,12 @@ pub struct GuestSetup {
 }
 
 /// Writes controls, guest state and host state into the current VMCS.
-pub fn setup_vmcs(v: &mut ActiveVmcs, caps: &VmxCaps, g: &GuestSetup) -> Result<(), SetupError> {
+pub fn setup_vmcs(
+    v: &mut ActiveVmcs,
+    caps: &VmxCaps,
+    g: &GuestSetup,
+    io: &super::iobitmap::IoBitmaps,
+) -> Result<(), SetupError> {
     // Pin-based: external interrupts and NMIs exit (the host keeps its timer); the
     // preemption timer bounds every slice (SDM Vol. 3C §24.6.1).
     let pin = need(
@@ -72,11 +77,12 @@ pub fn setup_vmcs(v: &mut ActiveVmcs, caps: &VmxCaps, g: &GuestSetup) -> Result<
         "pin-based controls",
         (1 << 0) | (1 << 3) | (1 << 6),
     )?;
-    // Primary: HLT exits, all port I/O exits, all MSR accesses exit (no bitmaps), secondary on.
+    // Primary: HLT exits, port I/O exits as the I/O bitmaps say (every port but dom0's
+    // devices'), all MSR accesses exit (no MSR bitmaps), secondary on.
     let proc = need(
         &caps.procbased,
         "processor-based controls",
-        (1 << 7) | (1 << 24) | (1 << 31),
+        (1 << 7) | (1 << 25) | (1 << 31),
     )?;
     let p2 = caps.procbased2.unwrap_or_default();
     let proc2 = need(&p2, "secondary controls", (1 << 1) | (1 << 5) | (1 << 7))?
@@ -111,6 +117,7 @@ pub fn setup_vmcs(v: &mut ActiveVmcs, caps: &VmxCaps, g: &GuestSetup) -> Result<
     v.set(f::TSC_OFFSET, 0)?;
     v.set(f::VPID, u64::from(g.vpid))?;
     v.set_eptp(g.eptp)?;
+    v.set_io_bitmaps(io)?;
     v.set_no_vmcs_link()?;
 
     // Control registers: what the guest asked for, adjusted by the fixed bits; bits the
