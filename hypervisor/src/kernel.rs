@@ -941,10 +941,18 @@ fn cmd_domains() {
             d.total_exits(),
             by_reason
         );
+        let mut handling = 0u64;
+        let mut ticks_by = String::new();
+        for i in 0..REASON_SLOTS {
+            let t = d.exit_ticks[i].load(Ordering::Relaxed);
+            if t > 0 {
+                handling += t;
+                ticks_by.push_str(&alloc::format!(" {}={t}", ExitReason::slot_name(i)));
+            }
+        }
         println!(
-            "    time: {} ticks running, {} of them handling its exits",
+            "    time: {} ticks running, {handling} of them handling its exits:{ticks_by}",
             crate::vcpu::queue::domain_ticks(d.id),
-            d.hv_ticks.load(Ordering::Relaxed)
         );
         let why = d.stop_reason.lock();
         if !why.is_empty() {

@@ -59,8 +59,8 @@ pub struct Domain {
     pub(crate) alive: AtomicU32,
     pub(crate) vmreads: AtomicU64,
     pub(crate) vmwrites: AtomicU64,
-    /// TSC ticks the hypervisor spent handling this domain's exits.
-    pub(crate) hv_ticks: AtomicU64,
+    /// TSC ticks the hypervisor spent handling this domain's exits, by reason (as `exits`).
+    pub exit_ticks: [AtomicU64; REASON_SLOTS],
     /// Its I/O bitmaps when some ports reach the hardware directly (dom0's devices); `None`:
     /// every port exits ([`ALL_EXIT`]).
     io_bitmaps: Option<Box<IoBitmaps>>,
@@ -556,7 +556,7 @@ pub fn create(
         alive: AtomicU32::new(cfg.vcpus),
         vmreads: AtomicU64::new(0),
         vmwrites: AtomicU64::new(0),
-        hv_ticks: AtomicU64::new(0),
+        exit_ticks: Default::default(),
         io_bitmaps: (!direct_ports.is_empty()).then(|| {
             let mut b = Box::new(IoBitmaps::ALL_EXIT);
             for &(base, count) in direct_ports {

@@ -615,8 +615,6 @@ impl RunLoop {
         }
         Self::swap_fpu(cpu, fpu_owner, v);
         let start = cpu::rdtsc();
-        // TSC ticks spent handling this slice's exits (from each exit to the loop's end).
-        let mut handling = 0u64;
         // Bring the guest's timer up to date first, so its next deadline is in the future.
         v.core.timer.poll(start);
         // The preemption timer: the end of the slice, the guest's timer or the first sleeper,
@@ -762,13 +760,14 @@ impl RunLoop {
                     DomainState::Paused => break SliceEnd::Requeue,
                 }
             }
+            // The ticks spent handling this exit, by its reason.
             let now = cpu::rdtsc();
-            handling = handling.wrapping_add(now.wrapping_sub(exited));
+            v.domain.exit_ticks[exit.reason.slot()]
+                .fetch_add(now.wrapping_sub(exited), Ordering::Relaxed);
             if now.wrapping_sub(start) > slice {
                 break SliceEnd::Requeue;
             }
         };
-        v.domain.hv_ticks.fetch_add(handling, Ordering::Relaxed);
         fpu::save(&mut v.fpu);
         let (reads, writes) = (
             core::mem::take(&mut a.reads),
