@@ -565,16 +565,21 @@ fn emulate_mmio<M: GuestMemory>(
 ) -> Result<Action> {
     let rip = a.get(f::GUEST_RIP);
     let cr3 = a.get(f::GUEST_CR3);
+    // The instruction's bytes: one page walk per page they lie on (at most two), then the
+    // bytes of that page in one read.
     let mut bytes = [0u8; decode::MAX_LEN];
     let mut n = 0;
     while n < bytes.len() {
-        let Some(pa) = translate(mem, cr3, rip.wrapping_add(n as u64)) else {
+        let at = rip.wrapping_add(n as u64);
+        let Some(pa) = translate(mem, cr3, at) else {
             break;
         };
-        if mem.read(GuestAddr(pa), &mut bytes[n..n + 1]).is_err() {
+        let in_page = (0x1000 - (at & 0xfff)) as usize;
+        let take = in_page.min(bytes.len() - n);
+        if mem.read(GuestAddr(pa), &mut bytes[n..n + take]).is_err() {
             break;
         }
-        n += 1;
+        n += take;
     }
     let d = decode::decode(&bytes[..n]).map_err(|e| {
         Box::new(ExitError::Unsupported(alloc::format!(

@@ -455,6 +455,36 @@ fn mmio_in_the_hole_reads_all_ones_and_drops_stores() {
 }
 
 #[test]
+fn an_mmio_instruction_across_two_pages_is_fetched_from_both() {
+    let mut r = Rig::new();
+    let w = |mem: &mut VecGuestMemory, at: u64, v: u64| {
+        mem.write(GuestAddr(at), &v.to_le_bytes()).unwrap()
+    };
+    // 4 KiB pages, not contiguous: virtual 0x7000 -> 0x8000, virtual 0x8000 -> 0x6000.
+    w(&mut r.mem, 0x1000, 0x2000 | 3);
+    w(&mut r.mem, 0x2000, 0x3000 | 3);
+    w(&mut r.mem, 0x2000 + 3 * 8, 0x4000 | 3);
+    w(&mut r.mem, 0x3000, 0x5000 | 3);
+    for i in 0..512u64 {
+        w(&mut r.mem, 0x4000 + i * 8, ((3 << 30) + (i << 21)) | 0x83);
+    }
+    w(&mut r.mem, 0x5000 + 7 * 8, 0x8000 | 3);
+    w(&mut r.mem, 0x5000 + 8 * 8, 0x6000 | 3);
+    // mov ecx, [rax] (8b 08): its first byte ends the first page, its second starts the next.
+    r.mem.write(GuestAddr(0x8fff), &[0x8b]).unwrap();
+    r.mem.write(GuestAddr(0x6000), &[0x08]).unwrap();
+    r.a = core::mem::take(&mut r.a)
+        .with(f::GUEST_CR3, 0x1000)
+        .with(f::GUEST_RIP, 0x7fff);
+    assert_eq!(
+        r.exit(ExitReason::EptViolation, 0, 1, 0xfee0_0030),
+        Ok(Action::Resume)
+    );
+    assert_eq!(r.v.regs.rcx, 0xffff_ffff);
+    assert_eq!(r.rip(), 0x8001);
+}
+
+#[test]
 fn ept_violation_outside_ram_and_the_hole_stops_the_guest() {
     let mut r = Rig::new();
     let e = r
