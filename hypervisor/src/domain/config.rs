@@ -8,7 +8,7 @@
 
 use alloc::string::String;
 
-use hv_vswitch::{MacAddr, VlanId};
+use hv_vswitch::{MacAddr, VlanId, VlanSet};
 
 use crate::cmdline::CommandLine;
 use crate::sched::keys::{Change, KEYS};
@@ -71,15 +71,38 @@ impl<'a> DiskSpec<'a> {
 /// Longest network name.
 pub const NETWORK_NAME_MAX: usize = 32;
 
-/// A guest's NIC: an access port of network `network`'s switch on `vlan`, bound to `mac`.
+/// A guest's NIC: an access port of network `network`'s switch on `vlan`, or a trunk port
+/// carrying the VLANs `trunk` lists (802.1Q-tagged; untagged frames on `vlan` when it was
+/// given, refused otherwise), bound to `mac`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NicSpec<'a> {
     /// `[a-z0-9_-]+`, at most [`NETWORK_NAME_MAX`] bytes.
     pub network: &'a str,
-    /// Default 1.
+    /// The access VLAN (default 1), or a trunk's native VLAN when `native`.
     pub vlan: VlanId,
+    /// A trunk's VLANs, `N+N+...` as written (checked by [`trunk_vlans`]); `None`: an access
+    /// port.
+    pub trunk: Option<&'a str>,
+    /// A trunk's untagged frames go to `vlan` (`vlan=` was given with `trunk=`).
+    pub native: bool,
     /// A station (unicast, non-zero) address; `None`: [`default_mac`] of the domain's id.
     pub mac: Option<MacAddr>,
+}
+
+/// The VLANs of `trunk=N+N+...`: each 1..=4094, at least one, none twice.
+pub fn trunk_vlans(list: &str) -> Result<VlanSet, String> {
+    let mut set = VlanSet::empty();
+    for v in list.split('+') {
+        let id = v
+            .parse()
+            .ok()
+            .and_then(VlanId::new)
+            .ok_or_else(|| alloc::format!("'{v}' is not a VLAN id, 1..4094"))?;
+        if !set.insert(id) {
+            return Err(alloc::format!("VLAN {v} listed twice"));
+        }
+    }
+    Ok(set)
 }
 
 /// Whether `name` is a network name: 1..=[`NETWORK_NAME_MAX`] of `[a-z0-9_-]`.
@@ -121,7 +144,7 @@ impl<'a> NicSpec<'a> {
                 "nic={text}: '{network}' is not a network name (1..{NETWORK_NAME_MAX} of a-z, 0-9, '_', '-')"
             ));
         }
-        let (mut vlan, mut mac) = (None, None);
+        let (mut vlan, mut mac, mut trunk) = (None, None, None);
         for w in words {
             match w.split_once('=') {
                 Some(("vlan", v)) if vlan.is_none() => {
@@ -140,19 +163,32 @@ impl<'a> NicSpec<'a> {
                     }
                     mac = Some(a);
                 }
-                Some(("vlan" | "mac", _)) => {
+                Some(("trunk", t)) if trunk.is_none() => {
+                    trunk_vlans(t).map_err(|e| alloc::format!("nic={text}: trunk={t}: {e}"))?;
+                    trunk = Some(t);
+                }
+                Some(("vlan" | "mac" | "trunk", _)) => {
                     return Err(alloc::format!("nic={text}: '{w}': given twice"));
                 }
                 _ => {
                     return Err(alloc::format!(
-                        "nic={text}: unknown option '{w}' (nic=NETWORK[,vlan=N][,mac=MAC])"
+                        "nic={text}: unknown option '{w}' (nic=NETWORK[,vlan=N][,trunk=N+N...][,mac=MAC])"
                     ));
                 }
             }
         }
+        if let (Some(t), Some(v)) = (trunk, vlan)
+            && !trunk_vlans(t).is_ok_and(|set| set.contains(v))
+        {
+            return Err(alloc::format!(
+                "nic={text}: vlan={v}: a trunk's native VLAN must be one it carries (trunk={t})"
+            ));
+        }
         Ok(NicSpec {
             network,
             vlan: vlan.unwrap_or(VlanId::MIN),
+            trunk,
+            native: trunk.is_some() && vlan.is_some(),
             mac,
         })
     }
@@ -297,6 +333,8 @@ mod tests {
             Some(NicSpec {
                 network: "lan",
                 vlan: VlanId::MIN,
+                trunk: None,
+                native: false,
                 mac: None
             })
         );
@@ -313,6 +351,19 @@ mod tests {
             .nic
             .unwrap();
         assert_eq!(n.vlan.get(), 10);
+        // Trunks: tagged VLANs, and a native one only when vlan= is given.
+        let n = DomainConfig::parse("nic=lan,trunk=10+20")
+            .unwrap()
+            .nic
+            .unwrap();
+        assert_eq!((n.trunk, n.native), (Some("10+20"), false));
+        let set = trunk_vlans(n.trunk.unwrap()).unwrap();
+        assert_eq!(set.iter().map(VlanId::get).collect::<Vec<_>>(), [10, 20]);
+        let n = DomainConfig::parse("nic=lan,vlan=20,trunk=10+20")
+            .unwrap()
+            .nic
+            .unwrap();
+        assert_eq!((n.vlan.get(), n.native), (20, true));
         assert_eq!(default_mac(1), MacAddr([2, 0, 0, 0, 0, 1]));
         assert_eq!(default_mac(0x0102_0304), MacAddr([2, 0, 1, 2, 3, 4]));
         assert!(default_mac(7).is_station());
@@ -347,9 +398,15 @@ mod tests {
         assert!(e("nic=lan,mac=ff:ff:ff:ff:ff:ff").contains("needs a unicast one"));
         assert!(e("nic=lan,mac=00:00:00:00:00:00").contains("needs a unicast one"));
         assert!(e("nic=lan,vlan=2,vlan=3").contains("'vlan=3': given twice"));
+        assert!(e("nic=lan,trunk=").contains("trunk=: '' is not a VLAN id"));
+        assert!(e("nic=lan,trunk=10+0").contains("'0' is not a VLAN id"));
+        assert!(e("nic=lan,trunk=10+4095").contains("'4095' is not a VLAN id"));
+        assert!(e("nic=lan,trunk=10+10").contains("VLAN 10 listed twice"));
+        assert!(e("nic=lan,trunk=10,trunk=20").contains("given twice"));
+        assert!(e("nic=lan,vlan=30,trunk=10+20").contains("native VLAN must be one it carries"));
         assert_eq!(
             e("nic=lan,speed=10"),
-            "nic=lan,speed=10: unknown option 'speed=10' (nic=NETWORK[,vlan=N][,mac=MAC])"
+            "nic=lan,speed=10: unknown option 'speed=10' (nic=NETWORK[,vlan=N][,trunk=N+N...][,mac=MAC])"
         );
         assert!(e("nic=lan,").contains("unknown option ''"));
     }

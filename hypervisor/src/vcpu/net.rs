@@ -87,7 +87,8 @@ struct Attached {
     domain: Weak<Domain>,
     dom_id: u32,
     name: String,
-    vlan: VlanId,
+    /// Its VLANs, for reports: `vlan N` (access) or `trunk N+N, native N` (trunk).
+    vlans: String,
     mac: MacAddr,
 }
 
@@ -95,7 +96,7 @@ struct Attached {
 struct Departed {
     dom_id: u32,
     name: String,
-    vlan: VlanId,
+    vlans: String,
     mac: MacAddr,
     stats: PortStats,
 }
@@ -125,7 +126,7 @@ impl Segment {
         self.departed.push_back(Departed {
             dom_id: a.dom_id,
             name: a.name,
-            vlan: a.vlan,
+            vlans: a.vlans,
             mac: a.mac,
             stats,
         });
@@ -297,6 +298,27 @@ fn network(name: &str) -> Result<Arc<Network>, String> {
     Ok(n)
 }
 
+/// The switch port `spec` asks for: access, or a trunk of its VLANs.
+fn port_config(spec: &NicSpec<'_>) -> Result<PortConfig, String> {
+    Ok(match spec.trunk {
+        None => PortConfig::access(spec.vlan),
+        Some(t) => {
+            let allowed = crate::domain::config::trunk_vlans(t)
+                .map_err(|e| alloc::format!("nic={}: trunk={t}: {e}", spec.network))?;
+            PortConfig::trunk(allowed, spec.native.then_some(spec.vlan))
+        }
+    })
+}
+
+/// `spec`'s VLANs, as reports show them.
+fn vlans_label(spec: &NicSpec<'_>) -> String {
+    match spec.trunk {
+        None => alloc::format!("vlan {}", spec.vlan),
+        Some(t) if spec.native => alloc::format!("trunk {t}, native {}", spec.vlan),
+        Some(t) => alloc::format!("trunk {t}, untagged refused"),
+    }
+}
+
 /// Gives `domain` a virtio NIC on `spec`'s network at its second virtio-mmio window. Its MAC
 /// must be unique on the network.
 pub fn attach_nic(domain: &Arc<Domain>, spec: &NicSpec<'_>) -> Result<(), String> {
@@ -316,7 +338,7 @@ pub fn attach_nic(domain: &Arc<Domain>, spec: &NicSpec<'_>) -> Result<(), String
         }
         let port = seg
             .switch
-            .add_port(PortConfig::access(spec.vlan).with_mac(mac))
+            .add_port(port_config(spec)?.with_mac(mac))
             .map_err(|e| alloc::format!("nic={}: switch port: {e}", spec.network))?;
         let nic = Arc::new(GuestNic {
             dev: Mutex::new(MmioTransport::new(
@@ -340,7 +362,7 @@ pub fn attach_nic(domain: &Arc<Domain>, spec: &NicSpec<'_>) -> Result<(), String
             domain: Arc::downgrade(domain),
             dom_id: domain.id,
             name: domain.name.clone(),
-            vlan: spec.vlan,
+            vlans: vlans_label(spec),
             mac,
         });
         nic
@@ -355,8 +377,14 @@ pub fn attach_nic(domain: &Arc<Domain>, spec: &NicSpec<'_>) -> Result<(), String
         return Err(alloc::format!("virtio NIC window: {e:?}"));
     }
     info!(
-        "domain {} ({}): NIC {mac} on network {}, VLAN {}",
-        domain.id, domain.name, net.name, spec.vlan
+        "domain {} ({}): NIC {mac} on network {}, {}",
+        domain.id,
+        domain.name,
+        net.name,
+        match spec.trunk {
+            None => alloc::format!("VLAN {}", spec.vlan),
+            Some(_) => vlans_label(spec),
+        }
     );
     Ok(())
 }
@@ -428,7 +456,7 @@ pub fn attach_uplink(domain: &Arc<Domain>, name: &str) -> Result<u64, Status> {
             domain: Arc::downgrade(domain),
             dom_id: domain.id,
             name: domain.name.clone(),
-            vlan: VlanId::MIN,
+            vlans: String::from("trunk of every VLAN, VLAN 1 untagged"),
             mac: MacAddr([0; 6]),
         });
         port
@@ -511,12 +539,12 @@ fn port_line(
     dom_id: u32,
     name: &str,
     state: &str,
-    vlan: VlanId,
+    vlans: &str,
     mac: MacAddr,
     s: &PortStats,
 ) -> String {
     alloc::format!(
-        "  dom{dom_id} {name}{state}: vlan {vlan}, mac {mac}, rx {} tx {} frames, spoofed {}, dropped {}, vlan_denied {}, malformed {}",
+        "  dom{dom_id} {name}{state}: {vlans}, mac {mac}, rx {} tx {} frames, spoofed {}, dropped {}, vlan_denied {}, malformed {}",
         s.tx_frames,
         s.rx_frames,
         s.spoofed,
@@ -564,7 +592,7 @@ pub fn report() -> Vec<String> {
                     s.dropped_full
                 )
             } else {
-                port_line(a.dom_id, &a.name, "", a.vlan, a.mac, &s)
+                port_line(a.dom_id, &a.name, "", &a.vlans, a.mac, &s)
             };
             if queued != 0 {
                 line.push_str(&alloc::format!(", {queued} queued"));
@@ -576,7 +604,7 @@ pub fn report() -> Vec<String> {
                 d.dom_id,
                 &d.name,
                 " (stopped)",
-                d.vlan,
+                &d.vlans,
                 d.mac,
                 &d.stats,
             ));

@@ -13,6 +13,11 @@
 //!   broadcast), so that ping and pong are up; then sends N frames whose source is the forged
 //!   MAC (half to `peer`, half broadcast), and N frames tagged for VLAN `hop` (its own
 //!   source, broadcast). The switch must drop them all.
+//! - `role=tap peer=MAC vlan=V want=N [hop=VLAN count=K] [polls=P]`: a guest on a trunk port:
+//!   waits (at most P polls) for N of ping's frames, each of which must arrive tagged with
+//!   VLAN V (checked after the tag is taken off), any other frame failing it; then sends K
+//!   broadcast frames tagged for VLAN `hop` (which the switch delivers to that VLAN's access
+//!   ports untagged) and K untagged ones (which a trunk without a native VLAN refuses).
 //! - `role=echo ip=A.B.C.D gw=A.B.C.D count=N`: a host beyond dom0's uplink (the machine's
 //!   NIC): asks for `gw`'s MAC by ARP (broadcast), then sends it N ICMP echo requests (of
 //!   many sizes, each answered before the next, resent after `wait` polls at most `tries`
@@ -792,6 +797,74 @@ fn sink(nic: &mut Nic, me: [u8; 6], peer: [u8; 6], count: u32, window: u32) {
     println!("netcheck: sink: done");
 }
 
+#[allow(clippy::too_many_arguments)]
+fn tap(
+    nic: &mut Nic,
+    me: [u8; 6],
+    peer: [u8; 6],
+    vlan: u16,
+    want: u32,
+    hop: Option<u16>,
+    count: u32,
+    polls: u32,
+) {
+    let role = "tap";
+    let mut bad = Unexpected { role, count: 0 };
+    let mut heard = 0u32;
+    for _ in 0..polls {
+        if heard >= want {
+            break;
+        }
+        let Some(f) = poll(nic, role) else {
+            yield_cpu();
+            continue;
+        };
+        if f.len() < 18 || u16::from_be_bytes([f[12], f[13]]) != 0x8100 {
+            bad.note(&f, "an untagged frame on a trunk without a native VLAN");
+            continue;
+        }
+        let vid = u16::from_be_bytes([f[14], f[15]]) & 0xfff;
+        let mut plain = f[..12].to_vec();
+        plain.extend_from_slice(&f[16..]);
+        match parse(&plain) {
+            Ok(m) if vid == vlan && m.src == peer && m.role == Role::Ping as u8 => heard += 1,
+            Ok(_) => bad.note(&f, "a frame of another VLAN or sender"),
+            Err(why) => bad.note(&f, why),
+        }
+    }
+    if heard < want {
+        fail(
+            role,
+            format_args!("{heard} of {want} frames from ping in {polls} polls"),
+        );
+    }
+    let sent = if hop.is_some() { count } else { 0 };
+    if let Some(v) = hop {
+        for seq in 0..count {
+            send(
+                nic,
+                role,
+                &frame(BROADCAST, me, Some(v), Role::Spoof, Kind::Hop, seq),
+            );
+            send(
+                nic,
+                role,
+                &frame(BROADCAST, me, None, Role::Spoof, Kind::Hop, seq),
+            );
+        }
+    }
+    println!(
+        "netcheck: tap: {heard} frames tagged VLAN {vlan} from {}, every payload checked; {} unexpected frames; sent {sent} tagged for VLAN {} and {sent} untagged",
+        Mac(peer),
+        bad.count,
+        hop.unwrap_or(0),
+    );
+    if bad.count != 0 {
+        fail(role, format_args!("{} unexpected frames", bad.count));
+    }
+    println!("netcheck: tap: done");
+}
+
 fn run(args: &str, _ram: u64) {
     heap::init();
     let arg = |k: &str| {
@@ -806,10 +879,11 @@ fn run(args: &str, _ram: u64) {
         Some("spoof") => "spoof",
         Some("echo") => "echo",
         Some("blast") => "blast",
+        Some("tap") => "tap",
         Some("sink") => "sink",
         other => {
             println!(
-                "netcheck: FAILED: role={other:?}: must be ping, pong, listen, spoof, echo, blast or sink"
+                "netcheck: FAILED: role={other:?}: must be ping, pong, listen, spoof, echo, blast, sink or tap"
             );
             test_guests::exit(1);
         }
@@ -854,6 +928,16 @@ fn run(args: &str, _ram: u64) {
             count,
             (num("size", 1514) as usize).clamp(64, 1514),
             num("window", 32).max(1),
+        ),
+        "tap" => tap(
+            &mut nic,
+            me,
+            mac_arg("peer"),
+            num("vlan", 1) as u16,
+            num("want", 1),
+            arg("hop").and_then(|v| v.parse().ok()),
+            count,
+            num("polls", 200_000),
         ),
         "sink" => sink(
             &mut nic,
