@@ -32,7 +32,7 @@ use crate::domain::hypercall::Dom0Call;
 use crate::domain::table::{Domain, DomainMem};
 use crate::io::ioring::{Done, RingHost, SubmitError};
 use crate::io::mmio::MmioDevice;
-use crate::io::passthrough::{HostPorts, OwnedFunction, PciFilter, PortPassthrough};
+use crate::io::passthrough::{Bdf, HostPorts, OwnedFunction, PciFilter, PortPassthrough};
 use crate::println;
 use hv_guest_mem::GuestMemory;
 
@@ -372,8 +372,32 @@ pub fn gone(why: &str) {
     println!(
         "dom0 stopped ({why}): {in_flight} guest disk request(s) in flight failed with I/O errors; new ones wait for dom0's restart"
     );
+    quiesce();
     deliver(done);
     RESTART.store(true, Ordering::Release);
+}
+
+/// The functions dom0 was given, to stop when it ends.
+static OWNED: Mutex<Vec<Bdf>> = Mutex::new(Vec::new());
+
+/// dom0 ended: bus mastering goes off on every function it owned, so no DMA it programmed
+/// (a NIC's receive ring keeps filling) lands in its memory once that memory goes back to the
+/// frame allocator. Its next start enables it again.
+fn quiesce() {
+    let owned = core::mem::take(&mut *OWNED.lock());
+    let mut m = MachinePorts;
+    let mut names = Vec::new();
+    for f in owned {
+        let cmd = m.config(f.address(0x04), 0, 2, None);
+        m.config(f.address(0x04), 0, 2, Some(cmd & !(1 << 2)));
+        names.push(alloc::format!("{:02x}:{:02x}.{}", f.bus, f.dev, f.func));
+    }
+    if !names.is_empty() {
+        println!(
+            "dom0's devices stopped: bus mastering off on {}",
+            names.join(", ")
+        );
+    }
 }
 
 /// The machine's ports, for what dom0 owns. Configuration accesses hold [`PCI_LOCK`] so
@@ -479,6 +503,7 @@ pub fn give_devices(domain: &Domain, owned: &[OwnedFunction]) -> Result<Vec<Stri
     io.ports
         .register(0xcf8, 8, Box::new(PciFilter::new(MachinePorts)))
         .map_err(|e| alloc::format!("PCI configuration ports: {e:?}"))?;
+    *OWNED.lock() = owned.iter().map(|o| o.bdf).collect();
     for o in owned {
         let mut parts: Vec<String> = o
             .ports
