@@ -284,7 +284,7 @@ fn start_boot_domains(vmx: &VmxStatus) {
     CAPS.call_once(|| *caps);
     let role = |m: &bootloader::info::Module| {
         crate::domain::config::DomainConfig::parse(m.cmdline.as_str())
-            .map(|c| (c.dom0, c.disk.is_some()))
+            .map(|c| (c.dom0, !c.disks.is_empty()))
             .unwrap_or((false, false))
     };
     let has_dom0 = modules.iter().any(|m| role(m).0);
@@ -366,18 +366,18 @@ fn start_module(
             return;
         }
     };
-    // The disk's volume, checked before anything is built.
-    let disk = match cfg.disk {
-        None => None,
-        Some(d) if !has_dom0 => {
+    // The disks' volumes, checked before anything is built.
+    let mut disks = alloc::vec::Vec::new();
+    for d in &cfg.disks {
+        if !has_dom0 {
             error!(
                 "module {i} ('{}'): disk={}: no dom0 (a module with role=dom0) serves disks; not started",
                 cfg.name, d.volume
             );
             return;
         }
-        Some(d) => match crate::vcpu::dom0::find_volume(d.volume) {
-            Ok((handle, sectors, ro)) => Some((handle, sectors, ro || d.read_only)),
+        match crate::vcpu::dom0::find_volume(d.volume) {
+            Ok((handle, sectors, ro)) => disks.push((handle, sectors, ro || d.read_only)),
             Err(names) => {
                 error!(
                     "module {i} ('{}'): disk={}: dom0 has no such volume (it offers: {}); not started",
@@ -391,8 +391,8 @@ fn start_module(
                 );
                 return;
             }
-        },
-    };
+        }
+    }
     // SAFETY: the loader placed the module at [start, end), which is identity-mapped and
     // reserved from the frame allocator for the whole run; it is only read.
     let image =
@@ -430,19 +430,21 @@ fn start_module(
                     }
                 }
             }
-            if let Some((handle, sectors, ro)) = disk
-                && let Err(e) = crate::vcpu::dom0::attach_disk(&d, handle, sectors, ro)
-            {
-                error!("module {i} ('{}'): {e}; not started", cfg.name);
-                let _ = d.finish(e);
-                return;
+            for (k, &(handle, sectors, ro)) in disks.iter().enumerate() {
+                let window = hv_abi::devices::disk_window(k) as u32;
+                if let Err(e) = crate::vcpu::dom0::attach_disk(&d, handle, sectors, ro, window) {
+                    error!("module {i} ('{}'): {e}; not started", cfg.name);
+                    let _ = d.finish(e);
+                    return;
+                }
             }
-            if let Some(nic) = &cfg.nic
-                && let Err(e) = crate::vcpu::net::attach_nic(&d, nic)
-            {
-                error!("module {i} ('{}'): {e}; not started", cfg.name);
-                let _ = d.finish(e);
-                return;
+            for (k, nic) in cfg.nics.iter().enumerate() {
+                let window = hv_abi::devices::nic_window(k) as u32;
+                if let Err(e) = crate::vcpu::net::attach_nic(&d, nic, window) {
+                    error!("module {i} ('{}'): {e}; not started", cfg.name);
+                    let _ = d.finish(e);
+                    return;
+                }
             }
             match crate::vcpu::run::spawn(new) {
                 Ok(()) => info!(
@@ -451,14 +453,14 @@ fn start_module(
                     d.name,
                     d.mem_mib,
                     d.cpu,
-                    match cfg.disk {
-                        Some(disk) => alloc::format!(", disk {}", disk.volume),
-                        None => String::new(),
-                    },
-                    match &cfg.nic {
-                        Some(nic) => alloc::format!(", nic on network {}", nic.network),
-                        None => String::new(),
-                    }
+                    cfg.disks
+                        .iter()
+                        .map(|disk| alloc::format!(", disk {}", disk.volume))
+                        .collect::<String>(),
+                    cfg.nics
+                        .iter()
+                        .map(|nic| alloc::format!(", nic on network {}", nic.network))
+                        .collect::<String>()
                 ),
                 Err(e) => {
                     // Checked just above; only a bug gets here. Its vCPUs were dropped.

@@ -120,11 +120,25 @@ pub mod ioring;
 
 /// Where a guest's virtio-mmio devices sit in its MMIO hole (3–4 GiB guest-physical).
 ///
-/// Each device has a fixed window: its disk (`disk=` on its module line) at the first,
-/// `VIRTIO_MMIO_BASE`, its NIC (`nic=`) at the second, `VIRTIO_MMIO_BASE +
-/// VIRTIO_MMIO_STRIDE`, whether or not it has a disk. A window with no device answers like an
-/// empty bus (all ones; no virtio magic).
+/// Each device has a fixed window: the k-th disk (`disk=` on its module line, in order) at
+/// window `2k`, the k-th NIC (`nic=`) at window `2k + 1`, whatever else the guest has: the
+/// first disk at `VIRTIO_MMIO_BASE`, the first NIC at `VIRTIO_MMIO_BASE +
+/// VIRTIO_MMIO_STRIDE`. A window with no device answers like an empty bus (all ones; no
+/// virtio magic).
 pub mod devices {
+    /// Most disks, and most NICs, a guest has.
+    pub const MAX_PER_KIND: usize = 4;
+
+    /// The window of a guest's disk `k` (0-based).
+    pub const fn disk_window(k: usize) -> usize {
+        2 * k
+    }
+
+    /// The window of a guest's NIC `k` (0-based).
+    pub const fn nic_window(k: usize) -> usize {
+        2 * k + 1
+    }
+
     /// The first device's register window; device `i` is at `VIRTIO_MMIO_BASE + i * STRIDE`.
     pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
     /// Distance between two devices' windows.

@@ -7,6 +7,7 @@
 //! Values are checked here; a bad line names what is wrong.
 
 use alloc::string::String;
+use alloc::vec::Vec;
 
 use hv_vswitch::{MacAddr, VlanId, VlanSet};
 
@@ -34,10 +35,12 @@ pub struct DomainConfig<'a> {
     pub sched: Change,
     /// `role=dom0`: the privileged domain (domain 0), which serves the guests' disks.
     pub dom0: bool,
-    /// `disk=pool/VOLUME[,ro]`: a virtio disk served by dom0 from that volume.
-    pub disk: Option<DiskSpec<'a>>,
-    /// `nic=NETWORK[,vlan=N][,mac=MAC]`: a virtio NIC on that network's switch.
-    pub nic: Option<NicSpec<'a>>,
+    /// Each `disk=pool/VOLUME[,ro]`, in order: virtio disks served by dom0 from those
+    /// volumes (at most [`hv_abi::devices::MAX_PER_KIND`]).
+    pub disks: Vec<DiskSpec<'a>>,
+    /// Each `nic=NETWORK[,vlan=N][,trunk=..][,mac=MAC]`, in order: virtio NICs on those
+    /// networks' switches (at most [`hv_abi::devices::MAX_PER_KIND`]).
+    pub nics: Vec<NicSpec<'a>>,
     pub guest_cmdline: &'a str,
 }
 
@@ -251,22 +254,38 @@ impl<'a> DomainConfig<'a> {
             Some("dom0") => true,
             Some(r) => return Err(alloc::format!("role={r}: must be dom0 or guest")),
         };
-        let disk = c.get("disk").map(DiskSpec::parse).transpose()?;
-        if dom0 && disk.is_some() {
+        let disks: Vec<DiskSpec<'a>> = c
+            .options()
+            .filter(|(k, _)| *k == "disk")
+            .map(|(_, v)| DiskSpec::parse(v))
+            .collect::<Result<_, _>>()?;
+        let nics: Vec<NicSpec<'a>> = c
+            .options()
+            .filter(|(k, _)| *k == "nic")
+            .map(|(_, v)| NicSpec::parse(v))
+            .collect::<Result<_, _>>()?;
+        let most = hv_abi::devices::MAX_PER_KIND;
+        if disks.len() > most || nics.len() > most {
+            return Err(alloc::format!(
+                "{} disk= and {} nic=: at most {most} of each",
+                disks.len(),
+                nics.len()
+            ));
+        }
+        if dom0 && !disks.is_empty() {
             return Err(String::from(
                 "role=dom0 with disk=: dom0 owns the physical disks; it has no virtual disk",
             ));
         }
-        let nic = c.get("nic").map(NicSpec::parse).transpose()?;
-        if dom0 && nic.is_some() {
+        if dom0 && !nics.is_empty() {
             return Err(String::from(
                 "role=dom0 with nic=: dom0 owns the physical NICs; it has no virtual NIC (yet)",
             ));
         }
         Ok(DomainConfig {
             dom0,
-            disk,
-            nic,
+            disks,
+            nics,
             name: c.get("name").unwrap_or("guest"),
             mem_mib,
             vcpus,
@@ -326,10 +345,10 @@ mod tests {
 
     #[test]
     fn nics() {
-        assert_eq!(DomainConfig::parse("").unwrap().nic, None);
+        assert!(DomainConfig::parse("").unwrap().nics.is_empty());
         let c = DomainConfig::parse("name=web nic=lan").unwrap();
         assert_eq!(
-            c.nic,
+            c.nics.first().copied(),
             Some(NicSpec {
                 network: "lan",
                 vlan: VlanId::MIN,
@@ -340,29 +359,23 @@ mod tests {
         );
         let n = DomainConfig::parse("nic=dmz-2_b,vlan=4094,mac=02:AB:00:00:0a:ff")
             .unwrap()
-            .nic
-            .unwrap();
+            .nics[0];
         assert_eq!(
             (n.network, n.vlan.get(), n.mac),
             ("dmz-2_b", 4094, Some(MacAddr([2, 0xab, 0, 0, 0x0a, 0xff])))
         );
         let n = DomainConfig::parse("nic=lan,mac=52:54:00:12:34:56,vlan=10")
             .unwrap()
-            .nic
-            .unwrap();
+            .nics[0];
         assert_eq!(n.vlan.get(), 10);
         // Trunks: tagged VLANs, and a native one only when vlan= is given.
-        let n = DomainConfig::parse("nic=lan,trunk=10+20")
-            .unwrap()
-            .nic
-            .unwrap();
+        let n = DomainConfig::parse("nic=lan,trunk=10+20").unwrap().nics[0];
         assert_eq!((n.trunk, n.native), (Some("10+20"), false));
         let set = trunk_vlans(n.trunk.unwrap()).unwrap();
         assert_eq!(set.iter().map(VlanId::get).collect::<Vec<_>>(), [10, 20]);
         let n = DomainConfig::parse("nic=lan,vlan=20,trunk=10+20")
             .unwrap()
-            .nic
-            .unwrap();
+            .nics[0];
         assert_eq!((n.vlan.get(), n.native), (20, true));
         assert_eq!(default_mac(1), MacAddr([2, 0, 0, 0, 0, 1]));
         assert_eq!(default_mac(0x0102_0304), MacAddr([2, 0, 1, 2, 3, 4]));
@@ -414,17 +427,39 @@ mod tests {
     #[test]
     fn roles_and_disks() {
         let c = DomainConfig::parse("role=dom0 name=dom0").unwrap();
-        assert!(c.dom0 && c.disk.is_none());
+        assert!(c.dom0 && c.disks.is_empty());
         let c = DomainConfig::parse("disk=pool0/web-1").unwrap();
         assert!(!c.dom0);
         assert_eq!(
-            c.disk,
-            Some(DiskSpec {
+            c.disks,
+            [DiskSpec {
                 volume: "pool0/web-1",
                 read_only: false
-            })
+            }]
         );
         let c = DomainConfig::parse("disk=pool0/base,ro").unwrap();
-        assert!(c.disk.unwrap().read_only);
+        assert!(c.disks[0].read_only);
+    }
+
+    #[test]
+    fn several_disks_and_nics_keep_their_order() {
+        let c = DomainConfig::parse("disk=p/a nic=lan disk=p/b,ro nic=dmz,vlan=3").unwrap();
+        let vols: Vec<_> = c.disks.iter().map(|d| (d.volume, d.read_only)).collect();
+        assert_eq!(vols, [("p/a", false), ("p/b", true)]);
+        let nets: Vec<_> = c.nics.iter().map(|n| (n.network, n.vlan.get())).collect();
+        assert_eq!(nets, [("lan", 1), ("dmz", 3)]);
+        let e = DomainConfig::parse("disk=p/a disk=p/b disk=p/c disk=p/d disk=p/e").unwrap_err();
+        assert!(e.contains("at most 4 of each"), "{e}");
+        let e = DomainConfig::parse("disk=p/a disk=bad").unwrap_err();
+        assert!(e.contains("disk=bad: not a volume name"), "{e}");
+        // Windows: disk k at 2k, NIC k at 2k + 1.
+        assert_eq!(
+            (0..4).map(hv_abi::devices::disk_window).collect::<Vec<_>>(),
+            [0, 2, 4, 6]
+        );
+        assert_eq!(
+            (0..4).map(hv_abi::devices::nic_window).collect::<Vec<_>>(),
+            [1, 3, 5, 7]
+        );
     }
 }

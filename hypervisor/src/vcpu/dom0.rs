@@ -118,6 +118,8 @@ pub fn find_volume(name: &str) -> Result<(u32, u64, bool), Vec<String>> {
 pub struct GuestDisk {
     dev: Mutex<MmioTransport<RemoteBlock<Dom0Port>>>,
     domain: Mutex<Weak<Domain>>,
+    /// Its virtio-mmio window (`hv_abi::devices::disk_window`), also its interrupt's index.
+    window: u32,
 }
 
 /// The disk's port: publishes into dom0's ring.
@@ -201,7 +203,7 @@ impl GuestDisk {
             dev.stats().interrupts != before
         };
         if raised {
-            raise_irq(&domain, 0);
+            raise_irq(&domain, self.window);
         }
     }
 
@@ -236,18 +238,19 @@ impl MmioDevice for DiskWindow {
         // Answered in-band during the guest's own exit: its run loop sees the bit before
         // the next entry.
         if raised && let Some(d) = self.0.domain.lock().upgrade() {
-            d.irqs.fetch_or(1, Ordering::AcqRel);
+            d.irqs.fetch_or(1 << self.0.window, Ordering::AcqRel);
         }
     }
 }
 
-/// Gives `domain` a virtio disk on volume `handle` (from [`find_volume`]) at its first
-/// virtio-mmio window.
+/// Gives `domain` a virtio disk on volume `handle` (from [`find_volume`]) at virtio-mmio
+/// window `window`.
 pub fn attach_disk(
     domain: &Arc<Domain>,
     handle: u32,
     sectors: u64,
     read_only: bool,
+    window: u32,
 ) -> Result<(), String> {
     let disk = Arc::new_cyclic(|me| GuestDisk {
         dev: Mutex::new(MmioTransport::new(
@@ -263,8 +266,10 @@ pub fn attach_disk(
             TransportOptions::default(),
         )),
         domain: Mutex::new(Arc::downgrade(domain)),
+        window,
     });
-    let base = hv_abi::devices::VIRTIO_MMIO_BASE;
+    let base =
+        hv_abi::devices::VIRTIO_MMIO_BASE + u64::from(window) * hv_abi::devices::VIRTIO_MMIO_STRIDE;
     domain
         .io
         .lock()
@@ -340,7 +345,12 @@ pub fn report() -> Vec<String> {
         let s = dev.device().stats();
         let t = dev.stats();
         out.push(alloc::format!(
-            "{dom} disk: {} submitted, {} completed, {} in flight, {} I/O errors, {} unsupported, {} busy, {} stale; {} notifies, {} interrupts{}",
+            "{dom} {}: {} submitted, {} completed, {} in flight, {} I/O errors, {} unsupported, {} busy, {} stale; {} notifies, {} interrupts{}",
+            if disk.window == 0 {
+                String::from("disk")
+            } else {
+                alloc::format!("disk at window {}", disk.window)
+            },
             s.submitted,
             s.completed,
             dev.device().in_flight(),

@@ -1,7 +1,7 @@
-//! The net path between guests (bare metal): each guest NIC (`nic=NETWORK[,vlan=N][,mac=MAC]`
-//! on its module line) is a virtio-net [`NetDevice`] at the guest's second virtio-mmio window
-//! (`VIRTIO_MMIO_BASE + VIRTIO_MMIO_STRIDE`; the first is the disk's), plugged into an access
-//! port of its network's [`Switch`] on its VLAN, bound to its MAC (a frame with another source
+//! The net path between guests (bare metal): each guest NIC (`nic=NETWORK[,vlan=N][,trunk=..]
+//! [,mac=MAC]` on its module line) is a virtio-net [`NetDevice`] at the guest's NIC window
+//! (`hv_abi::devices::nic_window`: the first NIC at `VIRTIO_MMIO_BASE + VIRTIO_MMIO_STRIDE`),
+//! plugged into an access (or trunk) port of its network's [`Switch`], bound to its MAC (a frame with another source
 //! is dropped and counted as spoofed by the switch). Every network has a switch of its own,
 //! made when the first NIC names it, so two networks never see each other's frames; VLANs
 //! separate guests within one.
@@ -319,9 +319,9 @@ fn vlans_label(spec: &NicSpec<'_>) -> String {
     }
 }
 
-/// Gives `domain` a virtio NIC on `spec`'s network at its second virtio-mmio window. Its MAC
+/// Gives `domain` a virtio NIC on `spec`'s network at virtio-mmio window `window`. Its MAC
 /// must be unique on the network.
-pub fn attach_nic(domain: &Arc<Domain>, spec: &NicSpec<'_>) -> Result<(), String> {
+pub fn attach_nic(domain: &Arc<Domain>, spec: &NicSpec<'_>, window: u32) -> Result<(), String> {
     let net = network(spec.network)?;
     let mac = spec.mac.unwrap_or_else(|| default_mac(domain.id));
     let nic = {
@@ -367,7 +367,8 @@ pub fn attach_nic(domain: &Arc<Domain>, spec: &NicSpec<'_>) -> Result<(), String
         });
         nic
     };
-    let base = hv_abi::devices::VIRTIO_MMIO_BASE + hv_abi::devices::VIRTIO_MMIO_STRIDE;
+    let base =
+        hv_abi::devices::VIRTIO_MMIO_BASE + u64::from(window) * hv_abi::devices::VIRTIO_MMIO_STRIDE;
     let registered = domain.io.lock().mmio.register(
         base..base + crate::io::virtio::WINDOW,
         Box::new(NicWindow(nic.clone())),

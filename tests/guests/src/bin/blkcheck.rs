@@ -4,7 +4,9 @@
 //!
 //! Arguments: `seed=N` (the patterns' seed), `mode=write|verify|both` (default both: a later
 //! boot on the same disk can verify what an earlier one wrote), `mode=rounds|checkrounds
-//! rounds=N` (flushed rounds, for power cuts) and `mode=survive` (rounds while dom0 fails).
+//! rounds=N` (flushed rounds, for power cuts) and `mode=survive` (rounds while dom0 fails);
+//! `windows=W+W...` runs the mode on each of those virtio windows in turn (a guest's disk k is
+//! at window 2k), with the seed plus the window (default: window 0 alone).
 #![cfg_attr(target_os = "none", no_std, no_main)]
 // Sector numbers of a test disk fit usize on this 64-bit target.
 #![allow(clippy::cast_possible_truncation)]
@@ -152,9 +154,23 @@ fn run(args: &str, _ram: u64) {
     };
     let seed: u64 = arg("seed").and_then(|s| s.parse().ok()).unwrap_or(1);
     let mode = arg("mode").unwrap_or("both");
-    let base = hv_abi::devices::VIRTIO_MMIO_BASE as *mut u8;
-    // SAFETY: the hypervisor puts this domain's first virtio device at VIRTIO_MMIO_BASE; the
-    // page is identity-mapped by the loader, and nothing else in this guest touches it.
+    // `windows=0+2`: each disk window in turn (the guest's first disk is window 0, its second
+    // window 2), with seed + window; default the first disk alone.
+    let windows: Vec<u64> = arg("windows")
+        .map(|w| w.split('+').filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_else(|| vec![0]);
+    for &w in &windows {
+        check(arg, seed + w, mode, w);
+    }
+}
+
+/// Runs `mode` on the virtio disk at window `window`.
+fn check<'a>(arg: impl Fn(&str) -> Option<&'a str>, seed: u64, mode: &str, window: u64) {
+    let base = (hv_abi::devices::VIRTIO_MMIO_BASE + window * hv_abi::devices::VIRTIO_MMIO_STRIDE)
+        as *mut u8;
+    // SAFETY: the hypervisor puts this domain's virtio devices at their windows from
+    // VIRTIO_MMIO_BASE; the page is identity-mapped by the loader, and nothing else in this
+    // guest touches it.
     let bus = unsafe { MmioBus::new(NonNull::new(base).expect("not null"), 0x200) };
     let transport = match RegisterTransport::new(bus) {
         Ok(t) => t,
@@ -174,7 +190,7 @@ fn run(args: &str, _ram: u64) {
     let mut id = [0u8; 20];
     let n = blk.device_id(&mut id).unwrap_or(0);
     println!(
-        "blkcheck: disk '{}', {capacity} sectors, read-only: {}",
+        "blkcheck: disk '{}' at window {window}, {capacity} sectors, read-only: {}",
         core::str::from_utf8(&id[..n]).unwrap_or("?"),
         blk.readonly()
     );

@@ -895,7 +895,9 @@ fn run(args: &str, _ram: u64) {
             format_args!("{k}=MAC missing or not xx:xx:xx:xx:xx:xx"),
         ),
     };
-    let base = hv_abi::devices::VIRTIO_MMIO_BASE + hv_abi::devices::VIRTIO_MMIO_STRIDE;
+    // `window=W`: the NIC at that virtio window (a guest's NIC k is at window 2k + 1).
+    let window = u64::from(num("window", 1));
+    let base = hv_abi::devices::VIRTIO_MMIO_BASE + window * hv_abi::devices::VIRTIO_MMIO_STRIDE;
     // SAFETY: the hypervisor puts this domain's NIC at the second virtio-mmio window; the page
     // is identity-mapped by the loader (the first 4 GiB), and nothing else in this guest
     // touches it.
