@@ -187,3 +187,30 @@ impl core::fmt::Write for Com2 {
         Ok(())
     }
 }
+
+/// Every function on PCI bus 0, as dom0 sees it (the hypervisor shows it only its own and
+/// their parents' function 0): functions 1-7 only of a multifunction device.
+pub fn bus0_devices() -> alloc::vec::Vec<dom0_drivers::pci::PciDevice> {
+    use dom0_drivers::pci::{self, Mechanism1, PciAddr};
+    let mut cfg = Mechanism1::new(Ports);
+    let mut found = alloc::vec::Vec::new();
+    for dev in 0..32u8 {
+        for func in 0..8u8 {
+            let Some(at) = PciAddr::new(0, dev, func) else {
+                continue;
+            };
+            let Some(d) = pci::read_device(&mut cfg, at) else {
+                if func == 0 {
+                    break;
+                }
+                continue;
+            };
+            let multi = d.multifunction;
+            found.push(d);
+            if func == 0 && !multi {
+                break;
+            }
+        }
+    }
+    found
+}

@@ -208,30 +208,12 @@ mod rt {
     fn ata_disks() -> Vec<(String, Box<dyn volmgr::dev::BlockDevice>)> {
         use dom0_drivers::ata::{Channel, ChannelPorts, Config, IdeChannel};
         use dom0_drivers::hw::PollClock;
-        use dom0_drivers::pci::{self, Mechanism1, PciAddr};
+        use dom0_drivers::pci::{self, Mechanism1};
         let mut cfg = Mechanism1::new(hw::Ports);
         let mut found = Vec::new();
-        let mut ide = None;
-        for dev in 0..32u8 {
-            for func in 0..8u8 {
-                let Some(at) = PciAddr::new(0, dev, func) else {
-                    continue;
-                };
-                let Some(d) = pci::read_device(&mut cfg, at) else {
-                    if func == 0 {
-                        break;
-                    }
-                    continue;
-                };
-                let multi = d.multifunction;
-                if d.class == 0x01 && d.subclass == 0x01 && ide.is_none() {
-                    ide = Some(d);
-                }
-                if func == 0 && !multi {
-                    break;
-                }
-            }
-        }
+        let ide = hw::bus0_devices()
+            .into_iter()
+            .find(|d| d.class == 0x01 && d.subclass == 0x01);
         let Some(ide) = ide else {
             say!("no PCI IDE controller");
             return found;

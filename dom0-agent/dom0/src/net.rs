@@ -23,7 +23,7 @@ use alloc::vec::Vec;
 use dom0_drivers::e1000::{self, E1000, Regs};
 use dom0_drivers::hw::PollClock;
 use dom0_drivers::nic::MAX_FRAME;
-use dom0_drivers::pci::{self, Mechanism1, PciAddr};
+use dom0_drivers::pci::{Mechanism1, PciAddr};
 use pv_drivers::hypercall::{Hypercalls, Vmcall};
 
 use crate::hw::{DmaArea, Ports};
@@ -79,27 +79,12 @@ pub struct Bridge {
 /// The first 8254x on bus 0, enabled; `Ok(None)` if the machine has none.
 fn find_nic() -> Result<Option<(PciAddr, e1000::probe::PciFunction)>, String> {
     let mut cfg = Mechanism1::new(Ports);
-    for dev in 0..32u8 {
-        for func in 0..8u8 {
-            let Some(at) = PciAddr::new(0, dev, func) else {
-                continue;
-            };
-            let Some(d) = pci::read_device(&mut cfg, at) else {
-                if func == 0 {
-                    break;
-                }
-                continue;
-            };
-            if e1000::probe::is_supported(d.vendor, d.device) {
-                let f = e1000::probe::enable(&mut cfg, &d).map_err(|e| format!("NIC {at}: {e}"))?;
-                return Ok(Some((at, f)));
-            }
-            if func == 0 && !d.multifunction {
-                break;
-            }
-        }
-    }
-    Ok(None)
+    let devices = crate::hw::bus0_devices();
+    let Some(d) = e1000::probe::find(&devices).next() else {
+        return Ok(None);
+    };
+    let f = e1000::probe::enable(&mut cfg, d).map_err(|e| format!("NIC {}: {e}", d.addr))?;
+    Ok(Some((d.addr, f)))
 }
 
 impl Bridge {
