@@ -140,9 +140,24 @@ pub fn hypercall(data: &[u8]) {
                 privileged,
                 "dom0's call {call:?} for an unprivileged caller"
             );
-            if let crate::domain::hypercall::Dom0Call::DiskOffer { name, sectors, .. } = call {
-                assert!(crate::domain::hypercall::valid_volume_name(&name));
-                assert!(sectors > 0 && name.len() as u64 <= hv_abi::ioring::NAME_MAX);
+            use crate::domain::hypercall::Dom0Call;
+            match call {
+                Dom0Call::DiskOffer { name, sectors, .. } => {
+                    assert!(crate::domain::hypercall::valid_volume_name(&name));
+                    assert!(sectors > 0 && name.len() as u64 <= hv_abi::ioring::NAME_MAX);
+                }
+                Dom0Call::Uplink { network } => {
+                    assert!(crate::domain::config::valid_network_name(&network));
+                }
+                // What the uplink's handlers take on trust: a frame length they can buffer
+                // and a receive buffer that holds any frame.
+                Dom0Call::NetSend { len, .. } => {
+                    assert!((14..=hv_abi::hypercall::NET_FRAME_MAX).contains(&len));
+                }
+                Dom0Call::NetRecv { cap, .. } => {
+                    assert!(cap >= hv_abi::hypercall::NET_FRAME_MAX);
+                }
+                _ => {}
             }
         }
         Outcome::Return(_) | Outcome::Exit(_) | Outcome::Yield | Outcome::VcpuOff => {}
