@@ -67,6 +67,11 @@ impl<M: RingMemory> BackendRing<M> {
         })
     }
 
+    /// Whether the hypervisor published a request not taken yet (one load; for polling).
+    pub fn pending(&self) -> bool {
+        load_u32(&self.ring, field::REQ_PROD) != self.req_cons
+    }
+
     /// The next request, if the hypervisor published one we have not taken. A request whose
     /// slot or length does not fit is answered with IOERR here and skipped.
     pub fn take(&mut self) -> Option<Request> {

@@ -94,7 +94,9 @@ fn requests_and_data_cross_in_both_directions() {
         3,
     )
     .unwrap();
-    // dom0 serves all three in order.
+    // dom0 sees them waiting without taking any, then serves all three in order.
+    assert!(ring.pending());
+    assert!(ring.pending(), "looking takes nothing");
     let mut served = 0;
     while let Some(r) = ring.take() {
         let range = r.sector as usize * 512..(r.sector + u64::from(r.sectors)) as usize * 512;
@@ -178,7 +180,9 @@ fn a_request_that_does_not_fit_is_answered_with_an_error() {
     let mut r = Request::from_bytes(&b);
     r.sectors = 1 << 20;
     mem.write(GuestAddr(at), &r.to_bytes()).unwrap();
+    assert!(ring.pending());
     assert!(ring.take().is_none());
+    assert!(!ring.pending(), "the bad entry was consumed");
     assert_eq!(ring.bad_requests, 1);
     ring.publish();
     let done = host.reap(&*mem);

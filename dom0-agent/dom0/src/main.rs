@@ -60,6 +60,9 @@ mod rt {
     struct Area<const N: usize>([u8; N]);
 
     const HEAP_BYTES: usize = 40 << 20;
+    /// Looks at the request ring after serving, before waiting (a few microseconds on
+    /// hardware).
+    const SPIN_POLLS: u32 = 512;
     const DATA_BYTES: usize = hv_abi::ioring::DATA_BYTES as usize;
 
     static mut HEAP: Area<HEAP_BYTES> = Area([0; HEAP_BYTES]);
@@ -479,7 +482,8 @@ mod rt {
         let mut served = 0u64;
         let mut stalled = false;
         loop {
-            served += backend.serve(&mut ring) as u64;
+            let now_served = backend.serve(&mut ring) as u64;
+            served += now_served;
             if let Some(b) = bridge.as_mut()
                 && b.pump(&mut hc) > 0
             {
@@ -511,6 +515,18 @@ mod rt {
                 }
                 if !stalled {
                     let _ = hc.io_kick();
+                    continue;
+                }
+            }
+            // Requests were served: their completions go out now, and dom0 looks at its ring
+            // a little longer before it waits. At low depth the guest's next request comes
+            // right after its completion; finding it here saves the halt and the wake-up.
+            if now_served > 0 {
+                let _ = hc.io_kick();
+                if (0..SPIN_POLLS).any(|_| {
+                    core::hint::spin_loop();
+                    ring.pending()
+                }) {
                     continue;
                 }
             }
