@@ -145,13 +145,20 @@ fn until_then(
         .set_read_timeout(Some(Duration::from_millis(20)))
         .map_err(|e| e.to_string())?;
     let mut raw = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
+    // What the serial port gives within its read timeout, appended to `raw`.
+    let read_more = |r: &mut emu::Running, raw: &mut Vec<u8>| -> Result<(), String> {
+        let mut buf = [0u8; 4096];
         match r.serial.read(&mut buf) {
-            Ok(0) => return Err("serial closed".into()),
-            Ok(n) => raw.extend_from_slice(&buf[..n]),
-            Err(_) => {}
+            Ok(0) => Err("serial closed".into()),
+            Ok(n) => {
+                raw.extend_from_slice(&buf[..n]);
+                Ok(())
+            }
+            Err(_) => Ok(()),
         }
+    };
+    loop {
+        read_more(&mut r, &mut raw)?;
         let text = String::from_utf8_lossy(&raw);
         if let Some(m) = done.find(&text) {
             let wall = r.started.elapsed();
@@ -162,11 +169,7 @@ fn until_then(
                     .map_err(|e| format!("typing '{cmd}': {e}"))?;
                 let deadline = std::time::Instant::now() + Duration::from_secs(60);
                 loop {
-                    match r.serial.read(&mut buf) {
-                        Ok(0) => return Err("serial closed".into()),
-                        Ok(n) => raw.extend_from_slice(&buf[..n]),
-                        Err(_) => {}
-                    }
+                    read_more(&mut r, &mut raw)?;
                     let t = String::from_utf8_lossy(&raw);
                     // The answer, then the prompt again.
                     if t[from..].contains(cmd) && t[from..].trim_end().ends_with(PROMPT.trim_end())
