@@ -119,6 +119,31 @@ fn run_program(cmd: &mut std::process::Command) -> Result<String, String> {
     }
 }
 
+/// A benchmark's machine: Bochs with deterministic time (one TSC tick per instruction),
+/// booting `iso`, with `disks` and nothing else attached.
+fn bochs_bench(
+    cpus: u32,
+    mem_mib: u32,
+    iso: std::path::PathBuf,
+    work_dir: std::path::PathBuf,
+    disks: Vec<emu::Disk>,
+) -> Machine {
+    Machine {
+        emulator: Emulator::Bochs,
+        cpus,
+        mem_mib,
+        boot: Boot::Iso(iso),
+        work_dir,
+        deterministic: true,
+        uefi: false,
+        kvm: false,
+        disks,
+        nic: None,
+        com2: false,
+        tag: String::new(),
+    }
+}
+
 /// Boots `m` until the first prompt; returns the serial text and the wall time.
 fn to_prompt(m: &Machine, limit: Duration) -> Result<(String, Duration), String> {
     let prompt = Regex::new(&regex::escape(PROMPT)).expect("valid");
@@ -321,20 +346,8 @@ fn net_run(count: u32, tag: &str) -> Result<String, String> {
         },
         &format!("bench-net{tag}"),
     )?;
-    let m = Machine {
-        emulator: Emulator::Bochs,
-        cpus: 2,
-        mem_mib: 128,
-        boot: Boot::Iso(iso),
-        work_dir: root().join(format!("target/bench/net{tag}")),
-        deterministic: true,
-        uefi: false,
-        kvm: false,
-        disks: Vec::new(),
-        nic: None,
-        com2: false,
-        tag: String::new(),
-    };
+    let work = root().join(format!("target/bench/net{tag}"));
+    let m = bochs_bench(2, 128, iso, work, Vec::new());
     let both = Regex::new(r"(?s)(\(blast\) stopped after.*\(sink\) stopped after \d+|\(sink\) stopped after.*\(blast\) stopped after \d+) exits")
         .expect("valid");
     let (text, _) = until(&m, &both, Duration::from_secs(900))?;
@@ -434,20 +447,7 @@ fn io_run(args: &str, tag: &str) -> Result<String, String> {
             cylinders,
         });
     }
-    let m = Machine {
-        emulator: Emulator::Bochs,
-        cpus: 2,
-        mem_mib: 256,
-        boot: Boot::Iso(iso),
-        work_dir: work,
-        deterministic: true,
-        uefi: false,
-        kvm: false,
-        disks,
-        nic: None,
-        com2: false,
-        tag: String::new(),
-    };
+    let m = bochs_bench(2, 256, iso, work, disks);
     let stopped = Regex::new(r"domain \d+ \(bench\) stopped after (\d+) exits").expect("valid");
     // `domains` then: each domain's running time and the hypervisor's part of it.
     let (text, _) = until_then(&m, &stopped, Some("domains"), Duration::from_secs(900))?;
@@ -606,20 +606,7 @@ fn vmcall_run(append: &str) -> Result<(u64, f64, f64), String> {
         },
         "bench-vmcall",
     )?;
-    let m = Machine {
-        emulator: Emulator::Bochs,
-        cpus: 1,
-        mem_mib: 128,
-        boot: Boot::Iso(iso),
-        work_dir: root().join("target/bench/vmcall"),
-        deterministic: true,
-        uefi: false,
-        kvm: false,
-        disks: Vec::new(),
-        nic: None,
-        com2: false,
-        tag: String::new(),
-    };
+    let m = bochs_bench(1, 128, iso, root().join("target/bench/vmcall"), Vec::new());
     let stopped =
         Regex::new(r"stopped after (\d+) exits \((\d+) VMREADs, (\d+) VMWRITEs\)").expect("valid");
     let (text, _) = until(&m, &stopped, Duration::from_secs(300))?;
@@ -1029,20 +1016,13 @@ fn boot() -> Result<Vec<Figure>, String> {
         .expect("valid");
     println!("boot benchmark (figures, not a test)");
     for cpus in [1u32, 2] {
-        let m = Machine {
-            emulator: Emulator::Bochs,
+        let m = bochs_bench(
             cpus,
-            mem_mib: 256,
-            boot: Boot::Iso(iso.clone()),
-            work_dir: root().join("target/bench/bochs"),
-            deterministic: true,
-            uefi: false,
-            kvm: false,
-            disks: Vec::new(),
-            nic: None,
-            com2: false,
-            tag: String::new(),
-        };
+            256,
+            iso.clone(),
+            root().join("target/bench/bochs"),
+            Vec::new(),
+        );
         let (text, wall) = to_prompt(&m, Duration::from_secs(120))?;
         let c = tsc
             .captures(&text)
