@@ -262,6 +262,9 @@ pub fn guest_io(data: &[u8]) {
                     assert_eq!(port, hv_abi::ports::TEST_EXIT);
                 }
                 PortAction::Wrote(IoEvent::None) => {}
+                PortAction::Wrote(IoEvent::PowerOff | IoEvent::Reset) => {
+                    panic!("port {port:#x}: only a PC domain powers off or resets")
+                }
             }
         } else {
             let gpa = 0xc000_0000u64

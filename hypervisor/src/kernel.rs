@@ -288,9 +288,33 @@ fn start_boot_domains(vmx: &VmxStatus) {
             .unwrap_or((false, false))
     };
     let has_dom0 = modules.iter().any(|m| role(m).0);
+    // Initrd modules are not domains; each must name a module's domain.
+    fn initrd(m: &bootloader::info::Module) -> Result<Option<&str>, String> {
+        crate::domain::config::initrd_for(m.cmdline.as_str())
+    }
+    for (i, m) in modules.iter().enumerate() {
+        match initrd(m) {
+            Ok(None) => {}
+            Ok(Some(name)) => {
+                let known = modules.iter().any(|k| {
+                    crate::domain::config::DomainConfig::parse(k.cmdline.as_str())
+                        .is_ok_and(|c| c.name == name)
+                });
+                if !known {
+                    error!(
+                        "module {i} ('{}'): no module is domain '{name}'; this initrd is not used",
+                        m.cmdline
+                    );
+                }
+            }
+            Err(e) => error!("module {i} ('{}'): {e}; not used", m.cmdline),
+        }
+    }
+    let is_domain = |i: &usize| !matches!(initrd(&modules[*i]), Ok(Some(_)) | Err(_));
     let order = (0..modules.len())
         .filter(|&i| role(&modules[i]).0)
-        .chain((0..modules.len()).filter(|&i| !role(&modules[i]).0));
+        .chain((0..modules.len()).filter(|&i| !role(&modules[i]).0))
+        .filter(is_domain);
     for i in order {
         let (_, wants_disk) = role(&modules[i]);
         if wants_disk && has_dom0 {
@@ -397,6 +421,17 @@ fn start_module(
     // reserved from the frame allocator for the whole run; it is only read.
     let image =
         unsafe { core::slice::from_raw_parts(m.start as *const u8, (m.end - m.start) as usize) };
+    // Its initrd: the module that says `role=initrd for=NAME` with this domain's name.
+    let initrd = with_info(|info| {
+        info.modules
+            .iter()
+            .find(|k| crate::domain::config::initrd_for(k.cmdline.as_str()) == Ok(Some(cfg.name)))
+            .map(|k| (k.start, k.end))
+    })
+    .map(|(start, end)| {
+        // SAFETY: as for the image: a boot module, identity-mapped, reserved and only read.
+        unsafe { core::slice::from_raw_parts(start as *const u8, (end - start) as usize) }
+    });
     if let Err(e) = crate::vcpu::queue::admits(&cfg.sched, cfg.vcpus) {
         error!("module {i} ('{}'): {e}; not started", cfg.name);
         return;
@@ -413,7 +448,15 @@ fn start_module(
     } else {
         alloc::vec::Vec::new()
     };
-    match crate::domain::table::create(&DOMAINS, &FRAMES, image, &cfg, caps, &mmio, &direct) {
+    match crate::domain::table::create(
+        &DOMAINS,
+        &FRAMES,
+        (image, initrd),
+        &cfg,
+        caps,
+        &mmio,
+        &direct,
+    ) {
         Ok(new) => {
             let d = new.domain.clone();
             if cfg.dom0 {

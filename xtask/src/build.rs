@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::{deps, root, run_checked};
+use crate::{deps, linux, root, run_checked};
 
 pub const TARGET: &str = "x86_64-unknown-none";
 
@@ -102,11 +102,16 @@ pub fn build_dom0() -> Result<PathBuf, String> {
         .join("dom0"))
 }
 
-/// A boot module given as `NAME_OR_FILE[:ARGS]`: a test guest's name (built on demand) or a
+/// A boot module given as `NAME_OR_FILE[:ARGS]`: a test guest's name (built on demand), a
+/// Debian kernel (`linux-cloud`, `linux-generic`: the bzImage) or its initramfs
+/// (`linux-cloud-initrd`, `linux-generic-initrd`), fetched on demand (see `linux.rs`), or a
 /// path to any ELF64 guest kernel. ARGS is the module line (`name=.. mem=.. -- guest args`);
-/// without it the guest is named after the file.
+/// without it the guest is named after the file (an initramfs needs ARGS).
 pub fn guest_module(spec: &str) -> Result<(PathBuf, String), String> {
     let (what, args) = spec.split_once(':').unwrap_or((spec, ""));
+    if let Some(module) = linux_module(what, args)? {
+        return Ok(module);
+    }
     let builtin = what.replace('-', "_");
     let path = if TEST_GUESTS.contains(&builtin.as_str()) {
         build_guests()?.join(&builtin)
@@ -130,6 +135,36 @@ pub fn guest_module(spec: &str) -> Result<(PathBuf, String), String> {
         args.to_string()
     };
     Ok((path, args))
+}
+
+/// `linux-FLAVOUR` and `linux-FLAVOUR-initrd` as boot modules; `None` for other names.
+fn linux_module(what: &str, args: &str) -> Result<Option<(PathBuf, String)>, String> {
+    let Some(rest) = what.strip_prefix("linux-") else {
+        return Ok(None);
+    };
+    let (flavour, initrd) = match rest.strip_suffix("-initrd") {
+        Some(f) => (f, true),
+        None => (rest, false),
+    };
+    let Some(flavour) = linux::Flavour::parse(flavour) else {
+        return Ok(None);
+    };
+    let l = linux::prepare(flavour)?;
+    let args = match (args.is_empty(), initrd) {
+        (false, _) => args.to_string(),
+        (true, false) => format!("name={what}"),
+        (true, true) => {
+            return Err(format!(
+                "{what} needs a module line, e.g. {what}:role=initrd for=NAME"
+            ));
+        }
+    };
+    let path = if initrd {
+        l.initramfs
+    } else {
+        l.kernel.bzimage
+    };
+    Ok(Some((path, args)))
 }
 
 /// What goes into an ISO beside the hypervisor.

@@ -9,6 +9,7 @@ mod emu;
 mod fuzz;
 mod history;
 mod layers;
+mod linux;
 mod scenario;
 mod test;
 
@@ -47,6 +48,10 @@ commands:
                          the MMIO decoder, the page walk, the ELF loader, hypercalls, domain
                          lines (cargo-fuzz, installed if missing; default all, 60 s each)
   deps                   check (and as root install) the Debian packages the commands need
+  linux [cloud|generic]  download Debian 12's kernel (both flavours unless one is named) and
+                         busybox-static without installing them, build an initramfs for it,
+                         and print the paths (cached in target/linux/; as scenario modules:
+                         linux-cloud, linux-cloud-initrd, linux-generic, linux-generic-initrd)
 ";
 
 fn main() -> ExitCode {
@@ -66,6 +71,7 @@ fn main() -> ExitCode {
         "bench" => bench::run(rest),
         "fuzz" => fuzz::run(rest),
         "deps" => deps::ensure(&deps::ALL),
+        "linux" => linux::run(rest),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             Ok(())

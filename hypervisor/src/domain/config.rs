@@ -252,7 +252,12 @@ impl<'a> DomainConfig<'a> {
         let dom0 = match c.get("role") {
             None | Some("guest") => false,
             Some("dom0") => true,
-            Some(r) => return Err(alloc::format!("role={r}: must be dom0 or guest")),
+            Some("initrd") => {
+                return Err(String::from(
+                    "role=initrd: this module is an initrd (for=NAME names its domain), not a domain",
+                ));
+            }
+            Some(r) => return Err(alloc::format!("role={r}: must be dom0, guest or initrd")),
         };
         let disks: Vec<DiskSpec<'a>> = c
             .options()
@@ -296,6 +301,25 @@ impl<'a> DomainConfig<'a> {
     }
 }
 
+/// The domain a boot module is the initrd of: `role=initrd for=NAME` gives `Some(NAME)`;
+/// any other module `None`. An initrd module without `for=` is an error.
+pub fn initrd_for(text: &str) -> Result<Option<&str>, String> {
+    let ours = match text.split_ascii_whitespace().find(|w| *w == "--") {
+        Some(w) => &text[..w.as_ptr() as usize - text.as_ptr() as usize],
+        None => text,
+    };
+    let c = CommandLine::new(ours);
+    if c.get("role") != Some("initrd") {
+        return Ok(None);
+    }
+    match c.get("for") {
+        Some(name) if !name.is_empty() => Ok(Some(name)),
+        _ => Err(String::from(
+            "role=initrd without for=NAME: say which domain's kernel this initrd is for",
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -336,7 +360,11 @@ mod tests {
         assert_eq!(e("weight=0"), "weight=0: weight: must be 1..65535");
         assert!(e("pin=9-2").starts_with("pin=9-2: pin: not a CPU list"));
         assert!(e("cpu=1 pin=0-1").contains("choose one"));
-        assert_eq!(e("role=king"), "role=king: must be dom0 or guest");
+        assert_eq!(e("role=king"), "role=king: must be dom0, guest or initrd");
+        assert!(e("role=initrd for=lx").contains("is an initrd"));
+        assert_eq!(initrd_for("role=initrd for=lx"), Ok(Some("lx")));
+        assert_eq!(initrd_for("name=lx mem=256 -- role=initrd"), Ok(None));
+        assert!(initrd_for("role=initrd").unwrap_err().contains("for=NAME"));
         assert!(e("disk=data").contains("not a volume name"));
         assert!(e("disk=pool/data,rw").contains("unknown option 'rw'"));
         assert!(e("role=dom0 disk=p/v").contains("owns the physical disks"));

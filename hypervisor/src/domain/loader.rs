@@ -43,6 +43,8 @@ pub enum LoadError {
     BadEntry(u64),
     CommandLineTooLong,
     Memory(MemError),
+    /// A Linux bzImage this loader cannot start.
+    Linux(hv_platform::bootparams::BootError),
 }
 
 impl core::fmt::Display for LoadError {
@@ -59,6 +61,7 @@ impl core::fmt::Display for LoadError {
                 write!(f, "command line longer than {CMDLINE_MAX} bytes")
             }
             LoadError::Memory(e) => write!(f, "{e}"),
+            LoadError::Linux(e) => write!(f, "{e}"),
         }
     }
 }
@@ -173,6 +176,9 @@ pub struct BootState {
     pub rdi: u64,
     pub rsi: u64,
     pub rdx: u64,
+    /// Code and data selectors in the GDT (the Linux boot protocol wants 0x10 and 0x18).
+    pub cs: u16,
+    pub ds: u16,
 }
 
 #[cfg(target_os = "none")]
@@ -185,6 +191,8 @@ impl BootState {
             cr3: self.cr3,
             gdt_base: self.gdt_base,
             gdt_limit: self.gdt_limit,
+            cs: self.cs,
+            ds: self.ds,
         }
     }
 }
@@ -207,6 +215,23 @@ pub fn load(image: &[u8], mem: &impl GuestMemory, cmdline: &str) -> Result<BootS
     mem.write(GuestAddr(GDT_GPA), &gdt)?;
     mem.zero(GuestAddr(CMDLINE_GPA), 4096)?;
     mem.write(GuestAddr(CMDLINE_GPA), cmdline.as_bytes())?;
+    identity_map(mem)?;
+    Ok(BootState {
+        rip: plan.entry,
+        rsp: STACK_TOP - 8,
+        cr3: PML4_GPA,
+        gdt_base: GDT_GPA,
+        gdt_limit: (GDT.len() * 8 - 1) as u16,
+        rdi: CMDLINE_GPA,
+        rsi: cmdline.len() as u64,
+        rdx: mem.end(),
+        cs: 0x08,
+        ds: 0x10,
+    })
+}
+
+/// The page tables every domain starts with (at [`PML4_GPA`]).
+fn identity_map(mem: &impl GuestMemory) -> Result<(), LoadError> {
     // PML4[0] -> PDPT, PDPT[0..4] -> four PDs: 2 MiB identity pages over the first 4 GiB,
     // RAM or not: the guest's page tables do not protect anything, the EPT does (an access past
     // RAM reaches the hypervisor as an EPT violation, not the guest as a page fault).
@@ -225,15 +250,76 @@ pub fn load(image: &[u8], mem: &impl GuestMemory, cmdline: &str) -> Result<BootS
         }
         mem.write(GuestAddr(pd + g * 0x1000), &entries)?;
     }
+    Ok(())
+}
+
+/// The zero page of a Linux kernel (after the loader's page tables).
+pub const ZERO_PAGE_GPA: u64 = 0x9000;
+/// The GDT the Linux boot protocol asks for: flat code at 0x10, flat data at 0x18.
+pub const LINUX_GDT: [u64; 4] = [0, 0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
+
+/// Loads a Linux bzImage by the 64-bit boot protocol: the protected-mode kernel at its
+/// preferred address, the initrd as high as it may go, the ACPI tables (`acpi`: the bytes and
+/// where they go), the command line and the zero page; the vCPU starts at the 64-bit entry in
+/// long mode with the first 4 GiB identity-mapped, `RSI` pointing at the zero page.
+pub fn load_linux(
+    image: &[u8],
+    initrd: Option<&[u8]>,
+    acpi: (u64, &[u8], u64),
+    mem: &impl GuestMemory,
+    cmdline: &str,
+) -> Result<BootState, LoadError> {
+    use hv_platform::bootparams as bp;
+    let linux = |e: bp::BootError| LoadError::Linux(e);
+    let k = bp::parse(image).map_err(linux)?;
+    let ram = mem.end();
+    bp::check_fits(&k, ram).map_err(linux)?;
+    if cmdline.len() > CMDLINE_MAX.min(k.cmdline_max) {
+        return Err(LoadError::CommandLineTooLong);
+    }
+    mem.write(GuestAddr(k.load_addr), k.kernel)?;
+    let initrd_at = match initrd {
+        Some(data) => {
+            let at = bp::place_initrd(&k, ram, data.len() as u64).map_err(linux)?;
+            mem.write(GuestAddr(at), data)?;
+            Some((at, data.len() as u64))
+        }
+        None => None,
+    };
+    let (acpi_at, tables, rsdp) = acpi;
+    mem.write(GuestAddr(acpi_at), tables)?;
+    let mut gdt = [0u8; 32];
+    for (i, d) in LINUX_GDT.iter().enumerate() {
+        gdt[i * 8..i * 8 + 8].copy_from_slice(&d.to_le_bytes());
+    }
+    mem.write(GuestAddr(GDT_GPA), &gdt)?;
+    mem.zero(GuestAddr(CMDLINE_GPA), 4096)?;
+    mem.write(GuestAddr(CMDLINE_GPA), cmdline.as_bytes())?;
+    identity_map(mem)?;
+    let map = bp::pc_memory_map(ram, (acpi_at, tables.len().next_multiple_of(4096) as u64));
+    let zero = bp::zero_page(
+        &k,
+        &bp::Placement {
+            cmdline_gpa: CMDLINE_GPA,
+            cmdline_len: cmdline.len(),
+            initrd: initrd_at,
+            rsdp,
+        },
+        &map,
+    )
+    .map_err(linux)?;
+    mem.write(GuestAddr(ZERO_PAGE_GPA), &zero)?;
     Ok(BootState {
-        rip: plan.entry,
+        rip: k.load_addr + bp::ENTRY_64_OFFSET,
         rsp: STACK_TOP - 8,
         cr3: PML4_GPA,
         gdt_base: GDT_GPA,
-        gdt_limit: (GDT.len() * 8 - 1) as u16,
-        rdi: CMDLINE_GPA,
-        rsi: cmdline.len() as u64,
-        rdx: mem.end(),
+        gdt_limit: (LINUX_GDT.len() * 8 - 1) as u16,
+        rdi: 0,
+        rsi: ZERO_PAGE_GPA,
+        rdx: 0,
+        cs: 0x10,
+        ds: 0x18,
     })
 }
 

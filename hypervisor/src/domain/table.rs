@@ -50,6 +50,9 @@ pub struct Domain {
     /// The CPU vCPU 0 started on (the scheduler may move it; `vcpu::queue::cpu_of`).
     pub cpu: usize,
     pub vcpus: u32,
+    /// A full PC for an unmodified kernel (a Linux bzImage): ACPI tables, a local APIC per
+    /// vCPU, an IOAPIC; `false` for the small Rust guests of this project's own entry ABI.
+    pub pc: bool,
     /// Bit i set once vCPU i has been started (vCPU 0 from the beginning).
     pub(crate) started: AtomicU64,
     /// Start requests for vCPUs 1..: `(rip, rsp)`.
@@ -405,12 +408,50 @@ pub struct NewDomain {
 pub fn create(
     table: &DomainTable,
     phys: &'static PhysMem,
-    image: &[u8],
+    (image, initrd): (&[u8], Option<&[u8]>),
     cfg: &DomainConfig,
     caps: &VmxCaps,
     mmio: &[(u64, u64)],
     direct_ports: &[(u16, u16)],
 ) -> Result<NewDomain, String> {
+    let pc = hv_platform::bootparams::is_bzimage(image);
+    if initrd.is_some() && !pc {
+        return Err(String::from(
+            "an initrd (role=initrd for= this domain) was given, but the image is not a Linux bzImage",
+        ));
+    }
+    if pc && cfg.dom0 {
+        return Err(String::from(
+            "role=dom0 with a Linux kernel: dom0 is this project's own image (dom0-agent)",
+        ));
+    }
+    // A PC's ACPI tables describe its CPUs and virtio windows (disk k at window 2k, NIC k
+    // at 2k+1, each on IOAPIC pin 16 + window).
+    let tables = if pc {
+        let windows: Vec<hv_platform::acpi::VirtioMmio> = (0..cfg.disks.len())
+            .map(hv_abi::devices::disk_window)
+            .chain((0..cfg.nics.len()).map(hv_abi::devices::nic_window))
+            .map(|w| hv_platform::acpi::VirtioMmio {
+                base: hv_abi::devices::VIRTIO_MMIO_BASE
+                    + w as u64 * hv_abi::devices::VIRTIO_MMIO_STRIDE,
+                size: hv_abi::devices::VIRTIO_MMIO_STRIDE as u32,
+                gsi: crate::io::pc::virtio_gsi(w),
+            })
+            .collect();
+        let built = hv_platform::acpi::build(
+            &hv_platform::acpi::Config {
+                vcpus: cfg.vcpus,
+                devices: &windows,
+                power_button_gsi: None,
+                oem_id: *b"HVRUST",
+            },
+            hv_platform::acpi::ACPI_BASE,
+        )
+        .map_err(|e| alloc::format!("ACPI tables: {e}"))?;
+        Some(built)
+    } else {
+        None
+    };
     let online: Vec<usize> = (0..percpu::cpu_count())
         .filter(|&i| CPUS[i].state() == percpu::CpuState::Online)
         .collect();
@@ -485,7 +526,16 @@ pub fn create(
         .mem()
         .zero(GuestAddr(0), mem.ram.mem().end())
         .map_err(loader::LoadError::Memory)
-        .and_then(|()| loader::load(image, mem.ram.mem(), cfg.guest_cmdline))
+        .and_then(|()| match &tables {
+            Some(t) => loader::load_linux(
+                image,
+                initrd,
+                (hv_platform::acpi::ACPI_BASE, &t.bytes, t.rsdp),
+                mem.ram.mem(),
+                cfg.guest_cmdline,
+            ),
+            None => loader::load(image, mem.ram.mem(), cfg.guest_cmdline),
+        })
         .map_err(|e| alloc::format!("cannot load the image: {e}"))?;
     let chunk_addrs: Vec<u64> = mem.ram.chunks.iter().map(|c| c.addr().0).collect();
     let sizes = PageSizes {
@@ -551,6 +601,7 @@ pub fn create(
         mem_mib: cfg.mem_mib,
         cpu: placement[0],
         vcpus: cfg.vcpus,
+        pc,
         started: AtomicU64::new(1),
         starts: (0..cfg.vcpus).map(|_| Mutex::new(None)).collect(),
         alive: AtomicU32::new(cfg.vcpus),
@@ -568,7 +619,11 @@ pub fn create(
         request_tsc: AtomicU64::new(0),
         exits: Default::default(),
         irqs: AtomicU64::new(0),
-        io: Mutex::new(DomainIo::standard()),
+        io: Mutex::new(if pc {
+            DomainIo::pc(cfg.vcpus)
+        } else {
+            DomainIo::standard()
+        }),
         mem: Mutex::new(alloc::sync::Weak::new()),
         stop_reason: Mutex::new(String::new()),
     });

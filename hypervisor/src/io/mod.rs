@@ -10,6 +10,7 @@ pub mod bus;
 pub mod ioring;
 pub mod mmio;
 pub mod passthrough;
+pub mod pc;
 pub mod ports;
 pub mod uart;
 pub mod virtio;
@@ -28,12 +29,18 @@ pub enum IoEvent {
     Console(u8),
     /// The guest asked to end with this code (the test exit port).
     Exit(u8),
+    /// A PC guest entered S5 through its ACPI sleep register: it powered off.
+    PowerOff,
+    /// A PC guest asked for a reset (the ACPI reset register or the keyboard controller).
+    Reset,
 }
 
 /// The buses of one domain.
 pub struct DomainIo {
     pub ports: PortBus,
     pub mmio: MmioBus,
+    /// A PC domain's IOAPIC, UART and ACPI registers (answered before the port bus).
+    pub pc: Option<Box<pc::PcDevices>>,
 }
 
 impl DomainIo {
@@ -50,6 +57,18 @@ impl DomainIo {
         DomainIo {
             ports,
             mmio: MmioBus::new(mmio::DEVICE_HOLE),
+            pc: None,
+        }
+    }
+
+    /// The buses of a PC domain with `vcpus` vCPUs (an unmodified Linux): the PC devices
+    /// answer COM1 and the ACPI registers; every other port is an empty ISA bus; the MMIO hole
+    /// holds the IOAPIC and, per vCPU, the local APIC.
+    pub fn pc(vcpus: u32) -> DomainIo {
+        DomainIo {
+            ports: PortBus::default(),
+            mmio: MmioBus::new(mmio::DEVICE_HOLE),
+            pc: Some(Box::new(pc::PcDevices::new(vcpus))),
         }
     }
 }

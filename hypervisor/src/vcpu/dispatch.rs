@@ -48,6 +48,9 @@ pub struct VcpuCore {
     pub console: DomainConsole,
     /// When a bounded IO_WAIT ends (TSC), while this vCPU waits in one.
     pub wake_at: Option<u64>,
+    /// A PC guest's local APIC (`None` for this project's own guests, which have the
+    /// paravirtual timer instead).
+    pub lapic: Option<Box<hv_platform::lapic::LocalApic>>,
 }
 
 impl VcpuCore {
@@ -64,16 +67,24 @@ impl VcpuCore {
             spec_areas: policy::SpecCtrlAreas::default(),
             console: DomainConsole::default(),
             wake_at: None,
+            lapic: None,
         }
     }
 
     /// When a halt of this vCPU ends by itself (TSC): its timer's next tick, or the bound of
     /// the IO_WAIT it waits in, whichever comes first; `None`: only a wake-up ends it.
     pub fn halt_deadline(&self) -> Option<u64> {
-        match (self.timer.deadline(), self.wake_at) {
+        let first = |a: Option<u64>, b: Option<u64>| match (a, b) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
-        }
+        };
+        let apic = self.lapic.as_ref().and_then(|l| l.next_deadline());
+        first(first(self.timer.deadline(), self.wake_at), apic)
+    }
+
+    /// Whether a PC vCPU's local APIC has an interrupt to inject (a halt ends for it).
+    pub fn apic_pending(&self) -> bool {
+        self.lapic.as_ref().is_some_and(|l| l.pending().is_some())
     }
 }
 
@@ -111,6 +122,16 @@ pub trait Platform {
     fn privileged(&self) -> bool {
         false
     }
+    /// Whether vCPU `index` of the domain (not the caller) is among `dest`'s targets.
+    fn lapic_matches(&self, index: u32, dest: &hv_platform::lapic::Destination) -> bool {
+        let _ = (index, dest);
+        false
+    }
+    /// Gives `vector` to vCPU `index`'s local APIC (not the caller's): it takes it before
+    /// its next entry, woken if it halted.
+    fn post_interrupt(&mut self, index: u32, vector: u8, level: bool) {
+        let _ = (index, vector, level);
+    }
     /// Performs one of dom0's calls (only asked when [`Platform::privileged`]).
     fn dom0_call(&mut self, call: Dom0Call) -> Dom0Reply {
         let _ = call;
@@ -140,6 +161,10 @@ pub enum Action {
     Retire,
     /// The domain ends normally: it asked to exit (port or hypercall) with this code.
     Exit(u64),
+    /// A PC guest powered itself off (ACPI S5).
+    PowerOff,
+    /// A PC guest asked for a reset: the domain starts again from its boot images.
+    Reboot,
 }
 
 /// Why an exit stops the domain: the guest did something wrong, asked for something this
@@ -286,6 +311,12 @@ pub fn handle(
                 xcr0_allowed: p.xcr0_supported(),
                 guest_osxsave: a.get(f::GUEST_CR4) & (1 << 18) != 0,
                 tsc_khz: p.tsc_khz().min(u64::from(u32::MAX)) as u32,
+                pc: v.lapic.is_some(),
+                native_max: if v.lapic.is_some() {
+                    p.cpuid(0, 0).eax
+                } else {
+                    0
+                },
             };
             let r = policy::cpuid(leaf, sub, p.cpuid(leaf, sub), pol);
             v.regs.rax = u64::from(r.eax);
@@ -315,7 +346,24 @@ pub fn handle(
                 )));
             }
             let value = v.regs.rax as u32;
-            match p.with_io(|b| b.ports.access(io.port, io.size, io.input, value)) {
+            let (action, irq) = p.with_io(|b| {
+                if let Some(pc) = b.pc.as_mut()
+                    && let Some((a, irq)) = pc.port(io.port, io.size, io.input, value)
+                {
+                    return (
+                        match a {
+                            crate::io::pc::PcPort::Read(x) => PortAction::Read(x),
+                            crate::io::pc::PcPort::Wrote(e) => PortAction::Wrote(e),
+                        },
+                        irq,
+                    );
+                }
+                (b.ports.access(io.port, io.size, io.input, value), None)
+            });
+            if let Some(d) = irq {
+                super::pc::deliver(v, p, d);
+            }
+            match action {
                 PortAction::Read(x) => {
                     let mask = match io.size {
                         1 => 0xff,
@@ -329,6 +377,8 @@ pub fn handle(
                     return Ok(Action::Exit(u64::from(code)));
                 }
                 PortAction::Wrote(IoEvent::None) => {}
+                PortAction::Wrote(IoEvent::PowerOff) => return Ok(Action::PowerOff),
+                PortAction::Wrote(IoEvent::Reset) => return Ok(Action::Reboot),
             }
             skip(a, exit)
         }
@@ -336,7 +386,9 @@ pub fn handle(
             let q = EptViolationExit::decode(exit.qualification);
             // The MMIO dispatch point: a device's range or the hole's empty bus; any other
             // access outside RAM, and any instruction fetch from MMIO, stops the domain.
-            if !q.fetch && p.with_io(|b| b.mmio.handles(exit.gpa)) {
+            if !q.fetch
+                && (super::pc::is_apic(v, exit.gpa) || p.with_io(|b| b.mmio.handles(exit.gpa)))
+            {
                 return emulate_mmio(v, a, mem, p, exit.gpa);
             }
             fail(ExitError::Guest(alloc::format!(
@@ -471,6 +523,19 @@ fn msr(
             return skip(a, exit);
         }
     }
+    // A PC guest's APIC registers.
+    if let Some(r) = super::pc::msr(v, p, msr, write.then_some(value)) {
+        return match r {
+            Ok(x) => {
+                if !write {
+                    v.regs.rax = x & 0xffff_ffff;
+                    v.regs.rdx = x >> 32;
+                }
+                skip(a, exit)
+            }
+            Err(()) => inject_gp(a),
+        };
+    }
     // EFER: LMA is the processor's to set; the guest may change NXE and SCE only.
     const EFER_GUEST: u64 = (1 << 11) | 1;
     let result = match (policy::msr_rule(msr), write) {
@@ -553,6 +618,37 @@ fn cr_access(
     }
 }
 
+/// A load from MMIO: a PC vCPU's interrupt controllers (`apic`) or the domain's MMIO bus.
+fn mmio_read(
+    v: &mut VcpuCore,
+    p: &mut impl Platform,
+    apic: bool,
+    gpa: u64,
+    size: u8,
+) -> core::result::Result<u64, crate::io::mmio::NotMmio> {
+    if apic {
+        return Ok(super::pc::read(v, p, gpa));
+    }
+    p.with_io(|b| b.mmio.read(gpa, size))
+}
+
+/// A store to MMIO, as [`mmio_read`].
+fn mmio_write<M: GuestMemory>(
+    v: &mut VcpuCore,
+    p: &mut impl Platform,
+    mem: &M,
+    apic: bool,
+    gpa: u64,
+    size: u8,
+    value: u64,
+) -> core::result::Result<(), crate::io::mmio::NotMmio> {
+    if apic {
+        super::pc::write(v, p, gpa, value);
+        return Ok(());
+    }
+    p.with_io(|b| b.mmio.write(mem, gpa, size, value))
+}
+
 /// Completes a guest load or store to MMIO through the domain's MMIO bus: the instruction is
 /// read through the guest's page tables and decoded (the moves `vmx::decode` accepts; anything
 /// else stops the domain).
@@ -581,6 +677,7 @@ fn emulate_mmio<M: GuestMemory>(
         }
         n += take;
     }
+    let apic = super::pc::is_apic(v, gpa);
     let d = decode::decode(&bytes[..n]).map_err(|e| {
         Box::new(ExitError::Unsupported(alloc::format!(
             "MMIO access to guest-physical {gpa:#x} by an instruction not emulated ({e:?}; bytes {:02x?})",
@@ -594,9 +691,7 @@ fn emulate_mmio<M: GuestMemory>(
     };
     match d.access {
         decode::Access::Load { reg, size, .. } => {
-            let data = p
-                .with_io(|b| b.mmio.read(gpa, size))
-                .map_err(|_| outside())?;
+            let data = mmio_read(v, p, apic, gpa, size).map_err(|_| outside())?;
             let old = gpr(a, &v.regs, reg);
             set_gpr(a, &mut v.regs, reg, decode::apply_load(old, d.access, data))?;
         }
@@ -607,12 +702,10 @@ fn emulate_mmio<M: GuestMemory>(
         } => {
             let r = gpr(a, &v.regs, reg);
             let value = if high_byte { r >> 8 } else { r };
-            p.with_io(|b| b.mmio.write(mem, gpa, size, value))
-                .map_err(|_| outside())?;
+            mmio_write(v, p, mem, apic, gpa, size, value).map_err(|_| outside())?;
         }
         decode::Access::StoreImm { value, size } => {
-            p.with_io(|b| b.mmio.write(mem, gpa, size, value))
-                .map_err(|_| outside())?;
+            mmio_write(v, p, mem, apic, gpa, size, value).map_err(|_| outside())?;
         }
         decode::Access::Alu {
             op,
@@ -621,9 +714,7 @@ fn emulate_mmio<M: GuestMemory>(
             mem_first,
             writes,
         } => {
-            let m = p
-                .with_io(|b| b.mmio.read(gpa, size))
-                .map_err(|_| outside())?;
+            let m = mmio_read(v, p, apic, gpa, size).map_err(|_| outside())?;
             let (reg, high_byte, o) = match other {
                 decode::Operand::Reg { reg, high_byte } => {
                     let r = gpr(a, &v.regs, reg);
@@ -634,9 +725,9 @@ fn emulate_mmio<M: GuestMemory>(
             let (first, second) = if mem_first { (m, o) } else { (o, m) };
             let (result, flags) = decode::alu(op, size, first, second);
             match (writes, reg) {
-                (decode::AluWrites::Memory, _) => p
-                    .with_io(|b| b.mmio.write(mem, gpa, size, result))
-                    .map_err(|_| outside())?,
+                (decode::AluWrites::Memory, _) => {
+                    mmio_write(v, p, mem, apic, gpa, size, result).map_err(|_| outside())?
+                }
                 (decode::AluWrites::Register, Some(reg)) => {
                     let load = decode::Access::Load {
                         reg,

@@ -5,6 +5,8 @@
 //! and the hand-off between vCPUs, and the scheduler's shared state ([`queue`]). [`dom0`] links
 //! guests' virtio disks to dom0's block ring (bare metal): dom0's calls arrive through the
 //! dispatcher and its requests wake its vCPU.
+//! [`pc`] handles a PC guest's interrupt controllers (local APIC, IOAPIC) and injects their
+//! interrupts.
 
 pub mod dispatch;
 #[cfg(target_os = "none")]
@@ -12,6 +14,7 @@ pub mod dom0;
 pub mod exit;
 #[cfg(target_os = "none")]
 pub mod net;
+pub mod pc;
 #[cfg(target_os = "none")]
 pub mod queue;
 #[cfg(target_os = "none")]

@@ -140,7 +140,13 @@ pub fn spawn(new: NewDomain) -> Result<(), String> {
             } else {
                 VcpuState::Created
             },
-            core: VcpuCore::new(index as u32, regs, fpu::XCR0_RESET),
+            core: {
+                let mut core = VcpuCore::new(index as u32, regs, fpu::XCR0_RESET);
+                if domain.pc {
+                    core.lapic = Some(super::pc::new_lapic(index as u32, queue::tsc_khz()));
+                }
+                core
+            },
             vmcs: Some(vmcs),
             setup: GuestSetup {
                 boot: boot.entry(),
@@ -449,10 +455,14 @@ impl RunLoop {
         }
         if v.state == VcpuState::Blocked {
             // dom0 waiting in IO_WAIT wakes for a request; any halt wakes for its timer.
-            let event = v.core.index == 0
-                && (super::dom0::take_event(&v.domain)
-                    || v.core.irqs != 0
-                    || v.domain.irqs.load(Ordering::Acquire) != 0);
+            if let Some(l) = v.core.lapic.as_mut() {
+                l.poll(cpu::rdtsc());
+            }
+            let event = v.core.apic_pending()
+                || v.core.index == 0
+                    && (super::dom0::take_event(&v.domain)
+                        || v.core.irqs != 0
+                        || v.domain.irqs.load(Ordering::Acquire) != 0);
             if !event && let Some(until) = v.halted_until() {
                 self.give_back(v, Back::Blocked(until));
                 return;
@@ -626,6 +636,9 @@ impl RunLoop {
                 .timer
                 .until_due(now)
                 .map_or(left, |due| due.clamp(1, left));
+            if let Some(at) = v.core.lapic.as_ref().and_then(|l| l.next_deadline()) {
+                budget = budget.min(at.saturating_sub(now).max(1));
+            }
             if let Some(s) = sleeper {
                 budget = budget.min(s.saturating_sub(now).max(1));
             }
@@ -648,14 +661,32 @@ impl RunLoop {
             if irqs.load(Ordering::Relaxed) != 0 {
                 v.core.irqs |= irqs.swap(0, Ordering::AcqRel);
             }
-            let timer_due = !v.core.timer.idle() && v.core.timer.poll(cpu::rdtsc());
-            if (timer_due || v.core.irqs != 0)
-                && let Err(e) = dispatch::deliver_timer(&mut v.core, a)
-            {
-                break SliceEnd::Stop {
-                    why: String::from(e.message()),
-                    dump: true,
-                };
+            if v.core.lapic.is_some() {
+                // A PC: device lines through the IOAPIC, then the local APIC's highest vector.
+                if v.core.irqs != 0 {
+                    let bits = core::mem::take(&mut v.core.irqs);
+                    let mut p = HwPlatform {
+                        cpu,
+                        domain: &v.domain,
+                    };
+                    super::pc::device_lines(&mut v.core, &mut p, bits);
+                }
+                if let Err(e) = super::pc::deliver_pending(&mut v.core, a, cpu::rdtsc()) {
+                    break SliceEnd::Stop {
+                        why: String::from(e.message()),
+                        dump: true,
+                    };
+                }
+            } else {
+                let timer_due = !v.core.timer.idle() && v.core.timer.poll(cpu::rdtsc());
+                if (timer_due || v.core.irqs != 0)
+                    && let Err(e) = dispatch::deliver_timer(&mut v.core, a)
+                {
+                    break SliceEnd::Stop {
+                        why: String::from(e.message()),
+                        dump: true,
+                    };
+                }
             }
             x86_64::instructions::interrupts::disable();
             // Checked with interrupts off: a kick or timer after this stays pending and makes
@@ -729,12 +760,26 @@ impl RunLoop {
                 // A device interrupt is waiting (raised while interrupts were off): HLT
                 // ends at once, as on hardware; the entry injects it.
                 Ok(Action::Halt)
-                    if v.core.irqs != 0 || v.domain.irqs.load(Ordering::Acquire) != 0 => {}
+                    if v.core.irqs != 0
+                        || v.domain.irqs.load(Ordering::Acquire) != 0
+                        || v.core.apic_pending() => {}
                 Ok(Action::Halt) => break SliceEnd::Halt,
                 Ok(Action::Retire) => break SliceEnd::Retire,
                 Ok(Action::Exit(code)) => {
                     break SliceEnd::Stop {
                         why: alloc::format!("exited with code {code}"),
+                        dump: false,
+                    };
+                }
+                Ok(Action::PowerOff) => {
+                    break SliceEnd::Stop {
+                        why: String::from("powered off"),
+                        dump: false,
+                    };
+                }
+                Ok(Action::Reboot) => {
+                    break SliceEnd::Stop {
+                        why: String::from("rebooted"),
                         dump: false,
                     };
                 }

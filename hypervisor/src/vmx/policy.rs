@@ -23,6 +23,99 @@ pub struct CpuidPolicy {
     pub guest_osxsave: bool,
     /// TSC frequency in kHz (leaf 0x4000_0001 EDX), so a guest can time itself by RDTSC.
     pub tsc_khz: u32,
+    /// A full PC guest (Linux) with a virtual local APIC: the TSC-deadline timer is offered,
+    /// leaf 0x15 gives the TSC and APIC-timer rate, the topology leaves describe the domain's
+    /// vCPUs, and machine-check and MTRR support are hidden (none is emulated).
+    pub pc: bool,
+    /// The CPU's highest basic leaf (leaf 0 EAX natively).
+    pub native_max: u32,
+}
+
+/// The highest basic leaf a PC guest sees (0x15: TSC and crystal clock; 0x16: the
+/// processor's base frequency, which Linux takes for its CPU clock before trying the PIT).
+pub const PC_MAX_LEAF: u32 = 0x16;
+
+/// How many TSC ticks one tick of a PC guest's APIC timer (its "crystal clock", CPUID 0x15)
+/// lasts: 1 where the TSC rate in Hz fits leaf 0x15's 32-bit ECX, else the smallest power of
+/// two that makes it fit.
+pub fn tsc_per_crystal(tsc_khz: u64) -> u64 {
+    let hz = tsc_khz.saturating_mul(1000);
+    let mut n = 1u64;
+    while hz / n > u64::from(u32::MAX) {
+        n *= 2;
+    }
+    n
+}
+
+/// The leaves a PC guest sees differently from the CPU (`None`: as [`cpuid`] says).
+fn pc_leaf(leaf: u32, subleaf: u32, native: CpuidResult, p: CpuidPolicy) -> Option<CpuidResult> {
+    let zero = CpuidResult {
+        eax: 0,
+        ebx: 0,
+        ecx: 0,
+        edx: 0,
+    };
+    Some(match leaf {
+        0 => CpuidResult {
+            eax: native.eax.max(PC_MAX_LEAF),
+            ..native
+        },
+        // Leaves between the CPU's last and ours are empty, not the CPU's "highest leaf"
+        // answer.
+        l if l <= PC_MAX_LEAF && l > p.native_max && l < 0x15 => zero,
+        // Cache parameters: the package has the domain's vCPUs, one thread per core.
+        4 => CpuidResult {
+            eax: (native.eax & 0x3fff) | (p.vcpus.saturating_sub(1).min(63) << 26),
+            ..native
+        },
+        // x2APIC topology: SMT level of one thread, core level of every vCPU.
+        0xb => {
+            let shift = 32 - p.vcpus.max(1).saturating_sub(1).leading_zeros();
+            match subleaf {
+                0 => CpuidResult {
+                    eax: 0,
+                    ebx: 1,
+                    ecx: 1 << 8,
+                    edx: p.index,
+                },
+                1 => CpuidResult {
+                    eax: shift,
+                    ebx: p.vcpus,
+                    ecx: (2 << 8) | 1,
+                    edx: p.index,
+                },
+                n => CpuidResult {
+                    eax: 0,
+                    ebx: 0,
+                    ecx: n & 0xff,
+                    edx: p.index,
+                },
+            }
+        }
+        // V2 topology: not offered (the guest uses leaf 0xb).
+        0x1f => zero,
+        // TSC = crystal * EBX / EAX; the APIC timer counts at the crystal's rate.
+        0x15 => {
+            let n = tsc_per_crystal(u64::from(p.tsc_khz));
+            CpuidResult {
+                eax: 1,
+                ebx: n as u32,
+                ecx: (u64::from(p.tsc_khz) * 1000 / n) as u32,
+                edx: 0,
+            }
+        }
+        // Base and maximum frequency in MHz: the TSC's (at least 1).
+        0x16 => {
+            let mhz = (p.tsc_khz / 1000).max(1);
+            CpuidResult {
+                eax: mhz,
+                ebx: mhz,
+                ecx: 0,
+                edx: 0,
+            }
+        }
+        _ => return None,
+    })
 }
 
 /// Whether a guest may load `value` into XCR0: x87 always on, AVX only with SSE, nothing outside
@@ -34,6 +127,11 @@ pub fn xcr0_allowed(value: u64, allowed: u64) -> bool {
 /// The guest's view of CPUID `leaf`/`subleaf`, given the native answer.
 pub fn cpuid(leaf: u32, subleaf: u32, native: CpuidResult, p: CpuidPolicy) -> CpuidResult {
     let mut r = native;
+    if p.pc
+        && let Some(x) = pc_leaf(leaf, subleaf, native, p)
+    {
+        return x;
+    }
     match leaf {
         1 => {
             // ECX: clear VMX(5), SMX(6), EST(7), TM2(8), PDCM(15), x2APIC(21), TSC-deadline(24),
@@ -49,6 +147,13 @@ pub fn cpuid(leaf: u32, subleaf: u32, native: CpuidResult, p: CpuidPolicy) -> Cp
             r.ecx |= 1 << 31;
             // EDX: clear ACPI thermal(22), TM(29), PBE(31).
             r.edx &= !((1 << 22) | (1 << 29) | (1 << 31));
+            if p.pc {
+                // The virtual local APIC has the TSC-deadline timer; there are no MTRRs and
+                // no machine-check banks to emulate: MCE(7), MTRR(12), MCA(14) hidden.
+                r.ecx |= 1 << 24;
+                r.edx &= !((1 << 7) | (1 << 12) | (1 << 14));
+                r.edx |= 1 << 9; // APIC
+            }
             // XSAVE (26), OSXSAVE (27) and AVX (28) as this domain may use them.
             if p.xcr0_allowed == 0 {
                 r.ecx &= !((1 << 26) | (1 << 28));
@@ -100,8 +205,16 @@ pub fn cpuid(leaf: u32, subleaf: u32, native: CpuidResult, p: CpuidPolicy) -> Cp
             }
             // ECX: WAITPKG(5) would let a guest park the CPU in a way we cannot see; PKU(3)
             // and the AVX-512 family need XSAVE components guests are not given.
-            r.ecx &=
-                !((1 << 5) | (1 << 3) | (1 << 1) | (1 << 6) | (1 << 11) | (1 << 12) | (1 << 14));
+            // LA57(16): five-level paging would make Linux's decompressor leave long mode
+            // to switch, which the VMCS's IA-32e entry control does not follow.
+            r.ecx &= !((1 << 5)
+                | (1 << 3)
+                | (1 << 1)
+                | (1 << 6)
+                | (1 << 11)
+                | (1 << 12)
+                | (1 << 14)
+                | (1 << 16));
             // EBX: AVX-512 F, DQ, IFMA, PF, ER, CD, BW, VL; AVX2 only with AVX.
             r.ebx &= !((1 << 16)
                 | (1 << 17)
@@ -412,7 +525,56 @@ mod tests {
         xcr0_allowed: 0b111,
         guest_osxsave: false,
         tsc_khz: 2_400_000,
+        pc: false,
+        native_max: 0x1b,
     };
+
+    #[test]
+    fn a_pc_guest_sees_its_apic_timer_topology_and_tsc_rate() {
+        let n = native();
+        let pc = CpuidPolicy {
+            pc: true,
+            native_max: 0xd,
+            ..P
+        };
+        let one = cpuid(1, 0, n, pc);
+        assert_ne!(one.ecx & (1 << 24), 0, "TSC deadline offered");
+        assert_eq!(
+            one.edx & ((1 << 7) | (1 << 12) | (1 << 14)),
+            0,
+            "no MCE/MTRR/MCA"
+        );
+        assert_eq!(
+            cpuid(1, 0, n, P).ecx & (1 << 24),
+            0,
+            "not to our own guests"
+        );
+        assert_eq!(cpuid(0, 0, CpuidResult { eax: 0xd, ..n }, pc).eax, 0x16);
+        assert_eq!(cpuid(0x16, 0, n, pc).eax, 2400, "MHz");
+        assert_eq!(cpuid(0, 0, CpuidResult { eax: 0x1b, ..n }, pc).eax, 0x1b);
+        let t = cpuid(0x15, 0, n, pc);
+        assert_eq!((t.eax, t.ebx, t.ecx), (1, 1, 2_400_000_000));
+        // 5 GHz does not fit 32 bits of Hz: the crystal is half the TSC.
+        let fast = CpuidPolicy {
+            tsc_khz: 5_000_000,
+            ..pc
+        };
+        let t = cpuid(0x15, 0, n, fast);
+        assert_eq!((t.eax, t.ebx, t.ecx), (1, 2, 2_500_000_000));
+        assert_eq!(tsc_per_crystal(4_200), 1);
+        assert_eq!(tsc_per_crystal(2_400_000), 1);
+        assert_eq!(tsc_per_crystal(5_000_000), 2);
+        assert_eq!(tsc_per_crystal(9_000_000), 4);
+        // Between the CPU's last leaf and 0x15: empty.
+        assert_eq!(cpuid(0x10, 0, n, pc).ebx, 0);
+        // Topology: vCPU 2 of 4.
+        let smt = cpuid(0xb, 0, n, pc);
+        let core = cpuid(0xb, 1, n, pc);
+        assert_eq!((smt.ebx, smt.edx, smt.ecx >> 8), (1, 2, 1));
+        assert_eq!((core.eax, core.ebx, core.ecx >> 8), (2, 4, 2));
+        assert_eq!(cpuid(0xb, 2, n, pc).ecx >> 8, 0, "no third level");
+        assert_eq!(cpuid(4, 0, n, pc).eax >> 26, 3);
+    }
 
     #[test]
     fn xcr0_rules() {

@@ -52,6 +52,9 @@ pub struct GuestEntry {
     pub cr3: u64,
     pub gdt_base: u64,
     pub gdt_limit: u16,
+    /// Code and data selectors (their descriptors are in the GDT; the VMCS caches them).
+    pub cs: u16,
+    pub ds: u16,
 }
 
 /// Everything the VMCS needs beyond the CPU's own state.
@@ -161,9 +164,9 @@ pub fn setup_vmcs(
         v.set(s.limit, limit)?;
         v.set(s.access, ar)
     };
-    seg(v, &f::CS, 0x08, 0xffff_ffff, 0xa09b)?;
+    seg(v, &f::CS, u64::from(g.boot.cs), 0xffff_ffff, 0xa09b)?;
     for s in [&f::SS, &f::DS, &f::ES, &f::FS, &f::GS] {
-        seg(v, s, 0x10, 0xffff_ffff, 0xc093)?;
+        seg(v, s, u64::from(g.boot.ds), 0xffff_ffff, 0xc093)?;
     }
     seg(v, &f::TR, 0, 0x67, 0x8b)?;
     seg(v, &f::LDTR, 0, 0, 0x1_0000)?;

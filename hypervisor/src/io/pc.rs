@@ -1,0 +1,140 @@
+//! The devices of a PC domain (an unmodified Linux) that live in the domain, not in a vCPU:
+//! the IOAPIC, the interrupt-driven 16550 UART on COM1 and the hardware-reduced ACPI sleep and
+//! reset registers. The models are `hv-platform`'s; this file wires them to the domain's
+//! buses and turns what they do into [`IoEvent`]s and interrupt deliveries for the vCPUs.
+
+use hv_platform::acpi;
+use hv_platform::ioapic::{Delivery, IoApic};
+use hv_platform::uart::Uart16550;
+
+use super::IoEvent;
+
+/// COM1's ports and ISA interrupt line.
+pub const COM1: u16 = 0x3f8;
+pub const COM1_IRQ: u32 = 4;
+/// The IOAPIC's register window.
+pub const IOAPIC_WINDOW: core::ops::Range<u64> = acpi::IOAPIC_BASE..acpi::IOAPIC_BASE + 0x1000;
+/// The local APIC's register page (each vCPU sees its own).
+pub const LAPIC_WINDOW: core::ops::Range<u64> = acpi::LAPIC_BASE..acpi::LAPIC_BASE + 0x1000;
+
+/// The IOAPIC pin of virtio window `w` (above the 16 ISA lines; the ACPI tables say the same).
+pub fn virtio_gsi(w: usize) -> u32 {
+    acpi::FIRST_DEVICE_GSI + w as u32
+}
+
+/// A port access the PC devices answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PcPort {
+    Read(u32),
+    Wrote(IoEvent),
+}
+
+/// The domain-wide devices of a PC.
+pub struct PcDevices {
+    pub ioapic: IoApic,
+    pub uart: Uart16550,
+    /// The UART's interrupt line as the IOAPIC last saw it.
+    uart_line: bool,
+    /// Bytes typed for the guest that did not fit its receive FIFO yet.
+    pub input: heapless::Deque<u8, 256>,
+}
+
+impl PcDevices {
+    /// The devices of a PC with `vcpus` vCPUs (the IOAPIC's id follows the local APICs').
+    pub fn new(vcpus: u32) -> PcDevices {
+        PcDevices {
+            ioapic: IoApic::new(vcpus.min(254) as u8),
+            uart: Uart16550::new(),
+            uart_line: false,
+            input: heapless::Deque::new(),
+        }
+    }
+
+    /// A port access, if it is one of these devices' ports; the interrupt it raises, if any.
+    pub fn port(
+        &mut self,
+        port: u16,
+        size: u8,
+        input: bool,
+        value: u32,
+    ) -> Option<(PcPort, Option<Delivery>)> {
+        let answer = match port {
+            COM1..=0x3ff => {
+                // The 8250 driver only makes byte accesses; wider ones touch one register.
+                let offset = (port - COM1) as u8;
+                let a = if input {
+                    let b = self.uart.read(offset);
+                    PcPort::Read(u32::from(b) & ones(size))
+                } else {
+                    match self.uart.write(offset, value as u8) {
+                        Some(b) => PcPort::Wrote(IoEvent::Console(b)),
+                        None => PcPort::Wrote(IoEvent::None),
+                    }
+                };
+                self.refill();
+                return Some((a, self.uart_irq()));
+            }
+            acpi::SLEEP_CONTROL_PORT | acpi::SLEEP_STATUS_PORT | acpi::RESET_PORT if input => {
+                PcPort::Read(0)
+            }
+            // SLP_TYP in bits 4:2, SLP_EN bit 5 (ACPI 6.4 §4.8.3.7): S5 powers the domain off.
+            acpi::SLEEP_CONTROL_PORT
+                if value & (1 << 5) != 0 && (value >> 2) & 7 == u32::from(acpi::S5_SLP_TYP) =>
+            {
+                PcPort::Wrote(IoEvent::PowerOff)
+            }
+            acpi::RESET_PORT if value as u8 == acpi::RESET_VALUE => PcPort::Wrote(IoEvent::Reset),
+            acpi::SLEEP_CONTROL_PORT | acpi::SLEEP_STATUS_PORT | acpi::RESET_PORT => {
+                PcPort::Wrote(IoEvent::None)
+            }
+            // The keyboard controller's reset pulse, Linux's second way to reboot.
+            0x64 if !input && value as u8 == 0xfe => PcPort::Wrote(IoEvent::Reset),
+            _ => return None,
+        };
+        Some((answer, None))
+    }
+
+    /// Moves typed bytes into the UART's FIFO while it has room.
+    fn refill(&mut self) {
+        while self.uart.rx_room() > 0 {
+            match self.input.pop_front() {
+                Some(b) => {
+                    self.uart.receive(b);
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// Queues bytes the operator typed for the guest's console; returns how many were taken
+    /// and the interrupt that raises.
+    pub fn type_bytes(&mut self, bytes: &[u8]) -> (usize, Option<Delivery>) {
+        let mut n = 0;
+        for &b in bytes {
+            if self.input.push_back(b).is_err() {
+                break;
+            }
+            n += 1;
+        }
+        self.refill();
+        (n, self.uart_irq())
+    }
+
+    /// Follows the UART's interrupt line into the IOAPIC (ISA lines are edge-triggered).
+    fn uart_irq(&mut self) -> Option<Delivery> {
+        let line = self.uart.irq();
+        if line == self.uart_line {
+            return None;
+        }
+        self.uart_line = line;
+        self.ioapic.set_line(COM1_IRQ, line)
+    }
+}
+
+fn ones(size: u8) -> u32 {
+    match size {
+        1 => 0xff,
+        2 => 0xffff,
+        _ => u32::MAX,
+    }
+}
