@@ -181,6 +181,14 @@ pub fn cpuid(leaf: u32, subleaf: u32, native: CpuidResult, p: CpuidPolicy) -> Cp
             r.eax &= p.xcr0_allowed as u32;
             r.edx = 0;
         }
+        // XSAVES/XRSTORS (EAX bit 3) would #UD: the VMCS does not enable them, and there is
+        // no IA32_XSS for supervisor state; so neither is offered (Linux 6.1 otherwise uses
+        // XRSTORS for its FPU state and faults when it starts init).
+        0xd if subleaf == 1 => {
+            r.eax &= !(1 << 3);
+            r.ecx = 0;
+            r.edx = 0;
+        }
         0xd if (2..64).contains(&subleaf) && p.xcr0_allowed & (1 << subleaf) == 0 => {
             r = CpuidResult {
                 eax: 0,
@@ -574,6 +582,7 @@ mod tests {
         assert_eq!((core.eax, core.ebx, core.ecx >> 8), (2, 4, 2));
         assert_eq!(cpuid(0xb, 2, n, pc).ecx >> 8, 0, "no third level");
         assert_eq!(cpuid(4, 0, n, pc).eax >> 26, 3);
+        assert_eq!(cpuid(0xd, 1, n, pc).eax & (1 << 3), 0, "no XSAVES");
     }
 
     #[test]
