@@ -122,6 +122,11 @@ pub trait Platform {
     fn privileged(&self) -> bool {
         false
     }
+    /// Loads a guest value of a register the CPU uses directly in the guest (the SYSCALL
+    /// MSRs, KERNEL_GS_BASE, TSC_AUX: [`crate::vmx::policy::MsrRule::Stored`]) into the CPU.
+    fn load_msr(&mut self, msr: u32, value: u64) {
+        let _ = (msr, value);
+    }
     /// Whether vCPU `index` of the domain (not the caller) is among `dest`'s targets.
     fn lapic_matches(&self, index: u32, dest: &hv_platform::lapic::Destination) -> bool {
         let _ = (index, dest);
@@ -546,6 +551,7 @@ fn msr(
         (Some(MsrRule::Stored), false) => Some(v.msrs.get(msr)),
         (Some(MsrRule::Stored), true) => {
             v.msrs.set(msr, value);
+            p.load_msr(msr, value);
             Some(0)
         }
         (Some(MsrRule::Tsc), false) => Some(p.rdtsc()),

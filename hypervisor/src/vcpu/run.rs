@@ -268,6 +268,15 @@ impl Platform for HwPlatform<'_> {
         queue::tsc_khz()
     }
 
+    fn load_msr(&mut self, msr: u32, value: u64) {
+        if crate::vmx::policy::GUEST_LOADED_MSRS.contains(&msr) {
+            // SAFETY: one of the SYSCALL MSRs, KERNEL_GS_BASE or TSC_AUX, which the hypervisor
+            // never uses itself (no SYSCALL, SWAPGS or RDTSCP in VMX root); the value passed
+            // `msr_write_valid` (canonical addresses, 32-bit TSC_AUX), so WRMSR cannot fault.
+            unsafe { cpu::wrmsr(msr, value) };
+        }
+    }
+
     fn with_io<R>(&mut self, f: impl FnOnce(&mut DomainIo) -> R) -> R {
         f(&mut self.domain.io.lock())
     }
@@ -624,6 +633,12 @@ impl RunLoop {
             crate::vmx::hw::invept_all();
         }
         Self::swap_fpu(cpu, fpu_owner, v);
+        // The registers SYSCALL, SWAPGS and RDTSCP read in the guest: this vCPU's.
+        for &msr in crate::vmx::policy::GUEST_LOADED_MSRS {
+            // SAFETY: as in `HwPlatform::load_msr`: registers the hypervisor never uses, and
+            // values that passed `msr_write_valid` when the guest wrote them (0 before).
+            unsafe { cpu::wrmsr(msr, v.core.msrs.get(msr)) };
+        }
         let start = cpu::rdtsc();
         // Bring the guest's timer up to date first, so its next deadline is in the future.
         v.core.timer.poll(start);

@@ -334,6 +334,18 @@ pub fn msr_write_valid(msr: u32, value: u64) -> bool {
     }
 }
 
+/// The [`MsrRule::Stored`] registers the CPU uses in the guest without an exit (STAR, LSTAR,
+/// CSTAR, SFMASK, KERNEL_GS_BASE, TSC_AUX): loaded into the CPU before each slice and when the
+/// guest writes them.
+pub const GUEST_LOADED_MSRS: &[u32] = &[
+    0xc000_0081,
+    0xc000_0082,
+    0xc000_0083,
+    0xc000_0084,
+    0xc000_0102,
+    0xc000_0103,
+];
+
 /// Per-vCPU storage for [`MsrRule::Stored`] registers.
 #[derive(Clone, Debug, Default)]
 pub struct StoredMsrs {
