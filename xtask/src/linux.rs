@@ -172,7 +172,7 @@ pub struct Entry {
 
 /// Appends `n` zero bytes so that `out.len()` is a multiple of 4.
 fn pad4(out: &mut Vec<u8>) {
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
 }
