@@ -755,6 +755,22 @@ fn emulate_mmio<M: GuestMemory>(
     Ok(Action::Resume)
 }
 
+/// Turns interrupt-window exiting on while an interrupt `waiting` for the guest to take it
+/// (SDM Vol. 3C §25.2), off otherwise; the VMCS is written only when that changes.
+pub fn window_exiting(v: &mut VcpuCore, a: &mut impl VmcsAccess, waiting: bool) -> Result<()> {
+    if waiting != v.window_exiting {
+        let procbased = a.get(f::PROCBASED);
+        let want = if waiting {
+            procbased | (1 << 2)
+        } else {
+            procbased & !(1 << 2)
+        };
+        a.set(f::PROCBASED, want)?;
+        v.window_exiting = waiting;
+    }
+    Ok(())
+}
+
 /// Before an entry: injects the pending timer interrupt, or else the lowest pending device
 /// interrupt, if the guest can take one now; while one still waits (the guest cannot take it,
 /// or more are pending), asks for an exit as soon as it can (interrupt-window exiting, SDM
@@ -780,15 +796,5 @@ pub fn deliver_timer(v: &mut VcpuCore, a: &mut impl VmcsAccess) -> Result<()> {
         }
     }
     let waiting = !ready || v.timer.is_pending() || v.irqs != 0;
-    if waiting != v.window_exiting {
-        let procbased = a.get(f::PROCBASED);
-        let want = if waiting {
-            procbased | (1 << 2)
-        } else {
-            procbased & !(1 << 2)
-        };
-        a.set(f::PROCBASED, want)?;
-        v.window_exiting = waiting;
-    }
-    Ok(())
+    window_exiting(v, a, waiting)
 }

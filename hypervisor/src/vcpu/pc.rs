@@ -190,15 +190,5 @@ pub fn deliver_pending(v: &mut VcpuCore, a: &mut impl VmcsAccess, now: u64) -> R
             waiting = true;
         }
     }
-    if waiting != v.window_exiting {
-        let procbased = a.get(f::PROCBASED);
-        let want = if waiting {
-            procbased | (1 << 2)
-        } else {
-            procbased & !(1 << 2)
-        };
-        a.set(f::PROCBASED, want)?;
-        v.window_exiting = waiting;
-    }
-    Ok(())
+    super::dispatch::window_exiting(v, a, waiting)
 }
