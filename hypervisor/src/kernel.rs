@@ -650,8 +650,10 @@ extern "C" fn ap_main(index: u64) -> ! {
     let vmx = detect::probe_this_cpu();
     *VMX_STATUS[index].lock() = vmx;
     let mut run_loop = enter_vmx(index, &vmx);
-    CPUS[index].set_state(CpuState::Online);
+    // Said before the state changes, so the boot CPU's "CPUs: N of M online", which waits for
+    // this state, always comes after every AP's own line.
     info!("CPU {index} online (APIC id {id}); VT-x {}", vmx.summary());
+    CPUS[index].set_state(CpuState::Online);
     loop {
         match run_loop.as_mut() {
             // Halts when idle, until a kick or its first sleeper's deadline.
