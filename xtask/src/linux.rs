@@ -39,8 +39,8 @@ pub const MARK_SHELL: &str = "linux-init: shell";
 /// The shell's prompt (`PS1`), which marks "ready for the next line".
 pub const PROMPT: &str = "linux# ";
 
-/// The virtio modules the init loads, in dependency order (each one's `depends=` is checked
-/// against this order when the archive is built).
+/// The virtio modules the init loads (in the order [`load_order`] works out from their
+/// `depends=` when the archive is built).
 pub const MODULES: &[&str] = &[
     "virtio",
     "virtio_ring",
@@ -283,23 +283,49 @@ pub fn modinfo_depends(ko: &[u8]) -> Vec<String> {
         .collect()
 }
 
-/// Checks that every module's dependencies come before it in `modules` (the init loads them in
-/// this order with insmod, which resolves nothing itself).
-pub fn check_load_order(modules: &[Module]) -> Result<(), String> {
-    for (i, m) in modules.iter().enumerate() {
-        for dep in modinfo_depends(&m.data) {
-            if !modules[..i].iter().any(|earlier| earlier.name == dep) {
-                return Err(format!(
-                    "module {} depends on {dep}, which is not loaded before it",
-                    m.name
-                ));
-            }
+/// The order in which the init loads `modules` with insmod, which resolves nothing itself:
+/// each module after every module its `depends=` names, and otherwise in the given order.
+/// Debian's point releases move dependencies (6.1.0-57's `virtio` depends on `virtio_ring`,
+/// 6.1.0-48's did not), so the order is worked out from the modules themselves. A dependency
+/// the set does not carry, or a cycle, is an error that names the module.
+pub fn load_order(modules: &[Module]) -> Result<Vec<&Module>, String> {
+    let deps: Vec<Vec<String>> = modules.iter().map(|m| modinfo_depends(&m.data)).collect();
+    for (m, ds) in modules.iter().zip(&deps) {
+        if let Some(d) = ds.iter().find(|d| !modules.iter().any(|o| &o.name == *d)) {
+            return Err(format!(
+                "module {} depends on {d}, which the initramfs does not carry",
+                m.name
+            ));
         }
     }
-    Ok(())
+    let mut placed = vec![false; modules.len()];
+    let mut order = Vec::with_capacity(modules.len());
+    while order.len() < modules.len() {
+        let ready = (0..modules.len()).find(|&i| {
+            !placed[i]
+                && deps[i].iter().all(|d| {
+                    modules
+                        .iter()
+                        .zip(&placed)
+                        .any(|(o, &done)| done && &o.name == d)
+                })
+        });
+        let Some(i) = ready else {
+            let stuck: Vec<&str> = (0..modules.len())
+                .filter(|&i| !placed[i])
+                .map(|i| modules[i].name.as_str())
+                .collect();
+            return Err(format!(
+                "modules {} depend on each other (a cycle): none can load first",
+                stuck.join(", ")
+            ));
+        };
+        placed[i] = true;
+        order.push(&modules[i]);
+    }
+    Ok(order)
 }
 
-/// The initramfs's `/init`: mounts proc, sysfs and devtmpfs, prints [`MARK_UP`]'s line, loads
 /// `modules` (paths below `lib/modules/VERSION/`) in order, prints [`MARK_MODULES_LOADED`] or a
 /// line per failure, then [`MARK_SHELL`], and becomes a shell on the console with job control.
 pub fn init_script(kernel_version: &str, modules: &[(String, String)]) -> String {
@@ -397,8 +423,8 @@ pub fn initramfs_entries(
     if !missing.is_empty() {
         return Err(format!("busybox lacks applets: {}", missing.join(", ")));
     }
-    check_load_order(modules)?;
-    for m in modules {
+    let modules = load_order(modules)?;
+    for m in &modules {
         let path = format!("lib/modules/{kernel_version}/{}", m.path);
         let data = m.data.clone();
         add(&mut tree, path, Node::File { mode: 0o644, data });
@@ -1053,12 +1079,32 @@ mod tests {
             module("virtio_ring", ""),
             module("virtio_blk", "virtio,virtio_ring"),
         ];
-        assert_eq!(check_load_order(&good), Ok(()));
-        let bad = [module("virtio_blk", "virtio"), module("virtio", "")];
+        let names = |ms: &[Module]| -> Vec<String> {
+            load_order(ms)
+                .unwrap()
+                .iter()
+                .map(|m| m.name.clone())
+                .collect()
+        };
+        assert_eq!(names(&good), ["virtio", "virtio_ring", "virtio_blk"]);
+        // 6.1.0-57: virtio itself depends on virtio_ring; listed first, it loads second.
+        let moved = [
+            module("virtio", "virtio_ring"),
+            module("virtio_ring", ""),
+            module("virtio_blk", "virtio,virtio_ring"),
+        ];
+        assert_eq!(names(&moved), ["virtio_ring", "virtio", "virtio_blk"]);
+        let missing = [module("virtio_blk", "virtio"), module("virtio_ring", "")];
         assert!(
-            check_load_order(&bad)
+            load_order(&missing)
                 .unwrap_err()
-                .contains("virtio_blk depends on virtio")
+                .contains("virtio_blk depends on virtio, which the initramfs does not carry")
+        );
+        let cycle = [module("a", "b"), module("b", "a"), module("c", "")];
+        assert!(
+            load_order(&cycle)
+                .unwrap_err()
+                .contains("modules a, b depend on each other")
         );
     }
 
