@@ -726,10 +726,21 @@ fn console_task(mut run_loop: Option<crate::vcpu::run::RunLoop>) -> ! {
     let mut editor = LineEditor::new();
     let mut echo = Vec::new();
     print!("{PROMPT}");
+    let mut was_attached = false;
     loop {
         start_waiting_guests();
         restart_dom0();
+        // Detached (Ctrl-], or the domain ended): the shell's prompt again.
+        let attached = crate::domain::attach::attached().is_some();
+        if was_attached && !attached {
+            print!("{PROMPT}");
+        }
+        was_attached = attached;
         while let Some(byte) = serial::try_read() {
+            if let Some(id) = crate::domain::attach::attached() {
+                console_attached(id, byte);
+                continue;
+            }
             let line = editor.feed(byte, &mut echo);
             if !echo.is_empty() {
                 serial::write_verbatim(&echo);
@@ -737,13 +748,41 @@ fn console_task(mut run_loop: Option<crate::vcpu::run::RunLoop>) -> ! {
             }
             if let Some(line) = line {
                 run_command(&line);
-                print!("{PROMPT}");
+                // An attached console shows the guest's prompt instead.
+                if crate::domain::attach::attached().is_none() {
+                    print!("{PROMPT}");
+                }
             }
         }
         match run_loop.as_mut() {
             // Idle, it still wakes every 10 ms to poll the UART.
             Some(r) => r.step(Some(crate::vcpu::queue::ns_to_tsc(10_000_000))),
             None => cpu::wait_for_interrupt(),
+        }
+    }
+}
+
+/// A byte typed while the console is attached to domain `id`: Ctrl-] detaches, anything else
+/// goes to the domain's UART. A domain that ended meanwhile detaches the console.
+fn console_attached(id: u32, byte: u8) {
+    use crate::domain::attach;
+    let domain = DOMAINS.find(id).ok().filter(|d| {
+        matches!(
+            d.state(),
+            crate::domain::table::DomainState::Running | crate::domain::table::DomainState::Paused
+        )
+    });
+    match domain {
+        Some(d) if byte != attach::DETACH => {
+            attach::type_into(&d, &[byte]);
+        }
+        Some(_) => {
+            attach::detach();
+            println!("\nconsole: detached from domain {id}");
+        }
+        None => {
+            attach::detach();
+            println!("\nconsole: domain {id} has ended; detached");
         }
     }
 }
@@ -789,6 +828,18 @@ fn run_command(line: &str) {
             Ok(()) => println!("domain {id}: paused"),
             Err(e) => println!("error: pause: {e}"),
         },
+        Ok(Command::Console(id)) => {
+            match DOMAINS
+                .find(id)
+                .and_then(|d| crate::domain::attach::attach(&d).map(|()| d))
+            {
+                Ok(d) => println!(
+                    "console: attached to domain {id} ({}); Ctrl-] detaches",
+                    d.name
+                ),
+                Err(e) => println!("error: console: {e}"),
+            }
+        }
         Ok(Command::Resume(id)) => match DOMAINS.resume(id) {
             Ok(()) => {
                 crate::vcpu::queue::wake_domain(id);

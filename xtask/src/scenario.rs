@@ -80,8 +80,10 @@ pub struct Scenario {
     #[serde(default)]
     pub modules: Vec<String>,
     pub timeout_s: u64,
-    /// Lines typed at successive prompts; `@wait MS` pauses instead, and `@until REGEX` holds
-    /// the next line until the output so far matches (neither consumes a prompt).
+    /// Lines typed at successive prompts; `@wait MS` pauses instead, `@until REGEX` holds
+    /// the next line until the output so far matches, and `@raw TEXT` types TEXT as it is
+    /// (no Enter added: a guest's attached console; none of the three waits for or consumes a
+    /// prompt).
     #[serde(default)]
     pub input: Vec<String>,
     /// Regexes that must all appear, in this order (any order with `unordered = true`, for
@@ -995,7 +997,9 @@ fn judge_boot(
         }
         let prompts = text.matches(PROMPT).count();
         let paused = paused_until.is_some_and(|t| Instant::now() < t);
-        if sent < plan.input.len() && prompts > typed && !paused {
+        // Directives do not wait for a prompt; a line for the shell waits for the next one.
+        let at_prompt = |line: &str| line.starts_with('@') || prompts > typed;
+        if sent < plan.input.len() && at_prompt(&plan.input[sent]) && !paused {
             let line = &plan.input[sent];
             let advance = if let Some(ms) = line.strip_prefix("@wait ") {
                 let ms: u64 = ms
@@ -1010,6 +1014,15 @@ fn judge_boot(
                 regex::Regex::new(re)
                     .map_err(|e| format!("bad input line '{line}': {e}"))?
                     .is_match(&text)
+            } else if let Some(bytes) = line.strip_prefix("@raw ") {
+                // Typed as it is, with no prompt to wait for and no Enter added: for a guest's
+                // console attached with `console ID` (its own prompt; Ctrl-] is "\u001d").
+                use std::io::Write;
+                running
+                    .serial
+                    .write_all(bytes.as_bytes())
+                    .map_err(|e| format!("serial write: {e}"))?;
+                true
             } else {
                 use std::io::Write;
                 running

@@ -3,6 +3,8 @@
 //! host-tested; the domain table ([`table`]) is bare-metal only. vCPUs and their run loop are
 //! in `crate::vcpu`.
 
+#[cfg(target_os = "none")]
+pub mod attach;
 pub mod config;
 pub mod console;
 pub mod hypercall;

@@ -105,6 +105,10 @@ impl Domain {
         if prev == DomainState::Stopped as u8 {
             return false;
         }
+        if super::attach::is_attached(self.id) {
+            super::attach::detach();
+            println!("\nconsole: domain {} has ended; detached", self.id);
+        }
         println!("[dom{}] stopped: {why}", self.id);
         info!(
             "domain {} ({}) stopped after {} exits ({} VMREADs, {} VMWRITEs): {why}",
@@ -145,7 +149,8 @@ impl DomainTable {
         self.domains.lock().clone()
     }
 
-    fn find(&self, id: u32) -> Result<Arc<Domain>, String> {
+    /// Domain `id` (the newest of that id), or an error that says there is none.
+    pub fn find(&self, id: u32) -> Result<Arc<Domain>, String> {
         // The newest of that id (a restarted dom0 is domain 0 again).
         self.domains
             .lock()

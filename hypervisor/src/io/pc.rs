@@ -12,6 +12,9 @@ use super::IoEvent;
 /// COM1's ports and ISA interrupt line.
 pub const COM1: u16 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
+/// Bit of the domain's raised-interrupt word (`Domain::irqs`; bits 0.. are virtio windows)
+/// that says the operator's typed bytes wait in [`PcDevices::input`].
+pub const CONSOLE_INPUT_BIT: u32 = 63;
 /// The IOAPIC's register window.
 pub const IOAPIC_WINDOW: core::ops::Range<u64> = acpi::IOAPIC_BASE..acpi::IOAPIC_BASE + 0x1000;
 /// The local APIC's register page (each vCPU sees its own).
@@ -37,6 +40,8 @@ pub struct PcDevices {
     uart_line: bool,
     /// Bytes typed for the guest that did not fit its receive FIFO yet.
     pub input: heapless::Deque<u8, 256>,
+    /// Typed bytes that found the queue full.
+    pub input_dropped: u64,
 }
 
 impl PcDevices {
@@ -47,6 +52,7 @@ impl PcDevices {
             uart: Uart16550::new(),
             uart_line: false,
             input: heapless::Deque::new(),
+            input_dropped: 0,
         }
     }
 
@@ -106,9 +112,10 @@ impl PcDevices {
         }
     }
 
-    /// Queues bytes the operator typed for the guest's console; returns how many were taken
-    /// and the interrupt that raises.
-    pub fn type_bytes(&mut self, bytes: &[u8]) -> (usize, Option<Delivery>) {
+    /// Queues bytes the operator typed for the guest's console, for [`Self::take_input`] to
+    /// move into the UART from the guest's vCPU; returns how many were taken (the rest did not
+    /// fit and are counted in `input_dropped`).
+    pub fn queue_input(&mut self, bytes: &[u8]) -> usize {
         let mut n = 0;
         for &b in bytes {
             if self.input.push_back(b).is_err() {
@@ -116,8 +123,14 @@ impl PcDevices {
             }
             n += 1;
         }
+        self.input_dropped += (bytes.len() - n) as u64;
+        n
+    }
+
+    /// Moves queued input into the UART's FIFO while it has room; the interrupt that raises.
+    pub fn take_input(&mut self) -> Option<Delivery> {
         self.refill();
-        (n, self.uart_irq())
+        self.uart_irq()
     }
 
     /// Follows the UART's interrupt line into the IOAPIC (ISA lines are edge-triggered).
@@ -136,5 +149,61 @@ fn ones(size: u8) -> u32 {
         1 => 0xff,
         2 => 0xffff,
         _ => u32::MAX,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// IOAPIC redirection entry of `pin`: vector `vector`, fixed, physical APIC 0, unmasked.
+    fn route(pc: &mut PcDevices, pin: u32, vector: u8) {
+        pc.ioapic.write(0x00, 0x10 + 2 * pin);
+        pc.ioapic.write(0x10, u32::from(vector));
+        pc.ioapic.write(0x00, 0x10 + 2 * pin + 1);
+        pc.ioapic.write(0x10, 0);
+    }
+
+    fn inb(pc: &mut PcDevices, port: u16) -> (u8, Option<Delivery>) {
+        match pc.port(port, 1, true, 0) {
+            Some((PcPort::Read(v), d)) => (v as u8, d),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn typed_bytes_reach_the_guest_through_the_fifo_and_irq4() {
+        let mut pc = PcDevices::new(1);
+        route(&mut pc, COM1_IRQ, 0x24);
+        // The driver sets OUT2 (the line to the interrupt controller), enables the receive
+        // interrupt (IER bit 0) and the FIFO.
+        assert!(pc.port(COM1 + 4, 1, false, 0x0b).is_some());
+        assert!(pc.port(COM1 + 1, 1, false, 1).is_some());
+        assert!(pc.port(COM1 + 2, 1, false, 0x07).is_some());
+        assert_eq!(pc.queue_input(b"ls\r"), 3);
+        let d = pc.take_input().expect("the line rises: IRQ 4");
+        assert_eq!((d.vector, d.pin), (0x24, COM1_IRQ));
+        assert_eq!(pc.take_input(), None, "no new edge while the line stays up");
+        assert_eq!(inb(&mut pc, COM1).0, b'l');
+        assert_eq!(inb(&mut pc, COM1).0, b's');
+        assert_eq!(inb(&mut pc, COM1 + 5).0 & 1, 1, "data ready");
+        assert_eq!(inb(&mut pc, COM1).0, b'\r');
+        assert_eq!(inb(&mut pc, COM1 + 5).0 & 1, 0, "FIFO empty");
+    }
+
+    #[test]
+    fn input_beyond_the_queue_is_dropped_and_counted() {
+        let mut pc = PcDevices::new(1);
+        let typed = [b'x'; 300];
+        assert_eq!(pc.queue_input(&typed), 256);
+        assert_eq!(pc.input_dropped, 44);
+        // The FIFO takes what fits; reading frees room that the next access refills.
+        pc.take_input();
+        let mut got = 0;
+        while inb(&mut pc, COM1 + 5).0 & 1 == 1 {
+            assert_eq!(inb(&mut pc, COM1).0, b'x');
+            got += 1;
+        }
+        assert_eq!(got, 256);
     }
 }

@@ -47,6 +47,10 @@ pub const COMMANDS: &[(&str, &str)] = &[
     ),
     ("resume", "resume <id>: let a paused domain run again"),
     (
+        "console",
+        "console <id>: type into a Linux domain's serial port and see its output; Ctrl-] detaches",
+    ),
+    (
         "sched",
         "sched [<id> weight=W cap=C|none reserve=R pin=CPUS]: show or change CPU shares",
     ),
@@ -74,6 +78,8 @@ pub enum Command {
     Destroy(u32),
     Pause(u32),
     Resume(u32),
+    /// `console ID`: attach the operator's console to a domain's serial port.
+    Console(u32),
     /// `sched` alone lists; `sched ID key=value...` changes a domain.
     Sched(Option<(u32, Change)>),
     Audit,
@@ -90,7 +96,7 @@ pub enum ParseError<'a> {
         argument: &'a str,
     },
     BadLevel(&'a str),
-    /// `destroy`, `pause` or `resume` without a valid domain id.
+    /// `destroy`, `pause`, `resume` or `console` without a valid domain id.
     BadDomain(&'static str, Option<&'a str>),
     /// `sched ID` with a word that is not a valid `key=value` (None: no word at all).
     BadSched(Option<&'a str>, KeyError),
@@ -150,10 +156,11 @@ pub fn parse(line: &str) -> Result<Command, ParseError<'_>> {
         "disks" => no_args("disks", Command::Disks),
         "net" => no_args("net", Command::Net),
         "audit" => no_args("audit", Command::Audit),
-        "destroy" | "pause" | "resume" => {
+        "destroy" | "pause" | "resume" | "console" => {
             let (command, make): (&'static str, fn(u32) -> Command) = match name {
                 "destroy" => ("destroy", Command::Destroy),
                 "pause" => ("pause", Command::Pause),
+                "console" => ("console", Command::Console),
                 _ => ("resume", Command::Resume),
             };
             match (arg, words.next()) {
@@ -227,7 +234,7 @@ mod tests {
     fn every_listed_command_parses() {
         for (name, _) in COMMANDS {
             // Commands that need an argument are tried with one.
-            let line = if matches!(*name, "destroy" | "pause" | "resume") {
+            let line = if matches!(*name, "destroy" | "pause" | "resume" | "console") {
                 format!("{name} 1")
             } else {
                 name.to_string()
@@ -275,6 +282,12 @@ mod tests {
             "error: pause: which domain? (pause <id>)"
         );
         assert!(parse("resume 2 3").is_err());
+        assert_eq!(parse("console 1"), Ok(Command::Console(1)));
+        assert_eq!(
+            format!("{}", parse("console").unwrap_err()),
+            "error: console: which domain? (console <id>)"
+        );
+        assert!(parse("console 1 2").is_err());
         assert_eq!(
             format!("{}", parse("destroy x").unwrap_err()),
             "error: destroy: 'x' is not a domain id (a number from 'domains')"

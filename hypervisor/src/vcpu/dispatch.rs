@@ -103,6 +103,11 @@ pub trait Platform {
     fn console_window(&self) -> u64;
     /// Shows one complete line of the guest's console.
     fn console_line(&mut self, line: &str);
+    /// Writes the guest's console bytes through as they come, when the operator's console is
+    /// attached to this domain (`console ID`); false: they go to [`Self::console_line`].
+    fn console_raw(&mut self, _bytes: &[u8]) -> bool {
+        false
+    }
     /// The domain's vCPU count.
     fn vcpus(&self) -> u32;
     /// Bit i set once vCPU i was started.
@@ -126,6 +131,12 @@ pub trait Platform {
     /// MSRs, KERNEL_GS_BASE, TSC_AUX: [`crate::vmx::policy::MsrRule::Stored`]) into the CPU.
     fn load_msr(&mut self, msr: u32, value: u64) {
         let _ = (msr, value);
+    }
+    /// The CPU's own value of a register the guest changes without an exit (KERNEL_GS_BASE,
+    /// by SWAPGS: [`crate::vmx::policy::KERNEL_GS_BASE`]); None: the stored value is current.
+    fn live_msr(&self, msr: u32) -> Option<u64> {
+        let _ = msr;
+        None
     }
     /// Whether vCPU `index` of the domain (not the caller) is among `dest`'s targets.
     fn lapic_matches(&self, index: u32, dest: &hv_platform::lapic::Destination) -> bool {
@@ -213,6 +224,9 @@ fn fail<T>(e: ExitError) -> Result<T> {
 
 /// Feeds guest console bytes through the vCPU's line buffer and rate limit.
 fn console(v: &mut VcpuCore, p: &mut impl Platform, bytes: &[u8]) {
+    if p.console_raw(bytes) {
+        return;
+    }
     let window = p.console_window();
     for line in v.console.feed(bytes, window) {
         p.console_line(&line);
@@ -548,7 +562,7 @@ fn msr(
         (Some(_), true) if !policy::msr_write_valid(msr, value) => None,
         (Some(MsrRule::Fixed(x)), false) => Some(x),
         (Some(MsrRule::Fixed(_)), true) => Some(0),
-        (Some(MsrRule::Stored), false) => Some(v.msrs.get(msr)),
+        (Some(MsrRule::Stored), false) => Some(p.live_msr(msr).unwrap_or(v.msrs.get(msr))),
         (Some(MsrRule::Stored), true) => {
             v.msrs.set(msr, value);
             p.load_msr(msr, value);

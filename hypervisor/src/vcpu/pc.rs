@@ -117,9 +117,15 @@ fn route(v: &mut VcpuCore, p: &mut impl Platform, dest: Destination, vector: u8,
 }
 
 /// The domain's device interrupts raised since the last entry (bit i: virtio window i), as
-/// pulses on their IOAPIC pins.
+/// pulses on their IOAPIC pins; typed console input (`CONSOLE_INPUT_BIT`) moves into the UART.
 pub fn device_lines(v: &mut VcpuCore, p: &mut impl Platform, bits: u64) {
-    let mut rest = bits;
+    let typed = 1u64 << crate::io::pc::CONSOLE_INPUT_BIT;
+    if bits & typed != 0
+        && let Some(d) = p.with_io(|b| b.pc.as_mut().and_then(|pc| pc.take_input()))
+    {
+        deliver(v, p, d);
+    }
+    let mut rest = bits & !typed;
     while rest != 0 {
         let w = rest.trailing_zeros() as usize;
         rest &= rest - 1;

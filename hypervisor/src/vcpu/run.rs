@@ -243,6 +243,14 @@ impl Platform for HwPlatform<'_> {
         println!("[dom{}] {line}", self.domain.id);
     }
 
+    fn console_raw(&mut self, bytes: &[u8]) -> bool {
+        if !crate::domain::attach::is_attached(self.domain.id) {
+            return false;
+        }
+        crate::arch::serial::write_verbatim(bytes);
+        true
+    }
+
     #[inline]
     fn vcpus(&self) -> u32 {
         self.domain.vcpus
@@ -275,6 +283,12 @@ impl Platform for HwPlatform<'_> {
             // `msr_write_valid` (canonical addresses, 32-bit TSC_AUX), so WRMSR cannot fault.
             unsafe { cpu::wrmsr(msr, value) };
         }
+    }
+
+    fn live_msr(&self, msr: u32) -> Option<u64> {
+        // SAFETY: reading IA32_KERNEL_GS_BASE has no side effects and cannot fault on a
+        // 64-bit CPU; it holds this vCPU's value (loaded before its slice, SWAPGS since).
+        (msr == crate::vmx::policy::KERNEL_GS_BASE).then(|| unsafe { cpu::rdmsr(msr) })
     }
 
     fn with_io<R>(&mut self, f: impl FnOnce(&mut DomainIo) -> R) -> R {
@@ -829,6 +843,14 @@ impl RunLoop {
             }
         };
         fpu::save(&mut v.fpu);
+        // The guest's SWAPGS changed KERNEL_GS_BASE in the CPU, with no exit: keep what it
+        // holds now, or the next slice would reload a stale value under the guest's feet
+        // (Debian's kernel then ran with a user GS base in the kernel and overflowed its entry
+        // stack on page faults, seen in Bochs).
+        let kgs = crate::vmx::policy::KERNEL_GS_BASE;
+        // SAFETY: reading IA32_KERNEL_GS_BASE has no side effects and cannot fault on a 64-bit
+        // CPU.
+        v.core.msrs.set(kgs, unsafe { cpu::rdmsr(kgs) });
         let (reads, writes) = (
             core::mem::take(&mut a.reads),
             core::mem::take(&mut a.writes),

@@ -25,6 +25,9 @@ struct FakePlatform {
     start_requests: Vec<(u32, u64, u64)>,
     tsc: u64,
     barriers: Vec<crate::vmx::policy::SpecMsr>,
+    /// MSR values loaded into the "CPU" (`load_msr`), and the CPU's KERNEL_GS_BASE now.
+    loaded: Vec<(u32, u64)>,
+    cpu_kernel_gs: Option<u64>,
 }
 
 impl Default for FakePlatform {
@@ -37,6 +40,8 @@ impl Default for FakePlatform {
             start_requests: Vec::new(),
             barriers: Vec::new(),
             tsc: 0,
+            loaded: Vec::new(),
+            cpu_kernel_gs: None,
         }
     }
 }
@@ -55,6 +60,17 @@ impl Platform for FakePlatform {
     }
     fn rdtsc(&self) -> u64 {
         self.tsc
+    }
+    fn load_msr(&mut self, msr: u32, value: u64) {
+        self.loaded.push((msr, value));
+        if msr == crate::vmx::policy::KERNEL_GS_BASE {
+            self.cpu_kernel_gs = Some(value);
+        }
+    }
+    fn live_msr(&self, msr: u32) -> Option<u64> {
+        (msr == crate::vmx::policy::KERNEL_GS_BASE)
+            .then_some(self.cpu_kernel_gs)
+            .flatten()
     }
     fn fixed_bits(&self) -> FixedBits {
         FixedBits {
@@ -268,6 +284,30 @@ fn hlt_steps_over_ends_the_sti_shadow_and_halts() {
     assert_eq!(r.exit(ExitReason::Hlt, 1, 0, 0), Ok(Action::Halt));
     assert_eq!(r.rip(), RIP + 1);
     assert_eq!(r.a.field(f::GUEST_INTERRUPTIBILITY), 0);
+}
+
+#[test]
+fn kernel_gs_base_reads_what_the_guests_swapgs_left_in_the_cpu() {
+    let mut r = Rig::new();
+    r.v.regs.rcx = 0xc000_0102;
+    r.v.regs.rdx = 0xffff_8880;
+    r.v.regs.rax = 0x0f60_0000;
+    r.exit(ExitReason::Wrmsr, 2, 0, 0).unwrap();
+    assert_eq!(r.p.loaded, [(0xc000_0102, 0xffff_8880_0f60_0000)]);
+    // The guest's SWAPGS exchanged it with GS.base (no exit): the CPU holds the user's 0.
+    r.p.cpu_kernel_gs = Some(0);
+    r.v.regs.rax = 0x1234;
+    r.v.regs.rdx = 0x5678;
+    r.exit(ExitReason::Rdmsr, 2, 0, 0).unwrap();
+    assert_eq!((r.v.regs.rdx, r.v.regs.rax), (0, 0));
+    // LSTAR changes only by WRMSR: the stored value, with nothing read from the CPU.
+    r.v.regs.rcx = 0xc000_0082;
+    r.v.regs.rax = 0x1000;
+    r.v.regs.rdx = 0;
+    r.exit(ExitReason::Wrmsr, 2, 0, 0).unwrap();
+    r.v.regs.rax = 0;
+    r.exit(ExitReason::Rdmsr, 2, 0, 0).unwrap();
+    assert_eq!(r.v.regs.rax, 0x1000);
 }
 
 #[test]

@@ -336,7 +336,7 @@ pub fn msr_write_valid(msr: u32, value: u64) -> bool {
 
 /// The [`MsrRule::Stored`] registers the CPU uses in the guest without an exit (STAR, LSTAR,
 /// CSTAR, SFMASK, KERNEL_GS_BASE, TSC_AUX): loaded into the CPU before each slice and when the
-/// guest writes them.
+/// guest writes them. One of them also changes without an exit: [`KERNEL_GS_BASE`].
 pub const GUEST_LOADED_MSRS: &[u32] = &[
     0xc000_0081,
     0xc000_0082,
@@ -345,6 +345,11 @@ pub const GUEST_LOADED_MSRS: &[u32] = &[
     0xc000_0102,
     0xc000_0103,
 ];
+
+/// IA32_KERNEL_GS_BASE, which the guest's SWAPGS exchanges with GS.base without an exit: the
+/// CPU's value is the guest's while its slice runs (read back at the slice's end, and for the
+/// guest's RDMSR), the stored one only between slices.
+pub const KERNEL_GS_BASE: u32 = 0xc000_0102;
 
 /// Per-vCPU storage for [`MsrRule::Stored`] registers.
 #[derive(Clone, Debug, Default)]
