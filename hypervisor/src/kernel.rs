@@ -362,6 +362,32 @@ fn restart_dom0() {
     start_module(i, &m, caps, true);
 }
 
+/// Starts again, from their boot modules (a fresh copy of the kernel and initrd), the domains
+/// whose guests reset their machine (from the console task, once their memory is back).
+fn restart_rebooted() {
+    let names = crate::domain::table::take_reboots();
+    if names.is_empty() {
+        return;
+    }
+    let Some(caps) = CAPS.get() else { return };
+    let modules = with_info(|i| i.modules.clone());
+    for name in names {
+        let found = modules.iter().position(|m| {
+            let line = m.cmdline.as_str();
+            crate::domain::config::initrd_for(line) == Ok(None)
+                && crate::domain::config::DomainConfig::parse(line)
+                    .is_ok_and(|c| c.name == name.as_str())
+        });
+        match found {
+            Some(i) => {
+                info!("domain {name} rebooted: starting it again from its boot module");
+                start_module(i, &modules[i], caps, DOM0_MODULE.get().is_some());
+            }
+            None => error!("domain {name} rebooted, but no boot module names it; not restarted"),
+        }
+    }
+}
+
 /// Starts the guests that waited for their disks, once dom0 says it is ready (from the
 /// console task).
 fn start_waiting_guests() {
@@ -730,6 +756,7 @@ fn console_task(mut run_loop: Option<crate::vcpu::run::RunLoop>) -> ! {
     loop {
         start_waiting_guests();
         restart_dom0();
+        restart_rebooted();
         // Detached (Ctrl-], or the domain ended): the shell's prompt again.
         let attached = crate::domain::attach::attached().is_some();
         if was_attached && !attached {

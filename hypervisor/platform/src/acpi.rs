@@ -110,8 +110,9 @@ pub const S5_SLP_TYP: u8 = 5;
 /// Where the tables go in guest-physical memory. The RSDP is at the start; Linux takes its
 /// address from the zero page (`acpi_rsdp_addr`) or finds it by scanning `0xE0000..0x100000`.
 pub const ACPI_BASE: u64 = 0xe_0000;
-/// The most bytes the tables may take: `ACPI_BASE + ACPI_MAX` is the end of the BIOS area.
-pub const ACPI_MAX: usize = 0x2_0000;
+/// The most bytes the tables may take: they end below the BIOS area's last page, which holds
+/// the reset vector ([`crate::bootparams::RESET_VECTOR`]).
+pub const ACPI_MAX: usize = 0x1_f000;
 /// The most vCPUs: xAPIC ids are 8-bit and `0xff` is the broadcast id, so ids `0..=254`.
 pub const MAX_VCPUS: u32 = 255;
 /// The first GSI a device may use: `0..16` are the ISA IRQs (COM1 is IRQ 4).

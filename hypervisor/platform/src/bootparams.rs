@@ -16,6 +16,27 @@ pub const ENTRY_64_OFFSET: u64 = 0x200;
 /// Most e820 entries the zero page holds.
 pub const E820_MAX: usize = 128;
 
+/// Where a PC starts after a reset, in real mode (F000:FFF0), and where Linux jumps to reboot
+/// "through the BIOS". That is its choice on a hardware-reduced ACPI machine without EFI
+/// (`efi_reboot_required()` picks BOOT_EFI, which then falls through to BOOT_BIOS), so the
+/// guest's ACPI reset register alone is never written. The domain has no firmware; this is all
+/// of it: [`RESET_STUB`] sits here, in the reserved BIOS area (`pc_memory_map`).
+pub const RESET_VECTOR: u64 = 0xf_fff0;
+
+/// The reset vector's code (16-bit real mode): `mov al, RESET_VALUE; mov dx, RESET_PORT;
+/// out dx, al; hlt; jmp $-1`. The write resets the domain; the loop is never reached.
+pub const RESET_STUB: [u8; 9] = [
+    0xb0,
+    crate::acpi::RESET_VALUE,
+    0xba,
+    crate::acpi::RESET_PORT as u8,
+    (crate::acpi::RESET_PORT >> 8) as u8,
+    0xee,
+    0xf4,
+    0xeb,
+    0xfd,
+];
+
 /// Offsets in the zero page (`struct boot_params`) and its setup header.
 mod off {
     pub const ACPI_RSDP_ADDR: usize = 0x070;
@@ -462,5 +483,32 @@ mod tests {
         let m = pc_memory_map(1 << 20, (0xf_0000, 0x1_0000));
         assert_eq!(m.len(), 3, "no RAM above 1 MiB: {m:?}");
         assert_eq!(m[2].kind, E820Kind::Acpi);
+    }
+
+    #[test]
+    fn the_reset_vector_lies_in_reserved_memory_and_writes_the_reset_register() {
+        // The largest tables the ACPI builder allows still leave the reset vector reserved.
+        let max = crate::acpi::ACPI_MAX as u64;
+        for acpi in [
+            (0, 0),
+            (crate::acpi::ACPI_BASE, 0x1000),
+            (crate::acpi::ACPI_BASE, max),
+        ] {
+            let m = pc_memory_map(256 << 20, acpi);
+            let holder = m
+                .iter()
+                .find(|e| e.addr <= RESET_VECTOR && RESET_VECTOR + 16 <= e.addr + e.size)
+                .unwrap_or_else(|| panic!("{acpi:?}: {m:?}"));
+            assert_eq!(holder.kind, E820Kind::Reserved, "{acpi:?}");
+        }
+        // mov al, imm8; mov dx, imm16; out dx, al; hlt; jmp back to the hlt.
+        let s = RESET_STUB;
+        assert_eq!((s[0], s[1]), (0xb0, crate::acpi::RESET_VALUE));
+        assert_eq!(
+            (s[2], u16::from_le_bytes([s[3], s[4]])),
+            (0xba, crate::acpi::RESET_PORT)
+        );
+        assert_eq!(&s[5..], &[0xee, 0xf4, 0xeb, 0xfd]);
+        assert!(RESET_VECTOR + s.len() as u64 <= 0x10_0000);
     }
 }

@@ -288,6 +288,7 @@ pub fn load_linux(
     };
     let (acpi_at, tables, rsdp) = acpi;
     mem.write(GuestAddr(acpi_at), tables)?;
+    mem.write(GuestAddr(bp::RESET_VECTOR), &bp::RESET_STUB)?;
     let mut gdt = [0u8; 32];
     for (i, d) in LINUX_GDT.iter().enumerate() {
         gdt[i * 8..i * 8 + 8].copy_from_slice(&d.to_le_bytes());

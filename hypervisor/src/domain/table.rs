@@ -80,6 +80,23 @@ pub struct Domain {
     mem: Mutex<alloc::sync::Weak<DomainMem>>,
     /// Why it stopped (empty while running).
     pub stop_reason: Mutex<String>,
+    /// The guest reset its machine (a PC's reset register or keyboard-controller pulse): once
+    /// its last vCPU is gone, the domain starts again from its boot module ([`take_reboots`]).
+    pub(crate) rebooting: core::sync::atomic::AtomicBool,
+}
+
+/// Names of domains that rebooted and whose memory is back, for the console task to start
+/// again from their boot modules.
+static REBOOTS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Asks for domain `name` to be started again (its old instance is gone).
+pub(crate) fn request_reboot(name: String) {
+    REBOOTS.lock().push(name);
+}
+
+/// The domains waiting to be started again after a reboot.
+pub fn take_reboots() -> Vec<String> {
+    core::mem::take(&mut *REBOOTS.lock())
 }
 
 impl Domain {
@@ -631,6 +648,7 @@ pub fn create(
         }),
         mem: Mutex::new(alloc::sync::Weak::new()),
         stop_reason: Mutex::new(String::new()),
+        rebooting: core::sync::atomic::AtomicBool::new(false),
     });
     let mem = Arc::new(mem);
     *domain.mem.lock() = Arc::downgrade(&mem);

@@ -807,6 +807,7 @@ impl RunLoop {
                     };
                 }
                 Ok(Action::Reboot) => {
+                    v.domain.rebooting.store(true, Ordering::Relaxed);
                     break SliceEnd::Stop {
                         why: String::from("rebooted"),
                         dump: false,
@@ -921,6 +922,13 @@ impl RunLoop {
         queue::retire(self.cpu, &v);
         if v.domain.alive.fetch_sub(1, Ordering::AcqRel) == 1 {
             end_domain(&v.domain, String::from("all vCPUs are off"));
+            if v.domain.rebooting.load(Ordering::Relaxed) {
+                // Only once the last vCPU, and with it the domain's memory, is gone: the new
+                // instance needs that memory.
+                let name = v.domain.name.clone();
+                drop(v);
+                crate::domain::table::request_reboot(name);
+            }
         }
     }
 }
