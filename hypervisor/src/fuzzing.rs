@@ -262,7 +262,7 @@ pub fn guest_io(data: &[u8]) {
                     assert_eq!(port, hv_abi::ports::TEST_EXIT);
                 }
                 PortAction::Wrote(IoEvent::None) => {}
-                PortAction::Wrote(IoEvent::PowerOff | IoEvent::Reset) => {
+                PortAction::Wrote(IoEvent::PowerOff | IoEvent::Reset | IoEvent::Panicked) => {
                     panic!("port {port:#x}: only a PC domain powers off or resets")
                 }
             }

@@ -39,8 +39,9 @@ pub const MARK_SHELL: &str = "linux-init: shell";
 /// The shell's prompt (`PS1`), which marks "ready for the next line".
 pub const PROMPT: &str = "linux# ";
 
-/// The virtio modules the init loads (in the order [`load_order`] works out from their
-/// `depends=` when the archive is built).
+/// The modules the init loads (in the order [`load_order`] works out from their `depends=` when
+/// the archive is built): virtio's, and the panic notifier's (`pvpanic-mmio` binds the DSDT's
+/// `QEMU0001` device, so a kernel panic stops the domain as crashed).
 pub const MODULES: &[&str] = &[
     "virtio",
     "virtio_ring",
@@ -51,6 +52,8 @@ pub const MODULES: &[&str] = &[
     "virtio_net",
     "virtio_balloon",
     "virtio_console",
+    "pvpanic",
+    "pvpanic-mmio",
 ];
 
 /// Applets the init and the tests use; busybox must have each (`mkfs.ext2` may be provided by
@@ -758,7 +761,7 @@ fn build_initramfs(kernel: &Kernel, busybox: &Path) -> Result<PathBuf, String> {
     let files = files_below(&kernel.modules.join("kernel"))?;
     let paths = locate_modules(&files, MODULES).map_err(|e| {
         format!(
-            "kernel {} lacks virtio modules under {}: {e}",
+            "kernel {} lacks modules the initramfs needs under {}: {e}",
             kernel.version,
             kernel.modules.join("kernel").display()
         )
@@ -1021,6 +1024,9 @@ mod tests {
             "drivers/net/virtio_net.ko",
             "drivers/char/virtio_console.ko",
             "net/core/failover.ko",
+            "drivers/misc/pvpanic/pvpanic.ko",
+            "drivers/misc/pvpanic/pvpanic-mmio.ko",
+            "drivers/misc/pvpanic/pvpanic-pci.ko",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -1034,6 +1040,7 @@ mod tests {
         assert_eq!(got[0], "kernel/drivers/virtio/virtio.ko");
         assert_eq!(got[4], "kernel/net/core/failover.ko");
         assert_eq!(got[8], "kernel/drivers/char/virtio_console.ko");
+        assert_eq!(got[10], "kernel/drivers/misc/pvpanic/pvpanic-mmio.ko");
     }
 
     #[test]

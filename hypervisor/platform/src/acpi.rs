@@ -44,6 +44,10 @@
 //!   level-triggered pins (Remote IRR, EOI). `_CCA` (cache-coherent DMA) is one, as in QEMU.
 //! - **COM1** (`PNP0501`, ports `0x3f8..0x400`, ISA IRQ 4, edge, active high): the 16550 of
 //!   [`crate::uart`], always present, so that Linux's 8250 driver binds it through PNP.
+//! - **Panic notifier** (`QEMU0001`, port [`PVPANIC_PORT`]): QEMU's pvpanic device, which
+//!   Linux's `pvpanic-mmio` module binds by this id; the guest's kernel writes
+//!   [`PVPANIC_PANICKED`] there when it panics, so the host can stop the domain as crashed
+//!   instead of letting it spin. A read returns the events offered (just that one).
 //! - **Power button.** With no fixed power button (hardware-reduced), the button is a control
 //!   method device (`PNP0C0C`) that Linux's `button` driver turns into `KEY_POWER` when it is
 //!   notified with `0x80`. The notification comes from a Generic Event Device (`ACPI0013`, ACPI
@@ -97,6 +101,10 @@ pub const IOAPIC_BASE: u64 = 0xfec0_0000;
 pub const IOAPIC_PINS: u32 = 24;
 /// I/O port of the hardware-reduced sleep control register (8-bit; FADT `SLEEP_CONTROL_REG`).
 pub const SLEEP_CONTROL_PORT: u16 = 0x600;
+/// I/O port of the panic notifier (QEMU's pvpanic, `QEMU0001`; the port QEMU uses).
+pub const PVPANIC_PORT: u16 = 0x505;
+/// The pvpanic event "the guest panicked" (bit 0), the only one offered.
+pub const PVPANIC_PANICKED: u8 = 1;
 /// I/O port of the hardware-reduced sleep status register (8-bit; FADT `SLEEP_STATUS_REG`).
 pub const SLEEP_STATUS_PORT: u16 = 0x601;
 /// I/O port of the reset register (8-bit; FADT `RESET_REG`).
@@ -570,6 +578,7 @@ fn dsdt(cfg: &Config) -> Sdt {
 
     let mut sb = Vec::new();
     com1(&mut sb);
+    pvpanic(&mut sb);
     for (index, dev) in cfg.devices.iter().enumerate() {
         virtio_mmio(index, dev, &mut sb);
     }
@@ -599,6 +608,20 @@ fn com1(sink: &mut Vec<u8>) {
         vec![
             &Name::new(Path::new("_HID"), &EISAName::new("PNP0501")),
             &Name::new(Path::new("_UID"), &1u8),
+            &Name::new(Path::new("_CRS"), &crs),
+        ],
+    )
+    .to_aml_bytes(sink);
+}
+
+/// `\_SB_.PEVT`: the panic notifier at [`PVPANIC_PORT`] (as QEMU's pvpanic ISA device).
+fn pvpanic(sink: &mut Vec<u8>) {
+    let io = IO::new(PVPANIC_PORT, PVPANIC_PORT, 1, 1);
+    let crs = ResourceTemplate::new(vec![&io]);
+    Device::new(
+        Path::new("PEVT"),
+        vec![
+            &Name::new(Path::new("_HID"), &"QEMU0001"),
             &Name::new(Path::new("_CRS"), &crs),
         ],
     )
@@ -1203,7 +1226,15 @@ mod tests {
         );
 
         let devs = devices(&root);
-        assert_eq!(devs.iter().map(|d| d.0).collect::<Vec<_>>(), ["COM1"]);
+        assert_eq!(
+            devs.iter().map(|d| d.0).collect::<Vec<_>>(),
+            ["COM1", "PEVT"]
+        );
+        let pevt = devs[1].1;
+        assert_eq!(*named(pevt, "_HID"), Value::Str("QEMU0001".into()));
+        // IO (Decode16, 0x505, 0x505, 1, 1), EndTag.
+        let crs = [0x47, 1, 0x05, 5, 0x05, 5, 1, 1, 0x79, 0];
+        assert_eq!(*named(pevt, "_CRS"), Value::Buffer(crs.to_vec()));
         let com1 = devs[0].1;
         assert_eq!(*named(com1, "_HID"), Value::Int(EISA_PNP0501));
         assert_eq!(*named(com1, "_UID"), Value::Int(1));
@@ -1221,10 +1252,10 @@ mod tests {
         assert_eq!(
             names,
             [
-                "COM1", "VR00", "VR01", "VR02", "VR03", "VR04", "VR05", "VR06", "VR07"
+                "COM1", "PEVT", "VR00", "VR01", "VR02", "VR03", "VR04", "VR05", "VR06", "VR07"
             ]
         );
-        for (i, (w, (_, dev))) in windows.iter().zip(&devs[1..]).enumerate() {
+        for (i, (w, (_, dev))) in windows.iter().zip(&devs[2..]).enumerate() {
             assert_eq!(*named(dev, "_HID"), Value::Str("LNRO0005".into()));
             assert_eq!(*named(dev, "_UID"), Value::Int(i as u64), "distinct _UIDs");
             assert_eq!(*named(dev, "_CCA"), Value::Int(1));
@@ -1265,11 +1296,11 @@ mod tests {
         let devs = devices(&root);
         assert_eq!(
             devs.iter().map(|d| d.0).collect::<Vec<_>>(),
-            ["COM1", "VR00", "PWRB", "GED0"]
+            ["COM1", "PEVT", "VR00", "PWRB", "GED0"]
         );
-        let pwrb = devs[2].1;
+        let pwrb = devs[3].1;
         assert_eq!(*named(pwrb, "_HID"), Value::Int(EISA_PNP0C0C));
-        let ged = devs[3].1;
+        let ged = devs[4].1;
         assert_eq!(*named(ged, "_HID"), Value::Str("ACPI0013".into()));
         // Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive) {23}.
         let crs = [0x89, 6, 0, 0b0011, 1, 23, 0, 0, 0, 0x79, 0];

@@ -33,6 +33,8 @@ pub enum IoEvent {
     PowerOff,
     /// A PC guest asked for a reset (the ACPI reset register or the keyboard controller).
     Reset,
+    /// A PC guest's kernel reported its panic (the pvpanic port).
+    Panicked,
 }
 
 /// The buses of one domain.

@@ -90,6 +90,12 @@ impl PcDevices {
                 PcPort::Wrote(IoEvent::PowerOff)
             }
             acpi::RESET_PORT if value as u8 == acpi::RESET_VALUE => PcPort::Wrote(IoEvent::Reset),
+            // The panic notifier: a read says which events it takes, a write reports them.
+            acpi::PVPANIC_PORT if input => PcPort::Read(u32::from(acpi::PVPANIC_PANICKED)),
+            acpi::PVPANIC_PORT if value as u8 & acpi::PVPANIC_PANICKED != 0 => {
+                PcPort::Wrote(IoEvent::Panicked)
+            }
+            acpi::PVPANIC_PORT => PcPort::Wrote(IoEvent::None),
             acpi::SLEEP_CONTROL_PORT | acpi::SLEEP_STATUS_PORT | acpi::RESET_PORT => {
                 PcPort::Wrote(IoEvent::None)
             }
@@ -189,6 +195,16 @@ mod tests {
         assert_eq!(inb(&mut pc, COM1 + 5).0 & 1, 1, "data ready");
         assert_eq!(inb(&mut pc, COM1).0, b'\r');
         assert_eq!(inb(&mut pc, COM1 + 5).0 & 1, 0, "FIFO empty");
+    }
+
+    #[test]
+    fn the_panic_notifier_offers_one_event_and_reports_it() {
+        let mut pc = PcDevices::new(1);
+        assert_eq!(inb(&mut pc, acpi::PVPANIC_PORT).0, acpi::PVPANIC_PANICKED);
+        let out = |pc: &mut PcDevices, v| pc.port(acpi::PVPANIC_PORT, 1, false, v).map(|r| r.0);
+        assert_eq!(out(&mut pc, 1), Some(PcPort::Wrote(IoEvent::Panicked)));
+        // Events it did not offer (2: a crash kernel loaded) are nothing.
+        assert_eq!(out(&mut pc, 2), Some(PcPort::Wrote(IoEvent::None)));
     }
 
     #[test]

@@ -181,6 +181,8 @@ pub enum Action {
     PowerOff,
     /// A PC guest asked for a reset: the domain starts again from its boot images.
     Reboot,
+    /// The guest's kernel panicked and said so (pvpanic): the domain stops as crashed.
+    Crashed,
 }
 
 /// Why an exit stops the domain: the guest did something wrong, asked for something this
@@ -397,6 +399,7 @@ pub fn handle(
                 }
                 PortAction::Wrote(IoEvent::None) => {}
                 PortAction::Wrote(IoEvent::PowerOff) => return Ok(Action::PowerOff),
+                PortAction::Wrote(IoEvent::Panicked) => return Ok(Action::Crashed),
                 PortAction::Wrote(IoEvent::Reset) => return Ok(Action::Reboot),
             }
             skip(a, exit)

@@ -806,6 +806,12 @@ impl RunLoop {
                         dump: false,
                     };
                 }
+                Ok(Action::Crashed) => {
+                    break SliceEnd::Stop {
+                        why: String::from("crashed: its kernel panicked (pvpanic)"),
+                        dump: false,
+                    };
+                }
                 Ok(Action::Reboot) => {
                     v.domain.rebooting.store(true, Ordering::Relaxed);
                     break SliceEnd::Stop {
