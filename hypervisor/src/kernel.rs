@@ -758,13 +758,13 @@ fn console_task(mut run_loop: Option<crate::vcpu::run::RunLoop>) -> ! {
         restart_dom0();
         restart_rebooted();
         // Detached (Ctrl-], or the domain ended): the shell's prompt again.
-        let attached = crate::domain::attach::attached().is_some();
+        let attached = crate::vcpu::attach::attached().is_some();
         if was_attached && !attached {
             print!("{PROMPT}");
         }
         was_attached = attached;
         while let Some(byte) = serial::try_read() {
-            if let Some(id) = crate::domain::attach::attached() {
+            if let Some(id) = crate::vcpu::attach::attached() {
                 console_attached(id, byte);
                 continue;
             }
@@ -776,7 +776,7 @@ fn console_task(mut run_loop: Option<crate::vcpu::run::RunLoop>) -> ! {
             if let Some(line) = line {
                 run_command(&line);
                 // An attached console shows the guest's prompt instead.
-                if crate::domain::attach::attached().is_none() {
+                if crate::vcpu::attach::attached().is_none() {
                     print!("{PROMPT}");
                 }
             }
@@ -792,7 +792,7 @@ fn console_task(mut run_loop: Option<crate::vcpu::run::RunLoop>) -> ! {
 /// A byte typed while the console is attached to domain `id`: Ctrl-] detaches, anything else
 /// goes to the domain's UART. A domain that ended meanwhile detaches the console.
 fn console_attached(id: u32, byte: u8) {
-    use crate::domain::attach;
+    use crate::vcpu::attach;
     let domain = DOMAINS.find(id).ok().filter(|d| {
         matches!(
             d.state(),
@@ -858,7 +858,7 @@ fn run_command(line: &str) {
         Ok(Command::Console(id)) => {
             match DOMAINS
                 .find(id)
-                .and_then(|d| crate::domain::attach::attach(&d).map(|()| d))
+                .and_then(|d| crate::vcpu::attach::attach(&d).map(|()| d))
             {
                 Ok(d) => println!(
                     "console: attached to domain {id} ({}); Ctrl-] detaches",

@@ -236,11 +236,37 @@ pub fn image_named(o: &ImageOptions, name: &str) -> Result<PathBuf, String> {
     let args: Vec<String> = o.modules.iter().map(|m| m.1.clone()).collect();
     std::fs::write(dir.join("boot/grub/grub.cfg"), grub_cfg(&o.append, &args))
         .map_err(|e| e.to_string())?;
+    mkrescue(&dir, name)
+}
+
+/// A GRUB ISO that boots a Linux bzImage directly (no hypervisor) with `initrd` and `cmdline`:
+/// the bare-metal peer of `bench linux`.
+pub fn linux_iso(
+    bzimage: &Path,
+    initrd: &Path,
+    cmdline: &str,
+    name: &str,
+) -> Result<PathBuf, String> {
+    deps::ensure(&[deps::ISO])?;
+    let dir = root().join("target").join("iso").join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("boot/grub")).map_err(|e| e.to_string())?;
+    copy(bzimage, &dir.join("boot/vmlinuz"))?;
+    copy(initrd, &dir.join("boot/initrd"))?;
+    let cfg = format!(
+        "set timeout=0\nset default=0\nmenuentry \"linux\" {{\n    linux /boot/vmlinuz {cmdline}\n    initrd /boot/initrd\n    boot\n}}\n"
+    );
+    std::fs::write(dir.join("boot/grub/grub.cfg"), cfg).map_err(|e| e.to_string())?;
+    mkrescue(&dir, name)
+}
+
+/// `target/NAME.iso` from the staging folder `dir` (GRUB and its `boot/grub/grub.cfg`).
+fn mkrescue(dir: &Path, name: &str) -> Result<PathBuf, String> {
     let iso = root().join("target").join(format!("{name}.iso"));
     let out = Command::new("grub-mkrescue")
         .arg("-o")
         .arg(&iso)
-        .arg(&dir)
+        .arg(dir)
         .output()
         .map_err(|e| format!("cannot start grub-mkrescue: {e}"))?;
     if !out.status.success() {

@@ -22,11 +22,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::root;
 
-/// The init's first line, followed by `VERSION, N CPUs` ([`UP_PATTERN`] matches it whole).
+/// The init's first line, followed by `VERSION, N CPUs, uptime S s, F MHz` ([`UP_PATTERN`]
+/// matches it whole).
 pub const MARK_UP: &str = "linux-init: up, kernel ";
 /// A regex for the first line, capturing the kernel release and the CPU count.
 #[allow(dead_code, reason = "for scenarios to match; tested here")]
-pub const UP_PATTERN: &str = r"linux-init: up, kernel (\S+), (\d+) CPUs";
+pub const UP_PATTERN: &str =
+    r"linux-init: up, kernel (\S+), (\d+) CPUs, uptime ([\d.]+) s, ([\d.]+) MHz";
 /// Printed when every module loaded.
 pub const MARK_MODULES_LOADED: &str = "linux-init: modules loaded";
 /// Printed once per module that failed, as `linux-init: insmod NAME failed`.
@@ -340,7 +342,13 @@ pub fn init_script(kernel_version: &str, modules: &[(String, String)]) -> String
          mount -t sysfs sysfs /sys\n\
          mount -t devtmpfs devtmpfs /dev\n",
     );
-    s.push_str(&format!("echo \"{MARK_UP}$(uname -r), $(nproc) CPUs\"\n"));
+    // The kernel's own clock at /init (seconds since its timekeeping started) and the TSC rate
+    // it believes: `bench linux` turns them into TSC ticks (instructions in Bochs) under the
+    // hypervisor and on bare Bochs.
+    s.push_str(&format!(
+        "echo \"{MARK_UP}$(uname -r), $(nproc) CPUs, uptime $(cut -d' ' -f1 /proc/uptime) s, \
+         $(grep -m1 'cpu MHz' /proc/cpuinfo | tr -dc '0-9.') MHz\"\n"
+    ));
     s.push_str("failed=\n");
     for (name, path) in modules {
         s.push_str(&format!(
@@ -1206,9 +1214,12 @@ mod tests {
     #[test]
     fn up_line_matches_its_pattern() {
         let re = regex::Regex::new(UP_PATTERN).unwrap();
-        let line = format!("{MARK_UP}6.1.0-48-cloud-amd64, 2 CPUs");
+        let line = format!("{MARK_UP}6.1.0-48-cloud-amd64, 2 CPUs, uptime 23.41 s, 4.000 MHz");
         let c = re.captures(&line).unwrap();
-        assert_eq!((&c[1], &c[2]), ("6.1.0-48-cloud-amd64", "2"));
+        assert_eq!(
+            (&c[1], &c[2], &c[3], &c[4]),
+            ("6.1.0-48-cloud-amd64", "2", "23.41", "4.000")
+        );
         let re = regex::Regex::new(INSMOD_FAILED_PATTERN).unwrap();
         assert_eq!(
             &re.captures("linux-init: insmod virtio_net failed").unwrap()[1],

@@ -3,8 +3,6 @@
 //! host-tested; the domain table ([`table`]) is bare-metal only. vCPUs and their run loop are
 //! in `crate::vcpu`.
 
-#[cfg(target_os = "none")]
-pub mod attach;
 pub mod config;
 pub mod console;
 pub mod hypercall;

@@ -122,10 +122,6 @@ impl Domain {
         if prev == DomainState::Stopped as u8 {
             return false;
         }
-        if super::attach::is_attached(self.id) {
-            super::attach::detach();
-            println!("\nconsole: domain {} has ended; detached", self.id);
-        }
         println!("[dom{}] stopped: {why}", self.id);
         info!(
             "domain {} ({}) stopped after {} exits ({} VMREADs, {} VMWRITEs): {why}",

@@ -6,8 +6,10 @@
 //! guests' virtio disks to dom0's block ring (bare metal): dom0's calls arrive through the
 //! dispatcher and its requests wake its vCPU.
 //! [`pc`] handles a PC guest's interrupt controllers (local APIC, IOAPIC) and injects their
-//! interrupts.
+//! interrupts; `attach` connects the operator's console to a PC guest's UART (`console ID`).
 
+#[cfg(target_os = "none")]
+pub mod attach;
 pub mod dispatch;
 #[cfg(target_os = "none")]
 pub mod dom0;

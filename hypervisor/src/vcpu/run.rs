@@ -166,6 +166,10 @@ pub fn spawn(new: NewDomain) -> Result<(), String> {
 /// Ends `d` with `why`; when it is dom0, its block ring goes too (guests' requests in flight
 /// fail with I/O errors).
 fn end_domain(d: &Domain, why: String) {
+    if d.state() != DomainState::Stopped && super::attach::is_attached(d.id) {
+        super::attach::detach();
+        println!("\nconsole: domain {} has ended; detached", d.id);
+    }
     let dom0 = d.privileged;
     let note = if dom0 { why.clone() } else { String::new() };
     if d.finish(why) && dom0 {
@@ -244,7 +248,7 @@ impl Platform for HwPlatform<'_> {
     }
 
     fn console_raw(&mut self, bytes: &[u8]) -> bool {
-        if !crate::domain::attach::is_attached(self.domain.id) {
+        if !crate::vcpu::attach::is_attached(self.domain.id) {
             return false;
         }
         crate::arch::serial::write_verbatim(bytes);

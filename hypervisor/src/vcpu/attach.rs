@@ -12,7 +12,7 @@
 use alloc::string::String;
 use core::sync::atomic::{AtomicU32, Ordering};
 
-use super::table::{Domain, DomainState};
+use crate::domain::table::{Domain, DomainState};
 
 /// Ctrl-]: ends the attachment.
 pub const DETACH: u8 = 0x1d;
@@ -72,7 +72,7 @@ pub fn type_into(d: &Domain, bytes: &[u8]) -> usize {
             .as_mut()
             .map_or(0, |pc| pc.queue_input(bytes));
     if taken > 0 {
-        crate::vcpu::dom0::raise_irq(d, crate::io::pc::CONSOLE_INPUT_BIT);
+        super::dom0::raise_irq(d, crate::io::pc::CONSOLE_INPUT_BIT);
     }
     taken
 }
