@@ -175,6 +175,16 @@ pub fn hypervisor_main(boot: Result<BootInfo, BootError>) -> ! {
 
     enable_sse();
     crate::vcpu::queue::set_tsc_per_10ms(tsc_per_10ms);
+    match crate::arch::cmos::init() {
+        Some(secs) => {
+            let c = hv_platform::rtc::civil_from_unix(secs);
+            info!(
+                "clock: {:04}-{:02}-{:02} {:02}:{:02}:{:02} (the CMOS clock, taken as UTC)",
+                c.year, c.month, c.day, c.hour, c.minute, c.second
+            );
+        }
+        None => warn!("clock: the CMOS clock reads as no valid date; guests' clocks start at 1970"),
+    }
     let vmx = detect::probe_this_cpu();
     *VMX_STATUS[0].lock() = vmx;
     report_vmx_at_boot(&vmx);

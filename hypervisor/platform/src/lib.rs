@@ -7,7 +7,8 @@
 //! - [`bootparams`]: the Linux x86 boot protocol's zero page (setup header, e820 map);
 //! - [`lapic`] and [`ioapic`]: a local APIC per vCPU (xAPIC registers, timer, TSC deadline)
 //!   and the IOAPIC that routes device lines to them;
-//! - [`uart`]: a 16550A that Linux's 8250 driver accepts.
+//! - [`uart`]: a 16550A that Linux's 8250 driver accepts;
+//! - [`rtc`]: a CMOS clock that gives the guest the host's date and time.
 //!
 //! Every value a guest writes is an allegation: models clamp or ignore what the hardware would,
 //! and never panic on guest input.
@@ -20,4 +21,5 @@ pub mod acpi;
 pub mod bootparams;
 pub mod ioapic;
 pub mod lapic;
+pub mod rtc;
 pub mod uart;

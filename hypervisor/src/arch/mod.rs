@@ -2,6 +2,7 @@
 //! Each module is small; the decisions they act on are made in the host-tested modules.
 
 pub mod acpi;
+pub mod cmos;
 pub mod cpu;
 pub mod gdt;
 pub mod lapic;

@@ -42,6 +42,7 @@ pub struct PcDevices {
     pub input: heapless::Deque<u8, 256>,
     /// Typed bytes that found the queue full.
     pub input_dropped: u64,
+    pub rtc: hv_platform::rtc::Rtc,
 }
 
 impl PcDevices {
@@ -53,18 +54,29 @@ impl PcDevices {
             uart_line: false,
             input: heapless::Deque::new(),
             input_dropped: 0,
+            rtc: hv_platform::rtc::Rtc::default(),
         }
     }
 
     /// A port access, if it is one of these devices' ports; the interrupt it raises, if any.
+    /// `now`: the wall clock (seconds since 1970), which only the RTC's data port reads.
     pub fn port(
         &mut self,
         port: u16,
         size: u8,
         input: bool,
         value: u32,
+        now: u64,
     ) -> Option<(PcPort, Option<Delivery>)> {
+        use hv_platform::rtc;
         let answer = match port {
+            rtc::INDEX_PORT if input => PcPort::Read(0xff),
+            rtc::INDEX_PORT => {
+                self.rtc.select(value as u8);
+                PcPort::Wrote(IoEvent::None)
+            }
+            rtc::DATA_PORT if input => PcPort::Read(u32::from(self.rtc.read(now))),
+            rtc::DATA_PORT => PcPort::Wrote(IoEvent::None),
             COM1..=0x3ff => {
                 // The 8250 driver only makes byte accesses; wider ones touch one register.
                 let offset = (port - COM1) as u8;
@@ -171,7 +183,7 @@ mod tests {
     }
 
     fn inb(pc: &mut PcDevices, port: u16) -> (u8, Option<Delivery>) {
-        match pc.port(port, 1, true, 0) {
+        match pc.port(port, 1, true, 0, 0) {
             Some((PcPort::Read(v), d)) => (v as u8, d),
             other => panic!("{other:?}"),
         }
@@ -183,9 +195,9 @@ mod tests {
         route(&mut pc, COM1_IRQ, 0x24);
         // The driver sets OUT2 (the line to the interrupt controller), enables the receive
         // interrupt (IER bit 0) and the FIFO.
-        assert!(pc.port(COM1 + 4, 1, false, 0x0b).is_some());
-        assert!(pc.port(COM1 + 1, 1, false, 1).is_some());
-        assert!(pc.port(COM1 + 2, 1, false, 0x07).is_some());
+        assert!(pc.port(COM1 + 4, 1, false, 0x0b, 0).is_some());
+        assert!(pc.port(COM1 + 1, 1, false, 1, 0).is_some());
+        assert!(pc.port(COM1 + 2, 1, false, 0x07, 0).is_some());
         assert_eq!(pc.queue_input(b"ls\r"), 3);
         let d = pc.take_input().expect("the line rises: IRQ 4");
         assert_eq!((d.vector, d.pin), (0x24, COM1_IRQ));
@@ -201,10 +213,25 @@ mod tests {
     fn the_panic_notifier_offers_one_event_and_reports_it() {
         let mut pc = PcDevices::new(1);
         assert_eq!(inb(&mut pc, acpi::PVPANIC_PORT).0, acpi::PVPANIC_PANICKED);
-        let out = |pc: &mut PcDevices, v| pc.port(acpi::PVPANIC_PORT, 1, false, v).map(|r| r.0);
+        let out = |pc: &mut PcDevices, v| pc.port(acpi::PVPANIC_PORT, 1, false, v, 0).map(|r| r.0);
         assert_eq!(out(&mut pc, 1), Some(PcPort::Wrote(IoEvent::Panicked)));
         // Events it did not offer (2: a crash kernel loaded) are nothing.
         assert_eq!(out(&mut pc, 2), Some(PcPort::Wrote(IoEvent::None)));
+    }
+
+    #[test]
+    fn the_clock_reads_the_time_it_is_given() {
+        let mut pc = PcDevices::new(1);
+        let t = 1_796_304_002; // 2026-12-03 13:20:02 UTC
+        let mut reg = |i: u32| {
+            pc.port(0x70, 1, false, 0x80 | i, 0).unwrap();
+            match pc.port(0x71, 1, true, 0, t) {
+                Some((PcPort::Read(v), None)) => v,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!([reg(4), reg(2), reg(0), reg(9)], [0x13, 0x20, 0x02, 0x26]);
+        assert_eq!(reg(0x0a) & 0x80, 0, "no update in progress");
     }
 
     #[test]

@@ -132,6 +132,10 @@ pub trait Platform {
     fn load_msr(&mut self, msr: u32, value: u64) {
         let _ = (msr, value);
     }
+    /// Seconds since 1970 (the host's clock), for a PC guest's RTC.
+    fn unix_time(&self) -> u64 {
+        0
+    }
     /// The CPU's own value of a register the guest changes without an exit (KERNEL_GS_BASE,
     /// by SWAPGS: [`crate::vmx::policy::KERNEL_GS_BASE`]); None: the stored value is current.
     fn live_msr(&self, msr: u32) -> Option<u64> {
@@ -367,9 +371,14 @@ pub fn handle(
                 )));
             }
             let value = v.regs.rax as u32;
+            let now = if io.port == hv_platform::rtc::DATA_PORT {
+                p.unix_time()
+            } else {
+                0
+            };
             let (action, irq) = p.with_io(|b| {
                 if let Some(pc) = b.pc.as_mut()
-                    && let Some((a, irq)) = pc.port(io.port, io.size, io.input, value)
+                    && let Some((a, irq)) = pc.port(io.port, io.size, io.input, value, now)
                 {
                     return (
                         match a {

@@ -289,6 +289,10 @@ impl Platform for HwPlatform<'_> {
         }
     }
 
+    fn unix_time(&self) -> u64 {
+        crate::arch::cmos::unix_now(queue::tsc_khz() * 1000)
+    }
+
     fn live_msr(&self, msr: u32) -> Option<u64> {
         // SAFETY: reading IA32_KERNEL_GS_BASE has no side effects and cannot fault on a
         // 64-bit CPU; it holds this vCPU's value (loaded before its slice, SWAPGS since).
