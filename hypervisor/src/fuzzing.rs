@@ -30,6 +30,7 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("guest_io", guest_io),
     ("block_ring", block_ring),
     ("switch", switch),
+    ("pc_devices", pc_devices),
 ];
 
 fn word(data: &[u8], i: usize) -> u64 {
@@ -277,6 +278,126 @@ pub fn guest_io(data: &[u8]) {
                     .write(&mem, gpa, size, value)
                     .expect("inside the hole");
             }
+        }
+    }
+}
+
+/// A PC domain's devices as a hostile Linux guest reaches them: the input is a script of
+/// 16-byte operations on the ports (COM1, the RTC, the ACPI sleep and reset registers, the
+/// panic notifier, the keyboard controller, anywhere), the IOAPIC's registers and a local
+/// APIC's registers and MSRs, with the operator typing and time moving on. Whatever the guest
+/// does: no panic; a read fits its size; only COM1's data register sends console bytes, only
+/// S5 with SLP_EN powers off, only the reset register's value or the 0x64 pulse resets, only
+/// the pvpanic port reports a panic; the RTC's time registers read as BCD; an IOAPIC delivery
+/// names one of its 24 pins; a local APIC only offers vectors 16..=255.
+pub fn pc_devices(data: &[u8]) {
+    use crate::io::IoEvent;
+    use crate::io::pc::{COM1, PcDevices, PcPort};
+    use hv_platform::acpi;
+    let mut pc = PcDevices::new(2);
+    let mut lapic = hv_platform::lapic::LocalApic::new(0, 4);
+    let mut now = 0u64;
+    let mut rtc_index = 0u8;
+    let check_delivery = |d: Option<hv_platform::ioapic::Delivery>| {
+        if let Some(d) = d {
+            assert!(d.pin < acpi::IOAPIC_PINS, "delivery from pin {}", d.pin);
+        }
+    };
+    for op in data.chunks_exact(16) {
+        let value = u32::from_le_bytes(op[4..8].try_into().expect("4 bytes"));
+        let wide = u64::from_le_bytes(op[8..16].try_into().expect("8 bytes"));
+        now = now.wrapping_add(u64::from(op[3]) << 8);
+        match op[0] % 6 {
+            0 | 1 => {
+                let port = match op[1] % 8 {
+                    0 => COM1 + u16::from(op[2] & 7),
+                    1 => hv_platform::rtc::INDEX_PORT + u16::from(op[2] & 1),
+                    2 => acpi::SLEEP_CONTROL_PORT + u16::from(op[2] % 3),
+                    3 => acpi::PVPANIC_PORT,
+                    4 => 0x64,
+                    _ => u16::from_le_bytes([op[2], op[1]]),
+                };
+                let size = [1u8, 2, 4][usize::from(op[0] >> 4) % 3];
+                let input = op[0] & 8 != 0;
+                if port == hv_platform::rtc::INDEX_PORT && !input {
+                    rtc_index = value as u8 & 0x7f;
+                }
+                let Some((answer, d)) = pc.port(port, size, input, value, wide) else {
+                    continue;
+                };
+                check_delivery(d);
+                match answer {
+                    PcPort::Read(v) => {
+                        let mask = [0xff, 0xffff, u32::MAX][usize::from(op[0] >> 4) % 3];
+                        assert_eq!(v & !mask, 0, "port {port:#x}: {v:#x} in {size} bytes");
+                        let time_reg = matches!(rtc_index, 0 | 2 | 4 | 7 | 8 | 9 | 0x32);
+                        if port == hv_platform::rtc::DATA_PORT && time_reg {
+                            let (hi, lo) = (v >> 4 & 0xf, v & 0xf);
+                            assert!(hi <= 9 && lo <= 9, "RTC register {rtc_index:#x}: {v:#x}");
+                        }
+                    }
+                    PcPort::Wrote(IoEvent::Console(_)) => assert_eq!(port, COM1, "console"),
+                    PcPort::Wrote(IoEvent::PowerOff) => {
+                        assert_eq!(port, acpi::SLEEP_CONTROL_PORT);
+                        assert_eq!(value & (1 << 5), 1 << 5, "SLP_EN");
+                        assert_eq!((value >> 2) & 7, u32::from(acpi::S5_SLP_TYP));
+                    }
+                    PcPort::Wrote(IoEvent::Reset) => assert!(
+                        port == acpi::RESET_PORT && value as u8 == acpi::RESET_VALUE
+                            || port == 0x64 && value as u8 == 0xfe,
+                        "reset from {port:#x} {value:#x}"
+                    ),
+                    PcPort::Wrote(IoEvent::Panicked) => assert_eq!(port, acpi::PVPANIC_PORT),
+                    PcPort::Wrote(IoEvent::None) => {}
+                    PcPort::Wrote(other) => panic!("port {port:#x}: {other:?}"),
+                }
+            }
+            2 => {
+                // IOAPIC: its select/window registers, any line moving.
+                if op[1] & 1 == 0 {
+                    check_delivery(pc.ioapic.write(u32::from(op[2] & 0x1f), value));
+                } else {
+                    let _ = pc.ioapic.read(u32::from(op[2] & 0x1f));
+                }
+                check_delivery(pc.ioapic.set_line(u32::from(op[1] >> 1), op[2] & 0x80 != 0));
+                check_delivery(pc.ioapic.eoi(op[3]));
+            }
+            3 => {
+                let offset = u32::from(u16::from_le_bytes([op[1], op[2]])) & 0xff0;
+                if op[3] & 1 == 0 {
+                    let _ = lapic.write(offset, value, now);
+                } else {
+                    let _ = lapic.read(offset, now);
+                }
+            }
+            4 => {
+                let msr = 0x800 + u32::from(op[1]);
+                if op[2] & 1 == 0 {
+                    let _ = lapic.write_msr(msr, wide, now);
+                } else {
+                    let _ = lapic.read_msr(msr, now);
+                }
+                if op[2] & 2 != 0 {
+                    let _ = lapic.set_apic_base(wide);
+                }
+                if op[2] & 4 != 0 {
+                    lapic.set_tsc_deadline(wide, now);
+                }
+            }
+            _ => {
+                // The operator types; the vCPU takes the input; time passes on the LAPIC.
+                let n = usize::from(op[1] & 15).min(op.len() - 2);
+                pc.queue_input(&op[2..2 + n]);
+                check_delivery(pc.take_input());
+                lapic.poll(now);
+                if op[2] & 1 != 0 {
+                    lapic.accept(op[3], op[2] & 2 != 0);
+                }
+            }
+        }
+        if let Some(v) = lapic.pending() {
+            assert!(v >= 16, "LAPIC offers vector {v}");
+            lapic.ack(v);
         }
     }
 }
@@ -566,6 +687,11 @@ mod tests {
     #[test]
     fn switch_corpus_replays() {
         replay("switch", switch);
+    }
+
+    #[test]
+    fn pc_devices_corpus_replays() {
+        replay("pc_devices", pc_devices);
     }
 
     #[test]
