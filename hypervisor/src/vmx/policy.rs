@@ -235,6 +235,9 @@ pub fn cpuid(leaf: u32, subleaf: u32, native: CpuidResult, p: CpuidPolicy) -> Cp
             if p.xcr0_allowed & 0b100 == 0 {
                 r.ebx &= !(1 << 5);
             }
+            // EBX[1] TSC_ADJUST: its MSR (0x3b) is not offered (the TSC is the host's), and
+            // Debian's kernel warned "unchecked MSR access error: RDMSR from 0x3b" at boot.
+            r.ebx &= !(1 << 1);
             // EDX: AVX-512 4VNNIW/4FMAPS, VP2INTERSECT, AMX-BF16/TILE/INT8.
             r.edx &= !((1 << 2) | (1 << 3) | (1 << 8) | (1 << 22) | (1 << 24) | (1 << 25));
         }
@@ -723,6 +726,16 @@ mod tests {
             (hv_abi::ABI_VERSION, 4, 2, 2_400_000)
         );
         assert_eq!(cpuid(0x4000_0005, 0, native(), P).eax, 0);
+    }
+
+    #[test]
+    fn tsc_adjust_hidden_as_its_msr_is_refused() {
+        let host = CpuidResult {
+            ebx: 0xffff_ffff,
+            ..native()
+        };
+        assert_eq!(cpuid(7, 0, host, P).ebx & (1 << 1), 0);
+        assert!(msr_rule(0x3b).is_none(), "RDMSR 0x3b gets #GP");
     }
 
     #[test]
