@@ -81,9 +81,10 @@ pub struct Scenario {
     pub modules: Vec<String>,
     pub timeout_s: u64,
     /// Lines typed at successive prompts; `@wait MS` pauses instead, `@until REGEX` holds
-    /// the next line until the output so far matches, and `@raw TEXT` types TEXT as it is
-    /// (no Enter added: a guest's attached console; none of the three waits for or consumes a
-    /// prompt).
+    /// the next line until the output so far matches (neither consumes a prompt), and
+    /// `@raw TEXT` types TEXT as it is, at once (no Enter added: a guest's attached console;
+    /// after it, `@wait` and `@until` no longer wait for a shell prompt either, until the next
+    /// shell line).
     #[serde(default)]
     pub input: Vec<String>,
     /// Regexes that must all appear, in this order (any order with `unordered = true`, for
@@ -947,6 +948,8 @@ fn judge_boot(
     let mut pos = 0usize;
     let mut sent = 0usize;
     let mut typed = 0usize;
+    // Since the last `@raw` (see `Scenario::input`).
+    let mut raw_mode = false;
     let mut paused_until: Option<Instant> = None;
     let mut done_at: Option<Instant> = None;
     let mut killed = false;
@@ -997,8 +1000,12 @@ fn judge_boot(
         }
         let prompts = text.matches(PROMPT).count();
         let paused = paused_until.is_some_and(|t| Instant::now() < t);
-        // Directives do not wait for a prompt; a line for the shell waits for the next one.
-        let at_prompt = |line: &str| line.starts_with('@') || prompts > typed;
+        // A line for the shell waits for the next prompt, and so do `@wait` and `@until`,
+        // except after `@raw` (typing into an attached guest console, which prints no shell
+        // prompt) until the next shell line; `@raw` itself never waits.
+        let at_prompt = |line: &str| {
+            line.starts_with("@raw ") || (raw_mode && line.starts_with('@')) || prompts > typed
+        };
         if sent < plan.input.len() && at_prompt(&plan.input[sent]) && !paused {
             let line = &plan.input[sent];
             let advance = if let Some(ms) = line.strip_prefix("@wait ") {
@@ -1022,6 +1029,7 @@ fn judge_boot(
                     .serial
                     .write_all(bytes.as_bytes())
                     .map_err(|e| format!("serial write: {e}"))?;
+                raw_mode = true;
                 true
             } else {
                 use std::io::Write;
@@ -1030,6 +1038,7 @@ fn judge_boot(
                     .write_all(format!("{line}\r").as_bytes())
                     .map_err(|e| format!("serial write: {e}"))?;
                 typed += 1;
+                raw_mode = false;
                 true
             };
             if advance {
