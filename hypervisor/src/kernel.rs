@@ -813,9 +813,13 @@ fn console_attached(id: u32, byte: u8) {
         Some(d) if byte != attach::DETACH => {
             attach::type_into(&d, &[byte]);
         }
-        Some(_) => {
+        Some(d) => {
             attach::detach();
             println!("\nconsole: detached from domain {id}");
+            let dropped = d.io.lock().pc.as_ref().map_or(0, |pc| pc.input_dropped);
+            if dropped > 0 {
+                println!("console: {dropped} typed bytes were dropped (the guest read too slowly)");
+            }
         }
         None => {
             attach::detach();
